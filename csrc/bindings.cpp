@@ -1,0 +1,156 @@
+// pybind11 module thunderkv._C: raw-pointer entry points, no torch headers.
+// thunderkv/backends/*.py validate arguments and pass data_ptr()s; nothing here allocates.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/dispatch.h"
+#ifdef THUNDERKV_WITH_CUDA
+#include "cuda/quant_cuda.h"
+#endif
+
+namespace py = pybind11;
+using tkv::DType;
+
+namespace {
+
+DType to_dtype(int code) {
+  if (code < 0 || code > 2) throw std::invalid_argument("dtype code must be 0 (f16), 1 (bf16) or 2 (f32)");
+  return static_cast<DType>(code);
+}
+
+void check_format(int64_t n_groups, int group_size, int bits) {
+  if (bits != 2 && bits != 4 && bits != 8) throw std::invalid_argument("bits must be 2, 4 or 8");
+  if (group_size <= 0 || (group_size * bits) % 8 != 0)
+    throw std::invalid_argument("group_size * bits must be a positive multiple of 8");
+  if (n_groups < 0) throw std::invalid_argument("n_groups must be >= 0");
+}
+
+template <class T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+void cpu_quantize(uintptr_t x, uintptr_t packed, uintptr_t scale, uintptr_t minimum,
+                  int64_t n_groups, int group_size, int bits, int dtype, int threads) {
+  check_format(n_groups, group_size, bits);
+  tkv::cpu::QuantArgs a{ptr<const void>(x), ptr<uint8_t>(packed), ptr<void>(scale),
+                        ptr<void>(minimum), n_groups, group_size, bits, to_dtype(dtype)};
+  py::gil_scoped_release nogil;
+  tkv::cpu::quantize(a, threads);
+}
+
+void cpu_dequantize(uintptr_t packed, uintptr_t scale, uintptr_t minimum, uintptr_t y,
+                    int64_t n_groups, int group_size, int bits, int dtype, int threads) {
+  check_format(n_groups, group_size, bits);
+  tkv::cpu::DequantArgs a{ptr<const uint8_t>(packed), ptr<const void>(scale),
+                          ptr<const void>(minimum), ptr<void>(y), n_groups, group_size, bits,
+                          to_dtype(dtype)};
+  py::gil_scoped_release nogil;
+  tkv::cpu::dequantize(a, threads);
+}
+
+py::list cpu_variants() {
+  py::list out;
+  for (const auto& v : tkv::cpu::usable_variants()) out.append(v.name);
+  return out;
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = THUNDERKV_VERSION;
+  d["compiler"] = THUNDERKV_COMPILER;
+  d["openmp"] = tkv::cpu::have_openmp();
+  py::list compiled;
+  compiled.append("generic");
+#ifdef THUNDERKV_HAVE_AVX2
+  compiled.append("avx2");
+#endif
+#ifdef THUNDERKV_HAVE_AVX512
+  compiled.append("avx512");
+#endif
+  d["cpu_variants_compiled"] = compiled;
+#ifdef THUNDERKV_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_architectures"] = THUNDERKV_CUDA_ARCHS;
+  d["cuda_runtime_version"] = tkv::cuda::runtime_version();
+#else
+  d["cuda"] = false;
+  d["cuda_why_not"] = THUNDERKV_CUDA_WHY_NOT;
+#endif
+  return d;
+}
+
+#ifdef THUNDERKV_WITH_CUDA
+void raise_if(const std::string& err, const char* what) {
+  if (!err.empty()) throw std::runtime_error(std::string(what) + ": " + err);
+}
+
+void cuda_quantize(uintptr_t x, uintptr_t packed, uintptr_t scale, uintptr_t minimum,
+                   int64_t n_groups, int group_size, int bits, int dtype, int device,
+                   uintptr_t stream) {
+  check_format(n_groups, group_size, bits);
+  to_dtype(dtype);
+  std::string err;
+  {
+    py::gil_scoped_release nogil;
+    err = tkv::cuda::quantize(dtype, ptr<const void>(x), ptr<void>(packed), ptr<void>(scale),
+                              ptr<void>(minimum), n_groups, group_size, bits, device, stream);
+  }
+  raise_if(err, "thunderkv CUDA quantize failed");
+}
+
+void cuda_dequantize(uintptr_t packed, uintptr_t scale, uintptr_t minimum, uintptr_t y,
+                     int64_t n_groups, int group_size, int bits, int dtype, int device,
+                     uintptr_t stream) {
+  check_format(n_groups, group_size, bits);
+  to_dtype(dtype);
+  std::string err;
+  {
+    py::gil_scoped_release nogil;
+    err = tkv::cuda::dequantize(dtype, ptr<const void>(packed), ptr<const void>(scale),
+                                ptr<const void>(minimum), ptr<void>(y), n_groups, group_size,
+                                bits, device, stream);
+  }
+  raise_if(err, "thunderkv CUDA dequantize failed");
+}
+
+py::tuple cuda_device_count() {
+  std::string why;
+  const int n = tkv::cuda::device_count(&why);
+  return py::make_tuple(n, why);
+}
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ThunderKV compiled kernels (format v1). Raw pointers in, nothing allocated.";
+  m.def("cpu_quantize", &cpu_quantize, py::arg("x"), py::arg("packed"), py::arg("scale"),
+        py::arg("minimum"), py::arg("n_groups"), py::arg("group_size"), py::arg("bits"),
+        py::arg("dtype"), py::arg("threads") = 0);
+  m.def("cpu_dequantize", &cpu_dequantize, py::arg("packed"), py::arg("scale"),
+        py::arg("minimum"), py::arg("y"), py::arg("n_groups"), py::arg("group_size"),
+        py::arg("bits"), py::arg("dtype"), py::arg("threads") = 0);
+  m.def("cpu_variants", &cpu_variants, "CPU variants compiled in and usable on this CPU");
+  m.def("cpu_variant", [] { return std::string(tkv::cpu::active_variant().name); });
+  m.def("set_cpu_variant", &tkv::cpu::set_active_variant, py::arg("name"));
+  m.def("cpu_max_threads", &tkv::cpu::max_threads);
+  m.def("build_info", &build_info);
+#ifdef THUNDERKV_WITH_CUDA
+  m.attr("has_cuda") = true;
+  m.def("cuda_quantize", &cuda_quantize, py::arg("x"), py::arg("packed"), py::arg("scale"),
+        py::arg("minimum"), py::arg("n_groups"), py::arg("group_size"), py::arg("bits"),
+        py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("cuda_dequantize", &cuda_dequantize, py::arg("packed"), py::arg("scale"),
+        py::arg("minimum"), py::arg("y"), py::arg("n_groups"), py::arg("group_size"),
+        py::arg("bits"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("cuda_device_count", &cuda_device_count,
+        "(count, reason): count is -1 when no usable driver/device, with the reason");
+#else
+  m.attr("has_cuda") = false;
+#endif
+}

@@ -1,0 +1,132 @@
+// Picks the best compiled CPU variant for this machine at load time and runs it over threads.
+#include "dispatch.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace tkv::cpu {
+namespace {
+
+bool cpu_has(const char* feature) {
+#if defined(__x86_64__) || defined(__i386__)
+  const std::string f(feature);
+  if (f == "avx2") {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }
+  if (f == "avx512") {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+  }
+#else
+  (void)feature;
+#endif
+  return false;
+}
+
+std::vector<Variant> build_usable() {
+  std::vector<Variant> v{generic_variant()};
+#ifdef THUNDERKV_HAVE_AVX2
+  if (cpu_has("avx2")) v.push_back(avx2_variant());
+#endif
+#ifdef THUNDERKV_HAVE_AVX512
+  if (cpu_has("avx512")) v.push_back(avx512_variant());
+#endif
+  return v;
+}
+
+// Work below this many elements runs on one thread: thread start-up would dominate.
+constexpr int64_t kMinElementsPerThread = 1 << 15;
+
+int threads_for(int64_t n_elements, int requested) {
+  int t = requested > 0 ? requested : max_threads();
+  const int64_t by_size = std::max<int64_t>(1, n_elements / kMinElementsPerThread);
+  return static_cast<int>(std::min<int64_t>(t, by_size));
+}
+
+template <class Args, class Fn>
+void run_parallel(const Args& a, Fn fn, int threads) {
+  const int nt = threads_for(a.n_groups * a.group_size, threads);
+  if (nt <= 1) {
+    fn(a, 0, a.n_groups);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num();
+    const int n = omp_get_num_threads();
+    const int64_t begin = a.n_groups * tid / n;
+    const int64_t end = a.n_groups * (tid + 1) / n;
+    fn(a, begin, end);
+  }
+#else
+  fn(a, 0, a.n_groups);
+#endif
+}
+
+}  // namespace
+
+const std::vector<Variant>& usable_variants() {
+  static const std::vector<Variant> v = build_usable();
+  return v;
+}
+
+static const Variant* g_active = nullptr;
+
+const Variant& active_variant() {
+  if (g_active == nullptr) {
+    const auto& v = usable_variants();
+    g_active = &v.back();
+    if (const char* want = std::getenv("THUNDERKV_CPU_ISA")) {
+      set_active_variant(want);
+    }
+  }
+  return *g_active;
+}
+
+void set_active_variant(const std::string& name) {
+  for (const auto& v : usable_variants()) {
+    if (name == v.name) {
+      g_active = &v;
+      return;
+    }
+  }
+  std::string have;
+  for (const auto& v : usable_variants()) have += std::string(have.empty() ? "" : ", ") + v.name;
+  throw std::invalid_argument("CPU variant '" + name + "' is not usable here (usable: " + have +
+                              ")");
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+bool have_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+void quantize(const QuantArgs& a, int threads) {
+  run_parallel(a, active_variant().quantize, threads);
+}
+
+void dequantize(const DequantArgs& a, int threads) {
+  run_parallel(a, active_variant().dequantize, threads);
+}
+
+}  // namespace tkv::cpu

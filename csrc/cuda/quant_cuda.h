@@ -1,0 +1,22 @@
+// Host entry points of the CUDA format v1 kernels (no CUDA or torch headers needed to call).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace tkv::cuda {
+
+// Returns "" on success, else the CUDA error text. Pointers are device pointers; the kernels
+// run on `stream` (a cudaStream_t as an integer) of device `device`.
+std::string quantize(int dtype, const void* x, void* packed, void* scale, void* minimum,
+                     int64_t n_groups, int group_size, int bits, int device, uintptr_t stream);
+std::string dequantize(int dtype, const void* packed, const void* scale, const void* minimum,
+                       void* y, int64_t n_groups, int group_size, int bits, int device,
+                       uintptr_t stream);
+
+// Number of visible devices, or -1 with the reason in `why` (e.g. "no CUDA driver").
+int device_count(std::string* why);
+// CUDA runtime version this module was built with (e.g. 13000).
+int runtime_version();
+
+}  // namespace tkv::cuda

@@ -1,0 +1,1 @@
+"""Phase-splitting planner: cost model, tabu search, LP routing, simulator (imports no torch)."""

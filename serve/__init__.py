@@ -1,0 +1,1 @@
+"""Prefill/decode serving loop (router, workers, HTTP API)."""

@@ -1,0 +1,169 @@
+"""The op table: format v1 ops declared once with ``torch.library``.
+
+All ops group along the **last** axis (the public API in ``thunderkv.api`` transposes for
+per-channel quantization). Each op validates every argument before touching any output,
+resolves the backend (``"auto"`` picks by device) and calls its implementation; the fake
+(meta) implementations let ``torch.compile`` and ``opcheck`` trace them.
+
+- ``thunderkv::quantize(x, bits, group_size, backend) -> (packed, scale, minimum)``
+- ``thunderkv::quantize_into(x, packed!, scale!, minimum!, bits, group_size, backend)``
+- ``thunderkv::dequantize(packed, scale, minimum, bits, group_size, backend) -> y``
+- ``thunderkv::dequantize_into(packed, scale, minimum, out!, bits, group_size, backend)``
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from .format import SUPPORTED_DTYPES, FormatSpec, check_destination
+
+_DEVICES = ("cpu", "cuda")
+
+
+def _quantize_shapes(
+    x: torch.Tensor, bits: int, group_size: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    spec = FormatSpec(bits, group_size, -1)
+    spec.check_input(x)
+    return spec.packed_shape(tuple(x.shape)), spec.param_shape(tuple(x.shape))
+
+
+def _dequantize_shape(
+    packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int, group_size: int
+) -> tuple[int, ...]:
+    """Validate the quantized triple; return the shape of the dequantized tensor."""
+    FormatSpec(bits, group_size, -1)  # validates bits and group_size
+    for name, t in (("packed", packed), ("scale", scale), ("minimum", minimum)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be uint8, got {packed.dtype}")
+    if scale.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"scale must be float16, bfloat16 or float32, got {scale.dtype}")
+    if minimum.dtype != scale.dtype:
+        raise TypeError(f"minimum must have scale's dtype {scale.dtype}, got {minimum.dtype}")
+    if packed.dim() < 1 or packed.numel() == 0:
+        raise ValueError(f"packed is empty (shape {tuple(packed.shape)}): nothing to dequantize")
+    d = packed.shape[-1] * 8 // bits
+    if d % group_size != 0:
+        raise ValueError(
+            f"packed holds D = {d} codes per row, not divisible by group_size = {group_size}"
+        )
+    params = (*packed.shape[:-1], d // group_size)
+    for name, t in (("scale", scale), ("minimum", minimum)):
+        if tuple(t.shape) != params:
+            raise ValueError(
+                f"{name} must have shape {params} for packed of shape {tuple(packed.shape)}, "
+                f"bits={bits}, group_size={group_size}; got {tuple(t.shape)}"
+            )
+        if t.device != packed.device:
+            raise ValueError(f"{name} is on {t.device} but packed is on {packed.device}")
+    return (*packed.shape[:-1], d)
+
+
+# ---------------------------------------------------------------- quantize
+
+
+@torch.library.custom_op(
+    "thunderkv::quantize_into", mutates_args=("packed", "scale", "minimum"), device_types=_DEVICES
+)
+def quantize_into(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor,
+    bits: int,
+    group_size: int,
+    backend: str,
+) -> None:
+    pshape, sshape = _quantize_shapes(x, bits, group_size)
+    check_destination(packed, "packed", pshape, torch.uint8, x.device)
+    check_destination(scale, "scale", sshape, x.dtype, x.device)
+    check_destination(minimum, "minimum", sshape, x.dtype, x.device)
+    impl = backends.resolve(backend, x.device)
+    impl.quantize_into(x.contiguous(), packed, scale, minimum, bits, group_size)
+
+
+@quantize_into.register_fake
+def _(x, packed, scale, minimum, bits, group_size, backend) -> None:
+    _quantize_shapes(x, bits, group_size)
+    backends.check_backend_name(backend)
+
+
+@torch.library.custom_op("thunderkv::quantize", mutates_args=(), device_types=_DEVICES)
+def quantize(
+    x: torch.Tensor, bits: int, group_size: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    pshape, sshape = _quantize_shapes(x, bits, group_size)
+    impl = backends.resolve(backend, x.device)
+    packed = torch.empty(pshape, dtype=torch.uint8, device=x.device)
+    scale = torch.empty(sshape, dtype=x.dtype, device=x.device)
+    minimum = torch.empty(sshape, dtype=x.dtype, device=x.device)
+    impl.quantize_into(x.contiguous(), packed, scale, minimum, bits, group_size)
+    return packed, scale, minimum
+
+
+@quantize.register_fake
+def _(x, bits, group_size, backend):
+    pshape, sshape = _quantize_shapes(x, bits, group_size)
+    backends.check_backend_name(backend)
+    return (
+        x.new_empty(pshape, dtype=torch.uint8),
+        x.new_empty(sshape),
+        x.new_empty(sshape),
+    )
+
+
+# ---------------------------------------------------------------- dequantize
+
+
+@torch.library.custom_op(
+    "thunderkv::dequantize_into", mutates_args=("out",), device_types=_DEVICES
+)
+def dequantize_into(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor,
+    out: torch.Tensor,
+    bits: int,
+    group_size: int,
+    backend: str,
+) -> None:
+    shape = _dequantize_shape(packed, scale, minimum, bits, group_size)
+    check_destination(out, "out", shape, scale.dtype, packed.device)
+    impl = backends.resolve(backend, packed.device)
+    impl.dequantize_into(
+        packed.contiguous(), scale.contiguous(), minimum.contiguous(), out, bits, group_size
+    )
+
+
+@dequantize_into.register_fake
+def _(packed, scale, minimum, out, bits, group_size, backend) -> None:
+    _dequantize_shape(packed, scale, minimum, bits, group_size)
+    backends.check_backend_name(backend)
+
+
+@torch.library.custom_op("thunderkv::dequantize", mutates_args=(), device_types=_DEVICES)
+def dequantize(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor,
+    bits: int,
+    group_size: int,
+    backend: str,
+) -> torch.Tensor:
+    shape = _dequantize_shape(packed, scale, minimum, bits, group_size)
+    impl = backends.resolve(backend, packed.device)
+    out = torch.empty(shape, dtype=scale.dtype, device=packed.device)
+    impl.dequantize_into(
+        packed.contiguous(), scale.contiguous(), minimum.contiguous(), out, bits, group_size
+    )
+    return out
+
+
+@dequantize.register_fake
+def _(packed, scale, minimum, bits, group_size, backend):
+    shape = _dequantize_shape(packed, scale, minimum, bits, group_size)
+    backends.check_backend_name(backend)
+    return packed.new_empty(shape, dtype=scale.dtype)

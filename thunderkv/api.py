@@ -1,0 +1,160 @@
+"""Public quantization API: ``quantize``, ``quantize_into``, ``dequantize``, ``QuantizedTensor``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _ops, backends
+from .format import FormatSpec, check_destination
+
+
+@dataclass(slots=True)
+class QuantizedTensor:
+    """A tensor in KV format v1.
+
+    Attributes
+    ----------
+    packed : uint8 ``[..., D * bits / 8]`` (axis=-1) or ``[..., D, T * bits / 8]`` (axis=-2).
+    scale, minimum : ``[..., D / G]`` (axis=-1) or ``[..., D, T / G]`` (axis=-2), in ``dtype``.
+    spec : bits, group_size, axis.
+    shape : the original (dequantized) shape ``[..., T, D]``.
+    dtype : the original dtype (float16, bfloat16 or float32).
+    """
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    minimum: torch.Tensor
+    spec: FormatSpec
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @property
+    def bits(self) -> int:
+        return self.spec.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.spec.group_size
+
+    @property
+    def axis(self) -> int:
+        return self.spec.axis
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored: packed codes plus scales and minima."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.minimum))
+
+    def dequantize(self, out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+        """Dequantize to ``shape``/``dtype`` (see :func:`dequantize`)."""
+        return dequantize(self, out=out, backend=backend)
+
+
+def _grouped_view(x: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
+    """The tensor whose last axis is grouped, made contiguous explicitly."""
+    return (x.transpose(-1, -2) if spec.axis == -2 else x).contiguous()
+
+
+def quantize(
+    x: torch.Tensor,
+    *,
+    bits: int = 4,
+    group_size: int = 64,
+    axis: int = -1,
+    backend: str = "auto",
+) -> QuantizedTensor:
+    """Quantize ``x`` to format v1.
+
+    Parameters
+    ----------
+    x : Tensor ``[..., T, D]`` (``[..., D]`` suffices for axis=-1), float16/bfloat16/float32,
+        on CPU or CUDA; any strides (non-contiguous inputs are copied to contiguous first).
+    bits : 2, 4 or 8.
+    group_size : elements per (scale, minimum) group along ``axis``; must divide that axis.
+    axis : -1 per-token (groups along D), -2 per-channel (groups along T, KIVI keys).
+    backend : "auto" (by device), "reference", "cpu", "cuda" or "triton".
+
+    Returns
+    -------
+    QuantizedTensor with packed uint8 codes, scale and minimum (see its docstring for shapes).
+    """
+    spec = FormatSpec(bits, group_size, axis)
+    spec.check_input(x)
+    backends.check_backend_name(backend)
+    packed, scale, minimum = _ops.quantize(_grouped_view(x, spec), bits, group_size, backend)
+    return QuantizedTensor(packed, scale, minimum, spec, x.shape, x.dtype)
+
+
+def quantize_into(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor,
+    *,
+    bits: int = 4,
+    group_size: int = 64,
+    axis: int = -1,
+    backend: str = "auto",
+) -> None:
+    """Quantize ``x`` into caller-owned buffers (e.g. a registered transfer buffer).
+
+    ``packed`` (uint8), ``scale`` and ``minimum`` (x's dtype) must be contiguous, on x's device,
+    with exactly the shapes :meth:`FormatSpec.packed_shape` / :meth:`FormatSpec.param_shape`
+    give for ``x.shape``. Everything is validated before anything is written.
+    """
+    spec = FormatSpec(bits, group_size, axis)
+    spec.check_input(x)
+    backends.check_backend_name(backend)
+    shape = tuple(x.shape)
+    check_destination(packed, "packed", spec.packed_shape(shape), torch.uint8, x.device)
+    check_destination(scale, "scale", spec.param_shape(shape), x.dtype, x.device)
+    check_destination(minimum, "minimum", spec.param_shape(shape), x.dtype, x.device)
+    _ops.quantize_into(_grouped_view(x, spec), packed, scale, minimum, bits, group_size, backend)
+
+
+def dequantize(
+    q: QuantizedTensor, *, out: torch.Tensor | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """Dequantize ``q`` back to its original shape and dtype.
+
+    Parameters
+    ----------
+    q : the QuantizedTensor from :func:`quantize`.
+    out : optional destination ``q.shape`` in ``q.dtype`` on q's device (contiguous for
+        axis=-1; any layout for axis=-2); validated before anything is written.
+    backend : as for :func:`quantize`.
+
+    Returns
+    -------
+    Tensor ``q.shape`` of ``q.dtype`` (``out`` when given).
+    """
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
+    backends.check_backend_name(backend)
+    spec = q.spec
+    if out is not None and spec.axis == -2:
+        # Validate first, then dequantize transposed and copy into the caller's layout.
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        if out.dtype != q.dtype or tuple(out.shape) != tuple(q.shape) or out.device != q.device:
+            raise ValueError(
+                f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
+                f"{tuple(out.shape)} {out.dtype} on {out.device}"
+            )
+    if out is not None and spec.axis == -1:
+        check_destination(out, "out", tuple(q.shape), q.dtype, q.device)
+        _ops.dequantize_into(q.packed, q.scale, q.minimum, out, spec.bits, spec.group_size, backend)
+        return out
+    y = _ops.dequantize(q.packed, q.scale, q.minimum, spec.bits, spec.group_size, backend)
+    if spec.axis == -2:
+        y = y.transpose(-1, -2)
+        if out is not None:
+            return out.copy_(y)
+        return y.contiguous()
+    return y

@@ -1,0 +1,54 @@
+"""Backends of the format v1 ops, side by side.
+
+Each backend module exposes the same three functions on *grouped-last-axis, contiguous*
+tensors (the op layer in ``thunderkv._ops`` validates and lays data out before calling):
+
+- ``available(device) -> str | None``: ``None`` when usable for tensors on ``device``, else
+  the reason it is not;
+- ``quantize_into(x, packed, scale, minimum, bits, group_size)``;
+- ``dequantize_into(packed, scale, minimum, out, bits, group_size)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+BACKEND_CHOICES = ("auto", *BACKENDS)
+# What "auto" tries, in order, per device type.
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"{__name__}.{name}_backend")
+
+
+def check_backend_name(backend: object) -> str:
+    if not isinstance(backend, str) or backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    return backend
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """``None`` if backend ``name`` can run on ``device``, else why not."""
+    return _module(name).available(device)
+
+
+def resolve(backend: str, device: torch.device) -> ModuleType:
+    """The backend module to use for tensors on ``device``; raises with the reason if none."""
+    check_backend_name(backend)
+    if backend != "auto":
+        why = unavailable_reason(backend, device)
+        if why is not None:
+            raise RuntimeError(f"backend {backend!r} cannot run on {device}: {why}")
+        return _module(backend)
+    reasons = []
+    for name in AUTO_ORDER.get(device.type, ("reference",)):
+        why = unavailable_reason(name, device)
+        if why is None:
+            return _module(name)
+        reasons.append(f"{name}: {why}")
+    raise RuntimeError(f"no backend can run on {device} ({'; '.join(reasons)})")

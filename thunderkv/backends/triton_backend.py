@@ -1,0 +1,35 @@
+"""Triton kernels (thunderkv.triton_kernels), for CUDA tensors or TRITON_INTERPRET=1 on CPU."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+
+def _kernels():
+    return importlib.import_module("thunderkv.triton_kernels")
+
+
+def available(device: torch.device) -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc}); pip install 'thunderkv[triton]'"
+    kernels = _kernels()
+    if not hasattr(kernels, "quantize_into"):
+        return "thunderkv.triton_kernels has no format v1 kernels in this version"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton does not run on {device}"
+    return None
+
+
+def quantize_into(x, packed, scale, minimum, bits: int, group_size: int) -> None:
+    _kernels().quantize_into(x, packed, scale, minimum, bits, group_size)
+
+
+def dequantize_into(packed, scale, minimum, out, bits: int, group_size: int) -> None:
+    _kernels().dequantize_into(packed, scale, minimum, out, bits, group_size)

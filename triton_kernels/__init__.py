@@ -1,0 +1,1 @@
+"""Triton kernels of format v1 (installed as thunderkv.triton_kernels)."""
