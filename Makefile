@@ -1,0 +1,31 @@
+# The contributor contract: `make test` installs what the tests need and runs them;
+# `make bench` runs the quantization benchmark. Both use a local virtual environment.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU torch wheel on the CI/dev machines; the GPU machines bring their own torch.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install install-test test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+install: $(PY)
+	$(PY) -m pip install -q $(TORCH_SPEC) .
+
+install-test: $(PY)
+	$(PY) -m pip install -q $(TORCH_SPEC) -e '.[test]'
+
+lint: install-test
+	$(VENV)/bin/ruff check .
+
+test: install-test lint
+	$(PY) -m pytest -q
+
+bench: install
+	$(VENV)/bin/thunderkv bench quant
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,43 @@
+import os
+import random
+import sys
+import zlib
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+# Fresh random inputs every run, reproducible on demand: THUNDERKV_TEST_SEED=<n> pytest ...
+BASE_SEED = int(os.environ.get("THUNDERKV_TEST_SEED", random.randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"thunderkv test seed: THUNDERKV_TEST_SEED={BASE_SEED}"
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A generator per test, seeded from the run's seed and the test's id."""
+    g = torch.Generator()
+    g.manual_seed(BASE_SEED ^ zlib.crc32(request.node.nodeid.encode()))
+    return g
+
+
+def _cpu_variants() -> list[str]:
+    from thunderkv._extension import load_extension
+
+    ext = load_extension()
+    return list(ext.cpu_variants()) if ext is not None else []
+
+
+@pytest.fixture(params=_cpu_variants())
+def cpu_variant(request):
+    """Runs the test once per CPU SIMD variant usable on this machine, restoring the default."""
+    from thunderkv._extension import load_extension
+
+    ext = load_extension()
+    before = ext.cpu_variant()
+    ext.set_cpu_variant(request.param)
+    yield request.param
+    ext.set_cpu_variant(before)

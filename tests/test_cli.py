@@ -1,0 +1,56 @@
+"""The ``thunderkv`` command line: env report and the quant benchmark's JSON lines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from thunderkv.cli import main
+
+REQUIRED = {"device", "torch", "git_sha", "shape", "dtype", "bits", "group_size", "backend",
+            "p20_s", "p50_s", "p80_s", "gbps", "ratio_to_copy", "op", "timestamp"}
+
+
+def test_env_json_reports_backends(capsys):
+    assert main(["env", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["extension"]["loaded"] is True
+    assert info["backends"]["cpu"]["available"] is True
+    assert info["backends"]["reference"]["available"] is True
+    for name in ("cuda", "triton"):
+        st = info["backends"][name]
+        assert st["available"] or st["why_not"], f"{name}: unavailable without a reason"
+    assert info["transfer"]["why_not"] or info["transfer"]["available"]
+
+
+def test_env_table_runs(capsys):
+    assert main(["env"]) == 0
+    assert "backend cpu" in capsys.readouterr().out
+
+
+def test_bench_quant_writes_json_lines(tmp_path):
+    out = tmp_path / "q.jsonl"
+    assert main(["bench", "quant", "--quick", "--reps", "2", "--reference-reps", "1",
+                 "--backend", "cpu", "--backend", "reference", "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    ops = {(r["op"], r["backend"]) for r in rows}
+    assert {("copy", "numpy"), ("quantize", "cpu"), ("dequantize", "cpu"),
+            ("quantize", "reference"), ("dequantize", "reference")} <= ops
+    for r in rows:
+        assert REQUIRED <= r.keys()
+        assert r["p20_s"] <= r["p50_s"] <= r["p80_s"]
+    cpu_q = [r for r in rows if r["op"] == "quantize" and r["backend"] == "cpu"]
+    assert all("speedup_vs_reference" in r for r in cpu_q)
+
+
+def test_console_script_entry_point():
+    res = subprocess.run([sys.executable, "-m", "thunderkv.cli", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "bench" in res.stdout
+
+
+def test_unknown_subcommand_fails_cleanly():
+    res = subprocess.run([sys.executable, "-m", "thunderkv.cli", "frobnicate"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "invalid choice" in res.stderr

@@ -1,0 +1,71 @@
+"""torch.library registration: opcheck on every op, and torch.compile through the ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import bits_equal, same_values
+
+import thunderkv as tk
+from thunderkv import _ops  # noqa: F401  (registers the ops)
+from thunderkv.format import FormatSpec
+
+OPS = torch.ops.thunderkv
+
+
+def _inputs(dtype=torch.float16):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(3, 5, 128, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_opcheck_quantize_and_dequantize(backend, dtype):
+    x = _inputs(dtype)
+    torch.library.opcheck(OPS.quantize.default, (x, 4, 64, backend))
+    packed, scale, minimum = OPS.quantize(x, 4, 64, backend)
+    torch.library.opcheck(OPS.dequantize.default, (packed, scale, minimum, 4, 64, backend))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_opcheck_destination_ops(backend):
+    x = _inputs()
+    spec = FormatSpec(2, 32)
+    packed = torch.empty(spec.packed_shape(x.shape), dtype=torch.uint8)
+    scale = torch.empty(spec.param_shape(x.shape), dtype=x.dtype)
+    minimum = torch.empty_like(scale)
+    torch.library.opcheck(
+        OPS.quantize_into.default, (x, packed, scale, minimum, 2, 32, backend)
+    )
+    out = torch.empty_like(x)
+    torch.library.opcheck(
+        OPS.dequantize_into.default, (packed, scale, minimum, out, 2, 32, backend)
+    )
+
+
+def test_torch_compile_round_trip_on_cpu():
+    def round_trip(x):
+        q = tk.quantize(x, bits=4, group_size=64, backend="cpu")
+        return tk.dequantize(q, backend="cpu") * 2
+
+    x = _inputs()
+    compiled = torch.compile(round_trip, fullgraph=True)
+    assert same_values(compiled(x), round_trip(x))
+
+
+def test_fake_tensor_shapes_without_data():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 8, 256, 128, dtype=torch.bfloat16)
+        packed, scale, minimum = OPS.quantize(x, 4, 64, "auto")
+        y = OPS.dequantize(packed, scale, minimum, 4, 64, "auto")
+    assert packed.shape == (2, 8, 256, 64) and scale.shape == (2, 8, 256, 2)
+    assert y.shape == x.shape and y.dtype == torch.bfloat16
+
+
+def test_ops_and_api_agree():
+    x = _inputs()
+    q = tk.quantize(x, backend="cpu")
+    packed, scale, minimum = OPS.quantize(x, 4, 64, "cpu")
+    assert torch.equal(q.packed, packed) and bits_equal(q.scale, scale)

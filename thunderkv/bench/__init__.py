@@ -1,0 +1,1 @@
+"""Microbenchmarks behind ``thunderkv bench ...``: measure, print a table, write JSON lines."""

@@ -1,0 +1,100 @@
+"""Timing and provenance shared by every benchmark."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """Seconds per call at the 20th, 50th and 80th percentile of ``reps`` timed calls."""
+
+    p20: float
+    p50: float
+    p80: float
+    reps: int
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    i = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[i]
+
+
+def time_calls(
+    fn: Callable[[], object],
+    *,
+    reps: int,
+    warmup: int = 1,
+    sync: Callable[[], object] | None = None,
+) -> Timing:
+    """Time ``fn`` ``reps`` times after ``warmup`` calls; ``sync`` (e.g. cuda synchronize)
+    runs before each clock read so asynchronous work is counted."""
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        samples.append(time.perf_counter() - t0)
+    samples.sort()
+    return Timing(_percentile(samples, 0.2), _percentile(samples, 0.5), _percentile(samples, 0.8), reps)
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(device: str) -> dict:
+    """Where and with what a measurement was taken (added to every JSON line)."""
+    import numpy
+    import torch
+
+    import thunderkv
+
+    return {
+        "device": device,
+        "cpu": cpu_model(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "thunderkv": thunderkv.__version__,
+        "git_sha": git_sha(),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_json_lines(path: str | Path, rows: list[dict]) -> None:
+    """Append one JSON object per row to ``path`` (parents created)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")

@@ -1,0 +1,57 @@
+"""``thunderkv env``: versions, CPU features, and which backends are available (and why not)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("env", help="report versions, CPU features and backend availability")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..envinfo import collect
+
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    console = Console()
+    t = Table(title=f"ThunderKV {info['thunderkv']} (format v{info['format_version']})",
+              show_header=False)
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    t.add_row("python / torch", f"{info['python']} / {info['torch']}")
+    t.add_row("numpy / triton / ucxx",
+              " / ".join(str(info[k] or "not installed") for k in ("numpy", "triton", "ucxx")))
+    cpu = info["cpu"]
+    t.add_row("cpu", f"{cpu['model']} ({cpu['cores']} cores, torch threads {cpu['torch_threads']})")
+    t.add_row("cpu features", " ".join(cpu["flags"]) or "unknown")
+    ext = info["extension"]
+    if ext["loaded"]:
+        t.add_row("extension", f"thunderkv._C {ext['version']} built by {ext['compiler']}, "
+                  f"OpenMP {'yes' if ext['openmp'] else 'no'} ({ext['openmp_max_threads']} threads)")
+        t.add_row("cpu kernels", f"active {ext['cpu_variant_active']}; usable "
+                  f"{', '.join(ext['cpu_variants_usable'])}; compiled "
+                  f"{', '.join(ext['cpu_variants_compiled'])}")
+        cuda_txt = (f"compiled for sm {ext['cuda_architectures']}, runtime {ext['cuda_runtime_version']}"
+                    if ext["cuda"] else f"not compiled: {ext['cuda_why_not']}")
+        t.add_row("cuda kernels", cuda_txt)
+    else:
+        t.add_row("extension", f"[red]not loaded: {ext['why_not']}")
+    tc = info["torch_cuda"]
+    t.add_row("torch cuda", f"{'available' if tc['available'] else 'unavailable'} "
+              f"(built with {tc['built_with']}) {', '.join(tc['devices'])}")
+    for name, st in info["backends"].items():
+        mark = "[green]yes[/]" if st["available"] else f"[yellow]no[/]: {st['why_not']}"
+        t.add_row(f"backend {name}", f"{mark} ({st['device']})")
+    tr = info["transfer"]
+    t.add_row("transfer (UCX)", "[green]yes[/]" if tr["available"] else f"[yellow]no[/]: {tr['why_not']}")
+    console.print(t)
+    return 0
