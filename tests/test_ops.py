@@ -15,31 +15,31 @@ OPS = torch.ops.thunderkv
 
 def _inputs(dtype=torch.float16):
     g = torch.Generator().manual_seed(1)
-    return torch.randn(3, 5, 128, generator=g).to(dtype)
+    return torch.randn(3, 64, 128, generator=g).to(dtype)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_opcheck_quantize_and_dequantize(backend, dtype):
     x = _inputs(dtype)
-    torch.library.opcheck(OPS.quantize.default, (x, 4, 64, backend))
-    packed, scale, minimum = OPS.quantize(x, 4, 64, backend)
-    torch.library.opcheck(OPS.dequantize.default, (packed, scale, minimum, 4, 64, backend))
+    torch.library.opcheck(OPS.quantize.default, (x, 4, 64, -1, backend))
+    packed, scale, minimum = OPS.quantize(x, 4, 64, -1, backend)
+    torch.library.opcheck(OPS.dequantize.default, (packed, scale, minimum, 4, 64, -1, backend))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_opcheck_destination_ops(backend):
     x = _inputs()
-    spec = FormatSpec(2, 32)
+    spec = FormatSpec(2, 32, -2)
     packed = torch.empty(spec.packed_shape(x.shape), dtype=torch.uint8)
     scale = torch.empty(spec.param_shape(x.shape), dtype=x.dtype)
     minimum = torch.empty_like(scale)
     torch.library.opcheck(
-        OPS.quantize_into.default, (x, packed, scale, minimum, 2, 32, backend)
+        OPS.quantize_into.default, (x, packed, scale, minimum, 2, 32, -2, backend)
     )
     out = torch.empty_like(x)
     torch.library.opcheck(
-        OPS.dequantize_into.default, (packed, scale, minimum, out, 2, 32, backend)
+        OPS.dequantize_into.default, (packed, scale, minimum, out, 2, 32, -2, backend)
     )
 
 
@@ -58,14 +58,19 @@ def test_fake_tensor_shapes_without_data():
 
     with FakeTensorMode():
         x = torch.empty(2, 8, 256, 128, dtype=torch.bfloat16)
-        packed, scale, minimum = OPS.quantize(x, 4, 64, "auto")
-        y = OPS.dequantize(packed, scale, minimum, 4, 64, "auto")
+        packed, scale, minimum = OPS.quantize(x, 4, 64, -1, "auto")
+        y = OPS.dequantize(packed, scale, minimum, 4, 64, -1, "auto")
     assert packed.shape == (2, 8, 256, 64) and scale.shape == (2, 8, 256, 2)
+    with FakeTensorMode():
+        x = torch.empty(2, 8, 256, 128, dtype=torch.float16)
+        p2, s2, _ = OPS.quantize(x, 2, 32, -2, "auto")
+        y2 = OPS.dequantize(p2, s2, s2, 2, 32, -2, "auto")
+    assert p2.shape == (2, 8, 128, 64) and s2.shape == (2, 8, 128, 8) and y2.shape == x.shape
     assert y.shape == x.shape and y.dtype == torch.bfloat16
 
 
 def test_ops_and_api_agree():
     x = _inputs()
     q = tk.quantize(x, backend="cpu")
-    packed, scale, minimum = OPS.quantize(x, 4, 64, "cpu")
+    packed, scale, minimum = OPS.quantize(x, 4, 64, -1, "cpu")
     assert torch.equal(q.packed, packed) and bits_equal(q.scale, scale)

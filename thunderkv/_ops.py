@@ -1,14 +1,16 @@
 """The op table: format v1 ops declared once with ``torch.library``.
 
-All ops group along the **last** axis (the public API in ``thunderkv.api`` transposes for
-per-channel quantization). Each op validates every argument before touching any output,
-resolves the backend (``"auto"`` picks by device) and calls its implementation; the fake
-(meta) implementations let ``torch.compile`` and ``opcheck`` trace them.
+``x`` and the dequantized output are always in the caller's layout ``[..., T, D]``; with
+``axis=-2`` (per-channel) the groups run along T and ``packed``/``scale``/``minimum`` are laid
+out as for ``x.transpose(-1, -2)`` (format v1). Each op validates every argument before
+touching any output, resolves the backend (``"auto"`` picks by device) and calls its
+implementation; the fake (meta) implementations let ``torch.compile`` and ``opcheck`` trace
+them.
 
-- ``thunderkv::quantize(x, bits, group_size, backend) -> (packed, scale, minimum)``
-- ``thunderkv::quantize_into(x, packed!, scale!, minimum!, bits, group_size, backend)``
-- ``thunderkv::dequantize(packed, scale, minimum, bits, group_size, backend) -> y``
-- ``thunderkv::dequantize_into(packed, scale, minimum, out!, bits, group_size, backend)``
+- ``thunderkv::quantize(x, bits, group_size, axis, backend) -> (packed, scale, minimum)``
+- ``thunderkv::quantize_into(x, packed!, scale!, minimum!, bits, group_size, axis, backend)``
+- ``thunderkv::dequantize(packed, scale, minimum, bits, group_size, axis, backend) -> y``
+- ``thunderkv::dequantize_into(packed, scale, minimum, out!, bits, group_size, axis, backend)``
 """
 
 from __future__ import annotations
@@ -22,18 +24,17 @@ _DEVICES = ("cpu", "cuda")
 
 
 def _quantize_shapes(
-    x: torch.Tensor, bits: int, group_size: int
+    x: torch.Tensor, spec: FormatSpec
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    spec = FormatSpec(bits, group_size, -1)
     spec.check_input(x)
     return spec.packed_shape(tuple(x.shape)), spec.param_shape(tuple(x.shape))
 
 
 def _dequantize_shape(
-    packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int, group_size: int
+    packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, spec: FormatSpec
 ) -> tuple[int, ...]:
     """Validate the quantized triple; return the shape of the dequantized tensor."""
-    FormatSpec(bits, group_size, -1)  # validates bits and group_size
+    bits, group_size = spec.bits, spec.group_size
     for name, t in (("packed", packed), ("scale", scale), ("minimum", minimum)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -43,8 +44,11 @@ def _dequantize_shape(
         raise TypeError(f"scale must be float16, bfloat16 or float32, got {scale.dtype}")
     if minimum.dtype != scale.dtype:
         raise TypeError(f"minimum must have scale's dtype {scale.dtype}, got {minimum.dtype}")
-    if packed.dim() < 1 or packed.numel() == 0:
-        raise ValueError(f"packed is empty (shape {tuple(packed.shape)}): nothing to dequantize")
+    if packed.dim() < (1 if spec.axis == -1 else 2) or packed.numel() == 0:
+        raise ValueError(
+            f"packed is empty or has too few dimensions for axis={spec.axis} "
+            f"(shape {tuple(packed.shape)}): nothing to dequantize"
+        )
     d = packed.shape[-1] * 8 // bits
     if d % group_size != 0:
         raise ValueError(
@@ -59,6 +63,8 @@ def _dequantize_shape(
             )
         if t.device != packed.device:
             raise ValueError(f"{name} is on {t.device} but packed is on {packed.device}")
+    if spec.axis == -2:
+        return (*packed.shape[:-2], d, packed.shape[-2])
     return (*packed.shape[:-1], d)
 
 
@@ -75,38 +81,41 @@ def quantize_into(
     minimum: torch.Tensor,
     bits: int,
     group_size: int,
+    axis: int,
     backend: str,
 ) -> None:
-    pshape, sshape = _quantize_shapes(x, bits, group_size)
+    spec = FormatSpec(bits, group_size, axis)
+    pshape, sshape = _quantize_shapes(x, spec)
     check_destination(packed, "packed", pshape, torch.uint8, x.device)
     check_destination(scale, "scale", sshape, x.dtype, x.device)
     check_destination(minimum, "minimum", sshape, x.dtype, x.device)
     impl = backends.resolve(backend, x.device)
-    impl.quantize_into(x.contiguous(), packed, scale, minimum, bits, group_size)
+    impl.quantize_into(x.contiguous(), packed, scale, minimum, spec)
 
 
 @quantize_into.register_fake
-def _(x, packed, scale, minimum, bits, group_size, backend) -> None:
-    _quantize_shapes(x, bits, group_size)
+def _(x, packed, scale, minimum, bits, group_size, axis, backend) -> None:
+    _quantize_shapes(x, FormatSpec(bits, group_size, axis))
     backends.check_backend_name(backend)
 
 
 @torch.library.custom_op("thunderkv::quantize", mutates_args=(), device_types=_DEVICES)
 def quantize(
-    x: torch.Tensor, bits: int, group_size: int, backend: str
+    x: torch.Tensor, bits: int, group_size: int, axis: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    pshape, sshape = _quantize_shapes(x, bits, group_size)
+    spec = FormatSpec(bits, group_size, axis)
+    pshape, sshape = _quantize_shapes(x, spec)
     impl = backends.resolve(backend, x.device)
     packed = torch.empty(pshape, dtype=torch.uint8, device=x.device)
     scale = torch.empty(sshape, dtype=x.dtype, device=x.device)
     minimum = torch.empty(sshape, dtype=x.dtype, device=x.device)
-    impl.quantize_into(x.contiguous(), packed, scale, minimum, bits, group_size)
+    impl.quantize_into(x.contiguous(), packed, scale, minimum, spec)
     return packed, scale, minimum
 
 
 @quantize.register_fake
-def _(x, bits, group_size, backend):
-    pshape, sshape = _quantize_shapes(x, bits, group_size)
+def _(x, bits, group_size, axis, backend):
+    pshape, sshape = _quantize_shapes(x, FormatSpec(bits, group_size, axis))
     backends.check_backend_name(backend)
     return (
         x.new_empty(pshape, dtype=torch.uint8),
@@ -128,19 +137,19 @@ def dequantize_into(
     out: torch.Tensor,
     bits: int,
     group_size: int,
+    axis: int,
     backend: str,
 ) -> None:
-    shape = _dequantize_shape(packed, scale, minimum, bits, group_size)
+    spec = FormatSpec(bits, group_size, axis)
+    shape = _dequantize_shape(packed, scale, minimum, spec)
     check_destination(out, "out", shape, scale.dtype, packed.device)
     impl = backends.resolve(backend, packed.device)
-    impl.dequantize_into(
-        packed.contiguous(), scale.contiguous(), minimum.contiguous(), out, bits, group_size
-    )
+    impl.dequantize_into(packed.contiguous(), scale.contiguous(), minimum.contiguous(), out, spec)
 
 
 @dequantize_into.register_fake
-def _(packed, scale, minimum, out, bits, group_size, backend) -> None:
-    _dequantize_shape(packed, scale, minimum, bits, group_size)
+def _(packed, scale, minimum, out, bits, group_size, axis, backend) -> None:
+    _dequantize_shape(packed, scale, minimum, FormatSpec(bits, group_size, axis))
     backends.check_backend_name(backend)
 
 
@@ -151,19 +160,19 @@ def dequantize(
     minimum: torch.Tensor,
     bits: int,
     group_size: int,
+    axis: int,
     backend: str,
 ) -> torch.Tensor:
-    shape = _dequantize_shape(packed, scale, minimum, bits, group_size)
+    spec = FormatSpec(bits, group_size, axis)
+    shape = _dequantize_shape(packed, scale, minimum, spec)
     impl = backends.resolve(backend, packed.device)
     out = torch.empty(shape, dtype=scale.dtype, device=packed.device)
-    impl.dequantize_into(
-        packed.contiguous(), scale.contiguous(), minimum.contiguous(), out, bits, group_size
-    )
+    impl.dequantize_into(packed.contiguous(), scale.contiguous(), minimum.contiguous(), out, spec)
     return out
 
 
 @dequantize.register_fake
-def _(packed, scale, minimum, bits, group_size, backend):
-    shape = _dequantize_shape(packed, scale, minimum, bits, group_size)
+def _(packed, scale, minimum, bits, group_size, axis, backend):
+    shape = _dequantize_shape(packed, scale, minimum, FormatSpec(bits, group_size, axis))
     backends.check_backend_name(backend)
     return packed.new_empty(shape, dtype=scale.dtype)

@@ -56,11 +56,6 @@ class QuantizedTensor:
         return dequantize(self, out=out, backend=backend)
 
 
-def _grouped_view(x: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
-    """The tensor whose last axis is grouped, made contiguous explicitly."""
-    return (x.transpose(-1, -2) if spec.axis == -2 else x).contiguous()
-
-
 def quantize(
     x: torch.Tensor,
     *,
@@ -74,7 +69,8 @@ def quantize(
     Parameters
     ----------
     x : Tensor ``[..., T, D]`` (``[..., D]`` suffices for axis=-1), float16/bfloat16/float32,
-        on CPU or CUDA; any strides (non-contiguous inputs are copied to contiguous first).
+        on CPU or CUDA; any strides (a non-contiguous input is copied to a contiguous one
+        first, explicitly).
     bits : 2, 4 or 8.
     group_size : elements per (scale, minimum) group along ``axis``; must divide that axis.
     axis : -1 per-token (groups along D), -2 per-channel (groups along T, KIVI keys).
@@ -87,7 +83,7 @@ def quantize(
     spec = FormatSpec(bits, group_size, axis)
     spec.check_input(x)
     backends.check_backend_name(backend)
-    packed, scale, minimum = _ops.quantize(_grouped_view(x, spec), bits, group_size, backend)
+    packed, scale, minimum = _ops.quantize(x, bits, group_size, axis, backend)
     return QuantizedTensor(packed, scale, minimum, spec, x.shape, x.dtype)
 
 
@@ -115,7 +111,7 @@ def quantize_into(
     check_destination(packed, "packed", spec.packed_shape(shape), torch.uint8, x.device)
     check_destination(scale, "scale", spec.param_shape(shape), x.dtype, x.device)
     check_destination(minimum, "minimum", spec.param_shape(shape), x.dtype, x.device)
-    _ops.quantize_into(_grouped_view(x, spec), packed, scale, minimum, bits, group_size, backend)
+    _ops.quantize_into(x, packed, scale, minimum, bits, group_size, axis, backend)
 
 
 def dequantize(
@@ -126,8 +122,8 @@ def dequantize(
     Parameters
     ----------
     q : the QuantizedTensor from :func:`quantize`.
-    out : optional destination ``q.shape`` in ``q.dtype`` on q's device (contiguous for
-        axis=-1; any layout for axis=-2); validated before anything is written.
+    out : optional contiguous destination ``q.shape`` in ``q.dtype`` on q's device;
+        validated before anything is written.
     backend : as for :func:`quantize`.
 
     Returns
@@ -138,23 +134,12 @@ def dequantize(
         raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
     backends.check_backend_name(backend)
     spec = q.spec
-    if out is not None and spec.axis == -2:
-        # Validate first, then dequantize transposed and copy into the caller's layout.
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-        if out.dtype != q.dtype or tuple(out.shape) != tuple(q.shape) or out.device != q.device:
-            raise ValueError(
-                f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
-                f"{tuple(out.shape)} {out.dtype} on {out.device}"
-            )
-    if out is not None and spec.axis == -1:
-        check_destination(out, "out", tuple(q.shape), q.dtype, q.device)
-        _ops.dequantize_into(q.packed, q.scale, q.minimum, out, spec.bits, spec.group_size, backend)
-        return out
-    y = _ops.dequantize(q.packed, q.scale, q.minimum, spec.bits, spec.group_size, backend)
-    if spec.axis == -2:
-        y = y.transpose(-1, -2)
-        if out is not None:
-            return out.copy_(y)
-        return y.contiguous()
-    return y
+    if out is None:
+        return _ops.dequantize(
+            q.packed, q.scale, q.minimum, spec.bits, spec.group_size, spec.axis, backend
+        )
+    check_destination(out, "out", tuple(q.shape), q.dtype, q.device)
+    _ops.dequantize_into(
+        q.packed, q.scale, q.minimum, out, spec.bits, spec.group_size, spec.axis, backend
+    )
+    return out

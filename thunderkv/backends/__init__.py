@@ -1,12 +1,13 @@
 """Backends of the format v1 ops, side by side.
 
-Each backend module exposes the same three functions on *grouped-last-axis, contiguous*
-tensors (the op layer in ``thunderkv._ops`` validates and lays data out before calling):
+Each backend module exposes the same three functions on validated, contiguous tensors (the
+op layer in ``thunderkv._ops`` checks everything first); ``x`` and ``out`` are in the caller's
+``[..., T, D]`` layout, ``packed``/``scale``/``minimum`` in format v1's grouped layout:
 
 - ``available(device) -> str | None``: ``None`` when usable for tensors on ``device``, else
   the reason it is not;
-- ``quantize_into(x, packed, scale, minimum, bits, group_size)``;
-- ``dequantize_into(packed, scale, minimum, out, bits, group_size)``.
+- ``quantize_into(x, packed, scale, minimum, spec)``;
+- ``dequantize_into(packed, scale, minimum, out, spec)``.
 """
 
 from __future__ import annotations

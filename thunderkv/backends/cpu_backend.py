@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .._extension import extension_error, load_extension
-from ..format import DTYPE_CODES
+from ..format import DTYPE_CODES, FormatSpec
+from ._grouped import dequantize_grouped, quantize_grouped
 
 
 def available(device: torch.device) -> str | None:
@@ -16,18 +17,25 @@ def available(device: torch.device) -> str | None:
     return None
 
 
-def quantize_into(x, packed, scale, minimum, bits: int, group_size: int) -> None:
-    _C = load_extension()
-    _C.cpu_quantize(
-        x.data_ptr(), packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(),
-        x.numel() // group_size, group_size, bits, DTYPE_CODES[x.dtype], torch.get_num_threads(),
-    )
+def quantize_into(x, packed, scale, minimum, spec: FormatSpec) -> None:
+    G, bits = spec.group_size, spec.bits
+
+    def kernel(xg, p, s, m):
+        load_extension().cpu_quantize(
+            xg.data_ptr(), p.data_ptr(), s.data_ptr(), m.data_ptr(), xg.numel() // G, G, bits,
+            DTYPE_CODES[xg.dtype], torch.get_num_threads(),
+        )
+
+    quantize_grouped(kernel, x, packed, scale, minimum, spec)
 
 
-def dequantize_into(packed, scale, minimum, out, bits: int, group_size: int) -> None:
-    _C = load_extension()
-    _C.cpu_dequantize(
-        packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), out.data_ptr(),
-        out.numel() // group_size, group_size, bits, DTYPE_CODES[out.dtype],
-        torch.get_num_threads(),
-    )
+def dequantize_into(packed, scale, minimum, out, spec: FormatSpec) -> None:
+    G, bits = spec.group_size, spec.bits
+
+    def kernel(p, s, m, y):
+        load_extension().cpu_dequantize(
+            p.data_ptr(), s.data_ptr(), m.data_ptr(), y.data_ptr(), y.numel() // G, G, bits,
+            DTYPE_CODES[y.dtype], torch.get_num_threads(),
+        )
+
+    dequantize_grouped(kernel, packed, scale, minimum, out, spec)

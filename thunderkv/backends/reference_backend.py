@@ -5,19 +5,19 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from ..format import FormatSpec
 
 
 def available(device: torch.device) -> str | None:
     return None
 
 
-def quantize_into(x, packed, scale, minimum, bits: int, group_size: int) -> None:
-    codes, s, m = reference.quantize_groups(x, bits, group_size)
-    packed.copy_(reference.pack_codes(codes, bits))
+def quantize_into(x, packed, scale, minimum, spec: FormatSpec) -> None:
+    p, s, m = reference.quantize(x, spec)
+    packed.copy_(p)
     scale.copy_(s)
     minimum.copy_(m)
 
 
-def dequantize_into(packed, scale, minimum, out, bits: int, group_size: int) -> None:
-    codes = reference.unpack_codes(packed, bits)
-    out.copy_(reference.dequantize_groups(codes, scale, minimum, group_size))
+def dequantize_into(packed, scale, minimum, out, spec: FormatSpec) -> None:
+    out.copy_(reference.dequantize(packed, scale, minimum, spec))

@@ -27,9 +27,9 @@ def available(device: torch.device) -> str | None:
     return None
 
 
-def quantize_into(x, packed, scale, minimum, bits: int, group_size: int) -> None:
-    _kernels().quantize_into(x, packed, scale, minimum, bits, group_size)
+def quantize_into(x, packed, scale, minimum, spec) -> None:
+    _kernels().quantize_into(x, packed, scale, minimum, spec)
 
 
-def dequantize_into(packed, scale, minimum, out, bits: int, group_size: int) -> None:
-    _kernels().dequantize_into(packed, scale, minimum, out, bits, group_size)
+def dequantize_into(packed, scale, minimum, out, spec) -> None:
+    _kernels().dequantize_into(packed, scale, minimum, out, spec)

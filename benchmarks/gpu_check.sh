@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The one prepared GPU check: build, test the CUDA/Triton kernels against the reference,
+# benchmark them against a device-to-device copy, and leave everything under OUTDIR.
+#
+#   bash benchmarks/gpu_check.sh OUTDIR
+#
+# Meant for a fresh, offline GPU machine that already has python3 with torch, triton, nvcc,
+# cmake, ninja, pybind11, scikit-build-core, pytest and rich (the lent H100/H200 image has
+# them). Finishes in a few minutes. For a dry run on a CPU machine:
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_PRESET=quick bash benchmarks/gpu_check.sh /tmp/out
+set -uo pipefail
+OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+PRESET=${GPU_CHECK_PRESET:-large}
+export PYTHONUNBUFFERED=1
+failed=()
+step() { echo "== $(date +%T) $*"; }
+
+step "device"
+(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
+  || echo "no nvidia-smi") | tee "$OUT/device.txt"
+
+step "build (pip install -e ., CUDA on when nvcc is present)"
+if ! $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"
+  echo "BUILD FAILED"
+  exit 1
+fi
+grep -E "ThunderKV|CUDA" "$OUT/build.log" | head -10 || true
+$PY -m thunderkv.cli env --json >"$OUT/env.json" || failed+=(env)
+$PY - "$OUT/env.json" <<'PYEOF'
+import json, sys
+info = json.load(open(sys.argv[1]))
+for name, st in info["backends"].items():
+    print(f"backend {name:9s} {'yes' if st['available'] else 'no: ' + str(st['why_not'])}")
+PYEOF
+
+step "kernel tests against the reference"
+tests=(tests/test_cuda_backend.py)
+for t in tests/test_triton_backend.py tests/test_paged_ops.py; do [ -f "$t" ] && tests+=("$t"); done
+$PY -m pytest -q -rs "${tests[@]}" --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -25
+[ "${PIPESTATUS[0]}" -eq 0 ] || failed+=(tests)
+
+step "benchmark: quantize/dequantize vs device copy ($DEVICE, preset $PRESET)"
+backend_args=()
+for b in cuda triton cpu; do
+  $PY -c "import sys, torch; from thunderkv import backends; \
+sys.exit(backends.unavailable_reason('$b', torch.device('$DEVICE')) is not None)" 2>/dev/null \
+    && backend_args+=(--backend "$b")
+done
+if [ ${#backend_args[@]} -eq 0 ]; then
+  echo "no compiled backend usable on $DEVICE"
+  failed+=(bench)
+else
+  for dtype in float16 bfloat16; do
+    $PY -m thunderkv.cli bench quant --device "$DEVICE" --preset "$PRESET" --dtype "$dtype" \
+      --reps 20 "${backend_args[@]}" --json "$OUT/bench_quant.jsonl" >"$OUT/bench_$dtype.txt" 2>&1 \
+      || { cat "$OUT/bench_$dtype.txt"; failed+=("bench-$dtype"); }
+  done
+fi
+
+step "summary"
+$PY - "$OUT/bench_quant.jsonl" <<'PYEOF'
+import json, os, sys
+path = sys.argv[1]
+if not os.path.exists(path):
+    sys.exit("no benchmark rows")
+rows = [json.loads(l) for l in open(path)]
+print(f"{'shape':34s} {'dtype':9s} {'op':11s} {'backend':8s} {'GB/s':>9s} {'x copy':>7s}")
+for r in rows:
+    print(f"{r['label']:34s} {r['dtype']:9s} {r['op']:11s} {r['backend']:8s} "
+          f"{r['gbps']:9.1f} {r['ratio_to_copy']:7.2f}")
+PYEOF
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "GPU CHECK FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "GPU CHECK OK"

@@ -1,0 +1,187 @@
+"""``thunderkv plan``: phase-split planning on a GPU cluster (and lightweight rescheduling).
+
+Torch-free: imports only ``thunderkv.scheduler`` (numpy, scipy, pyyaml; matplotlib for --plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--trace", help="Azure LLM inference trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens)")
+    g.add_argument("--workload", choices=("coding", "conversation"),
+                   help="synthetic lengths instead of a trace (coding: prompt ~2048, output ~28)")
+    g.add_argument("--requests", type=int, default=2000,
+                   help="requests replayed per simulation (first N of the trace; default 2000)")
+    g.add_argument("--arrivals", choices=("poisson", "trace"), default="poisson",
+                   help="Poisson arrivals at each rate, or the trace's own arrivals time-scaled")
+    g.add_argument("--rate", type=float, help="request rate (req/s) to report metrics at")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def load_workload(args: argparse.Namespace, default: str | None = None):
+    from thunderkv.scheduler.workload import load_azure_trace, synthetic
+
+    if args.requests < 10:
+        raise ValueError("--requests must be >= 10")
+    if args.trace:
+        wl = load_azure_trace(args.trace, limit=args.requests)
+        return wl, args.trace
+    kind = args.workload or default
+    if kind is None:
+        raise ValueError("give --trace T.csv or --workload coding|conversation")
+    if kind.startswith("synthetic:"):
+        kind = kind.split(":", 1)[1]
+    return synthetic(kind, args.requests, 1.0, args.seed), f"synthetic:{kind}"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="plan a phase-split deployment on a GPU cluster",
+                              description=__doc__)
+    p.add_argument("--cluster", help="cluster YAML (catalog, nodes, network)")
+    p.add_argument("--model", default="llama-30b", help="preset (llama-7b/13b/30b/70b) or model YAML")
+    add_workload_args(p)
+    s = p.add_argument_group("SLOs")
+    s.add_argument("--slo-ttft", type=float, help="TTFT deadline, s")
+    s.add_argument("--slo-tpot", type=float, help="TPOT deadline, s")
+    s.add_argument("--slo-scale", type=float,
+                   help="DistServe-style: K x single-request latency on A100-80GB (default 2.5/0.15 s)")
+    k = p.add_argument_group("KV transfer and baselines")
+    k.add_argument("--kv-bits", type=int, choices=(2, 4, 8, 16), default=4, help="16 = uncompressed")
+    k.add_argument("--kv-group", type=int, default=64)
+    k.add_argument("--baseline-cluster", help="same-price homogeneous cluster for vllm/distserve "
+                   "(default: A100-80GB NVLink nodes at --a100-price matching this cluster's $/h)")
+    k.add_argument("--a100-price", type=float, default=1.69, help="$/A100-hour for the default baseline cluster")
+    k.add_argument("--baselines", default="vllm,distserve,hexgen", help="comma list or 'none'")
+    k.add_argument("--ablations", action="store_true", help="also run no-compression, no-netaware, no-split")
+    t = p.add_argument_group("search")
+    t.add_argument("--iters", type=int, default=200, help="tabu iterations per system")
+    t.add_argument("--time-limit", type=float, default=30.0, help="seconds of search per system")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", help="write the plan document here")
+    o.add_argument("--plot", help="PNG of SLO attainment vs request rate (needs matplotlib)")
+    o.add_argument("--quiet", action="store_true", help="no progress lines")
+    r = p.add_argument_group("rescheduling")
+    r.add_argument("--reschedule", metavar="PLAN.json", help="adjust an existing plan instead")
+    r.add_argument("--fail", default="", help="comma list of failed nodes (and/or node:index GPUs)")
+    r.add_argument("--no-compare", action="store_true", help="skip the full re-plan comparison")
+    p.set_defaults(func=run)
+
+
+def _slo(args, model, stats, params):
+    from thunderkv.scheduler.systems import reference_slo
+    from thunderkv.scheduler.workload import SLO
+
+    if args.slo_scale is not None:
+        base = reference_slo(model, stats.prompt_mean, args.slo_scale, params)
+        return SLO(args.slo_ttft or base.ttft, args.slo_tpot or base.tpot)
+    return SLO(args.slo_ttft or 2.5, args.slo_tpot or 0.15)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from thunderkv.scheduler.errors import InputError
+
+    out, err = Console(), Console(stderr=True)
+    if not out.is_terminal:  # keep the wide systems table readable in logs and pipes
+        out = Console(width=140)
+    log = (lambda s: None) if args.quiet else (lambda s: err.print(f"[dim]{s}[/dim]"))
+    try:
+        if args.reschedule:
+            doc = _run_reschedule(args, log)
+        else:
+            doc = _run_plan(args, log)
+    except (InputError, ValueError, RuntimeError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 2
+    from thunderkv.scheduler.report import plan_table, systems_table
+
+    out.print(plan_table(doc, "plan" if not args.reschedule else "rescheduled plan"))
+    if "baselines" in doc:
+        out.print(systems_table(doc))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(doc, fh, indent=1)
+        log(f"wrote {args.json}")
+    return 0
+
+
+def _run_plan(args, log) -> dict:
+    from thunderkv.scheduler.cluster import load_cluster
+    from thunderkv.scheduler.costmodel import CostParams
+    from thunderkv.scheduler.driver import PlanRequest, run_plan, same_price_a100
+    from thunderkv.scheduler.model import load_model
+    from thunderkv.scheduler.parallel import WorkloadStats
+    from thunderkv.scheduler.tabu import TabuConfig
+
+    if not args.cluster:
+        raise ValueError("--cluster is required (or --reschedule PLAN.json)")
+    t0 = time.perf_counter()
+    cluster = load_cluster(args.cluster)
+    model = load_model(args.model)
+    wl, source = load_workload(args)
+    params = CostParams(kv_bits=args.kv_bits, kv_group=args.kv_group)
+    stats = WorkloadStats.of(wl)
+    slo = _slo(args, model, stats, params)
+    names = () if args.baselines == "none" else tuple(x for x in args.baselines.split(",") if x)
+    if args.ablations:
+        names += ("no-compression", "no-netaware", "no-split")
+    base = (load_cluster(args.baseline_cluster) if args.baseline_cluster
+            else same_price_a100(cluster, args.a100_price))
+    req = PlanRequest(cluster, model, wl, slo, params,
+                      TabuConfig(max_iters=args.iters, time_limit_s=args.time_limit, seed=args.seed),
+                      base, names, args.rate, args.arrivals, args.seed)
+    doc, raw = run_plan(req, log)
+    doc["workload"]["source"] = source
+    doc["inputs"]["workload_stats"] = {k: getattr(stats, k) for k in stats.__slots__}
+    doc["total_seconds"] = round(time.perf_counter() - t0, 2)
+    if args.plot:
+        _plot(args, doc, raw, req)
+    return doc
+
+
+def _run_reschedule(args, log) -> dict:
+    from thunderkv.scheduler.plan import load_plan_json
+    from thunderkv.scheduler.reschedule import reschedule_document
+
+    doc, plan = load_plan_json(args.reschedule)
+    fails = [x.strip() for x in args.fail.split(",") if x.strip()]
+    source = doc.get("workload", {}).get("source")
+    if args.trace or args.workload:
+        wl, source = load_workload(args)
+    elif source and (source.startswith("synthetic:") or os.path.exists(source)):
+        if source.startswith("synthetic:"):
+            args.workload = source
+        else:
+            args.trace = source
+        wl, source = load_workload(args)
+    else:
+        raise ValueError("the plan's workload source is unavailable: give --trace or --workload")
+    new = reschedule_document(doc, plan, fails, wl, compare=not args.no_compare, log=log)
+    new["workload"]["source"] = source
+    return new
+
+
+def _plot(args, doc, raw, req) -> None:
+    from thunderkv.scheduler.report import attainment_curves, plot_attainment
+    from thunderkv.scheduler.systems import sim_runner
+
+    top = max(r["goodput_req_per_s"] for r in raw.values()) or 1.0
+    rates = [top * f for f in (0.1, 0.25, 0.4, 0.55, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)]
+    curves = attainment_curves(
+        raw, lambda n: sim_runner(raw[n]["plan"], raw[n]["ev"], req.workload, req.arrivals, req.seed),
+        req.slo, rates)
+    try:
+        plot_attainment(curves, args.plot, f"{req.model.name}, {req.workload.name}, {req.cluster.name}")
+    except RuntimeError as exc:
+        print(f"warning: {exc}; no plot written", file=sys.stderr)
+        return
+    doc["plot"] = {"path": args.plot, "curves": {n: [[round(r, 3), round(a, 4)] for r, a in c]
+                                                 for n, c in curves.items()}}
