@@ -8,6 +8,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Without a GPU the Triton kernels run under the interpreter; it must be chosen before
+# thunderkv.triton_kernels is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Fresh random inputs every run, reproducible on demand: THUNDERKV_TEST_SEED=<n> pytest ...
 BASE_SEED = int(os.environ.get("THUNDERKV_TEST_SEED", random.randrange(2**31)))
 

@@ -1,0 +1,74 @@
+"""Triton kernels against the reference: under TRITON_INTERPRET=1 on CPU (CI), natively on a
+GPU; plus an ahead-of-time compile for sm_80/sm_90 that checks the PTX for the two traps the
+interpreter cannot show (approximate division, FMA contraction)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import DTYPES, bits_equal, random_kv, same_values
+
+import thunderkv as tk
+from thunderkv import backends
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+WHY_NOT = backends.unavailable_reason("triton", DEVICE) if HAVE_TRITON else "no triton"
+requires_backend = pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
+
+
+@requires_backend
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (4, 64), (8, 16), (4, 8), (4, 128)])
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_triton_bit_exact_with_reference(dtype, bits, group_size, axis, gen):
+    # small shapes: the interpreter's cost grows with the number of programs
+    d = 80 if axis == -2 else 3 * group_size  # 80: not a multiple of the column block
+    x = random_kv((2, 2 * group_size, d), dtype, gen)
+    kw = dict(bits=bits, group_size=group_size, axis=axis)
+    got = tk.quantize(x.to(DEVICE), backend="triton", **kw)
+    want = tk.quantize(x, backend="reference", **kw)
+    assert torch.equal(got.packed.cpu(), want.packed)
+    assert bits_equal(got.scale.cpu(), want.scale)
+    assert bits_equal(got.minimum.cpu(), want.minimum)
+    assert same_values(got.dequantize(backend="triton").cpu(), want.dequantize(backend="reference"))
+
+
+@requires_backend
+def test_triton_rejects_unsupported_group_size_before_writing():
+    x = torch.randn(2, 96, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="power-of-two group_size"):
+        tk.quantize(x, group_size=48, backend="triton")
+
+
+@requires_backend
+def test_triton_opcheck():
+    x = torch.randn(2, 64, 128, dtype=torch.float16, device=DEVICE)
+    torch.library.opcheck(torch.ops.thunderkv.quantize.default, (x, 4, 64, -2, "triton"))
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+def test_triton_kernels_compile_for_gpu_without_interpreter_traps(capability):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run(
+        [sys.executable, "-m", "thunderkv.triton_kernels.compile_check", str(capability)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    kernels = json.loads(res.stdout)[str(capability)]
+    assert len(kernels) == 12
+    for name, facts in kernels.items():
+        assert facts["cubin_bytes"] > 0, name
+        assert not facts["approx_div"] and not facts["rcp_approx"], f"{name}: approximate division"
+        if name.startswith("quantize"):
+            assert facts["div_rn"], f"{name}: scale/reciprocal must use div.rn"
+            assert not facts["fma"], f"{name}: FMA contraction changes the codes"
+        else:
+            assert facts["fma"], f"{name}: dequantize must use a fused multiply-add"

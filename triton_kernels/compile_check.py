@@ -1,0 +1,68 @@
+"""Ahead-of-time compilation of the format v1 Triton kernels for a GPU target, no GPU needed.
+
+CI runs the kernels under the interpreter, which accepts things the GPU compiler rejects and
+never contracts a*b+c into an FMA. Compiling for sm_80/sm_90 and reading the PTX catches both.
+Run as ``python -m thunderkv.triton_kernels.compile_check 90`` (without TRITON_INTERPRET).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import QUANTIZE_OPTIONS
+from . import quant as q
+
+_DT = {"fp16": (tl.float16, tl.int16, "i16", 0x7E00), "bf16": (tl.bfloat16, tl.int16, "i16", 0x7FC0),
+       "fp32": (tl.float32, tl.int32, "i32", 0x7FC00000)}
+
+
+def _variants():
+    for name, (dt, it, ity, nan) in _DT.items():
+        xty = "*" + name
+        yield (f"quantize_rows_{name}", q._quantize_rows_kernel,
+               {"x_ptr": xty, "packed_ptr": "*u8", "scale_ptr": "*" + ity, "min_ptr": "*" + ity,
+                "n_groups": "i32"},
+               {"G": 64, "BITS": 4, "BLOCK_G": 64, "DT": dt, "IT": it, "NAN_BITS": nan},
+               QUANTIZE_OPTIONS)
+        yield (f"quantize_cols_{name}", q._quantize_cols_kernel,
+               {"x_ptr": xty, "packed_ptr": "*u8", "scale_ptr": "*" + ity, "min_ptr": "*" + ity,
+                "T": "i32", "D": "i32"},
+               {"G": 32, "BITS": 2, "BLOCK_D": 128, "DT": dt, "IT": it, "NAN_BITS": nan},
+               QUANTIZE_OPTIONS)
+        yield (f"dequantize_rows_{name}", q._dequantize_rows_kernel,
+               {"packed_ptr": "*u8", "scale_ptr": "*" + ity, "min_ptr": "*" + ity,
+                "y_ptr": "*" + ity, "n_groups": "i32"},
+               {"G": 64, "BITS": 4, "BLOCK_G": 64, "DT": dt, "IT": it}, {})
+        yield (f"dequantize_cols_{name}", q._dequantize_cols_kernel,
+               {"packed_ptr": "*u8", "scale_ptr": "*" + ity, "min_ptr": "*" + ity,
+                "y_ptr": "*" + ity, "T": "i32", "D": "i32"},
+               {"G": 128, "BITS": 8, "BLOCK_D": 32, "DT": dt, "IT": it}, {})
+
+
+def compile_all(capability: int) -> dict[str, dict]:
+    """Compile every kernel variant for ``sm_<capability>``; return PTX facts per kernel."""
+    out = {}
+    for name, fn, sig, consts, options in _variants():
+        signature = {**sig, **{k: "constexpr" for k in consts}}
+        k = triton.compile(ASTSource(fn, signature, consts),
+                           target=GPUTarget("cuda", capability, 32), options=options)
+        ptx = k.asm["ptx"]
+        out[name] = {
+            "cubin_bytes": len(k.asm["cubin"]),
+            "fma": "fma.rn.f32" in ptx,
+            "div_rn": "div.rn.f32" in ptx,
+            "approx_div": "div.full.f32" in ptx or "div.approx.f32" in ptx,
+            "rcp_approx": "rcp.approx" in ptx,
+        }
+    return out
+
+
+if __name__ == "__main__":
+    caps = [int(a) for a in sys.argv[1:]] or [80, 90]
+    print(json.dumps({cap: compile_all(cap) for cap in caps}, indent=1))
