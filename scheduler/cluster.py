@@ -1,0 +1,187 @@
+"""GPU catalog, nodes and network: the cluster a plan runs on, loaded from YAML.
+
+A GPU is named ``"node:index"`` (e.g. ``"node3:1"``). Bandwidths in the YAML are in Gbit/s;
+everything in code is in bytes/s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .yamlio import Doc, load_yaml
+
+
+@dataclass(slots=True, frozen=True)
+class GpuType:
+    """One catalog entry. ``compute_eff``/``mem_eff`` scale the datasheet peaks to achieved rates."""
+
+    name: str
+    fp16_tflops: float
+    mem_gb: float
+    mem_bw_gbs: float
+    price_per_hour: float
+    compute_eff: float = 0.55
+    mem_eff: float = 0.80
+
+    def __post_init__(self) -> None:
+        for f in ("fp16_tflops", "mem_gb", "mem_bw_gbs"):
+            if not getattr(self, f) > 0:
+                raise ValueError(f"GpuType {self.name}: {f} must be > 0")
+        if self.price_per_hour < 0:
+            raise ValueError(f"GpuType {self.name}: price_per_hour must be >= 0")
+        for f in ("compute_eff", "mem_eff"):
+            if not 0 < getattr(self, f) <= 1:
+                raise ValueError(f"GpuType {self.name}: {f} must be in (0, 1]")
+
+    @property
+    def flops(self) -> float:
+        """Achievable fp16 FLOP/s."""
+        return self.fp16_tflops * 1e12 * self.compute_eff
+
+    @property
+    def bw(self) -> float:
+        """Achievable memory bandwidth, bytes/s."""
+        return self.mem_bw_gbs * 1e9 * self.mem_eff
+
+
+@dataclass(slots=True, frozen=True)
+class NodeSpec:
+    """A machine: ``count`` GPUs of one type joined by ``intra_node_gbps`` (NVLink or PCIe)."""
+
+    name: str
+    gpu: str
+    count: int
+    intra_node_gbps: float
+
+    def __post_init__(self) -> None:
+        if self.count <= 0:
+            raise ValueError(f"node {self.name}: count must be > 0")
+        if self.intra_node_gbps <= 0:
+            raise ValueError(f"node {self.name}: intra_node_gbps must be > 0")
+
+
+@dataclass(slots=True)
+class Cluster:
+    """GPU types, nodes and the network between nodes."""
+
+    catalog: dict[str, GpuType]
+    nodes: list[NodeSpec]
+    inter_node_gbps: float
+    links: dict[tuple[str, str], float] = field(default_factory=dict)
+    name: str = "cluster"
+    price_source: str = ""
+    gpus: list[str] = field(init=False)
+    _node_index: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            raise ValueError("cluster has no nodes")
+        self._node_index = {}
+        for i, n in enumerate(self.nodes):
+            if n.name in self._node_index:
+                raise ValueError(f"duplicate node name {n.name!r}")
+            if n.gpu not in self.catalog:
+                raise ValueError(f"node {n.name}: unknown gpu type {n.gpu!r}")
+            self._node_index[n.name] = i
+        if self.inter_node_gbps <= 0:
+            raise ValueError("inter_node_gbps must be > 0")
+        self.gpus = [f"{n.name}:{i}" for n in self.nodes for i in range(n.count)]
+
+    # --- lookups -------------------------------------------------------------------------
+    def node_of(self, gpu: str) -> NodeSpec:
+        return self.nodes[self._node_index[gpu.rsplit(":", 1)[0]]]
+
+    def has_node(self, name: str) -> bool:
+        return name in self._node_index
+
+    def node_rank(self, name: str) -> int:
+        return self._node_index[name]
+
+    def gpu_type(self, gpu: str) -> GpuType:
+        return self.catalog[self.node_of(gpu).gpu]
+
+    def link_gbps(self, a: str, b: str) -> float:
+        """Bandwidth between nodes ``a`` and ``b`` (node names), Gbit/s."""
+        if a == b:
+            return self.nodes[self._node_index[a]].intra_node_gbps
+        return self.links.get((a, b), self.links.get((b, a), self.inter_node_gbps))
+
+    def link_bytes_per_s(self, a: str, b: str) -> float:
+        return self.link_gbps(a, b) * 1e9 / 8
+
+    def price_per_hour(self, gpus: list[str] | None = None) -> float:
+        """$/hour of ``gpus`` (default: the whole cluster)."""
+        gpus = self.gpus if gpus is None else gpus
+        return sum(self.gpu_type(g).price_per_hour for g in gpus)
+
+    def without_nodes(self, names: set[str]) -> Cluster:
+        """The same cluster minus the nodes in ``names`` (for failure events)."""
+        keep = [n for n in self.nodes if n.name not in names]
+        links = {k: v for k, v in self.links.items() if not (set(k) & names)}
+        return Cluster(dict(self.catalog), keep, self.inter_node_gbps, links, self.name,
+                       self.price_source)
+
+
+def load_cluster(path: str | Path, text: str | None = None) -> Cluster:
+    """Load a cluster YAML (see ``examples/planner/README.md``); errors name field and line."""
+    doc: Doc = load_yaml(path, text)
+    cat_node = doc.node("catalog")
+    if not isinstance(cat_node.value, dict) or not cat_node.value:
+        raise doc.error("catalog", "expected a non-empty mapping of GPU type -> specs", cat_node.line)
+    catalog: dict[str, GpuType] = {}
+    for name, spec in cat_node.value.items():
+        p = f"catalog.{name}"
+        catalog[name] = GpuType(
+            name=name,
+            fp16_tflops=doc.number("fp16_tflops", spec, label=f"{p}.fp16_tflops"),
+            mem_gb=doc.number("mem_gb", spec, label=f"{p}.mem_gb"),
+            mem_bw_gbs=doc.number("mem_bw_gbs", spec, label=f"{p}.mem_bw_gbs"),
+            price_per_hour=doc.number("price_per_hour", spec, label=f"{p}.price_per_hour",
+                                      positive=False),
+            compute_eff=_eff(doc, spec, f"{p}.compute_eff", "compute_eff", 0.55),
+            mem_eff=_eff(doc, spec, f"{p}.mem_eff", "mem_eff", 0.80),
+        )
+    nodes_node = doc.node("nodes")
+    if not isinstance(nodes_node.value, list) or not nodes_node.value:
+        raise doc.error("nodes", "expected a non-empty list of nodes", nodes_node.line)
+    nodes: list[NodeSpec] = []
+    seen: set[str] = set()
+    for i, item in enumerate(nodes_node.value):
+        p = f"nodes[{i}]"
+        name = doc.string("name", item, label=f"{p}.name")
+        if name in seen:
+            raise doc.error(f"{p}.name", f"duplicate node name {name!r}", item.line)
+        seen.add(name)
+        gpu = doc.string("gpu", item, label=f"{p}.gpu")
+        if gpu not in catalog:
+            raise doc.error(f"{p}.gpu", f"unknown GPU type {gpu!r} (catalog has {sorted(catalog)})",
+                            doc.node("gpu", item).line)
+        count = int(doc.number("count", item, label=f"{p}.count", integer=True))
+        intra = doc.number("intra_node_gbps", item, label=f"{p}.intra_node_gbps")
+        nodes.append(NodeSpec(name, gpu, count, intra))
+    inter = doc.number("network.inter_node_gbps")
+    links: dict[tuple[str, str], float] = {}
+    links_node = doc.node("network.links", default=None)
+    if links_node is not None and links_node.value is not None:
+        if not isinstance(links_node.value, list):
+            raise doc.error("network.links", "expected a list", links_node.line)
+        for i, item in enumerate(links_node.value):
+            p = f"network.links[{i}]"
+            a, b = doc.string("a", item, label=f"{p}.a"), doc.string("b", item, label=f"{p}.b")
+            for end, v in (("a", a), ("b", b)):
+                if v not in seen:
+                    raise doc.error(f"{p}.{end}", f"unknown node {v!r}", doc.node(end, item).line)
+            if a == b:
+                raise doc.error(p, "a link must join two different nodes", item.line)
+            links[(a, b)] = doc.number("gbps", item, label=f"{p}.gbps")
+    name = doc.string("name", default="cluster")
+    src = doc.node("price_source", default=None)
+    return Cluster(catalog, nodes, inter, links, name, "" if src is None else str(src.value))
+
+
+def _eff(doc: Doc, spec, label: str, key: str, default: float) -> float:
+    v = doc.number(key, spec, label=label, default=default)
+    if not 0 < v <= 1:
+        raise doc.error(label, f"must be in (0, 1], got {v}", doc.node(key, spec).line)
+    return v

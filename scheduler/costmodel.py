@@ -1,0 +1,199 @@
+"""Roofline cost model: prefill and decode latency of a pipeline of TP stages, KV transfer, memory.
+
+A *stage* is ``tp`` GPUs of one type on one node holding ``layers`` consecutive layers (tensor
+parallel inside the node, all-reduce over the intra-node link). Stages chained in order form a
+pipeline (one model replica); consecutive stages exchange activations over the link between their
+nodes. Times come from ``max(FLOPs / achieved FLOP/s, bytes / achieved bandwidth)`` per stage plus
+communication; achieved = datasheet peak x per-type efficiency factor (cluster catalog).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .cluster import Cluster, GpuType
+from .kv_bytes import kv_bytes_per_element
+from .model import ModelSpec
+
+
+@dataclass(slots=True, frozen=True)
+class CostParams:
+    """Knobs of the cost model (all documented defaults; change them to calibrate)."""
+
+    mem_util: float = 0.90          # fraction of GPU memory the server may use
+    reserve_gb: float = 1.5         # activations / workspace per GPU
+    intra_latency_s: float = 10e-6  # per collective step / message inside a node
+    inter_latency_s: float = 200e-6  # per message between nodes
+    kv_bits: int = 4                # KV bits on the wire (16 = uncompressed)
+    kv_group: int = 64              # format v1 group size
+    link_util: float = 0.9          # usable fraction of a link for KV transfer (LP capacity)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.mem_util <= 1 or not 0 < self.link_util <= 1:
+            raise ValueError("mem_util and link_util must be in (0, 1]")
+        kv_bytes_per_element(self.kv_bits, self.kv_group)  # validates bits/group
+
+    def with_kv_bits(self, bits: int) -> CostParams:
+        return CostParams(self.mem_util, self.reserve_gb, self.intra_latency_s,
+                          self.inter_latency_s, bits, self.kv_group, self.link_util)
+
+
+@dataclass(slots=True, frozen=True)
+class Stage:
+    """``tp`` GPUs of ``gpu`` on node ``node`` running ``layers`` layers."""
+
+    node: str
+    gpu: GpuType
+    tp: int
+    layers: int
+    gpus: tuple[str, ...]
+    intra_bps: float  # intra-node link, bytes/s
+    first: bool = False
+    last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.layers < 1 or len(self.gpus) != self.tp:
+            raise ValueError(f"bad stage: tp={self.tp} layers={self.layers} gpus={self.gpus}")
+
+
+def allreduce_time(nbytes: float, tp: int, link_bps: float, latency: float) -> float:
+    """Ring all-reduce of ``nbytes`` over ``tp`` GPUs."""
+    if tp == 1:
+        return 0.0
+    return 2 * (tp - 1) / tp * nbytes / link_bps + 2 * (tp - 1) * latency
+
+
+class Pipeline:
+    """Latency model of one replica: ``stages`` in order, ``hop_bps[i]`` between stage i and i+1."""
+
+    __slots__ = ("model", "stages", "hop_bps", "p", "_dc", "_db", "_dx", "_wb", "_kvl",
+                 "_ar", "_arl", "_hop_lat")
+
+    def __init__(self, model: ModelSpec, stages: list[Stage], hop_bps: list[float],
+                 params: CostParams) -> None:
+        if len(hop_bps) != len(stages) - 1:
+            raise ValueError("need one hop bandwidth between consecutive stages")
+        if sum(s.layers for s in stages) != model.layers:
+            raise ValueError(f"stages hold {sum(s.layers for s in stages)} layers, "
+                             f"model has {model.layers}")
+        self.model, self.stages, self.hop_bps, self.p = model, stages, hop_bps, params
+        m, db = model, model.dtype_bytes
+        # Per stage, per-GPU coefficients: FLOPs per token, weight bytes, KV bytes per context token.
+        self._dc = [2 * m.layer_params * s.layers / s.tp for s in stages]
+        self._dx = [4 * m.hidden * s.layers / s.tp for s in stages]  # attention FLOPs per ctx token
+        self._wb = [self.weight_bytes(i) for i in range(len(stages))]
+        self._kvl = [m.kv_bytes_per_token(s.layers) / s.tp for s in stages]
+        self._db = db
+        # all-reduce: 2 per layer of (tokens x hidden) activations
+        self._ar = [2 * s.layers * (2 * (s.tp - 1) / s.tp) * m.hidden * db / s.intra_bps
+                    if s.tp > 1 else 0.0 for s in stages]
+        self._arl = [2 * s.layers * 2 * (s.tp - 1) * params.intra_latency_s for s in stages]
+        self._hop_lat = params.inter_latency_s
+
+    # --- memory ---------------------------------------------------------------------------
+    def weight_bytes(self, i: int) -> float:
+        """Weight bytes per GPU of stage ``i`` (embedding on the first, LM head on the last)."""
+        s, m = self.stages[i], self.model
+        w = s.layers * m.layer_params + (s.first + s.last) * m.vocab * m.hidden
+        return w * m.dtype_bytes / s.tp
+
+    def kv_token_capacity(self) -> int:
+        """Tokens of KV cache the replica can hold (<= 0 means the weights do not fit)."""
+        cap = None
+        for i, s in enumerate(self.stages):
+            free = s.gpu.mem_gb * 1e9 * self.p.mem_util - self.p.reserve_gb * 1e9 - self._wb[i]
+            toks = int(free / self._kvl[i]) if free > 0 else -1
+            cap = toks if cap is None else min(cap, toks)
+        return cap
+
+    # --- prefill --------------------------------------------------------------------------
+    def _prefill_stage_times(self, tokens: float, sq_tokens: float) -> list[float]:
+        out = []
+        for i, s in enumerate(self.stages):
+            flops = self._dc[i] * tokens + self._dx[i] * sq_tokens / 2  # causal: half of s^2
+            nbytes = self._wb[i] + self._kvl[i] * tokens
+            t = max(flops / s.gpu.flops, nbytes / s.gpu.bw)
+            out.append(t + self._ar[i] * tokens + self._arl[i])
+        return out
+
+    def _hop(self, i: int, rows: float) -> float:
+        return rows * self.model.hidden * self._db / self.hop_bps[i] + self._hop_lat
+
+    def prefill(self, tokens: float, sq_tokens: float | None = None) -> tuple[float, float]:
+        """(latency, busy) of prefilling ``tokens`` prompt tokens (``sq_tokens`` = sum of s^2).
+
+        ``busy`` is how long the bottleneck stage is occupied: the interval at which a pipelined
+        replica can accept the next batch.
+        """
+        sq = tokens * tokens if sq_tokens is None else sq_tokens
+        st = self._prefill_stage_times(tokens, sq)
+        hops = [self._hop(i, tokens) for i in range(len(self.hop_bps))]
+        return sum(st) + sum(hops), max(max(st), max(hops, default=0.0))
+
+    # --- decode ---------------------------------------------------------------------------
+    def decode_iter(self, batch: int, ctx_tokens: float) -> float:
+        """Seconds between consecutive tokens of a request when ``batch`` requests holding
+        ``ctx_tokens`` context tokens in total decode together (PP: batch split into micro-batches).
+        """
+        if batch <= 0:
+            return 0.0
+        n = len(self.stages)
+        mb = min(n, batch)
+        b, c = batch / mb, ctx_tokens / mb
+        tsum, tmax = 0.0, 0.0
+        for i, s in enumerate(self.stages):
+            flops = self._dc[i] * b + self._dx[i] * c
+            nbytes = self._wb[i] + self._kvl[i] * c
+            t = max(flops / s.gpu.flops, nbytes / s.gpu.bw) + self._ar[i] * b + self._arl[i]
+            tsum += t
+            tmax = t if t > tmax else tmax
+        for i in range(n - 1):
+            tsum += self._hop(i, b)
+        return max(tsum, mb * tmax)
+
+
+def build_pipeline(cluster: Cluster, model: ModelSpec, params: CostParams,
+                   stage_gpus: list[tuple[str, ...]], layers: list[int]) -> Pipeline:
+    """Pipeline from per-stage GPU tuples (each on one node) and a layer split."""
+    stages = []
+    n = len(stage_gpus)
+    for i, (gs, nl) in enumerate(zip(stage_gpus, layers, strict=True)):
+        node = cluster.node_of(gs[0])
+        stages.append(Stage(node.name, cluster.catalog[node.gpu], len(gs), nl, tuple(gs),
+                            cluster.link_bytes_per_s(node.name, node.name), i == 0, i == n - 1))
+    hops = [cluster.link_bytes_per_s(a.node, b.node) for a, b in zip(stages, stages[1:])]
+    return Pipeline(model, stages, hops, params)
+
+
+def kv_link_bytes_per_token(src: Pipeline, dst: Pipeline, params: CostParams,
+                            bits: int | None = None) -> dict[tuple[str, str], float]:
+    """Wire bytes per prompt token that move over each node pair when ``src`` ships KV to ``dst``.
+
+    Layer ``l`` goes from the source stage holding it to the destination stage holding it.
+    Keys are ``(src_node, dst_node)``; equal names mean the intra-node link.
+    """
+    m = src.model
+    per_layer = 2 * m.kv_dim * kv_bytes_per_element(params.kv_bits if bits is None else bits,
+                                                     params.kv_group, m.dtype_bytes)
+    out: dict[tuple[str, str], float] = {}
+    a_nodes = [s.node for s in src.stages for _ in range(s.layers)]
+    b_nodes = [s.node for s in dst.stages for _ in range(s.layers)]
+    for a, b in zip(a_nodes, b_nodes, strict=True):
+        out[(a, b)] = out.get((a, b), 0.0) + per_layer
+    return out
+
+
+def link_key(a: str, b: str) -> tuple[str, str]:
+    """Undirected key of the link between nodes ``a`` and ``b``."""
+    return (a, b) if a <= b else (b, a)
+
+
+def kv_transfer_time(tokens: float, link_bytes: dict[tuple[str, str], float],
+                     cluster: Cluster) -> float:
+    """Seconds to move ``tokens`` tokens of KV (sub-transfers on distinct links run in parallel)."""
+    per_link: dict[tuple[str, str], float] = {}
+    for (a, b), bpt in link_bytes.items():
+        k = link_key(a, b)
+        per_link[k] = per_link.get(k, 0.0) + bpt
+    return max((tokens * bpt / cluster.link_bytes_per_s(*k) for k, bpt in per_link.items()),
+               default=0.0)

@@ -1,0 +1,165 @@
+"""The search objective: a grouping + phases -> best configs (lower level) -> routed req/s.
+
+A *state* is a canonical tuple of groups ``((gpu, ...), phase)``. Its value is the maximum rate
+the routing LP can push from prefill groups to decode groups (plus colocated groups' own rates),
+each group contributing the SLO-constrained capacity of its best parallel configuration.
+GPUs of one node are interchangeable, so results are cached per (node, count) signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cluster import Cluster
+from .costmodel import CostParams, kv_link_bytes_per_token, kv_transfer_time, link_key
+from .model import ModelSpec
+from .parallel import DECODE_TPOT_MARGIN, GroupPerf, WorkloadStats, best_config
+from .plan import Plan, PlanGroup
+from .routing import RoutingProblem, max_throughput, proportional, solve
+from .workload import SLO
+
+Group = tuple[tuple[str, ...], str]
+State = tuple[Group, ...]
+
+
+def canonical(groups) -> State:
+    """Sort GPUs inside groups and groups among themselves."""
+    return tuple(sorted((tuple(sorted(g)), ph) for g, ph in groups))
+
+
+@dataclass(slots=True)
+class SearchSpace:
+    """Which plans a search may produce (ours, ablations and baselines differ only here)."""
+
+    phases: tuple[str, ...] = ("prefill", "decode")
+    network_aware: bool = True
+    pp: bool = True  # False: one TP stage per group (vLLM-like)
+
+    def __post_init__(self) -> None:
+        ok = {("prefill", "decode"), ("colocated",)}
+        if tuple(self.phases) not in ok:
+            raise ValueError(f"phases must be one of {ok}")
+
+    @property
+    def split(self) -> bool:
+        return "prefill" in self.phases
+
+
+class Evaluator:
+    """Caches lower-level results and scores states."""
+
+    def __init__(self, cluster: Cluster, model: ModelSpec, params: CostParams,
+                 stats: WorkloadStats, slo: SLO, space: SearchSpace | None = None) -> None:
+        self.cluster, self.model, self.params = cluster, model, params
+        self.stats, self.slo = stats, slo
+        self.space = space or SearchSpace()
+        self._perf: dict[tuple, GroupPerf] = {}
+        self._pair: dict[tuple, tuple[dict, float]] = {}
+        self.evaluations = 0
+
+    # --- lower level ----------------------------------------------------------------------
+    def signature(self, gpus) -> tuple:
+        counts: dict[str, int] = {}
+        for g in gpus:
+            n = g.rsplit(":", 1)[0]
+            counts[n] = counts.get(n, 0) + 1
+        return tuple(sorted(counts.items(), key=lambda kv: self.cluster.node_rank(kv[0])))
+
+    def perf(self, gpus, phase: str) -> GroupPerf:
+        key = (self.signature(gpus), phase)
+        if key not in self._perf:
+            self._perf[key] = best_config(self.cluster, self.model, self.params, sorted(gpus),
+                                          phase, self.stats, self.slo, self.space.pp)
+        return self._perf[key]
+
+    @property
+    def transfer_budget(self) -> float:
+        """Mean KV transfer time a pair may add (the TPOT slack over a median request)."""
+        return (1 - DECODE_TPOT_MARGIN) * 2 * self.slo.tpot * max(self.stats.output_p50 - 1, 1)
+
+    def _pair_info(self, pg, dg) -> tuple[dict, float]:
+        key = (self.signature(pg), self.signature(dg))
+        if key not in self._pair:
+            p, d = self.perf(pg, "prefill").pipeline, self.perf(dg, "decode").pipeline
+            per_tok = kv_link_bytes_per_token(p, d, self.params)
+            links: dict[tuple[str, str], float] = {}
+            for (a, b), v in per_tok.items():
+                k = link_key(a, b)
+                links[k] = links.get(k, 0.0) + v * self.stats.prompt_mean
+            t = kv_transfer_time(self.stats.prompt_mean, per_tok, self.cluster)
+            self._pair[key] = (links, t)
+        return self._pair[key]
+
+    def routing_problem(self, pre: list, dec: list) -> RoutingProblem:
+        pcap = [self.perf(g, "prefill").capacity for g in pre]
+        dcap = [self.perf(g, "decode").capacity for g in dec]
+        pb, pt, caps = [], [], {}
+        for pg, pc in zip(pre, pcap):
+            rb, rt = [], []
+            for dg, dc in zip(dec, dcap):
+                if pc > 0 and dc > 0:
+                    links, t = self._pair_info(pg, dg)
+                else:
+                    links, t = {}, float("inf")
+                rb.append(links)
+                rt.append(t)
+                for k in links:
+                    caps[k] = self.cluster.link_bytes_per_s(*k) * self.params.link_util
+            pb.append(rb)
+            pt.append(rt)
+        return RoutingProblem(pcap, dcap, pb, pt, caps, self.transfer_budget)
+
+    # --- objective ------------------------------------------------------------------------
+    def value(self, state: State) -> float:
+        """Routed req/s of ``state`` (the search maximises this)."""
+        self.evaluations += 1
+        pre = [g for g, ph in state if ph == "prefill"]
+        dec = [g for g, ph in state if ph == "decode"]
+        total = sum(self.perf(g, "colocated").capacity for g, ph in state if ph == "colocated")
+        if pre and dec:
+            pcap = sum(self.perf(g, "prefill").capacity for g in pre)
+            dcap = sum(self.perf(g, "decode").capacity for g in dec)
+            if min(pcap, dcap) > 0:
+                prob = self.routing_problem(pre, dec)
+                total += (max_throughput(prob) if self.space.network_aware
+                          else proportional(prob).total)
+        return total
+
+    def upper_bound(self, state: State) -> float:
+        """Cheap bound on :meth:`value` (no LP) used to prune neighbours."""
+        pc = sum(self.perf(g, "prefill").capacity for g, ph in state if ph == "prefill")
+        dc = sum(self.perf(g, "decode").capacity for g, ph in state if ph == "decode")
+        co = sum(self.perf(g, "colocated").capacity for g, ph in state if ph == "colocated")
+        return min(pc, dc) + co
+
+    # --- materialise ----------------------------------------------------------------------
+    def _group(self, gpus, phase: str) -> PlanGroup:
+        perf = self.perf(gpus, phase)
+        pool: dict[str, list[str]] = {}
+        for g in sorted(gpus):
+            pool.setdefault(g.rsplit(":", 1)[0], []).append(g)
+        if perf.pipeline is None:  # infeasible group: keep it visible, one stage per node
+            stages = [tuple(v) for v in pool.values()]
+            return PlanGroup(phase, stages, [0] * len(stages), 0.0)
+        if sorted(x for s in perf.stage_gpus for x in s) == sorted(gpus):
+            stages = [tuple(s) for s in perf.stage_gpus]  # keep the exact GPUs (fixed configs)
+        else:  # same node signature, other GPUs of those nodes
+            stages = [tuple(pool[s[0].rsplit(":", 1)[0]].pop(0) for _ in s) for s in perf.stage_gpus]
+        return PlanGroup(phase, stages, [st.layers for st in perf.pipeline.stages], perf.capacity)
+
+    def plan(self, state: State) -> Plan:
+        """Materialise ``state`` with concrete stages and the tie-broken LP routing."""
+        groups = [self._group(g, ph) for g, ph in state]
+        plan = Plan(groups)
+        pre = [g for g, ph in state if ph == "prefill"]
+        dec = [g for g, ph in state if ph == "decode"]
+        plan.flow = np.zeros((len(pre), len(dec)))
+        if pre and dec:
+            prob = self.routing_problem(pre, dec)
+            r = solve(prob) if self.space.network_aware else proportional(prob)
+            plan.flow = r.flow
+        plan.coloc_flow = [self.perf(g, ph).capacity for g, ph in state if ph == "colocated"]
+        plan.objective = float(plan.flow.sum() + sum(plan.coloc_flow))
+        return plan

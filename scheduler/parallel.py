@@ -1,0 +1,200 @@
+"""Lower level, part 1: the best parallel configuration of one GPU group for its phase.
+
+A group's GPUs are split per node into *segments*; each segment is cut into TP sets of size
+``tp`` (a power of two dividing the segment; TP never crosses nodes), and the TP sets are chained
+into a pipeline along the fastest links (network-aware order). Layers are split unevenly across
+stages (greedy, proportional to stage speed or memory, capped by memory). Each candidate is scored
+by the request rate it sustains within the SLO for the phase:
+
+* prefill: latency-driven -- TTFT p90 of a single prompt plus M/G/1 queueing must meet the TTFT SLO;
+* decode: throughput-driven -- the largest continuous batch whose iteration time meets the TPOT SLO
+  and whose KV fits in memory, converted to req/s by Little's law;
+* colocated (baselines): both, with prefill stalling decode iterations (vLLM's default).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .cluster import Cluster
+from .costmodel import CostParams, Pipeline, build_pipeline
+from .model import ModelSpec
+from .workload import SLO, Workload
+
+PHASES = ("prefill", "decode", "colocated")
+DECODE_TPOT_MARGIN = 0.85   # share of the TPOT SLO the decode iteration may use (rest: transfer, jitter)
+WAIT_P90_FACTOR = 2.3       # p90 / mean of an M/G/1 waiting time (exponential tail)
+MAX_BATCH_TOKENS = 4096     # prefill batch token budget (simulator uses the same)
+MAX_LAYOUTS = 24            # cap on TP combinations tried per group
+
+
+@dataclass(slots=True, frozen=True)
+class WorkloadStats:
+    """What the capacity formulas need from a workload (deterministic quantiles, not samples)."""
+
+    prompt_q: tuple[float, ...]
+    output_mean: float
+    ctx_eff: float  # output-weighted mean context of a decoding request
+    prompt_mean: float = 0.0
+    output_p50: float = 0.0
+    ctx_mem: float = 0.0  # output-weighted mean of prompt+output (KV reserved per request)
+
+    @classmethod
+    def of(cls, w: Workload, n_quantiles: int = 16) -> WorkloadStats:
+        qs = np.quantile(w.prompts, (np.arange(n_quantiles) + 0.5) / n_quantiles)
+        o, p = w.outputs.astype(float), w.prompts.astype(float)
+        ctx = float((o * (p + o / 2)).sum() / o.sum())
+        mem = float((o * (p + o)).sum() / o.sum())
+        return cls(tuple(float(x) for x in qs), float(o.mean()), ctx, float(p.mean()),
+                   float(np.median(o)), mem)
+
+
+@dataclass(slots=True)
+class GroupPerf:
+    """Result of the lower level for one group and phase (capacity 0 = infeasible)."""
+
+    phase: str
+    capacity: float                     # req/s within the SLO
+    pipeline: Pipeline | None = None
+    prefill_latency: float = 0.0        # mean single-request prefill latency, s
+    tpot: float = 0.0                   # decode iteration time at the chosen batch, s
+    batch: int = 0
+    kv_tokens: int = 0
+    note: str = ""
+    stage_gpus: list[tuple[str, ...]] = field(default_factory=list)
+
+    @property
+    def feasible(self) -> bool:
+        return self.capacity > 0 and self.pipeline is not None
+
+
+def segments(cluster: Cluster, gpus: list[str]) -> list[tuple[str, list[str]]]:
+    """GPUs grouped by node, nodes chained greedily along the fastest links."""
+    by_node: dict[str, list[str]] = {}
+    for g in sorted(gpus, key=lambda g: (cluster.node_rank(g.rsplit(":", 1)[0]), g)):
+        by_node.setdefault(g.rsplit(":", 1)[0], []).append(g)
+    order = [next(iter(by_node))]
+    rest = [n for n in by_node if n != order[0]]
+    while rest:
+        nxt = max(rest, key=lambda n: (cluster.link_gbps(order[-1], n), -cluster.node_rank(n)))
+        order.append(nxt)
+        rest.remove(nxt)
+    return [(n, by_node[n]) for n in order]
+
+
+def _tp_options(n: int, model: ModelSpec) -> list[int]:
+    return [t for t in (1, 2, 4, 8) if n % t == 0 and model.heads % t == 0 and model.kv_heads % t == 0]
+
+
+def layouts(cluster: Cluster, model: ModelSpec, gpus: list[str],
+            pp: bool = True) -> list[list[tuple[str, ...]]]:
+    """Candidate stage layouts (list of per-stage GPU tuples) of a group; ``pp=False``: TP only."""
+    segs = segments(cluster, gpus)
+    if not pp:
+        n = len(gpus)
+        ok = len(segs) == 1 and n in _tp_options(n, model)
+        return [[tuple(segs[0][1])]] if ok else []
+    opts = [_tp_options(len(gs), model) for _, gs in segs]
+    combos = list(itertools.product(*opts))
+    if len(combos) > MAX_LAYOUTS:  # fall back to "as uniform as possible" TP
+        combos = sorted({tuple(max(x for x in o if x <= t) for o in opts) for t in (1, 2, 4, 8)})
+    out = []
+    for combo in combos:
+        stages = [tuple(gs[i:i + t]) for (_, gs), t in zip(segs, combo) for i in range(0, len(gs), t)]
+        if len(stages) <= model.layers:
+            out.append(stages)
+    return out
+
+
+def split_layers(cluster: Cluster, model: ModelSpec, params: CostParams,
+                 stage_gpus: list[tuple[str, ...]], weight: str) -> list[int] | None:
+    """Uneven layer split: greedy by ``weight`` ('compute', 'bandwidth' or 'memory'), memory-capped."""
+    n = len(stage_gpus)
+    lw = model.layer_params * model.dtype_bytes
+    kvl = model.kv_bytes_per_token(1)
+    caps, speed = [], []
+    for i, gs in enumerate(stage_gpus):
+        gt, tp = cluster.gpu_type(gs[0]), len(gs)
+        usable = gt.mem_gb * 1e9 * params.mem_util - params.reserve_gb * 1e9
+        emb = ((i == 0) + (i == n - 1)) * model.vocab * model.hidden * model.dtype_bytes / tp
+        caps.append(int((usable - emb) / ((lw + MAX_BATCH_TOKENS * kvl) / tp)))
+        speed.append({"compute": gt.flops, "bandwidth": gt.bw, "memory": usable}[weight] * tp)
+    if min(caps) < 1 or sum(caps) < model.layers:
+        return None
+    layers = [1] * n
+    for _ in range(model.layers - n):
+        i = min((i for i in range(n) if layers[i] < caps[i]),
+                key=lambda i: ((layers[i] + 1) / speed[i], i))
+        layers[i] += 1
+    return layers
+
+
+def _prefill_profile(pipe: Pipeline, st: WorkloadStats) -> tuple[float, float, float, float]:
+    lat, busy = zip(*(pipe.prefill(q) for q in st.prompt_q))
+    b = np.asarray(busy)
+    return float(np.mean(lat)), float(np.quantile(lat, 0.9)), float(b.mean()), float((b**2).mean())
+
+
+def _batches(bmax: int) -> list[int]:
+    out, b = [], 1
+    while b <= bmax:
+        out.append(b)
+        b = b + 1 if b < 8 else int(b * 1.25)
+    return out
+
+
+def capacity(pipe: Pipeline, phase: str, st: WorkloadStats, slo: SLO) -> GroupPerf:
+    """Sustainable req/s of ``pipe`` in ``phase`` within ``slo`` (0 when it cannot meet it)."""
+    kv = pipe.kv_token_capacity()
+    if kv < MAX_BATCH_TOKENS:
+        return GroupPerf(phase, 0.0, note="does not fit in memory")
+    lat_mean, lat_p90, es, es2 = _prefill_profile(pipe, st)
+    perf = GroupPerf(phase, 0.0, pipe, lat_mean, kv_tokens=kv)
+    if phase == "prefill":
+        d = (slo.ttft - lat_p90) / WAIT_P90_FACTOR
+        if d > 0:
+            perf.capacity = min(2 * d / (es2 + 2 * d * es), 0.95 / es)
+        return perf
+    bmax = int((kv - (MAX_BATCH_TOKENS if phase == "colocated" else 0)) / st.ctx_mem)
+    for b in _batches(bmax):
+        t = pipe.decode_iter(b, b * st.ctx_eff)
+        if phase == "decode":
+            if t > DECODE_TPOT_MARGIN * slo.tpot:
+                break
+            lam = b / (st.output_mean * t)
+        else:
+            lam = b / (st.output_mean * t + b * es)
+            rho = lam * es
+            if rho >= 1 or t / (1 - rho) > DECODE_TPOT_MARGIN * slo.tpot:
+                continue
+            if lat_p90 + t + WAIT_P90_FACTOR * lam * es2 / (2 * (1 - rho)) > slo.ttft:
+                continue
+        if lam > perf.capacity:
+            perf.capacity, perf.tpot, perf.batch = lam, t, b
+    return perf
+
+
+def best_config(cluster: Cluster, model: ModelSpec, params: CostParams, gpus: list[str],
+                phase: str, st: WorkloadStats, slo: SLO, pp: bool = True) -> GroupPerf:
+    """Best (layout, layer split) of ``gpus`` for ``phase``: max capacity, then min latency.
+    ``pp=False`` restricts to one TP stage (vLLM-like uniform TP)."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    weights = ("compute",) if phase == "prefill" else ("bandwidth", "memory")
+    best = GroupPerf(phase, 0.0, note="no feasible layout")
+    for stage_gpus in layouts(cluster, model, gpus, pp):
+        for w in weights:
+            layers = split_layers(cluster, model, params, stage_gpus, w)
+            if layers is None:
+                continue
+            pipe = build_pipeline(cluster, model, params, stage_gpus, layers)
+            perf = capacity(pipe, phase, st, slo)
+            key = (perf.capacity, -perf.prefill_latency if phase == "prefill" else -perf.tpot)
+            if perf.pipeline is not None and (best.pipeline is None or key > (
+                    best.capacity, -best.prefill_latency if phase == "prefill" else -best.tpot)):
+                perf.stage_gpus = stage_gpus
+                best = perf
+    return best

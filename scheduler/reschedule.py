@@ -1,0 +1,119 @@
+"""Lightweight rescheduling: keep groups and their parallel configs (no weight reload), drop the
+groups that lost GPUs, re-solve only phase designation (flip moves) and routing (LP).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .cluster import Cluster
+from .costmodel import CostParams, Pipeline
+from .evaluate import Evaluator, SearchSpace, State, canonical
+from .model import ModelSpec
+from .parallel import GroupPerf, WorkloadStats, capacity
+from .plan import Plan, PlanGroup
+from .tabu import TabuConfig, tabu_search
+from .workload import SLO
+
+
+class FixedConfigEvaluator(Evaluator):
+    """An :class:`Evaluator` whose groups keep the given stage layouts and layer splits."""
+
+    def __init__(self, cluster: Cluster, model: ModelSpec, params: CostParams,
+                 stats: WorkloadStats, slo: SLO, groups: list[PlanGroup]) -> None:
+        super().__init__(cluster, model, params, stats, slo, SearchSpace())
+        self._fixed: dict[tuple[str, ...], PlanGroup] = {tuple(sorted(g.gpus)): g for g in groups}
+        self._pipes: dict[tuple[str, ...], Pipeline] = {}
+
+    def signature(self, gpus) -> tuple:
+        return tuple(sorted(gpus))
+
+    def perf(self, gpus, phase: str) -> GroupPerf:
+        key = (self.signature(gpus), phase)
+        if key not in self._perf:
+            g = self._fixed[key[0]]
+            if key[0] not in self._pipes:
+                self._pipes[key[0]] = g.pipeline(self.cluster, self.model, self.params)
+            perf = capacity(self._pipes[key[0]], phase, self.stats, self.slo)
+            perf.stage_gpus = list(g.stage_gpus)
+            self._perf[key] = perf
+        return self._perf[key]
+
+
+@dataclass(slots=True)
+class RescheduleResult:
+    plan: Plan
+    evaluator: Evaluator
+    seconds: float
+    dropped_groups: int
+    kept_gpus: int
+
+
+def reschedule(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
+               stats: WorkloadStats, slo: SLO, fail_nodes: set[str] | None = None,
+               fail_gpus: set[str] | None = None, cfg: TabuConfig | None = None
+               ) -> RescheduleResult:
+    """Adjust ``plan`` after losing ``fail_nodes``/``fail_gpus`` and/or for new ``stats``."""
+    t0 = time.perf_counter()
+    fail_nodes, fail_gpus = set(fail_nodes or ()), set(fail_gpus or ())
+    unknown = {n for n in fail_nodes if not cluster.has_node(n)}
+    if unknown:
+        raise ValueError(f"unknown node(s) {sorted(unknown)}")
+    lost = fail_gpus | {g for g in cluster.gpus if g.rsplit(":", 1)[0] in fail_nodes}
+    keep = [g for g in plan.groups if not (set(g.gpus) & lost) and min(g.layers) > 0]
+    colocated = any(g.phase == "colocated" for g in keep)
+    new_cluster = cluster.without_nodes(fail_nodes) if fail_nodes else cluster
+    ev = FixedConfigEvaluator(new_cluster, model, params, stats, slo, keep)
+    if colocated:
+        ev.space = SearchSpace(("colocated",))
+    start: State = canonical((g.gpus, g.phase) for g in keep)
+    if not colocated and keep:
+        cfg = cfg or TabuConfig(max_iters=60, patience=15, time_limit_s=2.0, moves=("flip",))
+        start = tabu_search(ev, cfg, start=start).state
+    new = ev.plan(start) if keep else Plan([])
+    return RescheduleResult(new, ev, time.perf_counter() - t0, len(plan.groups) - len(keep),
+                            sum(len(g.gpus) for g in keep))
+
+
+def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bool = True,
+                        log=lambda s: None) -> dict:
+    """``thunderkv plan --reschedule``: adjust ``plan`` (from ``doc``) for failed nodes/GPUs and
+    workload ``wl``; optionally compare with a full re-plan. Returns the new plan document."""
+    from .metrics import summarize
+    from .plan import inputs_from_dict, inputs_to_dict
+    from .systems import sim_runner, system_goodput
+    from .tabu import tabu_search
+
+    cluster, model, params, slo = inputs_from_dict(doc["inputs"])
+    nodes = {f for f in fails if ":" not in f}
+    gpus = {f for f in fails if ":" in f}
+    bad = [g for g in gpus if g not in cluster.gpus]
+    if bad:
+        raise ValueError(f"--fail: unknown GPU(s) {bad}")
+    stats = WorkloadStats.of(wl)
+    log(f"rescheduling after losing {sorted(fails) or 'nothing'} (phases + routing only)")
+    res = reschedule(plan, cluster, model, params, stats, slo, nodes, gpus)
+    new_cluster = res.evaluator.cluster
+    good, _ = system_goodput(res.plan, res.evaluator, wl, slo) if res.plan.objective > 0 else (0.0, {})
+    m = summarize(sim_runner(res.plan, res.evaluator, wl)(good), slo) if good > 0 else {}
+    out = {"plan": res.plan.to_dict(), "reschedule_seconds": round(res.seconds, 4),
+           "failed": sorted(fails), "dropped_groups": res.dropped_groups,
+           "predicted": {"goodput_req_per_s": round(good, 4),
+                         **{k: round(v, 4) for k, v in m.items() if isinstance(v, float)}},
+           "cost_per_hour": round(new_cluster.price_per_hour(res.plan.gpus()), 4),
+           "workload": dict(doc.get("workload", {})),
+           "slo": doc.get("slo", {}), "inputs": inputs_to_dict(new_cluster, model, params, slo)}
+    out["inputs"]["workload_stats"] = {k: getattr(stats, k) for k in stats.__slots__}
+    log(f"  lightweight: {res.seconds:.2f} s, simulated goodput {good:.2f} req/s")
+    if compare:
+        t0 = time.perf_counter()
+        ev = Evaluator(new_cluster, model, params, stats, slo)
+        full = ev.plan(tabu_search(ev, TabuConfig()).state)
+        secs = time.perf_counter() - t0
+        fg, _ = system_goodput(full, ev, wl, slo)
+        out["full_replan"] = {"goodput_req_per_s": round(fg, 4), "solve_seconds": round(secs, 3),
+                              "model_req_per_s": round(full.objective, 4)}
+        out["ratio_to_full_replan"] = round(good / fg, 4) if fg > 0 else None
+        log(f"  full re-plan: {secs:.1f} s, simulated goodput {fg:.2f} req/s")
+    return out

@@ -1,0 +1,231 @@
+"""Discrete-event replay of a workload through a plan (heapq event loop).
+
+Prefill groups serve a FIFO queue in token-budgeted batches (pipelined: the next batch enters
+when the bottleneck stage frees). Each request's KV then crosses the links between the prefill
+and decode stages holding each layer (FIFO per link, bytes compressed or raw per the cost model).
+Decode groups run continuous batching: a request joins at the next iteration boundary once its KV
+has arrived and its KV (prompt + output tokens) fits in memory, and leaves after its last token.
+Colocated groups (baselines) interleave prefill batches and decode iterations, prefill first.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cluster import Cluster
+from .costmodel import CostParams, Pipeline, kv_link_bytes_per_token, link_key
+from .model import ModelSpec
+from .parallel import MAX_BATCH_TOKENS
+from .plan import Plan
+from .workload import Workload
+
+ARRIVAL, PREFILL_DONE, PREFILL_FREE, TRANSFER_DONE, STEP_DONE = range(5)
+
+
+@dataclass(slots=True)
+class SimResult:
+    """Per-request timestamps (seconds; NaN = never happened) and counters."""
+
+    arrival: np.ndarray
+    first_token: np.ndarray
+    transfer_done: np.ndarray
+    decode_start: np.ndarray
+    finish: np.ndarray
+    outputs: np.ndarray
+    prompts: np.ndarray
+    events: int = 0
+
+    @property
+    def ttft(self) -> np.ndarray:
+        return self.first_token - self.arrival
+
+    @property
+    def e2e(self) -> np.ndarray:
+        return self.finish - self.arrival
+
+    @property
+    def tpot(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            t = (self.finish - self.first_token) / np.maximum(self.outputs - 1, 1)
+        return np.where(self.outputs > 1, t, 0.0)
+
+
+class _Group:
+    __slots__ = ("pipe", "kind", "queue", "busy_until", "free_pending", "running", "k", "ctx",
+                 "kv_used", "kv_cap", "stepping", "reserve")
+
+    def __init__(self, pipe: Pipeline, kind: str) -> None:
+        self.pipe, self.kind = pipe, kind
+        self.queue: deque[int] = deque()
+        self.busy_until, self.free_pending = 0.0, False
+        self.running: list[tuple[int, int]] = []  # heap of (finish iteration, request)
+        self.k, self.ctx, self.kv_used = 0, 0.0, 0
+        self.kv_cap = pipe.kv_token_capacity()
+        self.stepping = False
+        self.reserve: dict[int, int] = {}
+
+
+def _wrr(weights: list[float]):
+    """Smooth weighted round-robin (deterministic, low-variance)."""
+    cur = [0.0] * len(weights)
+    total = sum(weights)
+    while True:
+        for i, w in enumerate(weights):
+            cur[i] += w
+        i = max(range(len(cur)), key=lambda j: cur[j])
+        cur[i] -= total
+        yield i
+
+
+def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
+             wl: Workload) -> SimResult:
+    """Replay ``wl`` through ``plan``; requests with nowhere to go never finish (NaN)."""
+    n = len(wl)
+    P, O = wl.prompts, wl.outputs
+    res = SimResult(wl.arrivals.copy(), *(np.full(n, np.nan) for _ in range(4)), O, P)
+    groups = [_Group(g.pipeline(cluster, model, params), g.phase) if min(g.layers) > 0 else None
+              for g in plan.groups]
+    entries: list[tuple[int, int]] = []
+    weights: list[float] = []
+    for a, i in enumerate(plan.prefill_ids):
+        for b, j in enumerate(plan.decode_ids):
+            if plan.flow[a, b] > 0 and groups[i] and groups[j]:
+                entries.append((i, j))
+                weights.append(float(plan.flow[a, b]))
+    for a, i in enumerate(plan.coloc_ids):
+        if plan.coloc_flow[a] > 0 and groups[i]:
+            entries.append((i, i))
+            weights.append(float(plan.coloc_flow[a]))
+    if not entries:
+        return res
+    pair_links: dict[tuple[int, int], list[tuple[tuple[str, str], float, float]]] = {}
+    for i, j in set(entries):
+        if i != j:
+            per: dict[tuple[str, str], float] = {}
+            for (a, b), v in kv_link_bytes_per_token(groups[i].pipe, groups[j].pipe, params).items():
+                per[link_key(a, b)] = per.get(link_key(a, b), 0.0) + v
+            pair_links[(i, j)] = [(k, v, cluster.link_bytes_per_s(*k)) for k, v in per.items()]
+    link_free: dict[tuple[str, str], float] = {}
+    dest = np.zeros(n, dtype=np.int64)
+    heap: list = []
+    seq = 0
+
+    def push(t: float, kind: int, a: int, b: int = 0) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(heap, (t, seq, kind, a, b))
+
+    def start_prefill(gi: int, now: float) -> None:
+        g = groups[gi]
+        if g.free_pending or not g.queue or now < g.busy_until:
+            return
+        batch, toks, sq = [], 0, 0.0
+        while g.queue and (not batch or toks + P[g.queue[0]] <= MAX_BATCH_TOKENS):
+            r = g.queue.popleft()
+            batch.append(r)
+            toks += int(P[r])
+            sq += float(P[r]) ** 2
+        lat, busy = g.pipe.prefill(toks, sq)
+        g.busy_until, g.free_pending = now + busy, True
+        push(now + busy, PREFILL_FREE, gi)
+        for r in batch:
+            push(now + lat, PREFILL_DONE, r, gi)
+
+    def admit(g: _Group, r: int, now: float) -> None:
+        need = int(P[r] + O[r])
+        g.reserve[r] = need
+        g.kv_used += need
+        g.ctx += P[r] + 1
+        heapq.heappush(g.running, (g.k + int(O[r]) - 1, r))
+        res.decode_start[r] = now
+
+    def step(gi: int, now: float) -> None:
+        """Start the next action of a decode/colocated group if it is idle."""
+        g = groups[gi]
+        if g.stepping:
+            return
+        if g.kind == "colocated" and g.queue:
+            batch, toks, sq = [], 0, 0.0
+            while g.queue and (not batch or toks + P[g.queue[0]] <= MAX_BATCH_TOKENS):
+                r = g.queue[0]
+                if g.kv_used + P[r] + O[r] > g.kv_cap and (g.running or batch):
+                    break
+                g.queue.popleft()
+                batch.append(r)
+                g.kv_used += int(P[r] + O[r])
+                toks += int(P[r])
+                sq += float(P[r]) ** 2
+            if batch:  # the bottleneck stage is free again after `busy` (PP overlaps the rest)
+                lat, busy = g.pipe.prefill(toks, sq)
+                g.stepping = True
+                for r in batch:
+                    push(now + lat, PREFILL_DONE, r, gi)
+                push(now + busy, STEP_DONE, gi, 1)
+                return
+        if g.kind == "decode":
+            while g.queue and (g.kv_used + P[g.queue[0]] + O[g.queue[0]] <= g.kv_cap or not g.running):
+                admit(g, g.queue.popleft(), now)
+        if g.running:
+            g.stepping = True
+            push(now + g.pipe.decode_iter(len(g.running), g.ctx), STEP_DONE, gi, 0)
+
+    def step_done(gi: int, now: float, was_prefill: int) -> None:
+        g = groups[gi]
+        g.stepping = False
+        if not was_prefill:
+            g.k += 1
+            g.ctx += len(g.running)
+            while g.running and g.running[0][0] <= g.k:
+                _, r = heapq.heappop(g.running)
+                res.finish[r] = now
+                g.ctx -= P[r] + O[r]
+                g.kv_used -= g.reserve.pop(r, int(P[r] + O[r]))
+        step(gi, now)
+
+    src = _wrr(weights)
+    for r in range(n):
+        push(float(wl.arrivals[r]), ARRIVAL, r)
+    while heap:
+        now, _, kind, a, b = heapq.heappop(heap)
+        res.events += 1
+        if kind == ARRIVAL:
+            pi, di = entries[next(src)]
+            dest[a] = di
+            groups[pi].queue.append(a)
+            if pi == di:
+                step(pi, now)
+            else:
+                start_prefill(pi, now)
+        elif kind == PREFILL_FREE:
+            groups[a].free_pending = False
+            start_prefill(a, now)
+        elif kind == PREFILL_DONE:
+            res.first_token[a] = now
+            di = int(dest[a])
+            if O[a] <= 1:
+                res.finish[a] = now
+                if b == di:
+                    groups[di].kv_used -= int(P[a] + O[a])
+                continue
+            if b == di:  # colocated: joins this group's running batch
+                g = groups[di]
+                g.kv_used -= int(P[a] + O[a])
+                admit(g, a, now)
+                continue
+            done = now
+            for k, bpt, bw in pair_links[(b, di)]:
+                s = max(now, link_free.get(k, 0.0))
+                link_free[k] = s + P[a] * bpt / bw
+                done = max(done, link_free[k])
+            push(done, TRANSFER_DONE, a, di)
+        elif kind == TRANSFER_DONE:
+            res.transfer_done[a] = now
+            groups[b].queue.append(a)
+            step(b, now)
+        else:
+            step_done(a, now, b)
+    return res

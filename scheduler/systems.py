@@ -1,0 +1,113 @@
+"""Ours, the baselines and the ablations as points in one design space, planned with the same
+search and scored by the same simulator (like-for-like ratios).
+
+* ``thunderkv``: phase-split, heterogeneous cloud cluster, 4-bit KV transfer, network-aware LP.
+* ``vllm``: colocated, uniform TP, no PP, homogeneous A100 cluster at the same price
+  (its design space is tiny, so it is enumerated exhaustively).
+* ``distserve``: phase-split, homogeneous A100 cluster, raw 16-bit KV, tabu search.
+* ``hexgen``: colocated, heterogeneous cloud cluster, asymmetric TP/PP, tabu search.
+* ablations of ours: ``no-compression`` (16-bit KV), ``no-netaware`` (capacity-proportional routing
+  that ignores links), ``no-split`` (colocated: identical to ``hexgen`` in this simulator).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .cluster import Cluster, GpuType, NodeSpec
+from .costmodel import CostParams, build_pipeline
+from .evaluate import Evaluator, SearchSpace, State, canonical
+from .metrics import goodput_search
+from .model import ModelSpec
+from .parallel import WorkloadStats
+from .plan import Plan
+from .simulator import simulate
+from .tabu import SearchResult, TabuConfig, tabu_search
+from .workload import SLO, Workload
+
+BASELINES = ("vllm", "distserve", "hexgen")
+ABLATIONS = ("no-compression", "no-netaware", "no-split")
+
+# Reference for DistServe-style SLO scales: datasheet A100-80GB SXM (gpu_catalog.md).
+REFERENCE_GPU = GpuType("A100-80GB", 312, 80, 2039, 0.0)
+
+
+@dataclass(slots=True)
+class System:
+    """A named design space on a cluster."""
+
+    name: str
+    cluster: Cluster
+    space: SearchSpace
+    kv_bits: int
+
+
+def make_system(name: str, cloud: Cluster, inhouse: Cluster | None, kv_bits: int = 4) -> System:
+    if name in ("vllm", "distserve") and inhouse is None:
+        raise ValueError(f"baseline {name!r} needs the same-price homogeneous cluster (--baseline-cluster)")
+    table = {
+        "thunderkv": (cloud, SearchSpace(), kv_bits),
+        "vllm": (inhouse, SearchSpace(("colocated",), pp=False), 16),
+        "distserve": (inhouse, SearchSpace(), 16),
+        "hexgen": (cloud, SearchSpace(("colocated",)), 16),
+        "no-compression": (cloud, SearchSpace(), 16),
+        "no-netaware": (cloud, SearchSpace(network_aware=False), kv_bits),
+        "no-split": (cloud, SearchSpace(("colocated",)), kv_bits),
+    }
+    if name not in table:
+        raise ValueError(f"unknown system {name!r}; choose from {sorted(table)}")
+    c, space, bits = table[name]
+    return System(name, c, space, bits)
+
+
+def reference_slo(model: ModelSpec, prompt_mean: float, scale: float, params: CostParams) -> SLO:
+    """``scale`` x single-request latency (mean prompt TTFT, batch-1 TPOT) on the fewest A100-80GB
+    (TP within one NVLink node) that hold the model -- DistServe's SLO-scale convention."""
+    for tp in (1, 2, 4, 8):
+        if model.heads % tp:
+            continue
+        node = NodeSpec("ref", REFERENCE_GPU.name, tp, 4800)
+        c = Cluster({REFERENCE_GPU.name: REFERENCE_GPU}, [node], 100.0)
+        pipe = build_pipeline(c, model, params, [tuple(c.gpus)], [model.layers])
+        if pipe.kv_token_capacity() > 4096:
+            ttft = pipe.prefill(prompt_mean)[0]
+            return SLO(scale * ttft, scale * pipe.decode_iter(1, prompt_mean))
+    raise ValueError(f"{model.name} does not fit on 8 x A100-80GB")
+
+
+def plan_system(sys_: System, model: ModelSpec, params: CostParams, stats: WorkloadStats,
+                slo: SLO, cfg: TabuConfig,
+                progress: Callable[[int, float, float], None] | None = None
+                ) -> tuple[Plan, Evaluator, SearchResult | None]:
+    """Search ``sys_``'s design space; returns (plan, evaluator, search result or None)."""
+    ev = Evaluator(sys_.cluster, model, params.with_kv_bits(sys_.kv_bits), stats, slo, sys_.space)
+    if sys_.name == "vllm":
+        best: tuple[float, State] | None = None
+        for tp in (1, 2, 4, 8):
+            groups = [[f"{n.name}:{i + k}" for k in range(tp)]
+                      for n in sys_.cluster.nodes for i in range(0, n.count - n.count % tp, tp)]
+            if not groups:
+                continue
+            st = canonical((g, "colocated") for g in groups)
+            v = ev.value(st)
+            if best is None or v > best[0]:
+                best = (v, st)
+        assert best is not None
+        return ev.plan(best[1]), ev, None
+    res = tabu_search(ev, cfg, progress=progress)
+    return ev.plan(res.state), ev, res
+
+
+def sim_runner(plan: Plan, ev: Evaluator, wl: Workload, arrivals: str = "poisson",
+               seed: int = 0) -> Callable[[float], object]:
+    """``rate -> SimResult`` for ``plan`` on ``wl`` (lengths fixed, arrivals regenerated)."""
+    def run(rate: float):
+        return simulate(plan, ev.cluster, ev.model, ev.params, wl.arrivals_at(rate, arrivals, seed))
+    return run
+
+
+def system_goodput(plan: Plan, ev: Evaluator, wl: Workload, slo: SLO, arrivals: str = "poisson",
+                   seed: int = 0) -> tuple[float, dict[float, float]]:
+    """Simulated goodput (req/s at >= 90 % SLO attainment) of ``plan``."""
+    return goodput_search(sim_runner(plan, ev, wl, arrivals, seed), slo, hint=max(plan.objective, 0.05))

@@ -1,0 +1,186 @@
+"""Workloads (request lengths + arrival times) and SLOs.
+
+Sources: an Azure LLM inference trace CSV as published (columns ``TIMESTAMP, ContextTokens,
+GeneratedTokens``; Patel et al., "Splitwise", ISCA 2024, CC-BY 4.0), replayed with its own
+arrival times (optionally rescaled to a rate) or with Poisson arrivals; or synthetic lengths.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+REQUIRED_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+
+
+@dataclass(slots=True)
+class Workload:
+    """Requests as parallel arrays: arrival seconds (sorted), prompt and output token counts."""
+
+    arrivals: np.ndarray
+    prompts: np.ndarray
+    outputs: np.ndarray
+    name: str = "workload"
+
+    def __post_init__(self) -> None:
+        self.arrivals = np.asarray(self.arrivals, dtype=np.float64)
+        self.prompts = np.asarray(self.prompts, dtype=np.int64)
+        self.outputs = np.asarray(self.outputs, dtype=np.int64)
+        n = len(self.prompts)
+        if not (len(self.arrivals) == n == len(self.outputs)):
+            raise ValueError("arrivals, prompts and outputs must have the same length")
+        if n == 0:
+            raise ValueError("workload has no requests")
+        if (self.prompts < 1).any() or (self.outputs < 1).any():
+            raise ValueError("prompt and output lengths must be >= 1")
+        if (np.diff(self.arrivals) < 0).any():
+            raise ValueError("arrivals must be sorted")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def rate(self) -> float:
+        """Mean arrival rate (req/s) of the current arrival times."""
+        span = float(self.arrivals[-1] - self.arrivals[0])
+        return (len(self) - 1) / span if span > 0 else float("inf")
+
+    def head(self, n: int) -> Workload:
+        return Workload(self.arrivals[:n], self.prompts[:n], self.outputs[:n], self.name)
+
+    def with_poisson(self, rate: float, seed: int = 0) -> Workload:
+        """Same lengths, Poisson arrivals at ``rate`` req/s (seeded)."""
+        if rate <= 0:
+            raise ValueError("rate must be > 0")
+        gaps = np.random.default_rng(seed).exponential(1.0 / rate, len(self))
+        arr = np.cumsum(gaps) - gaps[0]
+        return Workload(arr, self.prompts, self.outputs, self.name)
+
+    def with_rate(self, rate: float) -> Workload:
+        """Same lengths and the trace's own inter-arrival pattern, time-scaled to ``rate``."""
+        if rate <= 0:
+            raise ValueError("rate must be > 0")
+        base = self.arrivals - self.arrivals[0]
+        own = self.rate
+        return Workload(base * (own / rate), self.prompts, self.outputs, self.name)
+
+    def arrivals_at(self, rate: float, mode: str = "poisson", seed: int = 0) -> Workload:
+        if mode == "poisson":
+            return self.with_poisson(rate, seed)
+        if mode == "trace":
+            return self.with_rate(rate)
+        raise ValueError(f"arrival mode must be 'poisson' or 'trace', got {mode!r}")
+
+    def stats(self) -> dict[str, float]:
+        return {"requests": len(self), "prompt_mean": float(self.prompts.mean()),
+                "output_mean": float(self.outputs.mean()), "rate": self.rate}
+
+
+@dataclass(slots=True, frozen=True)
+class SLO:
+    """Deadlines: time to first token and time per output token, seconds."""
+
+    ttft: float
+    tpot: float
+
+    def __post_init__(self) -> None:
+        if not (self.ttft > 0 and self.tpot > 0):
+            raise ValueError(f"SLO deadlines must be > 0, got ttft={self.ttft} tpot={self.tpot}")
+
+    def scaled(self, k: float) -> SLO:
+        return SLO(self.ttft * k, self.tpot * k)
+
+
+def _parse_ts(text: str) -> float:
+    """Seconds since epoch of ``2023-11-16 18:15:46.6805900`` (7 fractional digits allowed)."""
+    text = text.strip()
+    frac = 0.0
+    if "." in text:
+        text, f = text.split(".", 1)
+        frac = float("0." + f) if f.isdigit() else float("nan")
+    return datetime.fromisoformat(text).timestamp() + frac
+
+
+def load_azure_trace(path: str | Path, limit: int | None = None) -> Workload:
+    """Read an Azure LLM inference trace CSV as published (header line + one request per line)."""
+    src = str(path)
+    try:
+        fh = open(path, newline="")
+    except OSError as exc:
+        raise InputError(f"cannot read file ({exc.strerror})", source=src) from exc
+    ts, pr, out = [], [], []
+    with fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise InputError("file is empty", source=src, line=1)
+        header = [h.strip() for h in header]
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise InputError(f"missing column(s) {missing}; header is {header}", source=src,
+                             line=1, field="header")
+        idx = [header.index(c) for c in REQUIRED_COLUMNS]
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) < len(header):
+                raise InputError(f"expected {len(header)} columns, got {len(row)}", source=src,
+                                 line=line)
+            vals = [row[i] for i in idx]
+            try:
+                t = _parse_ts(vals[0])
+                if t != t:
+                    raise ValueError
+            except ValueError:
+                raise InputError(f"bad timestamp {vals[0]!r}", source=src, line=line,
+                                 field="TIMESTAMP") from None
+            for col, v, dst in ((REQUIRED_COLUMNS[1], vals[1], pr), (REQUIRED_COLUMNS[2], vals[2], out)):
+                try:
+                    n = int(v)
+                except ValueError:
+                    n = -1
+                if n < 1:
+                    raise InputError(f"expected a positive integer, got {v!r}", source=src,
+                                     line=line, field=col)
+                dst.append(n)
+            ts.append(t)
+            if limit is not None and len(ts) >= limit:
+                break
+    if not ts:
+        raise InputError("no requests in trace", source=src, line=2)
+    t = np.asarray(ts)
+    order = np.argsort(t, kind="stable")
+    t = t[order] - t[order][0]
+    return Workload(t, np.asarray(pr)[order], np.asarray(out)[order], Path(src).stem)
+
+
+def _lognormal_ints(rng: np.random.Generator, mean: float, sigma: float, n: int,
+                    lo: int, hi: int) -> np.ndarray:
+    mu = np.log(mean) - sigma**2 / 2
+    return np.clip(np.rint(rng.lognormal(mu, sigma, n)), lo, hi).astype(np.int64)
+
+
+SYNTHETIC = {
+    # name: (prompt mean, prompt sigma, output mean, output sigma, prompt max, output max)
+    "coding": (2048, 0.5, 28, 0.8, 8192, 512),       # long prompts, short outputs
+    "conversation": (1155, 0.8, 211, 1.0, 14050, 1000),  # matches the Azure conv trace means
+}
+
+
+def synthetic(kind: str, n: int = 2000, rate: float = 1.0, seed: int = 0) -> Workload:
+    """Synthetic lognormal lengths (``coding`` or ``conversation``) with Poisson arrivals."""
+    if kind not in SYNTHETIC:
+        raise InputError(f"unknown synthetic workload {kind!r}; choose from {sorted(SYNTHETIC)}",
+                         source="--workload")
+    pm, ps, om, osg, pmax, omax = SYNTHETIC[kind]
+    rng = np.random.default_rng(seed)
+    prompts = _lognormal_ints(rng, pm, ps, n, 16, pmax)
+    outputs = _lognormal_ints(rng, om, osg, n, 2, omax)
+    return Workload(np.zeros(n), prompts, outputs, kind).with_poisson(rate, seed)

@@ -1,0 +1,102 @@
+"""`thunderkv plan` / `thunderkv simulate` end to end on a tiny cluster, and rescheduling."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from conftest import TINY, tiny_cluster
+from thunderkv.scheduler.evaluate import Evaluator, canonical
+from thunderkv.scheduler.reschedule import reschedule
+
+from thunderkv.cli import main
+
+COMMON = ["--model", "llama-7b", "--workload", "conversation", "--requests", "200",
+          "--iters", "15", "--time-limit", "10", "--slo-ttft", "1.5", "--slo-tpot", "0.1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    d = tmp_path_factory.mktemp("plan")
+    (d / "c.yaml").write_text(TINY)
+    out = d / "plan.json"
+    assert main(["plan", "--cluster", str(d / "c.yaml"), "--json", str(out), *COMMON]) == 0
+    return d, json.loads(out.read_text())
+
+
+def test_plan_json_has_required_keys(planned):
+    _, doc = planned
+    groups = doc["plan"]["groups"]
+    assert groups and all({"gpus", "phase", "tp", "pp", "layers"} <= set(g) for g in groups)
+    assert all(":" in g for grp in groups for g in grp["gpus"])
+    assert isinstance(doc["plan"]["routing"], list)
+    for key in ("goodput_req_per_s", "tokens_per_s", "slo_attainment", "ttft_p50", "ttft_p90",
+                "tpot_p50", "tpot_p90"):
+        assert key in doc["predicted"]
+        for b in ("vllm", "distserve", "hexgen"):
+            assert key in doc["baselines"][b]
+    assert doc["cost_per_hour"] == pytest.approx(1.92)
+    assert doc["solve_seconds"] > 0 and doc["predicted"]["goodput_req_per_s"] > 0
+
+
+def test_simulate_replays_plan(planned, capsys):
+    d, doc = planned
+    out = d / "sim.json"
+    assert main(["simulate", "--plan", str(d / "plan.json"), "--workload", "conversation",
+                 "--requests", "200", "--rate", "1.0", "--json", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["finished"] == 200 and 0 <= m["slo_attainment"] <= 1
+    assert "simulated 200 requests" in capsys.readouterr().out
+
+
+def test_reschedule_cli_after_node_failure(planned):
+    d, doc = planned
+    out = d / "re.json"
+    assert main(["plan", "--reschedule", str(d / "plan.json"), "--fail", "n1", "--json", str(out),
+                 "--quiet", "--requests", "200"]) == 0
+    new = json.loads(out.read_text())
+    assert new["reschedule_seconds"] < 2.0
+    assert all(not g.startswith("n1:") for grp in new["plan"]["groups"] for g in grp["gpus"])
+    assert "ratio_to_full_replan" in new and "full_replan" in new
+    kept = {tuple(g["gpus"]) for g in new["plan"]["groups"]}
+    old = {tuple(g["gpus"]) for g in doc["plan"]["groups"] if not any(x.startswith("n1:") for x in g["gpus"])}
+    assert kept == old  # groups (and so weights) kept; only phases/routing re-solved
+
+
+def test_bad_inputs_exit_2_with_message(tmp_path, capsys):
+    bad = tmp_path / "c.yaml"
+    bad.write_text(TINY.replace("count: 2, intra_node_gbps: 100", "count: two, intra_node_gbps: 100"))
+    assert main(["plan", "--cluster", str(bad), *COMMON]) == 2
+    err = capsys.readouterr().err
+    assert "nodes[1].count" in err and "c.yaml:9" in err
+    assert main(["plan", "--cluster", str(bad), "--model", "nope", "--workload", "coding"]) == 2
+
+
+def test_reschedule_keeps_configs_and_is_fast(model7b, params, stats, slo):
+    c = tiny_cluster()
+    ev = Evaluator(c, model7b, params, stats, slo)
+    plan = ev.plan(canonical([(("n0:0", "n0:1"), "prefill"), (("n1:0", "n1:1"), "decode"),
+                              (("n2:0",), "decode"), (("n2:1",), "decode")]))
+    t = time.perf_counter()
+    r = reschedule(plan, c, model7b, params, stats, slo, fail_nodes={"n0"})
+    assert time.perf_counter() - t < 2.0
+    assert r.dropped_groups == 1 and r.kept_gpus == 4
+    phases = sorted(g.phase for g in r.plan.groups)
+    assert "prefill" in phases and "decode" in phases  # lost the prefill group: one decode flips
+    assert r.plan.objective > 0
+    before = {tuple(g.stage_gpus): g.layers for g in plan.groups if "n0:0" not in g.gpus}
+    assert {tuple(g.stage_gpus): g.layers for g in r.plan.groups} == before
+
+
+def test_planner_imports_no_torch():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, thunderkv.scheduler.driver, thunderkv.scheduler.reschedule, "
+            "thunderkv.cli.plan, thunderkv.cli.simulate; "
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith('thunderkv._C')]; "
+            "assert not bad, bad")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    subprocess.run([sys.executable, "-P", "-c", code], check=True, env=env, timeout=60)

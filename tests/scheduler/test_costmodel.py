@@ -1,0 +1,121 @@
+"""Cost model: monotone in hardware, compression cuts transfer by format v1's ratio, memory."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from thunderkv.scheduler.cluster import Cluster, GpuType, NodeSpec
+from thunderkv.scheduler.costmodel import (
+    CostParams,
+    build_pipeline,
+    kv_link_bytes_per_token,
+    kv_transfer_time,
+)
+from thunderkv.scheduler.kv_bytes import compression_ratio, kv_bytes_per_element
+from thunderkv.scheduler.model import PRESETS
+from thunderkv.scheduler.parallel import best_config, split_layers
+
+M = PRESETS["llama-13b"]
+BASE = GpuType("X", 150.0, 48.0, 800.0, 0.5)
+
+
+def _cluster(gt: GpuType = BASE, n: int = 2, intra: float = 200.0, inter: float = 10.0,
+             nodes: int = 2) -> Cluster:
+    ns = [NodeSpec(f"n{i}", gt.name, n, intra) for i in range(nodes)]
+    return Cluster({gt.name: gt}, ns, inter)
+
+
+def _pipe(c: Cluster, stages: list[tuple[str, ...]], layers: list[int], p: CostParams | None = None):
+    return build_pipeline(c, M, p or CostParams(), stages, layers)
+
+
+def test_kv_bytes_format_v1():
+    assert kv_bytes_per_element(4, 64, 2) == 0.5625
+    assert kv_bytes_per_element(16) == 2.0
+    assert kv_bytes_per_element(2, 32, 2) == 0.25 + 4 / 32
+    assert kv_bytes_per_element(8, 128, 4) == 1 + 8 / 128
+    assert compression_ratio(4, 64) == pytest.approx(2 / 0.5625)
+    for bad in ((3, 64), (4, 0), (4, 3)):
+        with pytest.raises(ValueError):
+            kv_bytes_per_element(*bad)
+
+
+@pytest.mark.parametrize("field", ["fp16_tflops", "mem_bw_gbs"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_faster_gpu_never_slower(field, layout):
+    def times(gt):
+        c = _cluster(gt)
+        stages, layers = ((("n0:0", "n0:1"),), [M.layers]) if layout == "tp2" else \
+            ((("n0:0",), ("n1:0",)), [M.layers // 2, M.layers - M.layers // 2])
+        p = _pipe(c, list(stages), layers)
+        return [p.prefill(t)[0] for t in (16, 512, 4096)] + \
+               [p.decode_iter(b, b * 1000) for b in (1, 8, 64)]
+
+    slow = times(BASE)
+    for k in (1.5, 2.0, 4.0):
+        fast = times(dataclasses.replace(BASE, **{field: getattr(BASE, field) * k}))
+        assert all(f <= s for f, s in zip(fast, slow))
+        slow = fast
+
+
+@pytest.mark.parametrize("which", ["intra", "inter"])
+def test_more_bandwidth_never_slower(which):
+    prev = None
+    for bw in (5.0, 10.0, 50.0, 400.0):
+        c = _cluster(intra=bw if which == "intra" else 200.0, inter=bw if which == "inter" else 10.0)
+        stages = [("n0:0", "n0:1"), ("n1:0", "n1:1")]
+        p = _pipe(c, stages, [20, 20])
+        d = _pipe(c, [("n1:0",), ("n0:0",)], [20, 20])
+        t = [p.prefill(2048)[0], p.decode_iter(16, 16 * 900),
+             kv_transfer_time(2048, kv_link_bytes_per_token(p, d, CostParams()), c)]
+        if prev is not None:
+            assert all(a <= b for a, b in zip(t, prev))
+            assert t != prev
+        prev = t
+
+
+def test_compression_cuts_transfer_time_by_format_ratio():
+    c = _cluster(inter=10.0)
+    src = _pipe(c, [("n0:0", "n0:1")], [M.layers])
+    dst = _pipe(c, [("n1:0", "n1:1")], [M.layers])
+    raw = kv_transfer_time(1000, kv_link_bytes_per_token(src, dst, CostParams(kv_bits=16)), c)
+    q4 = kv_transfer_time(1000, kv_link_bytes_per_token(src, dst, CostParams(kv_bits=4)), c)
+    assert raw / q4 == pytest.approx(compression_ratio(4, 64))
+    # raw bytes: 2 (K,V) x layers x kv_dim x 2 B per token over 10 Gbit/s
+    assert raw == pytest.approx(1000 * M.kv_bytes_per_token() / (10e9 / 8))
+
+
+def test_memory_feasibility_enforced():
+    m30 = PRESETS["llama-30b"]
+    small = GpuType("S", 71, 24, 936, 0.1)
+    c = Cluster({"S": small}, [NodeSpec("n", "S", 4, 100)], 10)
+    assert split_layers(c, m30, CostParams(), [("n:0",)], "compute") is None
+    from thunderkv.scheduler.parallel import WorkloadStats
+    from thunderkv.scheduler.workload import SLO, synthetic
+    st = WorkloadStats.of(synthetic("conversation", 200))
+    assert not best_config(c, m30, CostParams(), ["n:0", "n:1"], "decode", st, SLO(5, 1)).feasible
+    four = best_config(c, m30, CostParams(), ["n:0", "n:1", "n:2", "n:3"], "decode", st, SLO(5, 1))
+    assert four.feasible and four.kv_tokens > 0
+    pipe = four.pipeline
+    for i, s in enumerate(pipe.stages):  # weights + KV of the batch fit in every GPU
+        need = pipe.weight_bytes(i) + pipe._kvl[i] * pipe.kv_token_capacity()
+        assert need <= s.gpu.mem_gb * 1e9 * CostParams().mem_util
+
+
+def test_uneven_split_gives_faster_gpu_more_layers():
+    fast = GpuType("F", 300, 80, 2000, 1.0)
+    c = Cluster({"X": BASE, "F": fast}, [NodeSpec("a", "X", 1, 100), NodeSpec("b", "F", 1, 100)], 10)
+    layers = split_layers(c, M, CostParams(), [("a:0",), ("b:0",)], "compute")
+    assert layers is not None and sum(layers) == M.layers and layers[1] > layers[0]
+    even = _pipe(c, [("a:0",), ("b:0",)], [M.layers // 2, M.layers // 2])
+    uneven = build_pipeline(c, M, CostParams(), [("a:0",), ("b:0",)], layers)
+    assert uneven.prefill(2048)[1] < even.prefill(2048)[1]  # bottleneck stage is shorter
+
+
+def test_tp_allreduce_costs_more_on_slow_links():
+    fastlink = _pipe(_cluster(intra=4800), [("n0:0", "n0:1")], [M.layers])
+    slowlink = _pipe(_cluster(intra=50), [("n0:0", "n0:1")], [M.layers])
+    assert slowlink.prefill(2048)[0] > fastlink.prefill(2048)[0]
+    single = _pipe(_cluster(gt=dataclasses.replace(BASE, mem_gb=80)), [("n0:0",)], [M.layers])
+    assert fastlink.prefill(2048)[0] < single.prefill(2048)[0]  # TP2 on NVLink beats 1 GPU

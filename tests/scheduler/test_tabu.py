@@ -1,0 +1,77 @@
+"""Upper level: tabu search reaches the exhaustive optimum on small clusters; deterministic."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_cluster
+from thunderkv.scheduler.evaluate import Evaluator, SearchSpace, canonical
+from thunderkv.scheduler.exhaustive import exhaustive_best, set_partitions
+from thunderkv.scheduler.model import PRESETS
+from thunderkv.scheduler.tabu import TabuConfig, initial_state, neighbours, tabu_search
+from thunderkv.scheduler.workload import SLO
+
+FIVE = """
+name: five
+catalog:
+  A6000: {fp16_tflops: 155, mem_gb: 48, mem_bw_gbs: 768, price_per_hour: 0.39}
+  L40S: {fp16_tflops: 362, mem_gb: 48, mem_bw_gbs: 864, price_per_hour: 0.44}
+  RTX3090: {fp16_tflops: 71, mem_gb: 24, mem_bw_gbs: 936, price_per_hour: 0.13}
+nodes:
+  - {name: a, gpu: A6000, count: 2, intra_node_gbps: 200}
+  - {name: b, gpu: L40S, count: 2, intra_node_gbps: 200}
+  - {name: c, gpu: RTX3090, count: 1, intra_node_gbps: 100}
+network: {inter_node_gbps: 2, links: [{a: a, b: b, gbps: 40}]}
+"""
+
+
+def test_set_partitions_counts():
+    assert [sum(1 for _ in set_partitions(list(range(n)))) for n in range(1, 7)] == [1, 2, 5, 15, 52, 203]
+
+
+def _valid(state, cluster) -> bool:
+    gpus = [g for grp, _ in state for g in grp]
+    return sorted(gpus) == sorted(cluster.gpus)
+
+
+@pytest.mark.parametrize("text,slo", [(None, SLO(1.5, 0.1)), (FIVE, SLO(1.0, 0.06)),
+                                      (FIVE, SLO(3.0, 0.2))])
+@pytest.mark.parametrize("space", ["split", "colocated"])
+@pytest.mark.parametrize("model", ["llama-7b", "llama-13b"])
+def test_tabu_finds_exhaustive_optimum(model, params, stats, text, slo, space):
+    c = tiny_cluster() if text is None else tiny_cluster(text)
+    sp = SearchSpace() if space == "split" else SearchSpace(("colocated",))
+    ev = Evaluator(c, PRESETS[model], params, stats, slo, sp)
+    _, opt, scored = exhaustive_best(ev)
+    assert opt > 0 and scored > 1
+    assert ev.value(initial_state(ev)) < opt  # the search has work to do
+    for seed in range(3):
+        res = tabu_search(ev, TabuConfig(max_iters=60, seed=seed, time_limit_s=60))
+        assert _valid(res.state, c)
+        assert res.value == pytest.approx(opt, rel=1e-6), f"seed {seed}"
+
+
+def test_deterministic_per_seed(model7b, params, stats, slo):
+    ev = Evaluator(tiny_cluster(FIVE), model7b, params, stats, slo)
+    a = tabu_search(ev, TabuConfig(max_iters=15, seed=4, time_limit_s=60))
+    b = tabu_search(Evaluator(tiny_cluster(FIVE), model7b, params, stats, slo),
+                    TabuConfig(max_iters=15, seed=4, time_limit_s=60))
+    assert a.state == b.state and a.history == b.history
+
+
+def test_moves_keep_every_gpu_exactly_once(model7b, params, stats, slo):
+    c = tiny_cluster()
+    ev = Evaluator(c, model7b, params, stats, slo)
+    assert _valid(initial_state(ev), c)
+    s0 = canonical([(("n0:0", "n0:1", "n1:0"), "prefill"), (("n1:1",), "decode"),
+                    (("n2:0", "n2:1"), "decode")])
+    kinds = set()
+    for s, removed, added in neighbours(ev, s0):
+        assert _valid(s, c)
+        kinds.add((len(removed), len(added)))
+    assert {(1, 1), (1, 2), (2, 1), (2, 2)} <= kinds  # flip, split, merge, move
+
+
+def test_initial_state_is_network_aware(model7b, params, stats, slo):
+    ev = Evaluator(tiny_cluster(), model7b, params, stats, slo)
+    for grp, _ in initial_state(ev):  # llama-7b fits one GPU: groups never straddle nodes
+        assert len({g.split(":")[0] for g in grp}) == 1
