@@ -113,3 +113,21 @@ def test_reference_backend_is_the_reference_module(gen):
     qt = tk.quantize(x, backend="reference")
     packed, scale, minimum = reference.quantize(x, qt.spec)
     assert torch.equal(qt.packed, packed) and bits_equal(qt.scale, scale)
+
+
+@pytest.mark.parametrize("dtype,tiny", [(torch.float32, 2.0**-149), (torch.bfloat16, 2.0**-133)])
+@pytest.mark.parametrize("group_size", [16, 64])
+def test_subnormal_scale_with_infinite_reciprocal(cpu_variant, dtype, tiny, group_size, gen):
+    """A scale of one subnormal ulp has 1/scale = inf: the codes take the slow, NaN-safe path
+    (0 * inf -> code 0). Mixed into a batch of ordinary groups (the 16-group SIMD batch)."""
+    x = torch.randn(40, group_size, generator=gen)
+    special = torch.zeros(group_size)
+    special[1::3] = tiny
+    special[2::5] = 15 * tiny
+    x[3] = special
+    x[21] = special.flip(0)
+    x = x.to(dtype)
+    got = tk.quantize(x, group_size=group_size, backend="cpu")
+    want = tk.quantize(x, group_size=group_size, backend="reference")
+    assert_same_quantized(got, want)
+    assert got.scale[3, 0].item() > 0 and torch.isinf(1 / got.scale[3, 0].float())

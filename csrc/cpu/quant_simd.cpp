@@ -156,6 +156,18 @@ inline __m128i codes16(V16 x, V16 mn, V16 r, V16 qmax) {
   return _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t));
 }
 
+// Same codes when r is finite (so v is never NaN): v + 2^23 rounds v half-to-even and leaves
+// the integer in the low mantissa bits (0 <= v < 2^22 here); clamp on the bits, keep the byte.
+// cap = bits of (2^23 + qmax). 6 instead of 8 port-0/5 uops per 16 elements (measured: 4-bit
+// fp16 quantize 15.5 -> 19.3 GB/s on the 2-core CI machine).
+inline __m128i codes16_fast(V16 x, V16 mn, V16 r, __m512i cap) {
+  const __m512 w = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(x.v, mn.v), r.v),
+                                 _mm512_set1_ps(8388608.0f));
+  return _mm512_cvtepi32_epi8(_mm512_min_epu32(_mm512_castps_si512(w), cap));
+}
+using CapBits = __m512i;
+inline CapBits cap_bits(int qmax) { return _mm512_set1_epi32(0x4B000000 + qmax); }
+
 inline V16 dequant16(__m128i codes, V16 s, V16 m) {
   const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes));
   return {_mm512_fmadd_ps(c, s.v, m.v)};
@@ -302,6 +314,23 @@ inline __m128i codes16(V16 x, V16 mn, V16 r, V16 qmax) {
   return _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
 }
 
+// See the AVX-512 codes16_fast: rint by adding 2^23, clamp and extract on the bits.
+inline __m256i codes8_fast(__m256 x, __m256 mn, __m256 r, __m256i cap) {
+  const __m256 w = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(x, mn), r),
+                                 _mm256_set1_ps(8388608.0f));
+  return _mm256_and_si256(_mm256_min_epu32(_mm256_castps_si256(w), cap),
+                          _mm256_set1_epi32(0xFF));
+}
+using CapBits = __m256i;
+inline CapBits cap_bits(int qmax) { return _mm256_set1_epi32(0x4B000000 + qmax); }
+
+inline __m128i codes16_fast(V16 x, V16 mn, V16 r, CapBits cap) {
+  const __m256i a = codes8_fast(x.lo, mn.lo, r.lo, cap);
+  const __m256i b = codes8_fast(x.hi, mn.hi, r.hi, cap);
+  const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
+  return _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+}
+
 inline V16 dequant16(__m128i codes, V16 s, V16 m) {
   const __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
   const __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)));
@@ -339,7 +368,14 @@ inline void encode_group(const typename Elem<D>::T* xg, int G, int bits, float m
   const V16 vmn = splat(mn);
   const V16 vr = splat(r);
   const int out16 = 2 * bits;  // bytes per 16 codes
-  for (int i = 0; i < G; i += 16) {
+  if (std::isfinite(r)) {  // the usual case; r = inf only for a tiny subnormal float32 scale
+    const CapBits cap = cap_bits((1 << bits) - 1);
+    for (int i = 0; i < G; i += 16) {
+      pack16(codes16_fast(load16<D>(xg + i), vmn, vr, cap), bits, pg + (i / 16) * out16);
+    }
+    return;
+  }
+  for (int i = 0; i < G; i += 16) {  // NaN-safe path (0 * inf -> code 0)
     pack16(codes16(load16<D>(xg + i), vmn, vr, qmax), bits, pg + (i / 16) * out16);
   }
 }

@@ -33,7 +33,7 @@ class KVShape:
 
     @property
     def label(self) -> str:
-        return f"{self.model} {self.heads}x{self.tokens}x{self.head_dim}"
+        return f"{self.model} {self.heads}x{self.tokens}"
 
 
 PRESETS: dict[str, list[KVShape]] = {
@@ -168,13 +168,13 @@ def render_table(rows: list[dict], title: str):
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("shape", "op", "backend", "p50 ms", "p20-p80 ms", "GB/s", "x copy", "x ref"):
-        table.add_column(col, justify="left" if col in ("shape", "op", "backend") else "right")
+    for col in ("heads x tokens", "op", "backend", "p50 ms", "GB/s", "x copy", "x ref"):
+        table.add_column(col, justify="left" if col in ("heads x tokens", "op", "backend") else "right",
+                         no_wrap=True)
     for r in rows:
         ref = r.get("speedup_vs_reference")
         table.add_row(
-            r["label"], r["op"], r["backend"], f"{r['p50_s'] * 1e3:.3f}",
-            f"{r['p20_s'] * 1e3:.2f}-{r['p80_s'] * 1e3:.2f}", f"{r['gbps']:.2f}",
+            r["label"], r["op"], r["backend"], f"{r['p50_s'] * 1e3:.3f}", f"{r['gbps']:.2f}",
             f"{r['ratio_to_copy']:.2f}", "" if ref is None else f"{ref:.0f}",
         )
     return table
