@@ -19,6 +19,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("bench", "bench", "microbenchmarks (quant, ...)"),
     ("plan", "plan", "plan a phase-split deployment on a GPU cluster"),
     ("simulate", "simulate", "replay a workload through a plan"),
+    ("eval", "eval", "quality of compressed KV caches on a real model (perplexity, agreement)"),
 ]
 
 
