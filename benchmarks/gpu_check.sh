@@ -41,7 +41,7 @@ PYEOF
 
 step "kernel tests against the reference"
 tests=(tests/test_cuda_backend.py)
-for t in tests/test_triton_backend.py tests/test_paged_ops.py; do [ -f "$t" ] && tests+=("$t"); done
+for t in tests/test_triton_backend.py tests/test_paged.py; do [ -f "$t" ] && tests+=("$t"); done
 $PY -m pytest -q -rs "${tests[@]}" --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=(tests)
 
@@ -58,21 +58,24 @@ if [ ${#backend_args[@]} -eq 0 ]; then
 else
   for dtype in float16 bfloat16; do
     $PY -m thunderkv.cli bench quant --device "$DEVICE" --preset "$PRESET" --dtype "$dtype" \
-      --reps 20 "${backend_args[@]}" --json "$OUT/bench_quant.jsonl" >"$OUT/bench_$dtype.txt" 2>&1 \
-      || { cat "$OUT/bench_$dtype.txt"; failed+=("bench-$dtype"); }
+      --reps 20 "${backend_args[@]}" --json "$OUT/bench.jsonl" >"$OUT/bench_quant_$dtype.txt" 2>&1 \
+      || { cat "$OUT/bench_quant_$dtype.txt"; failed+=("bench-quant-$dtype"); }
   done
+  $PY -m thunderkv.cli bench paged --device "$DEVICE" --preset "$PRESET" --reps 20 \
+    "${backend_args[@]}" --json "$OUT/bench.jsonl" >"$OUT/bench_paged.txt" 2>&1 \
+    || { cat "$OUT/bench_paged.txt"; failed+=(bench-paged); }
 fi
 
 step "summary"
-$PY - "$OUT/bench_quant.jsonl" <<'PYEOF'
+$PY - "$OUT/bench.jsonl" <<'PYEOF'
 import json, os, sys
 path = sys.argv[1]
 if not os.path.exists(path):
     sys.exit("no benchmark rows")
 rows = [json.loads(l) for l in open(path)]
-print(f"{'shape':34s} {'dtype':9s} {'op':11s} {'backend':8s} {'GB/s':>9s} {'x copy':>7s}")
+print(f"{'bench':6s} {'case':24s} {'dtype':9s} {'op':11s} {'backend':9s} {'GB/s':>9s} {'x copy':>7s}")
 for r in rows:
-    print(f"{r['label']:34s} {r['dtype']:9s} {r['op']:11s} {r['backend']:8s} "
+    print(f"{r['bench']:6s} {r['label']:24s} {r['dtype']:9s} {r['op']:11s} {r['backend']:9s} "
           f"{r['gbps']:9.1f} {r['ratio_to_copy']:7.2f}")
 PYEOF
 if [ ${#failed[@]} -gt 0 ]; then

@@ -1,0 +1,173 @@
+"""Paged compressed KV cache: slot writes, batch gathers, transfer pack/unpack, bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from helpers import bits_equal, random_kv, same_values
+
+import thunderkv as tk
+from thunderkv.paged import (
+    PagedKVCache,
+    gather_dequantize,
+    pack_for_transfer,
+    quantize_to_paged,
+    transfer_nbytes,
+    unpack_from_transfer,
+)
+
+BACKENDS = ["reference", "cpu"] + (["triton"] if importlib.util.find_spec("triton") else [])
+H, D, BS = 3, 64, 16
+
+
+def _cache(num_blocks=12, dtype=torch.float16, bits=4, group_size=32) -> PagedKVCache:
+    return PagedKVCache.allocate(num_blocks, BS, H, D, dtype=dtype, bits=bits,
+                                 group_size=group_size)
+
+
+def _snapshot(cache: PagedKVCache) -> list[torch.Tensor]:
+    return [t.clone() for t in cache.parts()]
+
+
+def _unchanged(cache: PagedKVCache, snap) -> bool:
+    return all(bits_equal(a, b) for a, b in zip(cache.parts(), snap))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_slots_hold_exactly_the_quantized_tokens(backend, dtype, gen):
+    cache = _cache(dtype=dtype)
+    n = 40
+    key, value = random_kv((n, H, D), dtype, gen), random_kv((n, H, D), dtype, gen)
+    slots = torch.randperm(cache.num_blocks * BS, generator=gen)[:n]
+    slots[5] = -1  # padding token: skipped
+    quantize_to_paged(key, value, cache, slots, backend=backend)
+    for x, prefix in ((key, "key"), (value, "value")):
+        q = tk.quantize(x, bits=4, group_size=32, backend="reference")
+        flat = {p: getattr(cache, f"{prefix}_{p}").view(-1, H, getattr(cache, f"{prefix}_{p}").shape[-1])
+                for p in ("packed", "scale", "min")}
+        keep = slots >= 0
+        assert torch.equal(flat["packed"][slots[keep]], q.packed[keep])
+        assert bits_equal(flat["scale"][slots[keep]], q.scale[keep])
+        assert bits_equal(flat["min"][slots[keep]], q.minimum[keep])
+        written = torch.zeros(cache.num_blocks * BS, dtype=torch.bool)
+        written[slots[keep]] = True
+        assert (flat["packed"][~written] == 0).all(), "a slot that was not targeted was written"
+
+
+def _fill_sequences(cache, lens, gen, dtype=torch.float16):
+    """Write sequences of the given lengths into shuffled blocks; return (table, dense K, V)."""
+    max_blocks = max(-(-n // BS) for n in lens)
+    order = torch.randperm(cache.num_blocks, generator=gen)
+    table = torch.zeros(len(lens), max_blocks, dtype=torch.int32)
+    ks, vs, used = [], [], 0
+    for b, n in enumerate(lens):
+        nb = -(-n // BS)
+        table[b, :nb] = order[used:used + nb].int()
+        used += nb
+        k, v = random_kv((n, H, D), dtype, gen), random_kv((n, H, D), dtype, gen)
+        pos = torch.arange(n)
+        slots = table[b].long()[pos // BS] * BS + pos % BS
+        quantize_to_paged(k, v, cache, slots)
+        ks.append(k)
+        vs.append(v)
+    return table, ks, vs
+
+
+def test_gather_dequantize_matches_dense_round_trip(gen):
+    cache = _cache()
+    lens = [37, 16, 5]
+    table, ks, vs = _fill_sequences(cache, lens, gen)
+    k_out, v_out = gather_dequantize(cache, table, torch.tensor(lens))
+    assert k_out.shape == (3, 37, H, D) and v_out.dtype == torch.float16
+    for b, n in enumerate(lens):
+        for dense, out in ((ks[b], k_out), (vs[b], v_out)):
+            want = tk.quantize(dense, bits=4, group_size=32, backend="reference").dequantize(
+                backend="reference")
+            assert same_values(out[b, :n], want)
+            assert (out[b, n:] == 0).all()
+
+
+def test_pack_unpack_moves_blocks_bit_exactly_to_other_ids(gen):
+    src = _cache()
+    table, _, _ = _fill_sequences(src, [40], gen)
+    ids = table[0, :3]
+    buf = pack_for_transfer(src, ids)
+    assert buf.dtype == torch.uint8 and buf.numel() == transfer_nbytes(src, 3)
+    assert buf.numel() == 3 * src.block_nbytes
+    dst = _cache(num_blocks=5)
+    new_ids = torch.tensor([4, 0, 2])
+    unpack_from_transfer(buf, dst, new_ids)
+    for a, b in zip(src.parts(), dst.parts()):
+        assert bits_equal(a[ids.long()], b[new_ids])
+    assert (dst.key_packed[[1, 3]] == 0).all()
+    out = torch.empty_like(buf)
+    assert pack_for_transfer(src, ids, out=out) is out and torch.equal(out, buf)
+
+
+def test_compressed_block_is_smaller_by_format_ratio():
+    c = _cache(dtype=torch.float16, bits=4, group_size=64)
+    raw = 2 * BS * H * D * 2  # K and V of one block in fp16
+    assert c.block_nbytes == pytest.approx(raw * tk.FormatSpec(4, 64).bytes_per_element(torch.float16) / 2)
+
+
+@pytest.mark.parametrize(
+    "slots,words",
+    [
+        (torch.tensor([0, 1, 12 * BS]), "outside"),
+        (torch.tensor([0, -2, 3]), "outside"),
+        (torch.tensor([0, 1]), "slot_mapping must be"),
+        (torch.tensor([0.0, 1.0, 2.0]), "int32/int64"),
+    ],
+)
+def test_bad_slots_raise_and_leave_cache_untouched(slots, words, gen):
+    cache = _cache()
+    snap = _snapshot(cache)
+    k = random_kv((3, H, D), torch.float16, gen)
+    with pytest.raises((ValueError, TypeError), match=words):
+        quantize_to_paged(k, k, cache, slots)
+    assert _unchanged(cache, snap)
+
+
+@pytest.mark.parametrize(
+    "make,words",
+    [
+        (lambda k: k[:, :2], "kv_heads"),
+        (lambda k: k.float(), "dtype"),
+        (lambda k: k[0], "num_tokens"),
+    ],
+)
+def test_bad_kv_shapes_raise(make, words, gen):
+    cache = _cache()
+    k = random_kv((3, H, D), torch.float16, gen)
+    with pytest.raises((ValueError, TypeError), match=words):
+        quantize_to_paged(make(k), make(k), cache, torch.tensor([0, 1, 2]))
+
+
+def test_bad_block_tables_and_lengths_raise(gen):
+    cache = _cache()
+    with pytest.raises(ValueError, match="outside"):
+        gather_dequantize(cache, torch.tensor([[0, 12]]), torch.tensor([20]))
+    with pytest.raises(ValueError, match="seq_lens must lie"):
+        gather_dequantize(cache, torch.tensor([[0, 1]]), torch.tensor([33]))
+    with pytest.raises(ValueError, match="block_table must be"):
+        gather_dequantize(cache, torch.tensor([0, 1]), torch.tensor([3]))
+
+
+def test_bad_transfer_buffers_raise_and_write_nothing(gen):
+    src = _cache()
+    _fill_sequences(src, [40], gen)
+    buf = pack_for_transfer(src, torch.tensor([0, 1]))
+    dst = _cache()
+    snap = _snapshot(dst)
+    with pytest.raises(ValueError, match="bytes"):
+        unpack_from_transfer(buf[:-1], dst, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="must not repeat"):
+        unpack_from_transfer(buf, dst, torch.tensor([3, 3]))
+    with pytest.raises(ValueError, match="outside"):
+        unpack_from_transfer(buf, dst, torch.tensor([0, 99]))
+    with pytest.raises(ValueError, match="contiguous 1-D uint8"):
+        pack_for_transfer(src, torch.tensor([0, 1]), out=torch.empty(7, dtype=torch.uint8))
+    assert _unchanged(dst, snap)

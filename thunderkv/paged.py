@@ -1,0 +1,295 @@
+"""A paged, format v1-compressed KV cache and the ops a serving engine calls on it.
+
+Layout (per layer), like vLLM's paged cache with codes instead of values:
+
+- ``key_packed``, ``value_packed``: uint8 ``[num_blocks, block_size, kv_heads, head_dim*bits/8]``
+- ``key_scale``, ``key_min``, ``value_scale``, ``value_min``:
+  ``[num_blocks, block_size, kv_heads, head_dim/G]`` in the model dtype.
+
+Slot ``s`` is token ``s % block_size`` of block ``s // block_size``. Groups run along head_dim
+(per-token quantization), so a token can be written the moment it is computed.
+
+Ops:
+
+- :func:`quantize_to_paged` writes new tokens' K/V into their slots (vLLM's reshape_and_cache);
+- :func:`gather_dequantize` reads a batch of sequences back into dense tensors;
+- :func:`pack_for_transfer` / :func:`unpack_from_transfer` copy a sequence's blocks into / out
+  of one contiguous buffer (the wire payload: one registered buffer holds a request's KV).
+
+The quantization itself goes through :func:`thunderkv.quantize_into` on the chosen backend, so
+the cache holds exactly the bits format v1 defines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .api import QuantizedTensor, dequantize, quantize
+from .format import SUPPORTED_DTYPES, FormatSpec
+
+_PARTS = ("key_packed", "key_scale", "key_min", "value_packed", "value_scale", "value_min")
+
+
+@dataclass(slots=True)
+class PagedKVCache:
+    """One layer's compressed paged KV cache (see the module docstring for shapes)."""
+
+    key_packed: torch.Tensor
+    key_scale: torch.Tensor
+    key_min: torch.Tensor
+    value_packed: torch.Tensor
+    value_scale: torch.Tensor
+    value_min: torch.Tensor
+    spec: FormatSpec
+    dtype: torch.dtype
+
+    @classmethod
+    def allocate(
+        cls,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float16,
+        bits: int = 4,
+        group_size: int = 64,
+        device: torch.device | str = "cpu",
+    ) -> PagedKVCache:
+        """Allocate an empty (zeroed) cache."""
+        spec = FormatSpec(bits, group_size, -1)
+        for name, v in (("num_blocks", num_blocks), ("block_size", block_size),
+                        ("kv_heads", kv_heads), ("head_dim", head_dim)):
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        if head_dim % group_size:
+            raise ValueError(f"head_dim = {head_dim} is not divisible by group_size = {group_size}")
+        lead = (num_blocks, block_size, kv_heads)
+        packed = (*lead, head_dim * bits // 8)
+        params = (*lead, head_dim // group_size)
+
+        def z(shape, dt):
+            return torch.zeros(shape, dtype=dt, device=device)
+
+        return cls(z(packed, torch.uint8), z(params, dtype), z(params, dtype),
+                   z(packed, torch.uint8), z(params, dtype), z(params, dtype), spec, dtype)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.key_packed.shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.key_packed.shape[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.key_packed.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.key_packed.shape[3] * 8 // self.spec.bits
+
+    @property
+    def device(self) -> torch.device:
+        return self.key_packed.device
+
+    def parts(self) -> list[torch.Tensor]:
+        return [getattr(self, n) for n in _PARTS]
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes one block occupies (K and V codes, scales and minima)."""
+        return sum(t[0].numel() * t.element_size() for t in self.parts())
+
+    @property
+    def nbytes(self) -> int:
+        return self.block_nbytes * self.num_blocks
+
+
+def _check_kv(key: torch.Tensor, value: torch.Tensor, cache: PagedKVCache) -> None:
+    want = (cache.kv_heads, cache.head_dim)
+    for name, t in (("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3 or tuple(t.shape[1:]) != want:
+            raise ValueError(
+                f"{name} must be [num_tokens, kv_heads={want[0]}, head_dim={want[1]}], "
+                f"got {tuple(t.shape)}"
+            )
+        if t.dtype != cache.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but the cache holds {cache.dtype}")
+        if t.device != cache.device:
+            raise ValueError(f"{name} is on {t.device} but the cache is on {cache.device}")
+    if key.shape[0] != value.shape[0]:
+        raise ValueError(f"key has {key.shape[0]} tokens but value has {value.shape[0]}")
+
+
+def _check_index(name: str, t: torch.Tensor, limit: int, device: torch.device,
+                 allow_negative: bool = False) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32/int64 tensor")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the cache is on {device}")
+    if t.numel():
+        lo, hi = int(t.min()), int(t.max())
+        if hi >= limit or (lo < 0 and not (allow_negative and lo == -1)) or lo < -1:
+            raise ValueError(
+                f"{name} holds values in [{lo}, {hi}], outside [{-1 if allow_negative else 0}, "
+                f"{limit - 1}]" + (" (-1 marks a padding token)" if allow_negative else "")
+            )
+    return t.long()
+
+
+def quantize_to_paged(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: PagedKVCache,
+    slot_mapping: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> None:
+    """Quantize new tokens' K/V into their cache slots.
+
+    Parameters
+    ----------
+    key, value : ``[num_tokens, kv_heads, head_dim]`` in the cache's dtype and device.
+    cache : the layer's :class:`PagedKVCache`.
+    slot_mapping : int32/int64 ``[num_tokens]``: slot of each token (-1: padding, skipped).
+    backend : quantization backend, as for :func:`thunderkv.quantize`.
+
+    Everything is validated before the cache is touched.
+    """
+    _check_kv(key, value, cache)
+    slots = _check_index("slot_mapping", slot_mapping, cache.num_blocks * cache.block_size,
+                         cache.device, allow_negative=True)
+    if slots.dim() != 1 or slots.numel() != key.shape[0]:
+        raise ValueError(
+            f"slot_mapping must be [num_tokens={key.shape[0]}], got {tuple(slot_mapping.shape)}"
+        )
+    keep = slots >= 0
+    if not bool(keep.all()):
+        key, value, slots = key[keep], value[keep], slots[keep]
+    if slots.numel() == 0:
+        return
+    spec = cache.spec
+    for x, prefix in ((key, "key"), (value, "value")):
+        q = quantize(x, bits=spec.bits, group_size=spec.group_size, backend=backend)
+        for part, src in (("packed", q.packed), ("scale", q.scale), ("min", q.minimum)):
+            dst = getattr(cache, f"{prefix}_{part}")
+            dst.view(-1, *dst.shape[2:]).index_copy_(0, slots, src)
+
+
+def gather_dequantize(
+    cache: PagedKVCache,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantize a batch of sequences from the paged cache.
+
+    Parameters
+    ----------
+    block_table : int32/int64 ``[batch, max_blocks]``: block ids of each sequence, in order.
+    seq_lens : int ``[batch]``: tokens of each sequence (<= max_blocks * block_size).
+
+    Returns
+    -------
+    (key, value) : ``[batch, max_len, kv_heads, head_dim]`` in the cache dtype, where
+    ``max_len = max(seq_lens)``; positions past a sequence's length are zero. (Views of a
+    buffer padded to whole blocks: not contiguous when max_len is not a block multiple.)
+    """
+    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
+        raise ValueError("block_table must be a 2-D [batch, max_blocks] tensor")
+    table = _check_index("block_table", block_table, cache.num_blocks, cache.device)
+    if not isinstance(seq_lens, torch.Tensor) or tuple(seq_lens.shape) != (table.shape[0],):
+        raise ValueError(f"seq_lens must be [batch={table.shape[0]}]")
+    lens = seq_lens.long().cpu()
+    capacity = table.shape[1] * cache.block_size
+    if lens.numel() and (int(lens.min()) < 0 or int(lens.max()) > capacity):
+        raise ValueError(
+            f"seq_lens must lie in [0, {capacity}] (max_blocks * block_size), "
+            f"got [{int(lens.min())}, {int(lens.max())}]"
+        )
+    batch = table.shape[0]
+    max_len = int(lens.max()) if lens.numel() else 0
+    H, D = cache.kv_heads, cache.head_dim
+    n_blk = -(-max_len // cache.block_size)
+    padded = n_blk * cache.block_size
+    blocks = table[:, :n_blk].reshape(-1)
+    outs = []
+    for prefix in ("key", "value"):
+        parts = [getattr(cache, f"{prefix}_{p}").index_select(0, blocks).reshape(batch, padded, H, -1)
+                 for p in ("packed", "scale", "min")]
+        q = QuantizedTensor(*parts, spec=cache.spec, shape=torch.Size((batch, padded, H, D)),
+                            dtype=cache.dtype)
+        dense = dequantize(q, backend=backend)
+        for b, n in enumerate(lens.tolist()):
+            dense[b, n:].zero_()  # past the sequence: zeros, not whatever the block held
+        outs.append(dense[:, :max_len])
+    return outs[0], outs[1]
+
+
+def transfer_nbytes(cache: PagedKVCache, num_blocks: int) -> int:
+    """Size of the :func:`pack_for_transfer` payload for ``num_blocks`` blocks."""
+    return cache.block_nbytes * num_blocks
+
+
+def pack_for_transfer(
+    cache: PagedKVCache, block_ids: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Copy the blocks ``block_ids`` (in order) into one contiguous uint8 buffer.
+
+    Wire layout: six sections one after the other, each the selected blocks of one cache part
+    in order: key codes, key scales, key minima, value codes, value scales, value minima.
+    ``out`` (uint8, contiguous, exactly :func:`transfer_nbytes` bytes) may be a registered
+    transfer buffer; it is validated before anything is written.
+    """
+    ids = _check_index("block_ids", block_ids, cache.num_blocks, cache.device)
+    if ids.dim() != 1:
+        raise ValueError("block_ids must be 1-D")
+    nbytes = transfer_nbytes(cache, ids.numel())
+    if out is None:
+        out = torch.empty(nbytes, dtype=torch.uint8, device=cache.device)
+    elif (out.dtype != torch.uint8 or out.dim() != 1 or out.numel() != nbytes
+          or not out.is_contiguous() or out.device != cache.device):
+        raise ValueError(
+            f"out must be a contiguous 1-D uint8 tensor of {nbytes} bytes on {cache.device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    offset = 0
+    for t in cache.parts():
+        section = t.index_select(0, ids).reshape(-1).view(torch.uint8)
+        out[offset:offset + section.numel()].copy_(section)
+        offset += section.numel()
+    return out
+
+
+def unpack_from_transfer(buffer: torch.Tensor, cache: PagedKVCache, block_ids: torch.Tensor) -> None:
+    """Inverse of :func:`pack_for_transfer`: write the buffer's blocks into ``block_ids`` of
+    ``cache`` (which may differ from the sender's ids). Validated before anything is written."""
+    ids = _check_index("block_ids", block_ids, cache.num_blocks, cache.device)
+    if ids.dim() != 1:
+        raise ValueError("block_ids must be 1-D")
+    nbytes = transfer_nbytes(cache, ids.numel())
+    if (not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.uint8 or buffer.dim() != 1
+            or buffer.numel() != nbytes):
+        raise ValueError(
+            f"buffer must be a 1-D uint8 tensor of {nbytes} bytes for {ids.numel()} blocks of "
+            f"this cache, got {getattr(buffer, 'dtype', type(buffer))} "
+            f"{tuple(getattr(buffer, 'shape', ()))}"
+        )
+    if ids.unique().numel() != ids.numel():
+        raise ValueError("block_ids must not repeat a block")
+    buffer = buffer.to(cache.device)
+    offset = 0
+    for t in cache.parts():
+        n = ids.numel() * t[0].numel() * t.element_size()
+        section = buffer[offset:offset + n].view(t.dtype).reshape(ids.numel(), *t.shape[1:])
+        t.index_copy_(0, ids, section)
+        offset += n
