@@ -34,21 +34,36 @@ T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
+// tokens/channels > 0 select the per-channel layout (x [R, tokens, channels], groups along
+// tokens); see csrc/cpu/cpu_kernels.h.
+void check_cols(int64_t n_groups, int group_size, int64_t tokens, int64_t channels) {
+  if (channels < 0 || tokens < 0) throw std::invalid_argument("tokens/channels must be >= 0");
+  if (channels > 0 && (tokens % group_size != 0 || n_groups % channels != 0 ||
+                       (n_groups / channels) % (tokens / group_size) != 0))
+    throw std::invalid_argument("per-channel layout: tokens must divide by group_size and "
+                                "n_groups must be rows * tokens / group_size * channels");
+}
+
 void cpu_quantize(uintptr_t x, uintptr_t packed, uintptr_t scale, uintptr_t minimum,
-                  int64_t n_groups, int group_size, int bits, int dtype, int threads) {
+                  int64_t n_groups, int group_size, int bits, int dtype, int threads,
+                  int64_t tokens, int64_t channels) {
   check_format(n_groups, group_size, bits);
+  check_cols(n_groups, group_size, tokens, channels);
   tkv::cpu::QuantArgs a{ptr<const void>(x), ptr<uint8_t>(packed), ptr<void>(scale),
-                        ptr<void>(minimum), n_groups, group_size, bits, to_dtype(dtype)};
+                        ptr<void>(minimum), n_groups, group_size, bits, to_dtype(dtype),
+                        tokens, channels};
   py::gil_scoped_release nogil;
   tkv::cpu::quantize(a, threads);
 }
 
 void cpu_dequantize(uintptr_t packed, uintptr_t scale, uintptr_t minimum, uintptr_t y,
-                    int64_t n_groups, int group_size, int bits, int dtype, int threads) {
+                    int64_t n_groups, int group_size, int bits, int dtype, int threads,
+                    int64_t tokens, int64_t channels) {
   check_format(n_groups, group_size, bits);
+  check_cols(n_groups, group_size, tokens, channels);
   tkv::cpu::DequantArgs a{ptr<const uint8_t>(packed), ptr<const void>(scale),
                           ptr<const void>(minimum), ptr<void>(y), n_groups, group_size, bits,
-                          to_dtype(dtype)};
+                          to_dtype(dtype), tokens, channels};
   py::gil_scoped_release nogil;
   tkv::cpu::dequantize(a, threads);
 }
@@ -131,10 +146,12 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "ThunderKV compiled kernels (format v1). Raw pointers in, nothing allocated.";
   m.def("cpu_quantize", &cpu_quantize, py::arg("x"), py::arg("packed"), py::arg("scale"),
         py::arg("minimum"), py::arg("n_groups"), py::arg("group_size"), py::arg("bits"),
-        py::arg("dtype"), py::arg("threads") = 0);
+        py::arg("dtype"), py::arg("threads") = 0, py::arg("tokens") = 0,
+        py::arg("channels") = 0);
   m.def("cpu_dequantize", &cpu_dequantize, py::arg("packed"), py::arg("scale"),
         py::arg("minimum"), py::arg("y"), py::arg("n_groups"), py::arg("group_size"),
-        py::arg("bits"), py::arg("dtype"), py::arg("threads") = 0);
+        py::arg("bits"), py::arg("dtype"), py::arg("threads") = 0, py::arg("tokens") = 0,
+        py::arg("channels") = 0);
   m.def("cpu_variants", &cpu_variants, "CPU variants compiled in and usable on this CPU");
   m.def("cpu_variant", [] { return std::string(tkv::cpu::active_variant().name); });
   m.def("set_cpu_variant", &tkv::cpu::set_active_variant, py::arg("name"));

@@ -131,3 +131,15 @@ def test_subnormal_scale_with_infinite_reciprocal(cpu_variant, dtype, tiny, grou
     want = tk.quantize(x, group_size=group_size, backend="reference")
     assert_same_quantized(got, want)
     assert got.scale[3, 0].item() > 0 and torch.isinf(1 / got.scale[3, 0].float())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels", [8, 40, 64, 77])
+def test_per_channel_with_channel_tails(cpu_variant, dtype, channels, gen):
+    """Per-channel kernels take 16 channels at a time; the rest go through the scalar path."""
+    x = random_kv((3, 96, channels), dtype, gen)
+    for bits in (2, 4, 8):
+        got = tk.quantize(x, bits=bits, group_size=32, axis=-2, backend="cpu")
+        want = tk.quantize(x, bits=bits, group_size=32, axis=-2, backend="reference")
+        assert_same_quantized(got, want)
+        assert same_values(got.dequantize(backend="cpu"), want.dequantize(backend="reference"))

@@ -9,7 +9,11 @@
 
 namespace tkv::cpu {
 
-// Quantize n_groups consecutive groups of group_size elements of a contiguous input.
+// Quantize n_groups groups of group_size elements of a contiguous input.
+// Per-token (channels == 0): group g is elements [g*G, (g+1)*G) and packed/scale/minimum are
+// in group order. Per-channel (channels = D > 0, tokens = T): x is [R, T, D] and groups run
+// along T with stride D; outputs are in format v1's grouped layout [R, D, T/G] (packed
+// [R, D, T*bits/8]); ranges then count tiles (one tile = G tokens x D channels of one row).
 struct QuantArgs {
   const void* x;       // [n_groups * G] elements of dtype
   uint8_t* packed;     // [n_groups * G * bits / 8]
@@ -19,6 +23,8 @@ struct QuantArgs {
   int group_size;
   int bits;
   DType dtype;
+  int64_t tokens = 0;
+  int64_t channels = 0;
 };
 
 struct DequantArgs {
@@ -30,7 +36,15 @@ struct DequantArgs {
   int group_size;
   int bits;
   DType dtype;
+  int64_t tokens = 0;    // per-channel layout, as for QuantArgs
+  int64_t channels = 0;
 };
+
+// Units a range function iterates over: groups (per-token) or tiles (per-channel).
+template <class Args>
+inline int64_t work_units(const Args& a) {
+  return a.channels > 0 ? a.n_groups / a.channels : a.n_groups;
+}
 
 using QuantRangeFn = void (*)(const QuantArgs&, int64_t begin, int64_t end);
 using DequantRangeFn = void (*)(const DequantArgs&, int64_t begin, int64_t end);

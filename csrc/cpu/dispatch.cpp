@@ -53,9 +53,10 @@ int threads_for(int64_t n_elements, int requested) {
 
 template <class Args, class Fn>
 void run_parallel(const Args& a, Fn fn, int threads) {
+  const int64_t units = work_units(a);
   const int nt = threads_for(a.n_groups * a.group_size, threads);
-  if (nt <= 1) {
-    fn(a, 0, a.n_groups);
+  if (nt <= 1 || units < 2) {
+    fn(a, 0, units);
     return;
   }
 #ifdef _OPENMP
@@ -63,12 +64,12 @@ void run_parallel(const Args& a, Fn fn, int threads) {
   {
     const int tid = omp_get_thread_num();
     const int n = omp_get_num_threads();
-    const int64_t begin = a.n_groups * tid / n;
-    const int64_t end = a.n_groups * (tid + 1) / n;
+    const int64_t begin = units * tid / n;
+    const int64_t end = units * (tid + 1) / n;
     fn(a, begin, end);
   }
 #else
-  fn(a, 0, a.n_groups);
+  fn(a, 0, units);
 #endif
 }
 

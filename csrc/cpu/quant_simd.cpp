@@ -58,6 +58,29 @@ inline __m128i unpack16(const uint8_t* p, int bits) {
   return _mm_unpacklo_epi16(_mm_unpacklo_epi8(b0, b1), _mm_unpacklo_epi8(b2, b3));
 }
 
+// 16x16 byte transpose in four unpack rounds (8-, 16-, 32-, 64-bit). Afterwards x[kBitRev4[c]]
+// holds what was column c (the rounds leave the rows in bit-reversed order).
+inline void transpose16x16(__m128i* x) {
+  __m128i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[i] = _mm_unpacklo_epi8(x[2 * i], x[2 * i + 1]);
+    t[i + 8] = _mm_unpackhi_epi8(x[2 * i], x[2 * i + 1]);
+  }
+  for (int i = 0; i < 8; ++i) {
+    x[i] = _mm_unpacklo_epi16(t[2 * i], t[2 * i + 1]);
+    x[i + 8] = _mm_unpackhi_epi16(t[2 * i], t[2 * i + 1]);
+  }
+  for (int i = 0; i < 8; ++i) {
+    t[i] = _mm_unpacklo_epi32(x[2 * i], x[2 * i + 1]);
+    t[i + 8] = _mm_unpackhi_epi32(x[2 * i], x[2 * i + 1]);
+  }
+  for (int i = 0; i < 8; ++i) {
+    x[i] = _mm_unpacklo_epi64(t[2 * i], t[2 * i + 1]);
+    x[i + 8] = _mm_unpackhi_epi64(t[2 * i], t[2 * i + 1]);
+  }
+}
+constexpr int kBitRev4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
 #if defined(TKV_SIMD_AVX512)
 
 // ---- AVX-512: one zmm holds 16 floats ----
@@ -106,6 +129,7 @@ inline V16 vsub(V16 a, V16 b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline V16 vdiv(V16 a, V16 b) { return {_mm512_div_ps(a.v, b.v)}; }
 inline V16 vor(V16 a, V16 b) { return {_mm512_or_ps(a.v, b.v)}; }
 inline void storef(V16 a, float* p) { _mm512_storeu_ps(p, a.v); }
+inline V16 loadf(const float* p) { return {_mm512_loadu_ps(p)}; }
 // Bit j set when lane j is NaN.
 inline uint32_t nan_bits(V16 a) { return _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q); }
 // r where s != 0, else 0.
@@ -252,6 +276,7 @@ inline void storef(V16 a, float* p) {
   _mm256_storeu_ps(p, a.lo);
   _mm256_storeu_ps(p + 8, a.hi);
 }
+inline V16 loadf(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
 inline uint32_t nan_bits(V16 a) {
   const int lo = _mm256_movemask_ps(_mm256_cmp_ps(a.lo, a.lo, _CMP_UNORD_Q));
   const int hi = _mm256_movemask_ps(_mm256_cmp_ps(a.hi, a.hi, _CMP_UNORD_Q));
@@ -457,8 +482,142 @@ void dequantize_groups_simd(const DequantArgs& a, int64_t begin, int64_t end) {
   }
 }
 
+// ---- per-channel (axis=-2): 16 channels side by side, groups run down the tokens ----
+// Loads are contiguous along channels, so min/max/scale need no horizontal reduction: lane c
+// of the running vectors is channel c's group. Codes of 16 tokens x 16 channels are transposed
+// in registers and packed per channel with the same pack16 as the per-token path.
+
+template <DType D>
+void quantize_cols_simd(const QuantArgs& a, int64_t begin, int64_t end) {
+  using T = typename Elem<D>::T;
+  const T* x = static_cast<const T*>(a.x);
+  T* scale = static_cast<T*>(a.scale);
+  T* minimum = static_cast<T*>(a.minimum);
+  const int G = a.group_size, bits = a.bits;
+  const int64_t C = a.channels, n_tg = a.tokens / G;
+  const int64_t nb = static_cast<int64_t>(G) * bits / 8, row_bytes = a.tokens * bits / 8;
+  const V16 qmax = splat(static_cast<float>((1 << bits) - 1));
+  const CapBits cap = cap_bits((1 << bits) - 1);
+  const V16 zero = splat(0.0f);
+  const int64_t c16 = C - C % 16;
+  for (int64_t tile = begin; tile < end; ++tile) {
+    const int64_t r = tile / n_tg, tg = tile % n_tg;
+    const T* xt = x + (r * a.tokens + tg * G) * C;
+    for (int64_t d = 0; d < c16; d += 16) {
+      V16 lo = load16<D>(xt + d), hi = lo, probe = vsub(lo, lo);
+      for (int i = 1; i < G; ++i) {
+        const V16 v = load16<D>(xt + i * C + d);
+        probe = vor(probe, vsub(v, v));
+        lo = vmin(lo, v);
+        hi = vmax(hi, v);
+      }
+      const V16 mn = vadd(lo, zero), mx = vadd(hi, zero);  // -0.0 -> +0.0
+      alignas(64) T sc[16];
+      alignas(64) T mb[16];
+      store16<D>(vdiv(vsub(mx, mn), qmax), sc);
+      const V16 s = load16<D>(sc);
+      const uint32_t bad = nan_bits(probe) | nan_bits(vsub(s, s));
+      store16<D>(mn, mb);
+      const V16 rcp = zero_where_zero(s, vdiv(splat(1.0f), s));
+      alignas(64) float rv[16];
+      storef(rcp, rv);
+      bool fast = true;
+      for (int c = 0; c < 16; ++c) fast &= std::isfinite(rv[c]);
+      uint8_t* pg[16];
+      for (int c = 0; c < 16; ++c) {
+        const int64_t ch = r * C + d + c;
+        pg[c] = a.packed + ch * row_bytes + tg * nb;
+        scale[ch * n_tg + tg] = sc[c];
+        minimum[ch * n_tg + tg] = mb[c];
+      }
+      for (int i0 = 0; i0 < G; i0 += 16) {  // 16 tokens x 16 channels of codes, transposed
+        __m128i rows[16];
+        for (int j = 0; j < 16; ++j) {
+          const V16 v = load16<D>(xt + (i0 + j) * C + d);
+          rows[j] = fast ? codes16_fast(v, mn, rcp, cap) : codes16(v, mn, rcp, qmax);
+        }
+        transpose16x16(rows);
+        for (int c = 0; c < 16; ++c) pack16(rows[kBitRev4[c]], bits, pg[c] + (i0 / 16) * 2 * bits);
+      }
+      for (int c = 0; c < 16; ++c) {
+        if ((bad >> c) & 1u) {
+          const int64_t ch = r * C + d + c;
+          scale[ch * n_tg + tg] = canonical_nan<D>();
+          minimum[ch * n_tg + tg] = Elem<D>::kZero;
+          std::memset(pg[c], 0, static_cast<size_t>(nb));
+        }
+      }
+    }
+  }
+  if (c16 < C) {
+    // Channels past the last multiple of 16: scalar, same layout.
+    std::vector<T> tmp(static_cast<size_t>(G));
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t r = tile / n_tg, tg = tile % n_tg;
+      const T* xt = x + (r * a.tokens + tg * G) * C;
+      for (int64_t c = c16; c < C; ++c) {
+        for (int i = 0; i < G; ++i) tmp[i] = xt[i * C + c];
+        const int64_t ch = r * C + c;
+        quantize_group_scalar<D>(tmp.data(), G, bits, a.packed + ch * row_bytes + tg * nb,
+                                 scale + ch * n_tg + tg, minimum + ch * n_tg + tg);
+      }
+    }
+  }
+}
+
+template <DType D>
+void dequantize_cols_simd(const DequantArgs& a, int64_t begin, int64_t end) {
+  using E = Elem<D>;
+  using T = typename E::T;
+  const T* scale = static_cast<const T*>(a.scale);
+  const T* minimum = static_cast<const T*>(a.minimum);
+  T* y = static_cast<T*>(a.y);
+  const int G = a.group_size, bits = a.bits;
+  const int64_t C = a.channels, n_tg = a.tokens / G;
+  const int64_t nb = static_cast<int64_t>(G) * bits / 8, row_bytes = a.tokens * bits / 8;
+  std::vector<T> tmp(static_cast<size_t>(G));
+  const int64_t c16 = C - C % 16;
+  for (int64_t tile = begin; tile < end; ++tile) {
+    const int64_t r = tile / n_tg, tg = tile % n_tg;
+    T* yt = y + (r * a.tokens + tg * G) * C;
+    for (int64_t d = 0; d < c16; d += 16) {
+      alignas(64) float sv[16];
+      alignas(64) float mv[16];
+      const uint8_t* pg[16];
+      for (int c = 0; c < 16; ++c) {
+        const int64_t ch = r * C + d + c;
+        sv[c] = E::load(scale[ch * n_tg + tg]);
+        mv[c] = E::load(minimum[ch * n_tg + tg]);
+        pg[c] = a.packed + ch * row_bytes + tg * nb;
+      }
+      const V16 s = loadf(sv), m = loadf(mv);
+      for (int i0 = 0; i0 < G; i0 += 16) {  // 16 channels x 16 tokens of codes, transposed
+        __m128i rows[16];
+        for (int c = 0; c < 16; ++c) rows[c] = unpack16(pg[c] + (i0 / 16) * 2 * bits, bits);
+        transpose16x16(rows);
+        for (int i = 0; i < 16; ++i) {
+          store16<D>(dequant16(rows[kBitRev4[i]], s, m), yt + (i0 + i) * C + d);
+        }
+      }
+    }
+    for (int64_t c = c16; c < C; ++c) {
+      const int64_t ch = r * C + c;
+      dequantize_group_scalar<D>(a.packed + ch * row_bytes + tg * nb, G, bits,
+                                 scale[ch * n_tg + tg], minimum[ch * n_tg + tg], tmp.data());
+      for (int i = 0; i < G; ++i) yt[i * C + c] = tmp[i];
+    }
+  }
+}
+
 void quantize_range(const QuantArgs& a, int64_t begin, int64_t end) {
   if (a.group_size % 16 != 0) return quantize_range_scalar(a, begin, end);
+  if (a.channels > 0) {
+    switch (a.dtype) {
+      case DType::F16: return quantize_cols_simd<DType::F16>(a, begin, end);
+      case DType::BF16: return quantize_cols_simd<DType::BF16>(a, begin, end);
+      case DType::F32: return quantize_cols_simd<DType::F32>(a, begin, end);
+    }
+  }
   switch (a.dtype) {
     case DType::F16: return quantize_groups_simd<DType::F16>(a, begin, end);
     case DType::BF16: return quantize_groups_simd<DType::BF16>(a, begin, end);
@@ -468,6 +627,13 @@ void quantize_range(const QuantArgs& a, int64_t begin, int64_t end) {
 
 void dequantize_range(const DequantArgs& a, int64_t begin, int64_t end) {
   if (a.group_size % 16 != 0) return dequantize_range_scalar(a, begin, end);
+  if (a.channels > 0) {
+    switch (a.dtype) {
+      case DType::F16: return dequantize_cols_simd<DType::F16>(a, begin, end);
+      case DType::BF16: return dequantize_cols_simd<DType::BF16>(a, begin, end);
+      case DType::F32: return dequantize_cols_simd<DType::F32>(a, begin, end);
+    }
+  }
   switch (a.dtype) {
     case DType::F16: return dequantize_groups_simd<DType::F16>(a, begin, end);
     case DType::BF16: return dequantize_groups_simd<DType::BF16>(a, begin, end);

@@ -1,4 +1,8 @@
-"""Compiled CPU kernels (thunderkv._C: SIMD variant chosen at load time, OpenMP threads)."""
+"""Compiled CPU kernels (thunderkv._C: SIMD variant chosen at load time, OpenMP threads).
+
+Both axes run natively: per-channel (axis=-2) kernels read ``[..., T, D]`` with stride D, so no
+transposed copy is made.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import torch
 
 from .._extension import extension_error, load_extension
 from ..format import DTYPE_CODES, FormatSpec
-from ._grouped import dequantize_grouped, quantize_grouped
 
 
 def available(device: torch.device) -> str | None:
@@ -17,25 +20,23 @@ def available(device: torch.device) -> str | None:
     return None
 
 
+def _layout(t: torch.Tensor, spec: FormatSpec) -> tuple[int, int]:
+    """(tokens, channels) for the per-channel kernels, (0, 0) for per-token."""
+    return (t.shape[-2], t.shape[-1]) if spec.axis == -2 else (0, 0)
+
+
 def quantize_into(x, packed, scale, minimum, spec: FormatSpec) -> None:
-    G, bits = spec.group_size, spec.bits
-
-    def kernel(xg, p, s, m):
-        load_extension().cpu_quantize(
-            xg.data_ptr(), p.data_ptr(), s.data_ptr(), m.data_ptr(), xg.numel() // G, G, bits,
-            DTYPE_CODES[xg.dtype], torch.get_num_threads(),
-        )
-
-    quantize_grouped(kernel, x, packed, scale, minimum, spec)
+    G = spec.group_size
+    load_extension().cpu_quantize(
+        x.data_ptr(), packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), x.numel() // G, G,
+        spec.bits, DTYPE_CODES[x.dtype], torch.get_num_threads(), *_layout(x, spec),
+    )
 
 
 def dequantize_into(packed, scale, minimum, out, spec: FormatSpec) -> None:
-    G, bits = spec.group_size, spec.bits
-
-    def kernel(p, s, m, y):
-        load_extension().cpu_dequantize(
-            p.data_ptr(), s.data_ptr(), m.data_ptr(), y.data_ptr(), y.numel() // G, G, bits,
-            DTYPE_CODES[y.dtype], torch.get_num_threads(),
-        )
-
-    dequantize_grouped(kernel, packed, scale, minimum, out, spec)
+    G = spec.group_size
+    load_extension().cpu_dequantize(
+        packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), out.data_ptr(),
+        out.numel() // G, G, spec.bits, DTYPE_CODES[out.dtype], torch.get_num_threads(),
+        *_layout(out, spec),
+    )
