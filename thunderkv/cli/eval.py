@@ -37,6 +37,26 @@ def register(subparsers) -> None:
     q.add_argument("--json", metavar="PATH", help="append one JSON line per cache")
     q.set_defaults(func=run)
 
+    sp = sub.add_parser(
+        "speed",
+        help="decode tokens/s with each cache in the loop at given context lengths",
+        description="Prefills CONTEXT tokens of the text, then times greedy single-token decode "
+        "steps (batch 1) with each cache; the full-precision DynamicCache (fp) is the same-run "
+        "baseline.",
+    )
+    sp.add_argument("--model", default="smollm2")
+    sp.add_argument("--cache", action="append", dest="caches", metavar="NAME",
+                    help="as for quality (default: fp thunderkv4 hf-quanto4)")
+    sp.add_argument("--context", action="append", type=int, dest="contexts",
+                    help="context length in tokens (repeatable; default 1024 and 4096)")
+    sp.add_argument("--steps", type=int, default=32, help="timed decode steps")
+    sp.add_argument("--group-size", type=int, default=64)
+    sp.add_argument("--residual-length", type=int, default=128)
+    sp.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    sp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sp.add_argument("--json", metavar="PATH", help="append one JSON line per (context, cache)")
+    sp.set_defaults(func=run_speed)
+
 
 def _table(rows: list[dict], title: str):
     from rich.table import Table
@@ -122,6 +142,61 @@ def run(args: argparse.Namespace) -> int:
                 "dtype": args.dtype, "threads": torch.get_num_threads(),
                 "torch": torch.__version__, "transformers": transformers.__version__,
                 "python": sys.version.split()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        with open(args.json, "a", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps({**meta, **r}) + "\n")
+        console.print(f"wrote {len(rows)} JSON lines to {args.json}")
+    return 0
+
+
+def run_speed(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..hf import models, quality
+    from ..hf.speed import decode_speed
+
+    console = Console(stderr=True)
+    names = args.caches or ["fp", "thunderkv4", "hf-quanto4"]
+    unknown = [n for n in names if n not in quality.CACHES]
+    if unknown:
+        console.print(f"[red]unknown cache {unknown}; choose from {', '.join(quality.CACHES)}")
+        return 2
+    contexts = args.contexts or [1024, 4096]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with console.status(f"loading {args.model}"):
+        try:
+            model, tokenizer, desc = models.load_model(args.model, dtype=args.dtype)
+        except (FileNotFoundError, ImportError, OSError) as exc:
+            console.print(f"[red]cannot load model: {exc}")
+            return 1
+    text = models.default_text()
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    while ids.shape[1] < max(contexts):  # the default slice is short: repeat it
+        ids = torch.cat([ids, ids], dim=1)
+    with console.status("measuring") as status:
+        rows = decode_speed(model, ids, names, contexts, steps=args.steps,
+                            group_size=args.group_size, residual_length=args.residual_length,
+                            progress=lambda msg: status.update(msg))
+    t = Table(title=f"{desc}: greedy decode, batch 1, {args.steps} steps, G={args.group_size}, "
+                    f"residual {args.residual_length}, {torch.get_num_threads()} threads")
+    for col in ("context", "cache", "prefill s", "decode tok/s", "x fp", "cache MB"):
+        t.add_column(col, justify="left" if col == "cache" else "right")
+    for r in rows:
+        if r["status"] != "ok":
+            t.add_row(str(r["context"]), r["cache"], f"[yellow]{r['status']}", "", "", "")
+            continue
+        t.add_row(str(r["context"]), r["cache"], f"{r['prefill_s']:.1f}",
+                  f"{r['decode_tok_s']:.2f}", f"{r.get('speed_vs_fp', float('nan')):.2f}",
+                  f"{r['cache_bytes'] / 1e6:.1f}")
+    out = Console() if Console().is_terminal else Console(width=120)
+    out.print(t)
+    if args.json:
+        meta = {"model": desc, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "group_size": args.group_size,
+                "residual_length": args.residual_length}
         with open(args.json, "a", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps({**meta, **r}) + "\n")
