@@ -549,20 +549,7 @@ void quantize_cols_simd(const QuantArgs& a, int64_t begin, int64_t end) {
       }
     }
   }
-  if (c16 < C) {
-    // Channels past the last multiple of 16: scalar, same layout.
-    std::vector<T> tmp(static_cast<size_t>(G));
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t r = tile / n_tg, tg = tile % n_tg;
-      const T* xt = x + (r * a.tokens + tg * G) * C;
-      for (int64_t c = c16; c < C; ++c) {
-        for (int i = 0; i < G; ++i) tmp[i] = xt[i * C + c];
-        const int64_t ch = r * C + c;
-        quantize_group_scalar<D>(tmp.data(), G, bits, a.packed + ch * row_bytes + tg * nb,
-                                 scale + ch * n_tg + tg, minimum + ch * n_tg + tg);
-      }
-    }
-  }
+  if (c16 < C) quantize_cols_scalar<D>(a, begin, end, c16);  // channel tail
 }
 
 template <DType D>
@@ -575,8 +562,8 @@ void dequantize_cols_simd(const DequantArgs& a, int64_t begin, int64_t end) {
   const int G = a.group_size, bits = a.bits;
   const int64_t C = a.channels, n_tg = a.tokens / G;
   const int64_t nb = static_cast<int64_t>(G) * bits / 8, row_bytes = a.tokens * bits / 8;
-  std::vector<T> tmp(static_cast<size_t>(G));
   const int64_t c16 = C - C % 16;
+  if (c16 < C) dequantize_cols_scalar<D>(a, begin, end, c16);  // channel tail
   for (int64_t tile = begin; tile < end; ++tile) {
     const int64_t r = tile / n_tg, tg = tile % n_tg;
     T* yt = y + (r * a.tokens + tg * G) * C;
@@ -599,12 +586,6 @@ void dequantize_cols_simd(const DequantArgs& a, int64_t begin, int64_t end) {
           store16<D>(dequant16(rows[kBitRev4[i]], s, m), yt + (i0 + i) * C + d);
         }
       }
-    }
-    for (int64_t c = c16; c < C; ++c) {
-      const int64_t ch = r * C + c;
-      dequantize_group_scalar<D>(a.packed + ch * row_bytes + tg * nb, G, bits,
-                                 scale[ch * n_tg + tg], minimum[ch * n_tg + tg], tmp.data());
-      for (int i = 0; i < G; ++i) yt[i * C + c] = tmp[i];
     }
   }
 }

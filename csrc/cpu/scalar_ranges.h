@@ -37,8 +37,10 @@ inline void dequantize_groups_scalar(const DequantArgs& a, int64_t begin, int64_
 }
 
 // Per-channel: gather each channel's G tokens (stride D) into a buffer, quantize as a group.
+// Channels [c_from, D) of tiles [begin, end) (the SIMD variants pass their channel tail).
 template <DType D>
-inline void quantize_cols_scalar(const QuantArgs& a, int64_t begin, int64_t end) {
+inline void quantize_cols_scalar(const QuantArgs& a, int64_t begin, int64_t end,
+                                 int64_t c_from = 0) {
   using T = typename Elem<D>::T;
   const T* x = static_cast<const T*>(a.x);
   T* scale = static_cast<T*>(a.scale);
@@ -49,7 +51,7 @@ inline void quantize_cols_scalar(const QuantArgs& a, int64_t begin, int64_t end)
   for (int64_t tile = begin; tile < end; ++tile) {
     const int64_t r = tile / n_tg, tg = tile % n_tg;
     const T* xt = x + (r * a.tokens + tg * G) * C;
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = c_from; c < C; ++c) {
       for (int64_t i = 0; i < G; ++i) tmp[i] = xt[i * C + c];
       const int64_t ch = r * C + c;
       quantize_group_scalar<D>(tmp.data(), a.group_size, a.bits, a.packed + ch * row_bytes + tg * nb,
@@ -59,7 +61,8 @@ inline void quantize_cols_scalar(const QuantArgs& a, int64_t begin, int64_t end)
 }
 
 template <DType D>
-inline void dequantize_cols_scalar(const DequantArgs& a, int64_t begin, int64_t end) {
+inline void dequantize_cols_scalar(const DequantArgs& a, int64_t begin, int64_t end,
+                                   int64_t c_from = 0) {
   using T = typename Elem<D>::T;
   const T* scale = static_cast<const T*>(a.scale);
   const T* minimum = static_cast<const T*>(a.minimum);
@@ -70,7 +73,7 @@ inline void dequantize_cols_scalar(const DequantArgs& a, int64_t begin, int64_t 
   for (int64_t tile = begin; tile < end; ++tile) {
     const int64_t r = tile / n_tg, tg = tile % n_tg;
     T* yt = y + (r * a.tokens + tg * G) * C;
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = c_from; c < C; ++c) {
       const int64_t ch = r * C + c;
       dequantize_group_scalar<D>(a.packed + ch * row_bytes + tg * nb, a.group_size, a.bits,
                                  scale[ch * n_tg + tg], minimum[ch * n_tg + tg], tmp.data());

