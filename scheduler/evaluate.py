@@ -57,6 +57,7 @@ class Evaluator:
         self.space = space or SearchSpace()
         self._perf: dict[tuple, GroupPerf] = {}
         self._pair: dict[tuple, tuple[dict, float]] = {}
+        self._cap: dict[Group, float] = {}
         self.evaluations = 0
 
     # --- lower level ----------------------------------------------------------------------
@@ -133,6 +134,30 @@ class Evaluator:
         dc = sum(self.perf(g, "decode").capacity for g, ph in state if ph == "decode")
         co = sum(self.perf(g, "colocated").capacity for g, ph in state if ph == "colocated")
         return min(pc, dc) + co
+
+    def cap(self, group: Group) -> float:
+        """Capacity of one (gpus, phase) group (memoised per group)."""
+        c = self._cap.get(group)
+        if c is None:
+            c = self._cap[group] = self.perf(group[0], group[1]).capacity
+        return c
+
+    def bound_terms(self, state: State) -> dict[str, float]:
+        """Per-phase capacity sums of ``state`` (for :meth:`bound_delta`)."""
+        t = {"prefill": 0.0, "decode": 0.0, "colocated": 0.0}
+        for g in state:
+            t[g[1]] += self.cap(g)
+        return t
+
+    def bound_delta(self, terms: dict[str, float], removed, added) -> float:
+        """:meth:`upper_bound` of the state with ``removed`` replaced by ``added``, from the
+        current state's :meth:`bound_terms` (only the changed groups are looked up)."""
+        t = dict(terms)
+        for g in removed:
+            t[g[1]] -= self.cap(g)
+        for g in added:
+            t[g[1]] += self.cap(g)
+        return round(min(t["prefill"], t["decode"]) + t["colocated"], 9)
 
     # --- materialise ----------------------------------------------------------------------
     def _group(self, gpus, phase: str) -> PlanGroup:

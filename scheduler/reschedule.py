@@ -1,5 +1,7 @@
-"""Lightweight rescheduling: keep groups and their parallel configs (no weight reload), drop the
-groups that lost GPUs, re-solve only phase designation (flip moves) and routing (LP).
+"""Lightweight rescheduling: keep the surviving groups and their parallel configs (no weight
+reload for them), re-solve phase designation (flip moves) and routing (LP). The surviving GPUs of
+groups that lost a GPU ("orphans") must reload weights anyway, so they are re-grouped freely
+(split / merge / move among orphan groups only) with fresh parallel configs.
 """
 
 from __future__ import annotations
@@ -13,29 +15,39 @@ from .evaluate import Evaluator, SearchSpace, State, canonical
 from .model import ModelSpec
 from .parallel import GroupPerf, WorkloadStats, capacity
 from .plan import Plan, PlanGroup
-from .tabu import TabuConfig, tabu_search
+from .tabu import TabuConfig, initial_state, tabu_search
 from .workload import SLO
 
 
 class FixedConfigEvaluator(Evaluator):
-    """An :class:`Evaluator` whose groups keep the given stage layouts and layer splits."""
+    """An :class:`Evaluator` whose given groups keep their stage layouts and layer splits; any
+    other GPU set (re-formed orphans) gets the usual best configuration."""
 
     def __init__(self, cluster: Cluster, model: ModelSpec, params: CostParams,
-                 stats: WorkloadStats, slo: SLO, groups: list[PlanGroup]) -> None:
-        super().__init__(cluster, model, params, stats, slo, SearchSpace())
+                 stats: WorkloadStats, slo: SLO, groups: list[PlanGroup],
+                 space: SearchSpace | None = None) -> None:
+        super().__init__(cluster, model, params, stats, slo, space or SearchSpace())
         self._fixed: dict[tuple[str, ...], PlanGroup] = {tuple(sorted(g.gpus)): g for g in groups}
         self._pipes: dict[tuple[str, ...], Pipeline] = {}
 
+    @property
+    def frozen(self) -> frozenset:
+        return frozenset(self._fixed)
+
     def signature(self, gpus) -> tuple:
-        return tuple(sorted(gpus))
+        t = tuple(sorted(gpus))
+        return ("fixed",) + t if t in self._fixed else super().signature(gpus)
 
     def perf(self, gpus, phase: str) -> GroupPerf:
-        key = (self.signature(gpus), phase)
+        sig = self.signature(gpus)
+        if sig[0] != "fixed":
+            return super().perf(gpus, phase)
+        key = (sig, phase)
         if key not in self._perf:
-            g = self._fixed[key[0]]
-            if key[0] not in self._pipes:
-                self._pipes[key[0]] = g.pipeline(self.cluster, self.model, self.params)
-            perf = capacity(self._pipes[key[0]], phase, self.stats, self.slo)
+            g = self._fixed[sig[1:]]
+            if sig not in self._pipes:
+                self._pipes[sig] = g.pipeline(self.cluster, self.model, self.params)
+            perf = capacity(self._pipes[sig], phase, self.stats, self.slo)
             perf.stage_gpus = list(g.stage_gpus)
             self._perf[key] = perf
         return self._perf[key]
@@ -48,13 +60,16 @@ class RescheduleResult:
     seconds: float
     dropped_groups: int
     kept_gpus: int
+    regrouped_gpus: int = 0   # orphans placed in new groups (these reload weights)
+    idle_gpus: int = 0        # orphans left out (no feasible group)
 
 
 def reschedule(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
                stats: WorkloadStats, slo: SLO, fail_nodes: set[str] | None = None,
-               fail_gpus: set[str] | None = None, cfg: TabuConfig | None = None
-               ) -> RescheduleResult:
-    """Adjust ``plan`` after losing ``fail_nodes``/``fail_gpus`` and/or for new ``stats``."""
+               fail_gpus: set[str] | None = None, cfg: TabuConfig | None = None,
+               regroup: bool = True, time_limit_s: float = 1.5) -> RescheduleResult:
+    """Adjust ``plan`` after losing ``fail_nodes``/``fail_gpus`` and/or for new ``stats``.
+    ``regroup``: re-form the orphaned GPUs of dropped groups into new groups."""
     t0 = time.perf_counter()
     fail_nodes, fail_gpus = set(fail_nodes or ()), set(fail_gpus or ())
     unknown = {n for n in fail_nodes if not cluster.has_node(n)}
@@ -62,22 +77,31 @@ def reschedule(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParam
         raise ValueError(f"unknown node(s) {sorted(unknown)}")
     lost = fail_gpus | {g for g in cluster.gpus if g.rsplit(":", 1)[0] in fail_nodes}
     keep = [g for g in plan.groups if not (set(g.gpus) & lost) and min(g.layers) > 0]
-    colocated = any(g.phase == "colocated" for g in keep)
+    kept = {x for g in keep for x in g.gpus}
+    orphans = sorted({x for g in plan.groups for x in g.gpus} - kept - lost) if regroup else []
+    colocated = any(g.phase == "colocated" for g in plan.groups)
     new_cluster = cluster.without_nodes(fail_nodes) if fail_nodes else cluster
-    ev = FixedConfigEvaluator(new_cluster, model, params, stats, slo, keep)
-    if colocated:
-        ev.space = SearchSpace(("colocated",))
-    start: State = canonical((g.gpus, g.phase) for g in keep)
-    if not colocated and keep:
-        cfg = cfg or TabuConfig(max_iters=60, patience=15, time_limit_s=2.0, moves=("flip",))
-        start = tabu_search(ev, cfg, start=start).state
-    new = ev.plan(start) if keep else Plan([])
+    space = SearchSpace(("colocated",)) if colocated else SearchSpace()
+    ev = FixedConfigEvaluator(new_cluster, model, params, stats, slo, keep, space)
+    start: State = canonical(list((g.gpus, g.phase) for g in keep)
+                             + list(initial_state(ev, orphans) if orphans else ()))
+    moves = ("flip",) if not orphans else ("flip", "split", "merge", "move")
+    if start and (not colocated or orphans):
+        left = max(0.1, time_limit_s - (time.perf_counter() - t0))
+        if colocated:  # colocated plans have no phases to flip
+            moves = tuple(m for m in moves if m != "flip")
+        cfg = cfg or TabuConfig(max_iters=60, patience=15, time_limit_s=left, moves=moves)
+        start = tabu_search(ev, cfg, start=start, frozen=ev.frozen).state
+    # orphan groups that cannot hold the model stay idle (no weights to load)
+    final = canonical((g, ph) for g, ph in start if ev.perf(g, ph).pipeline is not None)
+    new = ev.plan(final) if final else Plan([])
+    placed = sum(len(g) for g, _ in final) - len(kept)
     return RescheduleResult(new, ev, time.perf_counter() - t0, len(plan.groups) - len(keep),
-                            sum(len(g.gpus) for g in keep))
+                            len(kept), placed, len(orphans) - placed)
 
 
 def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bool = True,
-                        log=lambda s: None) -> dict:
+                        log=lambda s: None, regroup: bool = True) -> dict:
     """``thunderkv plan --reschedule``: adjust ``plan`` (from ``doc``) for failed nodes/GPUs and
     workload ``wl``; optionally compare with a full re-plan. Returns the new plan document."""
     from .metrics import summarize
@@ -92,13 +116,16 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
     if bad:
         raise ValueError(f"--fail: unknown GPU(s) {bad}")
     stats = WorkloadStats.of(wl)
-    log(f"rescheduling after losing {sorted(fails) or 'nothing'} (phases + routing only)")
-    res = reschedule(plan, cluster, model, params, stats, slo, nodes, gpus)
+    log(f"rescheduling after losing {sorted(fails) or 'nothing'} (kept groups: phases + routing;"
+        " orphaned GPUs re-grouped)")
+    res = reschedule(plan, cluster, model, params, stats, slo, nodes, gpus, regroup=regroup)
     new_cluster = res.evaluator.cluster
     good, _ = system_goodput(res.plan, res.evaluator, wl, slo) if res.plan.objective > 0 else (0.0, {})
     m = summarize(sim_runner(res.plan, res.evaluator, wl)(good), slo) if good > 0 else {}
     out = {"plan": res.plan.to_dict(), "reschedule_seconds": round(res.seconds, 4),
            "failed": sorted(fails), "dropped_groups": res.dropped_groups,
+           "kept_gpus": res.kept_gpus, "regrouped_gpus": res.regrouped_gpus,
+           "idle_gpus": res.idle_gpus,
            "predicted": {"goodput_req_per_s": round(good, 4),
                          **{k: round(v, 4) for k, v in m.items() if isinstance(v, float)}},
            "cost_per_hour": round(new_cluster.price_per_hour(res.plan.gpus()), 4),

@@ -32,6 +32,7 @@ class TabuConfig:
     time_limit_s: float = 30.0
     seed: int = 0
     moves: tuple[str, ...] = MOVES
+    max_neighbours: int = 2000  # sample merges/moves beyond this many (0: never sample)
 
     def __post_init__(self) -> None:
         if self.max_iters < 0 or self.tenure < 0 or self.patience < 1:
@@ -54,15 +55,21 @@ def _node(g: str) -> str:
     return g.rsplit(":", 1)[0]
 
 
-def initial_state(ev: Evaluator) -> State:
+def initial_state(ev: Evaluator, gpus=None) -> State:
     """Network-aware start: per node, the smallest power-of-two share that holds the model;
-    leftovers joined along the fastest links; phases chosen to balance prefill and decode."""
+    leftovers joined along the fastest links; phases chosen to balance prefill and decode.
+    ``gpus``: group only these (default: every GPU of the cluster)."""
     c = ev.cluster
     groups: list[list[str]] = []
     leftovers: list[list[str]] = []
     probe = "prefill" if ev.space.split else "colocated"
+    only = None if gpus is None else set(gpus)
     for node in c.nodes:
         gs = [f"{node.name}:{i}" for i in range(node.count)]
+        if only is not None:
+            gs = [g for g in gs if g in only]
+            if not gs:
+                continue
         k = next((k for k in (1, 2, 4, 8, 16) if k <= len(gs)
                   and ev.perf(gs[:k], probe).pipeline is not None), None)
         if k is None:
@@ -108,49 +115,72 @@ def _split_points(ev: Evaluator, gpus: tuple[str, ...]) -> tuple[list[str], list
     return order, sorted(k for k in cuts if 0 < k < len(order))
 
 
-def neighbours(ev: Evaluator, state: State, moves: tuple[str, ...] = MOVES
-               ) -> list[tuple[State, list[Group], list[Group]]]:
-    """All moves of the kinds in ``moves`` as (new state, groups destroyed, groups created)."""
-    out = []
-    groups = list(state)
+def _moves(ev: Evaluator, groups: list[Group], moves: tuple[str, ...] = MOVES,
+           frozen: frozenset = frozenset()) -> list[tuple[list[Group], list[Group]]]:
+    """All moves of the kinds in ``moves`` as (groups destroyed, groups created), in a fixed
+    order; groups whose GPU tuple is in ``frozen`` may only flip."""
+    out: list[tuple[list[Group], list[Group]]] = []
     phases = ev.space.phases
     other = {"prefill": "decode", "decode": "prefill"}
-
-    def emit(removed: list[Group], added: list[Group]) -> None:
-        rest = [g for g in groups if g not in removed]
-        out.append((canonical(rest + added), removed, canonical(added)))
-
+    free = [g for g in groups if g[0] not in frozen]
     for g in groups:
         gs, ph = g
         if ev.space.split and "flip" in moves:
-            emit([g], [(gs, other[ph])])
-        if len(gs) >= 2 and "split" in moves:
+            out.append(([g], [(gs, other[ph])]))
+        if len(gs) >= 2 and "split" in moves and gs not in frozen:
             order, cuts = _split_points(ev, gs)
             for k in cuts:
-                a, b = tuple(order[:k]), tuple(order[k:])
-                emit([g], [(a, ph), (b, ph)])
+                a, b = tuple(sorted(order[:k])), tuple(sorted(order[k:]))
+                out.append(([g], [(a, ph), (b, ph)]))
                 if ev.space.split:
-                    emit([g], [(a, ph), (b, other[ph])])
-    for i, g1 in enumerate(groups if "merge" in moves else []):
-        for g2 in groups[i + 1:]:
+                    out.append(([g], [(a, ph), (b, other[ph])]))
+    for i, g1 in enumerate(free if "merge" in moves else []):
+        for g2 in free[i + 1:]:
             for ph in sorted({g1[1], g2[1]} & set(phases)):
-                emit([g1, g2], [(g1[0] + g2[0], ph)])
-    for g1 in groups if "move" in moves else []:  # one representative GPU per node: alike
+                out.append(([g1, g2], [(tuple(sorted(g1[0] + g2[0])), ph)]))
+    for g1 in free if "move" in moves else []:  # one representative GPU per node: alike
         if len(g1[0]) < 2:
             continue
         reps = {}
         for x in g1[0]:
             reps[_node(x)] = x
         for x in reps.values():
-            for g2 in groups:
+            for g2 in free:
                 if g2 is not g1:
-                    emit([g1, g2], [(tuple(y for y in g1[0] if y != x), g1[1]), (g2[0] + (x,), g2[1])])
+                    out.append(([g1, g2], [(tuple(y for y in g1[0] if y != x), g1[1]),
+                                           (tuple(sorted(g2[0] + (x,))), g2[1])]))
     return out
 
 
+def _apply(groups: list[Group], removed: list[Group], added: list[Group]) -> State:
+    return canonical([g for g in groups if g not in removed] + added)
+
+
+def neighbours(ev: Evaluator, state: State, moves: tuple[str, ...] = MOVES,
+               frozen: frozenset = frozenset()
+               ) -> list[tuple[State, list[Group], list[Group]]]:
+    """All moves of the kinds in ``moves`` as (new state, groups destroyed, groups created).
+    Groups whose GPU tuple is in ``frozen`` may only flip (no split, merge or move)."""
+    groups = list(state)
+    return [(_apply(groups, r, a), r, canonical(a)) for r, a in _moves(ev, groups, moves, frozen)]
+
+
+def _sample(rng: random.Random, cands: list, cap: int) -> list:
+    """At most ``cap`` moves: every flip and split (linear in the groups) plus a seeded sample of
+    the merges and moves (quadratic); the full list when it is small enough."""
+    if cap <= 0 or len(cands) <= cap:
+        return cands
+    lin = [c for c in cands if len(c[0]) == 1]
+    quad = [c for c in cands if len(c[0]) != 1]
+    k = max(cap - len(lin), cap // 2)
+    return lin + rng.sample(quad, min(k, len(quad)))
+
+
 def tabu_search(ev: Evaluator, cfg: TabuConfig | None = None, start: State | None = None,
-                progress: Callable[[int, float, float], None] | None = None) -> SearchResult:
-    """Maximise ``ev.value`` from ``start`` (default: :func:`initial_state`)."""
+                progress: Callable[[int, float, float], None] | None = None,
+                frozen: frozenset = frozenset()) -> SearchResult:
+    """Maximise ``ev.value`` from ``start`` (default: :func:`initial_state`); groups in
+    ``frozen`` (GPU tuples) keep their GPUs and may only change phase."""
     cfg = cfg or TabuConfig()
     rng = random.Random(cfg.seed)
     t0 = time.perf_counter()
@@ -162,23 +192,34 @@ def tabu_search(ev: Evaluator, cfg: TabuConfig | None = None, start: State | Non
     for it in range(1, cfg.max_iters + 1):
         if time.perf_counter() - t0 > cfg.time_limit_s:
             break
-        cands = neighbours(ev, cur, cfg.moves)
+        groups = list(cur)
+        full = _moves(ev, groups, cfg.moves, frozen)
+        cands = _sample(rng, full, cfg.max_neighbours)
         rng.shuffle(cands)  # seeded tie-breaking among equal values
-        scored = sorted(((ev.upper_bound(s), k) for k, (s, _, _) in enumerate(cands)), key=lambda x: -x[0])
-        pick, pick_v = None, -1.0
+        if len(cands) < len(full):  # large: lazy states, incremental bounds (changed groups only)
+            states: list[State | None] = [None] * len(cands)
+            base = ev.bound_terms(cur)
+            ubs = [ev.bound_delta(base, r, a) for r, a in cands]
+        else:  # small: exact bounds of the built states (bit-for-bit the earlier search)
+            states = [_apply(groups, r, a) for r, a in cands]
+            ubs = [ev.upper_bound(st) for st in states]
+        scored = sorted(((ub, k) for k, ub in enumerate(ubs)), key=lambda x: -x[0])
+        pick, pick_v, pick_s = None, -1.0, None
         for ub, k in scored:
             if ub <= pick_v:
                 break
-            s, removed, added = cands[k]
+            removed, added = cands[k]
             is_tabu = any(tabu.get(g, 0) >= it for g in added)
             if is_tabu and ub <= best_v:
                 continue
+            s = states[k] or _apply(groups, removed, added)
             v = ev.value(s)
             if (not is_tabu or v > best_v) and v > pick_v:
-                pick, pick_v = k, v
+                pick, pick_v, pick_s = k, v, s
         if pick is None:
             break
-        s, removed, _ = cands[pick]
+        removed, _ = cands[pick]
+        s = pick_s
         for g in removed:
             tabu[g] = it + cfg.tenure
         cur, cur_v = s, pick_v
@@ -192,9 +233,9 @@ def tabu_search(ev: Evaluator, cfg: TabuConfig | None = None, start: State | Non
         if idle >= cfg.patience:  # diversify: perturb the best state with random moves
             cur = best
             for _ in range(cfg.perturb_moves):
-                nb = neighbours(ev, cur, cfg.moves)
+                nb = _moves(ev, list(cur), cfg.moves, frozen)
                 if nb:
-                    cur = rng.choice(nb)[0]
+                    cur = _apply(list(cur), *rng.choice(nb))
             cur_v, idle = ev.value(cur), 0
             tabu.clear()
     return SearchResult(best, best_v, it, ev.evaluations, time.perf_counter() - t0, history)

@@ -73,6 +73,15 @@ def test_bad_inputs_exit_2_with_message(tmp_path, capsys):
     assert main(["plan", "--cluster", str(bad), "--model", "nope", "--workload", "coding"]) == 2
 
 
+def test_reschedule_cli_no_regroup(planned):
+    d, _ = planned
+    out = d / "re-noregroup.json"
+    assert main(["plan", "--reschedule", str(d / "plan.json"), "--fail", "n1", "--json", str(out),
+                 "--quiet", "--requests", "200", "--no-compare", "--no-regroup"]) == 0
+    new = json.loads(out.read_text())
+    assert new["regrouped_gpus"] == 0 and "full_replan" not in new
+
+
 def test_reschedule_keeps_configs_and_is_fast(model7b, params, stats, slo):
     c = tiny_cluster()
     ev = Evaluator(c, model7b, params, stats, slo)
@@ -100,3 +109,22 @@ def test_planner_imports_no_torch():
             "assert not bad, bad")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     subprocess.run([sys.executable, "-P", "-c", code], check=True, env=env, timeout=60)
+
+
+def test_reschedule_regroups_orphans_and_keeps_survivors(model7b, params, stats, slo):
+    c = tiny_cluster()
+    ev = Evaluator(c, model7b, params, stats, slo)
+    plan = ev.plan(canonical([(("n0:0", "n1:0"), "prefill"), (("n0:1",), "decode"),
+                              (("n1:1",), "decode"), (("n2:0", "n2:1"), "prefill")]))
+    t = time.perf_counter()
+    r = reschedule(plan, c, model7b, params, stats, slo, fail_nodes={"n0"})
+    assert time.perf_counter() - t < 2.0
+    assert r.dropped_groups == 2 and r.kept_gpus == 3
+    assert r.regrouped_gpus + r.idle_gpus == 1  # n1:0 lost its group partner
+    assert not {g for grp in r.plan.groups for g in grp.gpus} & {"n0:0", "n0:1"}
+    survivors = {tuple(g.stage_gpus): g.layers for g in plan.groups if not {"n0:0", "n0:1"} & set(g.gpus)}
+    after = {tuple(g.stage_gpus): g.layers for g in r.plan.groups}
+    assert all(after.get(k) == v for k, v in survivors.items())  # no weight reload for them
+    frozen_only = reschedule(plan, c, model7b, params, stats, slo, fail_nodes={"n0"}, regroup=False)
+    assert r.plan.objective >= frozen_only.plan.objective - 1e-9
+    assert frozen_only.regrouped_gpus == 0

@@ -75,3 +75,35 @@ def test_initial_state_is_network_aware(model7b, params, stats, slo):
     ev = Evaluator(tiny_cluster(), model7b, params, stats, slo)
     for grp, _ in initial_state(ev):  # llama-7b fits one GPU: groups never straddle nodes
         assert len({g.split(":")[0] for g in grp}) == 1
+
+
+def test_frozen_groups_only_flip(model7b, params, stats, slo):
+    c = tiny_cluster()
+    ev = Evaluator(c, model7b, params, stats, slo)
+    fixed = ("n0:0", "n0:1")
+    s0 = canonical([(fixed, "prefill"), (("n1:0", "n1:1"), "decode"), (("n2:0", "n2:1"), "decode")])
+    nbs = neighbours(ev, s0, frozen=frozenset({fixed}))
+    for s, removed, added in nbs:
+        assert _valid(s, c)
+        if any(g[0] == fixed for g in removed):
+            assert len(removed) == 1 and [g[0] for g in added] == [fixed]  # a flip
+        assert any(g[0] == fixed for g in s)
+    assert len(nbs) < len(neighbours(ev, s0))
+    res = tabu_search(ev, TabuConfig(max_iters=20, time_limit_s=60), start=s0, frozen=frozenset({fixed}))
+    assert any(g[0] == fixed for g in res.state)
+
+
+def test_sampled_neighbourhood_is_capped_and_deterministic(model7b, params, stats, slo):
+    import random
+
+    from thunderkv.scheduler.tabu import _moves, _sample
+
+    ev = Evaluator(tiny_cluster(), model7b, params, stats, slo)
+    s0 = canonical([((g,), "decode" if i % 2 else "prefill")
+                    for i, g in enumerate(tiny_cluster().gpus)])
+    full = _moves(ev, list(s0))
+    lin = [m for m in full if len(m[0]) == 1]
+    a = _sample(random.Random(1), full, len(lin) + 5)
+    b = _sample(random.Random(1), full, len(lin) + 5)
+    assert a == b and len(a) == len(lin) + 5 and all(m in a for m in lin)
+    assert _sample(random.Random(1), full, 0) == full

@@ -71,6 +71,8 @@ def register(subparsers) -> None:
     r.add_argument("--reschedule", metavar="PLAN.json", help="adjust an existing plan instead")
     r.add_argument("--fail", default="", help="comma list of failed nodes (and/or node:index GPUs)")
     r.add_argument("--no-compare", action="store_true", help="skip the full re-plan comparison")
+    r.add_argument("--no-regroup", action="store_true",
+                   help="leave orphaned GPUs (of groups that lost a GPU) idle instead of re-grouping them")
     p.set_defaults(func=run)
 
 
@@ -164,7 +166,8 @@ def _run_reschedule(args, log) -> dict:
         wl, source = load_workload(args)
     else:
         raise ValueError("the plan's workload source is unavailable: give --trace or --workload")
-    new = reschedule_document(doc, plan, fails, wl, compare=not args.no_compare, log=log)
+    new = reschedule_document(doc, plan, fails, wl, compare=not args.no_compare, log=log,
+                              regroup=not args.no_regroup)
     new["workload"]["source"] = source
     return new
 
