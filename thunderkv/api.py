@@ -104,6 +104,8 @@ def quantize_into(
     with exactly the shapes :meth:`FormatSpec.packed_shape` / :meth:`FormatSpec.param_shape`
     give for ``x.shape``. Everything is validated before anything is written.
     """
+    # The op validates all of this again (for direct torch.ops callers); checking here first
+    # gives Python-level messages for wrong argument types the op schema would reject opaquely.
     spec = FormatSpec(bits, group_size, axis)
     spec.check_input(x)
     backends.check_backend_name(backend)
