@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..paged import PagedKVCache, gather_dequantize, pack_for_transfer, quantize_to_paged
-from .quant import _copy_fn, _row, _sync, usable_backends
+from .common import copy_fn, device_label, device_sync, measurement_row, usable_backends
 from .timing import provenance, time_calls
 
 
@@ -52,8 +52,8 @@ def run(
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     names = [n for n in usable_backends(device, backend_names) if n != "reference"] or ["reference"]
-    prov = provenance(str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu")
-    sync = _sync(device)
+    prov = provenance(device_label(device))
+    sync = device_sync(device)
     rows: list[dict] = []
     gen = torch.Generator().manual_seed(0)
     for case in cases:
@@ -78,11 +78,11 @@ def run(
         if progress:
             progress(f"{case.label}: copy baseline")
         kv = torch.cat([key, value])
-        copy_t = time_calls(_copy_fn(kv), reps=reps, sync=sync)
+        copy_name, copy = copy_fn(kv)
+        copy_t = time_calls(copy, reps=reps, sync=sync)
         dense = 2 * kv.nbytes
         copy_gbps = dense / copy_t.p50 / 1e9
-        rows.append(_row(base, "copy", "numpy" if device.type == "cpu" else "torch", copy_t,
-                         dense, copy_gbps))
+        rows.append(measurement_row(base, "copy", copy_name, copy_t, dense, copy_gbps))
         compressed = cache.nbytes
         for name in names:
             args = (key, value, cache, slots, table, seq_lens, name)
@@ -99,6 +99,6 @@ def run(
                 if progress:
                     progress(f"{case.label}: {op} [{name}]")
                 t = time_calls(fn, reps=reps, sync=sync)
-                rows.append(_row(base, op, name if op != "pack" else "torch", t, nbytes,
+                rows.append(measurement_row(base, op, name if op != "pack" else "torch", t, nbytes,
                                  copy_gbps))
     return rows

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import backends
 from ..api import dequantize, quantize, quantize_into
-from .timing import Timing, provenance, time_calls
+from .common import copy_fn, device_label, device_sync, measurement_row, usable_backends
+from .timing import provenance, time_calls
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,36 +50,6 @@ PRESETS: dict[str, list[KVShape]] = {
 }
 
 
-def _copy_fn(x: torch.Tensor) -> Callable[[], object]:
-    if x.device.type == "cpu":
-        import numpy as np
-
-        src = x.view(torch.int16).numpy() if x.element_size() == 2 else x.numpy()
-        dst = np.empty_like(src)
-        return lambda: np.copyto(dst, src)
-    dst = torch.empty_like(x)
-    return lambda: dst.copy_(x)
-
-
-def _sync(device: torch.device) -> Callable[[], object] | None:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return None
-
-
-def usable_backends(device: torch.device, wanted: Iterable[str] | None) -> list[str]:
-    """Backends to time on ``device`` (the requested ones, or every one usable there)."""
-    names = list(wanted) if wanted else list(backends.BACKENDS)
-    out = []
-    for name in names:
-        why = backends.unavailable_reason(name, device)
-        if why is None:
-            out.append(name)
-        elif wanted:
-            raise RuntimeError(f"backend {name!r} unavailable on {device}: {why}")
-    return out
-
-
 def run(
     shapes: list[KVShape],
     *,
@@ -96,8 +66,8 @@ def run(
     """Time quantize and dequantize for each shape and backend; return one row per
     (shape, op, backend) plus the copy baseline, each with provenance."""
     names = usable_backends(device, backend_names)
-    prov = provenance(str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu")
-    sync = _sync(device)
+    prov = provenance(device_label(device))
+    sync = device_sync(device)
     rows: list[dict] = []
     gen = torch.Generator(device="cpu").manual_seed(0)
     for kv in shapes:
@@ -115,11 +85,11 @@ def run(
         }
         if progress:
             progress(f"{kv.label}: copy baseline")
-        copy_t = time_calls(_copy_fn(x), reps=reps, sync=sync)
+        copy_name, copy = copy_fn(x)
+        copy_t = time_calls(copy, reps=reps, sync=sync)
         copy_bytes = 2 * x.nbytes
         copy_gbps = copy_bytes / copy_t.p50 / 1e9
-        rows.append(_row(base, "copy", "numpy" if device.type == "cpu" else "torch",
-                         copy_t, copy_bytes, copy_gbps))
+        rows.append(measurement_row(base, "copy", copy_name, copy_t, copy_bytes, copy_gbps))
         ref_p50: dict[str, float] = {}
         for name in names:
             n = reference_reps if name == "reference" else reps
@@ -137,7 +107,7 @@ def run(
                 if progress:
                     progress(f"{kv.label}: {op} [{name}]")
                 t = time_calls(fn, reps=n, sync=sync)
-                row = _row(base, op, name, t, moved, copy_gbps)
+                row = measurement_row(base, op, name, t, moved, copy_gbps)
                 if name == "reference":
                     ref_p50[op] = t.p50
                 rows.append(row)
@@ -145,36 +115,3 @@ def run(
             if row["label"] == kv.label and row["op"] in ref_p50:
                 row["speedup_vs_reference"] = ref_p50[row["op"]] / row["p50_s"]
     return rows
-
-
-def _row(base: dict, op: str, backend: str, t: Timing, nbytes: int, copy_gbps: float) -> dict:
-    gbps = nbytes / t.p50 / 1e9
-    return {
-        **base,
-        "op": op,
-        "backend": backend,
-        "bytes": nbytes,
-        "reps": t.reps,
-        "p20_s": t.p20,
-        "p50_s": t.p50,
-        "p80_s": t.p80,
-        "gbps": gbps,
-        "ratio_to_copy": gbps / copy_gbps,
-    }
-
-
-def render_table(rows: list[dict], title: str):
-    """A rich Table of the rows (one line per shape/op/backend)."""
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in ("heads x tokens", "op", "backend", "p50 ms", "GB/s", "x copy", "x ref"):
-        table.add_column(col, justify="left" if col in ("heads x tokens", "op", "backend") else "right",
-                         no_wrap=True)
-    for r in rows:
-        ref = r.get("speedup_vs_reference")
-        table.add_row(
-            r["label"], r["op"], r["backend"], f"{r['p50_s'] * 1e3:.3f}", f"{r['gbps']:.2f}",
-            f"{r['ratio_to_copy']:.2f}", "" if ref is None else f"{ref:.0f}",
-        )
-    return table

@@ -73,7 +73,7 @@ def _measure(console, run_fn):
 
 
 def _report(console, args, rows, what: str) -> int:
-    from ..bench.quant import render_table
+    from ..bench.common import render_table
     from ..bench.timing import write_json_lines
 
     title = (f"{what}: format v1 {args.bits}-bit G={args.group_size} {args.dtype} on "

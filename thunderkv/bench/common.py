@@ -1,0 +1,80 @@
+"""Pieces every benchmark shares: the copy baseline, device sync, backend selection, rows
+(one measurement with provenance, as written to JSON lines) and the printed table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from .. import backends
+from .timing import Timing
+
+
+def device_label(device: torch.device) -> str:
+    return str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu"
+
+
+def copy_fn(x: torch.Tensor) -> tuple[str, Callable[[], object]]:
+    """The same-run baseline: (name, a function copying ``x`` once). ``numpy.copyto`` on CPU
+    (torch's float16 ``copy_`` is far below memory speed there), device ``copy_`` on CUDA."""
+    if x.device.type == "cpu":
+        import numpy as np
+
+        src = x.view(torch.int16).numpy() if x.element_size() == 2 else x.numpy()
+        dst = np.empty_like(src)
+        return "numpy", lambda: np.copyto(dst, src)
+    dst = torch.empty_like(x)
+    return "torch", lambda: dst.copy_(x)
+
+
+def device_sync(device: torch.device) -> Callable[[], object] | None:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return None
+
+
+def usable_backends(device: torch.device, wanted: Iterable[str] | None) -> list[str]:
+    """Backends to time on ``device`` (the requested ones, or every one usable there)."""
+    names = list(wanted) if wanted else list(backends.BACKENDS)
+    out = []
+    for name in names:
+        why = backends.unavailable_reason(name, device)
+        if why is None:
+            out.append(name)
+        elif wanted:
+            raise RuntimeError(f"backend {name!r} unavailable on {device}: {why}")
+    return out
+
+
+def measurement_row(base: dict, op: str, backend: str, t: Timing, nbytes: int, copy_gbps: float) -> dict:
+    gbps = nbytes / t.p50 / 1e9
+    return {
+        **base,
+        "op": op,
+        "backend": backend,
+        "bytes": nbytes,
+        "reps": t.reps,
+        "p20_s": t.p20,
+        "p50_s": t.p50,
+        "p80_s": t.p80,
+        "gbps": gbps,
+        "ratio_to_copy": gbps / copy_gbps,
+    }
+
+
+def render_table(rows: list[dict], title: str):
+    """A rich Table of the rows (one line per shape/op/backend)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("heads x tokens", "op", "backend", "p50 ms", "GB/s", "x copy", "x ref"):
+        table.add_column(col, justify="left" if col in ("heads x tokens", "op", "backend") else "right",
+                         no_wrap=True)
+    for r in rows:
+        ref = r.get("speedup_vs_reference")
+        table.add_row(
+            r["label"], r["op"], r["backend"], f"{r['p50_s'] * 1e3:.3f}", f"{r['gbps']:.2f}",
+            f"{r['ratio_to_copy']:.2f}", "" if ref is None else f"{ref:.0f}",
+        )
+    return table
