@@ -12,6 +12,7 @@ op layer in ``thunderkv._ops`` checks everything first); ``x`` and ``out`` are i
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 
@@ -34,8 +35,17 @@ def check_backend_name(backend: object) -> str:
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:
-    """``None`` if backend ``name`` can run on ``device``, else why not."""
-    return _module(name).available(device)
+    """``None`` if backend ``name`` can run on ``device``, else why not.
+
+    Remembered per (backend, device): every op call resolves its backend, and the answer
+    (extension loaded, CUDA devices visible, Triton importable) does not change in a process.
+    """
+    return _unavailable_reason(name, device.type, device.index)
+
+
+@functools.cache
+def _unavailable_reason(name: str, device_type: str, index: int | None) -> str | None:
+    return _module(name).available(torch.device(device_type, index))
 
 
 def resolve(backend: str, device: torch.device) -> ModuleType:
