@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cpu/crc32c.h"
 #include "cpu/dispatch.h"
 #ifdef THUNDERKV_WITH_CUDA
 #include "cuda/quant_cuda.h"
@@ -96,6 +97,7 @@ py::dict build_info() {
   d["cuda"] = false;
   d["cuda_why_not"] = THUNDERKV_CUDA_WHY_NOT;
 #endif
+  d["ucx_why_not"] = THUNDERKV_UCX_WHY_NOT;  // empty: thunderkv._ucx was built
   return d;
 }
 
@@ -157,6 +159,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cpu_variant", &tkv::cpu::set_active_variant, py::arg("name"));
   m.def("cpu_max_threads", &tkv::cpu::max_threads);
   m.def("build_info", &build_info);
+  m.def(
+      "crc32c",
+      [](uintptr_t address, size_t nbytes, uint32_t seed, int threads) {
+        if (nbytes && !address) throw std::invalid_argument("crc32c: null address");
+        py::gil_scoped_release release;
+        return tkv::crc32c(reinterpret_cast<const void*>(address), nbytes, seed, threads);
+      },
+      py::arg("address"), py::arg("nbytes"), py::arg("seed") = 0, py::arg("threads") = 0,
+      "CRC-32C of nbytes of host memory at address, continuing from seed");
+  m.def("crc32c_combine", &tkv::crc32c_combine, py::arg("crc_a"), py::arg("crc_b"),
+        py::arg("len_b"));
+  m.def("crc32c_hardware", &tkv::crc32c_hardware);
 #ifdef THUNDERKV_WITH_CUDA
   m.attr("has_cuda") = true;
   m.def("cuda_quantize", &cuda_quantize, py::arg("x"), py::arg("packed"), py::arg("scale"),

@@ -1,0 +1,15 @@
+// CRC-32C of host memory (see crc32c.cpp). `seed` continues a running checksum:
+// crc32c(b, crc32c(a)) == crc32c(a || b). threads <= 0: OpenMP's default.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace tkv {
+
+uint32_t crc32c(const void* data, size_t nbytes, uint32_t seed, int threads);
+// crc32c(a || b) from crc32c(a), crc32c(b) and |b|.
+uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, size_t len_b);
+bool crc32c_hardware();
+
+}  // namespace tkv

@@ -1,0 +1,269 @@
+"""thunderkv.transfer between real processes over loopback (UCX PUT + the side channel)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import time
+
+import pytest
+import torch
+import transfer_peers as peers
+
+from thunderkv.transfer import (
+    AuthenticationError,
+    KVMessageError,
+    KVReceiver,
+    KVSender,
+    TransferError,
+    TransferTimeout,
+    auth,
+    channel,
+    unavailable_reason,
+)
+from thunderkv.transfer.channel import Kind
+
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None,
+                                reason=f"UCX transfer unavailable: {unavailable_reason()}")
+CTX = mp.get_context("spawn")
+
+
+def start(target, *args, **kwargs):
+    p = CTX.Process(target=target, args=args, kwargs=kwargs, daemon=True)
+    p.start()
+    return p
+
+
+def collect(results, n, timeout=120.0):
+    out = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        out.append(results.get(timeout=max(0.1, deadline - time.monotonic())))
+    errors = [r["error"] for r in out if "error" in r]
+    assert not errors, errors
+    return out
+
+
+@pytest.fixture
+def receiver():
+    rx = KVReceiver(1 << 29, token=peers.TOKEN, timeout=5.0)
+    yield rx
+    rx.close()
+
+
+def check_arrival(received, seed):
+    expected = peers.payload_for(seed, received.header.payload_length)
+    assert torch.equal(received.buffer, expected)
+
+
+def test_listener_binds_loopback_by_default(receiver):
+    assert receiver.host == "127.0.0.1"
+
+
+# tokens -> payload = 2 layers * 2 (K, V) * tokens * 2 heads * 64 * 2 bytes = 1024 * tokens
+@pytest.mark.parametrize("tokens", [0, 1, 3, 1023, 262_145])
+def test_bit_exact_arrival_across_sizes(receiver, tokens):
+    results = CTX.Queue()
+    p = start(peers.sender, receiver.host, receiver.port, [(5, tokens, tokens)], results)
+    (r,) = collect(results, 1)
+    got = receiver.wait(5, timeout=60)
+    assert got.header.payload_length == r["bytes"] == 1024 * tokens
+    check_arrival(got, tokens)
+    assert r["transports"], "every result names the transports used"
+    got.release()
+    assert receiver.pool.free_bytes() == receiver.pool.nbytes
+    p.join(10)
+
+
+def test_payload_must_match_the_header(receiver):
+    header = peers.raw_header(10, 1)
+    with KVSender(receiver.host, receiver.port, token=peers.TOKEN) as tx:
+        with pytest.raises(ValueError, match="payload has 0 bytes"):
+            tx.send(header, torch.empty(0, dtype=torch.uint8))
+        with pytest.raises(ValueError, match="contiguous 1-D uint8"):
+            tx.send(header, torch.zeros(header.payload_length // 2, dtype=torch.float16))
+        tx.send(header, peers.payload_for(0, header.payload_length))
+    check_arrival(receiver.wait(10, timeout=5), 0)
+
+
+def test_256_mib_message(receiver):
+    tokens = 256 * 1024 + 7  # just over 256 MiB
+    results = CTX.Queue()
+    p = start(peers.sender, receiver.host, receiver.port, [(1, tokens, 42)], results,
+              timeout=30.0)
+    collect(results, 1, timeout=180)
+    got = receiver.wait(1, timeout=60)
+    assert got.header.payload_length == 1024 * tokens > 256 << 20
+    check_arrival(got, 42)
+    got.release()
+    p.join(10)
+
+
+def test_concurrent_senders(receiver):
+    results = CTX.Queue()
+    jobs = {k: [(100 * k + j, 1000 + 37 * j + k, 100 * k + j) for j in range(3)]
+            for k in range(4)}
+    procs = [start(peers.sender, receiver.host, receiver.port, job, results)
+             for job in jobs.values()]
+    collect(results, 12)
+    for job in jobs.values():
+        for request_id, _, seed in job:
+            got = receiver.wait(request_id, timeout=30)
+            check_arrival(got, seed)
+            got.release()
+    assert receiver.pool.free_bytes() == receiver.pool.nbytes
+    for p in procs:
+        p.join(10)
+
+
+def test_layers_become_readable_while_later_layers_are_in_flight(receiver):
+    results = CTX.Queue()
+    p = start(peers.sender, receiver.host, receiver.port, [(3, 4096, 3)], results,
+              layer_delay=1.0)
+    incoming = receiver.incoming(3, timeout=30)
+    layer0 = incoming.wait_layer(0, timeout=10)
+    assert not incoming.done and incoming.layers_ready == 1
+    expected = peers.payload_for(3, incoming.header.payload_length)
+    n = incoming.header.layer_nbytes()
+    assert torch.equal(layer0["key_residual"].reshape(-1).view(torch.uint8),
+                       expected[: n // 2])
+    collect(results, 1)
+    check_arrival(receiver.wait(3, timeout=10), 3)
+    p.join(10)
+
+
+def test_sender_killed_mid_transfer_fails_the_request_and_receiver_keeps_serving():
+    rx = KVReceiver(1 << 26, token=peers.TOKEN, timeout=2.0)
+    try:
+        results = CTX.Queue()  # keep a reference: the child unpickles it after start()
+        p = start(peers.sender, rx.host, rx.port, [(1, 8192, 1)], results,
+                  die_after_layers=1)
+        incoming = rx.incoming(1, timeout=30)
+        t0 = time.monotonic()
+        with pytest.raises(TransferError):
+            rx.wait(1, timeout=10)
+        assert time.monotonic() - t0 < 3.0
+        assert incoming.layers_ready == 1
+        p.join(10)
+        start(peers.sender, rx.host, rx.port, [(2, 100, 2)], results)
+        collect(results, 1)
+        check_arrival(rx.wait(2, timeout=10), 2)
+    finally:
+        rx.close()
+
+
+def test_stalled_sender_times_out():
+    rx = KVReceiver(1 << 26, token=peers.TOKEN, timeout=1.0)
+    try:
+        results = CTX.Queue()
+        p = start(peers.sender, rx.host, rx.port, [(1, 8192, 1)], results,
+                  stall_after_layers=1)
+        rx.incoming(1, timeout=30)
+        t0 = time.monotonic()
+        with pytest.raises(TransferTimeout):
+            rx.wait(1, timeout=10)
+        assert time.monotonic() - t0 < 2.0
+        p.kill()
+    finally:
+        rx.close()
+
+
+def test_receiver_killed_mid_transfer_raises_on_sender():
+    ready = CTX.Queue()
+    p = start(peers.receiver_that_dies, ready, 1 << 28)
+    host, port = ready.get(timeout=60)
+    header = peers.raw_header(1, 32768)
+    t0 = time.monotonic()
+    with KVSender(host, port, token=peers.TOKEN, timeout=2.0) as tx:
+        payload = peers.payload_for(1, header.payload_length)
+        with pytest.raises(TransferError):
+            with tx.stream(header, payload) as stream:
+                for i in range(header.layers):
+                    stream.send_layer(i)
+                    time.sleep(0.5)
+                stream.finish()
+    assert time.monotonic() - t0 < 5.0
+    p.join(10)
+
+
+def test_wrong_token_is_refused_and_receiver_keeps_serving(receiver):
+    with pytest.raises(AuthenticationError, match="refused"):
+        KVSender(receiver.host, receiver.port, token="not-the-token-" + "x" * 16)
+    with pytest.raises(ValueError, match="at least 16"):
+        KVSender(receiver.host, receiver.port, token="short")
+    with KVSender(receiver.host, receiver.port, token=peers.TOKEN) as tx:
+        header = peers.raw_header(4, 10)
+        tx.send(header, peers.payload_for(4, header.payload_length))
+    check_arrival(receiver.wait(4, timeout=5), 4)
+
+
+def authenticated_socket(rx: KVReceiver) -> socket.socket:
+    """A raw side-channel connection that passed the handshake (to send crafted messages)."""
+    sock = socket.create_connection((rx.host, rx.port), timeout=5)
+    hello = channel.receive(sock, timeout=5)
+    server_nonce, client_nonce = bytes.fromhex(hello.meta["nonce"]), auth.new_nonce()
+    token = auth.load_token(peers.TOKEN)
+    channel.send(sock, Kind.AUTH, {"nonce": client_nonce.hex(), "proof": auth.proof(
+        token, "client", server_nonce, client_nonce).hex()})
+    assert channel.receive(sock, timeout=5).kind == Kind.WELCOME
+    return sock
+
+
+@pytest.mark.parametrize("mutate, why", [
+    (lambda h: b"XXXX" + h[4:], "magic"),
+    (lambda h: h[:40], "truncated"),
+    (lambda h: h[:20] + bytes([h[20] ^ 1]) + h[21:], "header_crc"),
+])
+def test_malformed_headers_are_refused_before_allocation(receiver, mutate, why):
+    good = peers.raw_header(7, 10).pack()
+    with authenticated_socket(receiver) as sock:
+        channel.send(sock, Kind.BEGIN, {}, mutate(good))
+        grant = channel.receive(sock, timeout=5)
+        assert grant.kind == Kind.GRANT and not grant.meta["ok"]
+        assert why in grant.meta["reason"]
+    assert receiver.pool.free_bytes() == receiver.pool.nbytes
+
+
+def test_oversized_message_is_refused(receiver):
+    big = peers.raw_header(8, 1 << 18, layers=16)  # 2 GiB > the 512 MiB pool
+    with authenticated_socket(receiver) as sock:
+        channel.send(sock, Kind.BEGIN, {}, big.pack())
+        grant = channel.receive(sock, timeout=5)
+        assert not grant.meta["ok"] and "over the limit" in grant.meta["reason"]
+    with KVSender(receiver.host, receiver.port, token=peers.TOKEN) as tx:
+        with pytest.raises(ValueError, match="over the receiver's limit"):
+            tx.send(big, torch.empty(0, dtype=torch.uint8))
+
+
+def test_oversized_control_frame_closes_only_that_connection(receiver):
+    with authenticated_socket(receiver) as sock:
+        sock.sendall(channel.FRAME.pack(1 << 30, int(Kind.BEGIN), 0))
+        assert sock.recv(1) == b""  # the receiver hung up
+    with KVSender(receiver.host, receiver.port, token=peers.TOKEN) as tx:
+        header = peers.raw_header(11, 3)
+        tx.send(header, peers.payload_for(11, header.payload_length))
+
+
+def test_checksum_mismatch_is_rejected_and_never_delivered(receiver, monkeypatch):
+    import thunderkv.transfer.sender as sender_module
+
+    header = peers.raw_header(12, 64)
+    with KVSender(receiver.host, receiver.port, token=peers.TOKEN) as tx:
+        monkeypatch.setattr(sender_module, "crc32c", lambda data, seed=0: 12345)
+        with pytest.raises(TransferError, match="checksum mismatch"):
+            tx.send(header, peers.payload_for(12, header.payload_length))
+        with pytest.raises(KVMessageError, match="checksum mismatch"):
+            receiver.wait(12, timeout=5)
+        monkeypatch.undo()
+        # the connection and the request id are usable again
+        tx.send(header, peers.payload_for(12, header.payload_length))
+    check_arrival(receiver.wait(12, timeout=5), 12)
+    assert receiver.pool.free_bytes() < receiver.pool.nbytes
+
+
+def test_duplicate_request_id_is_refused(receiver):
+    header = peers.raw_header(13, 8)
+    with KVSender(receiver.host, receiver.port, token=peers.TOKEN) as tx:
+        tx.send(header, peers.payload_for(13, header.payload_length))
+        with pytest.raises(TransferError, match="already in use"):
+            tx.send(header, peers.payload_for(13, header.payload_length))

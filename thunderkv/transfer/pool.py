@@ -1,0 +1,112 @@
+"""Registered buffer pools: memory mapped once with UCX and carved into per-request slices.
+
+A sender's pool holds the packed KV that quantize kernels write straight into; a receiver's
+pool is the target of the sender's PUTs, and dequantize reads straight from it. Both are plain
+uint8 torch tensors (host, or CUDA when the device is a GPU), so callers get zero-copy views.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .errors import TransferError, TransferUnavailable
+from .ucx import load_ucx, ucx_unavailable_reason
+
+ALIGN = 256
+
+
+class PoolFull(TransferError):
+    """No free slice large enough right now (retry after releasing, or use a larger pool)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """``nbytes`` bytes at ``offset`` of a pool; ``view`` is a zero-copy uint8 tensor of them."""
+
+    offset: int
+    nbytes: int
+    view: torch.Tensor
+
+
+class BufferPool:
+    """``nbytes`` of registered memory on ``device`` with a first-fit allocator.
+
+    Parameters
+    ----------
+    worker : the ``_ucx.Worker`` that registers the memory (one per process side).
+    nbytes : pool size in bytes (> 0).
+    device : "cpu" or a CUDA device (CUDA needs a UCX built with CUDA support).
+    """
+
+    def __init__(self, worker, nbytes: int, device: torch.device | str = "cpu") -> None:
+        if load_ucx() is None:
+            raise TransferUnavailable(f"UCX transfer unavailable: {ucx_unavailable_reason()}")
+        if not isinstance(nbytes, int) or nbytes <= 0:
+            raise ValueError(f"pool size must be a positive number of bytes, got {nbytes!r}")
+        self.device = torch.device(device)
+        self.tensor = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        if self.device.type == "cpu":
+            self.tensor.zero_()  # touch the pages now, not during the first transfer
+        self.region = worker.register_memory(self.tensor.data_ptr(), nbytes)
+        self.nbytes = nbytes
+        self._free: list[tuple[int, int]] = [(0, nbytes)]  # sorted (offset, size)
+        self._used: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def address(self) -> int:
+        return self.tensor.data_ptr()
+
+    @property
+    def memory_type(self) -> str:
+        return self.region.memory_type
+
+    def allocate(self, nbytes: int) -> Slice:
+        """A free slice of ``nbytes`` (aligned to 256 bytes); raise PoolFull if none fits."""
+        if nbytes < 0:
+            raise ValueError("nbytes must be >= 0")
+        if nbytes == 0:  # takes no space; release() of it is a no-op
+            return Slice(0, 0, self.tensor[:0])
+        size = -(-nbytes // ALIGN) * ALIGN
+        with self._lock:
+            for i, (off, free) in enumerate(self._free):
+                if free >= size:
+                    if free == size:
+                        del self._free[i]
+                    else:
+                        self._free[i] = (off + size, free - size)
+                    self._used[off] = size
+                    return Slice(off, nbytes, self.tensor[off:off + nbytes])
+            if size > self.nbytes:
+                raise PoolFull(f"{nbytes} bytes can never fit the {self.nbytes}-byte pool")
+        raise PoolFull(f"no free {nbytes}-byte slice in the {self.nbytes}-byte pool "
+                       f"({self.free_bytes()} bytes free, fragmented or in use)")
+
+    def release(self, piece: Slice) -> None:
+        """Return ``piece`` to the pool (merging free neighbours)."""
+        if piece.nbytes == 0:
+            return
+        offset = piece.offset
+        with self._lock:
+            size = self._used.pop(offset, None)
+            if size is None:
+                raise ValueError(f"no allocated slice at offset {offset}")
+            i = bisect.bisect(self._free, (offset, 0))
+            self._free.insert(i, (offset, size))
+            # merge with the next, then the previous neighbour
+            if i + 1 < len(self._free) and offset + size == self._free[i + 1][0]:
+                self._free[i] = (offset, size + self._free.pop(i + 1)[1])
+            if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == offset:
+                prev_off, prev_size = self._free[i - 1]
+                self._free[i - 1] = (prev_off, prev_size + self._free.pop(i)[1])
+
+    def free_bytes(self) -> int:
+        with self._lock:
+            return sum(size for _, size in self._free)
+
+    def close(self) -> None:
+        self.region.release()

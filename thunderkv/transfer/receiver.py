@@ -1,0 +1,374 @@
+"""The receiving side: a listener whose registered pool peers PUT KV messages into.
+
+Per connection a thread runs the handshake, then, per request: validate the header (every
+field, sizes capped) *before* allocating, grant a slice of the pool, verify each layer's
+CRC-32C as its completion notice arrives (so a consumer may start on layer 0 while later
+layers are in flight), and deliver the request only when the commit's payload checksum matches.
+A failed request (bad checksum, sender died or stalled past the timeout, abort) frees its slice
+and raises from :meth:`IncomingKV.wait_layer` / :meth:`KVReceiver.wait`; it is never delivered
+half-written. Other connections are unaffected.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import auth, channel
+from .channel import Kind
+from .checksum import crc32c
+from .errors import AuthenticationError, TransferError, TransferTimeout, TransferUnavailable
+from .pool import BufferPool, PoolFull, Slice
+from .ucx import load_ucx, ucx_unavailable_reason
+from .wire import DEFAULT_LIMITS, KVHeader, KVMessageError, Limits, decode_header, layer_views
+
+log = logging.getLogger("thunderkv.transfer")
+PROTOCOL_VERSION = 1
+IDLE_POLL_S = 3600.0  # between requests a connection may stay idle this long per read
+
+
+def _crc(view: torch.Tensor, seed: int) -> int:
+    return crc32c(view if view.device.type == "cpu" else view.cpu(), seed)
+
+
+@dataclass
+class IncomingKV:
+    """A request being received. Layers become readable one by one once their checksum passed."""
+
+    header: KVHeader
+    slice: Slice
+    peer: str
+    started: float = field(default_factory=time.perf_counter)
+    layers_ready: int = 0
+    error: BaseException | None = None
+    done: bool = False
+    seconds: float = 0.0
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def request_id(self) -> int:
+        return self.header.request_id
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The payload bytes (uint8, in the receive pool; valid until released)."""
+        return self.slice.view
+
+    def layer(self, index: int) -> dict[str, torch.Tensor]:
+        """Zero-copy typed views of layer ``index`` (see :func:`thunderkv.transfer.wire.layer_views`)."""
+        n = self.header.layer_nbytes()
+        return layer_views(self.header, self.slice.view[index * n:(index + 1) * n])
+
+    def wait_layer(self, index: int, timeout: float | None = None) -> dict[str, torch.Tensor]:
+        """Block until layer ``index`` arrived and verified; raise the request's error if it failed."""
+        if not 0 <= index < self.header.layers:
+            raise IndexError(f"layer {index} outside 0..{self.header.layers - 1}")
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.error or self.layers_ready > index, timeout):
+                raise TransferTimeout(f"request {self.request_id}: layer {index} not received "
+                                      f"within {timeout} s")
+            if self.error:
+                raise self.error
+        return self.layer(index)
+
+    def _update(self, **changes) -> None:
+        with self._cond:
+            for key, value in changes.items():
+                setattr(self, key, value)
+            self._cond.notify_all()
+
+
+class ReceivedKV:
+    """A complete, verified KV message in the receive pool. Call :meth:`release` when consumed."""
+
+    def __init__(self, incoming: IncomingKV, receiver: KVReceiver) -> None:
+        self._incoming, self._receiver = incoming, receiver
+        self.header = incoming.header
+        self.peer = incoming.peer
+        self.seconds = incoming.seconds
+        self._released = False
+
+    @property
+    def request_id(self) -> int:
+        return self.header.request_id
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The whole payload, uint8 ``[payload_length]`` (a view into the receive pool)."""
+        if self._released:
+            raise TransferError(f"request {self.request_id} was released")
+        return self._incoming.buffer
+
+    def layer(self, index: int) -> dict[str, torch.Tensor]:
+        """Typed zero-copy views of one layer block (names as in ``KVHeader.parts()``)."""
+        if self._released:
+            raise TransferError(f"request {self.request_id} was released")
+        return self._incoming.layer(index)
+
+    def release(self) -> None:
+        """Give the pool slice back (the views become invalid)."""
+        if not self._released:
+            self._released = True
+            self._receiver._forget(self._incoming)
+
+    def __enter__(self) -> ReceivedKV:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class KVReceiver:
+    """Listen for KV messages on ``host:port`` (127.0.0.1 and a free port by default).
+
+    Parameters
+    ----------
+    pool_bytes : size of the registered receive pool; no message larger than it is accepted.
+    token : the shared secret (default: ``$THUNDERKV_TRANSFER_TOKEN`` / ``..._FILE``).
+    timeout : seconds a sender may go without progress mid-transfer before the request fails.
+    limits : caps on header fields (the payload cap is also clipped to ``pool_bytes``).
+    device : where the pool lives ("cpu", or "cuda" where UCX was built with CUDA support).
+    error_handling : UCX peer error handling on endpoints (restricts UCX to tcp here: slower).
+    """
+
+    def __init__(self, pool_bytes: int = 1 << 30, *, host: str = "127.0.0.1", port: int = 0,
+                 token: str | bytes | None = None, timeout: float = 5.0,
+                 limits: Limits = DEFAULT_LIMITS, device: torch.device | str = "cpu",
+                 error_handling: bool = False) -> None:
+        ucx = load_ucx()
+        if ucx is None:
+            raise TransferUnavailable(f"UCX transfer unavailable: {ucx_unavailable_reason()}")
+        self._token = auth.load_token(token)
+        self.timeout = float(timeout)
+        self.limits = dataclasses.replace(
+            limits, max_payload_bytes=min(limits.max_payload_bytes, pool_bytes))
+        self.worker = ucx.Worker(error_handling)
+        self.worker.start_progress_thread()
+        self.pool = BufferPool(self.worker, pool_bytes, device)
+        self._rkey = self.pool.region.packed_rkey()
+        self._requests: dict[int, IncomingKV] = {}
+        self._failed: collections.OrderedDict[int, BaseException] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._completed: queue.Queue[IncomingKV] = queue.Queue()
+        self._changed = threading.Condition(self._lock)
+        self._closed = False
+        self._connections: set[socket.socket] = set()
+        self._sock = socket.create_server((host, port))
+        self.host, self.port = self._sock.getsockname()[:2]
+        self._acceptor = threading.Thread(target=self._accept_loop, name="tkv-accept", daemon=True)
+        self._acceptor.start()
+
+    # ------------------------------------------------------------------ consumer API
+    def recv(self, timeout: float | None = None) -> ReceivedKV:
+        """The next completed request (in completion order); TransferTimeout if none in time."""
+        try:
+            incoming = self._completed.get(timeout=timeout)
+        except queue.Empty:
+            raise TransferTimeout(f"no KV message completed within {timeout} s") from None
+        return ReceivedKV(incoming, self)
+
+    def incoming(self, request_id: int, timeout: float | None = None) -> IncomingKV:
+        """The request ``request_id`` once its header was accepted (layers may still arrive)."""
+        with self._changed:
+            if not self._changed.wait_for(
+                    lambda: request_id in self._requests or request_id in self._failed
+                    or self._closed, timeout):
+                raise TransferTimeout(f"request {request_id} did not start within {timeout} s")
+            if request_id in self._requests:
+                return self._requests[request_id]
+            if request_id in self._failed:
+                raise self._failed[request_id]
+            raise TransferError("receiver closed")
+
+    def wait(self, request_id: int, timeout: float | None = None) -> ReceivedKV:
+        """Block until request ``request_id`` is complete and verified; raise its error if not."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        incoming = self.incoming(request_id, timeout)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        with incoming._cond:
+            if not incoming._cond.wait_for(lambda: incoming.done or incoming.error, left):
+                raise TransferTimeout(f"request {request_id} not complete within {timeout} s")
+            if incoming.error:
+                raise incoming.error
+        return ReceivedKV(incoming, self)
+
+    def close(self) -> None:
+        """Stop listening, drop connections, unregister and free the pool."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._changed.notify_all()
+            conns = list(self._connections)
+        self._sock.close()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._acceptor.join(timeout=2)
+        self.worker.stop_progress_thread()
+        self.pool.close()
+
+    def __enter__(self) -> KVReceiver:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+    def _forget(self, incoming: IncomingKV) -> None:
+        with self._lock:
+            if self._requests.get(incoming.request_id) is incoming:
+                del self._requests[incoming.request_id]
+        self.pool.release(incoming.slice)
+
+    def _fail(self, incoming: IncomingKV, error: BaseException) -> None:
+        log.warning("request %d from %s failed: %s", incoming.request_id, incoming.peer, error)
+        incoming._update(error=error)
+        with self._lock:  # a failed request's id becomes reusable; its bytes are gone
+            if self._requests.get(incoming.request_id) is incoming:
+                del self._requests[incoming.request_id]
+            self._failed[incoming.request_id] = error  # wait() reports it (the latest 1024)
+            while len(self._failed) > 1024:
+                self._failed.popitem(last=False)
+            self._changed.notify_all()
+        self.pool.release(incoming.slice)
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, addr = self._sock.accept()
+            except OSError:
+                return  # closed
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._connections.add(conn)
+            peer = f"{addr[0]}:{addr[1]}"
+            threading.Thread(target=self._serve, args=(conn, peer), name=f"tkv-peer-{peer}",
+                             daemon=True).start()
+
+    def _handshake(self, conn: socket.socket) -> None:
+        server_nonce = auth.new_nonce()
+        channel.send(conn, Kind.HELLO, {"version": PROTOCOL_VERSION, "nonce": server_nonce.hex()},
+                     timeout=self.timeout)
+        msg = channel.expect(channel.receive(conn, timeout=self.timeout, what="authentication",
+                                             max_frame=channel.PRE_AUTH_MAX_FRAME), Kind.AUTH)
+        try:
+            client_nonce = bytes.fromhex(str(msg.meta.get("nonce", "")))
+            presented = bytes.fromhex(str(msg.meta.get("proof", "")))
+        except ValueError:
+            client_nonce = presented = b""
+        if len(client_nonce) != auth.NONCE_BYTES or not auth.verify(
+                self._token, "client", server_nonce, client_nonce, presented):
+            channel.send(conn, Kind.ERROR, {"reason": "authentication failed"},
+                         timeout=self.timeout)
+            raise AuthenticationError("peer failed authentication")
+        address = self.worker.address()
+        channel.send(conn, Kind.WELCOME, {
+            "proof": auth.proof(self._token, "server", server_nonce, client_nonce).hex(),
+            "pool_address": self.pool.address, "pool_nbytes": self.pool.nbytes,
+            "address_bytes": len(address), "memory_type": self.pool.memory_type,
+            "max_payload_bytes": self.limits.max_payload_bytes,
+        }, address + self._rkey, timeout=self.timeout)
+
+    def _serve(self, conn: socket.socket, peer: str) -> None:
+        try:
+            self._handshake(conn)
+            while True:
+                msg = channel.receive(conn, timeout=IDLE_POLL_S, what="a request")
+                if msg.kind != Kind.BEGIN:
+                    raise TransferError(f"protocol error: expected BEGIN, got {msg.kind.name}")
+                self._receive_request(conn, peer, msg)
+        except (TransferError, OSError) as exc:
+            if not self._closed:
+                log.info("connection %s closed: %s", peer, exc)
+        finally:
+            with self._lock:
+                self._connections.discard(conn)
+            conn.close()
+
+    def _begin(self, conn: socket.socket, peer: str, msg: channel.Message) -> IncomingKV | None:
+        """Validate the header and grant a slice; None (after telling the sender) if refused."""
+        try:
+            header = decode_header(msg.blob, limits=self.limits)
+            with self._lock:
+                if header.request_id in self._requests:
+                    raise KVMessageError(f"request id {header.request_id} is already in use")
+                piece = self.pool.allocate(header.payload_length)
+                incoming = IncomingKV(header, piece, peer)
+                self._failed.pop(header.request_id, None)
+                self._requests[header.request_id] = incoming
+                self._changed.notify_all()
+        except (KVMessageError, PoolFull) as exc:
+            channel.send(conn, Kind.GRANT, {"ok": False, "reason": str(exc)}, timeout=self.timeout)
+            return None
+        channel.send(conn, Kind.GRANT, {"ok": True, "offset": piece.offset}, timeout=self.timeout)
+        return incoming
+
+    def _receive_request(self, conn: socket.socket, peer: str, begin: channel.Message) -> None:
+        incoming = self._begin(conn, peer, begin)
+        if incoming is None:
+            return
+        header, layer_n = incoming.header, incoming.header.layer_nbytes()
+        running = 0
+        try:
+            while True:
+                msg = channel.receive(conn, timeout=self.timeout,
+                                      what=f"progress on request {header.request_id}")
+                if msg.kind == Kind.PROGRESS:
+                    continue
+                if msg.kind == Kind.ABORT:
+                    self._fail(incoming, TransferError(
+                        f"sender aborted request {header.request_id}: "
+                        f"{msg.meta.get('reason', '')}"))
+                    return
+                if msg.kind == Kind.LAYER:
+                    index = channel.meta_int(msg, "index", 0, header.layers - 1)
+                    claimed = channel.meta_int(msg, "crc", 0, 0xFFFFFFFF)
+                    if index != incoming.layers_ready:
+                        raise TransferError(f"layer {index} announced, expected "
+                                            f"{incoming.layers_ready}")
+                    view = incoming.slice.view[index * layer_n:(index + 1) * layer_n]
+                    running = _crc(view, running)
+                    if running != claimed:
+                        raise KVMessageError(f"request {header.request_id}: checksum mismatch "
+                                             f"in layer {index}")
+                    incoming._update(layers_ready=index + 1)
+                    continue
+                channel.expect(msg, Kind.COMMIT)
+                claimed = channel.meta_int(msg, "payload_crc", 0, 0xFFFFFFFF)
+                if incoming.layers_ready != header.layers:
+                    raise KVMessageError(f"request {header.request_id} committed with "
+                                         f"{incoming.layers_ready}/{header.layers} layers")
+                if claimed != running or (not header.streamed and header.payload_crc != running):
+                    raise KVMessageError(f"request {header.request_id}: payload checksum mismatch")
+                incoming._update(done=True, seconds=time.perf_counter() - incoming.started)
+                channel.send(conn, Kind.ACK, {"ok": True}, timeout=self.timeout)
+                self._completed.put(incoming)
+                return
+        except KVMessageError as exc:
+            self._fail(incoming, exc)
+            channel.send(conn, Kind.ACK, {"ok": False, "reason": str(exc)}, timeout=self.timeout)
+            self._drain_until_commit(conn)
+        except (TransferError, OSError) as exc:
+            self._fail(incoming, exc if isinstance(exc, TransferError) else TransferError(str(exc)))
+            raise
+
+    def _drain_until_commit(self, conn: socket.socket) -> None:
+        """After a rejected layer, skip the request's remaining notices up to its COMMIT."""
+        while True:
+            msg = channel.receive(conn, timeout=self.timeout, what="the rest of a rejected request")
+            if msg.kind in (Kind.COMMIT, Kind.ABORT):
+                return

@@ -1,0 +1,326 @@
+"""The sending side: connect to a KVReceiver and PUT KV messages into its registered pool.
+
+One :class:`KVSender` is one authenticated connection (side channel + UCX endpoint); requests
+on it run one at a time (open several senders for concurrency). A request's payload must be a
+contiguous uint8 tensor: ideally a slice of a :class:`SendPool` the quantize kernels wrote
+straight into (registered once), otherwise it is registered for the duration of the call.
+Either way the bytes go from that memory into the receiver's pool with one-sided UCX PUTs, in
+chunks, with a PROGRESS notice after each so the receiver can tell slow from dead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import auth, channel
+from .channel import Kind
+from .checksum import crc32c
+from .errors import AuthenticationError, TransferError, TransferTimeout, TransferUnavailable
+from .pool import BufferPool, PoolFull
+from .ucx import load_ucx, ucx_unavailable_reason
+from .wire import KVHeader
+
+DEFAULT_CHUNK_BYTES = 16 << 20
+_LANE = re.compile(r"lane\[\d+\]:\s+\d+:(\S+?)\.\d+\s")
+
+
+def _ucx_call(fn, *args):
+    """Run a ``_ucx`` call, mapping its exceptions onto ours."""
+    ucx = load_ucx()
+    try:
+        return fn(*args)
+    except ucx.TransferTimeout as exc:
+        raise TransferTimeout(str(exc)) from None
+    except ucx.TransferError as exc:
+        raise TransferError(str(exc)) from None
+
+
+def rma_transports(description: str) -> list[str]:
+    """The ``transport/device`` of the lanes UCX uses for RMA (PUT), from ``ucp_ep_print_info``."""
+    out = []
+    for line in description.splitlines():
+        m = _LANE.search(line)
+        if m and any(word.startswith("rma") for word in line.split()):
+            out.append(m.group(1))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    """What one request cost: bytes, seconds and the transports that carried it."""
+
+    request_id: int
+    bits: int
+    layers: int
+    payload_bytes: int  # bytes on the wire (excluding the small header/notices)
+    kv_bytes: int  # the same KV uncompressed (16-bit, or the model dtype for raw messages)
+    seconds: float  # BEGIN sent -> ACK received
+    put_seconds: float  # time inside UCX PUT + flush
+    transports: tuple[str, ...]  # RMA lanes, e.g. ("cma/memory",) or ("tcp/lo",)
+    lanes: tuple[str, ...] = field(default=())  # every lane of the endpoint
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.payload_bytes / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def effective_kv_bytes_per_s(self) -> float:
+        """Uncompressed-equivalent KV bytes delivered per second."""
+        return self.kv_bytes / self.seconds if self.seconds > 0 else float("inf")
+
+
+def uncompressed_bytes(header: KVHeader) -> int:
+    """Bytes of the message's K and V at 16 bits (the model dtype's width for raw float32)."""
+    width = header.dtype.itemsize if header.raw else 2
+    return 2 * header.layers * header.batch * header.heads * header.head_dim * header.tokens * width
+
+
+class SendPool(BufferPool):
+    """A registered send buffer; carve request payloads out of it with :meth:`allocate`."""
+
+
+class KVSender:
+    """An authenticated connection to a :class:`~thunderkv.transfer.KVReceiver`.
+
+    Parameters
+    ----------
+    host, port : the receiver's side-channel address.
+    token : the shared secret (default: ``$THUNDERKV_TRANSFER_TOKEN`` / ``..._FILE``).
+    timeout : seconds without progress (connect, grant, a PUT chunk, the ACK) before
+        TransferTimeout.
+    chunk_bytes : PUT granularity; a PROGRESS notice follows each chunk.
+    error_handling : UCX peer error handling (must match what suits the receiver's transports).
+    """
+
+    def __init__(self, host: str, port: int, *, token: str | bytes | None = None,
+                 timeout: float = 5.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 error_handling: bool = False) -> None:
+        ucx = load_ucx()
+        if ucx is None:
+            raise TransferUnavailable(f"UCX transfer unavailable: {ucx_unavailable_reason()}")
+        self._token = auth.load_token(token)
+        self.timeout, self.chunk_bytes = float(timeout), int(chunk_bytes)
+        self._lock = threading.Lock()
+        try:
+            self._sock = socket.create_connection((host, port), timeout=self.timeout)
+        except OSError as exc:
+            raise TransferError(f"cannot connect to {host}:{port}: {exc}") from exc
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peer = f"{host}:{port}"
+        try:
+            address, rkey, info = self._handshake()
+            self.worker = ucx.Worker(error_handling)
+            self._endpoint = _ucx_call(self.worker.connect, address)
+            self._remote = _ucx_call(self._endpoint.unpack_rkey, rkey, info["pool_address"],
+                                     info["pool_nbytes"])
+        except BaseException:
+            self._sock.close()
+            raise
+        self.remote_memory_type = str(info.get("memory_type", "host"))
+        self.max_payload_bytes = int(info.get("max_payload_bytes", info["pool_nbytes"]))
+        self.lanes = tuple(f"{t}/{d}" for t, d in self._endpoint.transports())
+        self.transports = tuple(rma_transports(self._endpoint.describe())) or self.lanes
+        self._pools: list[BufferPool] = []
+
+    def _handshake(self) -> tuple[bytes, bytes, dict]:
+        hello = channel.expect(channel.receive(self._sock, timeout=self.timeout, what="HELLO",
+                                               max_frame=channel.PRE_AUTH_MAX_FRAME), Kind.HELLO)
+        if hello.meta.get("version") != 1:
+            raise TransferError(f"receiver speaks protocol version {hello.meta.get('version')}, "
+                                "this sender 1")
+        try:
+            server_nonce = bytes.fromhex(str(hello.meta.get("nonce", "")))
+        except ValueError:
+            server_nonce = b""
+        client_nonce = auth.new_nonce()
+        channel.send(self._sock, Kind.AUTH, {
+            "nonce": client_nonce.hex(),
+            "proof": auth.proof(self._token, "client", server_nonce, client_nonce).hex()},
+            timeout=self.timeout)
+        msg = channel.receive(self._sock, timeout=self.timeout, what="WELCOME")
+        if msg.kind == Kind.ERROR:
+            raise AuthenticationError(f"receiver {self.peer} refused: {msg.meta.get('reason')}")
+        channel.expect(msg, Kind.WELCOME)
+        try:
+            server_proof = bytes.fromhex(str(msg.meta.get("proof", "")))
+        except ValueError:
+            server_proof = b""
+        if not auth.verify(self._token, "server", server_nonce, client_nonce, server_proof):
+            raise AuthenticationError(f"receiver {self.peer} could not prove it holds the token")
+        n_addr = channel.meta_int(msg, "address_bytes", 1, len(msg.blob))
+        channel.meta_int(msg, "pool_nbytes", 1)
+        channel.meta_int(msg, "pool_address", 0)
+        return msg.blob[:n_addr], msg.blob[n_addr:], msg.meta
+
+    # ------------------------------------------------------------------ buffers
+    def register(self, nbytes: int, device: torch.device | str = "cpu") -> SendPool:
+        """A registered send pool of ``nbytes`` on ``device`` (quantize straight into slices)."""
+        pool = SendPool(self.worker, nbytes, device)
+        self._pools.append(pool)
+        return pool
+
+    def _region_of(self, payload: torch.Tensor):
+        """(region, offset) of ``payload`` in a registered pool, registering it if needed."""
+        if payload.dtype != torch.uint8 or payload.dim() != 1 or not payload.is_contiguous():
+            raise ValueError("payload must be a contiguous 1-D uint8 tensor, got "
+                             f"{payload.dtype} {tuple(payload.shape)}")
+        start = payload.data_ptr()
+        for pool in self._pools:
+            if pool.address <= start and start + payload.numel() <= pool.address + pool.nbytes:
+                return pool.region, start - pool.address, None
+        region = _ucx_call(self.worker.register_memory, start, payload.numel())
+        return region, 0, region
+
+    # ------------------------------------------------------------------ sending
+    def send(self, header: KVHeader, payload: torch.Tensor) -> TransferResult:
+        """Send a whole message (all layers ready) and wait for the receiver's verification."""
+        with self.stream(header, payload) as stream:
+            for index in range(header.layers):
+                stream.send_layer(index)
+            return stream.finish()
+
+    def stream(self, header: KVHeader, payload: torch.Tensor) -> KVStream:
+        """Start a request whose layers are sent one by one as they are produced
+        (:meth:`KVStream.send_layer`), so sending overlaps the prefill that computes them."""
+        if header.payload_length > self.max_payload_bytes:
+            raise ValueError(f"payload of {header.payload_length} bytes is over the receiver's "
+                             f"limit of {self.max_payload_bytes}")
+        if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or (
+                payload.dim() != 1 or not payload.is_contiguous()):
+            raise ValueError("payload must be a contiguous 1-D uint8 tensor, got "
+                             f"{getattr(payload, 'dtype', type(payload))} "
+                             f"{tuple(getattr(payload, 'shape', ()))}")
+        if payload.numel() != header.payload_length:
+            raise ValueError(f"payload has {payload.numel()} bytes, header says "
+                             f"{header.payload_length}")
+        if not header.streamed and header.payload_crc == 0:
+            # No checksum up front: the per-layer notices carry it (as for a streamed message).
+            header = dataclasses.replace(header, streamed=True)
+        return KVStream(self, header, payload)
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        finally:
+            self._remote = None  # UCX wants remote keys destroyed before their endpoint
+            if getattr(self, "_endpoint", None) is not None:
+                self._endpoint.close(force=False, timeout_s=min(self.timeout, 1.0))
+                self._endpoint = None
+            for pool in self._pools:
+                pool.close()
+            self._pools.clear()
+
+    def __enter__(self) -> KVSender:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class KVStream:
+    """One request in flight on a :class:`KVSender` (see :meth:`KVSender.stream`)."""
+
+    def __init__(self, sender: KVSender, header: KVHeader, payload: torch.Tensor) -> None:
+        self.sender, self.header, self.payload = sender, header, payload
+        self._region, self._base, self._temporary = sender._region_of(payload)
+        sender._lock.acquire()
+        self._open = True
+        self._next_layer, self._crc, self.put_seconds = 0, 0, 0.0
+        self.started = time.perf_counter()
+        sock, timeout = sender._sock, sender.timeout
+        try:
+            channel.send(sock, Kind.BEGIN, {}, header.pack(), timeout=timeout)
+            grant = channel.expect(channel.receive(sock, timeout=timeout, what="GRANT"),
+                                   Kind.GRANT)
+            if not grant.meta.get("ok"):
+                reason = str(grant.meta.get("reason", "no reason given"))
+                cls = PoolFull if "pool" in reason and "free" in reason else TransferError
+                raise cls(f"receiver refused request {header.request_id}: {reason}")
+            self.offset = channel.meta_int(grant, "offset", 0,
+                                           sender._remote.nbytes - header.payload_length)
+        except BaseException:
+            self._close()
+            raise
+
+    def _close(self) -> None:
+        if self._open:
+            self._open = False
+            if self._temporary is not None:
+                self._temporary.release()
+            self.sender._lock.release()
+
+    def send_layer(self, index: int) -> None:
+        """PUT layer ``index`` (layers go in order) and tell the receiver it is in place."""
+        if not self._open:
+            raise TransferError("stream is closed")
+        if index != self._next_layer:
+            raise ValueError(f"layers must be sent in order: expected {self._next_layer}, "
+                             f"got {index}")
+        s = self.sender
+        n = self.header.layer_nbytes()
+        start = index * n
+        done = 0
+        try:
+            while done < n:
+                size = min(s.chunk_bytes, n - done)
+                self.put_seconds += _ucx_call(
+                    s._endpoint.put, self._region, self._base + start + done, size, s._remote,
+                    self.offset + start + done, s.timeout)
+                done += size
+                if done < n:
+                    channel.send(s._sock, Kind.PROGRESS, {"bytes": start + done},
+                                 timeout=s.timeout)
+            layer = self.payload[start:start + n]
+            self._crc = crc32c(layer if layer.device.type == "cpu" else layer.cpu(), self._crc)
+            channel.send(s._sock, Kind.LAYER, {"index": index, "crc": self._crc},
+                         timeout=s.timeout)
+        except BaseException:
+            self.abort("sender failed while sending a layer")
+            raise
+        self._next_layer += 1
+
+    def finish(self) -> TransferResult:
+        """Commit and wait for the receiver to verify the whole payload."""
+        s = self.sender
+        try:
+            if self._next_layer != self.header.layers:
+                raise ValueError(f"finish() after {self._next_layer}/{self.header.layers} layers")
+            channel.send(s._sock, Kind.COMMIT, {"payload_crc": self._crc}, timeout=s.timeout)
+            ack = channel.expect(channel.receive(s._sock, timeout=s.timeout, what="ACK"), Kind.ACK)
+            if not ack.meta.get("ok"):
+                raise TransferError(f"receiver rejected request {self.header.request_id}: "
+                                    f"{ack.meta.get('reason')}")
+            seconds = time.perf_counter() - self.started
+        finally:
+            self._close()
+        h = self.header
+        return TransferResult(h.request_id, h.bits, h.layers, h.payload_length,
+                              uncompressed_bytes(h), seconds, self.put_seconds,
+                              s.transports, s.lanes)
+
+    def abort(self, reason: str = "") -> None:
+        """Give up the request; the receiver frees its slice and reports the reason."""
+        if not self._open:
+            return
+        try:
+            channel.send(self.sender._sock, Kind.ABORT, {"reason": reason},
+                         timeout=min(self.sender.timeout, 1.0))
+        except TransferError:
+            pass
+        finally:
+            self._close()
+
+    def __enter__(self) -> KVStream:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort(f"{exc_type.__name__} on the sender")
+        self._close()
