@@ -50,6 +50,7 @@ def collect() -> dict:
         "numpy": _version("numpy"),
         "triton": _version("triton"),
         "ucxx": _version("ucxx"),
+        "libucx": _version("libucx"),
         "cpu": {"model": cpu_model(), "cores": os.cpu_count(), "flags": _cpu_flags(),
                 "torch_threads": torch.get_num_threads()},
     }
@@ -74,9 +75,22 @@ def collect() -> dict:
         why = backends.unavailable_reason(name, device)
         status[name] = {"device": str(device), "available": why is None, "why_not": why}
     info["backends"] = status
-    info["transfer"] = {
-        "available": False,
-        "why_not": "the UCX transfer layer is not part of this build yet"
-        + ("" if info["ucxx"] else "; ucxx is not installed"),
-    }
+    info["transfer"] = transfer_status()
     return info
+
+
+def transfer_status() -> dict:
+    """Whether UCX transfer works here (and why not), UCX's version and the transports it sees."""
+    from thunderkv.transfer import ucxtools
+    from thunderkv.transfer.ucx import load_ucx, ucx_unavailable_reason
+
+    ucx = load_ucx()
+    out: dict = {"available": ucx is not None, "why_not": ucx_unavailable_reason(),
+                 "ucx_version": ucx.version() if ucx is not None else ucxtools.ucx_version(),
+                 "ucx_home": str(ucxtools.ucx_home() or "")}
+    try:
+        devices = ucxtools.ucx_info_devices()
+    except RuntimeError as exc:
+        devices, out["devices_error"] = [], str(exc)
+    out["transports"] = sorted({f"{d['transport']}/{d['device']}" for d in devices})
+    return out

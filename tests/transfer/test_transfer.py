@@ -244,19 +244,28 @@ def test_oversized_control_frame_closes_only_that_connection(receiver):
         tx.send(header, peers.payload_for(11, header.payload_length))
 
 
-def test_checksum_mismatch_is_rejected_and_never_delivered(receiver, monkeypatch):
+def send_layer_by_layer(tx, header, payload):
+    with tx.stream(header, payload) as stream:
+        for i in range(header.layers):
+            stream.send_layer(i)
+        return stream.finish()
+
+
+@pytest.mark.parametrize("how", ["one-shot", "layer-by-layer"])
+def test_checksum_mismatch_is_rejected_and_never_delivered(receiver, monkeypatch, how):
     import thunderkv.transfer.sender as sender_module
 
     header = peers.raw_header(12, 64)
+    send = (lambda tx, h, p: tx.send(h, p)) if how == "one-shot" else send_layer_by_layer
     with KVSender(receiver.host, receiver.port, token=peers.TOKEN) as tx:
         monkeypatch.setattr(sender_module, "crc32c", lambda data, seed=0: 12345)
         with pytest.raises(TransferError, match="checksum mismatch"):
-            tx.send(header, peers.payload_for(12, header.payload_length))
+            send(tx, header, peers.payload_for(12, header.payload_length))
         with pytest.raises(KVMessageError, match="checksum mismatch"):
             receiver.wait(12, timeout=5)
         monkeypatch.undo()
         # the connection and the request id are usable again
-        tx.send(header, peers.payload_for(12, header.payload_length))
+        send(tx, header, peers.payload_for(12, header.payload_length))
     check_arrival(receiver.wait(12, timeout=5), 12)
     assert receiver.pool.free_bytes() < receiver.pool.nbytes
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -43,6 +44,37 @@ def register(subparsers) -> None:
     )
     _common(pg)
     pg.set_defaults(func=run_paged)
+
+    tr = sub.add_parser(
+        "transfer",
+        help="KV transfer over UCX: raw 16-bit vs 4-bit, vs ucx_perftest",
+        description="Sends realistic per-request KV (model presets x prompt tokens) raw and "
+        "4-bit with thunderkv.transfer and reports seconds, effective KV throughput and the "
+        "4-bit speed-up. Without --role, spawns a server and a client here (optionally across "
+        "a rate-limited veth link, --rate) and measures ucx_perftest on loopback alongside.",
+    )
+    tr.add_argument("--role", choices=["server", "client"],
+                    help="run one side only (two machines); default: both here")
+    tr.add_argument("--host", default="127.0.0.1", help="server address (bind / connect)")
+    tr.add_argument("--port", type=int, default=13337, help="server side-channel port")
+    tr.add_argument("--preset", default="default", help="cases preset: quick, default")
+    tr.add_argument("--quick", action="store_true", help="same as --preset quick (< 40 s)")
+    tr.add_argument("--model", action="append", dest="models",
+                    help="model preset (llama-7b/13b/30b/70b, smollm2-135m, or a model .yaml)")
+    tr.add_argument("--tokens", action="append", type=int, help="prompt tokens per request")
+    tr.add_argument("--case", action="append", dest="cases", metavar="MODEL:TOKENS",
+                    help="one request's KV (repeatable), e.g. llama-7b:1024")
+    tr.add_argument("--bits", action="append", type=int, choices=[2, 4, 8, 16],
+                    help="bits on the wire (repeatable; default 16 and 4)")
+    tr.add_argument("--group-size", type=int, default=64)
+    tr.add_argument("--reps", type=int, default=3, help="timed sends per case (after a warm-up)")
+    tr.add_argument("--timeout", type=float, default=5.0, help="seconds without progress")
+    tr.add_argument("--rate", help="shape the link, e.g. 100mbit or 1gbit (needs netns + tc)")
+    tr.add_argument("--pool-bytes", type=int, default=1 << 30, help="server receive pool size")
+    tr.add_argument("--no-perftest", action="store_true", help="skip the ucx_perftest baseline")
+    tr.add_argument("--json", metavar="PATH", help="append one JSON line per measurement")
+    tr.add_argument("--rows-out", help=argparse.SUPPRESS)
+    tr.set_defaults(func=run_transfer)
 
 
 def _setup(args: argparse.Namespace, presets: dict):
@@ -113,3 +145,102 @@ def run_paged(args: argparse.Namespace) -> int:
         group_size=args.group_size, backend_names=args.backends, reps=args.reps,
         progress=progress))
     return _report(console, args, rows, "paged cache")
+
+
+def run_transfer(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ..bench import transfer
+    from ..transfer import unavailable_reason
+
+    console = Console()
+    why = unavailable_reason()
+    if why is not None:
+        console.print(f"[red]UCX transfer unavailable here: {why}")
+        return 2
+    if args.role == "server":
+        return transfer.serve(args.host, args.port, args.pool_bytes, args.timeout)
+    preset = "quick" if args.quick else args.preset
+    if preset not in transfer.PRESETS:
+        console.print(f"[red]unknown preset {preset!r}; choose from {sorted(transfer.PRESETS)}")
+        return 2
+    cases = transfer.PRESETS[preset]
+    if args.cases:
+        try:
+            cases = [(c.rsplit(":", 1)[0], int(c.rsplit(":", 1)[1])) for c in args.cases]
+        except (IndexError, ValueError):
+            console.print(f"[red]--case takes MODEL:TOKENS, got {args.cases}")
+            return 2
+    elif args.models or args.tokens:
+        models = args.models or sorted({m for m, _ in cases})
+        tokens = args.tokens or sorted({t for _, t in cases})
+        cases = [(m, t) for m in models for t in tokens]
+    bits = args.bits or [16, 4]
+    if args.role == "client":
+        rows = _measure(console, lambda progress: transfer.run_client(
+            args.host, args.port, cases, bits=bits, group_size=args.group_size, reps=args.reps,
+            timeout=args.timeout, progress=progress))
+        if args.rows_out:
+            with open(args.rows_out, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            return 0
+        return _report_transfer(console, args, rows, rate=None)
+    rate = None
+    if args.rate:
+        from ..transfer.netshape import parse_rate, shaping_unavailable_reason
+
+        rate = parse_rate(args.rate)
+        why = shaping_unavailable_reason()
+        if why is not None:
+            console.print(f"[yellow]skipping --rate {args.rate}: {why}")
+            return 0
+    client_args = ["--preset", preset, "--group-size", str(args.group_size), "--reps",
+                   str(args.reps), "--timeout", str(args.timeout)]
+    client_args += sum((["--case", f"{m}:{t}"] for m, t in cases), [])
+    client_args += sum((["--bits", str(b)] for b in bits), [])
+    rows_path = transfer.temp_rows_path()
+    try:
+        transfer.run_pair(client_args, pool_bytes=transfer.pool_bytes_for(cases),
+                          timeout=args.timeout, rate_bps=rate, rows_path=rows_path)
+        rows = transfer.load_rows(rows_path)
+    finally:
+        rows_path.unlink(missing_ok=True)
+    if rate is None and not args.no_perftest:
+        _measure(console, lambda progress: transfer.add_perftest(rows, progress))
+    return _report_transfer(console, args, rows, rate=rate)
+
+
+def _report_transfer(console, args, rows: list[dict], rate: int | None) -> int:
+    from rich.table import Table
+
+    from ..bench import transfer
+    from ..bench.timing import provenance, write_json_lines
+
+    transfer.add_speedups(rows)
+    console.width = max(console.width, 150)  # a wide table; pipes get 80 columns otherwise
+    link = f"veth shaped to {rate / 1e6:g} Mbit/s (UCX over tcp)" if rate else "loopback"
+    base = provenance("cpu")
+    for r in rows:
+        r.update(base, link=link, rate_bps=rate)
+    t = Table(title=f"KV transfer, one request per message ({link}); GB = 1e9 bytes; "
+              "effective = uncompressed 16-bit KV bytes / second")
+    for col in ("model", "tokens", "bits", "wire MB", "p50 ms", "wire GB/s", "put GB/s",
+                "effective KV GB/s", "vs raw", "transport", "perftest GB/s", "put/perftest"):
+        t.add_column(col, justify="left" if col in ("model", "transport") else "right")
+
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    for r in rows:
+        t.add_row(r["model"], str(r["tokens"]), str(r["bits"]), f(r["payload_bytes"] / 1e6, ".2f"),
+                  f(r["seconds_p50"] * 1e3, ".1f"), f(r["wire_bytes_per_s"] / 1e9, ".3f"),
+                  f(r["put_bytes_per_s"] and r["put_bytes_per_s"] / 1e9, ".2f"),
+                  f(r["effective_kv_bytes_per_s"] / 1e9, ".3f"),
+                  f(r.get("speedup_vs_raw"), ".2f") + "x", r["transport"],
+                  f(r.get("perftest_put_bytes_per_s") and r["perftest_put_bytes_per_s"] / 1e9,
+                    ".2f"), f(r.get("put_vs_perftest"), ".2f"))
+    console.print(t)
+    if args.json:
+        write_json_lines(args.json, rows)
+        console.print(f"wrote {len(rows)} JSON lines to {args.json}")
+    return 0

@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         mark = "[green]yes[/]" if st["available"] else f"[yellow]no[/]: {st['why_not']}"
         t.add_row(f"backend {name}", f"{mark} ({st['device']})")
     tr = info["transfer"]
-    t.add_row("transfer (UCX)", "[green]yes[/]" if tr["available"] else f"[yellow]no[/]: {tr['why_not']}")
+    t.add_row("transfer (UCX)", (f"[green]yes[/] UCX {tr['ucx_version']}" if tr["available"]
+                                 else f"[yellow]no[/]: {tr['why_not']}"))
+    t.add_row("UCX transports", " ".join(tr["transports"]) or tr.get("devices_error", "none"))
     console.print(t)
     return 0

@@ -32,7 +32,8 @@ class Kind(enum.IntEnum):
     BEGIN = 5  # client -> server: KV header (blob); asks for space
     GRANT = 6  # server -> client: offset in the pool for that request
     PROGRESS = 7  # client -> server: bytes PUT so far (keeps a long transfer alive)
-    LAYER = 8  # client -> server: layer i is in place, running CRC-32C through it
+    LAYER = 8  # client -> server: layers i.. are in place, running CRC-32C through each
+    #            (meta: index, crcs, commit: true on the last notice of a one-shot send)
     COMMIT = 9  # client -> server: all layers sent, payload CRC-32C
     ACK = 10  # server -> client: verified and delivered (or not: ok=false + reason)
     ABORT = 11  # client -> server: give up this request

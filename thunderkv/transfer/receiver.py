@@ -321,8 +321,8 @@ class KVReceiver:
         incoming = self._begin(conn, peer, begin)
         if incoming is None:
             return
-        header, layer_n = incoming.header, incoming.header.layer_nbytes()
-        running = 0
+        header = incoming.header
+        running, committing = 0, False
         try:
             while True:
                 msg = channel.receive(conn, timeout=self.timeout,
@@ -334,21 +334,15 @@ class KVReceiver:
                         f"sender aborted request {header.request_id}: "
                         f"{msg.meta.get('reason', '')}"))
                     return
+                committing = msg.kind == Kind.COMMIT or bool(msg.meta.get("commit"))
                 if msg.kind == Kind.LAYER:
-                    index = channel.meta_int(msg, "index", 0, header.layers - 1)
-                    claimed = channel.meta_int(msg, "crc", 0, 0xFFFFFFFF)
-                    if index != incoming.layers_ready:
-                        raise TransferError(f"layer {index} announced, expected "
-                                            f"{incoming.layers_ready}")
-                    view = incoming.slice.view[index * layer_n:(index + 1) * layer_n]
-                    running = _crc(view, running)
-                    if running != claimed:
-                        raise KVMessageError(f"request {header.request_id}: checksum mismatch "
-                                             f"in layer {index}")
-                    incoming._update(layers_ready=index + 1)
-                    continue
-                channel.expect(msg, Kind.COMMIT)
-                claimed = channel.meta_int(msg, "payload_crc", 0, 0xFFFFFFFF)
+                    running = self._verify_layers(incoming, msg, running)
+                    if not msg.meta.get("commit"):
+                        continue
+                    claimed = running
+                else:
+                    channel.expect(msg, Kind.COMMIT)
+                    claimed = channel.meta_int(msg, "payload_crc", 0, 0xFFFFFFFF)
                 if incoming.layers_ready != header.layers:
                     raise KVMessageError(f"request {header.request_id} committed with "
                                          f"{incoming.layers_ready}/{header.layers} layers")
@@ -361,14 +355,34 @@ class KVReceiver:
         except KVMessageError as exc:
             self._fail(incoming, exc)
             channel.send(conn, Kind.ACK, {"ok": False, "reason": str(exc)}, timeout=self.timeout)
-            self._drain_until_commit(conn)
+            if not committing:
+                self._drain_until_commit(conn)
         except (TransferError, OSError) as exc:
             self._fail(incoming, exc if isinstance(exc, TransferError) else TransferError(str(exc)))
             raise
+
+    @staticmethod
+    def _verify_layers(incoming: IncomingKV, msg: channel.Message, running: int) -> int:
+        """Check a LAYER notice (layers ``index..`` with their running CRCs) against the bytes
+        in the pool; mark them readable. Returns the running CRC after the last of them."""
+        header, layer_n = incoming.header, incoming.header.layer_nbytes()
+        first = channel.meta_int(msg, "index", 0, header.layers - 1)
+        crcs = msg.meta.get("crcs")
+        if (first != incoming.layers_ready or not isinstance(crcs, list) or not crcs
+                or first + len(crcs) > header.layers):
+            raise TransferError(f"request {header.request_id}: bad LAYER notice (index {first}, "
+                                f"expected {incoming.layers_ready})")
+        for i, claimed in enumerate(crcs, start=first):
+            running = _crc(incoming.slice.view[i * layer_n:(i + 1) * layer_n], running)
+            if running != claimed:
+                raise KVMessageError(f"request {header.request_id}: checksum mismatch in "
+                                     f"layer {i}")
+            incoming._update(layers_ready=i + 1)
+        return running
 
     def _drain_until_commit(self, conn: socket.socket) -> None:
         """After a rejected layer, skip the request's remaining notices up to its COMMIT."""
         while True:
             msg = channel.receive(conn, timeout=self.timeout, what="the rest of a rejected request")
-            if msg.kind in (Kind.COMMIT, Kind.ABORT):
+            if msg.kind in (Kind.COMMIT, Kind.ABORT) or msg.meta.get("commit"):
                 return

@@ -180,10 +180,15 @@ class KVSender:
 
     # ------------------------------------------------------------------ sending
     def send(self, header: KVHeader, payload: torch.Tensor) -> TransferResult:
-        """Send a whole message (all layers ready) and wait for the receiver's verification."""
+        """Send a whole message (all layers ready) and wait for the receiver's verification.
+
+        Layers go in groups of about ``chunk_bytes`` with one notice per group, so the
+        receiver verifies group g while group g+1 is being PUT; the last notice commits."""
         with self.stream(header, payload) as stream:
-            for index in range(header.layers):
-                stream.send_layer(index)
+            stream.commit_with_last_layer = True
+            per_group = max(1, self.chunk_bytes // max(1, header.layer_nbytes()))
+            for first in range(0, header.layers, per_group):
+                stream.send_layers(first, min(header.layers, first + per_group))
             return stream.finish()
 
     def stream(self, header: KVHeader, payload: torch.Tensor) -> KVStream:
@@ -233,6 +238,8 @@ class KVStream:
         sender._lock.acquire()
         self._open = True
         self._next_layer, self._crc, self.put_seconds = 0, 0, 0.0
+        self._commit_sent = False
+        self.commit_with_last_layer = False  # KVSender.send sets it: saves one message
         self.started = time.perf_counter()
         sock, timeout = sender._sock, sender.timeout
         try:
@@ -258,33 +265,48 @@ class KVStream:
 
     def send_layer(self, index: int) -> None:
         """PUT layer ``index`` (layers go in order) and tell the receiver it is in place."""
+        self.send_layers(index, index + 1)
+
+    def send_layers(self, first: int, stop: int) -> None:
+        """PUT layers ``first..stop-1`` (contiguous in the payload) and send one notice with
+        their running CRC-32Cs; the notice commits when ``stop`` is the last layer and the
+        stream came from :meth:`KVSender.send`."""
         if not self._open:
             raise TransferError("stream is closed")
-        if index != self._next_layer:
+        if first != self._next_layer or not first < stop <= self.header.layers:
             raise ValueError(f"layers must be sent in order: expected {self._next_layer}, "
-                             f"got {index}")
+                             f"got {first}..{stop - 1}")
         s = self.sender
         n = self.header.layer_nbytes()
-        start = index * n
-        done = 0
+        start, end = first * n, stop * n
         try:
-            while done < n:
-                size = min(s.chunk_bytes, n - done)
+            done = start
+            while done < end:
+                size = min(s.chunk_bytes, end - done)
                 self.put_seconds += _ucx_call(
-                    s._endpoint.put, self._region, self._base + start + done, size, s._remote,
-                    self.offset + start + done, s.timeout)
+                    s._endpoint.put, self._region, self._base + done, size, s._remote,
+                    self.offset + done, s.timeout)
                 done += size
-                if done < n:
-                    channel.send(s._sock, Kind.PROGRESS, {"bytes": start + done},
-                                 timeout=s.timeout)
-            layer = self.payload[start:start + n]
-            self._crc = crc32c(layer if layer.device.type == "cpu" else layer.cpu(), self._crc)
-            channel.send(s._sock, Kind.LAYER, {"index": index, "crc": self._crc},
-                         timeout=s.timeout)
+                if done < end:
+                    channel.send(s._sock, Kind.PROGRESS, {"bytes": done}, timeout=s.timeout)
+            crcs = self._layer_crcs(first, stop)
+            self._crc = crcs[-1]
+            self._commit_sent = stop == self.header.layers and self.commit_with_last_layer
+            channel.send(s._sock, Kind.LAYER, {"index": first, "crcs": crcs,
+                                               "commit": self._commit_sent}, timeout=s.timeout)
         except BaseException:
-            self.abort("sender failed while sending a layer")
+            self.abort("sender failed while sending layers")
             raise
-        self._next_layer += 1
+        self._next_layer = stop
+
+    def _layer_crcs(self, first: int, stop: int) -> list[int]:
+        """Running CRC-32C through the end of each layer ``first..stop-1``."""
+        n, crc, out = self.header.layer_nbytes(), self._crc, []
+        for i in range(first, stop):
+            layer = self.payload[i * n:(i + 1) * n]
+            crc = crc32c(layer if layer.device.type == "cpu" else layer.cpu(), crc)
+            out.append(crc)
+        return out
 
     def finish(self) -> TransferResult:
         """Commit and wait for the receiver to verify the whole payload."""
@@ -292,7 +314,9 @@ class KVStream:
         try:
             if self._next_layer != self.header.layers:
                 raise ValueError(f"finish() after {self._next_layer}/{self.header.layers} layers")
-            channel.send(s._sock, Kind.COMMIT, {"payload_crc": self._crc}, timeout=s.timeout)
+            if not self._commit_sent:
+                channel.send(s._sock, Kind.COMMIT, {"payload_crc": self._crc},
+                             timeout=s.timeout)
             ack = channel.expect(channel.receive(s._sock, timeout=s.timeout, what="ACK"), Kind.ACK)
             if not ack.meta.get("ok"):
                 raise TransferError(f"receiver rejected request {self.header.request_id}: "

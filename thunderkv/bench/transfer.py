@@ -1,0 +1,273 @@
+"""``thunderkv bench transfer``: per-request KV over thunderkv.transfer, raw (16-bit) vs 4-bit.
+
+Roles, like ``ucx_perftest``: a *server* (a :class:`KVReceiver` that verifies and releases every
+message) and a *client* (a :class:`KVSender` that builds realistic per-request KV for model
+presets and token counts straight in its registered send buffer: 4-bit through
+``quantize_into`` on views of that buffer, raw by writing the fp16 K/V there; then sends each
+message ``reps`` times). Without ``--role`` both run on this machine as separate processes,
+optionally across a rate-limited veth link (``--rate``), and on plain loopback UCX's own
+``ucx_perftest`` put bandwidth is measured for the same message sizes in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..transfer.wire import KVHeader, build_header, layer_views
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """What sizes one request's KV: layers x kv_heads x head_dim per token (fp16)."""
+
+    name: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    def raw_bytes(self, tokens: int) -> int:
+        return 2 * self.layers * tokens * self.kv_heads * self.head_dim * 2
+
+
+def geometry(name: str) -> KVGeometry:
+    """KV geometry of a planner model preset, or of SmolLM2-135M (the serving loop's model)."""
+    if name in ("smollm2", "smollm2-135m"):
+        return KVGeometry("smollm2-135m", 30, 3, 64)
+    from ..scheduler.model import load_model
+
+    m = load_model(name)
+    return KVGeometry(m.name, m.layers, m.kv_heads, m.hidden // m.heads)
+
+
+# (model, prompt tokens): one request's KV each. quick: < 40 s even over a 100 Mbit/s link.
+PRESETS: dict[str, list[tuple[str, int]]] = {
+    "quick": [("smollm2-135m", 1024), ("llama-7b", 64)],
+    "default": [("smollm2-135m", 2048), ("llama-7b", 256), ("llama-7b", 1024),
+                ("llama-30b", 256)],
+}
+
+
+def make_header(geo: KVGeometry, tokens: int, bits: int, group_size: int,
+                request_id: int) -> KVHeader:
+    if bits >= 16:
+        return build_header(dtype=torch.float16, bits=16, layers=geo.layers, heads=geo.kv_heads,
+                            head_dim=geo.head_dim, residual_tokens=tokens, request_id=request_id,
+                            streamed=True)
+    return build_header(dtype=torch.float16, bits=bits, layers=geo.layers, heads=geo.kv_heads,
+                        head_dim=geo.head_dim, quant_tokens=tokens, group_size=group_size,
+                        request_id=request_id, streamed=True)
+
+
+def fill_payload(header: KVHeader, payload: torch.Tensor, gen: torch.Generator) -> None:
+    """Write one request's KV into ``payload`` (a registered send-buffer slice), in place:
+    random fp16 K/V (one draw, reused for every layer), quantized straight into the buffer."""
+    from ..api import quantize_into
+
+    shape = header.shape(header.tokens)
+    kv = [torch.randn(shape, generator=gen, dtype=torch.float32).to(torch.float16)
+          for _ in range(2)]
+    n = header.layer_nbytes()
+    for layer in range(header.layers):
+        views = layer_views(header, payload[layer * n:(layer + 1) * n])
+        for name, x in zip(("key", "value"), kv):
+            if header.raw:
+                views[f"{name}_residual"].copy_(x)
+            else:
+                quantize_into(x, views[f"{name}_packed"], views[f"{name}_scale"],
+                              views[f"{name}_min"], bits=header.bits,
+                              group_size=header.group_size, axis=-1)
+
+
+def run_client(host: str, port: int, cases: list[tuple[str, int]], *, bits: list[int],
+               group_size: int, reps: int, timeout: float,
+               progress: Callable[[str], object] = lambda msg: None) -> list[dict]:
+    """Send every (case, bits) ``reps`` times (after one warm-up); one row per (case, bits)."""
+    from ..transfer import KVSender
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    request_id = 1
+    with KVSender(host, port, timeout=timeout) as tx:
+        for model, tokens in cases:
+            geo = geometry(model)
+            for b in bits:
+                header = make_header(geo, tokens, b, group_size, 0)
+                pool = tx.register(max(header.payload_length, 1))
+                payload = pool.allocate(header.payload_length).view
+                progress(f"{geo.name} {tokens} tokens {b}-bit: building KV in the send buffer")
+                fill_payload(header, payload, gen)
+                results = []
+                for rep in range(reps + 1):
+                    progress(f"{geo.name} {tokens} tokens {b}-bit: send {rep}/{reps}")
+                    h = make_header(geo, tokens, b, group_size, request_id)
+                    request_id += 1
+                    r = tx.send(h, payload)
+                    if rep:  # the first send is a warm-up
+                        results.append(r)
+                pool.close()
+                tx._pools.remove(pool)
+                rows.append(_row(geo, tokens, b, group_size, results, tx))
+    return rows
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
+
+
+def _row(geo: KVGeometry, tokens: int, bits: int, group_size: int, results, tx) -> dict:
+    seconds = _median([r.seconds for r in results])
+    put_seconds = _median([r.put_seconds for r in results])
+    r = results[0]
+    return {
+        "bench": "transfer", "model": geo.name, "tokens": tokens, "bits": bits,
+        "group_size": group_size if bits < 16 else None, "layers": geo.layers,
+        "payload_bytes": r.payload_bytes, "kv_bytes": r.kv_bytes, "reps": len(results),
+        "seconds_p50": seconds, "seconds_min": min(x.seconds for x in results),
+        "put_seconds_p50": put_seconds,
+        "wire_bytes_per_s": r.payload_bytes / seconds,
+        "put_bytes_per_s": r.payload_bytes / put_seconds if put_seconds else None,
+        "effective_kv_bytes_per_s": r.kv_bytes / seconds,
+        "transport": ",".join(r.transports), "lanes": ",".join(r.lanes), "peer": tx.peer,
+        "verified": "crc32c per layer by the receiver",
+    }
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_raw: effective KV throughput of each row over the raw row of its case."""
+    raw = {(r["model"], r["tokens"]): r for r in rows if r["bits"] >= 16}
+    for r in rows:
+        base = raw.get((r["model"], r["tokens"]))
+        if base is not None:
+            r["speedup_vs_raw"] = r["effective_kv_bytes_per_s"] / base["effective_kv_bytes_per_s"]
+
+
+def add_perftest(rows: list[dict], progress: Callable[[str], object]) -> None:
+    """UCX's own put bandwidth at each raw message size (same UCX, default transports)."""
+    from ..transfer import ucxtools
+
+    for r in rows:
+        if r["bits"] < 16:
+            continue
+        progress(f"ucx_perftest put_bw at {r['payload_bytes']} bytes")
+        try:
+            p = ucxtools.run_perftest_put_bw(r["payload_bytes"], timeout=120)
+        except RuntimeError as exc:
+            r["perftest_error"] = str(exc).splitlines()[0]
+            continue
+        r["perftest_put_bytes_per_s"] = p["bandwidth_bytes_per_s"]
+        r["perftest_transport"] = p.get("transport_used")
+        r["put_vs_perftest"] = r["put_bytes_per_s"] / p["bandwidth_bytes_per_s"]
+        r["e2e_vs_perftest"] = r["wire_bytes_per_s"] / p["bandwidth_bytes_per_s"]
+
+
+# ---------------------------------------------------------------------- the server role
+def serve(host: str, port: int, pool_bytes: int, timeout: float,
+          max_requests: int | None = None) -> int:
+    """Receive, verify and release messages until SIGTERM/SIGINT (or ``max_requests``)."""
+    from ..transfer import KVReceiver, TransferTimeout
+
+    stop = False
+
+    def _stop(*_):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    count = 0
+    with KVReceiver(pool_bytes, host=host, port=port, timeout=timeout) as rx:
+        print(f"LISTENING {rx.host} {rx.port}", flush=True)
+        while not stop and (max_requests is None or count < max_requests):
+            try:
+                got = rx.recv(timeout=0.5)
+            except TransferTimeout:
+                continue
+            got.release()
+            count += 1
+    print(f"served {count} messages", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------- both roles here
+def _wait_listening(proc: subprocess.Popen, timeout: float) -> tuple[str, int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        if line.startswith("LISTENING"):
+            _, host, port = line.split()
+            return host, int(port)
+    raise RuntimeError(f"transfer server did not start (exit code {proc.poll()}); "
+                       "run `thunderkv bench transfer --role server` to see why")
+
+
+def run_pair(cli_args: list[str], *, pool_bytes: int, timeout: float, rate_bps: int | None,
+             rows_path: Path) -> None:
+    """Spawn a server and a client process (inside a shaped veth link when ``rate_bps``)."""
+    from ..transfer import auth
+
+    env = {**os.environ, "THUNDERKV_TRANSFER_TOKEN": auth.new_token()}
+    base = [sys.executable, "-m", "thunderkv.cli", "bench", "transfer"]
+    server_argv = base + ["--role", "server", "--port", "0", "--pool-bytes", str(pool_bytes),
+                          "--timeout", str(timeout)]
+    client_argv = base + cli_args + ["--rows-out", str(rows_path)]
+    if rate_bps is None:
+        _run_pair(server_argv + ["--host", "127.0.0.1"], client_argv, env, None)
+        return
+    from ..transfer.netshape import ShapedLink
+
+    with ShapedLink(rate_bps) as link:
+        # Shared memory would bypass the link: force UCX onto TCP over the shaped veth.
+        env.update(UCX_TLS="tcp")
+        _run_pair(server_argv + ["--host", link.server_addr], client_argv, env, link)
+
+
+def _run_pair(server_argv, client_argv, env, link) -> None:
+    s_env = dict(env, UCX_NET_DEVICES="tkv-s") if link else env
+    c_env = dict(env, UCX_NET_DEVICES="tkv-c") if link else env
+    s_cmd = link.command("server", server_argv) if link else server_argv
+    server = subprocess.Popen(s_cmd, env=s_env, stdout=subprocess.PIPE, text=True)
+    try:
+        host, port = _wait_listening(server, 60)
+        c_cmd = client_argv + ["--role", "client", "--host", host, "--port", str(port)]
+        if link:
+            c_cmd = link.command("client", c_cmd)
+        subprocess.run(c_cmd, env=c_env, check=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def pool_bytes_for(cases: list[tuple[str, int]]) -> int:
+    """A receive pool holding the largest raw message twice (plus slack)."""
+    largest = max(geometry(m).raw_bytes(t) for m, t in cases)
+    return 2 * largest + (16 << 20)
+
+
+def load_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def temp_rows_path() -> Path:
+    fd, name = tempfile.mkstemp(prefix="tkv-transfer-", suffix=".jsonl")
+    os.close(fd)
+    return Path(name)
