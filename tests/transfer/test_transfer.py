@@ -276,3 +276,101 @@ def test_duplicate_request_id_is_refused(receiver):
         tx.send(header, peers.payload_for(13, header.payload_length))
         with pytest.raises(TransferError, match="already in use"):
             tx.send(header, peers.payload_for(13, header.payload_length))
+
+
+def test_dequantize_reads_straight_from_the_receive_pool(receiver):
+    """4-bit KV quantized into the sender's registered buffer, dequantized from views into the
+    receiver's pool: equal to quantizing the same KV here, and no copy on the way."""
+    from thunderkv import FormatSpec, QuantizedTensor, dequantize, quantize
+    from thunderkv.bench.transfer import fill_payload, geometry, make_header
+    from thunderkv.transfer import layer_views
+
+    results = CTX.Queue()
+    p = start(peers.quantized_sender, receiver.host, receiver.port, 21, 192, 7, results)
+    collect(results, 1)
+    got = receiver.wait(21, timeout=30)
+    header = make_header(geometry("smollm2"), 192, 4, 64, 21)
+    assert got.header == header
+    local = torch.empty(header.payload_length, dtype=torch.uint8)
+    fill_payload(header, local, torch.Generator().manual_seed(7))
+    kv = torch.randn(header.shape(192), generator=torch.Generator().manual_seed(7),
+                     dtype=torch.float32).to(torch.float16)  # the key fill_payload drew
+    pool_lo = receiver.pool.address
+    for layer in (0, header.layers - 1):
+        parts = got.layer(layer)
+        assert pool_lo <= parts["key_packed"].data_ptr() < pool_lo + receiver.pool.nbytes
+        mine = layer_views(header, local[layer * header.layer_nbytes():
+                                         (layer + 1) * header.layer_nbytes()])
+        for name in parts:
+            assert torch.equal(parts[name], mine[name]), name
+        q = quantize(kv, bits=4, group_size=64)
+        assert torch.equal(parts["key_packed"], q.packed)
+        k_hat = dequantize(QuantizedTensor(parts["key_packed"], parts["key_scale"],
+                                           parts["key_min"], FormatSpec(4, 64, -1),
+                                           kv.shape, kv.dtype))
+        assert torch.equal(k_hat, q.dequantize())
+    got.release()
+    p.join(10)
+
+
+def test_stalled_receiver_times_out_on_the_sender():
+    import os
+    import signal
+
+    ready = CTX.Queue()
+    p = start(peers.receiver_in_child, ready, 1 << 26)
+    host, port, pid = ready.get(timeout=60)
+    try:
+        with KVSender(host, port, token=peers.TOKEN, timeout=1.0) as tx:
+            header = peers.raw_header(1, 100)
+            tx.send(header, peers.payload_for(1, header.payload_length))  # alive: works
+            os.kill(pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            with pytest.raises(TransferTimeout):
+                tx.send(peers.raw_header(2, 100), peers.payload_for(2, header.payload_length))
+            assert time.monotonic() - t0 < 2.5
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        p.join(10)
+
+
+def test_paged_blocks_travel_from_one_paged_cache_into_another(receiver, gen):
+    """Prefill side: pack_for_transfer of each layer's blocks straight into the registered send
+    buffer; decode side: unpack_from_transfer from the receive pool into other block ids."""
+    from thunderkv.paged import (
+        PagedKVCache,
+        gather_dequantize,
+        pack_for_transfer,
+        quantize_to_paged,
+        unpack_from_transfer,
+    )
+    from thunderkv.transfer import build_header
+
+    layers, block, heads, dim, seq = 3, 16, 2, 64, 40
+    src = [PagedKVCache.allocate(8, block, heads, dim) for _ in range(layers)]
+    dst = [PagedKVCache.allocate(10, block, heads, dim) for _ in range(layers)]
+    src_blocks, dst_blocks = torch.tensor([5, 1, 6]), torch.tensor([0, 9, 3])
+    slots = (src_blocks[:, None] * block + torch.arange(block)).reshape(-1)[:seq]
+    for cache in src:
+        k, v = (torch.randn(seq, heads, dim, generator=gen).half() for _ in range(2))
+        quantize_to_paged(k, v, cache, slots)
+    header = build_header(dtype=torch.float16, bits=4, layers=layers, heads=heads, head_dim=dim,
+                          quant_tokens=len(src_blocks) * block, seq_len=seq, request_id=31,
+                          streamed=True)
+    with KVSender(receiver.host, receiver.port, token=peers.TOKEN) as tx:
+        payload = tx.register(header.payload_length).allocate(header.payload_length).view
+        n = header.layer_nbytes()
+        with tx.stream(header, payload) as stream:
+            for i, cache in enumerate(src):
+                pack_for_transfer(cache, src_blocks, out=payload[i * n:(i + 1) * n])
+                stream.send_layer(i)
+            stream.finish()
+    got = receiver.wait(31, timeout=5)
+    assert got.header.seq_len == seq
+    for i, (a, b) in enumerate(zip(src, dst)):
+        unpack_from_transfer(got.buffer[i * n:(i + 1) * n], b, dst_blocks)
+        lens = torch.tensor([seq])
+        for x, y in zip(gather_dequantize(a, src_blocks[None], lens),
+                        gather_dequantize(b, dst_blocks[None], lens)):
+            assert torch.equal(x, y)
+    got.release()

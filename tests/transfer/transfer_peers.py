@@ -62,3 +62,31 @@ def receiver_that_dies(ready, pool_bytes: int, token: str = TOKEN) -> None:
     ready.put((rx.host, rx.port))
     rx.incoming(1, timeout=60).wait_layer(0, timeout=60)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def quantized_sender(host: str, port: int, request_id: int, tokens: int, seed: int, results,
+                     token: str = TOKEN) -> None:
+    """Quantize seeded KV straight into a registered send buffer and send it (4-bit)."""
+    from thunderkv.bench.transfer import fill_payload, geometry, make_header
+    from thunderkv.transfer import KVSender
+
+    try:
+        header = make_header(geometry("smollm2"), tokens, 4, 64, request_id)
+        with KVSender(host, port, token=token) as tx:
+            pool = tx.register(header.payload_length)
+            payload = pool.allocate(header.payload_length).view
+            fill_payload(header, payload, torch.Generator().manual_seed(seed))
+            r = tx.send(header, payload)
+        results.put({"request_id": request_id, "bytes": r.payload_bytes})
+    except Exception as exc:
+        results.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def receiver_in_child(ready, pool_bytes: int, token: str = TOKEN) -> None:
+    """A receiver process that serves until killed (tests stop it with SIGSTOP/SIGKILL)."""
+    from thunderkv.transfer import KVReceiver
+
+    rx = KVReceiver(pool_bytes, token=token)
+    ready.put((rx.host, rx.port, os.getpid()))
+    while True:
+        rx.recv().release()
