@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 
 namespace tkv::ucx {
 namespace {
@@ -75,6 +76,16 @@ std::shared_ptr<Endpoint> Worker::connect(const std::string& remote_worker_addre
 }
 
 unsigned Worker::progress() { return ucp_worker_progress(worker_); }
+
+void Worker::sleep(double max_seconds) {
+  if (efd_ < 0 && ucp_worker_get_efd(worker_, &efd_) != UCS_OK) {
+    sched_yield();
+    return;
+  }
+  if (ucp_worker_arm(worker_) != UCS_OK) return;  // UCS_ERR_BUSY: events pending, go progress
+  pollfd pfd{efd_, POLLIN, 0};
+  poll(&pfd, 1, static_cast<int>(max_seconds * 1000) + 1);
+}
 
 void Worker::start_progress_thread() {
   if (progress_thread_.joinable()) return;
@@ -201,6 +212,8 @@ void Endpoint::wait(void* request, double deadline, const char* what) {
     mark_failed(std::string(what) + ": " + status_text(UCS_PTR_STATUS(request)));
     throw TransferError(error());
   }
+  // Spin briefly (shared-memory PUTs finish in microseconds), then sleep on UCX's wake-up fd
+  // so that a PUT crawling over a slow link does not burn a core the model needs.
   unsigned idle = 0;
   ucs_status_t s;
   while ((s = ucp_request_check_status(request)) == UCS_INPROGRESS) {
@@ -209,10 +222,10 @@ void Endpoint::wait(void* request, double deadline, const char* what) {
       continue;
     }
     if (failed_) break;
-    if (++idle > 64) {
-      if (now() > deadline) break;
-      sched_yield();
-    }
+    if (++idle < 256) continue;
+    const double left = deadline - now();
+    if (left <= 0) break;
+    worker_->sleep(std::min(left, 0.005));
   }
   if (s == UCS_INPROGRESS) {
     // Not completed: the peer died or stalls. The request is freed by UCX when it completes

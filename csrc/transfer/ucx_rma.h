@@ -119,6 +119,8 @@ class Worker : public std::enable_shared_from_this<Worker> {
   void start_progress_thread();
   void stop_progress_thread();
   unsigned progress();
+  // Block until UCX has events (or max_seconds pass); for waits that are not busy-polling.
+  void sleep(double max_seconds);
   bool error_handling() const { return error_handling_; }
   std::string version() const;
 
@@ -131,6 +133,7 @@ class Worker : public std::enable_shared_from_this<Worker> {
   ucp_worker_h worker_ = nullptr;
   std::thread progress_thread_;
   std::atomic<bool> stop_{false};
+  int efd_ = -1;
 };
 
 }  // namespace tkv::ucx
