@@ -7,7 +7,15 @@ from __future__ import annotations
 
 from .cache import ThunderKVCache, full_attention_layers
 from .layer import ThunderKVLayer
-from .wire import KVMessageError, export_kv, import_kv, read_header
+from .wire import (
+    KVMessageError,
+    export_kv,
+    export_kv_into,
+    import_kv,
+    import_kv_parts,
+    kv_header,
+    read_header,
+)
 
 __all__ = [
     "KVMessageError",
@@ -15,6 +23,9 @@ __all__ = [
     "ThunderKVLayer",
     "export_kv",
     "full_attention_layers",
+    "export_kv_into",
     "import_kv",
+    "import_kv_parts",
+    "kv_header",
     "read_header",
 ]

@@ -1,213 +1,312 @@
-"""``export_kv`` / ``import_kv``: a ThunderKVCache's compressed KV as one self-describing message.
+"""``export_kv`` / ``import_kv``: a ThunderKVCache's compressed KV as one transfer wire message.
 
-Layout: a fixed 68-byte little-endian header (:data:`HEADER`), then the payload. Per layer, in
-order: key packed, key scale, key minimum, value packed, value scale, value minimum (the
-quantized history of ``quant_tokens`` tokens, format v1, shapes as in
-:class:`~thunderkv.hf.layer.ThunderKVLayer`), then residual keys and residual values
-(``[batch, heads, residual_tokens, head_dim]`` in the header's dtype). Every array is C-contiguous.
+The bytes are a KV message in the transfer wire format v1 (:mod:`thunderkv.transfer.wire`,
+docs/transfer.md "Wire format v1"): the 72-byte header (magic ``TKVX``), then the payload, so
+the serving loop can ship a prefix's KV with the transfer layer unchanged. A cache maps onto the
+header as follows:
 
-A receiver validates every header field, caps sizes, checks that the payload length equals the
-one the fields imply and that both CRC-32s match, before it allocates anything.
+- layout "head": the layer stores ``[batch, heads, tokens, head_dim]`` tensors;
+- ``bits``, ``group_size``, ``key_axis``, ``value_axis``: the cache's (KIVI: -2 and -1);
+- ``quant_tokens``: the layers' quantized history (a multiple of group_size),
+  ``residual_tokens``: their full-precision residual, ``seq_len``: both (no padding);
+- ``dtype``: the layers' dtype; ``layers``, ``batch``, ``heads`` (KV heads), ``head_dim``.
+
+Per layer the payload holds key packed/scale/min, value packed/scale/min (when
+``quant_tokens > 0``), then the key and value residuals (when ``residual_tokens > 0``): exactly
+the layer's tensors, which already have the shapes of :meth:`KVHeader.parts` (format v1 with
+axis -2 stores keys transposed, ``[batch, heads, head_dim, quant_tokens * bits / 8]``).
+
+The header does not carry the cache's ``residual_length`` (the full-precision capacity): it
+does not describe the stored KV, only when the *receiver* quantizes the tokens it appends. It
+is an argument of :func:`import_kv` (default: :class:`ThunderKVCache`'s default).
 """
 
 from __future__ import annotations
 
-import struct
-import zlib
-from dataclasses import dataclass
+import inspect
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
 
 import torch
 
 from ..api import QuantizedTensor
-from ..format import DTYPE_CODES, FORMAT_VERSION, FormatSpec
+from ..transfer.checksum import crc32c
+from ..transfer.wire import (
+    DEFAULT_LIMITS,
+    HEADER,
+    MAGIC,
+    WIRE_LIMITS,
+    WIRE_VERSION,
+    KVHeader,
+    KVMessageError,
+    Limits,
+    build_header,
+    decode_header,
+    decode_message,
+)
 from .cache import ThunderKVCache
 
-MAGIC = b"TKVC"
-WIRE_VERSION = 1
-# magic, wire version, format version, dtype, bits, key axis, value axis, flags, group size,
-# residual length, layers, batch, heads, head_dim, quant tokens, residual tokens, request id,
-# payload length, payload crc32, header crc32 (of the 64 bytes before it).
-HEADER = struct.Struct("<4sHBBBbbBIIIIIIIIQQII")
-MAX_LAYERS, MAX_BATCH, MAX_HEADS, MAX_HEAD_DIM = 4096, 65536, 4096, 4096
-MAX_TOKENS = 1 << 24
-DEFAULT_MAX_BYTES = 1 << 34
-_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+__all__ = [
+    "DEFAULT_MAX_BYTES", "DEFAULT_RESIDUAL_LENGTH", "HEADER", "MAGIC", "WIRE_VERSION",
+    "KVHeader", "KVMessageError", "Limits", "export_kv", "export_kv_into", "import_kv",
+    "import_kv_parts", "kv_header", "read_header",
+]
+
+DEFAULT_MAX_BYTES = DEFAULT_LIMITS.max_payload_bytes
+# What a receiver that builds ``ThunderKVCache(config)`` itself would get.
+DEFAULT_RESIDUAL_LENGTH: int = (
+    inspect.signature(ThunderKVCache.__init__).parameters["residual_length"].default)
 
 
-class KVMessageError(ValueError):
-    """A KV message is malformed, truncated, corrupted or over the receiver's limits."""
+def kv_header(cache: ThunderKVCache, *, request_id: int = 0, streamed: bool = False
+              ) -> KVHeader:
+    """The wire header of ``cache``'s KV, without producing the payload.
 
+    For a sender that needs ``payload_length`` (and :meth:`KVHeader.layer_nbytes`) before it
+    writes the payload, e.g. to allocate a slice of a registered send pool, then fills it with
+    :func:`export_kv_into`. ``payload_crc`` is 0: :meth:`KVSender.send
+    <thunderkv.transfer.KVSender.send>` then checksums per layer (as for ``streamed=True``).
 
-@dataclass(frozen=True, slots=True)
-class KVHeader:
-    """The decoded header of a KV message (see the module docstring)."""
-
-    dtype: torch.dtype
-    bits: int
-    group_size: int
-    key_axis: int
-    value_axis: int
-    residual_length: int
-    layers: int
-    batch: int
-    heads: int
-    head_dim: int
-    quant_tokens: int
-    residual_tokens: int
-    request_id: int
-    payload_length: int
-
-    def parts(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
-        """(shape, dtype) of one layer's arrays, in payload order."""
-        B, H, D, Tq, Tr = self.batch, self.heads, self.head_dim, self.quant_tokens, self.residual_tokens
-        out: list[tuple[tuple[int, ...], torch.dtype]] = []
-        for axis in (self.key_axis, self.value_axis):
-            spec = FormatSpec(self.bits, self.group_size, axis)
-            if Tq:
-                out.append((spec.packed_shape((B, H, Tq, D)), torch.uint8))
-                out += [(spec.param_shape((B, H, Tq, D)), self.dtype)] * 2
-        return out + [((B, H, Tr, D), self.dtype)] * 2
-
-    def expected_payload(self) -> int:
-        n = 0
-        for shape, dtype in self.parts():
-            count = 1
-            for s in shape:
-                count *= s
-            n += count * (1 if dtype == torch.uint8 else torch.empty((), dtype=dtype).element_size())
-        return n * self.layers
-
-
-def export_kv(cache: ThunderKVCache, *, request_id: int = 0) -> bytes:
-    """Serialize ``cache`` (every layer, same token counts) into one message.
-
-    Returns
-    -------
-    bytes : header + payload; :func:`import_kv` rebuilds a bit-identical cache from it.
+    Raises
+    ------
+    TypeError if ``cache`` is not a ThunderKVCache; ValueError if a layer holds no KV yet or
+    the layers differ in shape or dtype.
     """
     if not isinstance(cache, ThunderKVCache):
-        raise TypeError(f"export_kv takes a ThunderKVCache, got {type(cache).__name__}")
+        raise TypeError(f"expected a ThunderKVCache, got {type(cache).__name__}")
     layers = cache.layers
     if not layers or not all(layer.is_initialized for layer in layers):
         raise ValueError("export_kv: every layer must hold KV (run a forward pass first)")
     first = layers[0]
-    B, H, _, D = first.keys.shape
-    Tq, Tr = first.quantized_length, first.keys.shape[-2]
+    B, H, Tr, D = first.keys.shape
+    Tq = first.quantized_length
     for i, layer in enumerate(layers):
-        if (layer.quantized_length, *layer.keys.shape) != (Tq, B, H, Tr, D) or (
-                layer.values.shape != layer.keys.shape):
-            raise ValueError(f"export_kv: layer {i} differs in shape from layer 0")
-    chunks: list[bytes] = []
-    for layer in layers:
-        for t in layer.tensors():
-            chunks.append(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    payload = b"".join(chunks)
-    fields = (MAGIC, WIRE_VERSION, FORMAT_VERSION, DTYPE_CODES[first.dtype], cache.bits,
-              cache.key_axis, cache.value_axis, 0, cache.group_size, cache.residual_length,
-              len(layers), B, H, D, Tq, Tr, request_id, len(payload), zlib.crc32(payload))
-    head = HEADER.pack(*fields, 0)[:-4]
-    return head + struct.pack("<I", zlib.crc32(head)) + payload
+        if ((layer.quantized_length, *layer.keys.shape) != (Tq, B, H, Tr, D)
+                or layer.values.shape != layer.keys.shape or layer.dtype != first.dtype):
+            raise ValueError(f"export_kv: layer {i} differs in shape or dtype from layer 0")
+    # The sender states what it holds; the receiver applies its own Limits when decoding.
+    return build_header(
+        dtype=first.dtype, bits=cache.bits, group_size=cache.group_size,
+        key_axis=cache.key_axis, value_axis=cache.value_axis, layout="head", layers=len(layers),
+        batch=B, heads=H, head_dim=D, quant_tokens=Tq, residual_tokens=Tr, seq_len=Tq + Tr,
+        request_id=request_id, streamed=streamed, limits=WIRE_LIMITS)
 
 
-def read_header(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES
-                ) -> KVHeader:
-    """Decode and validate a message's header (not its payload checksum); raise KVMessageError."""
-    view = memoryview(data)
-    if len(view) < HEADER.size:
-        raise KVMessageError(f"message truncated: {len(view)} bytes, header needs {HEADER.size}")
-    (magic, wire, fmt, dcode, bits, kax, vax, flags, G, R, L, B, H, D, Tq, Tr, rid, plen, _,
-     hcrc) = HEADER.unpack_from(view)
-    checks = [
-        (magic == MAGIC, f"bad magic {bytes(magic)!r} (expected {MAGIC!r})"),
-        (zlib.crc32(view[: HEADER.size - 4]) == hcrc, "header checksum mismatch"),
-        (wire == WIRE_VERSION, f"unsupported wire version {wire}"),
-        (fmt == FORMAT_VERSION, f"unsupported KV format version {fmt}"),
-        (dcode in _DTYPES, f"unknown dtype code {dcode}"),
-        (flags == 0, f"unknown flags {flags:#x}"),
-        (0 < L <= MAX_LAYERS, f"layers {L} outside 1..{MAX_LAYERS}"),
-        (0 < B <= MAX_BATCH, f"batch {B} outside 1..{MAX_BATCH}"),
-        (0 < H <= MAX_HEADS, f"heads {H} outside 1..{MAX_HEADS}"),
-        (0 < D <= MAX_HEAD_DIM, f"head_dim {D} outside 1..{MAX_HEAD_DIM}"),
-        (Tq + Tr <= MAX_TOKENS, f"tokens {Tq + Tr} over {MAX_TOKENS}"),
-        (0 <= plen <= max_bytes, f"payload {plen} bytes over the limit of {max_bytes}"),
-    ]
-    for ok, why in checks:
-        if not ok:
-            raise KVMessageError(why)
-    try:
-        for axis in (kax, vax):
-            FormatSpec(bits, G, axis)
-            if axis == -1 and D % G:
-                raise ValueError(f"head_dim {D} not divisible by group_size {G}")
-        if Tq % G:
-            raise ValueError(f"quantized tokens {Tq} not a multiple of group_size {G}")
-    except (TypeError, ValueError) as exc:
-        raise KVMessageError(f"invalid format parameters: {exc}") from exc
-    header = KVHeader(_DTYPES[dcode], bits, G, kax, vax, R, L, B, H, D, Tq, Tr, rid, plen)
-    if header.expected_payload() != plen:
-        raise KVMessageError(
-            f"payload length {plen} does not match the header ({header.expected_payload()})")
-    if len(view) != HEADER.size + plen:
-        raise KVMessageError(
-            f"message is {len(view)} bytes, header says {HEADER.size + plen} (truncated/padded)")
+def _payload(cache: ThunderKVCache, header: KVHeader) -> Iterator[torch.Tensor]:
+    """The payload as flat uint8 tensors (views where the layer's tensor is contiguous), in
+    wire order. Every tensor must already have its part's shape and dtype: bytes are never
+    reinterpreted or reordered to fit."""
+    parts = header.parts()
+    for i, layer in enumerate(cache.layers):
+        held: dict[str, torch.Tensor] = {"key_residual": layer.keys,
+                                         "value_residual": layer.values}
+        for prefix, q in (("key", layer.qkeys), ("value", layer.qvalues)):
+            if q is not None:
+                held.update({f"{prefix}_packed": q.packed, f"{prefix}_scale": q.scale,
+                             f"{prefix}_min": q.minimum})
+        for name, shape, dtype in parts:
+            t = held.get(name)
+            if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+                got = "nothing" if t is None else f"{t.dtype} {tuple(t.shape)}"
+                raise ValueError(f"export_kv: layer {i} {name} must be {dtype} {shape} "
+                                 f"(wire format v1), the layer holds {got}")
+            yield t.detach().reshape(-1).view(torch.uint8)
+
+
+def export_kv(cache: ThunderKVCache, *, request_id: int = 0) -> bytes:
+    """Serialize ``cache`` (every layer, same token counts) into one KV message.
+
+    Returns
+    -------
+    bytes : a whole, non-streamed transfer wire format v1 message (72-byte header with the
+        payload's CRC-32C, then ``cache.nbytes`` bytes of payload), what
+        :func:`thunderkv.transfer.wire.decode_message` reads and :func:`import_kv` rebuilds a
+        bit-identical cache from. Copies each tensor once (plus once from a GPU).
+
+    Raises
+    ------
+    TypeError / ValueError as :func:`kv_header`.
+    """
+    header = kv_header(cache, request_id=request_id)
+    arrays = [t.cpu().numpy() for t in _payload(cache, header)]
+    crc = 0
+    for a in arrays:
+        crc = crc32c(a, crc)
+    return b"".join([replace(header, payload_crc=crc).pack(), *arrays])
+
+
+def export_kv_into(cache: ThunderKVCache, out: torch.Tensor, *, request_id: int = 0,
+                   streamed: bool = False) -> KVHeader:
+    """Write ``cache``'s payload into ``out`` and return its header (:func:`kv_header`).
+
+    ``out``: a 1-D contiguous uint8 tensor of exactly ``kv_header(cache).payload_length`` bytes
+    on any device, e.g. a slice of a registered send pool; one copy per tensor, no staging.
+    The header's ``payload_crc`` is 0 (see :func:`kv_header`).
+    """
+    header = kv_header(cache, request_id=request_id, streamed=streamed)
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.uint8 or out.dim() != 1 or (
+            not out.is_contiguous()) or out.numel() != header.payload_length:
+        raise ValueError(f"out must be a contiguous 1-D uint8 tensor of {header.payload_length} "
+                         f"bytes (header.payload_length), got "
+                         f"{getattr(out, 'dtype', type(out).__name__)} "
+                         f"{tuple(getattr(out, 'shape', ()))}")
+    offset = 0
+    for t in _payload(cache, header):
+        n = t.numel()
+        out[offset:offset + n].copy_(t)  # bytes: no alignment needed, unlike typed views
+        offset += n
     return header
 
 
-def import_kv(
-    data: bytes | bytearray | memoryview,
-    config=None,
-    *,
-    device: torch.device | str = "cpu",
-    backend: str = "auto",
-    max_bytes: int = DEFAULT_MAX_BYTES,
-) -> ThunderKVCache:
-    """Rebuild a :class:`ThunderKVCache` from :func:`export_kv`'s bytes.
+def _limits(limits: Limits | None, max_bytes: int | None) -> Limits:
+    limits = DEFAULT_LIMITS if limits is None else limits
+    if not isinstance(limits, Limits):
+        raise TypeError(f"limits must be a thunderkv.transfer.wire.Limits, got "
+                        f"{type(limits).__name__}")
+    return limits if max_bytes is None else replace(limits, max_payload_bytes=max_bytes)
 
-    Parameters
-    ----------
-    data : the whole message. Validated completely (header fields, sizes, checksums) first.
-    config : the receiving model's config; when given, its layer count, KV heads and head_dim
-        must match the message.
-    device : where the cache's tensors go.
-    backend : the thunderkv backend the new cache uses.
-    max_bytes : largest payload accepted.
+
+def read_header(data: Any, *, max_bytes: int | None = None, limits: Limits | None = None
+                ) -> KVHeader:
+    """Decode and validate a whole message's header (not its payload checksum).
+
+    Like :func:`thunderkv.transfer.wire.decode_header`, plus: the message must be exactly
+    ``HEADER.size + payload_length`` bytes. ``max_bytes`` (default ``limits``'
+    ``max_payload_bytes``, 16 GiB) caps the payload. Raises :class:`KVMessageError`.
     """
-    h = read_header(data, max_bytes=max_bytes)
-    view = memoryview(data)[HEADER.size:]
-    if zlib.crc32(view) != HEADER.unpack_from(memoryview(data))[-2]:
-        raise KVMessageError("payload checksum mismatch")
+    header = decode_header(data, limits=_limits(limits, max_bytes))
+    n = data.numel() if isinstance(data, torch.Tensor) else memoryview(data).nbytes
+    total = HEADER.size + header.payload_length
+    if n < total:
+        raise KVMessageError(f"KV message truncated: {n} bytes, the header says {total}")
+    if n > total:
+        raise KVMessageError(f"KV message has {n - total} trailing bytes after the {total} the "
+                             f"header says")
+    return header
+
+
+def _check_importable(h: KVHeader, config) -> None:
+    """Reject, before anything is allocated, a valid message a ThunderKVCache cannot hold."""
+    if h.raw:
+        raise KVMessageError(f"KV message: bits: {h.bits} is a raw (uncompressed) message; a "
+                             f"ThunderKVCache holds format v1 (2, 4 or 8 bits)")
+    if h.layout != "head":
+        raise KVMessageError(f"KV message: layout: {h.layout!r}; a ThunderKVCache holds layout "
+                             f"'head' ([batch, heads, tokens, head_dim])")
+    if h.seq_len != h.tokens:
+        raise KVMessageError(f"KV message: seq_len: {h.seq_len} of {h.tokens} stored tokens are "
+                             f"valid; a ThunderKVCache holds no padding tokens")
     if config is not None:
         text = config.get_text_config(decoder=True)
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         if (text.num_hidden_layers, heads, head_dim) != (h.layers, h.heads, h.head_dim):
             raise KVMessageError(
-                f"message holds layers/heads/head_dim {(h.layers, h.heads, h.head_dim)}, the "
+                f"KV message holds layers/heads/head_dim {(h.layers, h.heads, h.head_dim)}, the "
                 f"model has {(text.num_hidden_layers, heads, head_dim)}")
-    cache = ThunderKVCache(config, h.bits, h.group_size, h.residual_length, backend,
+
+
+def import_kv(
+    data: Any,
+    config=None,
+    *,
+    device: torch.device | str = "cpu",
+    backend: str = "auto",
+    max_bytes: int | None = None,
+    residual_length: int = DEFAULT_RESIDUAL_LENGTH,
+    limits: Limits | None = None,
+) -> ThunderKVCache:
+    """Rebuild a :class:`ThunderKVCache` from a KV message (e.g. :func:`export_kv`'s bytes).
+
+    Parameters
+    ----------
+    data : the whole message, bytes-like (or a contiguous CPU uint8 tensor). Validated
+        completely (header fields, limits, length, payload CRC-32C) before the payload is
+        copied; the cache's tensors are views of that one copy (moved to ``device``).
+    config : the receiving model's config; when given, its layer count, KV heads and head_dim
+        must match the message.
+    device : where the cache's tensors go.
+    backend : the thunderkv backend the new cache uses.
+    max_bytes : largest payload accepted (default ``limits.max_payload_bytes``, 16 GiB).
+    residual_length : the new cache's full-precision capacity. The message does not carry it:
+        it is the receiver's decoding policy, not part of the stored KV. Default
+        :data:`DEFAULT_RESIDUAL_LENGTH`, ThunderKVCache's own (128). Decoding continues exactly
+        as it would have in the sender's cache only with the sender's residual_length; any
+        other value is valid (a residual over capacity is quantized at the next update).
+    limits : the receiver's :class:`~thunderkv.transfer.wire.Limits` (default
+        ``Limits()``); ``max_bytes`` overrides its ``max_payload_bytes``.
+
+    Bits, group size, key/value axes, dtype, batch and token counts come from the header.
+
+    Raises
+    ------
+    KVMessageError (a ValueError) for a malformed, truncated, corrupted or over-limit message,
+    one a ThunderKVCache cannot hold (raw, layout "token", padding tokens: ``seq_len`` below
+    the stored tokens), or one that does not fit ``config``.
+    """
+    limits = _limits(limits, max_bytes)
+    _check_importable(decode_header(data, limits=limits), config)
+    header, layers = decode_message(data, limits=limits)  # one private copy of the payload
+    return _build(header, layers, config, device, backend, residual_length, copy=False)
+
+
+def import_kv_parts(
+    header: KVHeader,
+    layers: list[dict[str, torch.Tensor]],
+    config=None,
+    *,
+    device: torch.device | str = "cpu",
+    backend: str = "auto",
+    residual_length: int = DEFAULT_RESIDUAL_LENGTH,
+) -> ThunderKVCache:
+    """Build a :class:`ThunderKVCache` from a decoded header and its layers' parts.
+
+    For the receive side of :mod:`thunderkv.transfer`: ``header`` and
+    ``[received.layer(i) for i in range(header.layers)]`` of a
+    :class:`~thunderkv.transfer.ReceivedKV` (or :func:`~thunderkv.transfer.wire.decode_message`'s
+    result). The tensors are copied to ``device``, so the receive pool's slice may be released
+    afterwards. Other parameters and errors as :func:`import_kv`; a ``layers`` list that does
+    not match ``header.parts()`` raises ValueError.
+    """
+    if not isinstance(header, KVHeader):
+        raise TypeError(f"header must be a KVHeader, got {type(header).__name__}")
+    header.validate(WIRE_LIMITS)
+    _check_importable(header, config)
+    parts = header.parts()
+    if not isinstance(layers, (list, tuple)) or len(layers) != header.layers:
+        raise ValueError(f"layers must be a list of header.layers = {header.layers} dicts")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, dict) or sorted(layer) != sorted(n for n, _, _ in parts):
+            raise ValueError(f"layer {i} must hold exactly the parts {[n for n, _, _ in parts]}")
+        for name, shape, dtype in parts:
+            t = layer[name]
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
+                raise ValueError(f"layer {i} {name} must be a {dtype} tensor of shape {shape}")
+    return _build(header, layers, config, device, backend, residual_length, copy=True)
+
+
+def _build(h: KVHeader, layers: list[dict[str, torch.Tensor]], config, device, backend: str,
+           residual_length: int, *, copy: bool) -> ThunderKVCache:
+    """A cache holding ``layers`` (validated parts of ``h``) on ``device``."""
+    cache = ThunderKVCache(config, h.bits, h.group_size, residual_length, backend,
                            key_axis=h.key_axis, value_axis=h.value_axis,
                            num_layers=None if config is not None else h.layers)
-    buf = bytearray(view)  # one copy; the tensors below are views of it (then moved)
-    offset = 0
-
-    def take(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nonlocal offset
-        t = torch.empty(shape, dtype=dtype)
-        n = t.numel() * t.element_size()
-        if n == 0:
-            return t.to(device)
-        t.view(-1).view(torch.uint8).copy_(torch.frombuffer(buf, dtype=torch.uint8, count=n,
-                                                            offset=offset))
-        offset += n
-        return t.to(device)
-
-    parts = h.parts()
-    full = torch.Size((h.batch, h.heads, h.quant_tokens, h.head_dim))
-    for layer in cache.layers:
-        arrays = [take(shape, dtype) for shape, dtype in parts]
+    device = torch.device(device)
+    full = torch.Size(h.shape(h.quant_tokens))
+    empty = h.shape(0)
+    for layer, parts in zip(cache.layers, layers, strict=True):
+        p = {name: t.to(device, copy=copy, memory_format=torch.contiguous_format)
+             for name, t in parts.items()}
         if h.quant_tokens:
-            layer.qkeys = QuantizedTensor(*arrays[0:3], layer.key_spec, full, h.dtype)
-            layer.qvalues = QuantizedTensor(*arrays[3:6], layer.value_spec, full, h.dtype)
-        layer.keys, layer.values = arrays[-2], arrays[-1]
-        layer.device, layer.dtype, layer.is_initialized = torch.device(device), h.dtype, True
+            layer.qkeys = QuantizedTensor(p["key_packed"], p["key_scale"], p["key_min"],
+                                          layer.key_spec, full, h.dtype)
+            layer.qvalues = QuantizedTensor(p["value_packed"], p["value_scale"], p["value_min"],
+                                            layer.value_spec, full, h.dtype)
+        if h.residual_tokens:
+            layer.keys, layer.values = p["key_residual"], p["value_residual"]
+        else:
+            layer.keys = torch.empty(empty, dtype=h.dtype, device=device)
+            layer.values = torch.empty(empty, dtype=h.dtype, device=device)
+        layer.device, layer.dtype, layer.is_initialized = layer.keys.device, h.dtype, True
     return cache
