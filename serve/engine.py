@@ -1,0 +1,461 @@
+"""The router: spawns worker processes, routes requests prefill -> decode, survives deaths.
+
+One :class:`Engine` owns N worker processes (:mod:`thunderkv.serve.worker`), each with a role
+(prefill, decode or colocated) that can be changed live (:meth:`Engine.reschedule`, and
+automatically when the last worker of a phase dies). A request goes to the prefill worker with
+the fewest outstanding prefills, its KV to the decode worker with the fewest running sequences
+(the prefill worker ships it there directly over thunderkv.transfer), and its tokens stream
+back through the router, which detokenizes and hands them to the HTTP layer. When a worker dies
+(any cause, SIGKILL included) its in-flight requests restart on survivors: re-prefill of the
+prompt plus the tokens already produced, so no request is lost and greedy output continues
+unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from . import protocol as P
+from .api_types import CompletionRequest, RequestError, TokenEvent, Usage
+from .metrics import Metrics
+
+log = logging.getLogger("thunderkv.serve")
+MAX_ATTEMPTS = 5
+
+
+@dataclass
+class ServeConfig:
+    """What to run: the model, how many workers of which phase, KV bits on the wire."""
+
+    model: str = "smollm2"
+    prefill: int = 1
+    decode: int = 1
+    colocated: int = 0  # > 0: that many colocated workers instead of prefill/decode ones
+    kv_bits: int = 4
+    threads: int = 1  # torch threads per worker
+    host: str = "127.0.0.1"  # where workers listen for KV
+    start_timeout: float = 300.0
+
+    def roles(self) -> list[str]:
+        if self.colocated:
+            return ["colocated"] * self.colocated
+        return ["prefill"] * self.prefill + ["decode"] * self.decode
+
+
+@dataclass
+class WorkerState:
+    id: int
+    role: str
+    process: mp.process.BaseProcess
+    conn: object
+    state: str = "starting"
+    pid: int | None = None
+    host: str = ""
+    port: int = 0
+    load_s: float = 0.0
+    prefills: int = 0  # outstanding prefill jobs
+    decodes: int = 0  # sequences routed here for decode and not finished
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def send(self, msg: dict) -> bool:
+        with self.send_lock:
+            try:
+                self.conn.send(msg)
+                return True
+            except (OSError, ValueError, BrokenPipeError):
+                return False
+
+    @property
+    def alive(self) -> bool:
+        return self.state == "ready"
+
+
+class RequestState:
+    """One request: its tokens so far, where it runs, and the events for its client."""
+
+    def __init__(self, request: CompletionRequest, prompt_ids: list[int]) -> None:
+        self.request = request
+        self.rid = request.request_id
+        self.prompt_ids = prompt_ids
+        self.generated: list[int] = []
+        self.attempt = 0
+        self.prefill_worker: int | None = None
+        self.decode_worker: int | None = None
+        self.first_token: int | None = None
+        self.kv_id = 0
+        self.events: queue.Queue[TokenEvent | BaseException] = queue.Queue()
+        self.text_sent = ""
+        self.finished = False
+        self.submitted = time.monotonic()
+        self.first_at: float | None = None
+        self.finished_at: float | None = None
+
+    def sampling(self) -> dict:
+        r = self.request
+        return {"temperature": r.temperature, "top_p": r.top_p, "seed": r.seed}
+
+
+class Handle:
+    """What :meth:`Engine.submit` returns (the HTTP layer's RequestHandle)."""
+
+    def __init__(self, engine: Engine, state: RequestState) -> None:
+        self._engine, self._state = engine, state
+
+    @property
+    def request_id(self) -> str:
+        return self._state.rid
+
+    def events(self, timeout: float | None = None):
+        while True:
+            try:
+                ev = self._state.events.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"no token within {timeout} s") from None
+            if isinstance(ev, BaseException):
+                raise ev
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    def usage(self) -> Usage:
+        return Usage(len(self._state.prompt_ids), len(self._state.generated))
+
+    def cancel(self) -> None:
+        self._engine._cancel(self._state)
+
+    def text(self, timeout: float | None = None) -> str:
+        """Block until done; the whole completion text."""
+        return "".join(ev.text for ev in self.events(timeout))
+
+
+class Engine:
+    """Router + worker processes. Use as a context manager (stops the workers)."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        from thunderkv.transfer import auth
+
+        from .tokenizer import load_tokenizer
+
+        self.config = config
+        self.model_name = config.model
+        self.tokenizer = load_tokenizer(config.model)
+        self.metrics = Metrics()
+        self._token = auth.new_token()
+        self._lock = threading.RLock()
+        self._requests: dict[str, RequestState] = {}
+        self._kv_ids = itertools.count(1)
+        self._ctx = mp.get_context("spawn")
+        self.procs: list[WorkerState] = []
+        self._closed = False
+        self.max_positions = None
+        for i, role in enumerate(config.roles()):
+            self._spawn(i, role)
+        self._wait_ready()
+
+    # ------------------------------------------------------------------ workers
+    def _spawn(self, worker_id: int, role: str) -> None:
+        from . import worker
+
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(
+            target=worker.main, name=f"tkv-worker-{worker_id}",
+            args=(child, worker_id, self.config.model, role, self.config.threads, self._token,
+                  self.config.host), daemon=True)
+        proc.start()
+        child.close()
+        w = WorkerState(worker_id, role, proc, parent)
+        self.procs.append(w)
+        threading.Thread(target=self._listen, args=(w,), name=f"tkv-router-{worker_id}",
+                         daemon=True).start()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.config.start_timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                states = [w.state for w in self.procs]
+            if "failed" in states:
+                self.close()
+                raise RuntimeError("a worker failed to start: " + "; ".join(
+                    getattr(w, "message", "") for w in self.procs if w.state == "failed"))
+            if all(s == "ready" for s in states):
+                return
+            time.sleep(0.05)
+        self.close()
+        raise TimeoutError(f"workers not ready within {self.config.start_timeout} s")
+
+    def _listen(self, w: WorkerState) -> None:
+        while True:
+            try:
+                msg = w.conn.recv()
+            except (EOFError, OSError):
+                self._on_worker_death(w)
+                return
+            try:
+                self._on_event(w, msg)
+            except Exception:
+                log.exception("router failed handling %r from worker %d", msg.get("ev"), w.id)
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, request: CompletionRequest) -> Handle:
+        ids = (list(request.prompt) if isinstance(request.prompt, list)
+               else self.tokenizer.encode(request.prompt))
+        if not ids:
+            raise RequestError("prompt is empty", "prompt")
+        limit = self.max_positions or 1 << 30
+        if len(ids) + request.max_tokens > limit:
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({request.max_tokens}) "
+                               f"exceeds the model's {limit} positions", "prompt")
+        if any(not 0 <= t < self.tokenizer.vocab_size for t in ids):
+            raise RequestError("prompt token id outside the vocabulary", "prompt")
+        state = RequestState(request, ids)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("engine is closed")
+            self._requests[state.rid] = state
+            self.metrics.requests.inc()
+            self._dispatch(state)
+        return Handle(self, state)
+
+    def _pick(self, roles: tuple[str, ...], key) -> WorkerState | None:
+        live = [w for w in self.procs if w.alive and w.role in roles]
+        return min(live, key=key) if live else None
+
+    def _dispatch(self, state: RequestState) -> None:
+        """(Re)start ``state``: prefill of prompt + tokens so far, on the chosen workers."""
+        state.attempt += 1
+        if state.attempt > MAX_ATTEMPTS:
+            self._fail(state, RuntimeError(f"request failed {MAX_ATTEMPTS} times"))
+            return
+        prefill = self._pick(("prefill", "colocated"), lambda w: (w.prefills, w.decodes))
+        if prefill is None:
+            self._fail(state, RuntimeError("no live prefill worker"))
+            return
+        target = None
+        if prefill.role != "colocated":
+            decode = self._pick(("decode",), lambda w: w.decodes)
+            if decode is None:
+                self._fail(state, RuntimeError("no live decode worker"))
+                return
+            target = {"worker": decode.id, "host": decode.host, "port": decode.port}
+            state.decode_worker = decode.id
+        else:
+            state.decode_worker = prefill.id
+        state.prefill_worker = prefill.id
+        state.kv_id = next(self._kv_ids)
+        prefill.prefills += 1
+        self.procs[state.decode_worker].decodes += 1
+        done = len(state.generated)
+        ok = prefill.send({
+            "op": P.PREFILL, "rid": state.rid, "attempt": state.attempt, "kv_id": state.kv_id,
+            "tokens": state.prompt_ids + state.generated, "target": target,
+            "kv_bits": self.config.kv_bits, "max_tokens": state.request.max_tokens - done,
+            "sampling": state.sampling()})
+        if not ok:
+            self._on_worker_death(prefill)
+
+    def _on_event(self, w: WorkerState, msg: dict) -> None:
+        ev = msg["ev"]
+        with self._lock:
+            if ev == P.READY:
+                w.state, w.pid, w.host, w.port, w.load_s = ("ready", msg["pid"], msg["host"],
+                                                            msg["port"], msg["load_s"])
+                self.max_positions = min(self.max_positions or 1 << 62, msg["max_positions"])
+                return
+            if ev == P.FAILED:
+                w.state, w.message = "failed", msg["message"]
+                return
+            if ev == P.ROLE:
+                w.role = msg["role"]
+                self.metrics.reschedule_seconds.observe(msg["seconds"])
+                return
+            if ev == P.TOKENS:
+                for rid, attempt, token, finish in msg["items"]:
+                    self._on_token(rid, attempt, token, finish)
+                if msg["batch"]:
+                    self.metrics.decode_step_seconds.observe(msg["seconds"])
+                    self.metrics.decode_batch.set(msg["batch"])
+                return
+            state = self._requests.get(msg.get("rid"))
+            if state is None or msg.get("attempt") != state.attempt or state.finished:
+                return  # a finished, cancelled or superseded attempt
+            if ev == P.PREFILLED:
+                self.procs[msg["worker"]].prefills -= 1
+                self.metrics.prefill_seconds.observe(msg["seconds"])
+                state.first_token = msg["first_token"]
+                if state.decode_worker != msg["worker"]:
+                    self.procs[state.decode_worker].send({
+                        "op": P.DECODE, "rid": state.rid, "attempt": state.attempt,
+                        "kv_id": state.kv_id, "first_token": msg["first_token"],
+                        "max_tokens": state.request.max_tokens - len(state.generated),
+                        "sampling": state.sampling()})
+            elif ev == P.DECODING:
+                self._on_token(state.rid, state.attempt, state.first_token, None)
+            elif ev == P.KV_SENT:
+                self.metrics.kv_bytes.inc(msg["bytes"])
+                self.metrics.kv_transfer_seconds.inc(msg["seconds"])
+                self.metrics.transports.update(msg["transports"])
+            elif ev == P.ERROR:
+                log.warning("request %s attempt %d failed in %s: %s", state.rid, state.attempt,
+                            msg["where"], msg["message"])
+                self.metrics.restarts.inc()
+                self._release_workers(state)
+                self._dispatch(state)
+
+    def _on_token(self, rid: str, attempt: int, token: int | None, finish: str | None) -> None:
+        state = self._requests.get(rid)
+        if state is None or attempt != state.attempt or state.finished:
+            return
+        now = time.monotonic()
+        if token is not None:
+            state.generated.append(token)
+            if state.first_at is None:
+                state.first_at = now
+                self.metrics.ttft_seconds.observe(now - state.submitted)
+        text = self.tokenizer.decode(state.generated)
+        if finish is None and text.endswith("\ufffd"):
+            delta = ""  # an incomplete multi-byte character: wait for the next token
+        else:
+            delta, state.text_sent = text[len(state.text_sent):], text
+        if finish is not None:
+            state.finished, state.finished_at = True, now
+            self._release_workers(state)
+            if len(state.generated) > 1:
+                self.metrics.tpot_seconds.observe(
+                    (now - state.first_at) / (len(state.generated) - 1))
+            self.metrics.completed.inc()
+            self._requests.pop(rid, None)
+        state.events.put(TokenEvent(delta, token, finish))
+
+    def _release_workers(self, state: RequestState) -> None:
+        if state.decode_worker is not None:
+            self.procs[state.decode_worker].decodes -= 1
+            state.decode_worker = None
+
+    def _fail(self, state: RequestState, error: BaseException) -> None:
+        state.finished = True
+        self._requests.pop(state.rid, None)
+        self.metrics.failed.inc()
+        state.events.put(error)
+
+    def _cancel(self, state: RequestState) -> None:
+        with self._lock:
+            if state.finished:
+                return
+            state.finished = True
+            self._requests.pop(state.rid, None)
+            for wid in {state.prefill_worker, state.decode_worker} - {None}:
+                self.procs[wid].send({"op": P.CANCEL, "rid": state.rid,
+                                        "attempt": state.attempt})
+            self._release_workers(state)
+            self.metrics.cancelled.inc()
+        state.events.put(TokenEvent("", None, "cancelled"))  # wakes a waiting reader
+
+    # ------------------------------------------------------------------ failures, roles
+    def _on_worker_death(self, w: WorkerState) -> None:
+        with self._lock:
+            if w.state == "dead" or self._closed:
+                return
+            was_ready = w.state == "ready"
+            w.state = "dead"
+            log.warning("worker %d (%s, pid %s) died", w.id, w.role, w.pid)
+            self.metrics.worker_deaths.inc()
+            if not was_ready:
+                return
+            self._rebalance_roles()
+            for state in list(self._requests.values()):
+                if w.id in (state.prefill_worker, state.decode_worker) and not state.finished:
+                    self.metrics.restarts.inc()
+                    self._release_workers(state)
+                    self._dispatch(state)
+
+    def _rebalance_roles(self) -> None:
+        """After a death: if a phase has no live worker left, flip one from the other phase."""
+        live = [w for w in self.procs if w.alive]
+        roles = {w.role for w in live}
+        if not live or "colocated" in roles:
+            return
+        for missing, donor in (("decode", "prefill"), ("prefill", "decode")):
+            donors = [w for w in live if w.role == donor]
+            if missing not in roles and len(donors) > 1:
+                self._set_role(donors[-1], missing)
+            elif missing not in roles and donors:
+                self._set_role(donors[-1], "colocated")  # one worker left: it does both
+
+    def _set_role(self, w: WorkerState, role: str) -> None:
+        w.role = role  # routing changes now; the worker acknowledges with ROLE
+        w.send({"op": P.SET_ROLE, "role": role})
+
+    def reschedule(self, body: dict) -> dict:
+        """Live phase reassignment: ``{"roles": {"<worker id>": "prefill"|"decode"|...}}``."""
+        roles = body.get("roles")
+        if not isinstance(roles, dict) or not roles:
+            raise RequestError("body must be {\"roles\": {\"<worker id>\": role}}", "roles")
+        t0 = time.perf_counter()
+        with self._lock:
+            changes = {}
+            for key, role in roles.items():
+                try:
+                    w = self.procs[int(key)]
+                except (ValueError, IndexError):
+                    raise RequestError(f"no worker {key!r}", "roles") from None
+                if role not in P.ROLES:
+                    raise RequestError(f"role must be one of {P.ROLES}, got {role!r}", "roles")
+                if not w.alive:
+                    raise RequestError(f"worker {key} is {w.state}", "roles")
+                changes[w.id] = role
+            after = {w.id: changes.get(w.id, w.role) for w in self.procs if w.alive}
+            if not any(r in ("prefill", "colocated") for r in after.values()) or not any(
+                    r in ("decode", "colocated") for r in after.values()):
+                raise RequestError("the new roles leave a phase without workers", "roles")
+            for wid, role in changes.items():
+                self._set_role(self.procs[wid], role)
+        seconds = time.perf_counter() - t0
+        self.metrics.reschedule_seconds.observe(seconds)
+        return {"ok": True, "seconds": seconds, "roles": {str(k): v for k, v in after.items()}}
+
+    # ------------------------------------------------------------------ introspection
+    def health(self) -> dict:
+        with self._lock:
+            live = [w for w in self.procs if w.alive]
+            ok = any(w.role in ("prefill", "colocated") for w in live) and any(
+                w.role in ("decode", "colocated") for w in live)
+            return {"ok": ok, "model": self.model_name, "workers_live": len(live),
+                    "workers": len(self.procs), "in_flight": len(self._requests)}
+
+    def workers(self) -> list[dict]:
+        """Role, pid and state of each worker (``GET /admin/workers``)."""
+        with self._lock:
+            return [{"id": w.id, "role": w.role, "pid": w.pid, "state": w.state,
+                     "kv_port": w.port, "outstanding_prefills": w.prefills,
+                     "decoding": w.decodes, "load_seconds": round(w.load_s, 3)}
+                    for w in self.procs]
+
+    def metrics_text(self) -> str:
+        with self._lock:
+            queues = {w.id: (w.prefills, w.decodes) for w in self.procs}
+        return self.metrics.render(queues)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for w in self.procs:
+                w.send({"op": P.STOP})
+        for w in self.procs:
+            w.process.join(timeout=5)
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join(timeout=5)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

