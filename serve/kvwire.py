@@ -1,8 +1,13 @@
-"""One sequence's KV <-> a transfer message (wire format v1, token-major, batch 1).
+"""One sequence's KV <-> a transfer message (wire format v1, batch 1).
 
-The prefill side writes each layer's K/V straight into its slice of the registered send buffer
-(quantized with format v1 for 4-bit, copied for 16-bit); the decode side reads each layer from
-the receive pool (dequantizing 4-bit straight from it) into the runner's own cache.
+16-bit: layout "token", every token raw (fp16), so the decode side's cache is bit-identical to
+the prefill side's. Quantized (KIVI-style, as in :mod:`thunderkv.hf`): layout "head", keys
+quantized per channel (groups of ``group_size`` tokens, axis -2: key outliers live in channels),
+values per token (axis -1), and the ragged tail of ``tokens % group_size`` tokens sent raw, so
+no token is padded or quantized across a partial group.
+
+The prefill side writes each layer's K/V straight into its slice of the registered send buffer;
+the decode side reads each layer from the receive pool (dequantizing straight from it).
 """
 
 from __future__ import annotations
@@ -12,11 +17,26 @@ import torch
 from thunderkv.api import QuantizedTensor, dequantize, quantize_into
 from thunderkv.bench.transfer import KVGeometry
 from thunderkv.format import FormatSpec
-from thunderkv.transfer.wire import KVHeader, layer_views
+from thunderkv.transfer.wire import KVHeader, build_header, layer_views
 
 
 def geometry_of(runner) -> KVGeometry:
     return KVGeometry(runner.name, runner.num_layers, runner.num_kv_heads, runner.head_dim)
+
+
+def message_header(geo: KVGeometry, tokens: int, bits: int, request_id: int,
+                   group_size: int = 64) -> KVHeader:
+    """The header of one sequence's KV: raw token-major for bits 16, KIVI head-major else."""
+    if bits >= 16:
+        return build_header(dtype=torch.float16, bits=16, layers=geo.layers, heads=geo.kv_heads,
+                            head_dim=geo.head_dim, residual_tokens=tokens, request_id=request_id,
+                            streamed=True)
+    g = min(group_size, geo.head_dim)
+    quant = tokens // g * g
+    return build_header(dtype=torch.float16, bits=bits, layers=geo.layers, heads=geo.kv_heads,
+                        head_dim=geo.head_dim, quant_tokens=quant, residual_tokens=tokens - quant,
+                        group_size=g, key_axis=-2, value_axis=-1, layout="head",
+                        request_id=request_id, streamed=True)
 
 
 def write_layer(header: KVHeader, payload: torch.Tensor, layer: int, k: torch.Tensor,
@@ -25,18 +45,24 @@ def write_layer(header: KVHeader, payload: torch.Tensor, layer: int, k: torch.Te
     n = header.layer_nbytes()
     views = layer_views(header, payload[layer * n:(layer + 1) * n])
     for name, x in (("key", k), ("value", v)):
-        x = x.to(header.dtype).unsqueeze(0).contiguous()
+        x = x.to(header.dtype)
         if header.raw:
-            views[f"{name}_residual"].copy_(x)
-        else:
-            quantize_into(x, views[f"{name}_packed"], views[f"{name}_scale"],
-                          views[f"{name}_min"], bits=header.bits,
-                          group_size=header.group_size, axis=-1)
+            views[f"{name}_residual"][0].copy_(x)
+            continue
+        x = x.transpose(0, 1)  # [H, T, D]
+        Tq = header.quant_tokens
+        if Tq:
+            axis = header.key_axis if name == "key" else header.value_axis
+            quantize_into(x[None, :, :Tq].contiguous(), views[f"{name}_packed"],
+                          views[f"{name}_scale"], views[f"{name}_min"], bits=header.bits,
+                          group_size=header.group_size, axis=axis)
+        if header.residual_tokens:
+            views[f"{name}_residual"][0].copy_(x[:, Tq:])
 
 
 def read_layers(received) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (K, V) ``[T, kv_heads, head_dim]`` in the message dtype, from the receive pool
-    (views for 16-bit, freshly dequantized tensors for 4-bit)."""
+    (views for 16-bit, freshly dequantized tensors for quantized messages)."""
     header = received.header
     out = []
     for i in range(header.layers):
@@ -45,13 +71,18 @@ def read_layers(received) -> list[tuple[torch.Tensor, torch.Tensor]]:
         for name in ("key", "value"):
             if header.raw:
                 pair.append(views[f"{name}_residual"][0])
-            else:
-                shape = header.shape(header.quant_tokens)
+                continue
+            pieces = []
+            if header.quant_tokens:
+                axis = header.key_axis if name == "key" else header.value_axis
                 q = QuantizedTensor(views[f"{name}_packed"], views[f"{name}_scale"],
-                                    views[f"{name}_min"], FormatSpec(header.bits,
-                                                                     header.group_size, -1),
-                                    torch.Size(shape), header.dtype)
-                pair.append(dequantize(q)[0])
+                                    views[f"{name}_min"],
+                                    FormatSpec(header.bits, header.group_size, axis),
+                                    torch.Size(header.shape(header.quant_tokens)), header.dtype)
+                pieces.append(dequantize(q)[0])
+            if header.residual_tokens:
+                pieces.append(views[f"{name}_residual"][0])
+            pair.append(torch.cat(pieces, dim=1).transpose(0, 1))  # [T, H, D]
         out.append(tuple(pair))
     return out
 

@@ -170,10 +170,9 @@ class Worker:
             self._finish_if_done(self.running[job["rid"]], first, emit_token=True)
 
     def _start_send(self, job: dict) -> SendJob:
-        from thunderkv.bench.transfer import make_header
         from thunderkv.transfer import KVSender
 
-        from .kvwire import geometry_of
+        from .kvwire import geometry_of, message_header
 
         target = job["target"]
         key = (target["host"], target["port"])
@@ -181,9 +180,8 @@ class Worker:
             self._senders[key] = KVSender(target["host"], target["port"], token=self.token,
                                           timeout=10.0)
         sender = self._senders[key]
-        header = make_header(geometry_of(self.runner), len(job["tokens"]), job["kv_bits"],
-                             min(64, self.runner.head_dim),
-                             job["kv_id"])
+        header = message_header(geometry_of(self.runner), len(job["tokens"]), job["kv_bits"],
+                                job["kv_id"])
         if self._send_pool is None:
             # one registered pool serves every peer: registered with the first sender's worker
             self._send_pool = sender.register(SEND_POOL_BYTES)

@@ -16,10 +16,11 @@ from collections.abc import Sequence
 # (subcommand, module under thunderkv.cli, one-line help)
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("env", "env", "report versions, CPU features and which backends are available (and why not)"),
-    ("bench", "bench", "microbenchmarks (quant, ...)"),
+    ("bench", "bench", "benchmarks (quant, paged, transfer, e2e)"),
     ("plan", "plan", "plan a phase-split deployment on a GPU cluster"),
     ("simulate", "simulate", "replay a workload through a plan"),
     ("eval", "eval", "quality of compressed KV caches on a real model (perplexity, agreement)"),
+    ("serve", "serve", "serve a model over HTTP with prefill/decode worker processes"),
 ]
 
 

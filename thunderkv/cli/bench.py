@@ -76,6 +76,27 @@ def register(subparsers) -> None:
     tr.add_argument("--rows-out", help=argparse.SUPPRESS)
     tr.set_defaults(func=run_transfer)
 
+    e2e = sub.add_parser(
+        "e2e",
+        help="serve a workload colocated vs disaggregated 16-bit vs 4-bit (real model)",
+        description="Replays a workload (Azure conversation trace lengths scaled to this "
+        "machine, Poisson arrivals) through the serving engine in each mode and reports "
+        "TTFT/TPOT p50/p90, tokens/s, KV bytes moved and agreement with colocated 16-bit.",
+    )
+    e2e.add_argument("--model", default="smollm2", help="smollm2 (default), tiny, or a local "
+                     "HF model directory")
+    e2e.add_argument("--preset", default="default", help="quick or default")
+    e2e.add_argument("--quick", action="store_true", help="same as --preset quick (< 3 min)")
+    e2e.add_argument("--mode", action="append", dest="modes",
+                     choices=["colocated", "disagg-16", "disagg-4"],
+                     help="modes to run (repeatable; default all three)")
+    e2e.add_argument("--rate", type=float, help="request rate (req/s; default: the preset's)")
+    e2e.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    e2e.add_argument("--seed", type=int, default=0)
+    e2e.add_argument("--json", metavar="PATH", help="append one JSON line per mode")
+    e2e.add_argument("--plot", metavar="PNG", help="write a TTFT/TPOT/KV bytes plot")
+    e2e.set_defaults(func=run_e2e)
+
 
 def _setup(args: argparse.Namespace, presets: dict):
     import torch
@@ -244,3 +265,54 @@ def _report_transfer(console, args, rows: list[dict], rate: int | None) -> int:
         write_json_lines(args.json, rows)
         console.print(f"wrote {len(rows)} JSON lines to {args.json}")
     return 0
+
+
+def run_e2e(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..bench.timing import provenance, write_json_lines
+    from ..serve import bench_e2e
+
+    console = Console()
+    preset_name = "quick" if args.quick else args.preset
+    if preset_name not in bench_e2e.PRESETS:
+        console.print(f"[red]unknown preset {preset_name!r}; choose from "
+                      f"{sorted(bench_e2e.PRESETS)}")
+        return 2
+    modes = args.modes or list(bench_e2e.MODES)
+    rows, jobs = _measure(console, lambda progress: bench_e2e.run(
+        args.model, bench_e2e.PRESETS[preset_name], modes, seed=args.seed,
+        threads=args.threads, rate=args.rate, progress=progress))
+    base = provenance("cpu")
+    for r in rows:
+        r.update(base)
+    console.width = max(console.width, 150)
+    t = Table(title=f"{args.model}: {len(jobs)} requests (prompts {min(len(j.prompt) for j in jobs)}"
+              f"-{max(len(j.prompt) for j in jobs)} tokens, outputs up to "
+              f"{max(j.max_tokens for j in jobs)}), {rows[0]['rate_req_s']:g} req/s, loopback")
+    cols = ["mode", "TTFT p50", "TTFT p90", "TPOT p50", "TPOT p90", "tok/s", "KV MB",
+            "identical", "top-1", "failed"]
+    for c in cols:
+        t.add_column(c, justify="left" if c == "mode" else "right")
+
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    for r in rows:
+        t.add_row(r["mode"], f(r["ttft_p50_s"], ".3f"), f(r["ttft_p90_s"], ".3f"),
+                  f(r["tpot_p50_s"], ".3f"), f(r["tpot_p90_s"], ".3f"),
+                  f(r["tokens_per_s"], ".1f"), f(r["kv_bytes_moved"] / 1e6, ".1f"),
+                  f(r.get("identical_outputs"), ".2f"), f(r.get("teacher_forced_top1"), ".3f"),
+                  str(r["failed"]))
+    console.print(t)
+    if args.json:
+        write_json_lines(args.json, rows)
+        console.print(f"wrote {len(rows)} JSON lines to {args.json}")
+    if args.plot:
+        try:
+            bench_e2e.plot(rows, args.plot)
+            console.print(f"wrote {args.plot}")
+        except ImportError:
+            console.print("[yellow]no plot: pip install matplotlib")
+    return 1 if any(r["failed"] for r in rows) else 0

@@ -1,0 +1,61 @@
+"""`thunderkv serve` as a real process: health, a completion over HTTP, clean SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from thunderkv.cli.serve import roles_from_plan
+from thunderkv.transfer import unavailable_reason
+
+PLAN = Path(__file__).resolve().parents[2] / "benchmarks/results/planner-2026-11-27-cpu/conv.json"
+
+
+def test_roles_from_a_planner_json(tmp_path):
+    prefill, decode = roles_from_plan(str(PLAN))
+    groups = json.loads(PLAN.read_text())["plan"]["groups"]
+    assert prefill + decode == len(groups) and prefill > 0 and decode > 0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"plan": {"groups": [{"phase": "both"}]}}))
+    with pytest.raises(ValueError, match="prefill/decode"):
+        roles_from_plan(str(bad))
+
+
+@pytest.mark.skipif(unavailable_reason() is not None, reason="UCX transfer unavailable")
+def test_serve_command_end_to_end():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "thunderkv.cli", "serve", "--model", "tiny",
+                             "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    assert json.load(r)["ok"]
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.5)
+        body = json.dumps({"prompt": "hi there", "max_tokens": 5, "temperature": 0}).encode()
+        req = urllib.request.Request(url + "/v1/completions", body,
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            done = json.load(r)
+        assert done["usage"]["completion_tokens"] == 5
+        with urllib.request.urlopen(url + "/admin/workers", timeout=5) as r:
+            roles = sorted(w["role"] for w in json.load(r))
+        assert roles == ["decode", "prefill"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0

@@ -1,0 +1,69 @@
+"""``thunderkv serve``: the OpenAI-compatible server over prefill/decode worker processes."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a model over HTTP (OpenAI completions) with prefill/decode workers",
+        description="Starts N prefill and M decode worker processes (or colocated ones) and an "
+        "OpenAI-compatible HTTP API on 127.0.0.1. KV moves prefill -> decode over "
+        "thunderkv.transfer, 4-bit by default.")
+    p.add_argument("--model", default="smollm2", help="smollm2 (default), tiny, or a local "
+                   "HF model directory")
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    p.add_argument("--decode", type=int, default=1, help="decode workers")
+    p.add_argument("--colocated", type=int, default=0,
+                   help="run this many colocated workers instead (comparison mode)")
+    p.add_argument("--plan", help="planner JSON (`thunderkv plan --json`): worker phases from "
+                   "its groups, one worker per group")
+    p.add_argument("--kv-bits", type=int, default=4, choices=[4, 16])
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=run)
+
+
+def roles_from_plan(path: str) -> tuple[int, int]:
+    """(prefill, decode) worker counts from a planner JSON: one worker per planned group."""
+    import json
+
+    with open(path) as f:
+        plan = json.load(f)
+    groups = plan.get("plan", plan).get("groups")
+    if not isinstance(groups, list) or not groups:
+        raise ValueError(f"{path}: no 'groups' list in the plan")
+    phases = [g.get("phase") for g in groups]
+    if set(phases) - {"prefill", "decode"}:
+        raise ValueError(f"{path}: group phases must be prefill/decode, got {set(phases)}")
+    return phases.count("prefill"), phases.count("decode")
+
+
+def run(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from rich.console import Console
+
+    from ..serve.engine import Engine, ServeConfig
+    from ..serve.http import ApiServer
+
+    console = Console()
+    prefill, decode = args.prefill, args.decode
+    if args.plan:
+        prefill, decode = roles_from_plan(args.plan)
+    config = ServeConfig(model=args.model, prefill=prefill, decode=decode,
+                         colocated=args.colocated, kv_bits=args.kv_bits, threads=args.threads)
+    console.print(f"starting {', '.join(config.roles())} workers for {args.model} ...")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with Engine(config) as engine, ApiServer(engine, args.host, args.port) as server:
+        console.print(f"serving {args.model} at {server.url}/v1 (KV {args.kv_bits}-bit); "
+                      "GET /health /metrics /admin/workers, POST /admin/reschedule; Ctrl-C stops")
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
