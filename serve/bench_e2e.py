@@ -193,15 +193,27 @@ class _Received:
         return layer_views(self.header, self._payload[i * n:(i + 1) * n])
 
 
+def link_from_env():
+    """The shaped link this process runs across (set by ``bench e2e --link-rate``), or None."""
+    from .netplace import LinkInfo
+
+    return LinkInfo.from_env()
+
+
 def run(model: str, preset: Preset, modes: list[str], *, seed: int, threads: int,
         rate: float | None, progress: Callable[[str], object]) -> tuple[list[dict], list[Job]]:
+    from .netplace import Placement
     from .tokenizer import load_tokenizer
 
+    link = link_from_env()
     jobs = workload(preset, load_tokenizer(model), seed=seed, rate=rate)
     rows, outputs = [], {}
     for mode in modes:
         progress(f"{mode}: starting workers")
-        with Engine(ServeConfig(model=model, threads=threads, **MODES[mode])) as engine:
+        across = link is not None and mode != "colocated"
+        placement = Placement(link) if across else None
+        with Engine(ServeConfig(model=model, threads=threads, placement=placement,
+                                **MODES[mode])) as engine:
             warm = Job(0.0, jobs[0].prompt[:32], 4)
             replay(engine, [warm], lambda m: None)
             engine.metrics.__init__()  # measure the replay only
@@ -222,9 +234,13 @@ def run(model: str, preset: Preset, modes: list[str], *, seed: int, threads: int
                 row["teacher_forced_top1"] = teacher_forced_agreement(runner, jobs, ref, 4)
             elif row["mode"] == "disagg-16":
                 row["teacher_forced_top1"] = teacher_forced_agreement(runner, jobs, ref, 16)
+    label = (f"decode across a veth shaped to {link.rate_bps / 1e6:g} Mbit/s" if link
+             else "loopback")
     for row in rows:
         row.update(model=model, preset_requests=preset.requests,
-                   rate_req_s=rate or preset.rate, seed=seed, threads_per_worker=threads)
+                   rate_req_s=rate or preset.rate, seed=seed, threads_per_worker=threads,
+                   link=label if row["mode"] != "colocated" else "one process set, no link",
+                   link_rate_bps=link.rate_bps if link else None)
     return rows, jobs
 
 

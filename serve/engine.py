@@ -41,6 +41,8 @@ class ServeConfig:
     threads: int = 1  # torch threads per worker
     host: str = "127.0.0.1"  # where workers listen for KV
     start_timeout: float = 300.0
+    # Workers in network namespaces (see serve.netplace.Placement); None: local processes.
+    placement: object | None = None
 
     def roles(self) -> list[str]:
         if self.colocated:
@@ -162,14 +164,18 @@ class Engine:
     def _spawn(self, worker_id: int, role: str) -> None:
         from . import worker
 
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(
-            target=worker.main, name=f"tkv-worker-{worker_id}",
-            args=(child, worker_id, self.config.model, role, self.config.threads, self._token,
-                  self.config.host), daemon=True)
-        proc.start()
-        child.close()
-        w = WorkerState(worker_id, role, proc, parent)
+        if self.config.placement is not None:
+            proc, conn = self.config.placement.launch(worker_id, role, self.config, self._token)
+        else:
+            parent, child = self._ctx.Pipe()
+            proc = self._ctx.Process(
+                target=worker.main, name=f"tkv-worker-{worker_id}",
+                args=(child, worker_id, self.config.model, role, self.config.threads,
+                      self._token, self.config.host), daemon=True)
+            proc.start()
+            child.close()
+            conn = parent
+        w = WorkerState(worker_id, role, proc, conn)
         self.procs.append(w)
         threading.Thread(target=self._listen, args=(w,), name=f"tkv-router-{worker_id}",
                          daemon=True).start()
@@ -453,6 +459,8 @@ class Engine:
             if w.process.is_alive():
                 w.process.kill()
                 w.process.join(timeout=5)
+        if self.config.placement is not None:
+            self.config.placement.close()
 
     def __enter__(self) -> Engine:
         return self

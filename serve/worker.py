@@ -324,3 +324,29 @@ def main(conn, worker_id: int, model: str, role: str, threads: int, token: str,
         conn.send({"ev": P.FAILED, "worker": worker_id, "message": f"{type(exc).__name__}: {exc}"})
         raise
     worker.run()
+
+
+def _cli() -> None:
+    """``python -m thunderkv.serve.worker --connect HOST:PORT ...``: a worker started by a
+    router in another network namespace (the pipe becomes an authenticated socket; the authkey
+    and the transfer token come from the environment)."""
+    import argparse
+    from multiprocessing.connection import Client
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--connect", required=True)
+    p.add_argument("--id", type=int, required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--role", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--kv-host", default="127.0.0.1")
+    a = p.parse_args()
+    host, port = a.connect.rsplit(":", 1)
+    conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ["THUNDERKV_WORKER_AUTHKEY"]))
+    conn.send({"hello": a.id})
+    main(conn, a.id, a.model, a.role, a.threads, os.environ["THUNDERKV_TRANSFER_TOKEN"],
+         a.kv_host)
+
+
+if __name__ == "__main__":
+    _cli()

@@ -93,6 +93,8 @@ def register(subparsers) -> None:
     e2e.add_argument("--rate", type=float, help="request rate (req/s; default: the preset's)")
     e2e.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     e2e.add_argument("--seed", type=int, default=0)
+    e2e.add_argument("--link-rate", help="put decode workers across a veth link shaped to this "
+                     "rate (e.g. 30mbit; needs netns + tc); default: loopback")
     e2e.add_argument("--json", metavar="PATH", help="append one JSON line per mode")
     e2e.add_argument("--plot", metavar="PNG", help="write a TTFT/TPOT/KV bytes plot")
     e2e.set_defaults(func=run_e2e)
@@ -275,6 +277,8 @@ def run_e2e(args: argparse.Namespace) -> int:
     from ..serve import bench_e2e
 
     console = Console()
+    if args.link_rate and bench_e2e.link_from_env() is None:
+        return _e2e_across_link(console, args)
     preset_name = "quick" if args.quick else args.preset
     if preset_name not in bench_e2e.PRESETS:
         console.print(f"[red]unknown preset {preset_name!r}; choose from "
@@ -288,9 +292,10 @@ def run_e2e(args: argparse.Namespace) -> int:
     for r in rows:
         r.update(base)
     console.width = max(console.width, 150)
+    link = rows[0]["link"]
     t = Table(title=f"{args.model}: {len(jobs)} requests (prompts {min(len(j.prompt) for j in jobs)}"
               f"-{max(len(j.prompt) for j in jobs)} tokens, outputs up to "
-              f"{max(j.max_tokens for j in jobs)}), {rows[0]['rate_req_s']:g} req/s, loopback")
+              f"{max(j.max_tokens for j in jobs)}), {rows[0]['rate_req_s']:g} req/s, {link}")
     cols = ["mode", "TTFT p50", "TTFT p90", "TPOT p50", "TPOT p90", "tok/s", "KV MB",
             "identical", "top-1", "failed"]
     for c in cols:
@@ -316,3 +321,30 @@ def run_e2e(args: argparse.Namespace) -> int:
         except ImportError:
             console.print("[yellow]no plot: pip install matplotlib")
     return 1 if any(r["failed"] for r in rows) else 0
+
+
+def _e2e_across_link(console, args: argparse.Namespace) -> int:
+    """Re-run this benchmark inside the server side of a shaped veth link."""
+    import os
+    import subprocess
+    import sys
+
+    from ..serve.netplace import ENV, LinkInfo
+    from ..transfer.netshape import ShapedLink, parse_rate, shaping_unavailable_reason
+
+    rate = parse_rate(args.link_rate)
+    why = shaping_unavailable_reason()
+    if why is not None:
+        console.print(f"[yellow]skipping --link-rate {args.link_rate}: {why}")
+        return 0
+    argv = [sys.executable, "-m", "thunderkv.cli", "bench", "e2e", "--model", args.model,
+            "--preset", "quick" if args.quick else args.preset, "--threads", str(args.threads),
+            "--seed", str(args.seed), "--link-rate", args.link_rate]
+    for m in args.modes or []:
+        argv += ["--mode", m]
+    for flag, value in (("--rate", args.rate), ("--json", args.json), ("--plot", args.plot)):
+        if value is not None:
+            argv += [flag, str(value)]
+    with ShapedLink(rate, control_link=True) as link:
+        env = {**os.environ, ENV: LinkInfo.from_link(link).to_env()}
+        return subprocess.run(link.command("server", argv), env=env).returncode

@@ -149,7 +149,8 @@ class ShapedLink:
     (IPv4 addresses on the shared /30), ``rate_bps``, ``delay_ms``.
     """
 
-    def __init__(self, rate_bps: int, *, delay_ms: float = 0.0, name_prefix: str = "tkv") -> None:
+    def __init__(self, rate_bps: int, *, delay_ms: float = 0.0, name_prefix: str = "tkv",
+                 control_link: bool = False) -> None:
         if int(rate_bps) <= 0:
             raise ValueError(f"rate_bps must be positive, got {rate_bps!r}")
         if delay_ms < 0:
@@ -165,6 +166,11 @@ class ShapedLink:
         x = (os.getpid() + n) % 256
         self.server_addr = f"10.213.{x}.1"
         self.client_addr = f"10.213.{x}.2"
+        # control_link: a second, unshaped veth pair (tkc-s/tkc-c) for control traffic that
+        # must not queue behind the bulk data on the shaped one (a serving router's messages).
+        self.control_link = control_link
+        self.server_control_addr = f"10.214.{x}.1" if control_link else None
+        self.client_control_addr = f"10.214.{x}.2" if control_link else None
         self._created: list[str] = []
 
     def command(self, role: str, argv: list[str]) -> list[str]:
@@ -209,6 +215,13 @@ class ShapedLink:
             _run([ip, "-n", ns, "link", "set", "lo", "up"])
             _run([ip, "-n", ns, "link", "set", dev, "up"])
             self._shape(tc, ns, dev)
+        if self.control_link:
+            _run([ip, "-n", self.server_ns, "link", "add", "tkc-s", "type", "veth",
+                  "peer", "name", "tkc-c", "netns", self.client_ns])
+            for ns, dev, addr in ((self.server_ns, "tkc-s", self.server_control_addr),
+                                  (self.client_ns, "tkc-c", self.client_control_addr)):
+                _run([ip, "-n", ns, "addr", "add", f"{addr}/30", "dev", dev])
+                _run([ip, "-n", ns, "link", "set", dev, "up"])
 
     def _shape(self, tc: str, ns: str, dev: str) -> None:
         # tc-tbf(8): the bucket must hold at least one timer tick of traffic (rate / HZ bytes)
