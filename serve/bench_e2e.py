@@ -150,6 +150,8 @@ def summarize(mode: str, outcomes: list[Outcome], engine: Engine) -> dict:
         if engine.metrics.prefill_seconds.samples else None,
         "decode_step_p50_s": statistics.median(engine.metrics.decode_step_seconds.samples)
         if engine.metrics.decode_step_seconds.samples else None,
+        "decode_batch_mean": statistics.fmean(engine.metrics.decode_batches.samples)
+        if engine.metrics.decode_batches.samples else None,
     }
 
 

@@ -286,6 +286,7 @@ class Engine:
                 if msg["batch"]:
                     self.metrics.decode_step_seconds.observe(msg["seconds"])
                     self.metrics.decode_batch.set(msg["batch"])
+                    self.metrics.decode_batches.observe(msg["batch"])
                 return
             state = self._requests.get(msg.get("rid"))
             if state is None or msg.get("attempt") != state.attempt or state.finished:

@@ -77,6 +77,8 @@ class Metrics:
         self.kv_transfer_seconds = Counter(p + "kv_transfer_seconds_total",
                                            "seconds spent in KV transfers")
         self.decode_batch = Gauge(p + "decode_batch_size", "sequences in the last decode step")
+        self.decode_batches = Histogram(p + "decode_batch_sizes", "sequences per decode step",
+                                        buckets=(1, 2, 4, 8, 16, 32, 64))
         self.transports: set[str] = set()
 
     def render(self, queues: dict[int, tuple[int, int]]) -> str:
@@ -85,7 +87,7 @@ class Metrics:
                   self.decode_step_seconds, self.reschedule_seconds, self.requests,
                   self.completed, self.failed, self.cancelled, self.restarts,
                   self.worker_deaths, self.kv_bytes, self.kv_transfer_seconds,
-                  self.decode_batch):
+                  self.decode_batch, self.decode_batches):
             lines += m.render()
         lines += ["# HELP thunderkv_queue_length outstanding work per worker",
                   "# TYPE thunderkv_queue_length gauge"]

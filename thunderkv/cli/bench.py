@@ -296,7 +296,7 @@ def run_e2e(args: argparse.Namespace) -> int:
     t = Table(title=f"{args.model}: {len(jobs)} requests (prompts {min(len(j.prompt) for j in jobs)}"
               f"-{max(len(j.prompt) for j in jobs)} tokens, outputs up to "
               f"{max(j.max_tokens for j in jobs)}), {rows[0]['rate_req_s']:g} req/s, {link}")
-    cols = ["mode", "TTFT p50", "TTFT p90", "TPOT p50", "TPOT p90", "tok/s", "KV MB",
+    cols = ["mode", "TTFT p50", "TTFT p90", "TPOT p50", "TPOT p90", "tok/s", "batch", "KV MB",
             "identical", "top-1", "failed"]
     for c in cols:
         t.add_column(c, justify="left" if c == "mode" else "right")
@@ -307,7 +307,8 @@ def run_e2e(args: argparse.Namespace) -> int:
     for r in rows:
         t.add_row(r["mode"], f(r["ttft_p50_s"], ".3f"), f(r["ttft_p90_s"], ".3f"),
                   f(r["tpot_p50_s"], ".3f"), f(r["tpot_p90_s"], ".3f"),
-                  f(r["tokens_per_s"], ".1f"), f(r["kv_bytes_moved"] / 1e6, ".1f"),
+                  f(r["tokens_per_s"], ".1f"), f(r.get("decode_batch_mean"), ".1f"),
+                  f(r["kv_bytes_moved"] / 1e6, ".1f"),
                   f(r.get("identical_outputs"), ".2f"), f(r.get("teacher_forced_top1"), ".3f"),
                   str(r["failed"]))
     console.print(t)
