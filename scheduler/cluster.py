@@ -14,7 +14,13 @@ from .yamlio import Doc, load_yaml
 
 @dataclass(slots=True, frozen=True)
 class GpuType:
-    """One catalog entry. ``compute_eff``/``mem_eff`` scale the datasheet peaks to achieved rates."""
+    """One catalog entry. ``compute_eff``/``mem_eff`` scale the datasheet peaks to achieved rates.
+
+    ``layer_overhead_s`` / ``seq_overhead_s``: fixed seconds per layer per forward pass, and per
+    layer per sequence of a decode batch (prefill counts one sequence) -- dispatch and Python
+    overhead that no roofline captures. 0 (the default, GPUs) leaves every prediction unchanged;
+    a CPU calibration (``thunderkv.serve.calibrate``) fits them.
+    """
 
     name: str
     fp16_tflops: float
@@ -23,6 +29,8 @@ class GpuType:
     price_per_hour: float
     compute_eff: float = 0.55
     mem_eff: float = 0.80
+    layer_overhead_s: float = 0.0
+    seq_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         for f in ("fp16_tflops", "mem_gb", "mem_bw_gbs"):
@@ -33,6 +41,9 @@ class GpuType:
         for f in ("compute_eff", "mem_eff"):
             if not 0 < getattr(self, f) <= 1:
                 raise ValueError(f"GpuType {self.name}: {f} must be in (0, 1]")
+        for f in ("layer_overhead_s", "seq_overhead_s"):
+            if not getattr(self, f) >= 0:
+                raise ValueError(f"GpuType {self.name}: {f} must be >= 0")
 
     @property
     def flops(self) -> float:
@@ -141,6 +152,8 @@ def load_cluster(path: str | Path, text: str | None = None) -> Cluster:
                                       positive=False),
             compute_eff=_eff(doc, spec, f"{p}.compute_eff", "compute_eff", 0.55),
             mem_eff=_eff(doc, spec, f"{p}.mem_eff", "mem_eff", 0.80),
+            layer_overhead_s=_overhead(doc, spec, f"{p}.layer_overhead_s", "layer_overhead_s"),
+            seq_overhead_s=_overhead(doc, spec, f"{p}.seq_overhead_s", "seq_overhead_s"),
         )
     nodes_node = doc.node("nodes")
     if not isinstance(nodes_node.value, list) or not nodes_node.value:
@@ -184,4 +197,11 @@ def _eff(doc: Doc, spec, label: str, key: str, default: float) -> float:
     v = doc.number(key, spec, label=label, default=default)
     if not 0 < v <= 1:
         raise doc.error(label, f"must be in (0, 1], got {v}", doc.node(key, spec).line)
+    return v
+
+
+def _overhead(doc: Doc, spec, label: str, key: str) -> float:
+    v = doc.number(key, spec, label=label, default=0.0, positive=False)
+    if not v >= 0:
+        raise doc.error(label, f"must be >= 0, got {v}", doc.node(key, spec).line)
     return v

@@ -67,7 +67,7 @@ class Pipeline:
     """Latency model of one replica: ``stages`` in order, ``hop_bps[i]`` between stage i and i+1."""
 
     __slots__ = ("model", "stages", "hop_bps", "p", "_dc", "_db", "_dx", "_wb", "_kvl",
-                 "_ar", "_arl", "_hop_lat")
+                 "_ar", "_arl", "_hop_lat", "_ovp", "_ovl", "_ovs")
 
     def __init__(self, model: ModelSpec, stages: list[Stage], hop_bps: list[float],
                  params: CostParams) -> None:
@@ -89,6 +89,10 @@ class Pipeline:
                     if s.tp > 1 else 0.0 for s in stages]
         self._arl = [2 * s.layers * 2 * (s.tp - 1) * params.intra_latency_s for s in stages]
         self._hop_lat = params.inter_latency_s
+        # fixed per-pass / per-sequence overheads (GpuType knobs; 0 for GPUs)
+        self._ovl = [s.layers * s.gpu.layer_overhead_s for s in stages]
+        self._ovs = [s.layers * s.gpu.seq_overhead_s for s in stages]
+        self._ovp = [a + b for a, b in zip(self._ovl, self._ovs)]  # prefill: one sequence
 
     # --- memory ---------------------------------------------------------------------------
     def weight_bytes(self, i: int) -> float:
@@ -113,7 +117,7 @@ class Pipeline:
             flops = self._dc[i] * tokens + self._dx[i] * sq_tokens / 2  # causal: half of s^2
             nbytes = self._wb[i] + self._kvl[i] * tokens
             t = max(flops / s.gpu.flops, nbytes / s.gpu.bw)
-            out.append(t + self._ar[i] * tokens + self._arl[i])
+            out.append(t + self._ar[i] * tokens + self._arl[i] + self._ovp[i])
         return out
 
     def _hop(self, i: int, rows: float) -> float:
@@ -144,7 +148,8 @@ class Pipeline:
         for i, s in enumerate(self.stages):
             flops = self._dc[i] * b + self._dx[i] * c
             nbytes = self._wb[i] + self._kvl[i] * c
-            t = max(flops / s.gpu.flops, nbytes / s.gpu.bw) + self._ar[i] * b + self._arl[i]
+            t = (max(flops / s.gpu.flops, nbytes / s.gpu.bw) + self._ar[i] * b + self._arl[i]
+                 + self._ovl[i] + self._ovs[i] * b)
             tsum += t
             tmax = t if t > tmax else tmax
         for i in range(n - 1):

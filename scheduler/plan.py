@@ -120,11 +120,19 @@ class Plan:
 # --- serialising the inputs, so a plan JSON is self-contained ---------------------------------
 def cluster_to_dict(c: Cluster) -> dict[str, Any]:
     return {"name": c.name, "price_source": c.price_source,
-            "catalog": {k: {f.name: getattr(v, f.name) for f in dataclasses.fields(v) if f.name != "name"}
-                        for k, v in c.catalog.items()},
+            "catalog": {k: _gpu_type_dict(v) for k, v in c.catalog.items()},
             "nodes": [dataclasses.asdict(n) for n in c.nodes],
             "network": {"inter_node_gbps": c.inter_node_gbps,
                         "links": [{"a": a, "b": b, "gbps": v} for (a, b), v in c.links.items()]}}
+
+
+def _gpu_type_dict(g: GpuType) -> dict[str, Any]:
+    """Catalog entry fields; the overhead knobs only when set (plans without them read as before)."""
+    return {f.name: getattr(g, f.name) for f in dataclasses.fields(g)
+            if f.name != "name" and not (f.name in _OPTIONAL_ZERO and getattr(g, f.name) == 0)}
+
+
+_OPTIONAL_ZERO = ("layer_overhead_s", "seq_overhead_s")
 
 
 def cluster_from_dict(d: dict[str, Any]) -> Cluster:

@@ -82,8 +82,16 @@ def _wrr(weights: list[float]):
 
 
 def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
-             wl: Workload) -> SimResult:
-    """Replay ``wl`` through ``plan``; requests with nowhere to go never finish (NaN)."""
+             wl: Workload, *, kv_bytes: np.ndarray | None = None,
+             stream_kv: bool = False) -> SimResult:
+    """Replay ``wl`` through ``plan``; requests with nowhere to go never finish (NaN).
+
+    Opt-in (defaults: the planner's model): ``kv_bytes[r]`` = wire bytes of request ``r``'s KV
+    (default prompt tokens x the cost model's bytes per token), split over the links in the cost
+    model's per-layer proportions; ``stream_kv`` lets a transfer start once the prefill's first
+    layer is done (layer-by-layer streaming, as the serving loop does) instead of after the
+    prefill; it still ends no earlier than the prefill plus one layer's share.
+    """
     n = len(wl)
     P, O = wl.prompts, wl.outputs
     res = SimResult(wl.arrivals.copy(), *(np.full(n, np.nan) for _ in range(4)), O, P)
@@ -109,6 +117,12 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
             for (a, b), v in kv_link_bytes_per_token(groups[i].pipe, groups[j].pipe, params).items():
                 per[link_key(a, b)] = per.get(link_key(a, b), 0.0) + v
             pair_links[(i, j)] = [(k, v, cluster.link_bytes_per_s(*k)) for k, v in per.items()]
+    if kv_bytes is not None:
+        kv_bytes = np.asarray(kv_bytes, dtype=np.float64)
+        if kv_bytes.shape != (n,) or (kv_bytes < 0).any():
+            raise ValueError("kv_bytes needs one non-negative byte count per request")
+        pair_total = {k: sum(v for _, v, _ in links) for k, links in pair_links.items()}
+    prefill_start = np.full(n, np.nan) if stream_kv else None
     link_free: dict[tuple[str, str], float] = {}
     dest = np.zeros(n, dtype=np.int64)
     heap: list = []
@@ -134,6 +148,8 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
         push(now + busy, PREFILL_FREE, gi)
         for r in batch:
             push(now + lat, PREFILL_DONE, r, gi)
+            if prefill_start is not None:
+                prefill_start[r] = now
 
     def admit(g: _Group, r: int, now: float) -> None:
         need = int(P[r] + O[r])
@@ -217,10 +233,21 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
                 admit(g, a, now)
                 continue
             done = now
-            for k, bpt, bw in pair_links[(b, di)]:
-                s = max(now, link_free.get(k, 0.0))
-                link_free[k] = s + P[a] * bpt / bw
-                done = max(done, link_free[k])
+            if kv_bytes is None and prefill_start is None:
+                for k, bpt, bw in pair_links[(b, di)]:
+                    s = max(now, link_free.get(k, 0.0))
+                    link_free[k] = s + P[a] * bpt / bw
+                    done = max(done, link_free[k])
+            else:
+                nl = model.layers
+                ready = now if prefill_start is None else (
+                    prefill_start[a] + (now - prefill_start[a]) / nl)  # first layer's KV
+                for k, bpt, bw in pair_links[(b, di)]:
+                    dt = (P[a] * bpt if kv_bytes is None
+                          else kv_bytes[a] * bpt / pair_total[(b, di)]) / bw
+                    s = max(ready, link_free.get(k, 0.0))
+                    link_free[k] = max(s + dt, now + dt / nl if prefill_start is not None else 0.0)
+                    done = max(done, link_free[k])
             push(done, TRANSFER_DONE, a, di)
         elif kind == TRANSFER_DONE:
             res.transfer_done[a] = now
