@@ -156,7 +156,7 @@ def summarize(mode: str, outcomes: list[Outcome], engine: Engine) -> dict:
 
 
 def teacher_forced_agreement(runner, jobs: list[Job], reference: list[list[int]],
-                             kv_bits: int) -> float:
+                             kv_bits: int, group_size: int = 64) -> float:
     """Top-1 agreement with the reference continuations when the prompt's KV went through
     the ``kv_bits`` wire path (write_layer -> read_layers), decoding teacher-forced."""
     import torch
@@ -170,7 +170,7 @@ def teacher_forced_agreement(runner, jobs: list[Job], reference: list[list[int]]
             continue
         _, full = runner.prefill(job.prompt)
         layers = full.layers()
-        header = message_header(geometry_of(runner), len(job.prompt), kv_bits, 0)
+        header = message_header(geometry_of(runner), len(job.prompt), kv_bits, 0, group_size)
         payload = torch.empty(header.payload_length, dtype=torch.uint8)
         for i, (k, v) in enumerate(layers):
             write_layer(header, payload, i, k, v)
@@ -203,7 +203,8 @@ def link_from_env():
 
 
 def run(model: str, preset: Preset, modes: list[str], *, seed: int, threads: int,
-        rate: float | None, progress: Callable[[str], object]) -> tuple[list[dict], list[Job]]:
+        rate: float | None, progress: Callable[[str], object],
+        kv_group_size: int = 32) -> tuple[list[dict], list[Job]]:
     from .netplace import Placement
     from .tokenizer import load_tokenizer
 
@@ -215,7 +216,7 @@ def run(model: str, preset: Preset, modes: list[str], *, seed: int, threads: int
         across = link is not None and mode != "colocated"
         placement = Placement(link) if across else None
         with Engine(ServeConfig(model=model, threads=threads, placement=placement,
-                                **MODES[mode])) as engine:
+                                kv_group_size=kv_group_size, **MODES[mode])) as engine:
             warm = Job(0.0, jobs[0].prompt[:32], 4)
             replay(engine, [warm], lambda m: None)
             engine.metrics.__init__()  # measure the replay only
@@ -233,7 +234,8 @@ def run(model: str, preset: Preset, modes: list[str], *, seed: int, threads: int
         runner = ModelRunner.load(model)
         for row in rows:
             if row["mode"] == "disagg-4":
-                row["teacher_forced_top1"] = teacher_forced_agreement(runner, jobs, ref, 4)
+                row["teacher_forced_top1"] = teacher_forced_agreement(runner, jobs, ref, 4,
+                                                                      kv_group_size)
             elif row["mode"] == "disagg-16":
                 row["teacher_forced_top1"] = teacher_forced_agreement(runner, jobs, ref, 16)
     label = (f"decode across a veth shaped to {link.rate_bps / 1e6:g} Mbit/s" if link
@@ -241,6 +243,7 @@ def run(model: str, preset: Preset, modes: list[str], *, seed: int, threads: int
     for row in rows:
         row.update(model=model, preset_requests=preset.requests,
                    rate_req_s=rate or preset.rate, seed=seed, threads_per_worker=threads,
+                   kv_group_size=kv_group_size if row["mode"] == "disagg-4" else None,
                    link=label if row["mode"] != "colocated" else "one process set, no link",
                    link_rate_bps=link.rate_bps if link else None)
     return rows, jobs

@@ -405,7 +405,8 @@ def measured_setup(row: dict, calibration: dict | GpuType, model: ModelSpec | No
                     np.ones((1, 1)), [])
     kv = None
     if layout == "disagg" and kv_sizes == "message":
-        kv = np.array([message_bytes(int(t), bits, model) for t in wl.prompts])
+        group = row.get("kv_group_size") or 64  # rows before the option existed used 64
+        kv = np.array([message_bytes(int(t), bits, model, group) for t in wl.prompts])
     elif layout == "disagg" and kv_sizes == "ratio":
         kv = wl.prompts * (row["kv_bytes_moved"] / row["prompt_tokens"])
     model_bpt = model.kv_elements_per_token() * kv_bytes_per_element(

@@ -38,6 +38,7 @@ class ServeConfig:
     decode: int = 1
     colocated: int = 0  # > 0: that many colocated workers instead of prefill/decode ones
     kv_bits: int = 4
+    kv_group_size: int = 32  # format v1 group of 4-bit KV messages (16: better agreement)
     threads: int = 1  # torch threads per worker
     host: str = "127.0.0.1"  # where workers listen for KV
     start_timeout: float = 300.0
@@ -260,7 +261,8 @@ class Engine:
         ok = prefill.send({
             "op": P.PREFILL, "rid": state.rid, "attempt": state.attempt, "kv_id": state.kv_id,
             "tokens": state.prompt_ids + state.generated, "target": target,
-            "kv_bits": self.config.kv_bits, "max_tokens": state.request.max_tokens - done,
+            "kv_bits": self.config.kv_bits, "kv_group": self.config.kv_group_size,
+            "max_tokens": state.request.max_tokens - done,
             "sampling": state.sampling()})
         if not ok:
             self._on_worker_death(prefill)

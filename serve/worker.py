@@ -181,7 +181,7 @@ class Worker:
                                           timeout=10.0)
         sender = self._senders[key]
         header = message_header(geometry_of(self.runner), len(job["tokens"]), job["kv_bits"],
-                                job["kv_id"])
+                                job["kv_id"], group_size=job.get("kv_group", 64))
         if self._send_pool is None:
             # one registered pool serves every peer: registered with the first sender's worker
             self._send_pool = sender.register(SEND_POOL_BYTES)

@@ -93,6 +93,8 @@ def register(subparsers) -> None:
     e2e.add_argument("--rate", type=float, help="request rate (req/s; default: the preset's)")
     e2e.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     e2e.add_argument("--seed", type=int, default=0)
+    e2e.add_argument("--kv-group-size", type=int, default=32, choices=[16, 32, 64],
+                     help="format v1 group size of 4-bit KV messages")
     e2e.add_argument("--link-rate", help="put decode workers across a veth link shaped to this "
                      "rate (e.g. 30mbit; needs netns + tc); default: loopback")
     e2e.add_argument("--json", metavar="PATH", help="append one JSON line per mode")
@@ -287,7 +289,8 @@ def run_e2e(args: argparse.Namespace) -> int:
     modes = args.modes or list(bench_e2e.MODES)
     rows, jobs = _measure(console, lambda progress: bench_e2e.run(
         args.model, bench_e2e.PRESETS[preset_name], modes, seed=args.seed,
-        threads=args.threads, rate=args.rate, progress=progress))
+        threads=args.threads, rate=args.rate, progress=progress,
+        kv_group_size=args.kv_group_size))
     base = provenance("cpu")
     for r in rows:
         r.update(base)
@@ -340,7 +343,8 @@ def _e2e_across_link(console, args: argparse.Namespace) -> int:
         return 0
     argv = [sys.executable, "-m", "thunderkv.cli", "bench", "e2e", "--model", args.model,
             "--preset", "quick" if args.quick else args.preset, "--threads", str(args.threads),
-            "--seed", str(args.seed), "--link-rate", args.link_rate]
+            "--seed", str(args.seed), "--link-rate", args.link_rate,
+            "--kv-group-size", str(args.kv_group_size)]
     for m in args.modes or []:
         argv += ["--mode", m]
     for flag, value in (("--rate", args.rate), ("--json", args.json), ("--plot", args.plot)):
