@@ -10,7 +10,9 @@ chunks, with a PROGRESS notice after each so the receiver can tell slow from dea
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import re
 import socket
 import threading
@@ -29,6 +31,11 @@ from .wire import KVHeader
 
 DEFAULT_CHUNK_BYTES = 16 << 20
 _LANE = re.compile(r"lane\[\d+\]:\s+\d+:(\S+?)\.\d+\s")
+
+
+@functools.cache
+def _crc_pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tkv-crc")
 
 
 def _ucx_call(fn, *args):
@@ -280,6 +287,8 @@ class KVStream:
         n = self.header.layer_nbytes()
         start, end = first * n, stop * n
         try:
+            # The CRC (GIL released in C++) runs on a helper thread while this one PUTs.
+            crc_future = _crc_pool().submit(self._layer_crcs, first, stop)
             done = start
             while done < end:
                 size = min(s.chunk_bytes, end - done)
@@ -289,7 +298,7 @@ class KVStream:
                 done += size
                 if done < end:
                     channel.send(s._sock, Kind.PROGRESS, {"bytes": done}, timeout=s.timeout)
-            crcs = self._layer_crcs(first, stop)
+            crcs = crc_future.result()
             self._crc = crcs[-1]
             self._commit_sent = stop == self.header.layers and self.commit_with_last_layer
             channel.send(s._sock, Kind.LAYER, {"index": first, "crcs": crcs,
