@@ -174,25 +174,12 @@ def teacher_forced_agreement(runner, jobs: list[Job], reference: list[list[int]]
         payload = torch.empty(header.payload_length, dtype=torch.uint8)
         for i, (k, v) in enumerate(layers):
             write_layer(header, payload, i, k, v)
-        seq = SequenceKV.from_layers(read_layers(_Received(header, payload)))
+        seq = SequenceKV.from_layers(read_layers(header, payload))
         for j in range(1, len(ref)):
             logits = runner.decode([seq], [ref[j - 1]])
             hits += int(logits[0].argmax()) == ref[j]
             total += 1
     return hits / total if total else float("nan")
-
-
-class _Received:
-    """The bits of ReceivedKV that read_layers uses, over an in-memory payload."""
-
-    def __init__(self, header, payload) -> None:
-        self.header, self._payload = header, payload
-
-    def layer(self, i: int):
-        from thunderkv.transfer.wire import layer_views
-
-        n = self.header.layer_nbytes()
-        return layer_views(self.header, self._payload[i * n:(i + 1) * n])
 
 
 def link_from_env():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from thunderkv.api import QuantizedTensor, dequantize, quantize_into
-from thunderkv.bench.transfer import KVGeometry
+from thunderkv.bench.transfer import KVGeometry, make_header
 from thunderkv.format import FormatSpec
 from thunderkv.transfer.wire import KVHeader, build_header, layer_views
 
@@ -28,9 +28,7 @@ def message_header(geo: KVGeometry, tokens: int, bits: int, request_id: int,
                    group_size: int = 64) -> KVHeader:
     """The header of one sequence's KV: raw token-major for bits 16, KIVI head-major else."""
     if bits >= 16:
-        return build_header(dtype=torch.float16, bits=16, layers=geo.layers, heads=geo.kv_heads,
-                            head_dim=geo.head_dim, residual_tokens=tokens, request_id=request_id,
-                            streamed=True)
+        return make_header(geo, tokens, 16, 0, request_id)
     g = min(group_size, geo.head_dim)
     quant = tokens // g * g
     return build_header(dtype=torch.float16, bits=bits, layers=geo.layers, heads=geo.kv_heads,
@@ -60,13 +58,13 @@ def write_layer(header: KVHeader, payload: torch.Tensor, layer: int, k: torch.Te
             views[f"{name}_residual"][0].copy_(x[:, Tq:])
 
 
-def read_layers(received) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (K, V) ``[T, kv_heads, head_dim]`` in the message dtype, from the receive pool
-    (views for 16-bit, freshly dequantized tensors for quantized messages)."""
-    header = received.header
+def read_layers(header: KVHeader, payload: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (K, V) ``[T, kv_heads, head_dim]`` in the message dtype, from the payload
+    (e.g. a view into the receive pool): views for 16-bit, dequantized tensors otherwise."""
+    n = header.layer_nbytes()
     out = []
     for i in range(header.layers):
-        views = received.layer(i)
+        views = layer_views(header, payload[i * n:(i + 1) * n])
         pair = []
         for name in ("key", "value"):
             if header.raw:
@@ -91,4 +89,4 @@ def read_sequence(received, runner):
     """A runner SequenceKV holding the received KV (copied out of the receive pool)."""
     from .runner import SequenceKV
 
-    return SequenceKV.from_layers(read_layers(received))
+    return SequenceKV.from_layers(read_layers(received.header, received.buffer))

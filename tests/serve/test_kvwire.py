@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from thunderkv.serve.bench_e2e import _Received
 from thunderkv.serve.kvwire import message_header, read_layers, write_layer
 
 from thunderkv import FormatSpec, quantize
@@ -20,7 +19,7 @@ def roundtrip(tokens: int, bits: int, gen):
     payload = torch.full((header.payload_length,), 0xAB, dtype=torch.uint8)
     for i, (k, v) in enumerate(layers):
         write_layer(header, payload, i, k, v)
-    return layers, header, read_layers(_Received(header, payload))
+    return layers, header, read_layers(header, payload)
 
 
 @pytest.mark.parametrize("tokens", [1, 63, 64, 130])

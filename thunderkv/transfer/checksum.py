@@ -40,33 +40,26 @@ def crc32c_reference(data: bytes | bytearray | memoryview, seed: int = 0) -> int
     return crc ^ 0xFFFFFFFF
 
 
-def _address(data: Any) -> tuple[int, int]:
-    """(address, nbytes) of a contiguous buffer: bytes-like, numpy array or CPU torch tensor."""
+def _as_bytes_array(data: Any):
+    """A zero-copy contiguous uint8 numpy view of a bytes-like, numpy array or CPU tensor."""
+    import numpy as np
+
     if hasattr(data, "data_ptr"):  # torch.Tensor
         if data.device.type != "cpu" or not data.is_contiguous():
             raise ValueError("crc32c needs a contiguous CPU tensor")
-        return data.data_ptr(), data.numel() * data.element_size()
-    import numpy as np
+        import torch
 
-    arr = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+        return data.reshape(-1).view(torch.uint8).numpy()
+    arr = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
     if not arr.flags.c_contiguous:
         raise ValueError("crc32c needs a contiguous buffer")
-    return arr.ctypes.data, arr.nbytes
+    return arr.reshape(-1).view(np.uint8)
 
 
 def crc32c(data: Any, seed: int = 0) -> int:
     """CRC-32C of a contiguous buffer (bytes-like, numpy array or CPU tensor), from ``seed``."""
+    arr = _as_bytes_array(data)  # keeps ``data`` alive while C++ reads it
     ext = load_extension()
     if ext is None or not hasattr(ext, "crc32c"):
-        if hasattr(data, "data_ptr"):
-            data = data.contiguous().view(-1).view(__import__("torch").uint8).numpy()
-        return crc32c_reference(memoryview(data).cast("B") if not hasattr(data, "tobytes")
-                                else data.tobytes(), seed)
-    if isinstance(data, bytes):  # keep the object alive while C++ reads it
-        if not data:
-            return seed & 0xFFFFFFFF
-        import numpy as np
-
-        data = np.frombuffer(data, dtype=np.uint8)
-    addr, nbytes = _address(data)
-    return ext.crc32c(addr, nbytes, seed & 0xFFFFFFFF)
+        return crc32c_reference(arr.tobytes(), seed)
+    return ext.crc32c(arr.ctypes.data, arr.nbytes, seed & 0xFFFFFFFF)

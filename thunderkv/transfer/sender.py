@@ -174,10 +174,8 @@ class KVSender:
         return pool
 
     def _region_of(self, payload: torch.Tensor):
-        """(region, offset) of ``payload`` in a registered pool, registering it if needed."""
-        if payload.dtype != torch.uint8 or payload.dim() != 1 or not payload.is_contiguous():
-            raise ValueError("payload must be a contiguous 1-D uint8 tensor, got "
-                             f"{payload.dtype} {tuple(payload.shape)}")
+        """(region, offset) of ``payload`` (validated by :meth:`stream`) in a registered pool,
+        registering it if needed."""
         start = payload.data_ptr()
         for pool in self._pools:
             if pool.address <= start and start + payload.numel() <= pool.address + pool.nbytes:
