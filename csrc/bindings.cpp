@@ -9,6 +9,7 @@
 
 #include "cpu/crc32c.h"
 #include "cpu/dispatch.h"
+#include "cpu/kivi_attention.h"
 #ifdef THUNDERKV_WITH_CUDA
 #include "cuda/quant_cuda.h"
 #endif
@@ -67,6 +68,38 @@ void cpu_dequantize(uintptr_t packed, uintptr_t scale, uintptr_t minimum, uintpt
                           to_dtype(dtype), tokens, channels};
   py::gil_scoped_release nogil;
   tkv::cpu::dequantize(a, threads);
+}
+
+// Decode attention over a KIVI cache (csrc/cpu/kivi_attention.h); thunderkv/attention.py checks
+// shapes, dtypes and contiguity. The AVX2 build runs unless the generic CPU variant is forced.
+void cpu_kivi_attention(uintptr_t query, uintptr_t out, uintptr_t key_packed, uintptr_t key_scale,
+                        uintptr_t key_min, uintptr_t value_packed, uintptr_t value_scale,
+                        uintptr_t value_min, uintptr_t key_residual, uintptr_t value_residual,
+                        uintptr_t key_mask, int64_t batch, int64_t kv_heads, int64_t rep,
+                        int64_t head_dim, int64_t tq, int64_t tr, int64_t tq_stride,
+                        int group_size, int bits,
+                        int dtype, float scaling, int threads) {
+  check_format(0, group_size, bits);
+  if (batch < 0 || kv_heads < 0 || rep <= 0 || head_dim <= 0 || tq < 0 || tr < 0)
+    throw std::invalid_argument("kivi attention: negative or zero size");
+  if (tq % group_size != 0 || tq_stride % group_size != 0 || head_dim % group_size != 0)
+    throw std::invalid_argument(
+        "kivi attention: tq, tq_stride and head_dim must divide by group_size");
+  if (tq_stride < tq) throw std::invalid_argument("kivi attention: tq_stride < tq");
+  tkv::cpu::KiviAttentionArgs a{
+      ptr<const float>(query), ptr<float>(out), ptr<const uint8_t>(key_packed),
+      ptr<const void>(key_scale), ptr<const void>(key_min), ptr<const uint8_t>(value_packed),
+      ptr<const void>(value_scale), ptr<const void>(value_min), ptr<const float>(key_residual),
+      ptr<const float>(value_residual), ptr<const uint8_t>(key_mask), batch, kv_heads, rep,
+      head_dim, tq, tr, tq_stride, group_size, bits, to_dtype(dtype), scaling};
+  tkv::cpu::KiviAttentionFn fn = &tkv::cpu::kivi_attention_generic;
+#ifdef THUNDERKV_HAVE_AVX2
+  if (std::string(tkv::cpu::active_variant().name) != "generic") {
+    fn = &tkv::cpu::kivi_attention_avx2;
+  }
+#endif
+  py::gil_scoped_release nogil;
+  fn(a, threads);
 }
 
 py::list cpu_variants() {
@@ -154,6 +187,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("minimum"), py::arg("y"), py::arg("n_groups"), py::arg("group_size"),
         py::arg("bits"), py::arg("dtype"), py::arg("threads") = 0, py::arg("tokens") = 0,
         py::arg("channels") = 0);
+  m.def("cpu_kivi_attention", &cpu_kivi_attention, py::arg("query"), py::arg("out"),
+        py::arg("key_packed"), py::arg("key_scale"), py::arg("key_min"), py::arg("value_packed"),
+        py::arg("value_scale"), py::arg("value_min"), py::arg("key_residual"),
+        py::arg("value_residual"), py::arg("key_mask"), py::arg("batch"), py::arg("kv_heads"),
+        py::arg("rep"), py::arg("head_dim"), py::arg("tq"), py::arg("tr"),
+        py::arg("tq_stride"), py::arg("group_size"),
+        py::arg("bits"), py::arg("dtype"), py::arg("scaling"), py::arg("threads") = 0,
+        "Decode attention over a KIVI-layout format v1 cache (raw pointers; float32 query/out/"
+        "residual)");
   m.def("cpu_variants", &cpu_variants, "CPU variants compiled in and usable on this CPU");
   m.def("cpu_variant", [] { return std::string(tkv::cpu::active_variant().name); });
   m.def("set_cpu_variant", &tkv::cpu::set_active_variant, py::arg("name"));

@@ -20,6 +20,23 @@ def _model_and_cache_args(p: argparse.ArgumentParser, default_caches: str) -> No
     p.add_argument("--residual-length", type=int, default=128)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--attention", choices=["fused", "materialize"], default="fused",
+                   help="ThunderKV caches: decode attention straight over the packed history "
+                   "(fused, CPU) or dequantize it every step (materialize); other caches use SDPA")
+
+
+def _select_attention(model, how: str, console) -> bool:
+    """Switch ``model`` to the fused ThunderKV attention when asked; False (printed) if it can't."""
+    if how != "fused":
+        return True
+    from ..hf import use_fused_attention
+
+    try:
+        use_fused_attention(model)
+    except RuntimeError as exc:
+        console.print(f"[red]{exc} (use --attention materialize)")
+        return False
+    return True
 
 
 def register(subparsers) -> None:
@@ -97,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         except (FileNotFoundError, ImportError, OSError) as exc:
             console.print(f"[red]cannot load model: {exc}")
             return 1
+    if not _select_attention(model, args.attention, console):
+        return 1
     console.print(f"loaded {desc} in {time.perf_counter() - t0:.1f} s")
     if args.text:
         with open(args.text, encoding="utf-8") as f:
@@ -139,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         meta = {"model": desc, "text": source, "tokens": int(ids.shape[1]), "prefix": args.prefix,
                 "group_size": args.group_size, "residual_length": args.residual_length,
                 "dtype": args.dtype, "threads": torch.get_num_threads(),
+                "attention": args.attention,
                 "torch": torch.__version__, "transformers": transformers.__version__,
                 "python": sys.version.split()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         with open(args.json, "a", encoding="utf-8") as f:
@@ -171,6 +191,8 @@ def run_speed(args: argparse.Namespace) -> int:
         except (FileNotFoundError, ImportError, OSError) as exc:
             console.print(f"[red]cannot load model: {exc}")
             return 1
+    if not _select_attention(model, args.attention, console):
+        return 1
     text = models.default_text()
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     while ids.shape[1] < max(contexts):  # the default slice is short: repeat it
@@ -180,7 +202,8 @@ def run_speed(args: argparse.Namespace) -> int:
                             group_size=args.group_size, residual_length=args.residual_length,
                             progress=lambda msg: status.update(msg))
     t = Table(title=f"{desc}: greedy decode, batch 1, {args.steps} steps, G={args.group_size}, "
-                    f"residual {args.residual_length}, {torch.get_num_threads()} threads")
+                    f"residual {args.residual_length}, {torch.get_num_threads()} threads, "
+                    f"attention {args.attention}")
     for col in ("context", "cache", "prefill s", "decode tok/s", "x fp", "cache MB"):
         t.add_column(col, justify="left" if col == "cache" else "right")
     for r in rows:
@@ -195,7 +218,7 @@ def run_speed(args: argparse.Namespace) -> int:
     if args.json:
         meta = {"model": desc, "threads": torch.get_num_threads(), "torch": torch.__version__,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "group_size": args.group_size,
-                "residual_length": args.residual_length}
+                "residual_length": args.residual_length, "attention": args.attention}
         with open(args.json, "a", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps({**meta, **r}) + "\n")

@@ -5,6 +5,7 @@ Needs ``transformers>=5`` (imported by the submodules, not by ``thunderkv`` itse
 
 from __future__ import annotations
 
+from .attention import register_fused_attention, thunderkv_attention_forward, use_fused_attention
 from .cache import ThunderKVCache, full_attention_layers
 from .layer import ThunderKVLayer
 from .wire import (
@@ -28,4 +29,7 @@ __all__ = [
     "import_kv_parts",
     "kv_header",
     "read_header",
+    "register_fused_attention",
+    "thunderkv_attention_forward",
+    "use_fused_attention",
 ]

@@ -42,6 +42,10 @@ class ThunderKVCache(Cache):
         model.generate(**inputs, cache=cache)            # or past_key_values=cache
         model(input_ids, cache=cache, use_cache=True)   # plain forward loop
 
+    With ``thunderkv.hf.use_fused_attention(model)`` first, decode steps on CPU attend straight
+    over the packed history instead of dequantizing it every step (see
+    :mod:`thunderkv.hf.attention`).
+
     Keys are quantized per channel (groups of ``group_size`` run along tokens) and values per
     token (groups run along head_dim), as in KIVI. The newest tokens stay in full precision, up to
     ``residual_length`` of them; beyond that, whole groups are quantized once, incrementally, from
@@ -85,7 +89,8 @@ class ThunderKVCache(Cache):
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
         self.backend, self.key_axis, self.value_axis = backend, key_axis, value_axis
         layers = [
-            ThunderKVLayer(bits, group_size, residual_length, backend, key_axis, value_axis)
+            ThunderKVLayer(bits, group_size, residual_length, backend, key_axis, value_axis,
+                           attention_config=config)
             for _ in range(n)
         ]
         super().__init__(layers=layers)

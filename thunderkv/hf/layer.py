@@ -26,6 +26,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from ..api import QuantizedTensor, quantize
 from ..format import SUPPORTED_DTYPES, FormatSpec
+from .attention import DecodeState, fused_attention_enabled, hand_off
 
 
 def cat_quantized(a: QuantizedTensor | None, b: QuantizedTensor) -> QuantizedTensor:
@@ -82,6 +83,9 @@ class ThunderKVLayer(CacheLayerMixin):
     residual_length : full-precision capacity in tokens (>= 0; see the module docstring).
     backend : thunderkv backend for quantize/dequantize ("auto" picks by device).
     key_axis, value_axis : -2 per-channel or -1 per-token (defaults: KIVI, -2 keys, -1 values).
+    attention_config : the model config; when it selects the ``"thunderkv"`` attention
+        (:func:`~thunderkv.hf.use_fused_attention`), single-token CPU updates of a KIVI layer
+        return only the full-precision tokens and hand the packed history to that attention.
     """
 
     is_sliding = False
@@ -97,8 +101,10 @@ class ThunderKVLayer(CacheLayerMixin):
         backend: str = "auto",
         key_axis: int = -2,
         value_axis: int = -1,
+        attention_config=None,
     ) -> None:
         super().__init__()
+        self.attention_config = attention_config
         self.key_spec = FormatSpec(bits, group_size, key_axis)
         self.value_spec = FormatSpec(bits, group_size, value_axis)
         if isinstance(residual_length, bool) or not isinstance(residual_length, int):
@@ -149,7 +155,11 @@ class ThunderKVLayer(CacheLayerMixin):
             raise TypeError(f"cache holds {self.dtype}, got {key_states.dtype}/{value_states.dtype}")
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
-        if self.qkeys is not None:
+        fused = self._fused_step(key_states)
+        tq = self.quantized_length
+        if fused:
+            out_k = out_v = None
+        elif self.qkeys is not None:
             out_k = torch.cat([self.qkeys.dequantize(backend=self.backend), keys], dim=-2)
             out_v = torch.cat([self.qvalues.dequantize(backend=self.backend), values], dim=-2)
         else:
@@ -164,9 +174,20 @@ class ThunderKVLayer(CacheLayerMixin):
             q = self.value_spec
             self.qvalues = cat_quantized(self.qvalues, quantize(
                 values[..., :n, :], bits=q.bits, group_size=G, axis=q.axis, backend=self.backend))
-            keys, values = keys[..., n:, :].clone(), values[..., n:, :].clone()
-        self.keys, self.values = keys, values
+            self.keys, self.values = keys[..., n:, :].clone(), values[..., n:, :].clone()
+        else:
+            self.keys, self.values = keys, values
+        if fused:
+            # attend to the history as it was plus every token still exact before this update
+            hand_off(DecodeState(self.qkeys, self.qvalues, tq, keys, values))
+            return keys, values
         return out_k, out_v
+
+    def _fused_step(self, key_states: torch.Tensor) -> bool:
+        """Whether this update hands off to the fused attention (see ``attention_config``)."""
+        return (self.attention_config is not None and key_states.shape[-2] == 1
+                and key_states.device.type == "cpu" and self.key_spec.axis == -2
+                and self.value_spec.axis == -1 and fused_attention_enabled(self.attention_config))
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0

@@ -1,0 +1,126 @@
+"""ThunderKVCache with the fused "thunderkv" attention: same results as materializing the history."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny, prompt, teacher_forced
+
+import thunderkv.hf.attention as fused_mod
+from thunderkv.attention import fused_attention_available
+from thunderkv.hf import ThunderKVCache, use_fused_attention
+
+pytestmark = pytest.mark.skipif(not fused_attention_available()[0],
+                                reason=fused_attention_available()[1])
+
+
+@pytest.fixture
+def model():
+    """A tiny GQA Llama of this test's own (the session-wide one must keep SDPA)."""
+    return make_tiny()[1]
+
+
+@pytest.fixture
+def count_fused(monkeypatch):
+    calls = []
+    real = fused_mod.kivi_decode_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_mod, "kivi_decode_attention", counting)
+    return calls
+
+
+def run(model, fused: bool, ids, *, prefix, **cache_kwargs):
+    if fused:
+        use_fused_attention(model)
+    else:
+        model.set_attn_implementation("sdpa")
+    cache = ThunderKVCache(model.config, **cache_kwargs)
+    return teacher_forced(model, ids, cache, prefix), cache
+
+
+@pytest.mark.parametrize("bits,group_size,residual", [(4, 16, 8), (2, 32, 0), (8, 16, 40)])
+def test_teacher_forced_logits_match_materialized(model, count_fused, bits, group_size,
+                                                  residual):
+    ids = prompt(2, 90)
+    kw = dict(bits=bits, group_size=group_size, residual_length=residual)
+    want, ref_cache = run(model, False, ids, prefix=10, **kw)
+    assert not count_fused
+    got, cache = run(model, True, ids, prefix=10, **kw)
+    steps = ids.shape[1] - 1 - 10
+    assert len(count_fused) == steps * model.config.num_hidden_layers
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # fusion changes how attention reads the cache, not what it stores: layer 0's K/V depend
+    # on the embeddings only, so its state is identical (deeper layers see rounding changes)
+    for a, b in zip(cache.layers[0].tensors(), ref_cache.layers[0].tensors(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_greedy_generate_with_left_padding_is_identical(model, count_fused):
+    ids = prompt(3, 24)
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    mask[2, :3] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+
+    def generate(fused):
+        if fused:
+            use_fused_attention(model)
+        else:
+            model.set_attn_implementation("sdpa")
+        cache = ThunderKVCache(model.config, bits=8, group_size=16, residual_length=16)
+        return model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=40,
+                              do_sample=False, pad_token_id=0)
+
+    want = generate(False)
+    got = generate(True)
+    assert count_fused, "the fused kernel never ran"
+    assert torch.equal(got, want)
+
+
+def test_chunked_prefill_after_decode_falls_back_exactly(model, count_fused):
+    """Several new tokens at once (q_len > 1) take SDPA over the same tensors as without fusion."""
+    ids = prompt(1, 60)
+
+    def feed(fused):
+        if fused:
+            use_fused_attention(model)
+        else:
+            model.set_attn_implementation("sdpa")
+        cache = ThunderKVCache(model.config, bits=4, group_size=16, residual_length=8)
+        outs = []
+        with torch.no_grad():
+            for a, b in ((0, 20), (20, 21), (21, 22), (22, 40), (40, 41), (41, 60)):
+                outs.append(model(ids[:, a:b], cache=cache, use_cache=True).logits)
+        return torch.cat(outs, 1)
+
+    want = feed(False)
+    got = feed(True)
+    assert len(count_fused) == 3 * model.config.num_hidden_layers  # the 1-token steps
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_other_caches_and_axes_are_unaffected(model, count_fused):
+    from transformers import DynamicCache
+
+    ids = prompt(2, 40)
+    model.set_attn_implementation("sdpa")
+    want_dyn = teacher_forced(model, ids, DynamicCache(config=model.config), 8)
+    want_axes = teacher_forced(model, ids, ThunderKVCache(
+        model.config, bits=4, group_size=16, residual_length=8, key_axis=-1), 8)
+    use_fused_attention(model)
+    got_dyn = teacher_forced(model, ids, DynamicCache(config=model.config), 8)
+    got_axes = teacher_forced(model, ids, ThunderKVCache(
+        model.config, bits=4, group_size=16, residual_length=8, key_axis=-1), 8)
+    assert not count_fused
+    assert torch.equal(got_dyn, want_dyn)
+    assert torch.equal(got_axes, want_axes)
+
+
+def test_use_fused_attention_says_why_when_unavailable(model, monkeypatch):
+    monkeypatch.setattr(fused_mod, "fused_attention_available", lambda: (False, "no kernel"))
+    with pytest.raises(RuntimeError, match="no kernel"):
+        use_fused_attention(model)

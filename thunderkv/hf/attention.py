@@ -1,0 +1,132 @@
+"""A transformers attention implementation that decodes straight from ThunderKVCache's packed KV.
+
+``use_fused_attention(model)`` registers the implementation ``"thunderkv"`` and switches the
+model to it. From then on, a :class:`~thunderkv.hf.ThunderKVCache` built from ``model.config``
+stops materializing its quantized history for single-token decode steps: the layer hands its
+full-precision residual to :func:`thunderkv_attention_forward`, which runs
+:func:`thunderkv.attention.kivi_decode_attention` over the packed history plus that residual.
+Everything else -- prefill, other caches, CUDA tensors, non-KIVI axes, masks other than a
+boolean padding mask -- goes through transformers' own SDPA path with exactly the tensors it
+would have had, so switching is always safe.
+
+The layer and the attention call meet through a thread-local handoff checked by identity (the
+key tensor the attention receives must be the one the layer just returned), so no model code
+changes and no other cache can be mistaken for ours.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from ..api import QuantizedTensor
+from ..attention import fused_attention_available, kivi_decode_attention
+
+ATTENTION_NAME = "thunderkv"
+
+_handoff = threading.local()
+
+
+@dataclass
+class DecodeState:
+    """What one layer's decode step attends to: the first ``tq`` quantized tokens and then
+    ``keys``/``values`` (full precision, ``[B, H, Tr, D]``, the new token last)."""
+
+    qkeys: QuantizedTensor | None
+    qvalues: QuantizedTensor | None
+    tq: int
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    def materialize(self, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """All attended keys and values in full precision, ``[B, H, tq + Tr, D]``."""
+        if self.qkeys is None or self.tq == 0:
+            return self.keys, self.values
+        k = self.qkeys.dequantize(backend=backend)[..., : self.tq, :]
+        v = self.qvalues.dequantize(backend=backend)[..., : self.tq, :]
+        return torch.cat([k, self.keys], dim=-2), torch.cat([v, self.values], dim=-2)
+
+
+def hand_off(state: DecodeState) -> None:
+    """Called by the cache layer: the next attention call on ``state.keys`` may use ``state``."""
+    _handoff.state = state
+
+
+def _take(key: torch.Tensor) -> DecodeState | None:
+    state = getattr(_handoff, "state", None)
+    if state is None or state.keys is not key:
+        return None
+    _handoff.state = None
+    return state
+
+
+def _padding_mask(attention_mask: torch.Tensor | None, batch: int, length: int):
+    """(ok, bool [B, length] or None) from transformers' SDPA mask for one query token."""
+    if attention_mask is None:
+        return True, None
+    if attention_mask.dtype != torch.bool or attention_mask.dim() != 4 \
+            or attention_mask.shape[1] != 1 or attention_mask.shape[-1] < length:
+        return False, None
+    m = attention_mask[:, 0, -1, :length]
+    return True, m.expand(batch, length)
+
+
+def thunderkv_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: query ``[B, Hq, q, D]``, key/value ``[B, H, T, D]``;
+    returns ``([B, q, Hq, D], None)`` like SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    state = _take(key)
+    if state is not None:
+        plain = not any(kwargs.get(k) is not None for k in ("softcap", "sliding_window",
+                                                             "position_bias", "s_aux"))
+        length = state.tq + state.keys.shape[-2]
+        ok, mask = _padding_mask(attention_mask, query.shape[0], length)
+        if (query.shape[2] == 1 and plain and ok and dropout == 0.0
+                and query.device.type == "cpu" and fused_attention_available()[0]):
+            out = kivi_decode_attention(query[:, :, 0], state.qkeys, state.qvalues, state.keys,
+                                        state.values, scaling=scaling, key_mask=mask,
+                                        tq_attend=state.tq)
+            return out.unsqueeze(1), None
+        key, value = state.materialize()
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                  scaling=scaling, **kwargs)
+
+
+def register_fused_attention() -> None:
+    """Register ``"thunderkv"`` with transformers' attention and mask interfaces (idempotent);
+    masks are built exactly as for ``"sdpa"``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, thunderkv_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def use_fused_attention(model) -> None:
+    """Switch ``model`` (a transformers PreTrainedModel) to the ``"thunderkv"`` attention.
+
+    Caches other than ThunderKVCache keep working (SDPA). Raises RuntimeError where the compiled
+    kernel is unavailable.
+    """
+    ok, why = fused_attention_available()
+    if not ok:
+        raise RuntimeError(f"fused ThunderKV attention is unavailable: {why}")
+    register_fused_attention()
+    model.set_attn_implementation(ATTENTION_NAME)
+
+
+def fused_attention_enabled(config) -> bool:
+    """True when ``config`` (a model config) selects the ``"thunderkv"`` attention."""
+    return getattr(config, "_attn_implementation", None) == ATTENTION_NAME
