@@ -404,8 +404,12 @@ class ModelRunner:
             if dtype != "float32":
                 model = model.to(getattr(torch, dtype))
             return cls(model, None, name="tiny", **kw)
+        from transformers.utils import logging as hf_logging
+
         from thunderkv.hf.models import load_model
 
+        # several workers load at once: their interleaved GGUF progress bars are only noise
+        hf_logging.disable_progress_bar()
         model, tokenizer, _ = load_model(name, dtype=dtype)
         return cls(model, tokenizer, name=name, **kw)
 
