@@ -88,6 +88,7 @@ class RequestState:
         self.prompt_ids = prompt_ids
         self.generated: list[int] = []
         self.attempt = 0
+        self.offset = 0  # tokens generated before the current attempt
         self.prefill_worker: int | None = None
         self.decode_worker: int | None = None
         self.first_token: int | None = None
@@ -257,13 +258,13 @@ class Engine:
         state.kv_id = next(self._kv_ids)
         prefill.prefills += 1
         self.procs[state.decode_worker].decodes += 1
-        done = len(state.generated)
+        done = state.offset = len(state.generated)  # tokens before this attempt
         ok = prefill.send({
             "op": P.PREFILL, "rid": state.rid, "attempt": state.attempt, "kv_id": state.kv_id,
             "tokens": state.prompt_ids + state.generated, "target": target,
             "kv_bits": self.config.kv_bits, "kv_group": self.config.kv_group_size,
             "max_tokens": state.request.max_tokens - done,
-            "sampling": state.sampling()})
+            "sampling": {**state.sampling(), "offset": done}})
         if not ok:
             self._on_worker_death(prefill)
 
@@ -302,7 +303,7 @@ class Engine:
                         "op": P.DECODE, "rid": state.rid, "attempt": state.attempt,
                         "kv_id": state.kv_id, "first_token": msg["first_token"],
                         "max_tokens": state.request.max_tokens - len(state.generated),
-                        "sampling": state.sampling()})
+                        "sampling": {**state.sampling(), "offset": state.offset}})
             elif ev == P.DECODING:
                 self._on_token(state.rid, state.attempt, state.first_token, None)
             elif ev == P.KV_SENT:

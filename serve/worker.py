@@ -44,7 +44,6 @@ class Running:
     produced: int  # tokens generated so far (including the prefill's first token)
     max_tokens: int
     sampling: dict
-    generator: torch.Generator | None
     cancelled: bool = False
 
 
@@ -151,8 +150,7 @@ class Worker:
             logits, kv = self.runner.prefill(job["tokens"], kv_sink=sink)
             if send is not None:
                 send.layers.put(None)  # all layers queued
-            gen = _generator(job["sampling"])
-            first = _sample(logits[None], job["sampling"], gen)
+            first = _sample(logits[None], job["sampling"], 0)
         except Exception as exc:  # reported; the router re-routes the request
             log.exception("prefill of %s failed", job["rid"])
             if send is not None:
@@ -166,7 +164,7 @@ class Worker:
                    "tokens": len(job["tokens"])})
         if target is None:  # decode here (colocated)
             self.running[job["rid"]] = Running(
-                job["rid"], job["attempt"], kv, first, 1, job["max_tokens"], job["sampling"], gen)
+                job["rid"], job["attempt"], kv, first, 1, job["max_tokens"], job["sampling"])
             self._finish_if_done(self.running[job["rid"]], first, emit_token=True)
 
     def _start_send(self, job: dict) -> SendJob:
@@ -261,7 +259,7 @@ class Worker:
             finally:
                 got.release()
             seq = Running(job["rid"], job["attempt"], kv, job["first_token"], 1,
-                          job["max_tokens"], job["sampling"], _generator(job["sampling"]))
+                          job["max_tokens"], job["sampling"])
             self.running[job["rid"]] = seq
             self.emit({"ev": P.DECODING, "rid": job["rid"], "attempt": job["attempt"],
                        "worker": self.id})
@@ -273,7 +271,7 @@ class Worker:
         logits = self.runner.decode([s.kv for s in seqs], [s.last_token for s in seqs])
         items = []
         for i, s in enumerate(seqs):
-            tok = _sample(logits[i:i + 1], s.sampling, s.generator)
+            tok = _sample(logits[i:i + 1], s.sampling, s.produced)
             s.last_token, s.produced = tok, s.produced + 1
             items.append(self._finish_if_done(s, tok, emit_token=None))
         self.emit({"ev": P.TOKENS, "worker": self.id, "items": items, "batch": len(seqs),
@@ -300,17 +298,24 @@ class Worker:
         return item
 
 
-def _generator(sampling: dict) -> torch.Generator | None:
+def _generator(sampling: dict, position: int) -> torch.Generator | None:
+    """The generator for output token ``position`` of a seeded sampled request.
+
+    One generator per absolute position (``sampling["offset"]``: tokens generated before this
+    attempt, + ``position`` within it), so a request restarted after a worker death draws the
+    same random numbers for the tokens still to come as it would have without the restart."""
     if sampling.get("temperature", 0) == 0 or sampling.get("seed") is None:
         return None
-    return torch.Generator().manual_seed(int(sampling["seed"]))
+    index = int(sampling.get("offset", 0)) + position
+    mixed = (int(sampling["seed"]) * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) % (1 << 63)
+    return torch.Generator().manual_seed(mixed)
 
 
-def _sample(logits: torch.Tensor, sampling: dict, gen) -> int:
+def _sample(logits: torch.Tensor, sampling: dict, position: int) -> int:
     from .sampling import sample
 
     return sample(logits, [float(sampling.get("temperature", 0.0))],
-                  [float(sampling.get("top_p", 1.0))], [gen])[0]
+                  [float(sampling.get("top_p", 1.0))], [_generator(sampling, position)])[0]
 
 
 def main(conn, worker_id: int, model: str, role: str, threads: int, token: str,

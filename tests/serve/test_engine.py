@@ -18,8 +18,9 @@ pytestmark = pytest.mark.skipif(unavailable_reason() is not None,
 PROMPTS = [[(7 * i + 3 * j) % 500 for j in range(5 + 9 * i)] for i in range(4)]
 
 
-def generate(engine: Engine, prompts, max_tokens: int = 24) -> list[list[int]]:
-    handles = [engine.submit(CompletionRequest(prompt=p, max_tokens=max_tokens, temperature=0))
+def generate(engine: Engine, prompts, max_tokens: int = 24, **sampling) -> list[list[int]]:
+    sampling = sampling or {"temperature": 0}
+    handles = [engine.submit(CompletionRequest(prompt=p, max_tokens=max_tokens, **sampling))
                for p in prompts]
     out = []
     for h in handles:
@@ -64,12 +65,19 @@ def test_disaggregated_4bit_runs_and_moves_fewer_bytes(reference):
         assert sent == expected < raw  # whole groups of 32 tokens go at 4 bits, tails raw
 
 
-@pytest.mark.parametrize("victim", ["decode", "prefill"])
-def test_killed_worker_loses_no_request(reference, victim):
+@pytest.mark.parametrize("victim,sampling", [
+    ("decode", {"temperature": 0}),
+    ("prefill", {"temperature": 0}),
+    # seeded sampling: the restart re-draws later tokens from the same per-position seeds
+    ("decode", {"temperature": 1.0, "top_p": 0.9, "seed": 1234}),
+])
+def test_killed_worker_loses_no_request(reference, victim, sampling):
     long = [p for p in PROMPTS]
     with Engine(ServeConfig(model="tiny", prefill=1, decode=1, kv_bits=16)) as engine:
-        expected = generate(engine, long, max_tokens=200)
-        handles = [engine.submit(CompletionRequest(prompt=p, max_tokens=200, temperature=0))
+        expected = generate(engine, long, max_tokens=200, **sampling)
+        if sampling["temperature"]:
+            assert expected != generate(engine, long, max_tokens=200), "sampling had no effect"
+        handles = [engine.submit(CompletionRequest(prompt=p, max_tokens=200, **sampling))
                    for p in long]
         first = next(handles[0].events(timeout=60))  # generation is under way
         assert first.token_id is not None
@@ -79,7 +87,7 @@ def test_killed_worker_loses_no_request(reference, victim):
                                    if e.token_id is not None]]
         for h in handles[1:]:
             got.append([e.token_id for e in h.events(timeout=60) if e.token_id is not None])
-        assert got == expected  # every request finished, greedy output unchanged
+        assert got == expected  # every request finished, output unchanged
         workers = engine.workers()
         assert [w["state"] for w in workers].count("dead") == 1
         assert any(w["role"] == "colocated" for w in workers)  # the survivor does both
