@@ -44,8 +44,14 @@ class ServeConfig:
     start_timeout: float = 300.0
     # Workers in network namespaces (see serve.netplace.Placement); None: local processes.
     placement: object | None = None
+    # From a plan (one worker per group, worker id = group index): each worker's phase, and the
+    # planned prefill -> decode request rates the router follows (serve.routing.PlanRouting).
+    role_list: list[str] | None = None
+    routing: list[dict] | None = None
 
     def roles(self) -> list[str]:
+        if self.role_list is not None:
+            return list(self.role_list)
         if self.colocated:
             return ["colocated"] * self.colocated
         return ["prefill"] * self.prefill + ["decode"] * self.decode
@@ -64,6 +70,8 @@ class WorkerState:
     load_s: float = 0.0
     prefills: int = 0  # outstanding prefill jobs
     decodes: int = 0  # sequences routed here for decode and not finished
+    prefills_total: int = 0  # prefill jobs ever routed here (restarts included)
+    decodes_total: int = 0  # decode jobs ever routed here
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def send(self, msg: dict) -> bool:
@@ -158,7 +166,14 @@ class Engine:
         self.procs: list[WorkerState] = []
         self._closed = False
         self.max_positions = None
-        for i, role in enumerate(config.roles()):
+        self._plan = None
+        roles = config.roles()
+        bad = sorted(set(roles) - set(P.ROLES))
+        if bad or not roles:
+            raise ValueError(f"worker roles must be among {P.ROLES}, got {roles}")
+        if config.routing is not None:
+            self._plan = self._routing_table(config.routing, roles)
+        for i, role in enumerate(roles):
             self._spawn(i, role)
         self._wait_ready()
 
@@ -230,9 +245,39 @@ class Engine:
             self._dispatch(state)
         return Handle(self, state)
 
+    @staticmethod
+    def _routing_table(entries, roles: list[str]):
+        from .routing import PlanRouting
+
+        table = PlanRouting(entries)
+        for i, j in table.flow:
+            if max(i, j) >= len(roles):
+                raise ValueError(f"routing names worker {max(i, j)} but there are {len(roles)}")
+        return table
+
     def _pick(self, roles: tuple[str, ...], key) -> WorkerState | None:
         live = [w for w in self.procs if w.alive and w.role in roles]
         return min(live, key=key) if live else None
+
+    def _pick_prefill(self) -> WorkerState | None:
+        """Planned share first (see serve.routing), else the least-loaded live worker."""
+        def load(w: WorkerState) -> tuple[int, int]:
+            return w.prefills, w.decodes
+
+        if self._plan is not None:
+            live = [w.id for w in self.procs if w.alive and w.role in ("prefill", "colocated")]
+            wid = self._plan.pick_prefill(live, lambda i: load(self.procs[i]))
+            if wid is not None:
+                return self.procs[wid]
+        return self._pick(("prefill", "colocated"), load)
+
+    def _pick_decode(self, prefill: WorkerState) -> WorkerState | None:
+        if self._plan is not None:
+            live = [w.id for w in self.procs if w.alive and w.role == "decode"]
+            wid = self._plan.pick_decode(prefill.id, live, lambda i: self.procs[i].decodes)
+            if wid is not None:
+                return self.procs[wid]
+        return self._pick(("decode",), lambda w: w.decodes)
 
     def _dispatch(self, state: RequestState) -> None:
         """(Re)start ``state``: prefill of prompt + tokens so far, on the chosen workers."""
@@ -240,13 +285,13 @@ class Engine:
         if state.attempt > MAX_ATTEMPTS:
             self._fail(state, RuntimeError(f"request failed {MAX_ATTEMPTS} times"))
             return
-        prefill = self._pick(("prefill", "colocated"), lambda w: (w.prefills, w.decodes))
+        prefill = self._pick_prefill()
         if prefill is None:
             self._fail(state, RuntimeError("no live prefill worker"))
             return
         target = None
         if prefill.role != "colocated":
-            decode = self._pick(("decode",), lambda w: w.decodes)
+            decode = self._pick_decode(prefill)
             if decode is None:
                 self._fail(state, RuntimeError("no live decode worker"))
                 return
@@ -257,7 +302,11 @@ class Engine:
         state.prefill_worker = prefill.id
         state.kv_id = next(self._kv_ids)
         prefill.prefills += 1
+        prefill.prefills_total += 1
         self.procs[state.decode_worker].decodes += 1
+        self.procs[state.decode_worker].decodes_total += 1
+        if self._plan is not None and prefill.role == "colocated":
+            self._plan.record(prefill.id, prefill.id)
         done = state.offset = len(state.generated)  # tokens before this attempt
         ok = prefill.send({
             "op": P.PREFILL, "rid": state.rid, "attempt": state.attempt, "kv_id": state.kv_id,
@@ -402,10 +451,19 @@ class Engine:
         w.send({"op": P.SET_ROLE, "role": role})
 
     def reschedule(self, body: dict) -> dict:
-        """Live phase reassignment: ``{"roles": {"<worker id>": "prefill"|"decode"|...}}``."""
+        """Live phase reassignment: ``{"roles": {"<worker id>": "prefill"|"decode"|...}}``,
+        optionally with the new plan's ``"routing"`` (entries as in ``thunderkv plan --json``)."""
         roles = body.get("roles")
         if not isinstance(roles, dict) or not roles:
             raise RequestError("body must be {\"roles\": {\"<worker id>\": role}}", "roles")
+        table = None
+        if body.get("routing") is not None:
+            if not isinstance(body["routing"], list):
+                raise RequestError("routing must be a list of plan routing entries", "routing")
+            try:
+                table = self._routing_table(body["routing"], [w.role for w in self.procs])
+            except ValueError as exc:
+                raise RequestError(str(exc), "routing") from None
         t0 = time.perf_counter()
         with self._lock:
             changes = {}
@@ -425,6 +483,8 @@ class Engine:
                 raise RequestError("the new roles leave a phase without workers", "roles")
             for wid, role in changes.items():
                 self._set_role(self.procs[wid], role)
+            if table is not None:
+                self._plan = table
         seconds = time.perf_counter() - t0
         self.metrics.reschedule_seconds.observe(seconds)
         return {"ok": True, "seconds": seconds, "roles": {str(k): v for k, v in after.items()}}
@@ -443,8 +503,14 @@ class Engine:
         with self._lock:
             return [{"id": w.id, "role": w.role, "pid": w.pid, "state": w.state,
                      "kv_port": w.port, "outstanding_prefills": w.prefills,
-                     "decoding": w.decodes, "load_seconds": round(w.load_s, 3)}
+                     "decoding": w.decodes, "prefills_total": w.prefills_total,
+                     "decodes_total": w.decodes_total, "load_seconds": round(w.load_s, 3)}
                     for w in self.procs]
+
+    def routing(self) -> list[dict] | None:
+        """The plan's flows and requests routed along each, or None (least-loaded routing)."""
+        with self._lock:
+            return None if self._plan is None else self._plan.to_dicts()
 
     def metrics_text(self) -> str:
         with self._lock:

@@ -7,6 +7,7 @@ Routes (all errors are OpenAI-style ``{"error": {"message", "type", "param", "co
     GET  /health             engine.health() as JSON; 503 when it reports not ok
     GET  /metrics            engine.metrics_text() + HTTP counters (Prometheus text 0.0.4)
     GET  /admin/workers      engine.workers() as a JSON list
+    GET  /admin/routing      {"routing": the plan's flows and requests routed on each, or null}
     POST /admin/reschedule   JSON body → engine.reschedule(body) → JSON
 
 The server speaks HTTP/1.1 with keep-alive; a stream is sent with chunked transfer encoding,
@@ -60,6 +61,7 @@ _ROUTES: dict[str, dict[str, str]] = {
     "/health": {"GET": "_health"},
     "/metrics": {"GET": "_metrics"},
     "/admin/workers": {"GET": "_workers"},
+    "/admin/routing": {"GET": "_routing"},
     "/admin/reschedule": {"POST": "_reschedule"},
 }
 _MODEL_PREFIX = "/v1/models/"
@@ -417,6 +419,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _workers(self, body: bytes, path: str) -> None:
         self._send_json(200, list(self.server.api.engine.workers()))
+
+    def _routing(self, body: bytes, path: str) -> None:
+        routing = getattr(self.server.api.engine, "routing", None)
+        self._send_json(200, {"routing": routing() if routing is not None else None})
 
     def _reschedule(self, body: bytes, path: str) -> None:
         result = self.server.api.engine.reschedule(self._json_object(body, empty_ok=True))

@@ -136,3 +136,30 @@ def test_openai_client_against_the_engine(colocated, reference):
         assert "".join(c.choices[0].text for c in chunks) == done.choices[0].text
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=-1)
+
+
+def test_router_follows_the_plans_routing(reference):
+    routing = [{"prefill": 0, "decode": 1, "req_per_s": 3.0},
+               {"prefill": 0, "decode": 2, "req_per_s": 1.0}]
+    config = ServeConfig(model="tiny", role_list=["prefill", "decode", "decode"],
+                         routing=routing, kv_bits=16)
+    with Engine(config) as engine:
+        assert generate(engine, PROMPTS * 2) == reference * 2  # 8 requests
+        workers = engine.workers()
+        assert [w["role"] for w in workers] == ["prefill", "decode", "decode"]
+        assert [w["decodes_total"] for w in workers] == [0, 6, 2]
+        assert {(r["prefill"], r["decode"]): r["routed"] for r in engine.routing()} == {
+            (0, 1): 6, (0, 2): 2}
+        # a reschedule may bring the new plan's routing along
+        engine.reschedule({"roles": {"1": "decode"}, "routing": [
+            {"prefill": 0, "decode": 2, "req_per_s": 1.0}]})
+        generate(engine, PROMPTS[:2])
+        assert [w["decodes_total"] for w in engine.workers()] == [0, 6, 4]
+        from thunderkv.serve.api_types import RequestError
+
+        with pytest.raises(RequestError, match="names worker 9"):
+            engine.reschedule({"roles": {"1": "decode"}, "routing": [
+                {"prefill": 0, "decode": 9, "req_per_s": 1.0}]})
+    with pytest.raises(ValueError, match="names worker 5"):
+        Engine(ServeConfig(model="tiny", role_list=["prefill", "decode"], routing=[
+            {"prefill": 0, "decode": 5, "req_per_s": 1.0}]))

@@ -128,6 +128,9 @@ class FakeEngine:
     def workers(self) -> list[dict]:
         return [{"id": "gpu0", "role": "prefill"}, {"id": "gpu1", "role": "decode"}]
 
+    def routing(self) -> list[dict]:
+        return [{"prefill": 0, "decode": 1, "req_per_s": 2.0, "routed": 5}]
+
     def reschedule(self, body: dict) -> dict:
         if "bad" in body:
             raise RequestError("unknown worker 'bad'", "bad")
@@ -518,6 +521,8 @@ def test_admin_routes(server, engine):
     status, _, body = http(server, "GET", "/admin/workers")
     assert status == 200
     assert json.loads(body) == engine.workers()
+    status, _, body = http(server, "GET", "/admin/routing")
+    assert status == 200 and json.loads(body) == {"routing": engine.routing()}
     status, _, body = post_json(server, "/admin/reschedule", {"fail": ["gpu1"]})
     assert status == 200
     assert json.loads(body) == {"accepted": True, "body": {"fail": ["gpu1"]}}

@@ -13,20 +13,28 @@ from pathlib import Path
 
 import pytest
 
-from thunderkv.cli.serve import roles_from_plan
+from thunderkv.cli.serve import plan_for_serving
 from thunderkv.transfer import unavailable_reason
 
 PLAN = Path(__file__).resolve().parents[2] / "benchmarks/results/planner-2026-11-27-cpu/conv.json"
 
 
-def test_roles_from_a_planner_json(tmp_path):
-    prefill, decode = roles_from_plan(str(PLAN))
-    groups = json.loads(PLAN.read_text())["plan"]["groups"]
-    assert prefill + decode == len(groups) and prefill > 0 and decode > 0
+def test_roles_and_routing_from_a_planner_json(tmp_path):
+    roles, routing = plan_for_serving(str(PLAN))
+    plan = json.loads(PLAN.read_text())["plan"]
+    assert roles == [g["phase"] for g in plan["groups"]]
+    assert "prefill" in roles and "decode" in roles
+    assert routing == plan["routing"]
+    for entry in routing:  # every entry names a prefill group and a decode group
+        assert roles[entry["prefill"]] in ("prefill", "colocated")
+        assert roles[entry["decode"]] in ("decode", "colocated")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"plan": {"groups": [{"phase": "both"}]}}))
     with pytest.raises(ValueError, match="prefill/decode"):
-        roles_from_plan(str(bad))
+        plan_for_serving(str(bad))
+    bad.write_text(json.dumps({"plan": {"groups": [{"phase": "colocated"}]}}))
+    with pytest.raises(ValueError, match="routing"):
+        plan_for_serving(str(bad))
 
 
 @pytest.mark.skipif(unavailable_reason() is not None, reason="UCX transfer unavailable")

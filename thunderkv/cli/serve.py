@@ -17,8 +17,8 @@ def register(subparsers) -> None:
     p.add_argument("--decode", type=int, default=1, help="decode workers")
     p.add_argument("--colocated", type=int, default=0,
                    help="run this many colocated workers instead (comparison mode)")
-    p.add_argument("--plan", help="planner JSON (`thunderkv plan --json`): worker phases from "
-                   "its groups, one worker per group")
+    p.add_argument("--plan", help="planner JSON (`thunderkv plan --json`): one worker per "
+                   "planned group with its phase; the router follows the plan's routing rates")
     p.add_argument("--kv-bits", type=int, default=4, choices=[4, 16])
     p.add_argument("--kv-group-size", type=int, default=32, choices=[16, 32, 64],
                    help="format v1 group size of 4-bit KV (16: closer to 16-bit, fewer savings)")
@@ -28,19 +28,26 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def roles_from_plan(path: str) -> tuple[int, int]:
-    """(prefill, decode) worker counts from a planner JSON: one worker per planned group."""
+def plan_for_serving(path: str) -> tuple[list[str], list[dict]]:
+    """Worker phases and routing from a planner JSON (``thunderkv plan --json``): one worker per
+    planned group, in group order (worker id = group index), and the plan's ``routing`` entries
+    (prefill group -> decode group request rates) for the router to follow."""
     import json
 
     with open(path) as f:
-        plan = json.load(f)
-    groups = plan.get("plan", plan).get("groups")
+        doc = json.load(f)
+    plan = doc.get("plan", doc) if isinstance(doc, dict) else None
+    groups = plan.get("groups") if isinstance(plan, dict) else None
     if not isinstance(groups, list) or not groups:
         raise ValueError(f"{path}: no 'groups' list in the plan")
-    phases = [g.get("phase") for g in groups]
-    if set(phases) - {"prefill", "decode"}:
-        raise ValueError(f"{path}: group phases must be prefill/decode, got {set(phases)}")
-    return phases.count("prefill"), phases.count("decode")
+    roles = [g.get("phase") if isinstance(g, dict) else None for g in groups]
+    bad = sorted({str(r) for r in roles} - {"prefill", "decode", "colocated"})
+    if bad:
+        raise ValueError(f"{path}: group phases must be prefill/decode/colocated, got {bad}")
+    routing = plan.get("routing")
+    if not isinstance(routing, list) or not routing:
+        raise ValueError(f"{path}: no 'routing' list in the plan")
+    return roles, routing
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,12 +60,17 @@ def run(args: argparse.Namespace) -> int:
     from ..serve.http import ApiServer
 
     console = Console()
-    prefill, decode = args.prefill, args.decode
+    roles = routing = None
     if args.plan:
-        prefill, decode = roles_from_plan(args.plan)
-    config = ServeConfig(model=args.model, prefill=prefill, decode=decode,
+        try:
+            roles, routing = plan_for_serving(args.plan)
+        except (OSError, ValueError) as exc:
+            console.print(f"[red]cannot use the plan: {exc}")
+            return 2
+    config = ServeConfig(model=args.model, prefill=args.prefill, decode=args.decode,
                          colocated=args.colocated, kv_bits=args.kv_bits,
-                         kv_group_size=args.kv_group_size, threads=args.threads)
+                         kv_group_size=args.kv_group_size, threads=args.threads,
+                         role_list=roles, routing=routing)
     console.print(f"starting {', '.join(config.roles())} workers for {args.model} ...")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
