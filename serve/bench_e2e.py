@@ -198,12 +198,27 @@ def run(model: str, preset: Preset, modes: list[str], *, seed: int, threads: int
     link = link_from_env()
     jobs = workload(preset, load_tokenizer(model), seed=seed, rate=rate)
     rows, outputs = [], {}
+    # The agreement check needs the model in this process: load it while the first mode's
+    # workers load theirs (never during a measured replay), instead of after every mode.
+    runner_box: dict = {}
+    loader = None
+    if "colocated" in modes and len(modes) > 1:
+        def _load() -> None:
+            from .runner import ModelRunner
+
+            runner_box["runner"] = ModelRunner.load(model)
+
+        loader = threading.Thread(target=_load, name="agreement-model", daemon=True)
+        loader.start()
     for mode in modes:
         progress(f"{mode}: starting workers")
         across = link is not None and mode != "colocated"
         placement = Placement(link) if across else None
         with Engine(ServeConfig(model=model, threads=threads, placement=placement,
                                 kv_group_size=kv_group_size, **MODES[mode])) as engine:
+            if loader is not None and loader.is_alive():
+                progress(f"{mode}: loading the agreement model")
+                loader.join()
             warm = Job(0.0, jobs[0].prompt[:32], 4)
             replay(engine, [warm], lambda m: None)
             engine.metrics.__init__()  # measure the replay only
@@ -215,10 +230,13 @@ def run(model: str, preset: Preset, modes: list[str], *, seed: int, threads: int
         for row in rows:
             mine = outputs[row["mode"]]
             row["identical_outputs"] = sum(a == b for a, b in zip(mine, ref)) / len(ref)
-        from .runner import ModelRunner
-
+    if "colocated" in outputs and loader is not None:
+        ref = outputs["colocated"]
         progress("teacher-forced agreement")
-        runner = ModelRunner.load(model)
+        loader.join()
+        if "runner" not in runner_box:
+            raise RuntimeError("loading the model for the agreement check failed (see above)")
+        runner = runner_box["runner"]
         for row in rows:
             if row["mode"] == "disagg-4":
                 row["teacher_forced_top1"] = teacher_forced_agreement(runner, jobs, ref, 4,

@@ -404,12 +404,18 @@ class ModelRunner:
             if dtype != "float32":
                 model = model.to(getattr(torch, dtype))
             return cls(model, None, name="tiny", **kw)
+        import functools
+
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
         from transformers.utils import logging as hf_logging
 
         from thunderkv.hf.models import load_model
 
-        # several workers load at once: their interleaved GGUF progress bars are only noise
+        # several workers load at once: their interleaved progress bars are only noise (the
+        # GGUF converter uses plain tqdm, the weight loader transformers' own switch)
         hf_logging.disable_progress_bar()
+        if not isinstance(gguf_utils.tqdm, functools.partial):
+            gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
         model, tokenizer, _ = load_model(name, dtype=dtype)
         return cls(model, tokenizer, name=name, **kw)
 

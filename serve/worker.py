@@ -321,9 +321,6 @@ def _sample(logits: torch.Tensor, sampling: dict, position: int) -> int:
 def main(conn, worker_id: int, model: str, role: str, threads: int, token: str,
          host: str = "127.0.0.1") -> None:
     """Entry point of a worker process (multiprocessing spawn target)."""
-    # Workers load together; their interleaved GGUF conversion bars (plain tqdm, which reads
-    # this when transformers first imports it) would only bury the router's own output.
-    os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(level=os.environ.get("THUNDERKV_LOG", "WARNING"),
                         format=f"[worker {worker_id}] %(levelname)s %(message)s")
     try:
