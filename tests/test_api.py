@@ -176,3 +176,20 @@ def test_non_contiguous_input_is_not_modified(gen):
     before = base.clone()
     tk.quantize(x, backend="cpu")
     assert bits_equal(base, before)
+
+
+def test_eager_calls_skip_the_dispatcher_only_when_it_is_safe(gen):
+    """Plain eager tensors run the ops' bodies directly; anything autograd or a tensor
+    subclass might care about goes through the registered custom ops -- same results."""
+    from thunderkv import _ops
+
+    x = torch.randn(4, 64, generator=gen)
+    assert _ops.eager_ok(x)
+    p = torch.nn.Parameter(x.clone())
+    assert not _ops.eager_ok(p)  # requires grad (and a subclass)
+    with torch.no_grad():
+        assert not _ops.eager_ok(p)  # still a Parameter subclass
+    q_eager = tk.quantize(x, bits=4, group_size=32)
+    q_op = tk.quantize(p, bits=4, group_size=32)
+    assert torch.equal(q_eager.packed, q_op.packed) and torch.equal(q_eager.scale, q_op.scale)
+    assert torch.equal(q_eager.dequantize(), tk.dequantize(q_op))

@@ -84,6 +84,11 @@ def quantize_into(
     axis: int,
     backend: str,
 ) -> None:
+    quantize_into_impl(x, packed, scale, minimum, bits, group_size, axis, backend)
+
+
+def quantize_into_impl(x, packed, scale, minimum, bits, group_size, axis, backend) -> None:
+    """Body of ``thunderkv::quantize_into`` (see :func:`eager_ok`)."""
     spec = FormatSpec(bits, group_size, axis)
     pshape, sshape = _quantize_shapes(x, spec)
     check_destination(packed, "packed", pshape, torch.uint8, x.device)
@@ -103,6 +108,11 @@ def _(x, packed, scale, minimum, bits, group_size, axis, backend) -> None:
 def quantize(
     x: torch.Tensor, bits: int, group_size: int, axis: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return quantize_impl(x, bits, group_size, axis, backend)
+
+
+def quantize_impl(x, bits, group_size, axis, backend):
+    """Body of ``thunderkv::quantize``."""
     spec = FormatSpec(bits, group_size, axis)
     pshape, sshape = _quantize_shapes(x, spec)
     impl = backends.resolve(backend, x.device)
@@ -140,6 +150,11 @@ def dequantize_into(
     axis: int,
     backend: str,
 ) -> None:
+    dequantize_into_impl(packed, scale, minimum, out, bits, group_size, axis, backend)
+
+
+def dequantize_into_impl(packed, scale, minimum, out, bits, group_size, axis, backend) -> None:
+    """Body of ``thunderkv::dequantize_into``."""
     spec = FormatSpec(bits, group_size, axis)
     shape = _dequantize_shape(packed, scale, minimum, spec)
     check_destination(out, "out", shape, scale.dtype, packed.device)
@@ -163,6 +178,11 @@ def dequantize(
     axis: int,
     backend: str,
 ) -> torch.Tensor:
+    return dequantize_impl(packed, scale, minimum, bits, group_size, axis, backend)
+
+
+def dequantize_impl(packed, scale, minimum, bits, group_size, axis, backend) -> torch.Tensor:
+    """Body of ``thunderkv::dequantize``."""
     spec = FormatSpec(bits, group_size, axis)
     shape = _dequantize_shape(packed, scale, minimum, spec)
     impl = backends.resolve(backend, packed.device)
@@ -176,3 +196,16 @@ def _(packed, scale, minimum, bits, group_size, axis, backend):
     shape = _dequantize_shape(packed, scale, minimum, FormatSpec(bits, group_size, axis))
     backends.check_backend_name(backend)
     return packed.new_empty(shape, dtype=scale.dtype)
+
+
+def eager_ok(*tensors: torch.Tensor) -> bool:
+    """Whether :mod:`thunderkv.api` may call the ``*_impl`` bodies directly instead of going
+    through the registered custom ops: plain tensors, not compiling or tracing, no autograd.
+
+    The ops' dispatcher and autograd wrapping cost ~70 us a call, several times the kernel for
+    one layer of a short request; eager calls skip it and run exactly the same body.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    return all(type(t) is torch.Tensor and not (grad and t.requires_grad) for t in tensors)

@@ -83,7 +83,8 @@ def quantize(
     spec = FormatSpec(bits, group_size, axis)
     spec.check_input(x)
     backends.check_backend_name(backend)
-    packed, scale, minimum = _ops.quantize(x, bits, group_size, axis, backend)
+    op = _ops.quantize_impl if _ops.eager_ok(x) else _ops.quantize
+    packed, scale, minimum = op(x, bits, group_size, axis, backend)
     return QuantizedTensor(packed, scale, minimum, spec, x.shape, x.dtype)
 
 
@@ -113,7 +114,8 @@ def quantize_into(
     check_destination(packed, "packed", spec.packed_shape(shape), torch.uint8, x.device)
     check_destination(scale, "scale", spec.param_shape(shape), x.dtype, x.device)
     check_destination(minimum, "minimum", spec.param_shape(shape), x.dtype, x.device)
-    _ops.quantize_into(x, packed, scale, minimum, bits, group_size, axis, backend)
+    op = _ops.quantize_into_impl if _ops.eager_ok(x, packed, scale, minimum) else _ops.quantize_into
+    op(x, packed, scale, minimum, bits, group_size, axis, backend)
 
 
 def dequantize(
@@ -136,12 +138,11 @@ def dequantize(
         raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
     backends.check_backend_name(backend)
     spec = q.spec
+    eager = _ops.eager_ok(q.packed, q.scale, q.minimum, *(() if out is None else (out,)))
     if out is None:
-        return _ops.dequantize(
-            q.packed, q.scale, q.minimum, spec.bits, spec.group_size, spec.axis, backend
-        )
+        op = _ops.dequantize_impl if eager else _ops.dequantize
+        return op(q.packed, q.scale, q.minimum, spec.bits, spec.group_size, spec.axis, backend)
     check_destination(out, "out", tuple(q.shape), q.dtype, q.device)
-    _ops.dequantize_into(
-        q.packed, q.scale, q.minimum, out, spec.bits, spec.group_size, spec.axis, backend
-    )
+    op = _ops.dequantize_into_impl if eager else _ops.dequantize_into
+    op(q.packed, q.scale, q.minimum, out, spec.bits, spec.group_size, spec.axis, backend)
     return out
