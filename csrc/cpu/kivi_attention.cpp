@@ -164,7 +164,23 @@ inline void unpack16_ps(const uint8_t* p, __m256& lo, __m256& hi) {
   hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)));
 }
 
-// One key group, 16 tokens at a time, accumulators in registers:
+// acc[r] = sum_k w[k*R + r] * (16 codes at p + k*stride), k < K: R rows of 16 lanes in registers.
+template <int BITS, int R>
+inline void weighted_codes16(const uint8_t* p, int64_t stride, int64_t K, const float* w,
+                             __m256 (&acc)[R][2]) {
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k, p += stride) {
+    __m256 c0, c1;
+    unpack16_ps<BITS>(p, c0, c1);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wv = _mm256_set1_ps(w[k * R + r]);
+      acc[r][0] = _mm256_fmadd_ps(wv, c0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(wv, c1, acc[r][1]);
+    }
+  }
+}
+
+// One key group, 16 tokens at a time (k runs over channels d):
 // dst[r*n + i] = (sum_d w[d*R + r] * code[d, i] + cmin[r]) * scaling, i < G.
 template <int BITS, int R>
 void key_group_r(const uint8_t* rows, int64_t row_bytes, int64_t D, int64_t G, const float* w,
@@ -172,17 +188,7 @@ void key_group_r(const uint8_t* rows, int64_t row_bytes, int64_t D, int64_t G, c
   const __m256 vs = _mm256_set1_ps(scaling);
   for (int64_t tb = 0; tb < G; tb += 16) {
     __m256 acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    const uint8_t* p = rows + tb * BITS / 8;
-    for (int64_t d = 0; d < D; ++d, p += row_bytes) {
-      __m256 c0, c1;
-      unpack16_ps<BITS>(p, c0, c1);
-      for (int r = 0; r < R; ++r) {
-        const __m256 wv = _mm256_set1_ps(w[d * R + r]);
-        acc[r][0] = _mm256_fmadd_ps(wv, c0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(wv, c1, acc[r][1]);
-      }
-    }
+    weighted_codes16<BITS, R>(rows + tb * BITS / 8, row_bytes, D, w, acc);
     for (int r = 0; r < R; ++r) {
       const __m256 cm = _mm256_set1_ps(cmin[r]);
       _mm256_storeu_ps(dst + r * n + tb, _mm256_mul_ps(_mm256_add_ps(acc[r][0], cm), vs));
@@ -191,24 +197,14 @@ void key_group_r(const uint8_t* rows, int64_t row_bytes, int64_t D, int64_t G, c
   }
 }
 
-// Values of one head_dim group j, 16 channels at a time:
+// Values of one head_dim group j, 16 channels at a time (k runs over tokens t):
 // out[r*D + i] += sum_t w[t*R + r] * code[t, i], i < G (rows start at channel j*G).
 template <int BITS, int R>
 void value_group_r(const uint8_t* rows, int64_t row_bytes, int64_t nt, int64_t D, int64_t G,
                    const float* w, float* out) {
   for (int64_t db = 0; db < G; db += 16) {
     __m256 acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    const uint8_t* p = rows + db * BITS / 8;
-    for (int64_t t = 0; t < nt; ++t, p += row_bytes) {
-      __m256 c0, c1;
-      unpack16_ps<BITS>(p, c0, c1);
-      for (int r = 0; r < R; ++r) {
-        const __m256 wv = _mm256_set1_ps(w[t * R + r]);
-        acc[r][0] = _mm256_fmadd_ps(wv, c0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(wv, c1, acc[r][1]);
-      }
-    }
+    weighted_codes16<BITS, R>(rows + db * BITS / 8, row_bytes, nt, w, acc);
     for (int r = 0; r < R; ++r) {
       float* o = out + r * D + db;
       _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[r][0]));

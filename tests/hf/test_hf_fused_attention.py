@@ -33,11 +33,15 @@ def count_fused(monkeypatch):
     return calls
 
 
-def run(model, fused: bool, ids, *, prefix, **cache_kwargs):
+def set_attention(model, fused: bool) -> None:
     if fused:
         use_fused_attention(model)
     else:
         model.set_attn_implementation("sdpa")
+
+
+def run(model, fused: bool, ids, *, prefix, **cache_kwargs):
+    set_attention(model, fused)
     cache = ThunderKVCache(model.config, **cache_kwargs)
     return teacher_forced(model, ids, cache, prefix), cache
 
@@ -67,10 +71,7 @@ def test_greedy_generate_with_left_padding_is_identical(model, count_fused):
     ids = ids.masked_fill(mask == 0, 0)
 
     def generate(fused):
-        if fused:
-            use_fused_attention(model)
-        else:
-            model.set_attn_implementation("sdpa")
+        set_attention(model, fused)
         cache = ThunderKVCache(model.config, bits=8, group_size=16, residual_length=16)
         return model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=40,
                               do_sample=False, pad_token_id=0)
@@ -86,10 +87,7 @@ def test_chunked_prefill_after_decode_falls_back_exactly(model, count_fused):
     ids = prompt(1, 60)
 
     def feed(fused):
-        if fused:
-            use_fused_attention(model)
-        else:
-            model.set_attn_implementation("sdpa")
+        set_attention(model, fused)
         cache = ThunderKVCache(model.config, bits=4, group_size=16, residual_length=8)
         outs = []
         with torch.no_grad():
