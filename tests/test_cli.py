@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from thunderkv.cli import main
 
 REQUIRED = {"device", "torch", "git_sha", "shape", "dtype", "bits", "group_size", "backend",
@@ -54,3 +56,12 @@ def test_unknown_subcommand_fails_cleanly():
     res = subprocess.run([sys.executable, "-m", "thunderkv.cli", "frobnicate"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+def test_bench_e2e_rate_points_link_rates_to_link_rate(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "e2e", "--rate", "100mbit"])
+    assert "use --link-rate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "e2e", "--rate", "-1"])
+    assert "must be > 0" in capsys.readouterr().err

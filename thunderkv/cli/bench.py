@@ -20,6 +20,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="append one JSON line per measurement")
 
 
+def _request_rate(text: str) -> float:
+    """``--rate`` of ``bench e2e``: requests per second, with a pointer for link rates."""
+    try:
+        value = float(text)
+    except ValueError:
+        hint = (" (a link rate? use --link-rate for the shaped link)"
+                if text.lower().rstrip("ps").endswith(("bit", "bps")) else "")
+        raise argparse.ArgumentTypeError(f"not a request rate: {text!r}{hint}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"request rate must be > 0, got {text!r}")
+    return value
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="microbenchmarks (quant, paged)")
     sub = p.add_subparsers(dest="bench", metavar="WHAT")
@@ -90,7 +103,9 @@ def register(subparsers) -> None:
     e2e.add_argument("--mode", action="append", dest="modes",
                      choices=["colocated", "disagg-16", "disagg-4"],
                      help="modes to run (repeatable; default all three)")
-    e2e.add_argument("--rate", type=float, help="request rate (req/s; default: the preset's)")
+    e2e.add_argument("--rate", type=_request_rate,
+                     help="request rate (req/s; default: the preset's); a link rate such as "
+                     "100mbit goes to --link-rate")
     e2e.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     e2e.add_argument("--seed", type=int, default=0)
     e2e.add_argument("--kv-group-size", type=int, default=32, choices=[16, 32, 64],
