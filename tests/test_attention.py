@@ -113,3 +113,18 @@ def test_bad_inputs_raise_clearly(gen):
         kivi_decode_attention(q, qk, qv, kr, vr, tq_attend=96)
     with pytest.raises(ValueError, match="differ"):
         kivi_decode_attention(q, qk, qv, kr, vr[:, :, :1])
+
+
+def test_bench_attention_rows():
+    from thunderkv.bench.attention import run
+
+    rows = run("smollm2-135m", [200, 64], reps=2, residual=16)
+    assert [(r["context"], r["method"]) for r in rows] == [
+        (200, "fused"), (200, "sdpa-fp"), (200, "dequant+sdpa"),
+        (64, "fused"), (64, "sdpa-fp"), (64, "dequant+sdpa")]
+    first = rows[0]
+    assert first["quantized_tokens"] + first["residual_tokens"] == 200
+    assert first["quantized_tokens"] % 64 == 0 and first["residual_tokens"] >= 16
+    assert all(r["us_p50"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="unknown geometry"):
+        run("gpt-5", [64])

@@ -34,7 +34,8 @@ def _request_rate(text: str) -> float:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="microbenchmarks (quant, paged)")
+    p = subparsers.add_parser("bench",
+                              help="benchmarks (quant, paged, attention, transfer, e2e)")
     sub = p.add_subparsers(dest="bench", metavar="WHAT")
     sub.required = True
 
@@ -48,6 +49,25 @@ def register(subparsers) -> None:
     q.add_argument("--axis", type=int, default=-1, choices=[-1, -2])
     q.add_argument("--reference-reps", type=int, default=3, help="timed calls for the reference")
     q.set_defaults(func=run_quant)
+
+    at = sub.add_parser(
+        "attention",
+        help="decode attention over a 4-bit KIVI cache: fused vs SDPA (fp) vs dequantize+SDPA",
+        description="Times one decode step's attention for one layer at each context length: "
+        "the fused CPU kernel over the packed cache, torch SDPA over full-precision K/V, and "
+        "dequantize-then-SDPA, in the same run.")
+    at.add_argument("--geometry", default="smollm2-135m",
+                    help="smollm2-135m (3 KV heads x 3, D=64), llama-7b, llama3-8b")
+    at.add_argument("--context", type=int, action="append", dest="contexts",
+                    help="cached tokens (repeatable; default 1024, 4096, 16384)")
+    at.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    at.add_argument("--bits", type=int, default=4, choices=[2, 4, 8])
+    at.add_argument("--group-size", type=int, default=64)
+    at.add_argument("--residual", type=int, default=128, help="full-precision newest tokens")
+    at.add_argument("--batch", type=int, default=1)
+    at.add_argument("--reps", type=int, default=50)
+    at.add_argument("--json", metavar="PATH", help="append one JSON line per measurement")
+    at.set_defaults(func=run_attention)
 
     pg = sub.add_parser(
         "paged",
@@ -185,6 +205,43 @@ def run_paged(args: argparse.Namespace) -> int:
         group_size=args.group_size, backend_names=args.backends, reps=args.reps,
         progress=progress))
     return _report(console, args, rows, "paged cache")
+
+
+def run_attention(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..attention import fused_attention_available
+    from ..bench import attention
+    from ..bench.timing import write_json_lines
+
+    console = Console()
+    ok, why = fused_attention_available()
+    if not ok:
+        console.print(f"[red]{why}")
+        return 2
+    try:
+        rows = _measure(console, lambda progress: attention.run(
+            args.geometry, args.contexts or [1024, 4096, 16384], dtype=getattr(torch, args.dtype),
+            bits=args.bits, group_size=args.group_size, residual=args.residual,
+            batch=args.batch, reps=args.reps, progress=progress))
+    except ValueError as exc:
+        console.print(f"[red]{exc}")
+        return 2
+    t = Table(title=f"decode attention, one layer of {args.geometry}, batch {args.batch}, "
+                    f"{args.dtype}, {args.bits}-bit G={args.group_size}, "
+                    f"{rows[0]['threads']} threads; x = SDPA-fp time / method time")
+    for col in ("context", "method", "p50 us", "p20-p80 us", "x sdpa-fp"):
+        t.add_column(col, justify="left" if col == "method" else "right")
+    for r in rows:
+        t.add_row(str(r["context"]), r["method"], f"{r['us_p50']:.0f}",
+                  f"{r['us_p20']:.0f}-{r['us_p80']:.0f}", f"{r['speedup_vs_sdpa_fp']:.2f}")
+    console.print(t)
+    if args.json:
+        write_json_lines(args.json, rows)
+        console.print(f"wrote {len(rows)} JSON lines to {args.json}")
+    return 0
 
 
 def run_transfer(args: argparse.Namespace) -> int:
