@@ -31,21 +31,24 @@ _handoff = threading.local()
 
 @dataclass
 class DecodeState:
-    """What one layer's decode step attends to: the first ``tq`` quantized tokens and then
-    ``keys``/``values`` (full precision, ``[B, H, Tr, D]``, the new token last)."""
+    """What one layer's step attends to: the first ``tq`` quantized tokens and then
+    ``keys``/``values`` (full precision, ``[B, H, Tr, D]``, the new tokens last)."""
 
     qkeys: QuantizedTensor | None
     qvalues: QuantizedTensor | None
     tq: int
     keys: torch.Tensor
     values: torch.Tensor
+    backend: str = "auto"  # the cache's thunderkv backend, for materialize()
 
-    def materialize(self, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All attended keys and values in full precision, ``[B, H, tq + Tr, D]``."""
         if self.qkeys is None or self.tq == 0:
             return self.keys, self.values
-        k = self.qkeys.dequantize(backend=backend)[..., : self.tq, :]
-        v = self.qvalues.dequantize(backend=backend)[..., : self.tq, :]
+        k = self.qkeys.dequantize(backend=self.backend)
+        v = self.qvalues.dequantize(backend=self.backend)
+        if self.tq < k.shape[-2]:
+            k, v = k[..., : self.tq, :], v[..., : self.tq, :]
         return torch.cat([k, self.keys], dim=-2), torch.cat([v, self.values], dim=-2)
 
 

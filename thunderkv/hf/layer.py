@@ -155,15 +155,11 @@ class ThunderKVLayer(CacheLayerMixin):
             raise TypeError(f"cache holds {self.dtype}, got {key_states.dtype}/{value_states.dtype}")
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
+        # What this step attends to: the history as it was plus every still-exact token.
+        state = DecodeState(self.qkeys, self.qvalues, self.quantized_length, keys, values,
+                            self.backend)
         fused = self._fused_step(key_states)
-        tq = self.quantized_length
-        if fused:
-            out_k = out_v = None
-        elif self.qkeys is not None:
-            out_k = torch.cat([self.qkeys.dequantize(backend=self.backend), keys], dim=-2)
-            out_v = torch.cat([self.qvalues.dequantize(backend=self.backend), values], dim=-2)
-        else:
-            out_k, out_v = keys, values
+        out_k, out_v = (keys, values) if fused else state.materialize()
         G, r = self.group_size, keys.shape[-2]
         # fewest whole groups that bring the residual back to <= residual_length (or below G)
         n = min(-(-max(r - self.residual_length, 0) // G) * G, r // G * G)
@@ -178,9 +174,7 @@ class ThunderKVLayer(CacheLayerMixin):
         else:
             self.keys, self.values = keys, values
         if fused:
-            # attend to the history as it was plus every token still exact before this update
-            hand_off(DecodeState(self.qkeys, self.qvalues, tq, keys, values))
-            return keys, values
+            hand_off(state)  # the "thunderkv" attention reads it instead of out_k/out_v
         return out_k, out_v
 
     def _fused_step(self, key_states: torch.Tensor) -> bool:
