@@ -9,6 +9,7 @@ communication; achieved = datasheet peak x per-type efficiency factor (cluster c
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .cluster import Cluster, GpuType
@@ -27,6 +28,8 @@ class CostParams:
     kv_bits: int = 4                # KV bits on the wire (16 = uncompressed)
     kv_group: int = 64              # format v1 group size
     link_util: float = 0.9          # usable fraction of a link for KV transfer (LP capacity)
+    kv_streaming: bool = True       # KV leaves layer by layer while prefill runs (as thunderkv
+                                    # serve and thunderkv.transfer do); False: after the prefill
 
     def __post_init__(self) -> None:
         if not 0 < self.mem_util <= 1 or not 0 < self.link_util <= 1:
@@ -34,8 +37,7 @@ class CostParams:
         kv_bytes_per_element(self.kv_bits, self.kv_group)  # validates bits/group
 
     def with_kv_bits(self, bits: int) -> CostParams:
-        return CostParams(self.mem_util, self.reserve_gb, self.intra_latency_s,
-                          self.inter_latency_s, bits, self.kv_group, self.link_util)
+        return dataclasses.replace(self, kv_bits=bits)
 
 
 @dataclass(slots=True, frozen=True)
@@ -191,6 +193,17 @@ def kv_link_bytes_per_token(src: Pipeline, dst: Pipeline, params: CostParams,
 def link_key(a: str, b: str) -> tuple[str, str]:
     """Undirected key of the link between nodes ``a`` and ``b``."""
     return (a, b) if a <= b else (b, a)
+
+
+def exposed_transfer_time(transfer_s: float, prefill_s: float, layers: int,
+                          streaming: bool) -> float:
+    """The part of a ``transfer_s`` KV transfer a request waits for after its prefill
+    (``prefill_s``). Streaming starts with the first layer's KV, so it hides behind the remaining
+    ``(layers - 1) / layers`` of the prefill but never ends sooner than one layer's share after it
+    (the simulator's rule)."""
+    if not streaming:
+        return transfer_s
+    return max(transfer_s - prefill_s * (layers - 1) / layers, transfer_s / layers, 0.0)
 
 
 def kv_transfer_time(tokens: float, link_bytes: dict[tuple[str, str], float],

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cluster import Cluster
-from .costmodel import CostParams, kv_link_bytes_per_token, kv_transfer_time, link_key
+from .costmodel import (
+    CostParams,
+    exposed_transfer_time,
+    kv_link_bytes_per_token,
+    kv_transfer_time,
+    link_key,
+)
 from .model import ModelSpec
 from .parallel import DECODE_TPOT_MARGIN, GroupPerf, WorkloadStats, best_config
 from .plan import Plan, PlanGroup
@@ -29,6 +35,9 @@ def canonical(groups) -> State:
     return tuple(sorted((tuple(sorted(g)), ph) for g, ph in groups))
 
 
+HYBRID = ("prefill", "decode", "colocated")  # split groups and colocated groups side by side
+
+
 @dataclass(slots=True)
 class SearchSpace:
     """Which plans a search may produce (ours, ablations and baselines differ only here)."""
@@ -38,7 +47,7 @@ class SearchSpace:
     pp: bool = True  # False: one TP stage per group (vLLM-like)
 
     def __post_init__(self) -> None:
-        ok = {("prefill", "decode"), ("colocated",)}
+        ok = {("prefill", "decode"), ("colocated",), HYBRID}
         if tuple(self.phases) not in ok:
             raise ValueError(f"phases must be one of {ok}")
 
@@ -89,7 +98,9 @@ class Evaluator:
             for (a, b), v in per_tok.items():
                 k = link_key(a, b)
                 links[k] = links.get(k, 0.0) + v * self.stats.prompt_mean
-            t = kv_transfer_time(self.stats.prompt_mean, per_tok, self.cluster)
+            t = exposed_transfer_time(kv_transfer_time(self.stats.prompt_mean, per_tok, self.cluster),
+                                      self.perf(pg, "prefill").prefill_latency, self.model.layers,
+                                      self.params.kv_streaming)
             self._pair[key] = (links, t)
         return self._pair[key]
 

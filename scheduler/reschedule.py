@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .cluster import Cluster
 from .costmodel import CostParams, Pipeline
-from .evaluate import Evaluator, SearchSpace, State, canonical
+from .evaluate import HYBRID, Evaluator, SearchSpace, State, canonical
 from .model import ModelSpec
 from .parallel import GroupPerf, WorkloadStats, capacity
 from .plan import Plan, PlanGroup
@@ -67,9 +67,13 @@ class RescheduleResult:
 def reschedule(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
                stats: WorkloadStats, slo: SLO, fail_nodes: set[str] | None = None,
                fail_gpus: set[str] | None = None, cfg: TabuConfig | None = None,
-               regroup: bool = True, time_limit_s: float = 1.5) -> RescheduleResult:
+               regroup: bool = True, time_limit_s: float = 1.5,
+               hybrid: bool = True) -> RescheduleResult:
     """Adjust ``plan`` after losing ``fail_nodes``/``fail_gpus`` and/or for new ``stats``.
-    ``regroup``: re-form the orphaned GPUs of dropped groups into new groups."""
+    ``regroup``: re-form the orphaned GPUs of dropped groups into new groups. ``hybrid``: a
+    phase-split plan's groups may also become colocated replicas (prefill and decode their own
+    requests; the weights they hold already suffice), e.g. when a lost node carried a whole
+    prefill replica and flipping a decode group to prefill would starve decode."""
     t0 = time.perf_counter()
     fail_nodes, fail_gpus = set(fail_nodes or ()), set(fail_gpus or ())
     unknown = {n for n in fail_nodes if not cluster.has_node(n)}
@@ -79,9 +83,9 @@ def reschedule(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParam
     keep = [g for g in plan.groups if not (set(g.gpus) & lost) and min(g.layers) > 0]
     kept = {x for g in keep for x in g.gpus}
     orphans = sorted({x for g in plan.groups for x in g.gpus} - kept - lost) if regroup else []
-    colocated = any(g.phase == "colocated" for g in plan.groups)
+    colocated = bool(plan.groups) and all(g.phase == "colocated" for g in plan.groups)
     new_cluster = cluster.without_nodes(fail_nodes) if fail_nodes else cluster
-    space = SearchSpace(("colocated",)) if colocated else SearchSpace()
+    space = SearchSpace(("colocated",) if colocated else HYBRID if hybrid else ("prefill", "decode"))
     ev = FixedConfigEvaluator(new_cluster, model, params, stats, slo, keep, space)
     start: State = canonical(list((g.gpus, g.phase) for g in keep)
                              + list(initial_state(ev, orphans) if orphans else ()))
@@ -106,7 +110,7 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
     workload ``wl``; optionally compare with a full re-plan. Returns the new plan document."""
     from .metrics import summarize
     from .plan import inputs_from_dict, inputs_to_dict
-    from .systems import sim_runner, system_goodput
+    from .systems import select_by_simulation, sim_runner, system_goodput
     from .tabu import tabu_search
 
     cluster, model, params, slo = inputs_from_dict(doc["inputs"])
@@ -136,9 +140,8 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
     if compare:
         t0 = time.perf_counter()
         ev = Evaluator(new_cluster, model, params, stats, slo)
-        full = ev.plan(tabu_search(ev, TabuConfig()).state)
+        full, fg, _, _ = select_by_simulation(tabu_search(ev, TabuConfig()), ev, wl, slo)
         secs = time.perf_counter() - t0
-        fg, _ = system_goodput(full, ev, wl, slo)
         out["full_replan"] = {"goodput_req_per_s": round(fg, 4), "solve_seconds": round(secs, 3),
                               "model_req_per_s": round(full.objective, 4)}
         out["ratio_to_full_replan"] = round(good / fg, 4) if fg > 0 else None

@@ -1,6 +1,6 @@
 """Discrete-event replay of a workload through a plan (heapq event loop).
 
-Prefill groups serve a FIFO queue in token-budgeted batches (pipelined: the next batch enters
+Prefill groups serve a FIFO queue in small token-budgeted batches (pipelined: the next batch enters
 when the bottleneck stage frees). Each request's KV then crosses the links between the prefill
 and decode stages holding each layer (FIFO per link, bytes compressed or raw per the cost model).
 Decode groups run continuous batching: a request joins at the next iteration boundary once its KV
@@ -19,7 +19,7 @@ import numpy as np
 from .cluster import Cluster
 from .costmodel import CostParams, Pipeline, kv_link_bytes_per_token, link_key
 from .model import ModelSpec
-from .parallel import MAX_BATCH_TOKENS
+from .parallel import PREFILL_BATCH_TOKENS
 from .plan import Plan
 from .workload import Workload
 
@@ -83,14 +83,15 @@ def _wrr(weights: list[float]):
 
 def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
              wl: Workload, *, kv_bytes: np.ndarray | None = None,
-             stream_kv: bool = False) -> SimResult:
+             stream_kv: bool | None = None) -> SimResult:
     """Replay ``wl`` through ``plan``; requests with nowhere to go never finish (NaN).
 
-    Opt-in (defaults: the planner's model): ``kv_bytes[r]`` = wire bytes of request ``r``'s KV
+    ``kv_bytes[r]`` (opt-in; default: the planner's model) = wire bytes of request ``r``'s KV
     (default prompt tokens x the cost model's bytes per token), split over the links in the cost
-    model's per-layer proportions; ``stream_kv`` lets a transfer start once the prefill's first
-    layer is done (layer-by-layer streaming, as the serving loop does) instead of after the
-    prefill; it still ends no earlier than the prefill plus one layer's share.
+    model's per-layer proportions; ``stream_kv`` (default ``params.kv_streaming``) lets a transfer
+    start once the prefill's first layer is done (layer-by-layer streaming, as the serving loop
+    does) instead of after the prefill; it still ends no earlier than the prefill plus one
+    layer's share.
     """
     n = len(wl)
     P, O = wl.prompts, wl.outputs
@@ -122,6 +123,8 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
         if kv_bytes.shape != (n,) or (kv_bytes < 0).any():
             raise ValueError("kv_bytes needs one non-negative byte count per request")
         pair_total = {k: sum(v for _, v, _ in links) for k, links in pair_links.items()}
+    if stream_kv is None:
+        stream_kv = params.kv_streaming
     prefill_start = np.full(n, np.nan) if stream_kv else None
     link_free: dict[tuple[str, str], float] = {}
     dest = np.zeros(n, dtype=np.int64)
@@ -138,7 +141,7 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
         if g.free_pending or not g.queue or now < g.busy_until:
             return
         batch, toks, sq = [], 0, 0.0
-        while g.queue and (not batch or toks + P[g.queue[0]] <= MAX_BATCH_TOKENS):
+        while g.queue and (not batch or toks + P[g.queue[0]] <= PREFILL_BATCH_TOKENS):
             r = g.queue.popleft()
             batch.append(r)
             toks += int(P[r])
@@ -166,7 +169,7 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
             return
         if g.kind == "colocated" and g.queue:
             batch, toks, sq = [], 0, 0.0
-            while g.queue and (not batch or toks + P[g.queue[0]] <= MAX_BATCH_TOKENS):
+            while g.queue and (not batch or toks + P[g.queue[0]] <= PREFILL_BATCH_TOKENS):
                 r = g.queue[0]
                 if g.kv_used + P[r] + O[r] > g.kv_cap and (g.running or batch):
                     break

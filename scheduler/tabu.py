@@ -33,6 +33,7 @@ class TabuConfig:
     seed: int = 0
     moves: tuple[str, ...] = MOVES
     max_neighbours: int = 2000  # sample merges/moves beyond this many (0: never sample)
+    keep_top: int = 8  # best distinct-valued states remembered for a final check by simulation
 
     def __post_init__(self) -> None:
         if self.max_iters < 0 or self.tenure < 0 or self.patience < 1:
@@ -49,6 +50,31 @@ class SearchResult:
     evaluations: int
     seconds: float
     history: list[float] = field(default_factory=list)
+    top: list[tuple[float, State]] = field(default_factory=list)  # best first, distinct values
+
+
+class _Top:
+    """The ``k`` best states seen, one per distinct value (equal values are usually the same
+    plan up to interchangeable GPUs)."""
+
+    def __init__(self, k: int) -> None:
+        self.k, self.by_value = k, {}
+
+    def add(self, v: float, state: State) -> None:
+        if self.k <= 0 or v <= 0:
+            return
+        key = round(v, 6)
+        if key in self.by_value:
+            return
+        if len(self.by_value) >= self.k:
+            worst = min(self.by_value)
+            if key <= worst:
+                return
+            del self.by_value[worst]
+        self.by_value[key] = (v, state)
+
+    def items(self) -> list[tuple[float, State]]:
+        return [self.by_value[k] for k in sorted(self.by_value, reverse=True)]
 
 
 def _node(g: str) -> str:
@@ -121,19 +147,18 @@ def _moves(ev: Evaluator, groups: list[Group], moves: tuple[str, ...] = MOVES,
     order; groups whose GPU tuple is in ``frozen`` may only flip."""
     out: list[tuple[list[Group], list[Group]]] = []
     phases = ev.space.phases
-    other = {"prefill": "decode", "decode": "prefill"}
     free = [g for g in groups if g[0] not in frozen]
     for g in groups:
         gs, ph = g
-        if ev.space.split and "flip" in moves:
-            out.append(([g], [(gs, other[ph])]))
+        others = [q for q in phases if q != ph]  # split: the other phase; hybrid: two
+        if "flip" in moves:
+            out += [([g], [(gs, q)]) for q in others]
         if len(gs) >= 2 and "split" in moves and gs not in frozen:
             order, cuts = _split_points(ev, gs)
             for k in cuts:
                 a, b = tuple(sorted(order[:k])), tuple(sorted(order[k:]))
                 out.append(([g], [(a, ph), (b, ph)]))
-                if ev.space.split:
-                    out.append(([g], [(a, ph), (b, other[ph])]))
+                out += [([g], [(a, ph), (b, q)]) for q in others]
     for i, g1 in enumerate(free if "merge" in moves else []):
         for g2 in free[i + 1:]:
             for ph in sorted({g1[1], g2[1]} & set(phases)):
@@ -187,6 +212,8 @@ def tabu_search(ev: Evaluator, cfg: TabuConfig | None = None, start: State | Non
     cur = start if start is not None else initial_state(ev)
     cur_v = ev.value(cur)
     best, best_v = cur, cur_v
+    top = _Top(cfg.keep_top)
+    top.add(cur_v, cur)
     tabu: dict[Group, int] = {}
     idle, history, it = 0, [best_v], 0
     for it in range(1, cfg.max_iters + 1):
@@ -214,6 +241,7 @@ def tabu_search(ev: Evaluator, cfg: TabuConfig | None = None, start: State | Non
                 continue
             s = states[k] or _apply(groups, removed, added)
             v = ev.value(s)
+            top.add(v, s)
             if (not is_tabu or v > best_v) and v > pick_v:
                 pick, pick_v, pick_s = k, v, s
         if pick is None:
@@ -237,5 +265,7 @@ def tabu_search(ev: Evaluator, cfg: TabuConfig | None = None, start: State | Non
                 if nb:
                     cur = _apply(list(cur), *rng.choice(nb))
             cur_v, idle = ev.value(cur), 0
+            top.add(cur_v, cur)
             tabu.clear()
-    return SearchResult(best, best_v, it, ev.evaluations, time.perf_counter() - t0, history)
+    return SearchResult(best, best_v, it, ev.evaluations, time.perf_counter() - t0, history,
+                        top.items())

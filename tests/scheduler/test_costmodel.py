@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import numpy as np
 import pytest
+from conftest import tiny_cluster
 from thunderkv.scheduler.cluster import Cluster, GpuType, NodeSpec
 from thunderkv.scheduler.costmodel import (
     CostParams,
@@ -119,3 +122,30 @@ def test_tp_allreduce_costs_more_on_slow_links():
     assert slowlink.prefill(2048)[0] > fastlink.prefill(2048)[0]
     single = _pipe(_cluster(gt=dataclasses.replace(BASE, mem_gb=80)), [("n0:0",)], [M.layers])
     assert fastlink.prefill(2048)[0] < single.prefill(2048)[0]  # TP2 on NVLink beats 1 GPU
+
+
+def test_ttft_attainment_is_exact_for_mm1_and_monotone():
+    """With exponential service (E[S^2] = 2 E[S]^2) the model's wait tail rho exp(-x rho / E[W])
+    is the exact M/M/1 one, rho exp(-(mu - lambda) x)."""
+    from thunderkv.scheduler.parallel import ttft_attainment
+
+    es, ttft = 0.2, 1.0
+    for lam in (0.5, 2.0, 4.0):
+        rho, mu = lam * es, 1 / es
+        want = 1 - rho * math.exp(-(mu - lam) * ttft)
+        assert ttft_attainment(np.zeros(4), 0.0, lam, es, 2 * es**2, ttft) == pytest.approx(want)
+    lats = np.linspace(0.1, 1.2, 16)
+    assert ttft_attainment(lats, 0.0, 0.0, es, 2 * es**2, ttft) == pytest.approx((lats <= ttft).mean())
+    assert ttft_attainment(lats, 0.3, 0.0, es, 2 * es**2, ttft) == pytest.approx((lats <= 0.7).mean())
+    vals = [ttft_attainment(lats, 0.0, lam, es, 2 * es**2, ttft) for lam in np.linspace(0, 4.99, 30)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+    assert ttft_attainment(lats, 0.0, 5.0, es, 2 * es**2, ttft) == 0.0  # rho = 1
+
+
+def test_prefill_capacity_grows_with_the_ttft_deadline(stats):
+    from thunderkv.scheduler.workload import SLO
+
+    c = tiny_cluster()
+    caps = [best_config(c, PRESETS["llama-7b"], CostParams(), ["n0:0", "n0:1"], "prefill", stats,
+                        SLO(t, 1)).capacity for t in (0.2, 0.5, 1.0, 2.0, 5.0)]
+    assert caps[-1] > 0 and all(a <= b for a, b in zip(caps, caps[1:]))

@@ -7,7 +7,7 @@ import time
 
 import pytest
 from conftest import TINY, tiny_cluster
-from thunderkv.scheduler.evaluate import Evaluator, canonical
+from thunderkv.scheduler.evaluate import HYBRID, Evaluator, SearchSpace, canonical
 from thunderkv.scheduler.reschedule import reschedule
 
 from thunderkv.cli import main
@@ -60,8 +60,12 @@ def test_reschedule_cli_after_node_failure(planned):
     assert all(not g.startswith("n1:") for grp in new["plan"]["groups"] for g in grp["gpus"])
     assert "ratio_to_full_replan" in new and "full_replan" in new
     kept = {tuple(g["gpus"]) for g in new["plan"]["groups"]}
-    old = {tuple(g["gpus"]) for g in doc["plan"]["groups"] if not any(x.startswith("n1:") for x in g["gpus"])}
-    assert kept == old  # groups (and so weights) kept; only phases/routing re-solved
+    hit = [g["gpus"] for g in doc["plan"]["groups"] if any(x.startswith("n1:") for x in g["gpus"])]
+    old = {tuple(g["gpus"]) for g in doc["plan"]["groups"]} - {tuple(g) for g in hit}
+    assert kept >= old  # surviving groups (and so weights) kept; only phases/routing re-solved
+    orphans = {x for g in hit for x in g if not x.startswith("n1:")}
+    assert {x for g in kept - old for x in g} <= orphans  # new groups only from orphans
+    assert new["regrouped_gpus"] == len({x for g in kept - old for x in g})
 
 
 def test_bad_inputs_exit_2_with_message(tmp_path, capsys):
@@ -128,3 +132,29 @@ def test_reschedule_regroups_orphans_and_keeps_survivors(model7b, params, stats,
     frozen_only = reschedule(plan, c, model7b, params, stats, slo, fail_nodes={"n0"}, regroup=False)
     assert r.plan.objective >= frozen_only.plan.objective - 1e-9
     assert frozen_only.regrouped_gpus == 0
+
+
+def test_reschedule_hybrid_finds_best_phases_of_survivors(model7b, params, stats, slo):
+    """Survivors may also become colocated replicas (no reload): the flip-only search finds the
+    best of all 3^k phase designations of the kept groups, never worse than split-only."""
+    import itertools
+
+    from thunderkv.scheduler.reschedule import FixedConfigEvaluator
+
+    c = tiny_cluster()
+    ev = Evaluator(c, model7b, params, stats, slo)
+    # losing n2 leaves a 3-GPU prefill group and a 1-GPU prefill group: as split groups one of
+    # them must flip to decode; as colocated replicas both serve (found by enumerating plans)
+    plan = ev.plan(canonical([(("n0:0", "n0:1", "n1:0"), "prefill"), (("n1:1",), "prefill"),
+                              (("n2:0",), "prefill"), (("n2:1",), "decode")]))
+    hyb = reschedule(plan, c, model7b, params, stats, slo, fail_nodes={"n2"})
+    split = reschedule(plan, c, model7b, params, stats, slo, fail_nodes={"n2"}, hybrid=False)
+    assert {g.phase for g in split.plan.groups} <= {"prefill", "decode"}
+    assert "colocated" in {g.phase for g in hyb.plan.groups}
+    assert hyb.plan.objective > 1.5 * split.plan.objective
+    kept = [g for g in plan.groups if not {"n2:0", "n2:1"} & set(g.gpus)]
+    fev = FixedConfigEvaluator(c.without_nodes({"n2"}), model7b, params, stats, slo, kept,
+                               SearchSpace(HYBRID))
+    best = max(fev.value(canonical(zip((g.gpus for g in kept), ph)))
+               for ph in itertools.product(HYBRID, repeat=len(kept)))
+    assert hyb.plan.objective == pytest.approx(best, rel=1e-6)  # LP tie-break: same optimum

@@ -60,11 +60,41 @@ def test_transfer_on_slow_link_delays_decode(model7b, params, stats, slo, small_
     out = []
     for c in (fast, slow):
         ev = Evaluator(c, model7b, params, stats, SLO(100, 100))
-        res = simulate(ev.plan(state), c, model7b, params, small_wl.with_poisson(0.2, 1))
+        res = simulate(ev.plan(state), c, model7b, params, small_wl.with_poisson(0.2, 1),
+                       stream_kv=False)
         out.append(res.transfer_done - res.first_token)
     first = int(np.argmax(small_wl.outputs > 1))  # the first transfer finds the link idle
     assert out[1][first] / out[0][first] == pytest.approx(400, rel=1e-6)
     assert np.nanmean(out[1]) > np.nanmean(out[0])
+
+
+def test_streaming_hides_transfer_behind_prefill(model7b, params, stats, small_wl, tiny_text):
+    """Layer-by-layer streaming (the default, params.kv_streaming) starts the transfer with the
+    first layer: the wait after the prefill shrinks by up to the prefill's other layers, never
+    below one layer's share of the transfer, and matches the cost model's exposed time."""
+    from thunderkv.scheduler.costmodel import exposed_transfer_time
+    c = tiny_cluster(tiny_text.replace("inter_node_gbps: 10", "inter_node_gbps: 1"))
+    state = canonical([(("n0:0", "n0:1"), "prefill"), (("n2:0", "n2:1"), "decode")])
+    ev = Evaluator(c, model7b, params, stats, SLO(100, 100))
+    plan = ev.plan(state)
+    wl = small_wl.with_poisson(0.01, 1)  # mostly far apart
+    assert params.kv_streaming
+    after = simulate(plan, c, model7b, params, wl, stream_kv=False)
+    streamed = simulate(plan, c, model7b, params, wl)  # default: params.kv_streaming
+    multi = wl.outputs > 1
+    raw = (after.transfer_done - after.first_token)[multi]
+    hid = (streamed.transfer_done - streamed.first_token)[multi]
+    assert (hid < raw).all() and (hid >= raw / model7b.layers * (1 - 1e-9)).all()
+    pipe = plan.groups[plan.prefill_ids[0]].pipeline(c, model7b, params)
+    alone = np.array([pipe.prefill(float(p))[0] for p in wl.prompts])[multi]
+    prefill = (after.first_token - after.arrival)[multi]
+    gap = np.diff(wl.arrivals, prepend=-np.inf)[multi]
+    # no queueing, not batched with another, link idle (previous transfer long finished)
+    solo = np.isclose(prefill, alone, rtol=1e-12) & (gap > 2 * raw.max())
+    assert solo.sum() >= 30
+    want = [exposed_transfer_time(t, p, model7b.layers, True) for t, p in zip(raw[solo], prefill[solo])]
+    assert hid[solo] == pytest.approx(want, rel=1e-9)
+    assert np.array_equal(streamed.first_token, after.first_token)
 
 
 def test_no_route_means_no_finish(model7b, params, stats, slo, small_wl):
@@ -92,3 +122,19 @@ def test_required_scale_quantile():
         ttft = np.arange(1, 11, dtype=float)
         tpot = np.zeros(10)
     assert required_scale(R, SLO(1.0, 1.0)) == 9.0
+
+
+def test_select_by_simulation_keeps_the_best_simulated_candidate(model7b, params, stats, slo,
+                                                                small_wl):
+    from thunderkv.scheduler.systems import select_by_simulation, system_goodput
+    from thunderkv.scheduler.tabu import TabuConfig, tabu_search
+
+    ev = Evaluator(tiny_cluster(), model7b, params, stats, slo)
+    res = tabu_search(ev, TabuConfig(max_iters=20, keep_top=4, time_limit_s=60))
+    vals = [v for v, _ in res.top]
+    assert len(vals) >= 2 and vals == sorted(vals, reverse=True) and vals[0] == res.value
+    assert len(set(round(v, 6) for v in vals)) == len(vals)
+    plan, good, _, info = select_by_simulation(res, ev, small_wl, slo)
+    each = [system_goodput(ev.plan(s), ev, small_wl, slo)[0] for _, s in res.top]
+    assert good == max(each) and info["picked_rank"] == each.index(max(each))
+    assert plan.objective == pytest.approx(vals[info["picked_rank"]], rel=1e-6)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import tiny_cluster
-from thunderkv.scheduler.evaluate import Evaluator, SearchSpace, canonical
+from thunderkv.scheduler.evaluate import HYBRID, Evaluator, SearchSpace, canonical
 from thunderkv.scheduler.exhaustive import exhaustive_best, set_partitions
 from thunderkv.scheduler.model import PRESETS
 from thunderkv.scheduler.tabu import TabuConfig, initial_state, neighbours, tabu_search
@@ -35,11 +35,12 @@ def _valid(state, cluster) -> bool:
 
 @pytest.mark.parametrize("text,slo", [(None, SLO(1.5, 0.1)), (FIVE, SLO(1.0, 0.06)),
                                       (FIVE, SLO(3.0, 0.2))])
-@pytest.mark.parametrize("space", ["split", "colocated"])
+@pytest.mark.parametrize("space", ["split", "colocated", "hybrid"])
 @pytest.mark.parametrize("model", ["llama-7b", "llama-13b"])
 def test_tabu_finds_exhaustive_optimum(model, params, stats, text, slo, space):
     c = tiny_cluster() if text is None else tiny_cluster(text)
-    sp = SearchSpace() if space == "split" else SearchSpace(("colocated",))
+    sp = SearchSpace({"split": ("prefill", "decode"), "colocated": ("colocated",),
+                      "hybrid": HYBRID}[space])
     ev = Evaluator(c, PRESETS[model], params, stats, slo, sp)
     _, opt, scored = exhaustive_best(ev)
     assert opt > 0 and scored > 1

@@ -55,6 +55,8 @@ def register(subparsers) -> None:
     k = p.add_argument_group("KV transfer and baselines")
     k.add_argument("--kv-bits", type=int, choices=(2, 4, 8, 16), default=4, help="16 = uncompressed")
     k.add_argument("--kv-group", type=int, default=64)
+    k.add_argument("--no-kv-streaming", action="store_true",
+                   help="KV leaves after the whole prefill (default: layer by layer, overlapping it)")
     k.add_argument("--baseline-cluster", help="same-price homogeneous cluster for vllm/distserve "
                    "(default: A100-80GB NVLink nodes at --a100-price matching this cluster's $/h)")
     k.add_argument("--a100-price", type=float, default=1.69, help="$/A100-hour for the default baseline cluster")
@@ -62,7 +64,10 @@ def register(subparsers) -> None:
     k.add_argument("--ablations", action="store_true", help="also run no-compression, no-netaware, no-split")
     t = p.add_argument_group("search")
     t.add_argument("--iters", type=int, default=200, help="tabu iterations per system")
-    t.add_argument("--time-limit", type=float, default=30.0, help="seconds of search per system")
+    t.add_argument("--time-limit", type=float, default=30.0, help="seconds of planning per system (search + replaying its best candidates)")
+    t.add_argument("--no-sim-select", action="store_true",
+                   help="take the search's best model value as is (default: replay its best "
+                        "distinct candidates and keep the highest simulated goodput)")
     o = p.add_argument_group("output")
     o.add_argument("--json", help="write the plan document here")
     o.add_argument("--plot", help="PNG of SLO attainment vs request rate (needs matplotlib)")
@@ -129,7 +134,8 @@ def _run_plan(args, log) -> dict:
     cluster = load_cluster(args.cluster)
     model = load_model(args.model)
     wl, source = load_workload(args)
-    params = CostParams(kv_bits=args.kv_bits, kv_group=args.kv_group)
+    params = CostParams(kv_bits=args.kv_bits, kv_group=args.kv_group,
+                        kv_streaming=not args.no_kv_streaming)
     stats = WorkloadStats.of(wl)
     slo = _slo(args, model, stats, params)
     names = () if args.baselines == "none" else tuple(x for x in args.baselines.split(",") if x)
@@ -139,7 +145,8 @@ def _run_plan(args, log) -> dict:
             else same_price_a100(cluster, args.a100_price))
     req = PlanRequest(cluster, model, wl, slo, params,
                       TabuConfig(max_iters=args.iters, time_limit_s=args.time_limit, seed=args.seed),
-                      base, names, args.rate, args.arrivals, args.seed)
+                      base, names, args.rate, args.arrivals, args.seed,
+                      select_by_simulation=not args.no_sim_select)
     doc, raw = run_plan(req, log)
     doc["workload"]["source"] = source
     doc["inputs"]["workload_stats"] = {k: getattr(stats, k) for k in stats.__slots__}
