@@ -234,6 +234,7 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
                 g = groups[di]
                 g.kv_used -= int(P[a] + O[a])
                 admit(g, a, now)
+                step(di, now)  # the group may have gone idle when its pipeline freed up
                 continue
             done = now
             if kv_bytes is None and prefill_start is None:

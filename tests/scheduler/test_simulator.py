@@ -138,3 +138,21 @@ def test_select_by_simulation_keeps_the_best_simulated_candidate(model7b, params
     each = [system_goodput(ev.plan(s), ev, small_wl, slo)[0] for _, s in res.top]
     assert good == max(each) and info["picked_rank"] == each.index(max(each))
     assert plan.objective == pytest.approx(vals[info["picked_rank"]], rel=1e-6)
+
+
+def test_idle_pipelined_colocated_group_decodes_without_waiting(model7b, params, stats, slo,
+                                                                small_wl):
+    """A pipelined colocated group frees its first stage before the prefill's last stage ends;
+    the finished prompt must still start decoding at once, not at the next arrival."""
+    state = canonical([(("n0:0", "n1:0"), "colocated")])
+    ev, plan = _setup(model7b, params, stats, slo, state, SearchSpace(("colocated",)))
+    assert len(plan.groups[0].layers) == 2 and plan.objective > 0  # two pipeline stages
+    wl = small_wl.with_poisson(0.001, seed=3)  # isolated requests: ~1000 s apart
+    res = simulate(plan, ev.cluster, ev.model, ev.params, wl)
+    pipe = plan.groups[0].pipeline(ev.cluster, ev.model, ev.params)
+    gap = np.diff(wl.arrivals)
+    alone = (np.append(gap, np.inf) > 100) & (np.insert(gap, 0, np.inf) > 100)  # no overlap
+    multi = (wl.outputs > 1) & alone
+    assert np.isfinite(res.finish).all() and multi.sum() >= 100
+    worst = np.array([pipe.decode_iter(1, float(p + o)) for p, o in zip(wl.prompts, wl.outputs)])
+    assert (res.tpot[multi] <= worst[multi] * (1 + 1e-9)).all()
