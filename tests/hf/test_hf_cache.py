@@ -12,6 +12,7 @@ from transformers import DynamicCache, MistralConfig
 
 import thunderkv
 from thunderkv.hf import ThunderKVCache
+from thunderkv.hf.layer import ThunderKVLayer
 
 G, R = 32, 16  # group size (= head_dim) and residual length used throughout
 # Max |logit error| / std(reference logits), teacher-forced over 79 steps after a 48-token
@@ -80,15 +81,79 @@ def test_history_is_format_v1_of_the_model_values(tiny):
     teacher_forced(model, ids, ref, 40)
     teacher_forced(model, ids, cache, 40)
     layer = cache.layers[0]
-    tq = layer.quantized_length
-    assert tq % G == 0 and layer.keys.shape[-2] <= max(R, G - 1)
-    assert tq + layer.keys.shape[-2] == ref.get_seq_length() == 99
+    ts, tq = layer.sink_tokens, layer.quantized_length
+    assert ts == 1 and tq % G == 0 and layer.keys.shape[-2] <= max(R, G - 1)
+    assert ts + tq + layer.keys.shape[-2] == ref.get_seq_length() == 99
     for q, full, axis in ((layer.qkeys, ref.layers[0].keys, -2),
                           (layer.qvalues, ref.layers[0].values, -1)):
-        once = thunderkv.quantize(full[..., :tq, :], bits=4, group_size=G, axis=axis)
+        once = thunderkv.quantize(full[..., ts:ts + tq, :], bits=4, group_size=G, axis=axis)
         assert torch.equal(q.packed, once.packed)
         assert torch.equal(q.scale, once.scale) and torch.equal(q.minimum, once.minimum)
-    assert torch.equal(layer.keys, ref.layers[0].keys[..., tq:, :])
+    assert torch.equal(layer.sink_keys, ref.layers[0].keys[..., :ts, :])
+    assert torch.equal(layer.sink_values, ref.layers[0].values[..., :ts, :])
+    assert torch.equal(layer.keys, ref.layers[0].keys[..., ts + tq:, :])
+
+
+def feed(layer: ThunderKVLayer, k: torch.Tensor, v: torch.Tensor, start: int, end: int):
+    """Tokens ``[start, end)`` one at a time; the last update's returned keys/values."""
+    for t in range(start, end):
+        out = layer.update(k[..., t:t + 1, :], v[..., t:t + 1, :])
+    return out
+
+
+def test_sink_tokens_stay_exact_and_the_history_starts_after_them():
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(2, 3, 50, 8, generator=g) for _ in range(2))
+    layer = ThunderKVLayer(4, 8, 4, sink_length=3)
+    out_k, out_v = feed(layer, k, v, 0, 50)
+    ts, tq = layer.sink_tokens, layer.quantized_length
+    assert (ts, tq, layer.keys.shape[-2]) == (3, 40, 7) and layer.get_seq_length() == 50
+    assert torch.equal(layer.sink_keys, k[..., :3, :])
+    assert torch.equal(out_k[..., :3, :], k[..., :3, :])
+    assert torch.equal(out_v[..., :3, :], v[..., :3, :])
+    assert torch.equal(out_k[..., 43:, :], k[..., 43:, :])
+    once = thunderkv.quantize(k[..., 3:43, :], bits=4, group_size=8, axis=-2)
+    assert torch.equal(layer.qkeys.packed, once.packed)
+    assert torch.equal(out_k[..., 3:43, :], once.dequantize())
+    # sink_length=0 is plain KIVI: the history starts at token 0
+    plain = ThunderKVLayer(4, 8, 4, sink_length=0)
+    feed(plain, k, v, 0, 50)
+    assert plain.sink_tokens == 0 and plain.quantized_length == 48
+    once = thunderkv.quantize(k[..., :48, :], bits=4, group_size=8, axis=-2)
+    assert torch.equal(plain.qkeys.packed, once.packed)
+
+
+@pytest.mark.parametrize("left", [0, 2, 3, 20])
+def test_crop_through_the_sink_then_refill_is_exact(left):
+    g = torch.Generator().manual_seed(1)
+    k, v = (torch.randn(1, 2, 50, 8, generator=g) for _ in range(2))
+    a, b = ThunderKVLayer(4, 8, 4, sink_length=3), ThunderKVLayer(4, 8, 4, sink_length=3)
+    feed(a, k, v, 0, 50)
+    feed(b, k, v, 0, 50)
+    b.crop(left - 50)
+    assert b.get_seq_length() == left and b.sink_tokens == min(left, 3)
+    assert torch.equal(b.sink_keys, k[..., :min(left, 3), :])
+    feed(b, k, v, left, 50)
+    if left < 3 + 8:  # nothing was dequantized back into the residual: every bit rebuilt
+        assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors(), strict=True))
+    assert b.get_seq_length() == 50 and b.sink_tokens == 3
+
+
+def test_a_sink_fills_only_from_the_first_tokens():
+    """A cache holding tokens after its (shorter) sink never steals them for the sink."""
+    k, v = torch.randn(1, 1, 12, 8), torch.randn(1, 1, 12, 8)
+    layer = ThunderKVLayer(4, 8, 4, sink_length=0)
+    feed(layer, k, v, 0, 10)
+    layer.sink_length = 2  # as an import with a larger sink_length than the sender's
+    out_k, _ = feed(layer, k, v, 10, 12)
+    assert layer.sink_tokens == 0 and torch.equal(out_k[..., 10:, :], k[..., 10:, :])
+
+
+@pytest.mark.parametrize("sink,error", [(-1, ValueError), (256, ValueError), (True, TypeError),
+                                        (1.0, TypeError)])
+def test_sink_length_is_checked(tiny, sink, error):
+    with pytest.raises(error, match="sink_length"):
+        ThunderKVCache(tiny[0], sink_length=sink)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -101,9 +166,12 @@ def test_reported_memory_equals_tensor_bytes(tiny, bits):
     assert cache.nbytes == sum(t.untyped_storage().nbytes() for t in tensors)
     assert cache.nbytes == sum(t.numel() * t.element_size() for t in tensors)
     # and the format's arithmetic: B*H*D per token, bits/8 + 2*4/G bytes each; fp32 residual
+    # and sink
     per_token = 3 * 2 * 32
-    tq, tr = cache.layers[0].quantized_length, cache.layers[0].keys.shape[-2]
-    expect = 2 * 2 * per_token * (tq * (bits / 8 + 8 / G) + tr * 4)
+    layer = cache.layers[0]
+    tq, tr, ts = layer.quantized_length, layer.keys.shape[-2], layer.sink_tokens
+    assert ts == 1
+    expect = 2 * 2 * per_token * (tq * (bits / 8 + 8 / G) + (tr + ts) * 4)
     assert cache.nbytes == expect
 
 

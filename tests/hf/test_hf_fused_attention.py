@@ -7,7 +7,8 @@ import torch
 from conftest import make_tiny, prompt, teacher_forced
 
 import thunderkv.hf.attention as fused_mod
-from thunderkv.attention import fused_attention_available
+from thunderkv import quantize
+from thunderkv.attention import fused_attention_available, kivi_decode_attention_reference
 from thunderkv.hf import ThunderKVCache, use_fused_attention
 
 pytestmark = pytest.mark.skipif(not fused_attention_available()[0],
@@ -122,3 +123,31 @@ def test_use_fused_attention_says_why_when_unavailable(model, monkeypatch):
     monkeypatch.setattr(fused_mod, "fused_attention_available", lambda: (False, "no kernel"))
     with pytest.raises(RuntimeError, match="no kernel"):
         use_fused_attention(model)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_sink_joins_the_exact_tokens_with_the_mask_permuted(masked):
+    """The kernel sees [history | sink + residual]; attention must equal plain attention over
+    the materialized [sink | history | residual] under the caller's mask."""
+    g = torch.Generator().manual_seed(3)
+    B, H, R, D, G = 2, 2, 3, 16, 16
+
+    def kv(n):
+        return torch.randn(B, H, n, D, generator=g)
+
+    qk = quantize(kv(48), bits=4, group_size=G, axis=-2)
+    qv = quantize(kv(48), bits=4, group_size=G, axis=-1)
+    state = fused_mod.DecodeState(qk, qv, 32, kv(5), kv(5), "cpu", kv(2), kv(2))
+    mask = torch.rand(B, 2 + 32 + 5, generator=g) > 0.4 if masked else None
+    if masked:
+        mask[0, :2] = False  # a left-padded row: its sink is a pad token
+        mask[1, :2] = True
+    q = torch.randn(B, H * R, D, generator=g)
+    keys, values, kernel_mask = state.exact(mask)
+    assert keys.shape[-2] == 2 + 5
+    got = fused_mod.kivi_decode_attention(q, qk, qv, keys, values, key_mask=kernel_mask,
+                                          tq_attend=32)
+    full_k, full_v = state.materialize()
+    assert full_k.shape[-2] == 2 + 32 + 5 and torch.equal(full_k[..., :2, :], state.sink_keys)
+    want = kivi_decode_attention_reference(q, None, None, full_k, full_v, key_mask=mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

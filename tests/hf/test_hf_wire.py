@@ -26,7 +26,7 @@ from thunderkv.transfer.checksum import crc32c
 
 # Field names of tw.HEADER, in struct order (docs/transfer.md "Header").
 FIELDS = ("magic", "wire_version", "header_size", "format_version", "dtype", "bits", "layout",
-          "flags", "key_axis", "value_axis", "reserved", "group_size", "layers", "batch",
+          "flags", "key_axis", "value_axis", "sink_tokens", "group_size", "layers", "batch",
           "heads", "head_dim", "quant_tokens", "residual_tokens", "seq_len", "request_id",
           "payload_length", "payload_crc", "header_crc")
 
@@ -53,6 +53,8 @@ def reheader(msg: bytes, **changes) -> bytes:
 def layer_tensors(layer) -> dict[str, torch.Tensor]:
     """A layer's tensors under the wire's part names."""
     out = {}
+    if layer.sink_tokens:
+        out.update(key_sink=layer.sink_keys, value_sink=layer.sink_values)
     for prefix, q in (("key", layer.qkeys), ("value", layer.qvalues)):
         if q is not None:
             out.update({f"{prefix}_packed": q.packed, f"{prefix}_scale": q.scale,
@@ -68,6 +70,8 @@ def assert_same_cache(a: ThunderKVCache, b: ThunderKVCache) -> None:
     assert len(a.layers) == len(b.layers) and a.get_seq_length() == b.get_seq_length()
     for la, lb in zip(a.layers, b.layers):
         assert la.quantized_length == lb.quantized_length and la.dtype == lb.dtype
+        assert la.sink_tokens == lb.sink_tokens
+        assert la.sink_keys.shape == lb.sink_keys.shape
         ta, tb = layer_tensors(la), layer_tensors(lb)
         assert ta.keys() == tb.keys()
         for name in ta:
@@ -80,14 +84,14 @@ def test_message_is_transfer_wire_format_v1(filled):
     msg = export_kv(cache, request_id=42)
     assert msg[:4] == b"TKVX" == tw.MAGIC and HEADER is tw.HEADER and HEADER.size == 72
     f = fields(msg)
-    assert (f["wire_version"], f["header_size"], f["flags"], f["reserved"]) == (1, 72, 0, 0)
+    assert (f["wire_version"], f["header_size"], f["flags"], f["sink_tokens"]) == (1, 72, 0, 1)
     h = tw.decode_header(msg[:HEADER.size])  # header alone, as a receiver gets it first
     assert (h.layout, h.key_axis, h.value_axis, h.streamed) == ("head", -2, -1, False)
     assert (h.layers, h.batch, h.heads, h.head_dim, h.bits, h.group_size) == (2, 2, 2, 32, 4, 32)
     assert (h.request_id, h.dtype, h.raw) == (42, torch.float32, False)
     Tq, Tr = cache.layers[0].quantized_length, cache.layers[0].keys.shape[-2]
-    assert (h.quant_tokens, h.residual_tokens, h.seq_len) == (Tq, Tr, 76)
-    assert Tq == 64 and Tr == 12  # both kinds of part present
+    assert (h.sink_tokens, h.quant_tokens, h.residual_tokens, h.seq_len) == (1, Tq, Tr, 76)
+    assert Tq == 64 and Tr == 11  # every kind of part present
     assert h.payload_length == cache.nbytes and len(msg) == HEADER.size + cache.nbytes
     assert h.payload_crc == crc32c(msg[HEADER.size:])
     assert read_header(msg) == h
@@ -99,7 +103,8 @@ def test_decode_message_parts_are_the_cache_tensors(filled):
     _, _, cache = filled
     h, layers = tw.decode_message(export_kv(cache))
     assert [name for name, _, _ in h.parts()] == [
-        "key_packed", "key_scale", "key_min", "value_packed", "value_scale", "value_min",
+        "key_sink", "value_sink", "key_packed", "key_scale", "key_min", "value_packed",
+        "value_scale", "value_min",
         "key_residual", "value_residual"]
     for layer, parts in zip(cache.layers, layers, strict=True):
         held = layer_tensors(layer)
@@ -172,10 +177,11 @@ def test_residual_length_is_the_receivers_choice(filled):
     tight = import_kv(msg, config, residual_length=0)  # residual over capacity: quantized next
     with torch.no_grad():
         model(prompt(2, 1, seed=3), cache=tight, use_cache=True)
-    assert tight.layers[0].quantized_length == 64 + 0 and tight.layers[0].keys.shape[-2] == 13
+    assert tight.layers[0].quantized_length == 64 + 0 and tight.layers[0].keys.shape[-2] == 12
     with torch.no_grad():
-        model(prompt(2, 19, seed=3), cache=tight, use_cache=True)
+        model(prompt(2, 20, seed=3), cache=tight, use_cache=True)
     assert tight.layers[0].quantized_length == 96 and tight.layers[0].keys.shape[-2] == 0
+    assert tight.layers[0].sink_tokens == 1
     with pytest.raises(ValueError, match="residual_length"):
         import_kv(msg, config, residual_length=-1)
 
@@ -186,8 +192,8 @@ def test_round_trip_without_quantized_history(tiny):
     teacher_forced(model, prompt(1, 20), cache, 10)
     msg = export_kv(cache)
     h, layers = tw.decode_message(msg)
-    assert (h.quant_tokens, h.residual_tokens) == (0, 19)
-    assert list(layers[0]) == ["key_residual", "value_residual"]
+    assert (h.sink_tokens, h.quant_tokens, h.residual_tokens) == (1, 0, 18)
+    assert list(layers[0]) == ["key_sink", "value_sink", "key_residual", "value_residual"]
     got = import_kv(msg, config, residual_length=64)
     assert_same_cache(cache, got)
     assert got.layers[0].qkeys is None
@@ -197,10 +203,10 @@ def test_round_trip_without_residual(tiny):
     config, model = tiny
     cache = ThunderKVCache(config, bits=4, group_size=32, residual_length=0)
     with torch.no_grad():
-        model(prompt(1, 64), cache=cache, use_cache=True)
+        model(prompt(1, 65), cache=cache, use_cache=True)
     msg = export_kv(cache)
     h, layers = tw.decode_message(msg)
-    assert (h.quant_tokens, h.residual_tokens) == (64, 0)
+    assert (h.sink_tokens, h.quant_tokens, h.residual_tokens) == (1, 64, 0)
     assert "key_residual" not in layers[0]
     got = import_kv(msg, config, residual_length=0)
     assert_same_cache(cache, got)
@@ -217,9 +223,10 @@ def test_round_trip_without_residual(tiny):
        dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
        layers=st.integers(1, 2), batch=st.integers(1, 2), heads=st.integers(1, 3),
        chunks=st.lists(st.integers(1, 23), min_size=1, max_size=4),
-       residual_length=st.integers(0, 20), seed=st.integers(0, 2**16))
+       residual_length=st.integers(0, 20), sink_length=st.integers(0, 3),
+       seed=st.integers(0, 2**16))
 def test_round_trip_property(bits, group_size, key_axis, value_axis, dtype, layers, batch,
-                             heads, chunks, residual_length, seed):
+                             heads, chunks, residual_length, sink_length, seed):
     """Any cache state: the message decodes into the cache's tensors, imports bit-exactly and
     the imported cache evolves exactly like the original."""
     g = torch.Generator().manual_seed(seed)
@@ -229,7 +236,7 @@ def test_round_trip_property(bits, group_size, key_axis, value_axis, dtype, laye
         return [torch.randn(batch, heads, n, D, generator=g).to(dtype) for _ in range(2)]
 
     cache = ThunderKVCache(None, bits, group_size, residual_length, key_axis=key_axis,
-                           value_axis=value_axis, num_layers=layers)
+                           value_axis=value_axis, sink_length=sink_length, num_layers=layers)
     for n in chunks:
         for i in range(layers):
             cache.update(*kv(n), i)
@@ -241,7 +248,8 @@ def test_round_trip_property(bits, group_size, key_axis, value_axis, dtype, laye
         held = layer_tensors(layer)
         assert list(p) == list(held)
         assert all(torch.equal(p[name], held[name]) for name in p)
-    got = import_kv(msg, residual_length=residual_length)
+    assert h.sink_tokens == min(sink_length, sum(chunks))
+    got = import_kv(msg, residual_length=residual_length, sink_length=sink_length)
     assert_same_cache(cache, got)
     out = torch.empty(h.payload_length + 1, dtype=torch.uint8)[1:]  # unaligned: still exact
     assert export_kv_into(cache, out, request_id=seed) == replace(h, payload_crc=0)
@@ -340,7 +348,7 @@ def test_corrupted_payload_is_caught(filled):
     ({"flags": 1}, "payload_crc"),  # STREAMED with a CRC in the header
     ({"key_axis": 0}, "key_axis"),
     ({"value_axis": 1}, "value_axis"),
-    ({"reserved": 1}, "reserved"),
+    ({"sink_tokens": 200}, "payload_length"),
     ({"group_size": 24}, "head_dim.*group_size"),
     ({"group_size": 0}, "group_size"),
     ({"layers": 0}, "layers"),

@@ -32,8 +32,8 @@ from thunderkv.transfer.wire import (
 )
 
 FIELDS = ("magic", "wire_version", "header_size", "format_version", "dtype", "bits", "layout",
-          "flags", "key_axis", "value_axis", "reserved", "group_size", "layers", "batch", "heads",
-          "head_dim", "quant_tokens", "residual_tokens", "seq_len", "request_id",
+          "flags", "key_axis", "value_axis", "sink_tokens", "group_size", "layers", "batch",
+          "heads", "head_dim", "quant_tokens", "residual_tokens", "seq_len", "request_id",
           "payload_length", "payload_crc", "header_crc")
 
 
@@ -80,12 +80,13 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("layout,key_axis,value_axis", QUANT_LAYOUTS)
 @pytest.mark.parametrize("residual", [0, 5])
-def test_round_trip_quantized(bits, layout, key_axis, value_axis, residual, gen):
+@pytest.mark.parametrize("sink", [0, 3])
+def test_round_trip_quantized(bits, layout, key_axis, value_axis, residual, sink, gen):
     dtype = DTYPES[(bits + residual + len(layout)) % 3]
     h = build_header(dtype=dtype, bits=bits, layers=2, batch=2, heads=2, head_dim=32,
                      group_size=16, quant_tokens=32, residual_tokens=residual, layout=layout,
                      key_axis=key_axis, value_axis=value_axis, request_id=2**64 - 1,
-                     seq_len=30 + residual)
+                     seq_len=30 + residual + sink, sink_tokens=sink)
     layers = [random_parts(h, gen) for _ in range(h.layers)]
     msg = encode_message(h, layers)
     assert len(msg) == HEADER.size + h.expected_payload() < 64 * 1024
@@ -96,6 +97,11 @@ def test_round_trip_quantized(bits, layout, key_axis, value_axis, residual, gen)
     assert [n for n, _, _ in h.parts()] == list(got[0])
     assert_layers_equal(got, layers)
     assert ("key_residual" in got[0]) == (residual > 0)
+    # the sink comes first, in the model dtype, S(sink)
+    assert (list(got[0])[:2] == ["key_sink", "value_sink"]) == (sink > 0)
+    if sink:
+        shape = (2, sink, 2, 32) if layout == "token" else (2, 2, sink, 32)
+        assert h.parts()[0] == ("key_sink", shape, dtype) and h.tokens == sink + 32 + residual
 
 
 @pytest.mark.parametrize("dtype,bits", [(torch.float16, 16), (torch.bfloat16, 16),
@@ -250,7 +256,8 @@ BAD = [
     ("q", {"layout": 0}, "key_axis.*layout 'head'"),
     ("q", {"flags": 2}, "flags.*unknown flag"),
     ("q", {"flags": 0x81}, "flags.*unknown flag"),
-    ("q", {"reserved": 1}, "reserved.*must be 0"),
+    ("q", {"sink_tokens": 1}, "payload_length.*does not match"),
+    ("r", {"sink_tokens": 1}, "sink_tokens.*must be 0 for a raw message"),
     ("q", {"key_axis": 0}, "key_axis.*-1.*-2"),
     ("q", {"key_axis": -3}, "key_axis"),
     ("q", {"value_axis": 1}, "value_axis"),
@@ -369,6 +376,10 @@ def test_decode_message_rejects_streamed(message, gen):
     ({"bits": 16, "group_size": 64}, KVMessageError, "group_size.*raw"),
     ({"bits": 16, "key_axis": -1}, KVMessageError, "key_axis.*raw"),
     ({"bits": 16, "quant_tokens": 64}, KVMessageError, "quant_tokens.*raw"),
+    ({"bits": 16, "quant_tokens": 0, "sink_tokens": 1}, KVMessageError, "sink_tokens.*raw"),
+    ({"sink_tokens": 256}, KVMessageError, "sink_tokens.*wire field"),
+    ({"sink_tokens": -1}, KVMessageError, "sink_tokens.*wire field"),
+    ({"sink_tokens": 2, "seq_len": 67}, KVMessageError, "seq_len.*sink_tokens"),
     ({"bits": 16, "dtype": torch.float32}, KVMessageError, "bits.*neither"),
     ({"bits": 32}, KVMessageError, "bits.*neither"),
     ({"bits": 5}, KVMessageError, "bits.*neither"),
@@ -457,7 +468,7 @@ def test_encode_message_checks_layers(gen):
 _U8, _I8, _U16, _U32, _U64 = (0, 255), (-128, 127), (0, 2**16 - 1), (0, 2**32 - 1), (0, 2**64 - 1)
 FIELD_RANGES = {  # wire range of every field but magic and header_crc
     "wire_version": _U16, "header_size": _U16,
-    **dict.fromkeys(("format_version", "dtype", "bits", "layout", "flags", "reserved"), _U8),
+    **dict.fromkeys(("format_version", "dtype", "bits", "layout", "flags", "sink_tokens"), _U8),
     "key_axis": _I8, "value_axis": _I8,
     **dict.fromkeys(("group_size", "layers", "batch", "heads", "head_dim", "quant_tokens",
                      "residual_tokens", "seq_len", "payload_crc"), _U32),

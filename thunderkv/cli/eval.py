@@ -18,6 +18,9 @@ def _model_and_cache_args(p: argparse.ArgumentParser, default_caches: str) -> No
                    f"(repeatable; default: {default_caches})")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--residual-length", type=int, default=128)
+    p.add_argument("--sink-length", type=int, default=1,
+                   help="ThunderKV caches: first tokens kept exact (attention sinks; 0 = plain "
+                   "KIVI)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--attention", choices=["fused", "materialize"], default="fused",
@@ -145,10 +148,12 @@ def run(args: argparse.Namespace) -> int:
                 f"top-1 agreement {row['top1_agreement']:.4f}, {row['decode_tok_s']:.1f} tok/s")
 
         rows = quality.evaluate(model, ids, names, prefix=args.prefix, group_size=args.group_size,
-                                residual_length=args.residual_length, progress=progress,
+                                residual_length=args.residual_length,
+                                sink_length=args.sink_length, progress=progress,
                                 on_row=done)
     title = (f"{desc}: {ids.shape[1] - args.prefix} tokens of {source} after a {args.prefix}-token "
              f"prefix, G={args.group_size}, residual {args.residual_length}, "
+             f"sink {args.sink_length}, "
              f"{torch.get_num_threads()} threads")
     out = Console()
     if not out.is_terminal:  # piped: do not squeeze the table into 80 columns
@@ -157,8 +162,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         meta = {"model": desc, "text": source, "tokens": int(ids.shape[1]), "prefix": args.prefix,
                 "group_size": args.group_size, "residual_length": args.residual_length,
-                "dtype": args.dtype, "threads": torch.get_num_threads(),
-                "attention": args.attention,
+                "sink_length": args.sink_length, "dtype": args.dtype,
+                "threads": torch.get_num_threads(), "attention": args.attention,
                 "torch": torch.__version__, "transformers": transformers.__version__,
                 "python": sys.version.split()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         with open(args.json, "a", encoding="utf-8") as f:
@@ -200,6 +205,7 @@ def run_speed(args: argparse.Namespace) -> int:
     with console.status("measuring") as status:
         rows = decode_speed(model, ids, names, contexts, steps=args.steps,
                             group_size=args.group_size, residual_length=args.residual_length,
+                            sink_length=args.sink_length,
                             progress=lambda msg: status.update(msg))
     t = Table(title=f"{desc}: greedy decode, batch 1, {args.steps} steps, G={args.group_size}, "
                     f"residual {args.residual_length}, {torch.get_num_threads()} threads, "
@@ -218,7 +224,8 @@ def run_speed(args: argparse.Namespace) -> int:
     if args.json:
         meta = {"model": desc, "threads": torch.get_num_threads(), "torch": torch.__version__,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "group_size": args.group_size,
-                "residual_length": args.residual_length, "attention": args.attention}
+                "residual_length": args.residual_length, "sink_length": args.sink_length,
+                "attention": args.attention}
         with open(args.json, "a", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps({**meta, **r}) + "\n")

@@ -31,8 +31,9 @@ _handoff = threading.local()
 
 @dataclass
 class DecodeState:
-    """What one layer's step attends to: the first ``tq`` quantized tokens and then
-    ``keys``/``values`` (full precision, ``[B, H, Tr, D]``, the new tokens last)."""
+    """What one layer's step attends to, in sequence order: the exact sink tokens
+    (``[B, H, Ts, D]``, or None), the first ``tq`` quantized tokens, then ``keys``/``values``
+    (full precision, ``[B, H, Tr, D]``, the new tokens last)."""
 
     qkeys: QuantizedTensor | None
     qvalues: QuantizedTensor | None
@@ -40,16 +41,39 @@ class DecodeState:
     keys: torch.Tensor
     values: torch.Tensor
     backend: str = "auto"  # the cache's thunderkv backend, for materialize()
+    sink_keys: torch.Tensor | None = None
+    sink_values: torch.Tensor | None = None
+
+    @property
+    def ts(self) -> int:
+        """Sink tokens."""
+        return 0 if self.sink_keys is None else self.sink_keys.shape[-2]
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All attended keys and values in full precision, ``[B, H, tq + Tr, D]``."""
-        if self.qkeys is None or self.tq == 0:
+        """All attended keys and values in full precision, ``[B, H, Ts + tq + Tr, D]``."""
+        ks, vs = ([self.sink_keys], [self.sink_values]) if self.ts else ([], [])
+        if self.qkeys is not None and self.tq:
+            k = self.qkeys.dequantize(backend=self.backend)
+            v = self.qvalues.dequantize(backend=self.backend)
+            ks.append(k[..., : self.tq, :])
+            vs.append(v[..., : self.tq, :])
+        if not ks:
             return self.keys, self.values
-        k = self.qkeys.dequantize(backend=self.backend)
-        v = self.qvalues.dequantize(backend=self.backend)
-        if self.tq < k.shape[-2]:
-            k, v = k[..., : self.tq, :], v[..., : self.tq, :]
-        return torch.cat([k, self.keys], dim=-2), torch.cat([v, self.values], dim=-2)
+        return torch.cat([*ks, self.keys], dim=-2), torch.cat([*vs, self.values], dim=-2)
+
+    def exact(self, mask: torch.Tensor | None):
+        """``(keys, values, mask)`` for :func:`kivi_decode_attention`: the sink joins the
+        exact tokens after the history (attention is order-free once RoPE is applied), and
+        the ``[B, Ts + tq + Tr]`` mask columns are permuted the same way."""
+        ts = self.ts
+        if not ts:
+            return self.keys, self.values, mask
+        keys = torch.cat([self.sink_keys, self.keys], dim=-2)
+        values = torch.cat([self.sink_values, self.values], dim=-2)
+        if mask is not None:
+            mask = torch.cat([mask[:, ts:ts + self.tq], mask[:, :ts], mask[:, ts + self.tq:]],
+                             dim=-1)
+        return keys, values, mask
 
 
 def hand_off(state: DecodeState) -> None:
@@ -94,12 +118,13 @@ def thunderkv_attention_forward(
     if state is not None:
         plain = not any(kwargs.get(k) is not None for k in ("softcap", "sliding_window",
                                                              "position_bias", "s_aux"))
-        length = state.tq + state.keys.shape[-2]
+        length = state.ts + state.tq + state.keys.shape[-2]
         ok, mask = _padding_mask(attention_mask, query.shape[0], length)
         if (query.shape[2] == 1 and plain and ok and dropout == 0.0
                 and query.device.type == "cpu" and fused_attention_available()[0]):
-            out = kivi_decode_attention(query[:, :, 0], state.qkeys, state.qvalues, state.keys,
-                                        state.values, scaling=scaling, key_mask=mask,
+            keys, values, mask = state.exact(mask)
+            out = kivi_decode_attention(query[:, :, 0], state.qkeys, state.qvalues, keys,
+                                        values, scaling=scaling, key_mask=mask,
                                         tq_attend=state.tq)
             return out.unsqueeze(1), None
         key, value = state.materialize()

@@ -49,7 +49,8 @@ class ThunderKVCache(Cache):
     Keys are quantized per channel (groups of ``group_size`` run along tokens) and values per
     token (groups run along head_dim), as in KIVI. The newest tokens stay in full precision, up to
     ``residual_length`` of them; beyond that, whole groups are quantized once, incrementally, from
-    the model's own values (see :class:`~thunderkv.hf.layer.ThunderKVLayer`).
+    the model's own values (see :class:`~thunderkv.hf.layer.ThunderKVLayer`). The first
+    ``sink_length`` tokens (attention sinks) are kept exact and never quantized.
 
     Parameters
     ----------
@@ -60,6 +61,7 @@ class ThunderKVCache(Cache):
         newest tokens are unquantized; 0 quantizes each group as soon as it fills).
     backend : thunderkv backend: "auto", "cpu", "cuda", "triton" or "reference".
     key_axis, value_axis : -2 (per-channel) or -1 (per-token); KIVI defaults.
+    sink_length : first tokens kept in full precision (0..255, default 1; 0 is plain KIVI).
     num_layers : only when ``config`` is None (e.g. :func:`~thunderkv.hf.import_kv`).
     """
 
@@ -73,6 +75,7 @@ class ThunderKVCache(Cache):
         *,
         key_axis: int = -2,
         value_axis: int = -1,
+        sink_length: int = 1,
         num_layers: int | None = None,
     ) -> None:
         if config is not None:
@@ -88,9 +91,10 @@ class ThunderKVCache(Cache):
         check_backend_name(backend)
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
         self.backend, self.key_axis, self.value_axis = backend, key_axis, value_axis
+        self.sink_length = sink_length
         layers = [
             ThunderKVLayer(bits, group_size, residual_length, backend, key_axis, value_axis,
-                           attention_config=config)
+                           attention_config=config, sink_length=sink_length)
             for _ in range(n)
         ]
         super().__init__(layers=layers)
@@ -113,6 +117,7 @@ class ThunderKVCache(Cache):
         return (
             f"ThunderKVCache(layers={len(self.layers)}, bits={self.bits}, "
             f"group_size={self.group_size}, residual_length={self.residual_length}, "
+            f"sink_length={self.sink_length}, "
             f"axes=(key {self.key_axis}, value {self.value_axis}), tokens={self.get_seq_length()}, "
             f"nbytes={self.nbytes})"
         )

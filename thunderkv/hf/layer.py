@@ -1,7 +1,9 @@
 """One transformer layer's KIVI-style format v1 KV cache (a transformers ``CacheLayerMixin``).
 
-State of a layer holding ``T = Tq + Tr`` tokens, batch ``B``, ``H`` KV heads, head_dim ``D``:
+State of a layer holding ``T = Ts + Tq + Tr`` tokens, batch ``B``, ``H`` KV heads, head_dim ``D``:
 
+- ``sink_keys``, ``sink_values``: the sequence's first ``Ts <= sink_length`` tokens in full
+  precision, ``[B, H, Ts, D]`` (attention sinks: see below);
 - ``qkeys``: keys ``[B, H, Tq, D]`` quantized per channel (``key_axis=-2``, groups of G run
   along tokens): packed uint8 ``[B, H, D, Tq*bits/8]``, scale/minimum ``[B, H, D, Tq/G]``;
 - ``qvalues``: values quantized per token (``value_axis=-1``): packed ``[B, H, Tq, D*bits/8]``,
@@ -15,6 +17,15 @@ QuantizedCache, whose residual_length is the full-precision capacity) and, when
 ``residual_length >= G``, at least ``residual_length - G + 1``. The history is never
 re-quantized, so it is bit-identical to format v1 applied once to all of its tokens (groups are
 independent).
+
+Attention sinks: the first token(s) of a sequence draw a large share of attention in every
+layer and their keys are outliers in many channels (Xiao et al. 2023, "Efficient Streaming
+Language Models with Attention Sinks"; KVQuant, Hooper et al. 2024, keeps them in fp16 too).
+Quantized per channel, such a key would stretch the range of its whole first key group. The
+first ``sink_length`` tokens (default 1) therefore stay exact, and the history starts after
+them. Measured on SmolLM2-135M (docs/hf.md): one sink token halves the 4-bit KL divergence and
+cuts the 2-bit perplexity increase about threefold, for one token's full-precision bytes per
+layer.
 """
 
 from __future__ import annotations
@@ -27,6 +38,9 @@ from transformers.cache_utils import CacheLayerMixin
 from ..api import QuantizedTensor, quantize
 from ..format import SUPPORTED_DTYPES, FormatSpec
 from .attention import DecodeState, fused_attention_enabled, hand_off
+
+# The wire header's sink_tokens field is one byte (thunderkv.transfer.wire).
+MAX_SINK_LENGTH = 255
 
 
 def cat_quantized(a: QuantizedTensor | None, b: QuantizedTensor) -> QuantizedTensor:
@@ -81,6 +95,7 @@ class ThunderKVLayer(CacheLayerMixin):
     bits : 2, 4 or 8.
     group_size : G; must divide head_dim (values are grouped along it).
     residual_length : full-precision capacity in tokens (>= 0; see the module docstring).
+    sink_length : first tokens kept exact (0..255; see the module docstring).
     backend : thunderkv backend for quantize/dequantize ("auto" picks by device).
     key_axis, value_axis : -2 per-channel or -1 per-token (defaults: KIVI, -2 keys, -1 values).
     attention_config : the model config; when it selects the ``"thunderkv"`` attention
@@ -102,6 +117,7 @@ class ThunderKVLayer(CacheLayerMixin):
         key_axis: int = -2,
         value_axis: int = -1,
         attention_config=None,
+        sink_length: int = 1,
     ) -> None:
         super().__init__()
         self.attention_config = attention_config
@@ -112,6 +128,13 @@ class ThunderKVLayer(CacheLayerMixin):
         if residual_length < 0:
             raise ValueError(f"residual_length must be >= 0, got {residual_length}")
         self.residual_length = residual_length
+        if isinstance(sink_length, bool) or not isinstance(sink_length, int):
+            raise TypeError(f"sink_length must be an int, got {sink_length!r}")
+        if not 0 <= sink_length <= MAX_SINK_LENGTH:
+            raise ValueError(f"sink_length must be in 0..{MAX_SINK_LENGTH}, got {sink_length}")
+        self.sink_length = sink_length
+        self.sink_keys: torch.Tensor | None = None
+        self.sink_values: torch.Tensor | None = None
         self.backend = backend
         self.qkeys: QuantizedTensor | None = None
         self.qvalues: QuantizedTensor | None = None
@@ -119,6 +142,11 @@ class ThunderKVLayer(CacheLayerMixin):
     @property
     def group_size(self) -> int:
         return self.key_spec.group_size
+
+    @property
+    def sink_tokens(self) -> int:
+        """Tokens held exact at the start of the sequence (at most ``sink_length``)."""
+        return 0 if self.sink_keys is None else self.sink_keys.shape[-2]
 
     @property
     def quantized_length(self) -> int:
@@ -140,6 +168,7 @@ class ThunderKVLayer(CacheLayerMixin):
         self.dtype = key_states.dtype
         self.keys = key_states[..., :0, :].clone()
         self.values = value_states[..., :0, :].clone()
+        self.sink_keys, self.sink_values = self.keys.clone(), self.values.clone()
         self.is_initialized = True
 
     def update(
@@ -147,7 +176,7 @@ class ThunderKVLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``[B, H, n, D]`` new keys/values; return all ``T`` keys and values.
 
-        The history comes back dequantized, the residual and the new tokens exactly.
+        The history comes back dequantized, the sink, the residual and the new tokens exactly.
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -155,9 +184,15 @@ class ThunderKVLayer(CacheLayerMixin):
             raise TypeError(f"cache holds {self.dtype}, got {key_states.dtype}/{value_states.dtype}")
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
-        # What this step attends to: the history as it was plus every still-exact token.
+        take = min(self.sink_length - self.sink_tokens, keys.shape[-2])
+        if take > 0 and self.quantized_length == 0 and self.keys.shape[-2] == 0:
+            # only the sequence's very first tokens: nothing may have passed the sink yet
+            self.sink_keys = torch.cat([self.sink_keys, keys[..., :take, :]], dim=-2)
+            self.sink_values = torch.cat([self.sink_values, values[..., :take, :]], dim=-2)
+            keys, values = keys[..., take:, :].clone(), values[..., take:, :].clone()
+        # What this step attends to: the sink, the history as it was, every still-exact token.
         state = DecodeState(self.qkeys, self.qvalues, self.quantized_length, keys, values,
-                            self.backend)
+                            self.backend, self.sink_keys, self.sink_values)
         fused = self._fused_step(key_states)
         out_k, out_v = (keys, values) if fused else state.materialize()
         G, r = self.group_size, keys.shape[-2]
@@ -189,13 +224,15 @@ class ThunderKVLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         if not self.is_initialized:
             return 0
-        return self.quantized_length + self.keys.shape[-2]
+        return self.sink_tokens + self.quantized_length + self.keys.shape[-2]
 
     def get_max_length(self) -> int:
         return -1
 
     def tensors(self) -> Iterator[torch.Tensor]:
-        """Every tensor this layer stores (quantized history and full-precision residual)."""
+        """Every tensor this layer stores (sink, quantized history, full-precision residual)."""
+        if self.is_initialized:
+            yield from (self.sink_keys, self.sink_values)
         for q in (self.qkeys, self.qvalues):
             if q is not None:
                 yield from (q.packed, q.scale, q.minimum)
@@ -213,9 +250,11 @@ class ThunderKVLayer(CacheLayerMixin):
         self.qkeys = _map_quantized(self.qkeys, fn)
         self.qvalues = _map_quantized(self.qvalues, fn)
         self.keys, self.values = fn(self.keys), fn(self.values)
+        self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
 
     def reset(self) -> None:
         self.keys = self.values = None
+        self.sink_keys = self.sink_values = None
         self.qkeys = self.qvalues = None
         self.is_initialized = False
 
@@ -244,9 +283,10 @@ class ThunderKVLayer(CacheLayerMixin):
         """Remove the newest ``-tokens_to_remove`` tokens (a negative count, as DynamicLayer).
 
         Exact while they lie in the full-precision residual (at least ``residual_length - G + 1``
-        tokens after every update when ``residual_length >= G``). A deeper crop keeps whole key groups as they are and moves the tokens
-        of a partly removed group back into the residual as their dequantized values; only those
-        tokens are quantized a second time when the residual next fills.
+        tokens after every update when ``residual_length >= G``). A deeper crop keeps whole key
+        groups as they are and moves the tokens of a partly removed group back into the residual
+        as their dequantized values; only those tokens are quantized a second time when the
+        residual next fills. A crop into the sink keeps its first tokens exactly.
         """
         if tokens_to_remove > 0:
             raise ValueError(
@@ -260,6 +300,10 @@ class ThunderKVLayer(CacheLayerMixin):
             self.keys = self.keys[..., : r - n, :].clone()
             self.values = self.values[..., : r - n, :].clone()
             return
+        left = self.get_seq_length() - n  # tokens that stay
+        if left < self.sink_tokens:
+            self.sink_keys = self.sink_keys[..., : max(left, 0), :].clone()
+            self.sink_values = self.sink_values[..., : max(left, 0), :].clone()
         keep = max(self.quantized_length - (n - r), 0)
         whole = keep // self.group_size * self.group_size
         partial_k = self.keys[..., :0, :]

@@ -42,8 +42,11 @@ class CacheRun:
     decode_steps: int
 
 
-def make_cache(name: str, config, *, group_size: int = 64, residual_length: int = 128):
+def make_cache(name: str, config, *, group_size: int = 64, residual_length: int = 128,
+               sink_length: int = 1):
     """Build the cache called ``name`` (one of :data:`CACHES`) for a model with ``config``.
+
+    ``sink_length`` applies to the ThunderKV caches only (HF's have no attention sinks).
 
     Raises
     ------
@@ -57,7 +60,7 @@ def make_cache(name: str, config, *, group_size: int = 64, residual_length: int 
         return DynamicCache(config=config)
     if name.startswith("thunderkv") and name[9:] in ("2", "4", "8"):
         return ThunderKVCache(config, bits=int(name[9:]), group_size=group_size,
-                              residual_length=residual_length)
+                              residual_length=residual_length, sink_length=sink_length)
     hf = {"hf-quanto4": ("quanto", is_optimum_quanto_available, "optimum-quanto"),
           "hf-hqq4": ("hqq", is_hqq_available, "hqq")}
     if name in hf:
@@ -177,6 +180,7 @@ def evaluate(
     prefix: int = 64,
     group_size: int = 64,
     residual_length: int = 128,
+    sink_length: int = 1,
     progress: Callable[[str, int, int], None] | None = None,
     on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
@@ -198,7 +202,7 @@ def evaluate(
         else:
             try:
                 cache = make_cache(name, config, group_size=group_size,
-                                   residual_length=residual_length)
+                                   residual_length=residual_length, sink_length=sink_length)
             except CacheUnavailable as exc:
                 row = {"cache": name, "status": f"unavailable: {exc}"}
             else:

@@ -24,6 +24,7 @@ def decode_speed(
     steps: int = 32,
     group_size: int = 64,
     residual_length: int = 128,
+    sink_length: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """One row per (context, cache): prefill seconds, decode tokens/s, cache bytes, and the
@@ -41,7 +42,7 @@ def decode_speed(
                 progress(f"context {ctx}: {name}")
             try:
                 cache = make_cache(name, model.config, group_size=group_size,
-                                   residual_length=residual_length)
+                                   residual_length=residual_length, sink_length=sink_length)
             except ImportError as exc:
                 rows.append({"context": ctx, "cache": name, "status": f"unavailable: {exc}"})
                 continue

@@ -7,18 +7,21 @@ header as follows:
 
 - layout "head": the layer stores ``[batch, heads, tokens, head_dim]`` tensors;
 - ``bits``, ``group_size``, ``key_axis``, ``value_axis``: the cache's (KIVI: -2 and -1);
-- ``quant_tokens``: the layers' quantized history (a multiple of group_size),
-  ``residual_tokens``: their full-precision residual, ``seq_len``: both (no padding);
+- ``sink_tokens``: the layers' exact first tokens (attention sinks), ``quant_tokens``: their
+  quantized history (a multiple of group_size), ``residual_tokens``: their full-precision
+  residual, ``seq_len``: all three (no padding);
 - ``dtype``: the layers' dtype; ``layers``, ``batch``, ``heads`` (KV heads), ``head_dim``.
 
-Per layer the payload holds key packed/scale/min, value packed/scale/min (when
-``quant_tokens > 0``), then the key and value residuals (when ``residual_tokens > 0``): exactly
+Per layer the payload holds the key and value sinks (when ``sink_tokens > 0``), key
+packed/scale/min, value packed/scale/min (when ``quant_tokens > 0``), then the key and value
+residuals (when ``residual_tokens > 0``): exactly
 the layer's tensors, which already have the shapes of :meth:`KVHeader.parts` (format v1 with
 axis -2 stores keys transposed, ``[batch, heads, head_dim, quant_tokens * bits / 8]``).
 
-The header does not carry the cache's ``residual_length`` (the full-precision capacity): it
-does not describe the stored KV, only when the *receiver* quantizes the tokens it appends. It
-is an argument of :func:`import_kv` (default: :class:`ThunderKVCache`'s default).
+The header does not carry the cache's ``residual_length`` (the full-precision capacity) or
+``sink_length``: they do not describe the stored KV, only what the *receiver* does with the
+tokens it appends. They are arguments of :func:`import_kv` (default: :class:`ThunderKVCache`'s
+defaults).
 """
 
 from __future__ import annotations
@@ -48,15 +51,17 @@ from ..transfer.wire import (
 from .cache import ThunderKVCache
 
 __all__ = [
-    "DEFAULT_MAX_BYTES", "DEFAULT_RESIDUAL_LENGTH", "HEADER", "MAGIC", "WIRE_VERSION",
+    "DEFAULT_MAX_BYTES", "DEFAULT_RESIDUAL_LENGTH", "DEFAULT_SINK_LENGTH", "HEADER", "MAGIC",
+    "WIRE_VERSION",
     "KVHeader", "KVMessageError", "Limits", "export_kv", "export_kv_into", "import_kv",
     "import_kv_parts", "kv_header", "read_header",
 ]
 
 DEFAULT_MAX_BYTES = DEFAULT_LIMITS.max_payload_bytes
 # What a receiver that builds ``ThunderKVCache(config)`` itself would get.
-DEFAULT_RESIDUAL_LENGTH: int = (
-    inspect.signature(ThunderKVCache.__init__).parameters["residual_length"].default)
+_CACHE_DEFAULTS = inspect.signature(ThunderKVCache.__init__).parameters
+DEFAULT_RESIDUAL_LENGTH: int = _CACHE_DEFAULTS["residual_length"].default
+DEFAULT_SINK_LENGTH: int = _CACHE_DEFAULTS["sink_length"].default
 
 
 def kv_header(cache: ThunderKVCache, *, request_id: int = 0, streamed: bool = False
@@ -80,16 +85,17 @@ def kv_header(cache: ThunderKVCache, *, request_id: int = 0, streamed: bool = Fa
         raise ValueError("export_kv: every layer must hold KV (run a forward pass first)")
     first = layers[0]
     B, H, Tr, D = first.keys.shape
-    Tq = first.quantized_length
+    Ts, Tq = first.sink_tokens, first.quantized_length
     for i, layer in enumerate(layers):
-        if ((layer.quantized_length, *layer.keys.shape) != (Tq, B, H, Tr, D)
+        if ((layer.sink_tokens, layer.quantized_length, *layer.keys.shape) != (Ts, Tq, B, H, Tr, D)
                 or layer.values.shape != layer.keys.shape or layer.dtype != first.dtype):
             raise ValueError(f"export_kv: layer {i} differs in shape or dtype from layer 0")
     # The sender states what it holds; the receiver applies its own Limits when decoding.
     return build_header(
         dtype=first.dtype, bits=cache.bits, group_size=cache.group_size,
         key_axis=cache.key_axis, value_axis=cache.value_axis, layout="head", layers=len(layers),
-        batch=B, heads=H, head_dim=D, quant_tokens=Tq, residual_tokens=Tr, seq_len=Tq + Tr,
+        batch=B, heads=H, head_dim=D, sink_tokens=Ts, quant_tokens=Tq, residual_tokens=Tr,
+        seq_len=Ts + Tq + Tr,
         request_id=request_id, streamed=streamed, limits=WIRE_LIMITS)
 
 
@@ -100,7 +106,9 @@ def _payload(cache: ThunderKVCache, header: KVHeader) -> Iterator[torch.Tensor]:
     parts = header.parts()
     for i, layer in enumerate(cache.layers):
         held: dict[str, torch.Tensor] = {"key_residual": layer.keys,
-                                         "value_residual": layer.values}
+                                         "value_residual": layer.values,
+                                         "key_sink": layer.sink_keys,
+                                         "value_sink": layer.sink_values}
         for prefix, q in (("key", layer.qkeys), ("value", layer.qvalues)):
             if q is not None:
                 held.update({f"{prefix}_packed": q.packed, f"{prefix}_scale": q.scale,
@@ -216,6 +224,7 @@ def import_kv(
     max_bytes: int | None = None,
     residual_length: int = DEFAULT_RESIDUAL_LENGTH,
     limits: Limits | None = None,
+    sink_length: int = DEFAULT_SINK_LENGTH,
 ) -> ThunderKVCache:
     """Rebuild a :class:`ThunderKVCache` from a KV message (e.g. :func:`export_kv`'s bytes).
 
@@ -236,6 +245,9 @@ def import_kv(
         other value is valid (a residual over capacity is quantized at the next update).
     limits : the receiver's :class:`~thunderkv.transfer.wire.Limits` (default
         ``Limits()``); ``max_bytes`` overrides its ``max_payload_bytes``.
+    sink_length : the new cache's sink policy (default :data:`DEFAULT_SINK_LENGTH`). The
+        message's own sink tokens are kept whatever it is; a cache whose sink is shorter than
+        ``sink_length`` fills it only while it holds nothing after the sink.
 
     Bits, group size, key/value axes, dtype, batch and token counts come from the header.
 
@@ -248,7 +260,8 @@ def import_kv(
     limits = _limits(limits, max_bytes)
     _check_importable(decode_header(data, limits=limits), config)
     header, layers = decode_message(data, limits=limits)  # one private copy of the payload
-    return _build(header, layers, config, device, backend, residual_length, copy=False)
+    return _build(header, layers, config, device, backend, residual_length, sink_length,
+                  copy=False)
 
 
 def import_kv_parts(
@@ -259,6 +272,7 @@ def import_kv_parts(
     device: torch.device | str = "cpu",
     backend: str = "auto",
     residual_length: int = DEFAULT_RESIDUAL_LENGTH,
+    sink_length: int = DEFAULT_SINK_LENGTH,
 ) -> ThunderKVCache:
     """Build a :class:`ThunderKVCache` from a decoded header and its layers' parts.
 
@@ -283,14 +297,16 @@ def import_kv_parts(
             t = layer[name]
             if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
                 raise ValueError(f"layer {i} {name} must be a {dtype} tensor of shape {shape}")
-    return _build(header, layers, config, device, backend, residual_length, copy=True)
+    return _build(header, layers, config, device, backend, residual_length, sink_length,
+                  copy=True)
 
 
 def _build(h: KVHeader, layers: list[dict[str, torch.Tensor]], config, device, backend: str,
-           residual_length: int, *, copy: bool) -> ThunderKVCache:
+           residual_length: int, sink_length: int, *, copy: bool) -> ThunderKVCache:
     """A cache holding ``layers`` (validated parts of ``h``) on ``device``."""
     cache = ThunderKVCache(config, h.bits, h.group_size, residual_length, backend,
                            key_axis=h.key_axis, value_axis=h.value_axis,
+                           sink_length=sink_length,
                            num_layers=None if config is not None else h.layers)
     device = torch.device(device)
     full = torch.Size(h.shape(h.quant_tokens))
@@ -303,10 +319,14 @@ def _build(h: KVHeader, layers: list[dict[str, torch.Tensor]], config, device, b
                                           layer.key_spec, full, h.dtype)
             layer.qvalues = QuantizedTensor(p["value_packed"], p["value_scale"], p["value_min"],
                                             layer.value_spec, full, h.dtype)
-        if h.residual_tokens:
-            layer.keys, layer.values = p["key_residual"], p["value_residual"]
-        else:
-            layer.keys = torch.empty(empty, dtype=h.dtype, device=device)
-            layer.values = torch.empty(empty, dtype=h.dtype, device=device)
+
+        def exact(name: str, count: int, p=p) -> tuple[torch.Tensor, torch.Tensor]:
+            if count:
+                return p[f"key_{name}"], p[f"value_{name}"]
+            return (torch.empty(empty, dtype=h.dtype, device=device),
+                    torch.empty(empty, dtype=h.dtype, device=device))
+
+        layer.keys, layer.values = exact("residual", h.residual_tokens)
+        layer.sink_keys, layer.sink_values = exact("sink", h.sink_tokens)
         layer.device, layer.dtype, layer.is_initialized = layer.keys.device, h.dtype, True
     return cache

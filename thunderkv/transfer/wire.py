@@ -4,11 +4,14 @@ The header (:data:`HEADER`, fields in :class:`KVHeader`) says what the payload h
 dtype, the format v1 parameters (bits, group size, key/value axes) or "raw" (uncompressed),
 the layout of the tensors (token-major ``[batch, tokens, heads, head_dim]`` or head-major
 ``[batch, heads, tokens, head_dim]``), the counts (layers, batch, heads, head_dim, quantized and
-residual tokens, valid tokens), the request id and the payload's length and CRC-32C.
+sink, residual tokens, valid tokens), the request id and the payload's length and CRC-32C.
 
 The payload is ``layers`` equal-size layer blocks. One layer block, arrays C-contiguous and
 concatenated without padding (:meth:`KVHeader.parts` lists them):
 
+- if ``sink_tokens > 0`` (quantized messages only): key sink ``S(sink_tokens)``, value sink
+  ``S(sink_tokens)`` in the model dtype: the sequence's first tokens, kept exact (attention
+  sinks, see :class:`thunderkv.hf.ThunderKVCache`);
 - if ``quant_tokens > 0`` (quantized messages only): key codes, key scale, key minimum (format v1
   with ``FormatSpec(bits, group_size, key_axis)`` applied to a key tensor of shape
   ``S(quant_tokens)``), then value codes, value scale, value minimum (``value_axis``);
@@ -43,7 +46,7 @@ from .checksum import crc32c
 MAGIC = b"TKVX"
 WIRE_VERSION = 1
 # magic, wire_version, header_size, format_version, dtype, bits, layout, flags, key_axis,
-# value_axis, reserved, group_size, layers, batch, heads, head_dim, quant_tokens,
+# value_axis, sink_tokens, group_size, layers, batch, heads, head_dim, quant_tokens,
 # residual_tokens, seq_len, request_id, payload_length, payload_crc, header_crc.
 # Every field sits at a multiple of its size: no implicit padding, 72 bytes.
 HEADER = struct.Struct("<4sHHBBBBBbbBIIIIIIIIQQII")
@@ -61,7 +64,7 @@ _RANGES = {
     "value_axis": (-128, 127), "layers": (0, _U32), "batch": (0, _U32), "heads": (0, _U32),
     "head_dim": (0, _U32), "quant_tokens": (0, _U32), "residual_tokens": (0, _U32),
     "seq_len": (0, _U32), "request_id": (0, _U64), "payload_length": (0, _U64),
-    "payload_crc": (0, _U32),
+    "payload_crc": (0, _U32), "sink_tokens": (0, 255),
 }
 
 
@@ -75,8 +78,8 @@ class Limits:
 
     max_payload_bytes : largest payload (all layers), checked before anything else is sized.
     max_layers, max_batch, max_heads, max_head_dim : per field.
-    max_tokens : largest ``quant_tokens + residual_tokens`` (and, for messages with an axis
-        of -2, largest ``group_size``).
+    max_tokens : largest ``sink_tokens + quant_tokens + residual_tokens`` (and, for messages
+        with an axis of -2, largest ``group_size``).
     """
 
     max_payload_bytes: int = 1 << 34
@@ -117,12 +120,14 @@ class KVHeader:
     layers, batch, heads, head_dim : counts (heads = KV heads).
     quant_tokens : tokens stored quantized (0 for raw).
     residual_tokens : tokens stored raw in ``dtype`` after the quantized ones.
-    seq_len : valid tokens (the first ``seq_len`` of quantized then residual ones);
-        ``<= quant_tokens + residual_tokens``.
+    seq_len : valid tokens (the first ``seq_len`` of sink, quantized, then residual ones);
+        ``<= tokens``.
     request_id : the sender's request id.
     payload_length : bytes of the payload (``expected_payload()``).
     payload_crc : CRC-32C of the payload (0 when ``streamed``).
     streamed : flag STREAMED: the payload CRC is delivered per layer, not in the header.
+    sink_tokens : 0..255 tokens stored exact in ``dtype`` *before* the quantized ones
+        (quantized messages only; the header byte was "reserved", always 0, before sinks).
     """
 
     dtype: torch.dtype
@@ -142,6 +147,7 @@ class KVHeader:
     payload_length: int
     payload_crc: int
     streamed: bool
+    sink_tokens: int = 0
 
     @property
     def raw(self) -> bool:
@@ -150,8 +156,8 @@ class KVHeader:
 
     @property
     def tokens(self) -> int:
-        """Tokens stored per sequence: ``quant_tokens + residual_tokens``."""
-        return self.quant_tokens + self.residual_tokens
+        """Tokens stored per sequence: ``sink_tokens + quant_tokens + residual_tokens``."""
+        return self.sink_tokens + self.quant_tokens + self.residual_tokens
 
     def shape(self, tokens: int) -> tuple[int, int, int, int]:
         """``S(tokens)``: the shape of a key/value tensor of ``tokens`` tokens in this layout."""
@@ -162,13 +168,18 @@ class KVHeader:
     def parts(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """(name, shape, dtype) of each array of one layer block, in payload order.
 
-        Quantized parts (if ``quant_tokens > 0``): ``key_packed`` (uint8), ``key_scale``,
-        ``key_min`` (dtype), ``value_packed``, ``value_scale``, ``value_min``, shapes as
+        First ``key_sink`` and ``value_sink``, ``S(sink_tokens)`` in dtype (if
+        ``sink_tokens > 0``). Quantized parts (if ``quant_tokens > 0``): ``key_packed``
+        (uint8), ``key_scale``, ``key_min`` (dtype), ``value_packed``, ``value_scale``,
+        ``value_min``, shapes as
         :meth:`FormatSpec.packed_shape` / :meth:`FormatSpec.param_shape` of
         ``S(quant_tokens)``; then (if ``residual_tokens > 0``) ``key_residual`` and
         ``value_residual``, ``S(residual_tokens)`` in dtype.
         """
         out: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+        if self.sink_tokens:
+            sink = self.shape(self.sink_tokens)
+            out += [("key_sink", sink, self.dtype), ("value_sink", sink, self.dtype)]
         if not self.raw and self.quant_tokens:
             full = self.shape(self.quant_tokens)
             for prefix, axis in (("key", self.key_axis), ("value", self.value_axis)):
@@ -228,15 +239,16 @@ class KVHeader:
             v = getattr(self, name)
             if not 1 <= v <= cap:
                 raise _fail(name, f"{v} is outside 1..{cap} (Limits.{what})")
-        Tq, Tr = self.quant_tokens, self.residual_tokens
+        Ts, Tq, Tr = self.sink_tokens, self.quant_tokens, self.residual_tokens
         # Zero tokens is a valid, empty message (payload 0 bytes): e.g. a prefix-cache hit
         # that leaves nothing to ship still completes the protocol.
-        if not Tq + Tr <= limits.max_tokens:
-            raise _fail("quant_tokens + residual_tokens", f"{Tq} + {Tr} = {Tq + Tr} is outside "
+        if not Ts + Tq + Tr <= limits.max_tokens:
+            raise _fail("sink_tokens + quant_tokens + residual_tokens",
+                        f"{Ts} + {Tq} + {Tr} = {Ts + Tq + Tr} is outside "
                         f"0..{limits.max_tokens} (Limits.max_tokens)")
-        if not self.seq_len <= Tq + Tr:
-            raise _fail("seq_len", f"{self.seq_len} is outside 0..{Tq + Tr} "
-                        f"(quant_tokens + residual_tokens)")
+        if not self.seq_len <= Ts + Tq + Tr:
+            raise _fail("seq_len", f"{self.seq_len} is outside 0..{Ts + Tq + Tr} "
+                        f"(sink_tokens + quant_tokens + residual_tokens)")
         raw_bits = _RAW_BITS[self.dtype]
         axes = (("key_axis", self.key_axis), ("value_axis", self.value_axis))
         if self.bits == raw_bits:
@@ -245,9 +257,10 @@ class KVHeader:
             for name, axis in axes:
                 if axis != 0:
                     raise _fail(name, f"must be 0 for a raw message, got {axis}")
-            if Tq != 0:
-                raise _fail("quant_tokens", f"must be 0 for a raw message (all tokens are "
-                            f"residual), got {Tq}")
+            for name, t in (("sink_tokens", Ts), ("quant_tokens", Tq)):
+                if t != 0:
+                    raise _fail(name, f"must be 0 for a raw message (all tokens are "
+                                f"residual), got {t}")
             return
         if self.bits not in SUPPORTED_BITS:
             raise _fail("bits", f"{self.bits} is neither a format v1 width {SUPPORTED_BITS} nor "
@@ -285,8 +298,8 @@ class KVHeader:
         body = HEADER.pack(
             MAGIC, WIRE_VERSION, HEADER.size, FORMAT_VERSION, DTYPE_CODES[self.dtype], self.bits,
             LAYOUT_CODES[self.layout], FLAG_STREAMED if self.streamed else 0, self.key_axis,
-            self.value_axis, 0, self.group_size, self.layers, self.batch, self.heads,
-            self.head_dim, self.quant_tokens, self.residual_tokens, self.seq_len,
+            self.value_axis, self.sink_tokens, self.group_size, self.layers, self.batch,
+            self.heads, self.head_dim, self.quant_tokens, self.residual_tokens, self.seq_len,
             self.request_id, self.payload_length, self.payload_crc, 0)[:-4]
         return body + struct.pack("<I", crc32c(body))
 
@@ -309,6 +322,7 @@ def build_header(
     head_dim: int,
     quant_tokens: int = 0,
     residual_tokens: int = 0,
+    sink_tokens: int = 0,
     batch: int = 1,
     group_size: int | None = None,
     key_axis: int | None = None,
@@ -328,12 +342,13 @@ def build_header(
     bits : 2, 4 or 8 for format v1; the dtype's width (16 for float16/bfloat16, 32 for
         float32) for a raw message (then ``quant_tokens`` must be 0).
     layers, heads, head_dim, batch : counts (heads = KV heads).
-    quant_tokens, residual_tokens : tokens stored quantized / raw (see :class:`KVHeader`).
+    quant_tokens, residual_tokens, sink_tokens : tokens stored quantized / raw after them /
+        exact before them (see :class:`KVHeader`).
     group_size, key_axis, value_axis : format v1 parameters; ``None`` means 64, -1, -1 for a
         quantized message and 0, 0, 0 (the only values allowed) for a raw one.
     layout : "token" (``[batch, tokens, heads, head_dim]``) or "head"
         (``[batch, heads, tokens, head_dim]``, needed for an axis of -2).
-    seq_len : valid tokens; default all, ``quant_tokens + residual_tokens``.
+    seq_len : valid tokens; default all, ``sink_tokens + quant_tokens + residual_tokens``.
     request_id, payload_crc, streamed : as in :class:`KVHeader` (payload_crc must be 0 when
         streamed).
     limits : the header must also pass these (the default is what a default receiver takes).
@@ -352,10 +367,12 @@ def build_header(
         value_axis = 0 if raw else -1
     ints = {name: _int_arg(name, v) for name, v in (
         ("bits", bits), ("layers", layers), ("heads", heads), ("head_dim", head_dim),
-        ("quant_tokens", quant_tokens), ("residual_tokens", residual_tokens), ("batch", batch),
+        ("quant_tokens", quant_tokens), ("residual_tokens", residual_tokens),
+        ("sink_tokens", sink_tokens), ("batch", batch),
         ("group_size", group_size), ("key_axis", key_axis), ("value_axis", value_axis),
         ("request_id", request_id), ("payload_crc", payload_crc))}
-    ints["seq_len"] = (ints["quant_tokens"] + ints["residual_tokens"] if seq_len is None
+    ints["seq_len"] = (ints["sink_tokens"] + ints["quant_tokens"] + ints["residual_tokens"]
+                       if seq_len is None
                        else _int_arg("seq_len", seq_len))
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
@@ -400,7 +417,7 @@ def decode_header(data: Any, *, limits: Limits = DEFAULT_LIMITS) -> KVHeader:
     ------
     KVMessageError naming the field and the rule: truncated header, bad magic, unsupported wire
     version or header size, header CRC mismatch, unknown format version / dtype code / layout
-    code / flags, nonzero reserved byte, then every rule of :meth:`KVHeader.validate`. Reads
+    code / flags, then every rule of :meth:`KVHeader.validate`. Reads
     only the header's bytes and allocates nothing proportional to any field value.
     """
     view = _host_bytes(data)
@@ -408,7 +425,7 @@ def decode_header(data: Any, *, limits: Limits = DEFAULT_LIMITS) -> KVHeader:
         raise KVMessageError(f"KV message header truncated: {len(view)} bytes, the header is "
                              f"{HEADER.size}")
     head = bytes(view[:HEADER.size])
-    (magic, wire, hsize, fmt, dcode, bits, lcode, flags, kax, vax, reserved, G, L, B, H, D, Tq,
+    (magic, wire, hsize, fmt, dcode, bits, lcode, flags, kax, vax, sink, G, L, B, H, D, Tq,
      Tr, seq, rid, plen, pcrc, hcrc) = HEADER.unpack(head)
     if magic != MAGIC:
         raise _fail("magic", f"{magic!r} is not {MAGIC!r} (not a ThunderKV KV message)")
@@ -429,13 +446,11 @@ def decode_header(data: Any, *, limits: Limits = DEFAULT_LIMITS) -> KVHeader:
     if flags & ~FLAG_STREAMED:
         raise _fail("flags", f"unknown flag bits {flags & ~FLAG_STREAMED:#04x} "
                     f"(only bit 0, STREAMED, is defined)")
-    if reserved:
-        raise _fail("reserved", f"must be 0, got {reserved}")
     header = KVHeader(
         dtype=_DTYPES[dcode], bits=bits, group_size=G, key_axis=kax, value_axis=vax,
         layout=_LAYOUTS[lcode], layers=L, batch=B, heads=H, head_dim=D, quant_tokens=Tq,
         residual_tokens=Tr, seq_len=seq, request_id=rid, payload_length=plen, payload_crc=pcrc,
-        streamed=bool(flags & FLAG_STREAMED))
+        streamed=bool(flags & FLAG_STREAMED), sink_tokens=sink)
     header.validate(limits)
     return header
 
