@@ -178,11 +178,32 @@ def _max_rate(ok, hi: float, iters: int = 20) -> float:
 
 
 def _batches(bmax: int) -> list[int]:
+    """Candidate colocated batch sizes: 1..8, then steps of 1.25x, and ``bmax`` itself (a
+    memory-bound group must not be credited with the grid point below its memory limit)."""
     out, b = [], 1
     while b <= bmax:
         out.append(b)
         b = b + 1 if b < 8 else int(b * 1.25)
+    if out and out[-1] < bmax:
+        out.append(bmax)
     return out
+
+
+def _largest_decode_batch(pipe: Pipeline, st: WorkloadStats, bmax: int, limit: float) -> int:
+    """Largest batch ``b <= bmax`` whose decode iteration takes ``<= limit`` s (0 if none).
+    The iteration time grows with ``b`` (every stage term is affine in it), so bisect."""
+    def ok(b: int) -> bool:
+        return pipe.decode_iter(b, b * st.ctx_eff) <= limit
+
+    if bmax < 1 or not ok(1):
+        return 0
+    if ok(bmax):
+        return bmax
+    lo, hi = 1, bmax  # ok(lo), not ok(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
 
 
 def capacity(pipe: Pipeline, phase: str, st: WorkloadStats, slo: SLO) -> GroupPerf:
@@ -197,19 +218,23 @@ def capacity(pipe: Pipeline, phase: str, st: WorkloadStats, slo: SLO) -> GroupPe
                                   >= TTFT_TARGET, 0.95 / es)
         return perf
     bmax = int((kv - (MAX_BATCH_TOKENS if phase == "colocated" else 0)) / st.ctx_mem)
-    for b in _batches(bmax):
+    if phase == "decode":
+        # Little's law at the largest batch that fits in memory and meets the TPOT margin:
+        # b / t(b) only grows with b (t(b)/b falls: every term of t is affine in b with a
+        # non-negative intercept), so no smaller batch does better.
+        b = _largest_decode_batch(pipe, st, bmax, DECODE_TPOT_MARGIN * slo.tpot)
+        if b:
+            t = pipe.decode_iter(b, b * st.ctx_eff)
+            perf.capacity, perf.tpot, perf.batch = b / (st.output_mean * t), t, b
+        return perf
+    for b in _batches(bmax):  # colocated: prefill stalls the decode iterations
         t = pipe.decode_iter(b, b * st.ctx_eff)
-        if phase == "decode":
-            if t > DECODE_TPOT_MARGIN * slo.tpot:
-                break
-            lam = b / (st.output_mean * t)
-        else:
-            lam = b / (st.output_mean * t + b * es)
-            rho = lam * es
-            if rho >= 1 or t / (1 - rho) > DECODE_TPOT_MARGIN * slo.tpot:
-                continue
-            if ttft_attainment(lats, t, lam, es, es2, slo.ttft) < TTFT_TARGET:
-                continue
+        lam = b / (st.output_mean * t + b * es)
+        rho = lam * es
+        if rho >= 1 or t / (1 - rho) > DECODE_TPOT_MARGIN * slo.tpot:
+            continue
+        if ttft_attainment(lats, t, lam, es, es2, slo.ttft) < TTFT_TARGET:
+            continue
         if lam > perf.capacity:
             perf.capacity, perf.tpot, perf.batch = lam, t, b
     return perf

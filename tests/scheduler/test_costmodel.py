@@ -149,3 +149,29 @@ def test_prefill_capacity_grows_with_the_ttft_deadline(stats):
     caps = [best_config(c, PRESETS["llama-7b"], CostParams(), ["n0:0", "n0:1"], "prefill", stats,
                         SLO(t, 1)).capacity for t in (0.2, 0.5, 1.0, 2.0, 5.0)]
     assert caps[-1] > 0 and all(a <= b for a, b in zip(caps, caps[1:]))
+
+
+@pytest.mark.parametrize("tpot", [0.02, 0.05, 0.2, 10.0])
+def test_decode_capacity_uses_the_largest_feasible_batch(stats, tpot):
+    """Memory-bound: exactly the batch that fits; TPOT-bound: one more request would miss the
+    margin. (A coarse grid of batch sizes once credited up to 20 % less than either.)"""
+    from thunderkv.scheduler.parallel import DECODE_TPOT_MARGIN, capacity
+    from thunderkv.scheduler.workload import SLO
+
+    c = _cluster()
+    pipe = _pipe(c, [("n0:0", "n0:1")], [M.layers])
+    perf = capacity(pipe, "decode", stats, SLO(5.0, tpot))
+    bmax = int(pipe.kv_token_capacity() / stats.ctx_mem)
+    limit = DECODE_TPOT_MARGIN * tpot
+
+    def t(b):
+        return pipe.decode_iter(b, b * stats.ctx_eff)
+
+    if t(1) > limit:
+        assert perf.capacity == 0 and perf.batch == 0
+        return
+    b = perf.batch
+    assert 1 <= b <= bmax and t(b) <= limit and (b == bmax or t(b + 1) > limit)
+    assert perf.capacity == pytest.approx(b / (stats.output_mean * t(b)))
+    # no smaller batch sustains more requests
+    assert all(x / t(x) <= b / t(b) * (1 + 1e-12) for x in range(1, b))
