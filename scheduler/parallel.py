@@ -106,8 +106,9 @@ def layouts(cluster: Cluster, model: ModelSpec, gpus: list[str],
         ok = len(segs) == 1 and n in _tp_options(n, model)
         return [[tuple(segs[0][1])]] if ok else []
     opts = [_tp_options(len(gs), model) for _, gs in segs]
-    combos = list(itertools.product(*opts))
-    if len(combos) > MAX_LAYOUTS:  # fall back to "as uniform as possible" TP
+    if math.prod(len(o) for o in opts) <= MAX_LAYOUTS:
+        combos = list(itertools.product(*opts))
+    else:  # "as uniform as possible" TP (never materialise the product: 3^30 for 30 nodes)
         combos = sorted({tuple(max(x for x in o if x <= t) for o in opts) for t in (1, 2, 4, 8)})
     out = []
     for combo in combos:

@@ -175,3 +175,26 @@ def test_decode_capacity_uses_the_largest_feasible_batch(stats, tpot):
     assert perf.capacity == pytest.approx(b / (stats.output_mean * t(b)))
     # no smaller batch sustains more requests
     assert all(x / t(x) <= b / t(b) * (1 + 1e-12) for x in range(1, b))
+
+
+def test_layouts_of_a_group_across_many_nodes_stay_few(monkeypatch):
+    """A group on 30 nodes has 2^30 per-node TP combinations: they must never be listed (a
+    320-GPU search once merged such a group and ran out of 24 GB in itertools.product)."""
+    import itertools
+
+    from thunderkv.scheduler import parallel
+
+    real = itertools.product
+
+    def bounded_product(*opts):
+        assert math.prod(len(o) for o in opts) <= parallel.MAX_LAYOUTS, "listed a huge product"
+        return real(*opts)
+
+    monkeypatch.setattr(parallel.itertools, "product", bounded_product)
+    c = _cluster(n=4, nodes=30)
+    gpus = [f"n{i}:{k}" for i in range(30) for k in range(2)]
+    out = parallel.layouts(c, M, gpus)
+    assert 1 <= len(out) <= 4
+    assert all(sorted(x for st in lay for x in st) == sorted(gpus) for lay in out)
+    small = parallel.layouts(c, M, ["n0:0", "n0:1", "n1:0", "n1:1"])  # 2 x 2 combinations
+    assert len(small) == 4
