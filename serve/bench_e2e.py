@@ -156,21 +156,24 @@ def summarize(mode: str, outcomes: list[Outcome], engine: Engine) -> dict:
 
 
 def teacher_forced_agreement(runner, jobs: list[Job], reference: list[list[int]],
-                             kv_bits: int, group_size: int = 64) -> float:
+                             kv_bits: int, group_size: int = 64, sink: int | None = None
+                             ) -> float:
     """Top-1 agreement with the reference continuations when the prompt's KV went through
     the ``kv_bits`` wire path (write_layer -> read_layers), decoding teacher-forced."""
     import torch
 
-    from .kvwire import geometry_of, message_header, read_layers, write_layer
+    from .kvwire import DEFAULT_SINK, geometry_of, message_header, read_layers, write_layer
     from .runner import SequenceKV
 
+    sink = DEFAULT_SINK if sink is None else sink
     hits = total = 0
     for job, ref in zip(jobs, reference):
         if len(ref) < 2:
             continue
         _, full = runner.prefill(job.prompt)
         layers = full.layers()
-        header = message_header(geometry_of(runner), len(job.prompt), kv_bits, 0, group_size)
+        header = message_header(geometry_of(runner), len(job.prompt), kv_bits, 0, group_size,
+                                sink)
         payload = torch.empty(header.payload_length, dtype=torch.uint8)
         for i, (k, v) in enumerate(layers):
             write_layer(header, payload, i, k, v)
@@ -191,7 +194,8 @@ def link_from_env():
 
 def run(model: str, preset: Preset, modes: list[str], *, seed: int, threads: int,
         rate: float | None, progress: Callable[[str], object],
-        kv_group_size: int = 32) -> tuple[list[dict], list[Job]]:
+        kv_group_size: int = 32, kv_sink_tokens: int = 0
+        ) -> tuple[list[dict], list[Job]]:
     from .netplace import Placement
     from .tokenizer import load_tokenizer
 
@@ -215,7 +219,9 @@ def run(model: str, preset: Preset, modes: list[str], *, seed: int, threads: int
         across = link is not None and mode != "colocated"
         placement = Placement(link) if across else None
         with Engine(ServeConfig(model=model, threads=threads, placement=placement,
-                                kv_group_size=kv_group_size, **MODES[mode])) as engine:
+                                kv_group_size=kv_group_size,
+                                kv_sink_tokens=kv_sink_tokens,
+                                **MODES[mode])) as engine:
             if loader is not None and loader.is_alive():
                 progress(f"{mode}: loading the agreement model")
                 loader.join()
@@ -240,7 +246,7 @@ def run(model: str, preset: Preset, modes: list[str], *, seed: int, threads: int
         for row in rows:
             if row["mode"] == "disagg-4":
                 row["teacher_forced_top1"] = teacher_forced_agreement(runner, jobs, ref, 4,
-                                                                      kv_group_size)
+                                                                      kv_group_size, kv_sink_tokens)
             elif row["mode"] == "disagg-16":
                 row["teacher_forced_top1"] = teacher_forced_agreement(runner, jobs, ref, 16)
     label = (f"decode across a veth shaped to {link.rate_bps / 1e6:g} Mbit/s" if link
@@ -249,6 +255,7 @@ def run(model: str, preset: Preset, modes: list[str], *, seed: int, threads: int
         row.update(model=model, preset_requests=preset.requests,
                    rate_req_s=rate or preset.rate, seed=seed, threads_per_worker=threads,
                    kv_group_size=kv_group_size if row["mode"] == "disagg-4" else None,
+                   kv_sink_tokens=(kv_sink_tokens if row["mode"] == "disagg-4" else None),
                    link=label if row["mode"] != "colocated" else "one process set, no link",
                    link_rate_bps=link.rate_bps if link else None)
     return rows, jobs

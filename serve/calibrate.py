@@ -315,15 +315,17 @@ def load_rows(rows_or_path: str | Path | Iterable[dict]) -> list[dict]:
     return list(rows_or_path)
 
 
-def message_bytes(tokens: int, bits: int, model: ModelSpec, group_size: int = 64) -> float:
+def message_bytes(tokens: int, bits: int, model: ModelSpec, group_size: int = 64,
+                  sink: int = 0) -> float:
     """Payload bytes of one sequence's KV message as :mod:`thunderkv.serve.kvwire` builds it:
-    16-bit sends every token raw; quantized messages send ``tokens // g * g`` tokens in format
-    v1 (``g = min(group_size, head_dim)``) and the ragged tail raw."""
+    16-bit sends every token raw; quantized messages send the first ``sink`` tokens raw, then
+    whole groups of ``g = min(group_size, head_dim)`` tokens in format v1, and the ragged tail
+    raw. (``sink`` 0: rows measured before the sink existed.)"""
     per_token = model.kv_elements_per_token()
     if bits >= 16:
         return float(tokens * per_token * model.dtype_bytes)
     g = min(group_size, model.head_dim)
-    quant = tokens // g * g
+    quant = (tokens - min(sink, tokens)) // g * g
     return (quant * per_token * kv_bytes_per_element(bits, g, model.dtype_bytes)
             + (tokens - quant) * per_token * model.dtype_bytes)
 
@@ -406,7 +408,8 @@ def measured_setup(row: dict, calibration: dict | GpuType, model: ModelSpec | No
     kv = None
     if layout == "disagg" and kv_sizes == "message":
         group = row.get("kv_group_size") or 64  # rows before the option existed used 64
-        kv = np.array([message_bytes(int(t), bits, model, group) for t in wl.prompts])
+        sink = row.get("kv_sink_tokens") or 0  # and no sink
+        kv = np.array([message_bytes(int(t), bits, model, group, sink) for t in wl.prompts])
     elif layout == "disagg" and kv_sizes == "ratio":
         kv = wl.prompts * (row["kv_bytes_moved"] / row["prompt_tokens"])
     model_bpt = model.kv_elements_per_token() * kv_bytes_per_element(

@@ -39,6 +39,7 @@ class ServeConfig:
     colocated: int = 0  # > 0: that many colocated workers instead of prefill/decode ones
     kv_bits: int = 4
     kv_group_size: int = 32  # format v1 group of 4-bit KV messages (16: better agreement)
+    kv_sink_tokens: int = 0  # first tokens of a 4-bit KV message sent exact (attention sink)
     threads: int = 1  # torch threads per worker
     host: str = "127.0.0.1"  # where workers listen for KV
     start_timeout: float = 300.0
@@ -312,6 +313,7 @@ class Engine:
             "op": P.PREFILL, "rid": state.rid, "attempt": state.attempt, "kv_id": state.kv_id,
             "tokens": state.prompt_ids + state.generated, "target": target,
             "kv_bits": self.config.kv_bits, "kv_group": self.config.kv_group_size,
+            "kv_sink_tokens": self.config.kv_sink_tokens,
             "max_tokens": state.request.max_tokens - done,
             "sampling": {**state.sampling(), "offset": done}})
         if not ok:

@@ -4,7 +4,8 @@
 the prefill side's. Quantized (KIVI-style, as in :mod:`thunderkv.hf`): layout "head", keys
 quantized per channel (groups of ``group_size`` tokens, axis -2: key outliers live in channels),
 values per token (axis -1), and the ragged tail of ``tokens % group_size`` tokens sent raw, so
-no token is padded or quantized across a partial group.
+no token is padded or quantized across a partial group. Optionally the first ``sink`` tokens
+(the attention sink, see docs/hf.md) are sent raw too, ahead of the quantized ones.
 
 The prefill side writes each layer's K/V straight into its slice of the registered send buffer;
 the decode side reads each layer from the receive pool (dequantizing straight from it).
@@ -24,17 +25,22 @@ def geometry_of(runner) -> KVGeometry:
     return KVGeometry(runner.name, runner.num_layers, runner.num_kv_heads, runner.head_dim)
 
 
+DEFAULT_SINK = 0  # opt-in (--kv-sink): see docs/serving.md "Attention sink"
+
+
 def message_header(geo: KVGeometry, tokens: int, bits: int, request_id: int,
-                   group_size: int = 64) -> KVHeader:
-    """The header of one sequence's KV: raw token-major for bits 16, KIVI head-major else."""
+                   group_size: int = 64, sink: int = DEFAULT_SINK) -> KVHeader:
+    """The header of one sequence's KV: raw token-major for bits 16, KIVI head-major else
+    (``sink`` exact first tokens, whole groups quantized, the ragged tail raw)."""
     if bits >= 16:
         return make_header(geo, tokens, 16, 0, request_id)
     g = min(group_size, geo.head_dim)
-    quant = tokens // g * g
+    sink = min(sink, tokens)
+    quant = (tokens - sink) // g * g
     return build_header(dtype=torch.float16, bits=bits, layers=geo.layers, heads=geo.kv_heads,
-                        head_dim=geo.head_dim, quant_tokens=quant, residual_tokens=tokens - quant,
-                        group_size=g, key_axis=-2, value_axis=-1, layout="head",
-                        request_id=request_id, streamed=True)
+                        head_dim=geo.head_dim, sink_tokens=sink, quant_tokens=quant,
+                        residual_tokens=tokens - sink - quant, group_size=g, key_axis=-2,
+                        value_axis=-1, layout="head", request_id=request_id, streamed=True)
 
 
 def write_layer(header: KVHeader, payload: torch.Tensor, layer: int, k: torch.Tensor,
@@ -48,14 +54,16 @@ def write_layer(header: KVHeader, payload: torch.Tensor, layer: int, k: torch.Te
             views[f"{name}_residual"][0].copy_(x)
             continue
         x = x.transpose(0, 1)  # [H, T, D]
-        Tq = header.quant_tokens
+        Ts, Tq = header.sink_tokens, header.quant_tokens
+        if Ts:
+            views[f"{name}_sink"][0].copy_(x[:, :Ts])
         if Tq:
             axis = header.key_axis if name == "key" else header.value_axis
-            quantize_into(x[None, :, :Tq].contiguous(), views[f"{name}_packed"],
+            quantize_into(x[None, :, Ts:Ts + Tq].contiguous(), views[f"{name}_packed"],
                           views[f"{name}_scale"], views[f"{name}_min"], bits=header.bits,
                           group_size=header.group_size, axis=axis)
         if header.residual_tokens:
-            views[f"{name}_residual"][0].copy_(x[:, Tq:])
+            views[f"{name}_residual"][0].copy_(x[:, Ts + Tq:])
 
 
 def read_layers(header: KVHeader, payload: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -70,7 +78,7 @@ def read_layers(header: KVHeader, payload: torch.Tensor) -> list[tuple[torch.Ten
             if header.raw:
                 pair.append(views[f"{name}_residual"][0])
                 continue
-            pieces = []
+            pieces = [views[f"{name}_sink"][0]] if header.sink_tokens else []
             if header.quant_tokens:
                 axis = header.key_axis if name == "key" else header.value_axis
                 q = QuantizedTensor(views[f"{name}_packed"], views[f"{name}_scale"],

@@ -170,7 +170,7 @@ class Worker:
     def _start_send(self, job: dict) -> SendJob:
         from thunderkv.transfer import KVSender
 
-        from .kvwire import geometry_of, message_header
+        from .kvwire import DEFAULT_SINK, geometry_of, message_header
 
         target = job["target"]
         key = (target["host"], target["port"])
@@ -179,7 +179,8 @@ class Worker:
                                           timeout=10.0)
         sender = self._senders[key]
         header = message_header(geometry_of(self.runner), len(job["tokens"]), job["kv_bits"],
-                                job["kv_id"], group_size=job.get("kv_group", 64))
+                                job["kv_id"], group_size=job.get("kv_group", 64),
+                                sink=job.get("kv_sink_tokens", DEFAULT_SINK))
         if self._send_pool is None:
             # one registered pool serves every peer: registered with the first sender's worker
             self._send_pool = sender.register(SEND_POOL_BYTES)

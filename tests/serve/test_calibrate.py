@@ -95,8 +95,9 @@ def test_message_bytes_match_the_wire_format():
     geo = KVGeometry("smollm2", 30, 3, 64)
     for tokens in (1, 24, 63, 64, 65, 200, 256):
         for bits in (4, 16):
-            assert cal.message_bytes(tokens, bits, cal.SMOLLM2) == \
-                message_header(geo, tokens, bits, 0).payload_length
+            for sink in (0, 1, 3):
+                assert cal.message_bytes(tokens, bits, cal.SMOLLM2, 64, sink) == \
+                    message_header(geo, tokens, bits, 0, 64, sink).payload_length
 
 
 def test_measured_workload_is_the_benchmarks():

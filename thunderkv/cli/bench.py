@@ -130,6 +130,9 @@ def register(subparsers) -> None:
     e2e.add_argument("--seed", type=int, default=0)
     e2e.add_argument("--kv-group-size", type=int, default=32, choices=[16, 32, 64],
                      help="format v1 group size of 4-bit KV messages")
+    e2e.add_argument("--kv-sink-tokens", type=int, default=0, choices=range(0, 256),
+                     metavar="N",
+                     help="first tokens of a 4-bit KV message sent exact (attention sink)")
     e2e.add_argument("--link-rate", help="put decode workers across a veth link shaped to this "
                      "rate (e.g. 30mbit; needs netns + tc); default: loopback")
     e2e.add_argument("--json", metavar="PATH", help="append one JSON line per mode")
@@ -362,7 +365,7 @@ def run_e2e(args: argparse.Namespace) -> int:
     rows, jobs = _measure(console, lambda progress: bench_e2e.run(
         args.model, bench_e2e.PRESETS[preset_name], modes, seed=args.seed,
         threads=args.threads, rate=args.rate, progress=progress,
-        kv_group_size=args.kv_group_size))
+        kv_group_size=args.kv_group_size, kv_sink_tokens=args.kv_sink_tokens))
     base = provenance("cpu")
     for r in rows:
         r.update(base)
@@ -416,7 +419,8 @@ def _e2e_across_link(console, args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "thunderkv.cli", "bench", "e2e", "--model", args.model,
             "--preset", "quick" if args.quick else args.preset, "--threads", str(args.threads),
             "--seed", str(args.seed), "--link-rate", args.link_rate,
-            "--kv-group-size", str(args.kv_group_size)]
+            "--kv-group-size", str(args.kv_group_size),
+            "--kv-sink-tokens", str(args.kv_sink_tokens)]
     for m in args.modes or []:
         argv += ["--mode", m]
     for flag, value in (("--rate", args.rate), ("--json", args.json), ("--plot", args.plot)):

@@ -22,6 +22,9 @@ def register(subparsers) -> None:
     p.add_argument("--kv-bits", type=int, default=4, choices=[4, 16])
     p.add_argument("--kv-group-size", type=int, default=32, choices=[16, 32, 64],
                    help="format v1 group size of 4-bit KV (16: closer to 16-bit, fewer savings)")
+    p.add_argument("--kv-sink-tokens", type=int, default=0, choices=range(0, 256),
+                   metavar="N",
+                   help="first tokens of a 4-bit KV message sent exact (attention sink)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     p.add_argument("--port", type=int, default=8000)
@@ -69,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
     config = ServeConfig(model=args.model, prefill=args.prefill, decode=args.decode,
                          colocated=args.colocated, kv_bits=args.kv_bits,
-                         kv_group_size=args.kv_group_size, threads=args.threads,
+                         kv_group_size=args.kv_group_size,
+                         kv_sink_tokens=args.kv_sink_tokens,
+                         threads=args.threads,
                          role_list=roles, routing=routing)
     console.print(f"starting {', '.join(config.roles())} workers for {args.model} ...")
     stop = threading.Event()
