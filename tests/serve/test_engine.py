@@ -50,8 +50,10 @@ def test_disaggregated_16bit_is_identical_to_colocated(reference):
         assert {w["role"] for w in engine.workers()} == {"prefill", "decode"}
 
 
-def test_disaggregated_4bit_runs_and_moves_fewer_bytes(reference):
-    with Engine(ServeConfig(model="tiny", prefill=1, decode=1, kv_bits=4)) as engine:
+@pytest.mark.parametrize("sink", [0, 1])
+def test_disaggregated_4bit_runs_and_moves_fewer_bytes(reference, sink):
+    with Engine(ServeConfig(model="tiny", prefill=1, decode=1, kv_bits=4,
+                            kv_sink_tokens=sink)) as engine:
         out = generate(engine, PROMPTS)
         assert [len(o) for o in out] == [len(r) for r in reference]
         from thunderkv.serve.kvwire import message_header
@@ -60,9 +62,12 @@ def test_disaggregated_4bit_runs_and_moves_fewer_bytes(reference):
 
         tiny = KVGeometry("tiny", 3, 2, 32)
         sent = engine.metrics.kv_bytes.value
-        expected = sum(message_header(tiny, len(p), 4, 0).payload_length for p in PROMPTS)
+        expected = sum(message_header(tiny, len(p), 4, 0, sink=sink).payload_length
+                       for p in PROMPTS)
         raw = sum(message_header(tiny, len(p), 16, 0).payload_length for p in PROMPTS)
-        assert sent == expected < raw  # whole groups of 32 tokens go at 4 bits, tails raw
+        assert sent == expected  # whole groups of 32 tokens go at 4 bits, tails raw
+        # the 32-token prompt is one whole group; with a sink token it all travels raw
+        assert expected < raw if sink == 0 else expected == raw
 
 
 @pytest.mark.parametrize("victim,sampling", [
