@@ -301,6 +301,15 @@ def import_kv_parts(
                   copy=True)
 
 
+def _exact_pair(parts: dict[str, torch.Tensor], name: str, count: int, empty, dtype,
+                device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``key_<name>``/``value_<name>`` parts, or two empty tensors when ``count`` is 0."""
+    if count:
+        return parts[f"key_{name}"], parts[f"value_{name}"]
+    return (torch.empty(empty, dtype=dtype, device=device),
+            torch.empty(empty, dtype=dtype, device=device))
+
+
 def _build(h: KVHeader, layers: list[dict[str, torch.Tensor]], config, device, backend: str,
            residual_length: int, sink_length: int, *, copy: bool) -> ThunderKVCache:
     """A cache holding ``layers`` (validated parts of ``h``) on ``device``."""
@@ -319,14 +328,9 @@ def _build(h: KVHeader, layers: list[dict[str, torch.Tensor]], config, device, b
                                           layer.key_spec, full, h.dtype)
             layer.qvalues = QuantizedTensor(p["value_packed"], p["value_scale"], p["value_min"],
                                             layer.value_spec, full, h.dtype)
-
-        def exact(name: str, count: int, p=p) -> tuple[torch.Tensor, torch.Tensor]:
-            if count:
-                return p[f"key_{name}"], p[f"value_{name}"]
-            return (torch.empty(empty, dtype=h.dtype, device=device),
-                    torch.empty(empty, dtype=h.dtype, device=device))
-
-        layer.keys, layer.values = exact("residual", h.residual_tokens)
-        layer.sink_keys, layer.sink_values = exact("sink", h.sink_tokens)
+        layer.keys, layer.values = _exact_pair(p, "residual", h.residual_tokens, empty, h.dtype,
+                                               device)
+        layer.sink_keys, layer.sink_values = _exact_pair(p, "sink", h.sink_tokens, empty,
+                                                         h.dtype, device)
         layer.device, layer.dtype, layer.is_initialized = layer.keys.device, h.dtype, True
     return cache
