@@ -25,7 +25,7 @@ def geometry_of(runner) -> KVGeometry:
     return KVGeometry(runner.name, runner.num_layers, runner.num_kv_heads, runner.head_dim)
 
 
-DEFAULT_SINK = 0  # opt-in (--kv-sink): see docs/serving.md "Attention sink"
+DEFAULT_SINK = 0  # opt-in (--kv-sink-tokens): see docs/serving.md, "Attention sink, opt-in"
 
 
 def message_header(geo: KVGeometry, tokens: int, bits: int, request_id: int,
