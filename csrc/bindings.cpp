@@ -213,6 +213,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("crc32c_combine", &tkv::crc32c_combine, py::arg("crc_a"), py::arg("crc_b"),
         py::arg("len_b"));
   m.def("crc32c_hardware", &tkv::crc32c_hardware);
+  m.def("crc32c_implementation", [] { return std::string(tkv::crc32c_implementation()); });
 #ifdef THUNDERKV_WITH_CUDA
   m.attr("has_cuda") = true;
   m.def("cuda_quantize", &cuda_quantize, py::arg("x"), py::arg("packed"), py::arg("scale"),

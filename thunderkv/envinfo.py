@@ -61,7 +61,8 @@ def collect() -> dict:
         info["extension"] = {"loaded": True, **ext.build_info(),
                              "cpu_variants_usable": list(ext.cpu_variants()),
                              "cpu_variant_active": ext.cpu_variant(),
-                             "openmp_max_threads": ext.cpu_max_threads()}
+                             "openmp_max_threads": ext.cpu_max_threads(),
+                             "crc32c": ext.crc32c_implementation()}
     cuda = torch.device("cuda")
     info["torch_cuda"] = {"available": torch.cuda.is_available(),
                           "built_with": torch.version.cuda,

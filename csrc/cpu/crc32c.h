@@ -11,5 +11,7 @@ uint32_t crc32c(const void* data, size_t nbytes, uint32_t seed, int threads);
 // crc32c(a || b) from crc32c(a), crc32c(b) and |b|.
 uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, size_t len_b);
 bool crc32c_hardware();
+// Which path large buffers take here: "vpclmulqdq", "sse4.2" or "software".
+const char* crc32c_implementation();
 
 }  // namespace tkv

@@ -1,6 +1,11 @@
-"""CRC-32C: the compiled version (hardware, 3-way interleaved, threaded) against the reference."""
+"""CRC-32C: the compiled versions (VPCLMULQDQ folding, 3-way crc32 instruction, threaded)
+against the reference."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +23,8 @@ def test_reference_check_value():
 
 
 @pytest.mark.skipif(ext is None, reason="extension not built")
-@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 63, 24575, 24576, 24577, 3 * 8192 * 3 + 5, 70001])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 63, 511, 512, 513, 767, 768, 775, 1023, 24575, 24576,
+                               24577, 3 * 8192 * 3 + 5, 70001])
 @pytest.mark.parametrize("misalign", [0, 3])
 def test_compiled_matches_reference(gen, n, misalign):
     data = torch.randint(0, 256, (n + misalign,), dtype=torch.uint8, generator=gen)[misalign:]
@@ -44,3 +50,35 @@ def test_inputs_of_every_kind_agree():
     assert crc32c(torch.frombuffer(bytearray(payload), dtype=torch.uint8)) == want
     with pytest.raises(ValueError, match="contiguous"):
         crc32c(torch.zeros(64, dtype=torch.uint8)[::2])
+
+
+_EVERY_PATH = """
+import sys, numpy as np
+from thunderkv._extension import load_extension
+ext = load_extension()
+rng = np.random.default_rng(int(sys.argv[1]))
+data = rng.integers(0, 256, 1 << 18, dtype=np.uint8)
+out = [ext.crc32c_implementation()]
+for n in [512, 513, 700, 1000, 4096 + 255, 99999, 1 << 17]:
+    off = int(rng.integers(0, 64))
+    out.append(ext.crc32c(data.ctypes.data + off, n, int(rng.integers(0, 2**32)), 1))
+print(*out)
+"""
+
+
+@pytest.mark.skipif(ext is None, reason="extension not built")
+def test_folding_and_crc_instruction_paths_agree():
+    """The VPCLMULQDQ path (where this CPU has it) and the 3-way crc32 path give the same CRCs;
+    THUNDERKV_CRC_NO_FOLD=1 forces the latter in a fresh process."""
+    seed = str(np.random.SeedSequence().entropy % 2**32)
+    runs = {}
+    for no_fold in ("", "1"):
+        env = {**os.environ, "THUNDERKV_CRC_NO_FOLD": no_fold} if no_fold else {
+            k: v for k, v in os.environ.items() if k != "THUNDERKV_CRC_NO_FOLD"}
+        out = subprocess.run([sys.executable, "-c", _EVERY_PATH, seed], env=env, check=True,
+                             capture_output=True, text=True).stdout.split()
+        runs[no_fold] = out
+    assert runs["1"][0] != "vpclmulqdq"
+    assert runs[""][1:] == runs["1"][1:], f"seed {seed}"
+    if ext.crc32c_implementation() == "vpclmulqdq":
+        assert runs[""][0] == "vpclmulqdq"

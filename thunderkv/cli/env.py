@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
                   f"OpenMP {'yes' if ext['openmp'] else 'no'} ({ext['openmp_max_threads']} threads)")
         t.add_row("cpu kernels", f"active {ext['cpu_variant_active']}; usable "
                   f"{', '.join(ext['cpu_variants_usable'])}; compiled "
-                  f"{', '.join(ext['cpu_variants_compiled'])}")
+                  f"{', '.join(ext['cpu_variants_compiled'])}; crc32c {ext['crc32c']}")
         cuda_txt = (f"compiled for sm {ext['cuda_architectures']}, runtime {ext['cuda_runtime_version']}"
                     if ext["cuda"] else f"not compiled: {ext['cuda_why_not']}")
         t.add_row("cuda kernels", cuda_txt)

@@ -56,10 +56,13 @@ def _as_bytes_array(data: Any):
     return arr.reshape(-1).view(np.uint8)
 
 
-def crc32c(data: Any, seed: int = 0) -> int:
-    """CRC-32C of a contiguous buffer (bytes-like, numpy array or CPU tensor), from ``seed``."""
+def crc32c(data: Any, seed: int = 0, *, threads: int = 0) -> int:
+    """CRC-32C of a contiguous buffer (bytes-like, numpy array or CPU tensor), from ``seed``.
+
+    ``threads``: OpenMP threads for large buffers (0: OpenMP's default; 1 when the caller
+    overlaps the checksum with work that needs the other cores, such as a PUT)."""
     arr = _as_bytes_array(data)  # keeps ``data`` alive while C++ reads it
     ext = load_extension()
     if ext is None or not hasattr(ext, "crc32c"):
         return crc32c_reference(arr.tobytes(), seed)
-    return ext.crc32c(arr.ctypes.data, arr.nbytes, seed & 0xFFFFFFFF)
+    return ext.crc32c(arr.ctypes.data, arr.nbytes, seed & 0xFFFFFFFF, threads)
