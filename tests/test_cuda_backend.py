@@ -21,7 +21,8 @@ requires_cuda = pytest.mark.skipif(CUDA_WHY_NOT is not None, reason=str(CUDA_WHY
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bits,group_size", [(2, 32), (4, 64), (8, 128), (4, 32), (4, 128), (4, 2)])
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (4, 64), (8, 128), (4, 32), (4, 128), (4, 2),
+                                             (4, 6), (2, 48), (8, 24), (4, 512)])
 @pytest.mark.parametrize("axis", [-1, -2])
 def test_cuda_bit_exact_with_reference(dtype, bits, group_size, axis, gen):
     x = random_kv((2, 3, 3 * group_size * 2, 5 * group_size), dtype, gen)
@@ -48,3 +49,30 @@ def test_cuda_runs_on_current_stream_and_device():
     assert torch.equal(q.packed.cpu(), want.packed)
     assert same_values(y.cpu(), want.dequantize(backend="reference"))
     assert y.device == x.device
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits,group_size", [(2, 16), (4, 64), (8, 48), (4, 1024)])
+def test_cuda_vector_and_scalar_kernels_agree(dtype, bits, group_size, gen, monkeypatch):
+    """The 16-byte-vector kernels (aligned buffers, whole vectors per group) and the
+    one-thread-per-group kernels (THUNDERKV_CUDA_SCALAR=1, or misaligned buffers) agree bitwise,
+    NaN/Inf groups included."""
+    x = random_kv((3, 2 * group_size, 2 * group_size), dtype, gen).cuda()
+    kw = dict(bits=bits, group_size=group_size)
+    vec = tk.quantize(x, backend="cuda", **kw)
+    y_vec = vec.dequantize(backend="cuda")
+    monkeypatch.setenv("THUNDERKV_CUDA_SCALAR", "1")
+    scalar = tk.quantize(x, backend="cuda", **kw)
+    y_scalar = scalar.dequantize(backend="cuda")
+    monkeypatch.delenv("THUNDERKV_CUDA_SCALAR")
+    assert torch.equal(vec.packed, scalar.packed)
+    assert bits_equal(vec.scale, scalar.scale) and bits_equal(vec.minimum, scalar.minimum)
+    assert bits_equal(y_vec, y_scalar)
+    # a misaligned destination (packed one byte into a buffer) takes the scalar kernels
+    q = scalar
+    buf = torch.zeros(q.packed.numel() + 1, dtype=torch.uint8, device="cuda")
+    packed = buf[1:].view(q.packed.shape)
+    scale, minimum = torch.empty_like(q.scale), torch.empty_like(q.minimum)
+    tk.quantize_into(x, packed, scale, minimum, backend="cuda", **kw)
+    assert torch.equal(packed, q.packed)

@@ -1,9 +1,20 @@
-// CUDA kernels of format v1: one thread per group (straightforward and exact; issue 3 tunes
-// them). Every float operation uses an explicit round-to-nearest intrinsic, so neither nvcc's
-// FMA contraction nor fast-math can change a bit (the build also passes --fmad=false).
+// CUDA kernels of format v1. Every float operation uses an explicit round-to-nearest intrinsic,
+// so neither nvcc's FMA contraction nor fast-math can change a bit (the build also passes
+// --fmad=false).
+//
+// Vectorized kernels (the default): a group is handled by a warp fraction of L lanes (L = the
+// largest power of two <= 32 dividing the group's 16-byte vectors), each lane loading whole
+// 16-byte vectors of the input (8 fp16/bf16 or 4 fp32 values) and storing its codes as one
+// aligned word; min/max meet across the L lanes by xor shuffles, and every lane then derives
+// the same scale with the same operations. Dequantize: one thread per 16-byte output vector.
+// Inputs whose groups are not whole 16-byte vectors, or whose pointers are not aligned to
+// them, take the one-thread-per-group kernels below (the same arithmetic, scalar).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <cstring>
 
 #include "quant_cuda.h"
 
@@ -96,7 +107,155 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ packed, const T* _
   }
 }
 
+// ---------------------------------------------------------------- vectorized kernels
+template <int BYTES>
+struct WordOf;
+template <>
+struct WordOf<1> { using type = uint8_t; };
+template <>
+struct WordOf<2> { using type = uint16_t; };
+template <>
+struct WordOf<4> { using type = uint32_t; };
+template <>
+struct WordOf<8> { using type = unsigned long long; };
+
+template <class T>
+__device__ inline void load_vec(const T* p, T (&v)[16 / sizeof(T)]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  memcpy(v, &raw, 16);
+}
+
+template <class T, int BITS>
+__global__ void quantize_vec_kernel(const T* __restrict__ x, uint8_t* __restrict__ packed,
+                                    T* __restrict__ scale, T* __restrict__ minimum,
+                                    int64_t n_groups, int G, int lanes_log2) {
+  constexpr int N = 16 / sizeof(T);  // values per 16-byte vector
+  constexpr int WB = N * BITS / 8;   // code bytes per vector
+  using Word = typename WordOf<WB>::type;
+  const int L = 1 << lanes_log2;
+  const int64_t g = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> lanes_log2;
+  const int lane = threadIdx.x & (L - 1);
+  const bool active = g < n_groups;  // the same for all L lanes of a group
+  const int vecs = G / N;
+  const T* xg = x + (active ? g : 0) * G;
+  float mn = __int_as_float(0x7F800000);
+  float mx = -mn;
+  bool nonfinite = false;
+  if (active) {
+    for (int j = lane; j < vecs; j += L) {
+      T v[N];
+      load_vec(xg + j * N, v);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const float f = Conv<T>::to(v[k]);
+        nonfinite |= !isfinite(f);
+        mn = f < mn ? f : mn;
+        mx = f > mx ? f : mx;
+      }
+    }
+  }
+  // every lane of the (full) warp takes part; xor offsets < L stay inside the group's lanes
+  for (int off = L >> 1; off > 0; off >>= 1) {
+    const float omn = __shfl_xor_sync(0xffffffffu, mn, off);
+    const float omx = __shfl_xor_sync(0xffffffffu, mx, off);
+    const int onf = __shfl_xor_sync(0xffffffffu, static_cast<int>(nonfinite), off);
+    mn = omn < mn ? omn : mn;
+    mx = omx > mx ? omx : mx;
+    nonfinite |= onf != 0;
+  }
+  if (!active) return;
+  if (mn == 0.0f) mn = 0.0f;
+  if (mx == 0.0f) mx = 0.0f;
+  const float qmax = static_cast<float>((1 << BITS) - 1);
+  const T sc = Conv<T>::from(__fdiv_rn(__fsub_rn(mx, mn), qmax));
+  const float s = Conv<T>::to(sc);
+  Word* pg = reinterpret_cast<Word*>(packed + g * (static_cast<int64_t>(G) * BITS / 8));
+  if (nonfinite || !isfinite(s)) {
+    if (lane == 0) {
+      scale[g] = Conv<T>::nan();
+      minimum[g] = Conv<T>::from(0.0f);
+    }
+    for (int j = lane; j < vecs; j += L) pg[j] = 0;
+    return;
+  }
+  if (lane == 0) {
+    scale[g] = sc;
+    minimum[g] = Conv<T>::from(mn);
+  }
+  const float r = s != 0.0f ? __frcp_rn(s) : 0.0f;
+  for (int j = lane; j < vecs; j += L) {
+    T v[N];
+    load_vec(xg + j * N, v);
+    Word word = 0;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      float q = __fmul_rn(__fsub_rn(Conv<T>::to(v[k]), mn), r);
+      q = fminf(fmaxf(rintf(q), 0.0f), qmax);  // fmaxf maps NaN to 0
+      word |= static_cast<Word>(static_cast<unsigned>(q)) << (k * BITS);
+    }
+    pg[j] = word;
+  }
+}
+
+template <class T, int BITS>
+__global__ void dequantize_vec_kernel(const uint8_t* __restrict__ packed,
+                                      const T* __restrict__ scale, const T* __restrict__ minimum,
+                                      T* __restrict__ y, int64_t n_vectors, int vecs) {
+  constexpr int N = 16 / sizeof(T);
+  constexpr int WB = N * BITS / 8;
+  using Word = typename WordOf<WB>::type;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= n_vectors) return;
+  const int64_t g = t / vecs;
+  const float s = Conv<T>::to(scale[g]);
+  const float m = Conv<T>::to(minimum[g]);
+  const Word word = reinterpret_cast<const Word*>(packed)[t];  // vectors are contiguous
+  constexpr unsigned mask = (1u << BITS) - 1u;
+  T out[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const unsigned code = static_cast<unsigned>(word >> (k * BITS)) & mask;
+    out[k] = Conv<T>::from(__fmaf_rn(static_cast<float>(code), s, m));
+  }
+  uint4 raw;
+  memcpy(&raw, out, 16);
+  reinterpret_cast<uint4*>(y)[t] = raw;
+}
+
 constexpr int kThreads = 128;
+constexpr int kVecThreads = 256;
+
+// Lanes per group (log2) for the vectorized kernels, or -1 when they do not apply.
+int vec_lanes_log2(int G, size_t elem, uintptr_t values, uintptr_t packed, int bits) {
+  const int n = static_cast<int>(16 / elem);
+  if (G % n != 0 || values % 16 != 0 || packed % static_cast<uintptr_t>(n * bits / 8) != 0)
+    return -1;
+  const int vecs = G / n;
+  int lg = 0;
+  while (lg < 5 && vecs % (2 << lg) == 0) ++lg;
+  return lg;
+}
+
+template <class T, int BITS>
+void launch_quantize_vec(const void* x, void* packed, void* scale, void* minimum,
+                         int64_t n_groups, int G, int lanes_log2, cudaStream_t st) {
+  const int64_t threads = n_groups << lanes_log2;
+  const unsigned blocks = static_cast<unsigned>((threads + kVecThreads - 1) / kVecThreads);
+  quantize_vec_kernel<T, BITS><<<blocks, kVecThreads, 0, st>>>(
+      static_cast<const T*>(x), static_cast<uint8_t*>(packed), static_cast<T*>(scale),
+      static_cast<T*>(minimum), n_groups, G, lanes_log2);
+}
+
+template <class T, int BITS>
+void launch_dequantize_vec(const void* packed, const void* scale, const void* minimum, void* y,
+                           int64_t n_groups, int G, cudaStream_t st) {
+  const int vecs = G / static_cast<int>(16 / sizeof(T));
+  const int64_t n_vectors = n_groups * vecs;
+  const unsigned blocks = static_cast<unsigned>((n_vectors + kVecThreads - 1) / kVecThreads);
+  dequantize_vec_kernel<T, BITS><<<blocks, kVecThreads, 0, st>>>(
+      static_cast<const uint8_t*>(packed), static_cast<const T*>(scale),
+      static_cast<const T*>(minimum), static_cast<T*>(y), n_vectors, vecs);
+}
 
 std::string finish(cudaError_t e) {
   if (e == cudaSuccess) e = cudaGetLastError();
@@ -106,6 +265,16 @@ std::string finish(cudaError_t e) {
 template <class T>
 std::string launch_quantize(const void* x, void* packed, void* scale, void* minimum,
                             int64_t n_groups, int G, int bits, cudaStream_t st) {
+  const int lg = vec_lanes_log2(G, sizeof(T), reinterpret_cast<uintptr_t>(x),
+                                reinterpret_cast<uintptr_t>(packed), bits);
+  if (lg >= 0 && !std::getenv("THUNDERKV_CUDA_SCALAR")) {
+    switch (bits) {
+      case 2: launch_quantize_vec<T, 2>(x, packed, scale, minimum, n_groups, G, lg, st); break;
+      case 4: launch_quantize_vec<T, 4>(x, packed, scale, minimum, n_groups, G, lg, st); break;
+      default: launch_quantize_vec<T, 8>(x, packed, scale, minimum, n_groups, G, lg, st); break;
+    }
+    return finish(cudaSuccess);
+  }
   const unsigned blocks = static_cast<unsigned>((n_groups + kThreads - 1) / kThreads);
   quantize_kernel<T><<<blocks, kThreads, 0, st>>>(
       static_cast<const T*>(x), static_cast<uint8_t*>(packed), static_cast<T*>(scale),
@@ -116,6 +285,16 @@ std::string launch_quantize(const void* x, void* packed, void* scale, void* mini
 template <class T>
 std::string launch_dequantize(const void* packed, const void* scale, const void* minimum, void* y,
                               int64_t n_groups, int G, int bits, cudaStream_t st) {
+  if (vec_lanes_log2(G, sizeof(T), reinterpret_cast<uintptr_t>(y),
+                     reinterpret_cast<uintptr_t>(packed), bits) >= 0 &&
+      !std::getenv("THUNDERKV_CUDA_SCALAR")) {
+    switch (bits) {
+      case 2: launch_dequantize_vec<T, 2>(packed, scale, minimum, y, n_groups, G, st); break;
+      case 4: launch_dequantize_vec<T, 4>(packed, scale, minimum, y, n_groups, G, st); break;
+      default: launch_dequantize_vec<T, 8>(packed, scale, minimum, y, n_groups, G, st); break;
+    }
+    return finish(cudaSuccess);
+  }
   const unsigned blocks = static_cast<unsigned>((n_groups + kThreads - 1) / kThreads);
   dequantize_kernel<T><<<blocks, kThreads, 0, st>>>(
       static_cast<const uint8_t*>(packed), static_cast<const T*>(scale),

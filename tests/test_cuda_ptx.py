@@ -1,0 +1,57 @@
+"""What the CUDA kernels compile to, checked without a GPU (nvcc -ptx for sm_90).
+
+Bit-exactness needs round-to-nearest division and reciprocal and no FMA in quantize (an FMA
+contraction of (x - min) * r changes codes); speed needs the 16-byte vector loads and stores
+and the warp-fraction shuffles. A GPU run checks the values; this checks the instructions on
+every CI run.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "quant_cuda.cu"
+
+
+@pytest.fixture(scope="module")
+def entries(tmp_path_factory) -> dict[str, str]:
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc on PATH")
+    out = tmp_path_factory.mktemp("ptx") / "quant.ptx"
+    subprocess.run(["nvcc", "-std=c++17", "-O3", "--fmad=false", "-arch=sm_90", "-ptx",
+                    str(SOURCE), "-o", str(out)], check=True, capture_output=True, text=True)
+    bodies = re.split(r"\.entry ", out.read_text())[1:]
+    return {body.split("(", 1)[0]: body for body in bodies}
+
+
+def _kernels(entries: dict[str, str], kind: str, vectorized: bool) -> dict[str, str]:
+    tag = f"{kind}_vec_kernel" if vectorized else f"{kind}_kernel"
+    return {name: body for name, body in entries.items()
+            if tag in name and not (kind == "quantize" and "dequantize" in name)}
+
+
+def test_every_dtype_and_width_has_a_vectorized_kernel(entries):
+    assert len(_kernels(entries, "quantize", True)) == 9  # 3 dtypes x bits 2/4/8
+    assert len(_kernels(entries, "dequantize", True)) == 9
+    assert len(_kernels(entries, "quantize", False)) == 3
+
+
+def test_quantize_rounds_exactly_and_never_fuses(entries):
+    for name, body in {**_kernels(entries, "quantize", True),
+                       **_kernels(entries, "quantize", False)}.items():
+        assert "div.rn.f32" in body and "rcp.rn.f32" in body, name
+        assert not re.search(r"\bfma\.|approx", body), name
+
+
+def test_vectorized_kernels_move_16_bytes_per_access(entries):
+    for name, body in _kernels(entries, "quantize", True).items():
+        assert re.search(r"ld\.global(\.nc)?\.v4\.[bfu]32", body), name
+        assert "shfl.sync.bfly" in body, name  # min/max meet across the group's lanes
+    for name, body in _kernels(entries, "dequantize", True).items():
+        assert re.search(r"st\.global\.v4\.[bfu]32", body), name
+        assert "fma.rn.f32" in body, name
