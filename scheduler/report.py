@@ -51,6 +51,61 @@ def systems_table(doc: dict[str, Any]):
     return t
 
 
+def sweep_table(doc: dict[str, Any]):
+    """``--fail each``: per lost node, lightweight vs full re-plan goodput and their ratio."""
+    from rich.table import Table
+
+    s = doc["summary"]
+    title = (f"one node lost at a time (plan: {_f(doc.get('original_goodput_req_per_s'))} req/s)"
+             + (f"; within 10 % of a full re-plan: {s['within_10_percent']}/{s['nodes']}, "
+                f"worst {s['min_ratio']:.3f}" if "min_ratio" in s else ""))
+    t = Table(title=title)
+    for col in ("lost", "lightweight", "full re-plan", "ratio", "seconds", "reloading GPUs"):
+        t.add_column(col, justify="left" if col == "lost" else "right")
+    for r in doc["sweep"]:
+        t.add_row(r["failed"], _f(r["lightweight_goodput_req_per_s"]),
+                  _f(r["full_replan_goodput_req_per_s"]), _f(r["ratio_to_full_replan"], 3),
+                  f"{r['reschedule_seconds']:.2f}", str(r["regrouped_gpus"]))
+    return t
+
+
+def plot_sweep(doc: dict[str, Any], path: str, title: str) -> None:
+    """Bars per lost node: lightweight vs full re-plan goodput, ratio on top."""
+    plt = _pyplot()
+    rows = doc["sweep"]
+    x = np.arange(len(rows))
+    light = [r["lightweight_goodput_req_per_s"] for r in rows]
+    full = [r["full_replan_goodput_req_per_s"] or 0.0 for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows) + 2), 4))
+    ax.bar(x - 0.2, light, 0.4, label="lightweight (phases + routing, orphans re-grouped)")
+    ax.bar(x + 0.2, full, 0.4, label="full re-plan", color="grey")
+    for i, r in enumerate(rows):
+        if r["ratio_to_full_replan"] is not None:
+            ax.text(i, max(light[i], full[i]) * 1.01, f"{r['ratio_to_full_replan']:.3f}",
+                    ha="center", va="bottom", fontsize=8)
+    if doc.get("original_goodput_req_per_s"):
+        ax.axhline(doc["original_goodput_req_per_s"], color="black", ls="--", lw=0.8,
+                   label="before the failure")
+    ax.set_xticks(x, [r["failed"] for r in rows], rotation=30, ha="right")
+    ax.set_ylabel("simulated goodput (req/s)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend; RuntimeError with an install hint if missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from exc
+    return plt
+
+
 def _f(v, nd: int = 2) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
 
@@ -60,12 +115,7 @@ def plot_attainment(curves: dict[str, list[tuple[float, float]]], path: str, tit
 
     Raises RuntimeError with an install hint when matplotlib is missing.
     """
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from exc
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, pts in curves.items():
         xs, ys = zip(*sorted(pts))

@@ -147,3 +147,36 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
         out["ratio_to_full_replan"] = round(good / fg, 4) if fg > 0 else None
         log(f"  full re-plan: {secs:.1f} s, simulated goodput {fg:.2f} req/s")
     return out
+
+
+def failure_sweep(doc: dict, plan: Plan, wl, compare: bool = True, log=lambda s: None,
+                  regroup: bool = True) -> dict:
+    """``thunderkv plan --reschedule PLAN.json --fail each``: reschedule after losing each node
+    the plan uses, one at a time, each compared with a full re-plan of the surviving cluster.
+    Returns {"sweep": [one row per node], "summary": {...}, "original_goodput_req_per_s"}."""
+    from .plan import inputs_from_dict
+
+    cluster = inputs_from_dict(doc["inputs"])[0]
+    used = {g.rsplit(":", 1)[0] for g in plan.gpus()}
+    nodes = [n.name for n in cluster.nodes if n.name in used]
+    rows = []
+    for i, node in enumerate(nodes, 1):
+        log(f"[{i}/{len(nodes)}] losing {node}")
+        r = reschedule_document(doc, plan, [node], wl, compare=compare, log=log, regroup=regroup)
+        rows.append({"failed": node,
+                     "lightweight_goodput_req_per_s": r["predicted"]["goodput_req_per_s"],
+                     "full_replan_goodput_req_per_s": r.get("full_replan", {}).get(
+                         "goodput_req_per_s"),
+                     "ratio_to_full_replan": r.get("ratio_to_full_replan"),
+                     "reschedule_seconds": r["reschedule_seconds"],
+                     "dropped_groups": r["dropped_groups"], "regrouped_gpus": r["regrouped_gpus"],
+                     "idle_gpus": r["idle_gpus"]})
+    ratios = [x["ratio_to_full_replan"] for x in rows if x["ratio_to_full_replan"] is not None]
+    summary = {"nodes": len(rows),
+               "max_reschedule_seconds": max((x["reschedule_seconds"] for x in rows), default=0.0)}
+    if ratios:
+        summary.update({"min_ratio": min(ratios), "mean_ratio": round(sum(ratios) / len(ratios), 4),
+                        "within_10_percent": sum(x >= 0.9 for x in ratios)})
+    return {"sweep": rows, "summary": summary,
+            "original_goodput_req_per_s": doc.get("predicted", {}).get("goodput_req_per_s"),
+            "workload": dict(doc.get("workload", {})), "plan": doc["plan"]}

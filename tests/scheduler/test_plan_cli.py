@@ -86,6 +86,32 @@ def test_reschedule_cli_no_regroup(planned):
     assert new["regrouped_gpus"] == 0 and "full_replan" not in new
 
 
+def test_fail_each_sweeps_every_node_of_the_plan(planned, capsys):
+    d, doc = planned
+    out, png = d / "sweep.json", d / "sweep.png"
+    assert main(["plan", "--reschedule", str(d / "plan.json"), "--fail", "each", "--json",
+                 str(out), "--plot", str(png), "--quiet", "--requests", "200"]) == 0
+    sweep = json.loads(out.read_text())
+    used = sorted({g.rsplit(":", 1)[0] for grp in doc["plan"]["groups"] for g in grp["gpus"]})
+    assert sorted(r["failed"] for r in sweep["sweep"]) == used
+    for r in sweep["sweep"]:
+        assert r["reschedule_seconds"] < 2.0 and r["full_replan_goodput_req_per_s"] > 0
+        assert r["ratio_to_full_replan"] == pytest.approx(
+            r["lightweight_goodput_req_per_s"] / r["full_replan_goodput_req_per_s"], abs=1e-3)
+    ratios = [r["ratio_to_full_replan"] for r in sweep["sweep"]]
+    assert sweep["summary"]["min_ratio"] == min(ratios)
+    assert sweep["summary"]["within_10_percent"] == sum(x >= 0.9 for x in ratios)
+    # the sweep's row for a node is what a single --fail of that node gives
+    single = d / "single.json"
+    first = sweep["sweep"][0]
+    assert main(["plan", "--reschedule", str(d / "plan.json"), "--fail", first["failed"],
+                 "--json", str(single), "--quiet", "--requests", "200", "--no-compare"]) == 0
+    assert json.loads(single.read_text())["predicted"]["goodput_req_per_s"] == pytest.approx(
+        first["lightweight_goodput_req_per_s"])
+    assert png.stat().st_size > 0
+    assert "one node lost at a time" in capsys.readouterr().out
+
+
 def test_reschedule_keeps_configs_and_is_fast(model7b, params, stats, slo):
     c = tiny_cluster()
     ev = Evaluator(c, model7b, params, stats, slo)

@@ -75,7 +75,9 @@ def register(subparsers) -> None:
     o.add_argument("--quiet", action="store_true", help="no progress lines")
     r = p.add_argument_group("rescheduling")
     r.add_argument("--reschedule", metavar="PLAN.json", help="adjust an existing plan instead")
-    r.add_argument("--fail", default="", help="comma list of failed nodes (and/or node:index GPUs)")
+    r.add_argument("--fail", default="",
+                   help="comma list of failed nodes (and/or node:index GPUs), or 'each': lose "
+                        "every node of the plan in turn and tabulate (--plot: bar chart)")
     r.add_argument("--no-compare", action="store_true", help="skip the full re-plan comparison")
     r.add_argument("--no-regroup", action="store_true",
                    help="leave orphaned GPUs (of groups that lost a GPU) idle instead of re-grouping them")
@@ -109,9 +111,12 @@ def run(args: argparse.Namespace) -> int:
     except (InputError, ValueError, RuntimeError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         return 2
-    from thunderkv.scheduler.report import plan_table, systems_table
+    from thunderkv.scheduler.report import plan_table, sweep_table, systems_table
 
-    out.print(plan_table(doc, "plan" if not args.reschedule else "rescheduled plan"))
+    if "sweep" in doc:
+        out.print(sweep_table(doc))
+    else:
+        out.print(plan_table(doc, "plan" if not args.reschedule else "rescheduled plan"))
     if "baselines" in doc:
         out.print(systems_table(doc))
     if args.json:
@@ -174,6 +179,21 @@ def _run_reschedule(args, log) -> dict:
         wl, source = load_workload(args)
     else:
         raise ValueError("the plan's workload source is unavailable: give --trace or --workload")
+    if fails == ["each"]:
+        from thunderkv.scheduler.report import plot_sweep
+        from thunderkv.scheduler.reschedule import failure_sweep
+
+        sweep = failure_sweep(doc, plan, wl, compare=not args.no_compare, log=log,
+                              regroup=not args.no_regroup)
+        sweep["workload"]["source"] = source
+        if args.plot:
+            try:
+                plot_sweep(sweep, args.plot, f"rescheduling after one lost node "
+                                             f"({sweep['workload'].get('name', '')})")
+                sweep["plot"] = {"path": args.plot}
+            except RuntimeError as exc:
+                print(f"warning: {exc}; no plot written", file=sys.stderr)
+        return sweep
     new = reschedule_document(doc, plan, fails, wl, compare=not args.no_compare, log=log,
                               regroup=not args.no_regroup)
     new["workload"]["source"] = source
