@@ -61,6 +61,11 @@ else
       --reps 20 "${backend_args[@]}" --json "$OUT/bench.jsonl" >"$OUT/bench_quant_$dtype.txt" 2>&1 \
       || { cat "$OUT/bench_quant_$dtype.txt"; failed+=("bench-quant-$dtype"); }
   done
+  # per-channel (KIVI keys): strided reads, no transposed copy
+  $PY -m thunderkv.cli bench quant --device "$DEVICE" --preset "$PRESET" --dtype float16 \
+    --axis -2 --reps 20 "${backend_args[@]}" --json "$OUT/bench.jsonl" \
+    >"$OUT/bench_quant_float16_axis-2.txt" 2>&1 \
+    || { cat "$OUT/bench_quant_float16_axis-2.txt"; failed+=("bench-quant-axis-2"); }
   $PY -m thunderkv.cli bench paged --device "$DEVICE" --preset "$PRESET" --reps 20 \
     "${backend_args[@]}" --json "$OUT/bench.jsonl" >"$OUT/bench_paged.txt" 2>&1 \
     || { cat "$OUT/bench_paged.txt"; failed+=(bench-paged); }
@@ -73,10 +78,11 @@ path = sys.argv[1]
 if not os.path.exists(path):
     sys.exit("no benchmark rows")
 rows = [json.loads(l) for l in open(path)]
-print(f"{'bench':6s} {'case':24s} {'dtype':9s} {'op':11s} {'backend':9s} {'GB/s':>9s} {'x copy':>7s}")
+print(f"{'bench':6s} {'case':24s} {'dtype':9s} {'axis':>4s} {'op':11s} {'backend':9s} "
+      f"{'GB/s':>9s} {'x copy':>7s}")
 for r in rows:
-    print(f"{r['bench']:6s} {r['label']:24s} {r['dtype']:9s} {r['op']:11s} {r['backend']:9s} "
-          f"{r['gbps']:9.1f} {r['ratio_to_copy']:7.2f}")
+    print(f"{r['bench']:6s} {r['label']:24s} {r['dtype']:9s} {r.get('axis', -1):4d} {r['op']:11s} "
+          f"{r['backend']:9s} {r['gbps']:9.1f} {r['ratio_to_copy']:7.2f}")
 PYEOF
 if [ ${#failed[@]} -gt 0 ]; then
   echo "GPU CHECK FAILED: ${failed[*]}"

@@ -141,29 +141,32 @@ void raise_if(const std::string& err, const char* what) {
 
 void cuda_quantize(uintptr_t x, uintptr_t packed, uintptr_t scale, uintptr_t minimum,
                    int64_t n_groups, int group_size, int bits, int dtype, int device,
-                   uintptr_t stream) {
+                   uintptr_t stream, int64_t tokens, int64_t channels) {
   check_format(n_groups, group_size, bits);
+  check_cols(n_groups, group_size, tokens, channels);
   to_dtype(dtype);
   std::string err;
   {
     py::gil_scoped_release nogil;
     err = tkv::cuda::quantize(dtype, ptr<const void>(x), ptr<void>(packed), ptr<void>(scale),
-                              ptr<void>(minimum), n_groups, group_size, bits, device, stream);
+                              ptr<void>(minimum), n_groups, group_size, bits, device, stream,
+                              tokens, channels);
   }
   raise_if(err, "thunderkv CUDA quantize failed");
 }
 
 void cuda_dequantize(uintptr_t packed, uintptr_t scale, uintptr_t minimum, uintptr_t y,
                      int64_t n_groups, int group_size, int bits, int dtype, int device,
-                     uintptr_t stream) {
+                     uintptr_t stream, int64_t tokens, int64_t channels) {
   check_format(n_groups, group_size, bits);
+  check_cols(n_groups, group_size, tokens, channels);
   to_dtype(dtype);
   std::string err;
   {
     py::gil_scoped_release nogil;
     err = tkv::cuda::dequantize(dtype, ptr<const void>(packed), ptr<const void>(scale),
                                 ptr<const void>(minimum), ptr<void>(y), n_groups, group_size,
-                                bits, device, stream);
+                                bits, device, stream, tokens, channels);
   }
   raise_if(err, "thunderkv CUDA dequantize failed");
 }
@@ -218,10 +221,12 @@ PYBIND11_MODULE(_C, m) {
   m.attr("has_cuda") = true;
   m.def("cuda_quantize", &cuda_quantize, py::arg("x"), py::arg("packed"), py::arg("scale"),
         py::arg("minimum"), py::arg("n_groups"), py::arg("group_size"), py::arg("bits"),
-        py::arg("dtype"), py::arg("device"), py::arg("stream"));
+        py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("tokens") = 0,
+        py::arg("channels") = 0);
   m.def("cuda_dequantize", &cuda_dequantize, py::arg("packed"), py::arg("scale"),
         py::arg("minimum"), py::arg("y"), py::arg("n_groups"), py::arg("group_size"),
-        py::arg("bits"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+        py::arg("bits"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+        py::arg("tokens") = 0, py::arg("channels") = 0);
   m.def("cuda_device_count", &cuda_device_count,
         "(count, reason): count is -1 when no usable driver/device, with the reason");
 #else

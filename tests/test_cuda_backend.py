@@ -76,3 +76,19 @@ def test_cuda_vector_and_scalar_kernels_agree(dtype, bits, group_size, gen, monk
     scale, minimum = torch.empty_like(q.scale), torch.empty_like(q.minimum)
     tk.quantize_into(x, packed, scale, minimum, backend="cuda", **kw)
     assert torch.equal(packed, q.packed)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,bits,group_size", [((3, 128, 20), 4, 32), ((1, 64, 7), 2, 64),
+                                                   ((2, 5, 96, 33), 8, 16)])
+def test_cuda_per_channel_reads_strided_on_awkward_shapes(dtype, shape, bits, group_size, gen):
+    """Per-channel kernels index [R, T, D] directly: channel counts that are not a warp multiple,
+    several row dims, every width."""
+    x = random_kv(shape, dtype, gen)
+    kw = dict(bits=bits, group_size=group_size, axis=-2)
+    got = tk.quantize(x.cuda(), backend="cuda", **kw)
+    want = tk.quantize(x, backend="reference", **kw)
+    assert torch.equal(got.packed.cpu(), want.packed)
+    assert bits_equal(got.scale.cpu(), want.scale) and bits_equal(got.minimum.cpu(), want.minimum)
+    assert same_values(got.dequantize(backend="cuda").cpu(), want.dequantize(backend="reference"))

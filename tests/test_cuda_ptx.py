@@ -29,29 +29,33 @@ def entries(tmp_path_factory) -> dict[str, str]:
     return {body.split("(", 1)[0]: body for body in bodies}
 
 
-def _kernels(entries: dict[str, str], kind: str, vectorized: bool) -> dict[str, str]:
-    tag = f"{kind}_vec_kernel" if vectorized else f"{kind}_kernel"
+def _kernels(entries: dict[str, str], kind: str, variant: str) -> dict[str, str]:
+    """Entries of ``kind`` (quantize/dequantize) and ``variant`` ("vec", "cols" or "" = scalar)."""
+    tag = f"{kind}_{variant}_kernel" if variant else f"{kind}_kernel"
     return {name: body for name, body in entries.items()
             if tag in name and not (kind == "quantize" and "dequantize" in name)}
 
 
-def test_every_dtype_and_width_has_a_vectorized_kernel(entries):
-    assert len(_kernels(entries, "quantize", True)) == 9  # 3 dtypes x bits 2/4/8
-    assert len(_kernels(entries, "dequantize", True)) == 9
-    assert len(_kernels(entries, "quantize", False)) == 3
+def test_every_dtype_and_width_has_its_kernels(entries):
+    for kind in ("quantize", "dequantize"):
+        assert len(_kernels(entries, kind, "vec")) == 9  # 3 dtypes x bits 2/4/8
+        assert len(_kernels(entries, kind, "")) == 3  # scalar fallback, per dtype
+        assert len(_kernels(entries, kind, "cols")) == 3  # per-channel, strided, per dtype
 
 
 def test_quantize_rounds_exactly_and_never_fuses(entries):
-    for name, body in {**_kernels(entries, "quantize", True),
-                       **_kernels(entries, "quantize", False)}.items():
-        assert "div.rn.f32" in body and "rcp.rn.f32" in body, name
-        assert not re.search(r"\bfma\.|approx", body), name
+    for variant in ("vec", "", "cols"):
+        for name, body in _kernels(entries, "quantize", variant).items():
+            assert "div.rn.f32" in body and "rcp.rn.f32" in body, name
+            assert not re.search(r"\bfma\.|approx", body), name
+    for variant in ("vec", "", "cols"):
+        for name, body in _kernels(entries, "dequantize", variant).items():
+            assert "fma.rn.f32" in body and "approx" not in body, name
 
 
 def test_vectorized_kernels_move_16_bytes_per_access(entries):
-    for name, body in _kernels(entries, "quantize", True).items():
+    for name, body in _kernels(entries, "quantize", "vec").items():
         assert re.search(r"ld\.global(\.nc)?\.v4\.[bfu]32", body), name
         assert "shfl.sync.bfly" in body, name  # min/max meet across the group's lanes
-    for name, body in _kernels(entries, "dequantize", True).items():
+    for name, body in _kernels(entries, "dequantize", "vec").items():
         assert re.search(r"st\.global\.v4\.[bfu]32", body), name
-        assert "fma.rn.f32" in body, name

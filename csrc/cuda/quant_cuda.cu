@@ -222,6 +222,88 @@ __global__ void dequantize_vec_kernel(const uint8_t* __restrict__ packed,
   reinterpret_cast<uint4*>(y)[t] = raw;
 }
 
+// ---------------------------------------------------------------- per-channel kernels
+// x [R, T, D], groups of G tokens of one channel; packed [R, D, T*b/8], scale/min [R, D, T/G].
+// One thread per group, consecutive threads on consecutive channels, so every token row is
+// read (or, dequantizing, written) as one coalesced run across the warp; no transposed copy.
+// Each thread's codes are contiguous bytes of packed.
+struct Cols {
+  int64_t tokens, channels;
+};
+
+template <class T>
+__global__ void quantize_cols_kernel(const T* __restrict__ x, uint8_t* __restrict__ packed,
+                                     T* __restrict__ scale, T* __restrict__ minimum,
+                                     int64_t n_groups, int G, int bits, Cols c) {
+  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id >= n_groups) return;
+  const int64_t tb_count = c.tokens / G;
+  const int64_t d = id % c.channels;           // (r, tb, d) order: d fastest
+  const int64_t tb = (id / c.channels) % tb_count;
+  const int64_t r = id / (c.channels * tb_count);
+  const int64_t g = (r * c.channels + d) * tb_count + tb;  // the group's index in packed order
+  const T* xg = x + (r * c.tokens + tb * G) * c.channels + d;
+  const int nb = G * bits / 8;
+  uint8_t* pg = packed + g * nb;
+  float mn = __int_as_float(0x7F800000);
+  float mx = -mn;
+  bool nonfinite = false;
+  for (int i = 0; i < G; ++i) {
+    const float v = Conv<T>::to(xg[i * c.channels]);
+    nonfinite |= !isfinite(v);
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+  }
+  if (mn == 0.0f) mn = 0.0f;
+  if (mx == 0.0f) mx = 0.0f;
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  const T sc = Conv<T>::from(__fdiv_rn(__fsub_rn(mx, mn), qmax));
+  const float s = Conv<T>::to(sc);
+  if (nonfinite || !isfinite(s)) {
+    scale[g] = Conv<T>::nan();
+    minimum[g] = Conv<T>::from(0.0f);
+    for (int b = 0; b < nb; ++b) pg[b] = 0;
+    return;
+  }
+  scale[g] = sc;
+  minimum[g] = Conv<T>::from(mn);
+  const float r_ = s != 0.0f ? __frcp_rn(s) : 0.0f;
+  const int per_byte = 8 / bits;
+  for (int b = 0; b < nb; ++b) {
+    unsigned byte = 0;
+    for (int k = 0; k < per_byte; ++k) {
+      float v = __fmul_rn(__fsub_rn(Conv<T>::to(xg[(b * per_byte + k) * c.channels]), mn), r_);
+      v = fminf(fmaxf(rintf(v), 0.0f), qmax);  // fmaxf maps NaN to 0
+      byte |= static_cast<unsigned>(v) << (k * bits);
+    }
+    pg[b] = static_cast<uint8_t>(byte);
+  }
+}
+
+template <class T>
+__global__ void dequantize_cols_kernel(const uint8_t* __restrict__ packed,
+                                       const T* __restrict__ scale, const T* __restrict__ minimum,
+                                       T* __restrict__ y, int64_t n_groups, int G, int bits,
+                                       Cols c) {
+  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id >= n_groups) return;
+  const int64_t tb_count = c.tokens / G;
+  const int64_t d = id % c.channels;
+  const int64_t tb = (id / c.channels) % tb_count;
+  const int64_t r = id / (c.channels * tb_count);
+  const int64_t g = (r * c.channels + d) * tb_count + tb;
+  const float s = Conv<T>::to(scale[g]);
+  const float m = Conv<T>::to(minimum[g]);
+  const uint8_t* pg = packed + g * (G * bits / 8);
+  T* yg = y + (r * c.tokens + tb * G) * c.channels + d;
+  const int per_byte = 8 / bits;
+  const unsigned mask = (1u << bits) - 1u;
+  for (int i = 0; i < G; ++i) {
+    const unsigned code = (pg[i / per_byte] >> ((i % per_byte) * bits)) & mask;
+    yg[i * c.channels] = Conv<T>::from(__fmaf_rn(static_cast<float>(code), s, m));
+  }
+}
+
 constexpr int kThreads = 128;
 constexpr int kVecThreads = 256;
 
@@ -264,7 +346,14 @@ std::string finish(cudaError_t e) {
 
 template <class T>
 std::string launch_quantize(const void* x, void* packed, void* scale, void* minimum,
-                            int64_t n_groups, int G, int bits, cudaStream_t st) {
+                            int64_t n_groups, int G, int bits, Cols cols, cudaStream_t st) {
+  if (cols.channels > 0) {
+    const unsigned blocks = static_cast<unsigned>((n_groups + kThreads - 1) / kThreads);
+    quantize_cols_kernel<T><<<blocks, kThreads, 0, st>>>(
+        static_cast<const T*>(x), static_cast<uint8_t*>(packed), static_cast<T*>(scale),
+        static_cast<T*>(minimum), n_groups, G, bits, cols);
+    return finish(cudaSuccess);
+  }
   const int lg = vec_lanes_log2(G, sizeof(T), reinterpret_cast<uintptr_t>(x),
                                 reinterpret_cast<uintptr_t>(packed), bits);
   if (lg >= 0 && !std::getenv("THUNDERKV_CUDA_SCALAR")) {
@@ -284,7 +373,14 @@ std::string launch_quantize(const void* x, void* packed, void* scale, void* mini
 
 template <class T>
 std::string launch_dequantize(const void* packed, const void* scale, const void* minimum, void* y,
-                              int64_t n_groups, int G, int bits, cudaStream_t st) {
+                              int64_t n_groups, int G, int bits, Cols cols, cudaStream_t st) {
+  if (cols.channels > 0) {
+    const unsigned blocks = static_cast<unsigned>((n_groups + kThreads - 1) / kThreads);
+    dequantize_cols_kernel<T><<<blocks, kThreads, 0, st>>>(
+        static_cast<const uint8_t*>(packed), static_cast<const T*>(scale),
+        static_cast<const T*>(minimum), static_cast<T*>(y), n_groups, G, bits, cols);
+    return finish(cudaSuccess);
+  }
   if (vec_lanes_log2(G, sizeof(T), reinterpret_cast<uintptr_t>(y),
                      reinterpret_cast<uintptr_t>(packed), bits) >= 0 &&
       !std::getenv("THUNDERKV_CUDA_SCALAR")) {
@@ -305,36 +401,45 @@ std::string launch_dequantize(const void* packed, const void* scale, const void*
 }  // namespace
 
 std::string quantize(int dtype, const void* x, void* packed, void* scale, void* minimum,
-                     int64_t n_groups, int group_size, int bits, int device, uintptr_t stream) {
+                     int64_t n_groups, int group_size, int bits, int device, uintptr_t stream,
+                     int64_t tokens, int64_t channels) {
   if (n_groups == 0) return {};
   cudaError_t e = cudaSetDevice(device);
   if (e != cudaSuccess) return cudaGetErrorString(e);
   auto st = reinterpret_cast<cudaStream_t>(stream);
+  const Cols cols{tokens, channels};
   switch (dtype) {
-    case 0: return launch_quantize<__half>(x, packed, scale, minimum, n_groups, group_size, bits, st);
+    case 0:
+      return launch_quantize<__half>(x, packed, scale, minimum, n_groups, group_size, bits, cols,
+                                     st);
     case 1:
       return launch_quantize<__nv_bfloat16>(x, packed, scale, minimum, n_groups, group_size, bits,
-                                            st);
-    case 2: return launch_quantize<float>(x, packed, scale, minimum, n_groups, group_size, bits, st);
+                                            cols, st);
+    case 2:
+      return launch_quantize<float>(x, packed, scale, minimum, n_groups, group_size, bits, cols,
+                                    st);
   }
   return "unsupported dtype code";
 }
 
 std::string dequantize(int dtype, const void* packed, const void* scale, const void* minimum,
                        void* y, int64_t n_groups, int group_size, int bits, int device,
-                       uintptr_t stream) {
+                       uintptr_t stream, int64_t tokens, int64_t channels) {
   if (n_groups == 0) return {};
   cudaError_t e = cudaSetDevice(device);
   if (e != cudaSuccess) return cudaGetErrorString(e);
   auto st = reinterpret_cast<cudaStream_t>(stream);
+  const Cols cols{tokens, channels};
   switch (dtype) {
     case 0:
-      return launch_dequantize<__half>(packed, scale, minimum, y, n_groups, group_size, bits, st);
+      return launch_dequantize<__half>(packed, scale, minimum, y, n_groups, group_size, bits,
+                                       cols, st);
     case 1:
       return launch_dequantize<__nv_bfloat16>(packed, scale, minimum, y, n_groups, group_size,
-                                              bits, st);
+                                              bits, cols, st);
     case 2:
-      return launch_dequantize<float>(packed, scale, minimum, y, n_groups, group_size, bits, st);
+      return launch_dequantize<float>(packed, scale, minimum, y, n_groups, group_size, bits, cols,
+                                      st);
   }
   return "unsupported dtype code";
 }

@@ -7,12 +7,15 @@
 namespace tkv::cuda {
 
 // Returns "" on success, else the CUDA error text. Pointers are device pointers; the kernels
-// run on `stream` (a cudaStream_t as an integer) of device `device`.
+// run on `stream` (a cudaStream_t as an integer) of device `device`. channels > 0 selects the
+// per-channel layout: x/y [R, tokens, channels] read/written with stride `channels`, groups
+// along tokens (as the CPU kernels).
 std::string quantize(int dtype, const void* x, void* packed, void* scale, void* minimum,
-                     int64_t n_groups, int group_size, int bits, int device, uintptr_t stream);
+                     int64_t n_groups, int group_size, int bits, int device, uintptr_t stream,
+                     int64_t tokens = 0, int64_t channels = 0);
 std::string dequantize(int dtype, const void* packed, const void* scale, const void* minimum,
                        void* y, int64_t n_groups, int group_size, int bits, int device,
-                       uintptr_t stream);
+                       uintptr_t stream, int64_t tokens = 0, int64_t channels = 0);
 
 // Number of visible devices, or -1 with the reason in `why` (e.g. "no CUDA driver").
 int device_count(std::string* why);

@@ -1,4 +1,8 @@
-"""Compiled CUDA kernels (thunderkv._C built with nvcc), launched on torch's current stream."""
+"""Compiled CUDA kernels (thunderkv._C built with nvcc), launched on torch's current stream.
+
+Both axes run natively: per-channel (axis=-2) kernels read ``[..., T, D]`` with stride D
+(consecutive threads on consecutive channels), so no transposed copy is made.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import torch
 
 from .._extension import extension_error, load_extension
 from ..format import DTYPE_CODES, FormatSpec
-from ._grouped import dequantize_grouped, quantize_grouped
 
 
 def available(device: torch.device) -> str | None:
@@ -28,27 +31,25 @@ def _launch_args(t: torch.Tensor) -> tuple[int, int]:
     return index, torch.cuda.current_stream(index).cuda_stream
 
 
+def _layout(t: torch.Tensor, spec: FormatSpec) -> tuple[int, int]:
+    """(tokens, channels) for the per-channel kernels, (0, 0) for per-token."""
+    return (t.shape[-2], t.shape[-1]) if spec.axis == -2 else (0, 0)
+
+
 def quantize_into(x, packed, scale, minimum, spec: FormatSpec) -> None:
-    G, bits = spec.group_size, spec.bits
-
-    def kernel(xg, p, s, m):
-        device, stream = _launch_args(xg)
-        load_extension().cuda_quantize(
-            xg.data_ptr(), p.data_ptr(), s.data_ptr(), m.data_ptr(), xg.numel() // G, G, bits,
-            DTYPE_CODES[xg.dtype], device, stream,
-        )
-
-    quantize_grouped(kernel, x, packed, scale, minimum, spec)
+    G = spec.group_size
+    device, stream = _launch_args(x)
+    load_extension().cuda_quantize(
+        x.data_ptr(), packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), x.numel() // G, G,
+        spec.bits, DTYPE_CODES[x.dtype], device, stream, *_layout(x, spec),
+    )
 
 
 def dequantize_into(packed, scale, minimum, out, spec: FormatSpec) -> None:
-    G, bits = spec.group_size, spec.bits
-
-    def kernel(p, s, m, y):
-        device, stream = _launch_args(y)
-        load_extension().cuda_dequantize(
-            p.data_ptr(), s.data_ptr(), m.data_ptr(), y.data_ptr(), y.numel() // G, G, bits,
-            DTYPE_CODES[y.dtype], device, stream,
-        )
-
-    dequantize_grouped(kernel, packed, scale, minimum, out, spec)
+    G = spec.group_size
+    device, stream = _launch_args(out)
+    load_extension().cuda_dequantize(
+        packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), out.data_ptr(),
+        out.numel() // G, G, spec.bits, DTYPE_CODES[out.dtype], device, stream,
+        *_layout(out, spec),
+    )
