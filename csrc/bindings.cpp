@@ -70,6 +70,42 @@ void cpu_dequantize(uintptr_t packed, uintptr_t scale, uintptr_t minimum, uintpt
   tkv::cpu::dequantize(a, threads);
 }
 
+// Paged cache rows (thunderkv/paged.py): `row_groups` per-token groups per row; `index` is an
+// int64 array of n_rows entries, each in [-1, capacity) (-1: skip that row). All indices are
+// checked before anything is written.
+void check_rows(const int64_t* index, int64_t n_rows, int64_t capacity, bool allow_skip) {
+  for (int64_t t = 0; t < n_rows; ++t)
+    if (index[t] >= capacity || index[t] < (allow_skip ? -1 : 0))
+      throw std::out_of_range("row index " + std::to_string(index[t]) + " at position " +
+                              std::to_string(t) + " outside [" + (allow_skip ? "-1" : "0") +
+                              ", " + std::to_string(capacity) + ")");
+}
+
+void cpu_quantize_rows(uintptr_t x, uintptr_t packed, uintptr_t scale, uintptr_t minimum,
+                       int64_t row_groups, int group_size, int bits, int dtype, uintptr_t slots,
+                       int64_t n_rows, int64_t capacity, int threads) {
+  check_format(row_groups, group_size, bits);
+  if (n_rows < 0 || capacity < 0) throw std::invalid_argument("negative row count");
+  check_rows(ptr<const int64_t>(slots), n_rows, capacity, true);
+  tkv::cpu::QuantArgs a{ptr<const void>(x), ptr<uint8_t>(packed), ptr<void>(scale),
+                        ptr<void>(minimum), row_groups, group_size, bits, to_dtype(dtype)};
+  py::gil_scoped_release nogil;
+  tkv::cpu::quantize_rows(a, ptr<const int64_t>(slots), n_rows, threads);
+}
+
+void cpu_dequantize_rows(uintptr_t packed, uintptr_t scale, uintptr_t minimum, uintptr_t y,
+                         int64_t row_groups, int group_size, int bits, int dtype, uintptr_t rows,
+                         int64_t n_rows, int64_t capacity, int threads) {
+  check_format(row_groups, group_size, bits);
+  if (n_rows < 0 || capacity < 0) throw std::invalid_argument("negative row count");
+  check_rows(ptr<const int64_t>(rows), n_rows, capacity, true);
+  tkv::cpu::DequantArgs a{ptr<const uint8_t>(packed), ptr<const void>(scale),
+                          ptr<const void>(minimum), ptr<void>(y), row_groups, group_size, bits,
+                          to_dtype(dtype)};
+  py::gil_scoped_release nogil;
+  tkv::cpu::dequantize_rows(a, ptr<const int64_t>(rows), n_rows, threads);
+}
+
 // Decode attention over a KIVI cache (csrc/cpu/kivi_attention.h); thunderkv/attention.py checks
 // shapes, dtypes and contiguity. The AVX2 build runs unless the generic CPU variant is forced.
 void cpu_kivi_attention(uintptr_t query, uintptr_t out, uintptr_t key_packed, uintptr_t key_scale,
@@ -199,6 +235,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("bits"), py::arg("dtype"), py::arg("scaling"), py::arg("threads") = 0,
         "Decode attention over a KIVI-layout format v1 cache (raw pointers; float32 query/out/"
         "residual)");
+  m.def("cpu_quantize_rows", &cpu_quantize_rows, py::arg("x"), py::arg("packed"),
+        py::arg("scale"), py::arg("minimum"), py::arg("row_groups"), py::arg("group_size"),
+        py::arg("bits"), py::arg("dtype"), py::arg("slots"), py::arg("n_rows"),
+        py::arg("capacity"), py::arg("threads") = 0,
+        "Quantize contiguous rows of x into output rows slots[t] (-1: skip): the paged write");
+  m.def("cpu_dequantize_rows", &cpu_dequantize_rows, py::arg("packed"), py::arg("scale"),
+        py::arg("minimum"), py::arg("y"), py::arg("row_groups"), py::arg("group_size"),
+        py::arg("bits"), py::arg("dtype"), py::arg("rows"), py::arg("n_rows"),
+        py::arg("capacity"), py::arg("threads") = 0,
+        "Dequantize input rows rows[t] (-1: skip) into contiguous rows of y: the paged gather");
   m.def("cpu_variants", &cpu_variants, "CPU variants compiled in and usable on this CPU");
   m.def("cpu_variant", [] { return std::string(tkv::cpu::active_variant().name); });
   m.def("set_cpu_variant", &tkv::cpu::set_active_variant, py::arg("name"));

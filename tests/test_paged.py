@@ -76,11 +76,12 @@ def _fill_sequences(cache, lens, gen, dtype=torch.float16):
     return table, ks, vs
 
 
-def test_gather_dequantize_matches_dense_round_trip(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_dequantize_matches_dense_round_trip(backend, gen):
     cache = _cache()
     lens = [37, 16, 5]
     table, ks, vs = _fill_sequences(cache, lens, gen)
-    k_out, v_out = gather_dequantize(cache, table, torch.tensor(lens))
+    k_out, v_out = gather_dequantize(cache, table, torch.tensor(lens), backend=backend)
     assert k_out.shape == (3, 37, H, D) and v_out.dtype == torch.float16
     for b, n in enumerate(lens):
         for dense, out in ((ks[b], k_out), (vs[b], v_out)):
@@ -88,6 +89,25 @@ def test_gather_dequantize_matches_dense_round_trip(gen):
                 backend="reference")
             assert same_values(out[b, :n], want)
             assert (out[b, n:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_into_reused_workspaces_matches_fresh_outputs(backend, gen):
+    cache = _cache()
+    lens = [37, 16, 5]
+    table, _, _ = _fill_sequences(cache, lens, gen)
+    want = gather_dequantize(cache, table, torch.tensor(lens), backend=backend)
+    shape = (3, table.shape[1] * BS, H, D)
+    out = (torch.full(shape, 9.0, dtype=torch.float16), torch.full(shape, 9.0, dtype=torch.float16))
+    for _ in range(2):  # reused: stale contents must not leak into the result
+        got = gather_dequantize(cache, table, torch.tensor(lens), backend=backend, out=out)
+        assert got[0].data_ptr() == out[0].data_ptr()
+        for g, w in zip(got, want):
+            assert bits_equal(g, w)
+    with pytest.raises(ValueError, match="out key must be"):
+        gather_dequantize(cache, table, torch.tensor(lens), out=(out[0][:, :-1], out[1]))
+    with pytest.raises(ValueError, match="out value must be"):
+        gather_dequantize(cache, table, torch.tensor(lens), out=(out[0], out[1].float()))
 
 
 def test_pack_unpack_moves_blocks_bit_exactly_to_other_ids(gen):
@@ -171,3 +191,48 @@ def test_bad_transfer_buffers_raise_and_write_nothing(gen):
     with pytest.raises(ValueError, match="contiguous 1-D uint8"):
         pack_for_transfer(src, torch.tensor([0, 1]), out=torch.empty(7, dtype=torch.uint8))
     assert _unchanged(dst, snap)
+
+
+@pytest.mark.skipif(tk.backends.unavailable_reason("cpu", torch.device("cpu")) is not None,
+                    reason="extension not built")
+def test_fused_row_kernels_check_every_index_before_writing(gen):
+    """The compiled paged write/gather re-check their row indices (defence in depth behind the
+    Python validation) and write nothing when one is out of range."""
+    from thunderkv._extension import load_extension
+
+    ext = load_extension()
+    cache = _cache()
+    x = random_kv((3, H, D), torch.float16, gen)
+    packed, scale, mn = (getattr(cache, f"key_{p}").view(cache.num_blocks * BS, -1)
+                         for p in ("packed", "scale", "min"))
+    snap = _snapshot(cache)
+    for bad in (cache.num_blocks * BS, -2):
+        slots = torch.tensor([0, bad, 1], dtype=torch.int64)
+        with pytest.raises(IndexError, match="outside"):
+            ext.cpu_quantize_rows(x.data_ptr(), packed.data_ptr(), scale.data_ptr(),
+                                  mn.data_ptr(), H * D // 32, 32, 4, 0, slots.data_ptr(), 3,
+                                  packed.shape[0])
+    assert _unchanged(cache, snap)
+    out = torch.full((2, BS * H * D), 7.0, dtype=torch.float16)
+    rows = torch.tensor([0, cache.num_blocks], dtype=torch.int64)
+    with pytest.raises(IndexError, match="outside"):
+        ext.cpu_dequantize_rows(packed.data_ptr(), scale.data_ptr(), mn.data_ptr(),
+                                out.data_ptr(), BS * H * D // 32, 32, 4, 0, rows.data_ptr(), 2,
+                                cache.num_blocks)
+    assert (out == 7.0).all()
+
+
+def test_pack_falls_back_when_a_section_is_not_aligned_for_its_dtype(gen):
+    """One block of 1 token x 1 head x 4 dims at 2 bits is a 1-byte code section, so the fp16
+    scale section starts at an odd offset: packing copies bytes instead of selecting in place."""
+    src = PagedKVCache.allocate(4, 1, 1, 4, bits=2, group_size=4)
+    k, v = random_kv((4, 1, 4), torch.float16, gen), random_kv((4, 1, 4), torch.float16, gen)
+    quantize_to_paged(k, v, src, torch.arange(4))
+    ids = torch.tensor([2])
+    assert src.key_packed[0].numel() == 1  # the key scales would start at byte 1
+    buf = pack_for_transfer(src, ids)
+    assert buf.numel() == src.block_nbytes
+    dst = PagedKVCache.allocate(2, 1, 1, 4, bits=2, group_size=4)
+    unpack_from_transfer(buf, dst, torch.tensor([1]))
+    for a, b in zip(src.parts(), dst.parts()):
+        assert bits_equal(a[2], b[1])

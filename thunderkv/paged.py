@@ -16,8 +16,10 @@ Ops:
 - :func:`pack_for_transfer` / :func:`unpack_from_transfer` copy a sequence's blocks into / out
   of one contiguous buffer (the wire payload: one registered buffer holds a request's KV).
 
-The quantization itself goes through :func:`thunderkv.quantize_into` on the chosen backend, so
-the cache holds exactly the bits format v1 defines.
+The quantization itself uses the chosen backend's format v1 kernels, so the cache holds exactly
+the bits format v1 defines. Backends with row kernels (``quantize_rows`` / ``dequantize_rows``:
+the cpu backend) write and read slots directly; the others quantize into temporaries and
+index-copy.
 """
 
 from __future__ import annotations
@@ -145,6 +147,21 @@ def _check_index(name: str, t: torch.Tensor, limit: int, device: torch.device,
     return t.long()
 
 
+def _row_kernels(backend: str, device: torch.device):
+    """The backend module when it has fused row kernels (quantize_rows / dequantize_rows) for
+    ``device``, else None (then the ops quantize into temporaries and index-copy)."""
+    from . import backends
+
+    module = backends.resolve(backend, device)
+    return module if hasattr(module, "quantize_rows") else None
+
+
+def _cache_rows(cache: PagedKVCache, prefix: str) -> tuple[torch.Tensor, ...]:
+    """(packed, scale, min) of ``prefix`` viewed as one row per slot."""
+    n = cache.num_blocks * cache.block_size
+    return tuple(getattr(cache, f"{prefix}_{p}").view(n, -1) for p in ("packed", "scale", "min"))
+
+
 def quantize_to_paged(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -171,12 +188,18 @@ def quantize_to_paged(
         raise ValueError(
             f"slot_mapping must be [num_tokens={key.shape[0]}], got {tuple(slot_mapping.shape)}"
         )
+    spec = cache.spec
+    fused = _row_kernels(backend, cache.device)
+    if fused is not None and slots.numel():  # one pass from K/V into the slots
+        slots64 = slots.to(torch.int64).contiguous()
+        for x, prefix in ((key, "key"), (value, "value")):
+            fused.quantize_rows(x.contiguous(), *_cache_rows(cache, prefix), slots64, spec)
+        return
     keep = slots >= 0
     if not bool(keep.all()):
         key, value, slots = key[keep], value[keep], slots[keep]
     if slots.numel() == 0:
         return
-    spec = cache.spec
     for x, prefix in ((key, "key"), (value, "value")):
         q = quantize(x, bits=spec.bits, group_size=spec.group_size, backend=backend)
         for part, src in (("packed", q.packed), ("scale", q.scale), ("min", q.minimum)):
@@ -190,6 +213,7 @@ def gather_dequantize(
     seq_lens: torch.Tensor,
     *,
     backend: str = "auto",
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantize a batch of sequences from the paged cache.
 
@@ -197,12 +221,17 @@ def gather_dequantize(
     ----------
     block_table : int32/int64 ``[batch, max_blocks]``: block ids of each sequence, in order.
     seq_lens : int ``[batch]``: tokens of each sequence (<= max_blocks * block_size).
+    out : optional (key, value) workspaces, each contiguous
+        ``[batch, max_blocks * block_size, kv_heads, head_dim]`` in the cache dtype and device,
+        reused across calls (fresh multi-MB outputs cost more in page faults than the
+        dequantization itself); validated before anything is written.
 
     Returns
     -------
     (key, value) : ``[batch, max_len, kv_heads, head_dim]`` in the cache dtype, where
     ``max_len = max(seq_lens)``; positions past a sequence's length are zero. (Views of a
-    buffer padded to whole blocks: not contiguous when max_len is not a block multiple.)
+    buffer padded to whole blocks, or of ``out``: not contiguous when max_len is not the
+    buffer's length.)
     """
     if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
         raise ValueError("block_table must be a 2-D [batch, max_blocks] tensor")
@@ -222,7 +251,26 @@ def gather_dequantize(
     n_blk = -(-max_len // cache.block_size)
     padded = n_blk * cache.block_size
     blocks = table[:, :n_blk].reshape(-1)
+    if out is not None:
+        _check_gather_out(out, cache, (batch, capacity, H, D))
     outs = []
+    fused = _row_kernels(backend, cache.device)
+    if fused is not None:  # one pass from the blocks into the dense output
+        width = table.shape[1] if out is not None else n_blk  # blocks per output row
+        rows = torch.full((batch, width), -1, dtype=torch.int64, device=table.device)
+        rows[:, :n_blk] = table[:, :n_blk]
+        rows = rows.reshape(-1)
+        for i, prefix in enumerate(("key", "value")):
+            packed, scale, mn = (getattr(cache, f"{prefix}_{p}").view(cache.num_blocks, -1)
+                                 for p in ("packed", "scale", "min"))
+            dense = out[i] if out is not None else torch.empty(
+                (batch, padded, H, D), dtype=cache.dtype, device=cache.device)
+            fused.dequantize_rows(packed, scale, mn, dense.view(batch * width, -1), rows,
+                                  cache.spec)
+            for b, n in enumerate(lens.tolist()):
+                dense[b, n:max_len].zero_()
+            outs.append(dense[:, :max_len])
+        return outs[0], outs[1]
     for prefix in ("key", "value"):
         parts = [getattr(cache, f"{prefix}_{p}").index_select(0, blocks).reshape(batch, padded, H, -1)
                  for p in ("packed", "scale", "min")]
@@ -232,7 +280,23 @@ def gather_dequantize(
         for b, n in enumerate(lens.tolist()):
             dense[b, n:].zero_()  # past the sequence: zeros, not whatever the block held
         outs.append(dense[:, :max_len])
+    if out is not None:
+        for o, d in zip(out, outs):
+            o[:, :max_len].copy_(d)
+        return out[0][:, :max_len], out[1][:, :max_len]
     return outs[0], outs[1]
+
+
+def _check_gather_out(out, cache: PagedKVCache, shape: tuple[int, ...]) -> None:
+    if (not isinstance(out, (tuple, list)) or len(out) != 2
+            or not all(isinstance(t, torch.Tensor) for t in out)):
+        raise ValueError("out must be a (key, value) pair of tensors")
+    for name, t in zip(("key", "value"), out):
+        if (tuple(t.shape) != shape or t.dtype != cache.dtype or t.device != cache.device
+                or not t.is_contiguous()):
+            raise ValueError(f"out {name} must be a contiguous {cache.dtype} tensor of shape "
+                             f"{list(shape)} on {cache.device}, got {t.dtype} {list(t.shape)} "
+                             f"on {t.device}")
 
 
 def transfer_nbytes(cache: PagedKVCache, num_blocks: int) -> int:
@@ -264,9 +328,13 @@ def pack_for_transfer(
         )
     offset = 0
     for t in cache.parts():
-        section = t.index_select(0, ids).reshape(-1).view(torch.uint8)
-        out[offset:offset + section.numel()].copy_(section)
-        offset += section.numel()
+        size = ids.numel() * t[0].numel() * t.element_size()
+        try:  # select straight into the buffer (its section viewed in the part's dtype)
+            dst = out[offset:offset + size].view(t.dtype).view(ids.numel(), *t.shape[1:])
+            torch.index_select(t, 0, ids, out=dst)
+        except RuntimeError:  # section not aligned for the dtype: select, then copy bytes
+            out[offset:offset + size].copy_(t.index_select(0, ids).reshape(-1).view(torch.uint8))
+        offset += size
     return out
 
 
@@ -290,6 +358,10 @@ def unpack_from_transfer(buffer: torch.Tensor, cache: PagedKVCache, block_ids: t
     offset = 0
     for t in cache.parts():
         n = ids.numel() * t[0].numel() * t.element_size()
-        section = buffer[offset:offset + n].view(t.dtype).reshape(ids.numel(), *t.shape[1:])
-        t.index_copy_(0, ids, section)
+        raw = buffer[offset:offset + n]
+        try:
+            section = raw.view(t.dtype)
+        except RuntimeError:  # not aligned for the dtype (odd-sized sections before it)
+            section = raw.clone().view(t.dtype)
+        t.index_copy_(0, ids, section.reshape(ids.numel(), *t.shape[1:]))
         offset += n

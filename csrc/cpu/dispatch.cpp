@@ -130,4 +130,51 @@ void dequantize(const DequantArgs& a, int threads) {
   run_parallel(a, active_variant().dequantize, threads);
 }
 
+namespace {
+int64_t elem_bytes(DType d) { return d == DType::F32 ? 4 : 2; }
+
+template <class Body>
+void for_rows(int64_t n_rows, int threads, Body body) {
+#ifdef _OPENMP
+  if (threads <= 0) threads = omp_get_max_threads();
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n_rows > 1)
+#endif
+  for (int64_t t = 0; t < n_rows; ++t) body(t);
+}
+}  // namespace
+
+void quantize_rows(const QuantArgs& a, const int64_t* slots, int64_t n_rows, int threads) {
+  const QuantRangeFn fn = active_variant().quantize;
+  const int64_t eb = elem_bytes(a.dtype);
+  const int64_t row_in = a.n_groups * a.group_size * eb;
+  const int64_t row_packed = a.n_groups * a.group_size * a.bits / 8;
+  const int64_t row_params = a.n_groups * eb;
+  for_rows(n_rows, threads, [&](int64_t t) {
+    if (slots[t] < 0) return;
+    QuantArgs r = a;
+    r.x = static_cast<const char*>(a.x) + t * row_in;
+    r.packed = a.packed + slots[t] * row_packed;
+    r.scale = static_cast<char*>(a.scale) + slots[t] * row_params;
+    r.minimum = static_cast<char*>(a.minimum) + slots[t] * row_params;
+    fn(r, 0, r.n_groups);
+  });
+}
+
+void dequantize_rows(const DequantArgs& a, const int64_t* rows, int64_t n_rows, int threads) {
+  const DequantRangeFn fn = active_variant().dequantize;
+  const int64_t eb = elem_bytes(a.dtype);
+  const int64_t row_out = a.n_groups * a.group_size * eb;
+  const int64_t row_packed = a.n_groups * a.group_size * a.bits / 8;
+  const int64_t row_params = a.n_groups * eb;
+  for_rows(n_rows, threads, [&](int64_t t) {
+    if (rows[t] < 0) return;
+    DequantArgs r = a;
+    r.packed = a.packed + rows[t] * row_packed;
+    r.scale = static_cast<const char*>(a.scale) + rows[t] * row_params;
+    r.minimum = static_cast<const char*>(a.minimum) + rows[t] * row_params;
+    r.y = static_cast<char*>(a.y) + t * row_out;
+    fn(r, 0, r.n_groups);
+  });
+}
+
 }  // namespace tkv::cpu

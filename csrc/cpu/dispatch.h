@@ -22,4 +22,12 @@ bool have_openmp();
 void quantize(const QuantArgs& a, int threads);
 void dequantize(const DequantArgs& a, int threads);
 
+// Paged cache rows (thunderkv/paged.py), per-token groups only. A row is `a.n_groups` groups.
+// quantize_rows: input row t (contiguous from a.x) goes to output row slots[t] of
+// packed/scale/minimum; rows with slots[t] < 0 are skipped (padding).
+void quantize_rows(const QuantArgs& a, const int64_t* slots, int64_t n_rows, int threads);
+// dequantize_rows: output row t (contiguous from a.y) comes from input row rows[t]; rows with
+// rows[t] < 0 are left as they are.
+void dequantize_rows(const DequantArgs& a, const int64_t* rows, int64_t n_rows, int threads);
+
 }  // namespace tkv::cpu

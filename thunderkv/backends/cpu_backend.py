@@ -40,3 +40,26 @@ def dequantize_into(packed, scale, minimum, out, spec: FormatSpec) -> None:
         out.numel() // G, G, spec.bits, DTYPE_CODES[out.dtype], torch.get_num_threads(),
         *_layout(out, spec),
     )
+
+
+def quantize_rows(x, packed, scale, minimum, slots, spec: FormatSpec) -> None:
+    """The fused paged write: contiguous rows ``x [N, ...]`` (one token each, per-token groups)
+    quantized straight into rows ``slots[t]`` (int64 CPU ``[N]``, -1 skips) of the
+    ``[capacity, ...]`` outputs, with no intermediate tensors."""
+    G, n = spec.group_size, x.shape[0]
+    load_extension().cpu_quantize_rows(
+        x.data_ptr(), packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(),
+        x.numel() // max(1, n) // G, G, spec.bits, DTYPE_CODES[x.dtype], slots.data_ptr(), n,
+        packed.shape[0], torch.get_num_threads(),
+    )
+
+
+def dequantize_rows(packed, scale, minimum, out, rows, spec: FormatSpec) -> None:
+    """The fused paged gather: rows ``rows[t]`` (int64 CPU ``[N]``, -1 leaves row t alone) of the
+    ``[capacity, ...]`` inputs dequantized straight into contiguous rows of ``out [N, ...]``."""
+    G, n = spec.group_size, out.shape[0]
+    load_extension().cpu_dequantize_rows(
+        packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), out.data_ptr(),
+        out.numel() // max(1, n) // G, G, spec.bits, DTYPE_CODES[out.dtype], rows.data_ptr(), n,
+        packed.shape[0], torch.get_num_threads(),
+    )
