@@ -175,34 +175,47 @@ void raise_if(const std::string& err, const char* what) {
   if (!err.empty()) throw std::runtime_error(std::string(what) + ": " + err);
 }
 
+void check_row_layout(int64_t n_groups, uintptr_t row_index, int64_t row_groups,
+                      int64_t channels) {
+  if (!row_index) return;
+  if (channels > 0) throw std::invalid_argument("row indices need the per-token layout");
+  if (row_groups <= 0 || n_groups % row_groups != 0)
+    throw std::invalid_argument("n_groups must be a positive multiple of row_groups");
+}
+
 void cuda_quantize(uintptr_t x, uintptr_t packed, uintptr_t scale, uintptr_t minimum,
                    int64_t n_groups, int group_size, int bits, int dtype, int device,
-                   uintptr_t stream, int64_t tokens, int64_t channels) {
+                   uintptr_t stream, int64_t tokens, int64_t channels, uintptr_t row_index,
+                   int64_t row_groups) {
   check_format(n_groups, group_size, bits);
   check_cols(n_groups, group_size, tokens, channels);
+  check_row_layout(n_groups, row_index, row_groups, channels);
   to_dtype(dtype);
   std::string err;
   {
     py::gil_scoped_release nogil;
     err = tkv::cuda::quantize(dtype, ptr<const void>(x), ptr<void>(packed), ptr<void>(scale),
                               ptr<void>(minimum), n_groups, group_size, bits, device, stream,
-                              tokens, channels);
+                              tokens, channels, ptr<const int64_t>(row_index), row_groups);
   }
   raise_if(err, "thunderkv CUDA quantize failed");
 }
 
 void cuda_dequantize(uintptr_t packed, uintptr_t scale, uintptr_t minimum, uintptr_t y,
                      int64_t n_groups, int group_size, int bits, int dtype, int device,
-                     uintptr_t stream, int64_t tokens, int64_t channels) {
+                     uintptr_t stream, int64_t tokens, int64_t channels, uintptr_t row_index,
+                     int64_t row_groups) {
   check_format(n_groups, group_size, bits);
   check_cols(n_groups, group_size, tokens, channels);
+  check_row_layout(n_groups, row_index, row_groups, channels);
   to_dtype(dtype);
   std::string err;
   {
     py::gil_scoped_release nogil;
     err = tkv::cuda::dequantize(dtype, ptr<const void>(packed), ptr<const void>(scale),
                                 ptr<const void>(minimum), ptr<void>(y), n_groups, group_size,
-                                bits, device, stream, tokens, channels);
+                                bits, device, stream, tokens, channels,
+                                ptr<const int64_t>(row_index), row_groups);
   }
   raise_if(err, "thunderkv CUDA dequantize failed");
 }
@@ -268,11 +281,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_quantize", &cuda_quantize, py::arg("x"), py::arg("packed"), py::arg("scale"),
         py::arg("minimum"), py::arg("n_groups"), py::arg("group_size"), py::arg("bits"),
         py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("tokens") = 0,
-        py::arg("channels") = 0);
+        py::arg("channels") = 0, py::arg("row_index") = 0, py::arg("row_groups") = 0);
   m.def("cuda_dequantize", &cuda_dequantize, py::arg("packed"), py::arg("scale"),
         py::arg("minimum"), py::arg("y"), py::arg("n_groups"), py::arg("group_size"),
         py::arg("bits"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
-        py::arg("tokens") = 0, py::arg("channels") = 0);
+        py::arg("tokens") = 0, py::arg("channels") = 0, py::arg("row_index") = 0,
+        py::arg("row_groups") = 0);
   m.def("cuda_device_count", &cuda_device_count,
         "(count, reason): count is -1 when no usable driver/device, with the reason");
 #else

@@ -236,3 +236,31 @@ def test_pack_falls_back_when_a_section_is_not_aligned_for_its_dtype(gen):
     unpack_from_transfer(buf, dst, torch.tensor([1]))
     for a, b in zip(src.parts(), dst.parts()):
         assert bits_equal(a[2], b[1])
+
+
+GPU_BACKENDS = [b for b in ("cuda", "triton") if torch.cuda.is_available()
+                and tk.backends.unavailable_reason(b, torch.device("cuda")) is None]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_BACKENDS, reason="no CUDA device with a cuda/triton backend")
+@pytest.mark.parametrize("backend", GPU_BACKENDS or ["cuda"])
+def test_paged_ops_on_gpu_match_the_cpu_cache(backend, gen):
+    """Write, gather, pack and unpack on the GPU give the bits the reference gives on the CPU."""
+    lens = [37, 16, 5]
+    cpu, gpu = _cache(), PagedKVCache.allocate(12, BS, H, D, bits=4, group_size=32, device="cuda")
+    table, ks, vs = _fill_sequences(cpu, lens, gen)
+    for b, n in enumerate(lens):
+        pos = torch.arange(n)
+        slots = torch.cat([table[b].long()[pos // BS] * BS + pos % BS, torch.tensor([-1])])
+        pad = random_kv((1, H, D), torch.float16, gen)  # a padding token: must land nowhere
+        k, v = torch.cat([ks[b], pad]), torch.cat([vs[b], pad])
+        quantize_to_paged(k.cuda(), v.cuda(), gpu, slots.cuda(), backend=backend)
+    for a, g in zip(cpu.parts(), gpu.parts()):
+        assert bits_equal(a, g.cpu())
+    want = gather_dequantize(cpu, table, torch.tensor(lens), backend="reference")
+    got = gather_dequantize(gpu, table.cuda(), torch.tensor(lens).cuda(), backend=backend)
+    for w, g in zip(want, got):
+        assert same_values(g.cpu(), w)
+    ids = table[0, :2]
+    assert torch.equal(pack_for_transfer(gpu, ids.cuda()).cpu(), pack_for_transfer(cpu, ids))

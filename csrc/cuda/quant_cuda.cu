@@ -45,13 +45,29 @@ struct Conv<float> {
   static __device__ float nan() { return __int_as_float(0x7FC00000); }
 };
 
+// Paged rows (thunderkv/paged.py): with `index`, group g belongs to row g / row_groups of the
+// contiguous side and to row index[that] of the slotted side (-1: skip the row); without, the
+// identity. Quantize slots its outputs, dequantize slots its inputs.
+struct Rows {
+  const int64_t* index = nullptr;
+  int64_t row_groups = 1;
+};
+
+__device__ inline int64_t slotted_group(int64_t g, const Rows& r) {
+  if (r.index == nullptr) return g;
+  const int64_t row = r.index[g / r.row_groups];
+  return row < 0 ? -1 : row * r.row_groups + g % r.row_groups;
+}
+
 template <class T>
 __global__ void quantize_kernel(const T* __restrict__ x, uint8_t* __restrict__ packed,
                                 T* __restrict__ scale, T* __restrict__ minimum, int64_t n_groups,
-                                int G, int bits) {
-  const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (g >= n_groups) return;
-  const T* xg = x + g * G;
+                                int G, int bits, Rows rows) {
+  const int64_t gi = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (gi >= n_groups) return;
+  const int64_t g = slotted_group(gi, rows);  // where the group's outputs go
+  if (g < 0) return;
+  const T* xg = x + gi * G;
   const int nb = G * bits / 8;
   uint8_t* pg = packed + g * nb;
   float mn = __int_as_float(0x7F800000);
@@ -92,12 +108,14 @@ __global__ void quantize_kernel(const T* __restrict__ x, uint8_t* __restrict__ p
 template <class T>
 __global__ void dequantize_kernel(const uint8_t* __restrict__ packed, const T* __restrict__ scale,
                                   const T* __restrict__ minimum, T* __restrict__ y,
-                                  int64_t n_groups, int G, int bits) {
+                                  int64_t n_groups, int G, int bits, Rows rows) {
   const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (g >= n_groups) return;
-  const float s = Conv<T>::to(scale[g]);
-  const float m = Conv<T>::to(minimum[g]);
-  const uint8_t* pg = packed + g * (G * bits / 8);
+  const int64_t gi = slotted_group(g, rows);  // where the group's inputs come from
+  if (gi < 0) return;
+  const float s = Conv<T>::to(scale[gi]);
+  const float m = Conv<T>::to(minimum[gi]);
+  const uint8_t* pg = packed + gi * (G * bits / 8);
   T* yg = y + g * G;
   const int per_byte = 8 / bits;
   const unsigned mask = (1u << bits) - 1u;
@@ -128,14 +146,15 @@ __device__ inline void load_vec(const T* p, T (&v)[16 / sizeof(T)]) {
 template <class T, int BITS>
 __global__ void quantize_vec_kernel(const T* __restrict__ x, uint8_t* __restrict__ packed,
                                     T* __restrict__ scale, T* __restrict__ minimum,
-                                    int64_t n_groups, int G, int lanes_log2) {
+                                    int64_t n_groups, int G, int lanes_log2, Rows rows) {
   constexpr int N = 16 / sizeof(T);  // values per 16-byte vector
   constexpr int WB = N * BITS / 8;   // code bytes per vector
   using Word = typename WordOf<WB>::type;
   const int L = 1 << lanes_log2;
   const int64_t g = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> lanes_log2;
   const int lane = threadIdx.x & (L - 1);
-  const bool active = g < n_groups;  // the same for all L lanes of a group
+  const int64_t go = g < n_groups ? slotted_group(g, rows) : -1;  // where the outputs go
+  const bool active = go >= 0;  // the same for all L lanes of a group
   const int vecs = G / N;
   const T* xg = x + (active ? g : 0) * G;
   float mn = __int_as_float(0x7F800000);
@@ -169,18 +188,18 @@ __global__ void quantize_vec_kernel(const T* __restrict__ x, uint8_t* __restrict
   const float qmax = static_cast<float>((1 << BITS) - 1);
   const T sc = Conv<T>::from(__fdiv_rn(__fsub_rn(mx, mn), qmax));
   const float s = Conv<T>::to(sc);
-  Word* pg = reinterpret_cast<Word*>(packed + g * (static_cast<int64_t>(G) * BITS / 8));
+  Word* pg = reinterpret_cast<Word*>(packed + go * (static_cast<int64_t>(G) * BITS / 8));
   if (nonfinite || !isfinite(s)) {
     if (lane == 0) {
-      scale[g] = Conv<T>::nan();
-      minimum[g] = Conv<T>::from(0.0f);
+      scale[go] = Conv<T>::nan();
+      minimum[go] = Conv<T>::from(0.0f);
     }
     for (int j = lane; j < vecs; j += L) pg[j] = 0;
     return;
   }
   if (lane == 0) {
-    scale[g] = sc;
-    minimum[g] = Conv<T>::from(mn);
+    scale[go] = sc;
+    minimum[go] = Conv<T>::from(mn);
   }
   const float r = s != 0.0f ? __frcp_rn(s) : 0.0f;
   for (int j = lane; j < vecs; j += L) {
@@ -200,16 +219,18 @@ __global__ void quantize_vec_kernel(const T* __restrict__ x, uint8_t* __restrict
 template <class T, int BITS>
 __global__ void dequantize_vec_kernel(const uint8_t* __restrict__ packed,
                                       const T* __restrict__ scale, const T* __restrict__ minimum,
-                                      T* __restrict__ y, int64_t n_vectors, int vecs) {
+                                      T* __restrict__ y, int64_t n_vectors, int vecs,
+                                      Rows rows) {
   constexpr int N = 16 / sizeof(T);
   constexpr int WB = N * BITS / 8;
   using Word = typename WordOf<WB>::type;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= n_vectors) return;
-  const int64_t g = t / vecs;
-  const float s = Conv<T>::to(scale[g]);
-  const float m = Conv<T>::to(minimum[g]);
-  const Word word = reinterpret_cast<const Word*>(packed)[t];  // vectors are contiguous
+  const int64_t gi = slotted_group(t / vecs, rows);  // where the inputs come from
+  if (gi < 0) return;
+  const float s = Conv<T>::to(scale[gi]);
+  const float m = Conv<T>::to(minimum[gi]);
+  const Word word = reinterpret_cast<const Word*>(packed)[gi * vecs + t % vecs];
   constexpr unsigned mask = (1u << BITS) - 1u;
   T out[N];
 #pragma unroll
@@ -320,23 +341,23 @@ int vec_lanes_log2(int G, size_t elem, uintptr_t values, uintptr_t packed, int b
 
 template <class T, int BITS>
 void launch_quantize_vec(const void* x, void* packed, void* scale, void* minimum,
-                         int64_t n_groups, int G, int lanes_log2, cudaStream_t st) {
+                         int64_t n_groups, int G, int lanes_log2, Rows rows, cudaStream_t st) {
   const int64_t threads = n_groups << lanes_log2;
   const unsigned blocks = static_cast<unsigned>((threads + kVecThreads - 1) / kVecThreads);
   quantize_vec_kernel<T, BITS><<<blocks, kVecThreads, 0, st>>>(
       static_cast<const T*>(x), static_cast<uint8_t*>(packed), static_cast<T*>(scale),
-      static_cast<T*>(minimum), n_groups, G, lanes_log2);
+      static_cast<T*>(minimum), n_groups, G, lanes_log2, rows);
 }
 
 template <class T, int BITS>
 void launch_dequantize_vec(const void* packed, const void* scale, const void* minimum, void* y,
-                           int64_t n_groups, int G, cudaStream_t st) {
+                           int64_t n_groups, int G, Rows rows, cudaStream_t st) {
   const int vecs = G / static_cast<int>(16 / sizeof(T));
   const int64_t n_vectors = n_groups * vecs;
   const unsigned blocks = static_cast<unsigned>((n_vectors + kVecThreads - 1) / kVecThreads);
   dequantize_vec_kernel<T, BITS><<<blocks, kVecThreads, 0, st>>>(
       static_cast<const uint8_t*>(packed), static_cast<const T*>(scale),
-      static_cast<const T*>(minimum), static_cast<T*>(y), n_vectors, vecs);
+      static_cast<const T*>(minimum), static_cast<T*>(y), n_vectors, vecs, rows);
 }
 
 std::string finish(cudaError_t e) {
@@ -346,7 +367,8 @@ std::string finish(cudaError_t e) {
 
 template <class T>
 std::string launch_quantize(const void* x, void* packed, void* scale, void* minimum,
-                            int64_t n_groups, int G, int bits, Cols cols, cudaStream_t st) {
+                            int64_t n_groups, int G, int bits, Cols cols, Rows rows,
+                            cudaStream_t st) {
   if (cols.channels > 0) {
     const unsigned blocks = static_cast<unsigned>((n_groups + kThreads - 1) / kThreads);
     quantize_cols_kernel<T><<<blocks, kThreads, 0, st>>>(
@@ -358,22 +380,23 @@ std::string launch_quantize(const void* x, void* packed, void* scale, void* mini
                                 reinterpret_cast<uintptr_t>(packed), bits);
   if (lg >= 0 && !std::getenv("THUNDERKV_CUDA_SCALAR")) {
     switch (bits) {
-      case 2: launch_quantize_vec<T, 2>(x, packed, scale, minimum, n_groups, G, lg, st); break;
-      case 4: launch_quantize_vec<T, 4>(x, packed, scale, minimum, n_groups, G, lg, st); break;
-      default: launch_quantize_vec<T, 8>(x, packed, scale, minimum, n_groups, G, lg, st); break;
+      case 2: launch_quantize_vec<T, 2>(x, packed, scale, minimum, n_groups, G, lg, rows, st); break;
+      case 4: launch_quantize_vec<T, 4>(x, packed, scale, minimum, n_groups, G, lg, rows, st); break;
+      default: launch_quantize_vec<T, 8>(x, packed, scale, minimum, n_groups, G, lg, rows, st); break;
     }
     return finish(cudaSuccess);
   }
   const unsigned blocks = static_cast<unsigned>((n_groups + kThreads - 1) / kThreads);
   quantize_kernel<T><<<blocks, kThreads, 0, st>>>(
       static_cast<const T*>(x), static_cast<uint8_t*>(packed), static_cast<T*>(scale),
-      static_cast<T*>(minimum), n_groups, G, bits);
+      static_cast<T*>(minimum), n_groups, G, bits, rows);
   return finish(cudaSuccess);
 }
 
 template <class T>
 std::string launch_dequantize(const void* packed, const void* scale, const void* minimum, void* y,
-                              int64_t n_groups, int G, int bits, Cols cols, cudaStream_t st) {
+                              int64_t n_groups, int G, int bits, Cols cols, Rows rows,
+                              cudaStream_t st) {
   if (cols.channels > 0) {
     const unsigned blocks = static_cast<unsigned>((n_groups + kThreads - 1) / kThreads);
     dequantize_cols_kernel<T><<<blocks, kThreads, 0, st>>>(
@@ -385,16 +408,16 @@ std::string launch_dequantize(const void* packed, const void* scale, const void*
                      reinterpret_cast<uintptr_t>(packed), bits) >= 0 &&
       !std::getenv("THUNDERKV_CUDA_SCALAR")) {
     switch (bits) {
-      case 2: launch_dequantize_vec<T, 2>(packed, scale, minimum, y, n_groups, G, st); break;
-      case 4: launch_dequantize_vec<T, 4>(packed, scale, minimum, y, n_groups, G, st); break;
-      default: launch_dequantize_vec<T, 8>(packed, scale, minimum, y, n_groups, G, st); break;
+      case 2: launch_dequantize_vec<T, 2>(packed, scale, minimum, y, n_groups, G, rows, st); break;
+      case 4: launch_dequantize_vec<T, 4>(packed, scale, minimum, y, n_groups, G, rows, st); break;
+      default: launch_dequantize_vec<T, 8>(packed, scale, minimum, y, n_groups, G, rows, st); break;
     }
     return finish(cudaSuccess);
   }
   const unsigned blocks = static_cast<unsigned>((n_groups + kThreads - 1) / kThreads);
   dequantize_kernel<T><<<blocks, kThreads, 0, st>>>(
       static_cast<const uint8_t*>(packed), static_cast<const T*>(scale),
-      static_cast<const T*>(minimum), static_cast<T*>(y), n_groups, G, bits);
+      static_cast<const T*>(minimum), static_cast<T*>(y), n_groups, G, bits, rows);
   return finish(cudaSuccess);
 }
 
@@ -402,44 +425,48 @@ std::string launch_dequantize(const void* packed, const void* scale, const void*
 
 std::string quantize(int dtype, const void* x, void* packed, void* scale, void* minimum,
                      int64_t n_groups, int group_size, int bits, int device, uintptr_t stream,
-                     int64_t tokens, int64_t channels) {
+                     int64_t tokens, int64_t channels, const int64_t* row_index,
+                     int64_t row_groups) {
   if (n_groups == 0) return {};
   cudaError_t e = cudaSetDevice(device);
   if (e != cudaSuccess) return cudaGetErrorString(e);
   auto st = reinterpret_cast<cudaStream_t>(stream);
   const Cols cols{tokens, channels};
+  const Rows rows{row_index, row_index ? row_groups : 1};
   switch (dtype) {
     case 0:
       return launch_quantize<__half>(x, packed, scale, minimum, n_groups, group_size, bits, cols,
-                                     st);
+                                     rows, st);
     case 1:
       return launch_quantize<__nv_bfloat16>(x, packed, scale, minimum, n_groups, group_size, bits,
-                                            cols, st);
+                                            cols, rows, st);
     case 2:
       return launch_quantize<float>(x, packed, scale, minimum, n_groups, group_size, bits, cols,
-                                    st);
+                                    rows, st);
   }
   return "unsupported dtype code";
 }
 
 std::string dequantize(int dtype, const void* packed, const void* scale, const void* minimum,
                        void* y, int64_t n_groups, int group_size, int bits, int device,
-                       uintptr_t stream, int64_t tokens, int64_t channels) {
+                       uintptr_t stream, int64_t tokens, int64_t channels,
+                       const int64_t* row_index, int64_t row_groups) {
   if (n_groups == 0) return {};
   cudaError_t e = cudaSetDevice(device);
   if (e != cudaSuccess) return cudaGetErrorString(e);
   auto st = reinterpret_cast<cudaStream_t>(stream);
   const Cols cols{tokens, channels};
+  const Rows rows{row_index, row_index ? row_groups : 1};
   switch (dtype) {
     case 0:
       return launch_dequantize<__half>(packed, scale, minimum, y, n_groups, group_size, bits,
-                                       cols, st);
+                                       cols, rows, st);
     case 1:
       return launch_dequantize<__nv_bfloat16>(packed, scale, minimum, y, n_groups, group_size,
-                                              bits, cols, st);
+                                              bits, cols, rows, st);
     case 2:
       return launch_dequantize<float>(packed, scale, minimum, y, n_groups, group_size, bits, cols,
-                                      st);
+                                      rows, st);
   }
   return "unsupported dtype code";
 }
