@@ -18,8 +18,8 @@ Ops:
 
 The quantization itself uses the chosen backend's format v1 kernels, so the cache holds exactly
 the bits format v1 defines. Backends with row kernels (``quantize_rows`` / ``dequantize_rows``:
-the cpu and cuda backends) write and read slots directly; the others quantize into temporaries and
-index-copy.
+cpu, cuda and triton) write and read slots directly; the reference quantizes into temporaries
+and index-copies.
 """
 
 from __future__ import annotations

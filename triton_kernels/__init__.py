@@ -61,8 +61,8 @@ def quantize_into(x: torch.Tensor, packed, scale, minimum, spec) -> None:
         n_groups = x.numel() // G
         block = max(1, TILE // G)
         _quantize_rows_kernel[(triton.cdiv(n_groups, block),)](
-            x, packed, s_bits, m_bits, n_groups, G=G, BITS=bits, BLOCK_G=block,
-            DT=dt, IT=it, NAN_BITS=nan_bits, **QUANTIZE_OPTIONS)
+            x, packed, s_bits, m_bits, n_groups, packed, 1, G=G, BITS=bits, BLOCK_G=block,
+            DT=dt, IT=it, NAN_BITS=nan_bits, HAS_SLOTS=False, **QUANTIZE_OPTIONS)
     else:
         rows, t, d = _rows_t_d(tuple(x.shape))
         block_d = _col_block(d, G)
@@ -82,8 +82,8 @@ def dequantize_into(packed, scale, minimum, out: torch.Tensor, spec) -> None:
         n_groups = out.numel() // G
         block = max(1, TILE // G)
         _dequantize_rows_kernel[(triton.cdiv(n_groups, block),)](
-            packed, s_bits, m_bits, y_bits, n_groups, G=G, BITS=bits, BLOCK_G=block,
-            DT=dt, IT=it)
+            packed, s_bits, m_bits, y_bits, n_groups, packed, 1, G=G, BITS=bits, BLOCK_G=block,
+            DT=dt, IT=it, HAS_SLOTS=False)
     else:
         rows, t, d = _rows_t_d(tuple(out.shape))
         block_d = _col_block(d, G)
@@ -91,3 +91,35 @@ def dequantize_into(packed, scale, minimum, out: torch.Tensor, spec) -> None:
         _dequantize_cols_kernel[grid](
             packed, s_bits, m_bits, y_bits, t, d, G=G, BITS=bits, BLOCK_D=block_d,
             DT=dt, IT=it)
+
+
+def quantize_rows(x: torch.Tensor, packed, scale, minimum, slots: torch.Tensor, spec) -> None:
+    """The fused paged write: contiguous rows ``x [N, ...]`` (per-token groups) quantized into
+    rows ``slots[t]`` (int64 on x's device, -1 skips, already validated) of the
+    ``[capacity, ...]`` outputs."""
+    check_group_size(spec.group_size)
+    G, bits = spec.group_size, spec.bits
+    dt, it, view, nan_bits = _TYPES[x.dtype]
+    n_groups = x.numel() // G
+    if n_groups == 0:
+        return
+    block = max(1, TILE // G)
+    _quantize_rows_kernel[(triton.cdiv(n_groups, block),)](
+        x, packed, scale.view(view), minimum.view(view), n_groups, slots,
+        n_groups // x.shape[0], G=G, BITS=bits, BLOCK_G=block, DT=dt, IT=it,
+        NAN_BITS=nan_bits, HAS_SLOTS=True, **QUANTIZE_OPTIONS)
+
+
+def dequantize_rows(packed, scale, minimum, out: torch.Tensor, rows: torch.Tensor, spec) -> None:
+    """The fused paged gather: rows ``rows[t]`` (int64 on out's device, -1 leaves row t alone,
+    already validated) of the ``[capacity, ...]`` inputs dequantized into rows of ``out``."""
+    check_group_size(spec.group_size)
+    G, bits = spec.group_size, spec.bits
+    dt, it, view, _ = _TYPES[out.dtype]
+    n_groups = out.numel() // G
+    if n_groups == 0:
+        return
+    block = max(1, TILE // G)
+    _dequantize_rows_kernel[(triton.cdiv(n_groups, block),)](
+        packed, scale.view(view), minimum.view(view), out.view(view), n_groups, rows,
+        n_groups // out.shape[0], G=G, BITS=bits, BLOCK_G=block, DT=dt, IT=it, HAS_SLOTS=True)

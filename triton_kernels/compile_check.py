@@ -25,20 +25,26 @@ _DT = {"fp16": (tl.float16, tl.int16, "i16", 0x7E00), "bf16": (tl.bfloat16, tl.i
 def _variants():
     for name, (dt, it, ity, nan) in _DT.items():
         xty = "*" + name
-        yield (f"quantize_rows_{name}", q._quantize_rows_kernel,
-               {"x_ptr": xty, "packed_ptr": "*u8", "scale_ptr": "*" + ity, "min_ptr": "*" + ity,
-                "n_groups": "i32"},
-               {"G": 64, "BITS": 4, "BLOCK_G": 64, "DT": dt, "IT": it, "NAN_BITS": nan},
-               QUANTIZE_OPTIONS)
+        for slots in (False, True):  # plain, and writing into paged-cache slots
+            tag = "_slots" if slots else ""
+            yield (f"quantize_rows{tag}_{name}", q._quantize_rows_kernel,
+                   {"x_ptr": xty, "packed_ptr": "*u8", "scale_ptr": "*" + ity,
+                    "min_ptr": "*" + ity, "n_groups": "i32", "slots_ptr": "*i64",
+                    "row_groups": "i32"},
+                   {"G": 64, "BITS": 4, "BLOCK_G": 64, "DT": dt, "IT": it, "NAN_BITS": nan,
+                    "HAS_SLOTS": slots},
+                   QUANTIZE_OPTIONS)
+            yield (f"dequantize_rows{tag}_{name}", q._dequantize_rows_kernel,
+                   {"packed_ptr": "*u8", "scale_ptr": "*" + ity, "min_ptr": "*" + ity,
+                    "y_ptr": "*" + ity, "n_groups": "i32", "slots_ptr": "*i64",
+                    "row_groups": "i32"},
+                   {"G": 64, "BITS": 4, "BLOCK_G": 64, "DT": dt, "IT": it, "HAS_SLOTS": slots},
+                   {})
         yield (f"quantize_cols_{name}", q._quantize_cols_kernel,
                {"x_ptr": xty, "packed_ptr": "*u8", "scale_ptr": "*" + ity, "min_ptr": "*" + ity,
                 "T": "i32", "D": "i32"},
                {"G": 32, "BITS": 2, "BLOCK_D": 128, "DT": dt, "IT": it, "NAN_BITS": nan},
                QUANTIZE_OPTIONS)
-        yield (f"dequantize_rows_{name}", q._dequantize_rows_kernel,
-               {"packed_ptr": "*u8", "scale_ptr": "*" + ity, "min_ptr": "*" + ity,
-                "y_ptr": "*" + ity, "n_groups": "i32"},
-               {"G": 64, "BITS": 4, "BLOCK_G": 64, "DT": dt, "IT": it}, {})
         yield (f"dequantize_cols_{name}", q._dequantize_cols_kernel,
                {"packed_ptr": "*u8", "scale_ptr": "*" + ity, "min_ptr": "*" + ity,
                 "y_ptr": "*" + ity, "T": "i32", "D": "i32"},

@@ -71,28 +71,41 @@ def _codes(x, mn, r, bad, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, packed_ptr, scale_ptr, min_ptr, n_groups,
+def _slotted(g, gmask, slots_ptr, row_groups, HAS_SLOTS: tl.constexpr):
+    """(group index on the slotted side, mask) for groups ``g`` of the contiguous side: with
+    HAS_SLOTS, row ``g // row_groups`` lives in slot ``slots[row]`` (-1: skipped) of the paged
+    cache; without, the identity."""
+    if HAS_SLOTS:
+        slot = tl.load(slots_ptr + g // row_groups, mask=gmask, other=-1)
+        return slot * row_groups + (g % row_groups).to(tl.int64), gmask & (slot >= 0)
+    else:
+        return g.to(tl.int64), gmask
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, packed_ptr, scale_ptr, min_ptr, n_groups, slots_ptr, row_groups,
                           G: tl.constexpr, BITS: tl.constexpr, BLOCK_G: tl.constexpr,
-                          DT: tl.constexpr, IT: tl.constexpr, NAN_BITS: tl.constexpr):
+                          DT: tl.constexpr, IT: tl.constexpr, NAN_BITS: tl.constexpr,
+                          HAS_SLOTS: tl.constexpr):
     PB: tl.constexpr = 8 // BITS
     QMAX: tl.constexpr = (1 << BITS) - 1
     g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     gmask = g < n_groups
+    go, omask = _slotted(g, gmask, slots_ptr, row_groups, HAS_SLOTS)  # where outputs go
     i = tl.arange(0, G)
     x = tl.load(x_ptr + g[:, None].to(tl.int64) * G + i[None, :], mask=gmask[:, None],
                 other=0.0).to(tl.float32)
     nonfinite = tl.sum(((x - x) != 0.0).to(tl.int32), axis=1) > 0
     scale_bits, min_bits, mn, r, bad = _finish_groups(
         tl.min(x, axis=1), tl.max(x, axis=1), nonfinite, QMAX, DT, IT, NAN_BITS)
-    tl.store(scale_ptr + g, scale_bits, mask=gmask)
-    tl.store(min_ptr + g, min_bits, mask=gmask)
+    tl.store(scale_ptr + go, scale_bits, mask=omask)
+    tl.store(min_ptr + go, min_bits, mask=omask)
     codes = _codes(x, mn[:, None], r[:, None], bad[:, None], QMAX)
     codes = tl.reshape(codes, (BLOCK_G, G // PB, PB))
     shifts = tl.arange(0, PB) * BITS
     packed = tl.sum(codes << shifts[None, None, :], axis=2).to(tl.uint8)
     j = tl.arange(0, G // PB)
-    tl.store(packed_ptr + g[:, None].to(tl.int64) * (G // PB) + j[None, :], packed,
-             mask=gmask[:, None])
+    tl.store(packed_ptr + go[:, None] * (G // PB) + j[None, :], packed, mask=omask[:, None])
 
 
 @triton.jit
@@ -128,24 +141,26 @@ def _quantize_cols_kernel(x_ptr, packed_ptr, scale_ptr, min_ptr, T, D,
 
 
 @triton.jit
-def _dequantize_rows_kernel(packed_ptr, scale_ptr, min_ptr, y_ptr, n_groups,
-                            G: tl.constexpr, BITS: tl.constexpr, BLOCK_G: tl.constexpr,
-                            DT: tl.constexpr, IT: tl.constexpr):
+def _dequantize_rows_kernel(packed_ptr, scale_ptr, min_ptr, y_ptr, n_groups, slots_ptr,
+                            row_groups, G: tl.constexpr, BITS: tl.constexpr,
+                            BLOCK_G: tl.constexpr, DT: tl.constexpr, IT: tl.constexpr,
+                            HAS_SLOTS: tl.constexpr):
     PB: tl.constexpr = 8 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     gmask = g < n_groups
+    gi, imask = _slotted(g, gmask, slots_ptr, row_groups, HAS_SLOTS)  # where inputs come from
     j = tl.arange(0, G // PB)
-    p = tl.load(packed_ptr + g[:, None].to(tl.int64) * (G // PB) + j[None, :],
-                mask=gmask[:, None], other=0).to(tl.int32)
+    p = tl.load(packed_ptr + gi[:, None] * (G // PB) + j[None, :],
+                mask=imask[:, None], other=0).to(tl.int32)
     shifts = tl.arange(0, PB) * BITS
     codes = tl.reshape((p[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_G, G))
-    s = _bits_to_f32(tl.load(scale_ptr + g, mask=gmask, other=0), DT)
-    m = _bits_to_f32(tl.load(min_ptr + g, mask=gmask, other=0), DT)
+    s = _bits_to_f32(tl.load(scale_ptr + gi, mask=imask, other=0), DT)
+    m = _bits_to_f32(tl.load(min_ptr + gi, mask=imask, other=0), DT)
     y = tl.fma(codes.to(tl.float32), s[:, None], m[:, None])
     i = tl.arange(0, G)
     tl.store(y_ptr + g[:, None].to(tl.int64) * G + i[None, :],
-             _to_bits(y, DT, IT), mask=gmask[:, None])
+             _to_bits(y, DT, IT), mask=imask[:, None])
 
 
 @triton.jit

@@ -33,3 +33,11 @@ def quantize_into(x, packed, scale, minimum, spec) -> None:
 
 def dequantize_into(packed, scale, minimum, out, spec) -> None:
     _kernels().dequantize_into(packed, scale, minimum, out, spec)
+
+
+def quantize_rows(x, packed, scale, minimum, slots, spec) -> None:
+    _kernels().quantize_rows(x, packed, scale, minimum, slots, spec)
+
+
+def dequantize_rows(packed, scale, minimum, out, rows, spec) -> None:
+    _kernels().dequantize_rows(packed, scale, minimum, out, rows, spec)
