@@ -264,3 +264,44 @@ def test_paged_ops_on_gpu_match_the_cpu_cache(backend, gen):
         assert same_values(g.cpu(), w)
     ids = table[0, :2]
     assert torch.equal(pack_for_transfer(gpu, ids.cuda()).cpu(), pack_for_transfer(cpu, ids))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_paged_ops(backend, gen):
+    """The paged ops are registered custom ops: schema (declared mutations only), fake
+    implementations and AOT dispatch agree with the real ones."""
+    cache = _cache()
+    parts = cache.parts()
+    spec = (cache.spec.bits, cache.spec.group_size)
+    key, value = random_kv((20, H, D), torch.float16, gen), random_kv((20, H, D), torch.float16, gen)
+    slots = torch.randperm(cache.num_blocks * BS, generator=gen)[:20]
+    slots[3] = -1
+    torch.library.opcheck(torch.ops.thunderkv.quantize_to_paged.default,
+                          (key, value, *parts, slots, *spec, backend))
+    table, _, _ = _fill_sequences(cache, [37, 5], gen)
+    lens = torch.tensor([37, 5])
+    outs = [torch.zeros(2, table.shape[1] * BS, H, D, dtype=torch.float16) for _ in range(2)]
+    torch.library.opcheck(torch.ops.thunderkv.gather_dequantize_into.default,
+                          (*parts, table, lens, *outs, *spec, backend))
+    ids = table[0, :2]
+    buf = torch.zeros(transfer_nbytes(cache, 2), dtype=torch.uint8)
+    torch.library.opcheck(torch.ops.thunderkv.pack_for_transfer.default,
+                          (*parts, ids, buf, *spec))
+    dst = _cache(num_blocks=4)
+    torch.library.opcheck(torch.ops.thunderkv.unpack_from_transfer.default,
+                          (pack_for_transfer(cache, ids), torch.tensor([3, 1]), *dst.parts(), *spec))
+
+
+def test_paged_ops_trace_under_torch_compile(gen):
+    """torch.compile(fullgraph) through the write and pack ops gives the eager bits."""
+    cache, twin = _cache(), _cache()
+    key, value = random_kv((16, H, D), torch.float16, gen), random_kv((16, H, D), torch.float16, gen)
+    slots = torch.arange(16) * 3
+
+    def write_and_pack(k, v, s):
+        quantize_to_paged(k, v, cache, s)
+        return pack_for_transfer(cache, torch.tensor([0, 1, 2]))
+
+    got = torch.compile(write_and_pack, fullgraph=True)(key, value, slots)
+    quantize_to_paged(key, value, twin, slots)
+    assert torch.equal(got, pack_for_transfer(twin, torch.tensor([0, 1, 2])))

@@ -16,7 +16,10 @@ Ops:
 - :func:`pack_for_transfer` / :func:`unpack_from_transfer` copy a sequence's blocks into / out
   of one contiguous buffer (the wire payload: one registered buffer holds a request's KV).
 
-The quantization itself uses the chosen backend's format v1 kernels, so the cache holds exactly
+Each op is also a registered ``torch.library`` custom op on the cache's six tensors
+(``thunderkv::quantize_to_paged``, ``gather_dequantize_into``, ``pack_for_transfer``,
+``unpack_from_transfer``; :mod:`thunderkv._paged_ops`), so ``torch.compile`` can trace it; eager
+calls run the same body directly. The quantization itself uses the chosen backend's format v1 kernels, so the cache holds exactly
 the bits format v1 defines. Backends with row kernels (``quantize_rows`` / ``dequantize_rows``:
 cpu, cuda and triton) write and read slots directly; the reference quantizes into temporaries
 and index-copies.
@@ -113,6 +116,50 @@ class PagedKVCache:
         return self.block_nbytes * self.num_blocks
 
 
+def _check_cache(cache: PagedKVCache) -> PagedKVCache:
+    """The six parts agree with each other and with the cache's spec (they may come straight
+    from a ``torch.ops`` caller)."""
+    if not isinstance(cache, PagedKVCache):
+        raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
+    parts = cache.parts()
+    if not all(isinstance(t, torch.Tensor) for t in parts):
+        raise TypeError("every cache part must be a torch.Tensor")
+    kp = cache.key_packed
+    if kp.dim() != 4 or kp.dtype != torch.uint8:
+        raise ValueError(f"key_packed must be uint8 [num_blocks, block_size, kv_heads, "
+                         f"head_dim*bits/8], got {kp.dtype} {tuple(kp.shape)}")
+    if cache.head_dim % cache.spec.group_size:
+        raise ValueError(f"head_dim {cache.head_dim} is not divisible by group_size "
+                         f"{cache.spec.group_size}")
+    params = (*kp.shape[:3], cache.head_dim // cache.spec.group_size)
+    for name, t in zip(_PARTS, parts):
+        want = tuple(kp.shape) if name.endswith("packed") else params
+        dtype = torch.uint8 if name.endswith("packed") else cache.dtype
+        if tuple(t.shape) != want or t.dtype != dtype or t.device != kp.device or (
+                not t.is_contiguous()):
+            raise ValueError(f"cache part {name} must be a contiguous {dtype} tensor of shape "
+                             f"{list(want)} on {kp.device}, got {t.dtype} {list(t.shape)} on "
+                             f"{t.device}")
+    if cache.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"cache dtype must be float16, bfloat16 or float32, got {cache.dtype}")
+    return cache
+
+
+def cache_from_parts(parts, bits: int, group_size: int) -> PagedKVCache:
+    """A validated :class:`PagedKVCache` over six existing tensors (in ``_PARTS`` order)."""
+    parts = list(parts)
+    if len(parts) != 6:
+        raise ValueError(f"a paged cache has 6 parts, got {len(parts)}")
+    return _check_cache(PagedKVCache(*parts, spec=FormatSpec(bits, group_size, -1),
+                                     dtype=parts[1].dtype))
+
+
+def _eager(*tensors) -> bool:
+    from ._ops import eager_ok
+
+    return eager_ok(*tensors)
+
+
 def _check_kv(key: torch.Tensor, value: torch.Tensor, cache: PagedKVCache) -> None:
     want = (cache.kv_heads, cache.head_dim)
     for name, t in (("key", key), ("value", value)):
@@ -181,6 +228,19 @@ def quantize_to_paged(
 
     Everything is validated before the cache is touched.
     """
+    _check_cache(cache)
+    _check_kv(key, value, cache)
+    if not isinstance(slot_mapping, torch.Tensor):
+        raise TypeError("slot_mapping must be an int32/int64 tensor")
+    if _eager(key, value, slot_mapping, *cache.parts()):  # the op's body, without the dispatcher
+        _write(key, value, cache, slot_mapping, backend)
+    else:
+        torch.ops.thunderkv.quantize_to_paged(key, value, *cache.parts(), slot_mapping,
+                                              cache.spec.bits, cache.spec.group_size, backend)
+
+
+def _write(key, value, cache: PagedKVCache, slot_mapping, backend: str) -> None:
+    """Body of ``thunderkv::quantize_to_paged`` (arguments not yet validated)."""
     _check_kv(key, value, cache)
     slots = _check_index("slot_mapping", slot_mapping, cache.num_blocks * cache.block_size,
                          cache.device, allow_negative=True)
@@ -233,6 +293,26 @@ def gather_dequantize(
     buffer padded to whole blocks, or of ``out``: not contiguous when max_len is not the
     buffer's length.)
     """
+    _check_cache(cache)
+    table, lens, max_len = _gather_lengths(cache, block_table, seq_lens)
+    batch, H, D = table.shape[0], cache.kv_heads, cache.head_dim
+    if out is None:
+        padded = -(-max_len // cache.block_size) * cache.block_size
+        out = tuple(torch.empty((batch, padded, H, D), dtype=cache.dtype, device=cache.device)
+                    for _ in range(2))
+    else:
+        _check_gather_out(out, cache, (batch, table.shape[1] * cache.block_size, H, D))
+    if _eager(block_table, seq_lens, *out, *cache.parts()):
+        _gather(cache, block_table, seq_lens, out, backend)
+    else:
+        torch.ops.thunderkv.gather_dequantize_into(*cache.parts(), block_table, seq_lens, out[0],
+                                                   out[1], cache.spec.bits,
+                                                   cache.spec.group_size, backend)
+    return out[0][:, :max_len], out[1][:, :max_len]
+
+
+def _gather_lengths(cache: PagedKVCache, block_table, seq_lens):
+    """Validated (table as int64, seq_lens on the CPU as int64, max(seq_lens))."""
     if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
         raise ValueError("block_table must be a 2-D [batch, max_blocks] tensor")
     table = _check_index("block_table", block_table, cache.num_blocks, cache.device)
@@ -245,55 +325,58 @@ def gather_dequantize(
             f"seq_lens must lie in [0, {capacity}] (max_blocks * block_size), "
             f"got [{int(lens.min())}, {int(lens.max())}]"
         )
-    batch = table.shape[0]
-    max_len = int(lens.max()) if lens.numel() else 0
-    H, D = cache.kv_heads, cache.head_dim
+    return table, lens, int(lens.max()) if lens.numel() else 0
+
+
+def _gather(cache: PagedKVCache, block_table, seq_lens, out, backend: str) -> None:
+    """Body of ``thunderkv::gather_dequantize_into``: ``out`` (key, value) are
+    ``[batch, L, kv_heads, head_dim]`` with L a block multiple between the blocks max(seq_lens)
+    needs and max_blocks * block_size; positions up to max(seq_lens) are written (zeros past
+    each sequence), later ones left alone."""
+    table, lens, max_len = _gather_lengths(cache, block_table, seq_lens)
+    batch, H, D = table.shape[0], cache.kv_heads, cache.head_dim
     n_blk = -(-max_len // cache.block_size)
     padded = n_blk * cache.block_size
-    blocks = table[:, :n_blk].reshape(-1)
-    if out is not None:
-        _check_gather_out(out, cache, (batch, capacity, H, D))
-    outs = []
+    _check_gather_out(out, cache, (batch, None, H, D))
+    width = out[0].shape[1] // cache.block_size  # blocks per output row
+    if out[0].shape[1] % cache.block_size or not n_blk <= width <= table.shape[1]:
+        raise ValueError(f"out must hold between {n_blk} and {table.shape[1]} whole blocks of "
+                         f"{cache.block_size} tokens per sequence, got {out[0].shape[1]} tokens")
     fused = _row_kernels(backend, cache.device)
     if fused is not None:  # one pass from the blocks into the dense output
-        width = table.shape[1] if out is not None else n_blk  # blocks per output row
         rows = torch.full((batch, width), -1, dtype=torch.int64, device=table.device)
         rows[:, :n_blk] = table[:, :n_blk]
         rows = rows.reshape(-1)
-        for i, prefix in enumerate(("key", "value")):
+        for dense, prefix in zip(out, ("key", "value")):
             packed, scale, mn = (getattr(cache, f"{prefix}_{p}").view(cache.num_blocks, -1)
                                  for p in ("packed", "scale", "min"))
-            dense = out[i] if out is not None else torch.empty(
-                (batch, padded, H, D), dtype=cache.dtype, device=cache.device)
             fused.dequantize_rows(packed, scale, mn, dense.view(batch * width, -1), rows,
                                   cache.spec)
             for b, n in enumerate(lens.tolist()):
-                dense[b, n:max_len].zero_()
-            outs.append(dense[:, :max_len])
-        return outs[0], outs[1]
-    for prefix in ("key", "value"):
+                dense[b, n:max_len].zero_()  # past the sequence: zeros, not the block's rest
+        return
+    blocks = table[:, :n_blk].reshape(-1)
+    for dense_out, prefix in zip(out, ("key", "value")):
         parts = [getattr(cache, f"{prefix}_{p}").index_select(0, blocks).reshape(batch, padded, H, -1)
                  for p in ("packed", "scale", "min")]
         q = QuantizedTensor(*parts, spec=cache.spec, shape=torch.Size((batch, padded, H, D)),
                             dtype=cache.dtype)
         dense = dequantize(q, backend=backend)
         for b, n in enumerate(lens.tolist()):
-            dense[b, n:].zero_()  # past the sequence: zeros, not whatever the block held
-        outs.append(dense[:, :max_len])
-    if out is not None:
-        for o, d in zip(out, outs):
-            o[:, :max_len].copy_(d)
-        return out[0][:, :max_len], out[1][:, :max_len]
-    return outs[0], outs[1]
+            dense[b, n:].zero_()
+        dense_out[:, :max_len].copy_(dense[:, :max_len])
 
 
-def _check_gather_out(out, cache: PagedKVCache, shape: tuple[int, ...]) -> None:
+def _check_gather_out(out, cache: PagedKVCache, shape: tuple[int | None, ...]) -> None:
+    """``out`` is a (key, value) pair of contiguous cache-dtype tensors of ``shape`` (None:
+    any length on that axis)."""
     if (not isinstance(out, (tuple, list)) or len(out) != 2
             or not all(isinstance(t, torch.Tensor) for t in out)):
         raise ValueError("out must be a (key, value) pair of tensors")
     for name, t in zip(("key", "value"), out):
-        if (tuple(t.shape) != shape or t.dtype != cache.dtype or t.device != cache.device
-                or not t.is_contiguous()):
+        same = t.dim() == len(shape) and all(w is None or w == n for w, n in zip(shape, t.shape))
+        if (not same or t.dtype != cache.dtype or t.device != cache.device
+                or not t.is_contiguous() or t.shape != out[0].shape):
             raise ValueError(f"out {name} must be a contiguous {cache.dtype} tensor of shape "
                              f"{list(shape)} on {cache.device}, got {t.dtype} {list(t.shape)} "
                              f"on {t.device}")
@@ -314,17 +397,32 @@ def pack_for_transfer(
     ``out`` (uint8, contiguous, exactly :func:`transfer_nbytes` bytes) may be a registered
     transfer buffer; it is validated before anything is written.
     """
+    _check_cache(cache)
+    if not isinstance(block_ids, torch.Tensor):
+        raise TypeError("block_ids must be an int32/int64 tensor")
+    if out is None:
+        out = torch.empty(transfer_nbytes(cache, block_ids.numel()), dtype=torch.uint8,
+                          device=cache.device)
+    if _eager(block_ids, out, *cache.parts()):
+        _pack(cache, block_ids, out)
+    else:
+        torch.ops.thunderkv.pack_for_transfer(*cache.parts(), block_ids, out, cache.spec.bits,
+                                              cache.spec.group_size)
+    return out
+
+
+def _pack(cache: PagedKVCache, block_ids, out) -> None:
+    """Body of ``thunderkv::pack_for_transfer``."""
     ids = _check_index("block_ids", block_ids, cache.num_blocks, cache.device)
     if ids.dim() != 1:
         raise ValueError("block_ids must be 1-D")
     nbytes = transfer_nbytes(cache, ids.numel())
-    if out is None:
-        out = torch.empty(nbytes, dtype=torch.uint8, device=cache.device)
-    elif (out.dtype != torch.uint8 or out.dim() != 1 or out.numel() != nbytes
-          or not out.is_contiguous() or out.device != cache.device):
+    if (not isinstance(out, torch.Tensor) or out.dtype != torch.uint8 or out.dim() != 1
+            or out.numel() != nbytes or not out.is_contiguous() or out.device != cache.device):
         raise ValueError(
             f"out must be a contiguous 1-D uint8 tensor of {nbytes} bytes on {cache.device}, "
-            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+            f"got {getattr(out, 'dtype', type(out).__name__)} "
+            f"{tuple(getattr(out, 'shape', ()))} on {getattr(out, 'device', '-')}"
         )
     offset = 0
     for t in cache.parts():
@@ -335,12 +433,23 @@ def pack_for_transfer(
         except RuntimeError:  # section not aligned for the dtype: select, then copy bytes
             out[offset:offset + size].copy_(t.index_select(0, ids).reshape(-1).view(torch.uint8))
         offset += size
-    return out
 
 
 def unpack_from_transfer(buffer: torch.Tensor, cache: PagedKVCache, block_ids: torch.Tensor) -> None:
     """Inverse of :func:`pack_for_transfer`: write the buffer's blocks into ``block_ids`` of
     ``cache`` (which may differ from the sender's ids). Validated before anything is written."""
+    _check_cache(cache)
+    if not isinstance(buffer, torch.Tensor):
+        raise ValueError(f"buffer must be a 1-D uint8 tensor, got {type(buffer).__name__}")
+    if _eager(buffer, block_ids, *cache.parts()):
+        _unpack(buffer, cache, block_ids)
+    else:
+        torch.ops.thunderkv.unpack_from_transfer(buffer, block_ids, *cache.parts(),
+                                                 cache.spec.bits, cache.spec.group_size)
+
+
+def _unpack(buffer, cache: PagedKVCache, block_ids) -> None:
+    """Body of ``thunderkv::unpack_from_transfer``."""
     ids = _check_index("block_ids", block_ids, cache.num_blocks, cache.device)
     if ids.dim() != 1:
         raise ValueError("block_ids must be 1-D")
@@ -365,3 +474,6 @@ def unpack_from_transfer(buffer: torch.Tensor, cache: PagedKVCache, block_ids: t
             section = raw.clone().view(t.dtype)
         t.index_copy_(0, ids, section.reshape(ids.numel(), *t.shape[1:]))
         offset += n
+
+
+from . import _paged_ops as _register_ops  # noqa: E402,F401  (the ops need the bodies above)
