@@ -41,7 +41,9 @@ PYEOF
 
 step "kernel tests against the reference"
 tests=(tests/test_cuda_backend.py)
-for t in tests/test_triton_backend.py tests/test_paged.py; do [ -f "$t" ] && tests+=("$t"); done
+for t in tests/test_triton_backend.py tests/test_paged.py tests/transfer/test_checksum.py; do
+  [ -f "$t" ] && tests+=("$t")
+done
 $PY -m pytest -q -rs "${tests[@]}" --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=(tests)
 

@@ -11,6 +11,7 @@
 #include "cpu/dispatch.h"
 #include "cpu/kivi_attention.h"
 #ifdef THUNDERKV_WITH_CUDA
+#include "cuda/crc32c_cuda.h"
 #include "cuda/quant_cuda.h"
 #endif
 
@@ -287,6 +288,22 @@ PYBIND11_MODULE(_C, m) {
         py::arg("bits"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
         py::arg("tokens") = 0, py::arg("channels") = 0, py::arg("row_index") = 0,
         py::arg("row_groups") = 0);
+  m.def(
+      "cuda_crc32c",
+      [](uintptr_t address, uint64_t nbytes, uint32_t seed, int device, uintptr_t stream) {
+        if (nbytes && !address) throw std::invalid_argument("cuda_crc32c: null address");
+        uint32_t crc = 0;
+        std::string err;
+        {
+          py::gil_scoped_release nogil;
+          err = tkv::cuda::crc32c_device(ptr<const void>(address), nbytes, seed, device, stream,
+                                         &crc);
+        }
+        raise_if(err, "thunderkv CUDA crc32c failed");
+        return crc;
+      },
+      py::arg("address"), py::arg("nbytes"), py::arg("seed"), py::arg("device"),
+      py::arg("stream"), "CRC-32C of device memory, continuing from seed (waits for stream)");
   m.def("cuda_device_count", &cuda_device_count,
         "(count, reason): count is -1 when no usable driver/device, with the reason");
 #else

@@ -82,3 +82,19 @@ def test_folding_and_crc_instruction_paths_agree():
     assert runs[""][1:] == runs["1"][1:], f"seed {seed}"
     if ext.crc32c_implementation() == "vpclmulqdq":
         assert runs[""][0] == "vpclmulqdq"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or ext is None
+                    or not getattr(ext, "has_cuda", False),
+                    reason="needs a CUDA device and the extension's CUDA kernels")
+@pytest.mark.parametrize("n", [0, 1, 7, 4095, 4096, 4097, (1 << 20) - 3, 1 << 20, (3 << 20) + 11])
+@pytest.mark.parametrize("misalign", [0, 5])
+def test_gpu_crc_matches_host(gen, n, misalign):
+    """CRC-32C of a CUDA tensor on its GPU (block tree + host join) equals the host one,
+    misaligned starts, partial chunks/blocks and seeds included."""
+    data = torch.randint(0, 256, (n + misalign,), dtype=torch.uint8, generator=gen)[misalign:]
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    want = crc32c(data, seed)
+    assert crc32c(data.cuda(), seed) == want
+    assert crc32c(data.cuda()[: n // 2], seed) == crc32c(data[: n // 2], seed)

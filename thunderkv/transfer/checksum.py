@@ -6,7 +6,10 @@ reflected polynomial 0x82F63B78, initial value and final xor 0xFFFFFFFF (``crc32
 == 0xE3069283``). ``seed`` continues a running checksum: ``crc32c(b, crc32c(a)) == crc32c(a + b)``.
 
 :func:`crc32c` uses ``thunderkv._C.crc32c`` when the extension is built and this pure-Python
-table version otherwise (slow: tests and tiny messages only).
+table version otherwise (slow: tests and tiny messages only). A contiguous CUDA tensor is
+checksummed on its GPU (``thunderkv._C.cuda_crc32c``, on torch's current stream) when the
+extension has CUDA kernels, so a GPU-resident payload needs no host copy; otherwise it is
+copied to the host first.
 """
 
 from __future__ import annotations
@@ -57,12 +60,29 @@ def _as_bytes_array(data: Any):
 
 
 def crc32c(data: Any, seed: int = 0, *, threads: int = 0) -> int:
-    """CRC-32C of a contiguous buffer (bytes-like, numpy array or CPU tensor), from ``seed``.
+    """CRC-32C of a contiguous buffer (bytes-like, numpy array, CPU or CUDA tensor), from
+    ``seed``.
 
-    ``threads``: OpenMP threads for large buffers (0: OpenMP's default; 1 when the caller
+    ``threads``: OpenMP threads for large host buffers (0: OpenMP's default; 1 when the caller
     overlaps the checksum with work that needs the other cores, such as a PUT)."""
+    if hasattr(data, "data_ptr") and data.device.type == "cuda":
+        return _crc32c_cuda(data, seed)
     arr = _as_bytes_array(data)  # keeps ``data`` alive while C++ reads it
     ext = load_extension()
     if ext is None or not hasattr(ext, "crc32c"):
         return crc32c_reference(arr.tobytes(), seed)
     return ext.crc32c(arr.ctypes.data, arr.nbytes, seed & 0xFFFFFFFF, threads)
+
+
+def _crc32c_cuda(data, seed: int) -> int:
+    """On the tensor's GPU when the extension has CUDA kernels, else through a host copy."""
+    import torch
+
+    if not data.is_contiguous():
+        raise ValueError("crc32c needs a contiguous tensor")
+    ext = load_extension()
+    if ext is None or not getattr(ext, "has_cuda", False):
+        return crc32c(data.cpu(), seed)
+    index = data.device.index if data.device.index is not None else torch.cuda.current_device()
+    return ext.cuda_crc32c(data.data_ptr(), data.numel() * data.element_size(),
+                           seed & 0xFFFFFFFF, index, torch.cuda.current_stream(index).cuda_stream)

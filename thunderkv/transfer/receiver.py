@@ -35,10 +35,6 @@ PROTOCOL_VERSION = 1
 IDLE_POLL_S = 3600.0  # between requests a connection may stay idle this long per read
 
 
-def _crc(view: torch.Tensor, seed: int) -> int:
-    return crc32c(view if view.device.type == "cpu" else view.cpu(), seed)
-
-
 @dataclass
 class IncomingKV:
     """A request being received. Layers become readable one by one once their checksum passed."""
@@ -373,7 +369,8 @@ class KVReceiver:
             raise TransferError(f"request {header.request_id}: bad LAYER notice (index {first}, "
                                 f"expected {incoming.layers_ready})")
         for i, claimed in enumerate(crcs, start=first):
-            running = _crc(incoming.slice.view[i * layer_n:(i + 1) * layer_n], running)
+            # on the GPU for a CUDA pool (thunderkv.transfer.checksum)
+            running = crc32c(incoming.slice.view[i * layer_n:(i + 1) * layer_n], running)
             if running != claimed:
                 raise KVMessageError(f"request {header.request_id}: checksum mismatch in "
                                      f"layer {i}")
