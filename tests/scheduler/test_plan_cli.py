@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 
@@ -108,8 +109,12 @@ def test_fail_each_sweeps_every_node_of_the_plan(planned, capsys):
                  "--json", str(single), "--quiet", "--requests", "200", "--no-compare"]) == 0
     assert json.loads(single.read_text())["predicted"]["goodput_req_per_s"] == pytest.approx(
         first["lightweight_goodput_req_per_s"])
-    assert png.stat().st_size > 0
-    assert "one node lost at a time" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    if importlib.util.find_spec("matplotlib"):
+        assert png.stat().st_size > 0
+    else:  # --plot is optional: a clear warning, the rest still written
+        assert "needs matplotlib" in captured.err and not png.exists()
+    assert "one node lost at a time" in captured.out
 
 
 def test_reschedule_keeps_configs_and_is_fast(model7b, params, stats, slo):
