@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cpu/crc32c.h"
 #include "cpu/dispatch.h"
@@ -273,6 +274,22 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("address"), py::arg("nbytes"), py::arg("seed") = 0, py::arg("threads") = 0,
       "CRC-32C of nbytes of host memory at address, continuing from seed");
+  m.def(
+      "crc32c_running",
+      [](uintptr_t address, size_t block_nbytes, size_t count, uint32_t seed, int threads) {
+        if (count && block_nbytes && !address)
+          throw std::invalid_argument("crc32c_running: null address");
+        std::vector<uint32_t> out(count);
+        {
+          py::gil_scoped_release release;
+          tkv::crc32c_running(reinterpret_cast<const void*>(address), block_nbytes, count, seed,
+                              threads, out.data());
+        }
+        return out;
+      },
+      py::arg("address"), py::arg("block_nbytes"), py::arg("count"), py::arg("seed") = 0,
+      py::arg("threads") = 0,
+      "Running CRC-32C at the end of each of count blocks (blocks checksummed in parallel)");
   m.def("crc32c_combine", &tkv::crc32c_combine, py::arg("crc_a"), py::arg("crc_b"),
         py::arg("len_b"));
   m.def("crc32c_hardware", &tkv::crc32c_hardware);

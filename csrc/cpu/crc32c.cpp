@@ -275,6 +275,20 @@ uint32_t crc32c(const void* data, size_t nbytes, uint32_t seed, int threads) {
   return crc;
 }
 
+void crc32c_running(const void* data, size_t block_nbytes, size_t count, uint32_t seed,
+                    int threads, uint32_t* out) {
+  const auto* p = static_cast<const uint8_t*>(data);
+#ifdef _OPENMP
+  if (threads <= 0) threads = omp_get_max_threads();
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && count > 1)
+#endif
+  for (long long i = 0; i < static_cast<long long>(count); ++i)
+    out[i] = crc_one_thread(p + static_cast<size_t>(i) * block_nbytes, block_nbytes, 0);
+  const uint32_t shift = tables().shift_op(block_nbytes);
+  uint32_t crc = seed;
+  for (size_t i = 0; i < count; ++i) out[i] = crc = Tables::multmodp(shift, crc) ^ out[i];
+}
+
 bool crc32c_hardware() { return have_hw(); }
 
 const char* crc32c_implementation() {

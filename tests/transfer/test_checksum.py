@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from thunderkv._extension import load_extension
-from thunderkv.transfer.checksum import crc32c, crc32c_reference
+from thunderkv.transfer.checksum import crc32c, crc32c_reference, crc32c_running
 
 ext = load_extension()
 
@@ -98,3 +98,18 @@ def test_gpu_crc_matches_host(gen, n, misalign):
     want = crc32c(data, seed)
     assert crc32c(data.cuda(), seed) == want
     assert crc32c(data.cuda()[: n // 2], seed) == crc32c(data[: n // 2], seed)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("block,count", [(0, 3), (1, 5), (4096 + 3, 7), (70001, 4), (1 << 18, 3)])
+def test_running_crcs_of_blocks_match_chained_crcs(gen, block, count, threads):
+    data = torch.randint(0, 256, (block * count + 5,), dtype=torch.uint8, generator=gen)
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    want, crc = [], seed
+    for i in range(count):
+        crc = crc32c_reference(data[i * block:(i + 1) * block].numpy().tobytes(), crc)
+        want.append(crc)
+    assert crc32c_running(data, block, count, seed, threads=threads) == want
+    with pytest.raises(ValueError, match="fewer than"):
+        crc32c_running(data[:block * count - 1] if block else data[:0], max(block, 1),
+                       count + 1, seed)

@@ -86,3 +86,26 @@ def _crc32c_cuda(data, seed: int) -> int:
     index = data.device.index if data.device.index is not None else torch.cuda.current_device()
     return ext.cuda_crc32c(data.data_ptr(), data.numel() * data.element_size(),
                            seed & 0xFFFFFFFF, index, torch.cuda.current_stream(index).cuda_stream)
+
+
+def crc32c_running(data: Any, block_nbytes: int, count: int, seed: int = 0, *,
+                   threads: int = 0) -> list[int]:
+    """Running CRC-32C at the end of each of ``count`` consecutive ``block_nbytes`` blocks of
+    ``data`` (``[crc32c(blocks 0..i, seed) for i in range(count)]``). On the host with the
+    extension the blocks are checksummed in parallel (``threads``; 0: OpenMP's default)."""
+    if block_nbytes < 0 or count < 0:
+        raise ValueError("block_nbytes and count must be >= 0")
+    on_gpu = hasattr(data, "data_ptr") and data.device.type == "cuda"
+    ext = load_extension()
+    if not on_gpu and ext is not None and hasattr(ext, "crc32c_running"):
+        arr = _as_bytes_array(data)
+        if arr.nbytes < block_nbytes * count:
+            raise ValueError(f"{arr.nbytes} bytes hold fewer than {count} blocks of "
+                             f"{block_nbytes}")
+        return list(ext.crc32c_running(arr.ctypes.data, block_nbytes, count,
+                                       seed & 0xFFFFFFFF, threads))
+    out, crc = [], seed
+    for i in range(count):
+        crc = crc32c(data[i * block_nbytes:(i + 1) * block_nbytes], crc)
+        out.append(crc)
+    return out

@@ -24,7 +24,7 @@ import torch
 
 from . import auth, channel
 from .channel import Kind
-from .checksum import crc32c
+from .checksum import crc32c_running
 from .errors import AuthenticationError, TransferError, TransferTimeout, TransferUnavailable
 from .pool import BufferPool, PoolFull, Slice
 from .ucx import load_ucx, ucx_unavailable_reason
@@ -368,14 +368,18 @@ class KVReceiver:
                 or first + len(crcs) > header.layers):
             raise TransferError(f"request {header.request_id}: bad LAYER notice (index {first}, "
                                 f"expected {incoming.layers_ready})")
-        for i, claimed in enumerate(crcs, start=first):
-            # on the GPU for a CUDA pool (thunderkv.transfer.checksum)
-            running = crc32c(incoming.slice.view[i * layer_n:(i + 1) * layer_n], running)
-            if running != claimed:
+        # A group of layers is checksummed at once, its layers in parallel when this notice
+        # commits (the sender is idle then; before, it is PUTting on the other core). On the
+        # GPU for a CUDA pool (thunderkv.transfer.checksum).
+        view = incoming.slice.view[first * layer_n:(first + len(crcs)) * layer_n]
+        threads = 0 if msg.meta.get("commit") else 1
+        got = crc32c_running(view, layer_n, len(crcs), running, threads=threads)
+        for i, (claimed, crc) in enumerate(zip(crcs, got), start=first):
+            if crc != claimed:
                 raise KVMessageError(f"request {header.request_id}: checksum mismatch in "
                                      f"layer {i}")
             incoming._update(layers_ready=i + 1)
-        return running
+        return got[-1]
 
     def _drain_until_commit(self, conn: socket.socket) -> None:
         """After a rejected layer, skip the request's remaining notices up to its COMMIT."""
