@@ -12,6 +12,8 @@
 // thunderkv/transfer/checksum.py:crc32c_reference.
 #include "crc32c.h"
 
+#include "../crc32c_poly.h"
+
 #include <algorithm>
 #include <array>
 #include <cstdlib>
@@ -30,37 +32,13 @@
 namespace tkv {
 namespace {
 
-constexpr uint32_t kPoly = 0x82F63B78u;
 constexpr size_t kFoldBlockBytes = 256;  // the folding path's step (kFoldBlock)
 
 struct Tables {
   uint32_t slice[8][256];
   uint32_t x2n[32];  // x^(2^k) mod P, for shifting a CRC past 2^k zero bits
-  Tables() {
-    for (uint32_t n = 0; n < 256; ++n) {
-      uint32_t c = n;
-      for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ kPoly : c >> 1;
-      slice[0][n] = c;
-    }
-    for (uint32_t n = 0; n < 256; ++n)
-      for (int s = 1; s < 8; ++s)
-        slice[s][n] = (slice[s - 1][n] >> 8) ^ slice[0][slice[s - 1][n] & 0xFF];
-    x2n[0] = 1u << 30;  // x^1 in the reflected representation
-    for (int k = 1; k < 32; ++k) x2n[k] = multmodp(x2n[k - 1], x2n[k - 1]);
-  }
-  // a * b mod P in the reflected representation (zlib's multmodp).
-  static uint32_t multmodp(uint32_t a, uint32_t b) {
-    uint32_t m = 1u << 31, p = 0;
-    for (;;) {
-      if (a & m) {
-        p ^= b;
-        if ((a & (m - 1)) == 0) break;
-      }
-      m >>= 1;
-      b = (b & 1) ? (b >> 1) ^ kPoly : b >> 1;
-    }
-    return p;
-  }
+  Tables() { crc32c_make_tables(slice, x2n); }
+  static uint32_t multmodp(uint32_t a, uint32_t b) { return crc32c_multmodp(a, b); }
   // x^(8 * nbytes) mod P: the operator that moves a CRC past nbytes bytes.
   uint32_t shift_op(size_t nbytes) const { return xpow(static_cast<uint64_t>(nbytes) << 3); }
   // x^n mod P (reflected: x^0 is 1 << 31).

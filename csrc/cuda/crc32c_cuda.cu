@@ -13,27 +13,14 @@
 #include <string>
 #include <vector>
 
+#include "../crc32c_poly.h"
 #include "crc32c_cuda.h"
 
 namespace tkv::cuda {
 namespace {
 
-constexpr uint32_t kPoly = 0x82F63B78u;
 constexpr int kChunk = 4096;
 constexpr int kThreads = 256;
-
-__host__ __device__ inline uint32_t multmodp(uint32_t a, uint32_t b) {
-  uint32_t m = 1u << 31, p = 0;
-  for (;;) {
-    if (a & m) {
-      p ^= b;
-      if ((a & (m - 1)) == 0) break;
-    }
-    m >>= 1;
-    b = (b & 1) ? (b >> 1) ^ kPoly : b >> 1;
-  }
-  return p;
-}
 
 struct Tables {
   uint32_t slice[8][256];
@@ -42,17 +29,12 @@ struct Tables {
 
 Tables make_tables() {
   Tables t{};
-  for (uint32_t n = 0; n < 256; ++n) {
-    uint32_t c = n;
-    for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ kPoly : c >> 1;
-    t.slice[0][n] = c;
-  }
-  for (uint32_t n = 0; n < 256; ++n)
-    for (int s = 1; s < 8; ++s)
-      t.slice[s][n] = (t.slice[s - 1][n] >> 8) ^ t.slice[0][t.slice[s - 1][n] & 0xFF];
-  t.x2n[0] = 1u << 30;
-  for (int k = 1; k < 32; ++k) t.x2n[k] = multmodp(t.x2n[k - 1], t.x2n[k - 1]);
+  crc32c_make_tables(t.slice, t.x2n);
   return t;
+}
+
+__host__ __device__ inline uint32_t multmodp(uint32_t a, uint32_t b) {
+  return crc32c_multmodp(a, b);
 }
 
 // x^(8 * nbytes) mod P from the x^(2^k) table.

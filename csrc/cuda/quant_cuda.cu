@@ -59,22 +59,17 @@ __device__ inline int64_t slotted_group(int64_t g, const Rows& r) {
   return row < 0 ? -1 : row * r.row_groups + g % r.row_groups;
 }
 
+// One group of G values read with `stride` (1: per-token, D: per-channel), in one thread: the
+// body of the scalar and per-channel kernels. Outputs at pg / *scale / *minimum.
 template <class T>
-__global__ void quantize_kernel(const T* __restrict__ x, uint8_t* __restrict__ packed,
-                                T* __restrict__ scale, T* __restrict__ minimum, int64_t n_groups,
-                                int G, int bits, Rows rows) {
-  const int64_t gi = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (gi >= n_groups) return;
-  const int64_t g = slotted_group(gi, rows);  // where the group's outputs go
-  if (g < 0) return;
-  const T* xg = x + gi * G;
+__device__ inline void quantize_group(const T* xg, int64_t stride, int G, int bits, uint8_t* pg,
+                                      T* scale, T* minimum) {
   const int nb = G * bits / 8;
-  uint8_t* pg = packed + g * nb;
   float mn = __int_as_float(0x7F800000);
   float mx = -mn;
   bool nonfinite = false;
   for (int i = 0; i < G; ++i) {
-    const float v = Conv<T>::to(xg[i]);
+    const float v = Conv<T>::to(xg[i * stride]);
     nonfinite |= !isfinite(v);
     mn = v < mn ? v : mn;
     mx = v > mx ? v : mx;
@@ -85,24 +80,48 @@ __global__ void quantize_kernel(const T* __restrict__ x, uint8_t* __restrict__ p
   const T sc = Conv<T>::from(__fdiv_rn(__fsub_rn(mx, mn), qmax));
   const float s = Conv<T>::to(sc);
   if (nonfinite || !isfinite(s)) {
-    scale[g] = Conv<T>::nan();
-    minimum[g] = Conv<T>::from(0.0f);
+    *scale = Conv<T>::nan();
+    *minimum = Conv<T>::from(0.0f);
     for (int b = 0; b < nb; ++b) pg[b] = 0;
     return;
   }
-  scale[g] = sc;
-  minimum[g] = Conv<T>::from(mn);
+  *scale = sc;
+  *minimum = Conv<T>::from(mn);
   const float r = s != 0.0f ? __frcp_rn(s) : 0.0f;
   const int per_byte = 8 / bits;
   for (int b = 0; b < nb; ++b) {
     unsigned byte = 0;
     for (int k = 0; k < per_byte; ++k) {
-      float v = __fmul_rn(__fsub_rn(Conv<T>::to(xg[b * per_byte + k]), mn), r);
+      float v = __fmul_rn(__fsub_rn(Conv<T>::to(xg[(b * per_byte + k) * stride]), mn), r);
       v = fminf(fmaxf(rintf(v), 0.0f), qmax);  // fmaxf maps NaN to 0
       byte |= static_cast<unsigned>(v) << (k * bits);
     }
     pg[b] = static_cast<uint8_t>(byte);
   }
+}
+
+template <class T>
+__device__ inline void dequantize_group(const uint8_t* pg, T scale, T minimum, int G, int bits,
+                                        T* yg, int64_t stride) {
+  const float s = Conv<T>::to(scale);
+  const float m = Conv<T>::to(minimum);
+  const int per_byte = 8 / bits;
+  const unsigned mask = (1u << bits) - 1u;
+  for (int i = 0; i < G; ++i) {
+    const unsigned code = (pg[i / per_byte] >> ((i % per_byte) * bits)) & mask;
+    yg[i * stride] = Conv<T>::from(__fmaf_rn(static_cast<float>(code), s, m));
+  }
+}
+
+template <class T>
+__global__ void quantize_kernel(const T* __restrict__ x, uint8_t* __restrict__ packed,
+                                T* __restrict__ scale, T* __restrict__ minimum, int64_t n_groups,
+                                int G, int bits, Rows rows) {
+  const int64_t gi = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (gi >= n_groups) return;
+  const int64_t g = slotted_group(gi, rows);  // where the group's outputs go
+  if (g < 0) return;
+  quantize_group(x + gi * G, 1, G, bits, packed + g * (G * bits / 8), scale + g, minimum + g);
 }
 
 template <class T>
@@ -113,16 +132,7 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ packed, const T* _
   if (g >= n_groups) return;
   const int64_t gi = slotted_group(g, rows);  // where the group's inputs come from
   if (gi < 0) return;
-  const float s = Conv<T>::to(scale[gi]);
-  const float m = Conv<T>::to(minimum[gi]);
-  const uint8_t* pg = packed + gi * (G * bits / 8);
-  T* yg = y + g * G;
-  const int per_byte = 8 / bits;
-  const unsigned mask = (1u << bits) - 1u;
-  for (int i = 0; i < G; ++i) {
-    const unsigned code = (pg[i / per_byte] >> ((i % per_byte) * bits)) & mask;
-    yg[i] = Conv<T>::from(__fmaf_rn(static_cast<float>(code), s, m));
-  }
+  dequantize_group(packed + gi * (G * bits / 8), scale[gi], minimum[gi], G, bits, y + g * G, 1);
 }
 
 // ---------------------------------------------------------------- vectorized kernels
@@ -263,42 +273,8 @@ __global__ void quantize_cols_kernel(const T* __restrict__ x, uint8_t* __restric
   const int64_t tb = (id / c.channels) % tb_count;
   const int64_t r = id / (c.channels * tb_count);
   const int64_t g = (r * c.channels + d) * tb_count + tb;  // the group's index in packed order
-  const T* xg = x + (r * c.tokens + tb * G) * c.channels + d;
-  const int nb = G * bits / 8;
-  uint8_t* pg = packed + g * nb;
-  float mn = __int_as_float(0x7F800000);
-  float mx = -mn;
-  bool nonfinite = false;
-  for (int i = 0; i < G; ++i) {
-    const float v = Conv<T>::to(xg[i * c.channels]);
-    nonfinite |= !isfinite(v);
-    mn = v < mn ? v : mn;
-    mx = v > mx ? v : mx;
-  }
-  if (mn == 0.0f) mn = 0.0f;
-  if (mx == 0.0f) mx = 0.0f;
-  const float qmax = static_cast<float>((1 << bits) - 1);
-  const T sc = Conv<T>::from(__fdiv_rn(__fsub_rn(mx, mn), qmax));
-  const float s = Conv<T>::to(sc);
-  if (nonfinite || !isfinite(s)) {
-    scale[g] = Conv<T>::nan();
-    minimum[g] = Conv<T>::from(0.0f);
-    for (int b = 0; b < nb; ++b) pg[b] = 0;
-    return;
-  }
-  scale[g] = sc;
-  minimum[g] = Conv<T>::from(mn);
-  const float r_ = s != 0.0f ? __frcp_rn(s) : 0.0f;
-  const int per_byte = 8 / bits;
-  for (int b = 0; b < nb; ++b) {
-    unsigned byte = 0;
-    for (int k = 0; k < per_byte; ++k) {
-      float v = __fmul_rn(__fsub_rn(Conv<T>::to(xg[(b * per_byte + k) * c.channels]), mn), r_);
-      v = fminf(fmaxf(rintf(v), 0.0f), qmax);  // fmaxf maps NaN to 0
-      byte |= static_cast<unsigned>(v) << (k * bits);
-    }
-    pg[b] = static_cast<uint8_t>(byte);
-  }
+  quantize_group(x + (r * c.tokens + tb * G) * c.channels + d, c.channels, G, bits,
+                 packed + g * (G * bits / 8), scale + g, minimum + g);
 }
 
 template <class T>
@@ -313,16 +289,8 @@ __global__ void dequantize_cols_kernel(const uint8_t* __restrict__ packed,
   const int64_t tb = (id / c.channels) % tb_count;
   const int64_t r = id / (c.channels * tb_count);
   const int64_t g = (r * c.channels + d) * tb_count + tb;
-  const float s = Conv<T>::to(scale[g]);
-  const float m = Conv<T>::to(minimum[g]);
-  const uint8_t* pg = packed + g * (G * bits / 8);
-  T* yg = y + (r * c.tokens + tb * G) * c.channels + d;
-  const int per_byte = 8 / bits;
-  const unsigned mask = (1u << bits) - 1u;
-  for (int i = 0; i < G; ++i) {
-    const unsigned code = (pg[i / per_byte] >> ((i % per_byte) * bits)) & mask;
-    yg[i * c.channels] = Conv<T>::from(__fmaf_rn(static_cast<float>(code), s, m));
-  }
+  dequantize_group(packed + g * (G * bits / 8), scale[g], minimum[g], G, bits,
+                   y + (r * c.tokens + tb * G) * c.channels + d, c.channels);
 }
 
 constexpr int kThreads = 128;
