@@ -18,11 +18,11 @@ Ops:
 
 Each op is also a registered ``torch.library`` custom op on the cache's six tensors
 (``thunderkv::quantize_to_paged``, ``gather_dequantize_into``, ``pack_for_transfer``,
-``unpack_from_transfer``; :mod:`thunderkv._paged_ops`), so ``torch.compile`` can trace it; eager
-calls run the same body directly. The quantization itself uses the chosen backend's format v1 kernels, so the cache holds exactly
-the bits format v1 defines. Backends with row kernels (``quantize_rows`` / ``dequantize_rows``:
-cpu, cuda and triton) write and read slots directly; the reference quantizes into temporaries
-and index-copies.
+``unpack_from_transfer``; :mod:`thunderkv._paged_ops`), so ``torch.compile`` can trace it;
+eager calls run the same body directly. The quantization itself uses the chosen backend's
+format v1 kernels, so the cache holds exactly the bits format v1 defines. Backends with row
+kernels (``quantize_rows`` / ``dequantize_rows``: cpu, cuda and triton) write and read slots
+directly; the reference quantizes into temporaries and index-copies.
 """
 
 from __future__ import annotations
@@ -302,8 +302,8 @@ def gather_dequantize(
                     for _ in range(2))
     else:
         _check_gather_out(out, cache, (batch, table.shape[1] * cache.block_size, H, D))
-    if _eager(block_table, seq_lens, *out, *cache.parts()):
-        _gather(cache, block_table, seq_lens, out, backend)
+    if _eager(block_table, seq_lens, *out, *cache.parts()):  # already validated above
+        _gather_checked(cache, table, lens, max_len, out, backend)
     else:
         torch.ops.thunderkv.gather_dequantize_into(*cache.parts(), block_table, seq_lens, out[0],
                                                    out[1], cache.spec.bits,
@@ -334,6 +334,11 @@ def _gather(cache: PagedKVCache, block_table, seq_lens, out, backend: str) -> No
     needs and max_blocks * block_size; positions up to max(seq_lens) are written (zeros past
     each sequence), later ones left alone."""
     table, lens, max_len = _gather_lengths(cache, block_table, seq_lens)
+    _gather_checked(cache, table, lens, max_len, out, backend)
+
+
+def _gather_checked(cache: PagedKVCache, table, lens, max_len: int, out, backend: str) -> None:
+    """:func:`_gather` after :func:`_gather_lengths`."""
     batch, H, D = table.shape[0], cache.kv_heads, cache.head_dim
     n_blk = -(-max_len // cache.block_size)
     padded = n_blk * cache.block_size
