@@ -92,6 +92,17 @@ def test_gather_dequantize_matches_dense_round_trip(backend, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_of_empty_sequences_or_batch_is_empty(backend):
+    cache = _cache()
+    k, v = gather_dequantize(cache, torch.zeros(2, 3, dtype=torch.int32), torch.tensor([0, 0]),
+                             backend=backend)
+    assert k.shape == v.shape == (2, 0, H, D)
+    k, v = gather_dequantize(cache, torch.zeros(0, 3, dtype=torch.int32),
+                             torch.zeros(0, dtype=torch.int64), backend=backend)
+    assert k.shape == (0, 0, H, D)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gather_into_reused_workspaces_matches_fresh_outputs(backend, gen):
     cache = _cache()
     lens = [37, 16, 5]

@@ -347,6 +347,8 @@ def _gather_checked(cache: PagedKVCache, table, lens, max_len: int, out, backend
     if out[0].shape[1] % cache.block_size or not n_blk <= width <= table.shape[1]:
         raise ValueError(f"out must hold between {n_blk} and {table.shape[1]} whole blocks of "
                          f"{cache.block_size} tokens per sequence, got {out[0].shape[1]} tokens")
+    if batch == 0 or n_blk == 0:  # nothing to read: every sequence is empty
+        return
     fused = _row_kernels(backend, cache.device)
     if fused is not None:  # one pass from the blocks into the dense output
         rows = torch.full((batch, width), -1, dtype=torch.int64, device=table.device)
