@@ -258,7 +258,8 @@ def test_checksum_mismatch_is_rejected_and_never_delivered(receiver, monkeypatch
     header = peers.raw_header(12, 64)
     send = (lambda tx, h, p: tx.send(h, p)) if how == "one-shot" else send_layer_by_layer
     with KVSender(receiver.host, receiver.port, token=peers.TOKEN) as tx:
-        monkeypatch.setattr(sender_module, "crc32c", lambda data, seed=0, threads=0: 12345)
+        monkeypatch.setattr(sender_module, "crc32c_running",
+                            lambda data, block, count, seed=0, threads=0: [12345] * count)
         with pytest.raises(TransferError, match="checksum mismatch"):
             send(tx, header, peers.payload_for(12, header.payload_length))
         with pytest.raises(KVMessageError, match="checksum mismatch"):

@@ -23,7 +23,7 @@ import torch
 
 from . import auth, channel
 from .channel import Kind
-from .checksum import crc32c
+from .checksum import crc32c_running
 from .errors import AuthenticationError, TransferError, TransferTimeout, TransferUnavailable
 from .pool import BufferPool, PoolFull
 from .ucx import load_ucx, ucx_unavailable_reason
@@ -310,13 +310,11 @@ class KVStream:
         self._next_layer = stop
 
     def _layer_crcs(self, first: int, stop: int) -> list[int]:
-        """Running CRC-32C through the end of each layer ``first..stop-1``."""
-        n, crc, out = self.header.layer_nbytes(), self._crc, []
-        for i in range(first, stop):
-            layer = self.payload[i * n:(i + 1) * n]
-            crc = crc32c(layer, crc, threads=1)  # on the GPU for a CUDA payload
-            out.append(crc)
-        return out
+        """Running CRC-32C through the end of each layer ``first..stop-1`` (on the GPU for a
+        CUDA payload)."""
+        n = self.header.layer_nbytes()
+        return crc32c_running(self.payload[first * n:stop * n], n, stop - first, self._crc,
+                              threads=1)
 
     def finish(self) -> TransferResult:
         """Commit and wait for the receiver to verify the whole payload."""
