@@ -58,11 +58,7 @@ def quantize_into(x: torch.Tensor, packed, scale, minimum, spec) -> None:
     dt, it, view, nan_bits = _TYPES[x.dtype]
     s_bits, m_bits = scale.view(view), minimum.view(view)
     if spec.axis == -1:
-        n_groups = x.numel() // G
-        block = max(1, TILE // G)
-        _quantize_rows_kernel[(triton.cdiv(n_groups, block),)](
-            x, packed, s_bits, m_bits, n_groups, packed, 1, G=G, BITS=bits, BLOCK_G=block,
-            DT=dt, IT=it, NAN_BITS=nan_bits, HAS_SLOTS=False, **QUANTIZE_OPTIONS)
+        _launch_quantize_rows(x, packed, s_bits, m_bits, None, spec)
     else:
         rows, t, d = _rows_t_d(tuple(x.shape))
         block_d = _col_block(d, G)
@@ -79,11 +75,7 @@ def dequantize_into(packed, scale, minimum, out: torch.Tensor, spec) -> None:
     dt, it, view, _ = _TYPES[out.dtype]
     s_bits, m_bits, y_bits = scale.view(view), minimum.view(view), out.view(view)
     if spec.axis == -1:
-        n_groups = out.numel() // G
-        block = max(1, TILE // G)
-        _dequantize_rows_kernel[(triton.cdiv(n_groups, block),)](
-            packed, s_bits, m_bits, y_bits, n_groups, packed, 1, G=G, BITS=bits, BLOCK_G=block,
-            DT=dt, IT=it, HAS_SLOTS=False)
+        _launch_dequantize_rows(packed, s_bits, m_bits, y_bits, None, spec, out.dtype)
     else:
         rows, t, d = _rows_t_d(tuple(out.shape))
         block_d = _col_block(d, G)
@@ -93,33 +85,50 @@ def dequantize_into(packed, scale, minimum, out: torch.Tensor, spec) -> None:
             DT=dt, IT=it)
 
 
+def _launch_quantize_rows(x, packed, s_bits, m_bits, slots, spec) -> None:
+    """The per-token quantize kernel over all of ``x``'s groups; with ``slots`` (one per row of
+    ``x``) each row's outputs go to that slot's row."""
+    G = spec.group_size
+    dt, it, _, nan_bits = _TYPES[x.dtype]
+    n_groups = x.numel() // G
+    if n_groups == 0:
+        return
+    block = max(1, TILE // G)
+    row_groups = n_groups // x.shape[0] if slots is not None else 1
+    _quantize_rows_kernel[(triton.cdiv(n_groups, block),)](
+        x, packed, s_bits, m_bits, n_groups, packed if slots is None else slots, row_groups,
+        G=G, BITS=spec.bits, BLOCK_G=block, DT=dt, IT=it, NAN_BITS=nan_bits,
+        HAS_SLOTS=slots is not None, **QUANTIZE_OPTIONS)
+
+
+def _launch_dequantize_rows(packed, s_bits, m_bits, y_bits, rows, spec, dtype) -> None:
+    """The per-token dequantize kernel into all of ``y_bits`` (``dtype``'s bits); with ``rows``
+    (one per row of the output) each output row reads that row of the inputs."""
+    G = spec.group_size
+    dt, it, _, _ = _TYPES[dtype]
+    n_groups = y_bits.numel() // G
+    if n_groups == 0:
+        return
+    block = max(1, TILE // G)
+    row_groups = n_groups // y_bits.shape[0] if rows is not None else 1
+    _dequantize_rows_kernel[(triton.cdiv(n_groups, block),)](
+        packed, s_bits, m_bits, y_bits, n_groups, packed if rows is None else rows, row_groups,
+        G=G, BITS=spec.bits, BLOCK_G=block, DT=dt, IT=it, HAS_SLOTS=rows is not None)
+
+
 def quantize_rows(x: torch.Tensor, packed, scale, minimum, slots: torch.Tensor, spec) -> None:
     """The fused paged write: contiguous rows ``x [N, ...]`` (per-token groups) quantized into
     rows ``slots[t]`` (int64 on x's device, -1 skips, already validated) of the
     ``[capacity, ...]`` outputs."""
     check_group_size(spec.group_size)
-    G, bits = spec.group_size, spec.bits
-    dt, it, view, nan_bits = _TYPES[x.dtype]
-    n_groups = x.numel() // G
-    if n_groups == 0:
-        return
-    block = max(1, TILE // G)
-    _quantize_rows_kernel[(triton.cdiv(n_groups, block),)](
-        x, packed, scale.view(view), minimum.view(view), n_groups, slots,
-        n_groups // x.shape[0], G=G, BITS=bits, BLOCK_G=block, DT=dt, IT=it,
-        NAN_BITS=nan_bits, HAS_SLOTS=True, **QUANTIZE_OPTIONS)
+    view = _TYPES[x.dtype][2]
+    _launch_quantize_rows(x, packed, scale.view(view), minimum.view(view), slots, spec)
 
 
 def dequantize_rows(packed, scale, minimum, out: torch.Tensor, rows: torch.Tensor, spec) -> None:
     """The fused paged gather: rows ``rows[t]`` (int64 on out's device, -1 leaves row t alone,
     already validated) of the ``[capacity, ...]`` inputs dequantized into rows of ``out``."""
     check_group_size(spec.group_size)
-    G, bits = spec.group_size, spec.bits
-    dt, it, view, _ = _TYPES[out.dtype]
-    n_groups = out.numel() // G
-    if n_groups == 0:
-        return
-    block = max(1, TILE // G)
-    _dequantize_rows_kernel[(triton.cdiv(n_groups, block),)](
-        packed, scale.view(view), minimum.view(view), out.view(view), n_groups, rows,
-        n_groups // out.shape[0], G=G, BITS=bits, BLOCK_G=block, DT=dt, IT=it, HAS_SLOTS=True)
+    view = _TYPES[out.dtype][2]
+    _launch_dequantize_rows(packed, scale.view(view), minimum.view(view), out.view(view), rows,
+                            spec, out.dtype)
