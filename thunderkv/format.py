@@ -81,6 +81,11 @@ class FormatSpec:
             return (*shape[:-2], shape[-1], shape[-2])
         return tuple(shape)
 
+    def channel_layout(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(tokens, channels) of ``[..., T, D]`` for the compiled per-channel kernels, which
+        read with stride D; (0, 0) for per-token groups."""
+        return (shape[-2], shape[-1]) if self.axis == -2 else (0, 0)
+
     def packed_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of ``packed`` (uint8) for an input of ``shape``."""
         g = self.grouped_shape(shape)

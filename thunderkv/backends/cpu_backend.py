@@ -20,16 +20,11 @@ def available(device: torch.device) -> str | None:
     return None
 
 
-def _layout(t: torch.Tensor, spec: FormatSpec) -> tuple[int, int]:
-    """(tokens, channels) for the per-channel kernels, (0, 0) for per-token."""
-    return (t.shape[-2], t.shape[-1]) if spec.axis == -2 else (0, 0)
-
-
 def quantize_into(x, packed, scale, minimum, spec: FormatSpec) -> None:
     G = spec.group_size
     load_extension().cpu_quantize(
         x.data_ptr(), packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), x.numel() // G, G,
-        spec.bits, DTYPE_CODES[x.dtype], torch.get_num_threads(), *_layout(x, spec),
+        spec.bits, DTYPE_CODES[x.dtype], torch.get_num_threads(), *spec.channel_layout(x.shape),
     )
 
 
@@ -38,7 +33,7 @@ def dequantize_into(packed, scale, minimum, out, spec: FormatSpec) -> None:
     load_extension().cpu_dequantize(
         packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), out.data_ptr(),
         out.numel() // G, G, spec.bits, DTYPE_CODES[out.dtype], torch.get_num_threads(),
-        *_layout(out, spec),
+        *spec.channel_layout(out.shape),
     )
 
 

@@ -31,17 +31,12 @@ def _launch_args(t: torch.Tensor) -> tuple[int, int]:
     return index, torch.cuda.current_stream(index).cuda_stream
 
 
-def _layout(t: torch.Tensor, spec: FormatSpec) -> tuple[int, int]:
-    """(tokens, channels) for the per-channel kernels, (0, 0) for per-token."""
-    return (t.shape[-2], t.shape[-1]) if spec.axis == -2 else (0, 0)
-
-
 def quantize_into(x, packed, scale, minimum, spec: FormatSpec) -> None:
     G = spec.group_size
     device, stream = _launch_args(x)
     load_extension().cuda_quantize(
         x.data_ptr(), packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), x.numel() // G, G,
-        spec.bits, DTYPE_CODES[x.dtype], device, stream, *_layout(x, spec),
+        spec.bits, DTYPE_CODES[x.dtype], device, stream, *spec.channel_layout(x.shape),
     )
 
 
@@ -51,7 +46,7 @@ def dequantize_into(packed, scale, minimum, out, spec: FormatSpec) -> None:
     load_extension().cuda_dequantize(
         packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), out.data_ptr(),
         out.numel() // G, G, spec.bits, DTYPE_CODES[out.dtype], device, stream,
-        *_layout(out, spec),
+        *spec.channel_layout(out.shape),
     )
 
 
