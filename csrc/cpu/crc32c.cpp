@@ -32,7 +32,7 @@
 namespace tkv {
 namespace {
 
-constexpr size_t kFoldBlockBytes = 256;  // the folding path's step (kFoldBlock)
+constexpr size_t kFoldBlock = 256;  // the folding path's step: four 512-bit accumulators
 
 struct Tables {
   uint32_t slice[8][256];
@@ -124,7 +124,6 @@ __attribute__((target("sse4.2"))) uint32_t update_hw(uint32_t crc, const uint8_t
 // clmul(lo, x^(F+31)) ^ clmul(hi, x^(F-33)). The folded block B then stands for all bytes
 // before it, and the crc32 instruction from state 0 over B and on through the tail gives
 // (B * x^(8 tail) + tail) * x^32 mod P, the raw CRC state of the whole buffer.
-constexpr size_t kFoldBlock = kFoldBlockBytes;  // four 512-bit accumulators
 
 struct FoldConstants {
   alignas(64) uint64_t step[8];      // fold each 128-bit lane forward by 256 bytes
@@ -216,7 +215,7 @@ uint32_t update_fold(uint32_t crc, const uint8_t* p, size_t n) { return update_s
 
 uint32_t crc_one_thread(const uint8_t* p, size_t n, uint32_t seed) {
   uint32_t state = ~seed;
-  if (n >= 2 * kFoldBlockBytes && have_fold()) return ~update_fold(state, p, n);
+  if (n >= 2 * kFoldBlock && have_fold()) return ~update_fold(state, p, n);
   state = have_hw() ? update_hw(state, p, n) : update_sw(state, p, n);
   return ~state;
 }
