@@ -60,13 +60,23 @@ def sweep_table(doc: dict[str, Any]):
              + (f"; within 10 % of a full re-plan: {s['within_10_percent']}/{s['nodes']}, "
                 f"worst {s['min_ratio']:.3f}" if "min_ratio" in s else ""))
     t = Table(title=title)
-    for col in ("lost", "lightweight", "full re-plan", "ratio", "seconds", "reloading GPUs"):
+    for col in ("lost", _adjusted_label(doc, short=True), "full re-plan", "ratio", "seconds",
+                "reloading GPUs"):
         t.add_column(col, justify="left" if col == "lost" else "right")
     for r in doc["sweep"]:
         t.add_row(r["failed"], _f(r["lightweight_goodput_req_per_s"]),
                   _f(r["full_replan_goodput_req_per_s"]), _f(r["ratio_to_full_replan"], 3),
                   f"{r['reschedule_seconds']:.2f}", str(r["regrouped_gpus"]))
     return t
+
+
+def _adjusted_label(doc: dict[str, Any], short: bool = False) -> str:
+    """What the sweep's adjusted plans are: lightweight, or a partial reload of K groups."""
+    k = doc.get("summary", {}).get("reload_groups", 0)
+    if k:
+        return f"partial reload (K={k})" if short else \
+            f"partial reload: up to {k} intact group(s) re-formed too"
+    return "lightweight" if short else "lightweight (phases + routing, orphans re-grouped)"
 
 
 def plot_sweep(doc: dict[str, Any], path: str, title: str) -> None:
@@ -77,7 +87,7 @@ def plot_sweep(doc: dict[str, Any], path: str, title: str) -> None:
     light = [r["lightweight_goodput_req_per_s"] for r in rows]
     full = [r["full_replan_goodput_req_per_s"] or 0.0 for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows) + 2), 4))
-    ax.bar(x - 0.2, light, 0.4, label="lightweight (phases + routing, orphans re-grouped)")
+    ax.bar(x - 0.2, light, 0.4, label=_adjusted_label(doc))
     ax.bar(x + 0.2, full, 0.4, label="full re-plan", color="grey")
     for i, r in enumerate(rows):
         if r["ratio_to_full_replan"] is not None:

@@ -2,6 +2,11 @@
 reload for them), re-solve phase designation (flip moves) and routing (LP). The surviving GPUs of
 groups that lost a GPU ("orphans") must reload weights anyway, so they are re-grouped freely
 (split / merge / move among orphan groups only) with fresh parallel configs.
+
+Between that and a full re-plan (every GPU reloads) sits a *partial reload*
+(:func:`reschedule_with_reload`): also dissolve up to K intact groups, chosen greedily by the
+model value they buy, and re-group their GPUs with the orphans. A large workload shift (say
+conversation -> coding) needs it: the kept groups' layouts were sized for the old mix.
 """
 
 from __future__ import annotations
@@ -62,25 +67,35 @@ class RescheduleResult:
     kept_gpus: int
     regrouped_gpus: int = 0   # orphans placed in new groups (these reload weights)
     idle_gpus: int = 0        # orphans left out (no feasible group)
+    dissolved: tuple[int, ...] = ()  # indices of intact plan groups dissolved to be re-grouped
+    alternatives: tuple[State, ...] = ()  # the search's next-best feasible states, best first
 
 
 def reschedule(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
                stats: WorkloadStats, slo: SLO, fail_nodes: set[str] | None = None,
                fail_gpus: set[str] | None = None, cfg: TabuConfig | None = None,
                regroup: bool = True, time_limit_s: float = 1.5,
-               hybrid: bool = True) -> RescheduleResult:
+               hybrid: bool = True, dissolve: tuple[int, ...] = ()) -> RescheduleResult:
     """Adjust ``plan`` after losing ``fail_nodes``/``fail_gpus`` and/or for new ``stats``.
     ``regroup``: re-form the orphaned GPUs of dropped groups into new groups. ``hybrid``: a
     phase-split plan's groups may also become colocated replicas (prefill and decode their own
     requests; the weights they hold already suffice), e.g. when a lost node carried a whole
-    prefill replica and flipping a decode group to prefill would starve decode."""
+    prefill replica and flipping a decode group to prefill would starve decode. ``dissolve``:
+    indices into ``plan.groups`` of intact groups whose GPUs are re-grouped like orphans (they
+    reload weights; needs ``regroup``)."""
     t0 = time.perf_counter()
     fail_nodes, fail_gpus = set(fail_nodes or ()), set(fail_gpus or ())
     unknown = {n for n in fail_nodes if not cluster.has_node(n)}
     if unknown:
         raise ValueError(f"unknown node(s) {sorted(unknown)}")
     lost = fail_gpus | {g for g in cluster.gpus if g.rsplit(":", 1)[0] in fail_nodes}
-    keep = [g for g in plan.groups if not (set(g.gpus) & lost) and min(g.layers) > 0]
+    bad = [i for i in dissolve if not 0 <= i < len(plan.groups)]
+    if bad:
+        raise ValueError(f"dissolve: no group(s) {bad} in a plan of {len(plan.groups)}")
+    if dissolve and not regroup:
+        raise ValueError("dissolving groups needs regroup=True")
+    keep = [g for i, g in enumerate(plan.groups)
+            if not (set(g.gpus) & lost) and min(g.layers) > 0 and i not in dissolve]
     kept = {x for g in keep for x in g.gpus}
     orphans = sorted({x for g in plan.groups for x in g.gpus} - kept - lost) if regroup else []
     colocated = bool(plan.groups) and all(g.phase == "colocated" for g in plan.groups)
@@ -90,24 +105,86 @@ def reschedule(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParam
     start: State = canonical(list((g.gpus, g.phase) for g in keep)
                              + list(initial_state(ev, orphans) if orphans else ()))
     moves = ("flip",) if not orphans else ("flip", "split", "merge", "move")
+    top: list[State] = []
     if start and (not colocated or orphans):
         left = max(0.1, time_limit_s - (time.perf_counter() - t0))
         if colocated:  # colocated plans have no phases to flip
             moves = tuple(m for m in moves if m != "flip")
-        cfg = cfg or TabuConfig(max_iters=60, patience=15, time_limit_s=left, moves=moves)
-        start = tabu_search(ev, cfg, start=start, frozen=ev.frozen).state
-    # orphan groups that cannot hold the model stay idle (no weights to load)
-    final = canonical((g, ph) for g, ph in start if ev.perf(g, ph).pipeline is not None)
+        # a partial reload re-forms whole groups: a longer search (its time limit still binds)
+        cfg = cfg or TabuConfig(max_iters=1000 if dissolve else 60, patience=25 if dissolve else 15,
+                                time_limit_s=left, moves=moves)
+        found = tabu_search(ev, cfg, start=start, frozen=ev.frozen)
+        start, top = found.state, [st for _, st in found.top if st != found.state]
+
+    def feasible(state: State) -> State:
+        # orphan groups that cannot hold the model stay idle (no weights to load)
+        return canonical((g, ph) for g, ph in state if ev.perf(g, ph).pipeline is not None)
+    final = feasible(start)
     new = ev.plan(final) if final else Plan([])
     placed = sum(len(g) for g, _ in final) - len(kept)
-    return RescheduleResult(new, ev, time.perf_counter() - t0, len(plan.groups) - len(keep),
-                            len(kept), placed, len(orphans) - placed)
+    return RescheduleResult(new, ev, time.perf_counter() - t0,
+                            len(plan.groups) - len(keep) - len(dissolve), len(kept), placed,
+                            len(orphans) - placed, tuple(sorted(dissolve)),
+                            tuple(feasible(st) for st in top))
+
+
+def pick_by_simulation(res: RescheduleResult, goodput, alternatives: int = 2) -> float:
+    """Replay ``res.plan`` and up to ``alternatives`` of the search's next-best states with
+    ``goodput(plan, evaluator) -> req/s``; keep the best in ``res.plan``; return its goodput.
+    (The roofline model ranks re-formed groups less reliably than it ranks phase flips.)"""
+    best_g = goodput(res.plan, res.evaluator) if res.plan.objective > 0 else 0.0
+    for st in res.alternatives[:alternatives]:
+        if not st:
+            continue
+        plan = res.evaluator.plan(st)
+        g = goodput(plan, res.evaluator) if plan.objective > 0 else 0.0
+        if g > best_g * (1 + 1e-9):
+            res.plan, best_g = plan, g
+    return best_g
+
+
+def reschedule_with_reload(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
+                           stats: WorkloadStats, slo: SLO, reload_groups: int,
+                           fail_nodes: set[str] | None = None, fail_gpus: set[str] | None = None,
+                           step_time_s: float = 2.0, score=None,
+                           progress=lambda s: None) -> RescheduleResult:
+    """:func:`reschedule`, then greedily dissolve up to ``reload_groups`` intact groups: each
+    round tries dissolving every remaining intact group (a ``step_time_s`` re-grouping search
+    each) and keeps the one with the highest ``score(result)`` (default: the model value; the
+    CLI passes simulated goodput), stopping early when none improves it.
+    ``seconds`` of the result is the whole greedy search; its GPUs that reload weights are
+    ``regrouped_gpus`` (orphans of lost groups plus the dissolved groups' GPUs)."""
+    if reload_groups < 0:
+        raise ValueError("reload_groups must be >= 0")
+    t0 = time.perf_counter()
+    args = (plan, cluster, model, params, stats, slo, fail_nodes, fail_gpus)
+    score = score or (lambda r: r.plan.objective)
+    best = reschedule(*args)
+    best_s = score(best)
+    lost = set(fail_gpus or ()) | {g for g in cluster.gpus
+                                   if g.rsplit(":", 1)[0] in set(fail_nodes or ())}
+    intact = [i for i, g in enumerate(plan.groups) if not set(g.gpus) & lost]
+    chosen: tuple[int, ...] = ()
+    for rnd in range(reload_groups):
+        trials = [reschedule(*args, time_limit_s=step_time_s, dissolve=chosen + (i,))
+                  for i in intact if i not in chosen]
+        if not trials:
+            break
+        top_s, top = max(((score(r), r) for r in trials), key=lambda x: x[0])
+        progress(f"  reload round {rnd + 1}: dissolving group(s) {list(top.dissolved)} -> "
+                 f"{top_s:.2f} req/s (was {best_s:.2f})")
+        if top_s <= best_s * (1 + 1e-6):
+            break
+        best, best_s, chosen = top, top_s, top.dissolved
+    best.seconds = time.perf_counter() - t0
+    return best
 
 
 def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bool = True,
-                        log=lambda s: None, regroup: bool = True) -> dict:
+                        log=lambda s: None, regroup: bool = True, reload_groups: int = 0) -> dict:
     """``thunderkv plan --reschedule``: adjust ``plan`` (from ``doc``) for failed nodes/GPUs and
-    workload ``wl``; optionally compare with a full re-plan. Returns the new plan document."""
+    workload ``wl``, dissolving up to ``reload_groups`` intact groups (partial reload);
+    optionally compare with a full re-plan. Returns the new plan document."""
     from .metrics import summarize
     from .plan import inputs_from_dict, inputs_to_dict
     from .systems import select_by_simulation, sim_runner, system_goodput
@@ -122,21 +199,31 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
     stats = WorkloadStats.of(wl)
     log(f"rescheduling after losing {sorted(fails) or 'nothing'} (kept groups: phases + routing;"
         " orphaned GPUs re-grouped)")
-    res = reschedule(plan, cluster, model, params, stats, slo, nodes, gpus, regroup=regroup)
+    if reload_groups:
+        if not regroup:
+            raise ValueError("--reload-groups needs re-grouping (drop --no-regroup)")
+        def simulated(r: RescheduleResult) -> float:
+            return pick_by_simulation(r, lambda p, e: system_goodput(p, e, wl, slo)[0])
+        res = reschedule_with_reload(plan, cluster, model, params, stats, slo, reload_groups,
+                                     nodes, gpus, score=simulated, progress=log)
+    else:
+        res = reschedule(plan, cluster, model, params, stats, slo, nodes, gpus, regroup=regroup)
     new_cluster = res.evaluator.cluster
     good, _ = system_goodput(res.plan, res.evaluator, wl, slo) if res.plan.objective > 0 else (0.0, {})
     m = summarize(sim_runner(res.plan, res.evaluator, wl)(good), slo) if good > 0 else {}
     out = {"plan": res.plan.to_dict(), "reschedule_seconds": round(res.seconds, 4),
            "failed": sorted(fails), "dropped_groups": res.dropped_groups,
            "kept_gpus": res.kept_gpus, "regrouped_gpus": res.regrouped_gpus,
-           "idle_gpus": res.idle_gpus,
+           "idle_gpus": res.idle_gpus, "reload_groups": reload_groups,
+           "dissolved_groups": list(res.dissolved),
            "predicted": {"goodput_req_per_s": round(good, 4),
                          **{k: round(v, 4) for k, v in m.items() if isinstance(v, float)}},
            "cost_per_hour": round(new_cluster.price_per_hour(res.plan.gpus()), 4),
            "workload": dict(doc.get("workload", {})),
            "slo": doc.get("slo", {}), "inputs": inputs_to_dict(new_cluster, model, params, slo)}
     out["inputs"]["workload_stats"] = {k: getattr(stats, k) for k in stats.__slots__}
-    log(f"  lightweight: {res.seconds:.2f} s, simulated goodput {good:.2f} req/s")
+    log(f"  {'lightweight' if not res.dissolved else 'partial reload'}: {res.seconds:.2f} s, "
+        f"{res.regrouped_gpus} GPUs reload, simulated goodput {good:.2f} req/s")
     if compare:
         t0 = time.perf_counter()
         ev = Evaluator(new_cluster, model, params, stats, slo)
@@ -150,7 +237,7 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
 
 
 def failure_sweep(doc: dict, plan: Plan, wl, compare: bool = True, log=lambda s: None,
-                  regroup: bool = True) -> dict:
+                  regroup: bool = True, reload_groups: int = 0) -> dict:
     """``thunderkv plan --reschedule PLAN.json --fail each``: reschedule after losing each node
     the plan uses, one at a time, each compared with a full re-plan of the surviving cluster.
     Returns {"sweep": [one row per node], "summary": {...}, "original_goodput_req_per_s"}."""
@@ -162,7 +249,8 @@ def failure_sweep(doc: dict, plan: Plan, wl, compare: bool = True, log=lambda s:
     rows = []
     for i, node in enumerate(nodes, 1):
         log(f"[{i}/{len(nodes)}] losing {node}")
-        r = reschedule_document(doc, plan, [node], wl, compare=compare, log=log, regroup=regroup)
+        r = reschedule_document(doc, plan, [node], wl, compare=compare, log=log, regroup=regroup,
+                                reload_groups=reload_groups)
         rows.append({"failed": node,
                      "lightweight_goodput_req_per_s": r["predicted"]["goodput_req_per_s"],
                      "full_replan_goodput_req_per_s": r.get("full_replan", {}).get(
@@ -170,9 +258,10 @@ def failure_sweep(doc: dict, plan: Plan, wl, compare: bool = True, log=lambda s:
                      "ratio_to_full_replan": r.get("ratio_to_full_replan"),
                      "reschedule_seconds": r["reschedule_seconds"],
                      "dropped_groups": r["dropped_groups"], "regrouped_gpus": r["regrouped_gpus"],
+                     "dissolved_groups": r["dissolved_groups"],
                      "idle_gpus": r["idle_gpus"]})
     ratios = [x["ratio_to_full_replan"] for x in rows if x["ratio_to_full_replan"] is not None]
-    summary = {"nodes": len(rows),
+    summary = {"nodes": len(rows), "reload_groups": reload_groups,
                "max_reschedule_seconds": max((x["reschedule_seconds"] for x in rows), default=0.0)}
     if ratios:
         summary.update({"min_ratio": min(ratios), "mean_ratio": round(sum(ratios) / len(ratios), 4),

@@ -189,3 +189,78 @@ def test_reschedule_hybrid_finds_best_phases_of_survivors(model7b, params, stats
     best = max(fev.value(canonical(zip((g.gpus for g in kept), ph)))
                for ph in itertools.product(HYBRID, repeat=len(kept)))
     assert hyb.plan.objective == pytest.approx(best, rel=1e-6)  # LP tie-break: same optimum
+
+
+def test_partial_reload_dissolves_a_mis_sized_group(model7b, params, slo):
+    """A plan sized for conversation meets a coding mix: phase flips alone cannot re-shape the
+    4-GPU pipeline; dissolving it (its GPUs reload) must beat the lightweight result, and the
+    groups not dissolved keep their layouts."""
+    from thunderkv.scheduler.parallel import WorkloadStats
+    from thunderkv.scheduler.reschedule import reschedule_with_reload
+    from thunderkv.scheduler.workload import synthetic
+
+    c = tiny_cluster()
+    conv = WorkloadStats.of(synthetic("conversation", 300, 1.0, seed=1))
+    coding = WorkloadStats.of(synthetic("coding", 300, 1.0, seed=1))
+    big = ("n0:0", "n0:1", "n1:0", "n1:1")
+    plan = Evaluator(c, model7b, params, conv, slo).plan(
+        canonical([(big, "decode"), (("n2:0",), "prefill"), (("n2:1",), "prefill")]))
+    light = reschedule(plan, c, model7b, params, coding, slo)
+    assert light.dissolved == () and light.regrouped_gpus == 0
+    seen: list[str] = []
+    r = reschedule_with_reload(plan, c, model7b, params, coding, slo, 1, step_time_s=0.5,
+                               progress=seen.append)
+    assert r.dissolved == (plan.groups.index(next(g for g in plan.groups if tuple(g.gpus) == big)),)
+    assert r.plan.objective > 1.1 * light.plan.objective
+    assert r.regrouped_gpus + r.idle_gpus == 4 and r.dropped_groups == 0
+    assert tuple(sorted(big)) not in {tuple(sorted(g.gpus)) for g in r.plan.groups}
+    kept = {tuple(g.stage_gpus): g.layers for g in plan.groups if tuple(g.gpus) != big}
+    after = {tuple(g.stage_gpus): g.layers for g in r.plan.groups}
+    assert all(after.get(k) == v for k, v in kept.items())
+    assert seen and "dissolving group(s)" in seen[0]
+    # K=0 is the lightweight path; a round that buys nothing stops the greedy search
+    assert reschedule_with_reload(plan, c, model7b, params, coding, slo, 0).dissolved == ()
+
+
+def test_partial_reload_bad_arguments(model7b, params, stats, slo):
+    from thunderkv.scheduler.reschedule import reschedule_with_reload
+
+    c = tiny_cluster()
+    plan = Evaluator(c, model7b, params, stats, slo).plan(
+        canonical([(("n0:0", "n0:1"), "prefill"), (("n2:0", "n2:1"), "decode")]))
+    with pytest.raises(ValueError, match="no group"):
+        reschedule(plan, c, model7b, params, stats, slo, dissolve=(2,))
+    with pytest.raises(ValueError, match="regroup"):
+        reschedule(plan, c, model7b, params, stats, slo, dissolve=(0,), regroup=False)
+    with pytest.raises(ValueError, match="reload_groups"):
+        reschedule_with_reload(plan, c, model7b, params, stats, slo, -1)
+
+
+def test_reschedule_cli_reload_groups(planned):
+    d, _ = planned
+    out = d / "reload.json"
+    assert main(["plan", "--reschedule", str(d / "plan.json"), "--workload", "coding",
+                 "--reload-groups", "1", "--no-compare", "--json", str(out), "--quiet",
+                 "--requests", "200"]) == 0
+    new = json.loads(out.read_text())
+    assert new["reload_groups"] == 1 and isinstance(new["dissolved_groups"], list)
+    dissolved = [doc_g for i, doc_g in enumerate(json.loads((d / "plan.json").read_text())
+                                                  ["plan"]["groups"]) if i in new["dissolved_groups"]]
+    assert new["regrouped_gpus"] + new["idle_gpus"] == sum(len(g["gpus"]) for g in dissolved)
+    assert main(["plan", "--reschedule", str(d / "plan.json"), "--reload-groups", "1",
+                 "--no-regroup", "--quiet", "--no-compare", "--requests", "200"]) == 2
+
+
+def test_sweep_table_names_what_was_adjusted():
+    from rich.console import Console
+    from thunderkv.scheduler.report import sweep_table
+
+    row = {"failed": "n0", "lightweight_goodput_req_per_s": 1.0,
+           "full_replan_goodput_req_per_s": 2.0, "ratio_to_full_replan": 0.5,
+           "reschedule_seconds": 0.1, "regrouped_gpus": 2}
+    for k, header in ((0, "lightweight"), (2, "partial reload (K=2)")):
+        doc = {"sweep": [row], "summary": {"nodes": 1, "reload_groups": k, "min_ratio": 0.5,
+                                           "within_10_percent": 0}}
+        console = Console(width=200, record=True)
+        console.print(sweep_table(doc))
+        assert header in console.export_text()

@@ -81,6 +81,9 @@ def register(subparsers) -> None:
     r.add_argument("--no-compare", action="store_true", help="skip the full re-plan comparison")
     r.add_argument("--no-regroup", action="store_true",
                    help="leave orphaned GPUs (of groups that lost a GPU) idle instead of re-grouping them")
+    r.add_argument("--reload-groups", type=int, default=0, metavar="K",
+                   help="partial reload: also dissolve up to K intact groups (chosen greedily) and "
+                        "re-group their GPUs, which reload weights (default 0: no reload)")
     p.set_defaults(func=run)
 
 
@@ -184,7 +187,7 @@ def _run_reschedule(args, log) -> dict:
         from thunderkv.scheduler.reschedule import failure_sweep
 
         sweep = failure_sweep(doc, plan, wl, compare=not args.no_compare, log=log,
-                              regroup=not args.no_regroup)
+                              regroup=not args.no_regroup, reload_groups=args.reload_groups)
         sweep["workload"]["source"] = source
         if args.plot:
             try:
@@ -195,7 +198,7 @@ def _run_reschedule(args, log) -> dict:
                 print(f"warning: {exc}; no plot written", file=sys.stderr)
         return sweep
     new = reschedule_document(doc, plan, fails, wl, compare=not args.no_compare, log=log,
-                              regroup=not args.no_regroup)
+                              regroup=not args.no_regroup, reload_groups=args.reload_groups)
     new["workload"]["source"] = source
     return new
 
