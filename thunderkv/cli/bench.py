@@ -105,6 +105,8 @@ def register(subparsers) -> None:
     tr.add_argument("--rate", help="shape the link, e.g. 100mbit or 1gbit (needs netns + tc)")
     tr.add_argument("--pool-bytes", type=int, default=1 << 30, help="server receive pool size")
     tr.add_argument("--no-perftest", action="store_true", help="skip the ucx_perftest baseline")
+    tr.add_argument("--perftest-runs", type=int, default=3,
+                    help="ucx_perftest runs per message size; ratios use their median (default 3)")
     tr.add_argument("--json", metavar="PATH", help="append one JSON line per measurement")
     tr.add_argument("--rows-out", help=argparse.SUPPRESS)
     tr.set_defaults(func=run_transfer)
@@ -306,8 +308,16 @@ def run_transfer(args: argparse.Namespace) -> int:
     finally:
         rows_path.unlink(missing_ok=True)
     if rate is None and not args.no_perftest:
-        _measure(console, lambda progress: transfer.add_perftest(rows, progress))
+        _measure(console, lambda progress: transfer.add_perftest(rows, progress,
+                                                                 args.perftest_runs))
     return _report_transfer(console, args, rows, rate=rate)
+
+
+def _spread(runs: list[float] | None) -> str:
+    """' (lo-hi)' of several perftest runs' GB/s; empty for one run or none."""
+    if not runs or len(runs) < 2:
+        return ""
+    return f" ({min(runs) / 1e9:.1f}-{max(runs) / 1e9:.1f})"
 
 
 def _report_transfer(console, args, rows: list[dict], rate: int | None) -> int:
@@ -325,7 +335,7 @@ def _report_transfer(console, args, rows: list[dict], rate: int | None) -> int:
     t = Table(title=f"KV transfer, one request per message ({link}); GB = 1e9 bytes; "
               "effective = uncompressed 16-bit KV bytes / second")
     for col in ("model", "tokens", "bits", "wire MB", "p50 ms", "wire GB/s", "put GB/s",
-                "effective KV GB/s", "vs raw", "transport", "perftest GB/s", "put/perftest"):
+                "effective KV GB/s", "vs raw", "transport", "perftest GB/s", "put/perftest", "e2e/perftest"):
         t.add_column(col, justify="left" if col in ("model", "transport") else "right")
 
     def f(x, fmt):
@@ -338,7 +348,8 @@ def _report_transfer(console, args, rows: list[dict], rate: int | None) -> int:
                   f(r["effective_kv_bytes_per_s"] / 1e9, ".3f"),
                   f(r.get("speedup_vs_raw"), ".2f") + "x", r["transport"],
                   f(r.get("perftest_put_bytes_per_s") and r["perftest_put_bytes_per_s"] / 1e9,
-                    ".2f"), f(r.get("put_vs_perftest"), ".2f"))
+                    ".2f") + _spread(r.get("perftest_runs_bytes_per_s")),
+                  f(r.get("put_vs_perftest"), ".2f"), f(r.get("e2e_vs_perftest"), ".2f"))
     console.print(t)
     if args.json:
         write_json_lines(args.json, rows)
