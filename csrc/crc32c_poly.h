@@ -29,6 +29,7 @@ TKV_CRC_HD inline uint32_t crc32c_multmodp(uint32_t a, uint32_t b) {
 }
 
 // The slicing-by-8 tables (slice[0] is the bytewise table) and x^(2^k) mod P for k < 32.
+// Unlike zlib's CRC-32 (period 32), CRC-32C has x^(2^31) == x mod P: index x2n with k % 31.
 inline void crc32c_make_tables(uint32_t (&slice)[8][256], uint32_t (&x2n)[32]) {
   for (uint32_t n = 0; n < 256; ++n) {
     uint32_t c = n;

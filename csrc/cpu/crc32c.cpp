@@ -45,7 +45,7 @@ struct Tables {
   uint32_t xpow(uint64_t n) const {
     uint32_t p = 1u << 31;
     for (unsigned k = 0; n; n >>= 1, ++k)
-      if (n & 1) p = multmodp(x2n[k & 31], p);
+      if (n & 1) p = multmodp(x2n[k % 31], p);  // CRC-32C: x^(2^31) == x mod P, period 31
     return p;
   }
 };

@@ -42,6 +42,28 @@ def test_threaded_split_and_chaining_agree(gen):
     assert ext.crc32c_combine(crc32c(data[:cut]), crc32c(data[cut:]), data.nbytes - cut) == one
 
 
+@pytest.mark.skipif(ext is None, reason="extension not built")
+def test_shifts_past_512_mib_are_right():
+    """Combining/chaining shifts a CRC past len_b zero bytes with x^(2^k) mod P; for CRC-32C
+    x^(2^31) == x (period 31, not zlib's 32), so a table indexed with k & 31 went wrong from
+    2^29 bytes on. Zero pages make the 1 GiB buffer cheap; the one-thread CRC uses no shifts
+    that long, so it is the oracle."""
+    big = (1 << 30) + 1000
+    data = np.zeros(big, dtype=np.uint8)  # calloc'd: untouched pages stay shared zero pages
+    data[:1000] = np.arange(1000) % 251
+    data[-7:] = [1, 2, 3, 4, 5, 6, 7]
+    one = crc32c(data, threads=1)
+    cut = 1000 - 3  # len_b = 2^30 + 3: k = 30 and bit 0..1 set
+    assert ext.crc32c_combine(crc32c(data[:cut], threads=1), crc32c(data[cut:], threads=1),
+                              big - cut) == one
+    tail = (1 << 29) + 3  # the smallest failing case: k = 29 -> indices 0, 1, 29
+    assert ext.crc32c_combine(crc32c(data[:big - tail], threads=1),
+                              crc32c(data[big - tail:], threads=1), tail) == one
+    assert crc32c(data, threads=2) == one  # halves of 512 MiB + 500 bytes
+    block = big // 2
+    assert crc32c_running(data, block, 2, threads=2) == [crc32c(data[:block], threads=1), one]
+
+
 def test_inputs_of_every_kind_agree():
     payload = bytes(range(256)) * 5
     want = crc32c_reference(payload)
