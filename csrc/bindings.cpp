@@ -42,8 +42,10 @@ T* ptr(uintptr_t p) {
 // tokens); see csrc/cpu/cpu_kernels.h.
 void check_cols(int64_t n_groups, int group_size, int64_t tokens, int64_t channels) {
   if (channels < 0 || tokens < 0) throw std::invalid_argument("tokens/channels must be >= 0");
-  if (channels > 0 && (tokens % group_size != 0 || n_groups % channels != 0 ||
-                       (n_groups / channels) % (tokens / group_size) != 0))
+  if (channels > 0 && tokens == 0 && n_groups != 0)
+    throw std::invalid_argument("per-channel layout: no tokens but n_groups > 0");
+  if (channels > 0 && tokens > 0 && (tokens % group_size != 0 || n_groups % channels != 0 ||
+                                     (n_groups / channels) % (tokens / group_size) != 0))
     throw std::invalid_argument("per-channel layout: tokens must divide by group_size and "
                                 "n_groups must be rows * tokens / group_size * channels");
 }

@@ -15,6 +15,7 @@
 
 #include "../crc32c_poly.h"
 #include "crc32c_cuda.h"
+#include "device_guard.h"
 
 namespace tkv::cuda {
 namespace {
@@ -42,7 +43,7 @@ __host__ __device__ inline uint32_t shift_op(const uint32_t* x2n, uint64_t nbyte
   uint32_t p = 1u << 31;
   unsigned k = 3;
   for (uint64_t n = nbytes; n; n >>= 1, ++k)
-    if (n & 1) p = multmodp(x2n[k & 31], p);
+    if (n & 1) p = multmodp(x2n[k % 31], p);  // CRC-32C: x^(2^31) == x mod P, period 31
   return p;
 }
 
@@ -105,11 +106,12 @@ DeviceTables& device_tables(int device) {
   static std::mutex mutex;  // senders and receivers checksum from several threads
   std::lock_guard<std::mutex> lock(mutex);
   DeviceTables& d = per_device[device];
-  if (!d.ptr && d.error.empty()) {
+  if (!d.ptr) {  // a failed upload (say, a transient out-of-memory) is retried next call
     static const Tables host = make_tables();
     cudaError_t e = cudaMalloc(&d.ptr, sizeof(Tables));
     if (e == cudaSuccess) e = cudaMemcpy(d.ptr, &host, sizeof(Tables), cudaMemcpyHostToDevice);
     if (e != cudaSuccess) {
+      if (d.ptr) cudaFree(d.ptr);
       d.error = cudaGetErrorString(e);
       d.ptr = nullptr;
     }
@@ -127,7 +129,8 @@ std::string crc32c_device(const void* data, uint64_t nbytes, uint32_t seed, int 
     *result = seed;
     return {};
   }
-  cudaError_t e = cudaSetDevice(device);
+  DeviceGuard guard;
+  cudaError_t e = guard.set(device);
   if (e != cudaSuccess) return cudaGetErrorString(e);
   DeviceTables& tables = device_tables(device);
   if (!tables.ptr) return "CRC tables: " + tables.error;

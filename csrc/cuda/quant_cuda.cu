@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "device_guard.h"
 #include "quant_cuda.h"
 
 namespace tkv::cuda {
@@ -396,7 +397,8 @@ std::string quantize(int dtype, const void* x, void* packed, void* scale, void* 
                      int64_t tokens, int64_t channels, const int64_t* row_index,
                      int64_t row_groups) {
   if (n_groups == 0) return {};
-  cudaError_t e = cudaSetDevice(device);
+  DeviceGuard guard;
+  cudaError_t e = guard.set(device);
   if (e != cudaSuccess) return cudaGetErrorString(e);
   auto st = reinterpret_cast<cudaStream_t>(stream);
   const Cols cols{tokens, channels};
@@ -420,7 +422,8 @@ std::string dequantize(int dtype, const void* packed, const void* scale, const v
                        uintptr_t stream, int64_t tokens, int64_t channels,
                        const int64_t* row_index, int64_t row_groups) {
   if (n_groups == 0) return {};
-  cudaError_t e = cudaSetDevice(device);
+  DeviceGuard guard;
+  cudaError_t e = guard.set(device);
   if (e != cudaSuccess) return cudaGetErrorString(e);
   auto st = reinterpret_cast<cudaStream_t>(stream);
   const Cols cols{tokens, channels};
