@@ -31,7 +31,8 @@ def random_kv(shape, dtype, gen: torch.Generator, *, specials: bool = True) -> t
     """Random KV-like data with the cases that break quantizers.
 
     Mixes normal data with per-row scale spread over many binades, outliers, constant rows,
-    all-zero rows of both signs, tiny (subnormal-range) rows, values on the rounding ties of
+    all-zero rows of both signs, tiny rows (subnormal fp16 scales; fp32/bf16 scales whose
+    reciprocal overflows), values on the rounding ties of
     a unit scale, and (``specials``) NaN/Inf entries.
     """
     n = 1
@@ -49,6 +50,8 @@ def random_kv(shape, dtype, gen: torch.Generator, *, specials: bool = True) -> t
         x[pick()] = 0.0                                  # +0 row
         x[pick()] = -0.0                                 # -0 row
         x[pick()] = torch.randn(d, generator=gen) * 1e-7  # tiny range (fp16 subnormals)
+        x[pick()] = torch.randn(d, generator=gen) * 1e-38  # fp32/bf16: subnormal inputs/scale
+        x[pick()] = torch.randn(d, generator=gen) * 1e-40  # fp32/bf16: 1/scale overflows to inf
         r = pick()
         x[r] = torch.randint(0, 31, (d,), generator=gen).float() / 2  # ties at scale 1 (4 bit)
         x[r, 0], x[r, -1] = 0.0, 15.0

@@ -67,6 +67,7 @@ def test_triton_kernels_compile_for_gpu_without_interpreter_traps(capability):
     for name, facts in kernels.items():
         assert facts["cubin_bytes"] > 0, name
         assert not facts["approx_div"] and not facts["rcp_approx"], f"{name}: approximate division"
+        assert not facts["ftz"], f"{name}: flushes subnormals (format v1 keeps them)"
         if name.startswith("quantize"):
             assert facts["div_rn"], f"{name}: scale/reciprocal must use div.rn"
             assert not facts["fma"], f"{name}: FMA contraction changes the codes"

@@ -65,6 +65,7 @@ def compile_all(capability: int) -> dict[str, dict]:
             "div_rn": "div.rn.f32" in ptx,
             "approx_div": "div.full.f32" in ptx or "div.approx.f32" in ptx,
             "rcp_approx": "rcp.approx" in ptx,
+            "ftz": ".ftz" in ptx,  # flushing subnormals would zero tiny scales' codes
         }
     return out
 

@@ -10,7 +10,8 @@ Bit-exactness notes (format v1 is bit-identical across backends):
   interpreter (numpy) and the GPU;
 - scale/minimum/outputs are stored as integer bit patterns, so a bad group's NaN is exactly
   the canonical one the reference writes; float32 -> bfloat16 rounding is done on the bits
-  (round half to even), because the interpreter's own conversion truncates;
+  (round half to even), because the interpreter's own conversion truncates; bfloat16 inputs
+  are widened on the bits too (the interpreter's conversion mangles subnormals);
 - per-channel keys are read with strides from the caller's ``[..., T, D]`` tensor, no copy.
 """
 
@@ -40,6 +41,16 @@ def _bits_to_f32(bits, DT: tl.constexpr):
         return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
         return bits.to(DT, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _to_f32(x, DT: tl.constexpr, IT: tl.constexpr):
+    """Loaded input values -> float32, exactly. bfloat16 goes through its bits: the
+    interpreter's own bfloat16 conversion mangles subnormals (1e-38 -> 8.27e-39)."""
+    if DT == tl.bfloat16:
+        return _bits_to_f32(x.to(IT, bitcast=True), DT)
+    else:
+        return x.to(tl.float32)
 
 
 @triton.jit
@@ -93,8 +104,8 @@ def _quantize_rows_kernel(x_ptr, packed_ptr, scale_ptr, min_ptr, n_groups, slots
     gmask = g < n_groups
     go, omask = _slotted(g, gmask, slots_ptr, row_groups, HAS_SLOTS)  # where outputs go
     i = tl.arange(0, G)
-    x = tl.load(x_ptr + g[:, None].to(tl.int64) * G + i[None, :], mask=gmask[:, None],
-                other=0.0).to(tl.float32)
+    x = _to_f32(tl.load(x_ptr + g[:, None].to(tl.int64) * G + i[None, :], mask=gmask[:, None],
+                        other=0.0), DT, IT)
     nonfinite = tl.sum(((x - x) != 0.0).to(tl.int32), axis=1) > 0
     scale_bits, min_bits, mn, r, bad = _finish_groups(
         tl.min(x, axis=1), tl.max(x, axis=1), nonfinite, QMAX, DT, IT, NAN_BITS)
@@ -122,8 +133,8 @@ def _quantize_cols_kernel(x_ptr, packed_ptr, scale_ptr, min_ptr, T, D,
     dmask = d < D
     i = tl.arange(0, G)
     base = row.to(tl.int64) * T * D + (tg * G).to(tl.int64) * D
-    x = tl.load(x_ptr + base + i[:, None] * D + d[None, :], mask=dmask[None, :],
-                other=0.0).to(tl.float32)
+    x = _to_f32(tl.load(x_ptr + base + i[:, None] * D + d[None, :], mask=dmask[None, :],
+                        other=0.0), DT, IT)
     nonfinite = tl.sum(((x - x) != 0.0).to(tl.int32), axis=0) > 0
     scale_bits, min_bits, mn, r, bad = _finish_groups(
         tl.min(x, axis=0), tl.max(x, axis=0), nonfinite, QMAX, DT, IT, NAN_BITS)
