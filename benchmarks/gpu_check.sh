@@ -32,11 +32,17 @@ if ! $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>
 fi
 grep -E "ThunderKV|CUDA" "$OUT/build.log" | head -10 || true
 $PY -m thunderkv.cli env --json >"$OUT/env.json" || failed+=(env)
-$PY - "$OUT/env.json" <<'PYEOF'
+$PY - "$OUT/env.json" "$DEVICE" <<'PYEOF' || failed+=(backends-unavailable)
 import json, sys
 info = json.load(open(sys.argv[1]))
 for name, st in info["backends"].items():
     print(f"backend {name:9s} {'yes' if st['available'] else 'no: ' + str(st['why_not'])}")
+# On a GPU machine the GPU backends must load: otherwise their tests would only skip and the
+# check would look green (say, a driver older than the CUDA runtime the extension links).
+missing = [n for n in ("cuda", "triton") if sys.argv[2] == "cuda"
+           and not info["backends"].get(n, {}).get("available")]
+if missing:
+    sys.exit(f"GPU backend(s) unavailable on this GPU machine: {missing}")
 PYEOF
 
 step "kernel tests against the reference"

@@ -224,6 +224,10 @@ def quantize_to_paged(
     key, value : ``[num_tokens, kv_heads, head_dim]`` in the cache's dtype and device.
     cache : the layer's :class:`PagedKVCache`.
     slot_mapping : int32/int64 ``[num_tokens]``: slot of each token (-1: padding, skipped).
+        Non-negative slots must be distinct, as a serving engine's are (vLLM's
+        reshape_and_cache has the same rule): two tokens written to one slot race on the GPU
+        backends and can leave one token's scale beside the other's codes. Not checked (it
+        would cost a device sync per call).
     backend : quantization backend, as for :func:`thunderkv.quantize`.
 
     Everything is validated before the cache is touched.
