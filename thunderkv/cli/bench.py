@@ -327,7 +327,7 @@ def _report_transfer(console, args, rows: list[dict], rate: int | None) -> int:
     from ..bench.timing import provenance, write_json_lines
 
     transfer.add_speedups(rows)
-    console.width = max(console.width, 150)  # a wide table; pipes get 80 columns otherwise
+    console.width = max(console.width, 175)  # a wide table; pipes get 80 columns otherwise
     link = f"veth shaped to {rate / 1e6:g} Mbit/s (UCX over tcp)" if rate else "loopback"
     base = provenance("cpu")
     for r in rows:
