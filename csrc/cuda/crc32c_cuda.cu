@@ -150,9 +150,11 @@ std::string crc32c_device(const void* data, uint64_t nbytes, uint32_t seed, int 
   cudaFreeAsync(states, st);
   if (e == cudaSuccess) e = cudaStreamSynchronize(st);
   if (e != cudaSuccess) return cudaGetErrorString(e);
+  const uint32_t full_shift = shift_op(host.x2n, per_block);  // every block but the last
   for (uint64_t b = 0; b < blocks; ++b) {
-    const uint64_t len = (b + 1 < blocks) ? per_block : nbytes - b * per_block;
-    state = multmodp(shift_op(host.x2n, len), state) ^ host_states[b];
+    const uint32_t shift =
+        (b + 1 < blocks) ? full_shift : shift_op(host.x2n, nbytes - b * per_block);
+    state = multmodp(shift, state) ^ host_states[b];
   }
   *result = ~state;
   return {};
