@@ -5,8 +5,9 @@ groups that lost a GPU ("orphans") must reload weights anyway, so they are re-gr
 
 Between that and a full re-plan (every GPU reloads) sits a *partial reload*
 (:func:`reschedule_with_reload`): also dissolve up to K intact groups, chosen greedily by the
-model value they buy, and re-group their GPUs with the orphans. A large workload shift (say
-conversation -> coding) needs it: the kept groups' layouts were sized for the old mix.
+goodput they buy, and re-group their GPUs with the orphans (only those GPUs reload). It helps
+where the surviving groups' layouts no longer fit: a lost node that carried much of one phase,
+or a workload shift (for one as large as conversation -> coding, a full re-plan still wins).
 """
 
 from __future__ import annotations
