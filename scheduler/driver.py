@@ -18,6 +18,7 @@ from .metrics import required_scale, summarize
 from .model import ModelSpec
 from .parallel import WorkloadStats
 from .plan import Plan, inputs_to_dict
+from .resilience import select_resilient
 from .systems import (
     System,
     make_system,
@@ -49,10 +50,14 @@ class PlanRequest:
     arrivals: str = "poisson"
     seed: int = 0
     select_by_simulation: bool = True  # replay the search's best candidates, keep the best
+    resilience: float | None = None  # ours: among candidates within this fraction of the best
+    #                                  goodput, keep the one that best survives a lost node
 
     def __post_init__(self) -> None:
         if self.rate is not None and self.rate <= 0:
             raise ValueError("rate must be > 0")
+        if self.resilience is not None and not 0 <= self.resilience < 1:
+            raise ValueError("resilience tolerance must be in [0, 1)")
 
 
 def same_price_a100(cluster: Cluster, price: float) -> Cluster:
@@ -87,7 +92,14 @@ def evaluate_system(sys_: System, req: PlanRequest, stats: WorkloadStats, log: L
         cfg = dataclasses.replace(cfg, time_limit_s=cfg.time_limit_s * SEARCH_SHARE)
     plan, ev, res = plan_system(sys_, req.model, req.params, stats, req.slo, cfg, progress)
     search = None if res is None else {"iterations": res.iterations, "evaluations": res.evaluations}
-    if res is not None and req.select_by_simulation:
+    resilience = None
+    if res is not None and req.resilience is not None and sys_.name == "thunderkv":
+        log(f"  {sys_.name}: scoring candidates within {req.resilience:.0%} of the best goodput "
+            "by goodput after losing each node (lightweight rescheduling)")
+        plan, good, seen, resilience = select_resilient(res, ev, req.workload, req.slo,
+                                                        req.resilience, req.arrivals, req.seed, log)
+        solve = time.perf_counter() - t0
+    elif res is not None and req.select_by_simulation:
         plan, good, seen, info = select_by_simulation(res, ev, req.workload, req.slo,
                                                       req.arrivals, req.seed,
                                                       deadline=t0 + req.tabu.time_limit_s)
@@ -101,7 +113,7 @@ def evaluate_system(sys_: System, req: PlanRequest, stats: WorkloadStats, log: L
     log(f"  {sys_.name}: model {plan.objective:.2f} req/s, simulated goodput {good:.2f} req/s, "
         f"${cost:.2f}/h, planned in {solve:.1f} s")
     return {"name": sys_.name, "plan": plan, "ev": ev, "solve_seconds": solve,
-            "search": search,
+            "search": search, "resilience": resilience,
             "goodput_req_per_s": good, "cost_per_hour": cost, "cluster": sys_.cluster.name,
             "metrics_at_goodput": m, "attainment_curve": dict(sorted(seen.items()))}
 
@@ -120,6 +132,8 @@ def public(r: dict[str, Any]) -> dict[str, Any]:
            "cluster": r["cluster"], "solve_seconds": round(r["solve_seconds"], 3)}
     if r["search"]:
         out["search"] = r["search"]
+    if r.get("resilience"):
+        out["resilience"] = r["resilience"]
     return out
 
 

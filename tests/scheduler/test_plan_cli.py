@@ -264,3 +264,39 @@ def test_sweep_table_names_what_was_adjusted():
         console = Console(width=200, record=True)
         console.print(sweep_table(doc))
         assert header in console.export_text()
+
+
+def test_plan_resilience_picks_the_candidate_that_best_survives_a_lost_node(tmp_path):
+    (tmp_path / "c.yaml").write_text(TINY)
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--cluster", str(tmp_path / "c.yaml"), "--json", str(out),
+                 "--baselines", "none", "--resilience", "0.5", *COMMON]) == 0
+    doc = json.loads(out.read_text())
+    res = doc["predicted"]["resilience"]
+    rows = res["scored"]
+    assert res["tolerance"] == 0.5 and rows and len(rows) <= res["candidates"]
+    assert all(r["goodput_req_per_s"] >= 0.5 * res["best_goodput_req_per_s"] - 1e-3 for r in rows)
+    picked = next(r for r in rows if r["rank"] == res["picked_rank"])
+    assert picked["mean_after_loss_req_per_s"] == max(r["mean_after_loss_req_per_s"] for r in rows)
+    assert picked["min_after_loss_req_per_s"] <= picked["mean_after_loss_req_per_s"]
+    assert doc["predicted"]["goodput_req_per_s"] == pytest.approx(picked["goodput_req_per_s"],
+                                                                  abs=1e-3)
+
+
+def test_resilience_score_loses_every_used_node(model7b, params, stats, slo, small_wl):
+    from thunderkv.scheduler.resilience import resilience_score
+    from thunderkv.scheduler.systems import system_goodput
+
+    c = tiny_cluster()
+    ev = Evaluator(c, model7b, params, stats, slo)
+    # n1 carries the only decode group: losing it leaves survivors that must re-phase
+    plan = ev.plan(canonical([(("n0:0", "n0:1"), "prefill"), (("n1:0", "n1:1"), "decode")]))
+    score = resilience_score(plan, ev, small_wl, slo)
+    assert set(score["per_node"]) == {"n0", "n1"}
+    assert score["min"] == min(score["per_node"].values())
+    assert score["mean"] == pytest.approx(sum(score["per_node"].values()) / 2)
+    whole = system_goodput(plan, ev, small_wl, slo)[0]
+    assert 0 <= score["min"] < whole  # a 2-group plan cannot lose a node for free
+    with pytest.raises(ValueError):
+        from thunderkv.scheduler.driver import PlanRequest
+        PlanRequest(c, model7b, small_wl, slo, resilience=1.5)

@@ -66,6 +66,11 @@ def register(subparsers) -> None:
     t.add_argument("--iters", type=int, default=1000,
                    help="tabu iterations per system (the time limit usually binds first)")
     t.add_argument("--time-limit", type=float, default=30.0, help="seconds of planning per system (search + replaying its best candidates)")
+    t.add_argument("--resilience", type=float, metavar="TOL",
+                   help="failure-aware choice for ours: of the search's candidates within TOL "
+                        "(e.g. 0.02) of the best simulated goodput, keep the one with the most "
+                        "goodput after losing any one node and rescheduling lightly (runs past "
+                        "--time-limit: ~2 s per node per candidate)")
     t.add_argument("--no-sim-select", action="store_true",
                    help="take the search's best model value as is (default: replay its best "
                         "distinct candidates and keep the highest simulated goodput)")
@@ -155,7 +160,7 @@ def _run_plan(args, log) -> dict:
     req = PlanRequest(cluster, model, wl, slo, params,
                       TabuConfig(max_iters=args.iters, time_limit_s=args.time_limit, seed=args.seed),
                       base, names, args.rate, args.arrivals, args.seed,
-                      select_by_simulation=not args.no_sim_select)
+                      select_by_simulation=not args.no_sim_select, resilience=args.resilience)
     doc, raw = run_plan(req, log)
     doc["workload"]["source"] = source
     doc["inputs"]["workload_stats"] = {k: getattr(stats, k) for k in stats.__slots__}
