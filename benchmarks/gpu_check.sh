@@ -77,6 +77,8 @@ else
   $PY -m thunderkv.cli bench paged --device "$DEVICE" --preset "$PRESET" --reps 20 \
     "${backend_args[@]}" --json "$OUT/bench.jsonl" >"$OUT/bench_paged.txt" 2>&1 \
     || { cat "$OUT/bench_paged.txt"; failed+=(bench-paged); }
+  $PY benchmarks/crc_bench.py --device "$DEVICE" --json "$OUT/bench.jsonl" \
+    >"$OUT/bench_crc.txt" 2>&1 || { cat "$OUT/bench_crc.txt"; failed+=(bench-crc); }
 fi
 
 step "summary"
