@@ -10,3 +10,8 @@ thunderkv plan --reschedule $R/conv-resilient.json --fail each --json $R/sweep-c
 thunderkv plan $C --json $R/conv-default.json > $R/conv-default.out 2>&1
 thunderkv plan --reschedule $R/conv-default.json --fail each --json $R/sweep-conv-default.json \
   --plot $R/sweep-conv-default.png > $R/sweep-conv-default.out 2>&1
+# coding-like mix: default plan, swept
+C2="--cluster examples/planner/cloud-32.yaml --model llama-30b --workload coding --baselines none"
+thunderkv plan $C2 --json $R/coding-default.json > $R/coding-default.out 2>&1
+thunderkv plan --reschedule $R/coding-default.json --fail each --json $R/sweep-coding-default.json \
+  --plot $R/sweep-coding-default.png > $R/sweep-coding-default.out 2>&1
