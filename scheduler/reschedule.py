@@ -90,9 +90,16 @@ def reschedule(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParam
     if unknown:
         raise ValueError(f"unknown node(s) {sorted(unknown)}")
     lost = fail_gpus | {g for g in cluster.gpus if g.rsplit(":", 1)[0] in fail_nodes}
+    if {n.name for n in cluster.nodes} <= fail_nodes:
+        raise ValueError("every node of the cluster is lost: nothing to reschedule")
+    dissolve = tuple(sorted(set(dissolve)))
     bad = [i for i in dissolve if not 0 <= i < len(plan.groups)]
     if bad:
         raise ValueError(f"dissolve: no group(s) {bad} in a plan of {len(plan.groups)}")
+    broken = [i for i in dissolve if set(plan.groups[i].gpus) & lost]
+    if broken:
+        raise ValueError(f"dissolve: group(s) {broken} lost a GPU already (their survivors are "
+                         "re-grouped anyway)")
     if dissolve and not regroup:
         raise ValueError("dissolving groups needs regroup=True")
     keep = [g for i, g in enumerate(plan.groups)
@@ -134,6 +141,7 @@ def pick_by_simulation(res: RescheduleResult, goodput, alternatives: int = 2) ->
     ``goodput(plan, evaluator) -> req/s``; keep the best in ``res.plan``; return its goodput.
     (The roofline model ranks re-formed groups less reliably than it ranks phase flips.)"""
     best_g = goodput(res.plan, res.evaluator) if res.plan.objective > 0 else 0.0
+    orphans = res.regrouped_gpus + res.idle_gpus
     for st in res.alternatives[:alternatives]:
         if not st:
             continue
@@ -141,6 +149,8 @@ def pick_by_simulation(res: RescheduleResult, goodput, alternatives: int = 2) ->
         g = goodput(plan, res.evaluator) if plan.objective > 0 else 0.0
         if g > best_g * (1 + 1e-9):
             res.plan, best_g = plan, g
+            res.regrouped_gpus = len(plan.gpus()) - res.kept_gpus  # this state's placement
+            res.idle_gpus = orphans - res.regrouped_gpus
     return best_g
 
 
@@ -172,10 +182,12 @@ def reschedule_with_reload(plan: Plan, cluster: Cluster, model: ModelSpec, param
         if not trials:
             break
         top_s, top = max(((score(r), r) for r in trials), key=lambda x: x[0])
+        if top_s <= best_s * (1 + 1e-6):
+            progress(f"  reload round {rnd + 1}: no group is worth dissolving (best "
+                     f"{list(top.dissolved)}: {top_s:.2f} req/s, have {best_s:.2f}); stopping")
+            break
         progress(f"  reload round {rnd + 1}: dissolving group(s) {list(top.dissolved)} -> "
                  f"{top_s:.2f} req/s (was {best_s:.2f})")
-        if top_s <= best_s * (1 + 1e-6):
-            break
         best, best_s, chosen = top, top_s, top.dissolved
     best.seconds = time.perf_counter() - t0
     return best
@@ -248,6 +260,9 @@ def failure_sweep(doc: dict, plan: Plan, wl, compare: bool = True, log=lambda s:
     used = {g.rsplit(":", 1)[0] for g in plan.gpus()}
     nodes = [n.name for n in cluster.nodes if n.name in used]
     rows = []
+    if len(cluster.nodes) == 1:
+        raise ValueError("--fail each needs a cluster of two or more nodes: losing the only one "
+                         "leaves nothing to reschedule")
     for i, node in enumerate(nodes, 1):
         log(f"[{i}/{len(nodes)}] losing {node}")
         r = reschedule_document(doc, plan, [node], wl, compare=compare, log=log, regroup=regroup,

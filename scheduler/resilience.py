@@ -31,6 +31,9 @@ def resilience_score(plan: Plan, ev: Evaluator, wl: Workload, slo: SLO, arrivals
     used = {g.rsplit(":", 1)[0] for g in plan.gpus()}
     per_node: dict[str, float] = {}
     for node in (n.name for n in ev.cluster.nodes if n.name in used):
+        if len(ev.cluster.nodes) == 1:  # losing the only node leaves nothing
+            per_node[node] = 0.0
+            continue
         r = reschedule(plan, ev.cluster, ev.model, ev.params, ev.stats, slo, fail_nodes={node})
         per_node[node] = (system_goodput(r.plan, r.evaluator, wl, slo, arrivals, seed)[0]
                           if r.plan.objective > 0 else 0.0)

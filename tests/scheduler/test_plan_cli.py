@@ -300,3 +300,65 @@ def test_resilience_score_loses_every_used_node(model7b, params, stats, slo, sma
     with pytest.raises(ValueError):
         from thunderkv.scheduler.driver import PlanRequest
         PlanRequest(c, model7b, small_wl, slo, resilience=1.5)
+
+
+def test_partial_reload_stops_when_no_group_is_worth_dissolving(model7b, params, stats, slo):
+    """Start from the exhaustive optimum of the hybrid space rescheduling searches (split and
+    colocated groups): no dissolved group can raise the model value."""
+    from thunderkv.scheduler.exhaustive import exhaustive_best
+    from thunderkv.scheduler.reschedule import reschedule_with_reload
+
+    c = tiny_cluster()
+    ev = Evaluator(c, model7b, params, stats, slo, SearchSpace(HYBRID))
+    state, value, _ = exhaustive_best(ev)
+    seen: list[str] = []
+    r = reschedule_with_reload(ev.plan(state), c, model7b, params, stats, slo, 2,
+                               step_time_s=0.3, progress=seen.append)
+    assert r.dissolved == () and r.regrouped_gpus == 0
+    assert r.plan.objective == pytest.approx(value, rel=1e-6)
+    assert len(seen) == 1 and "no group is worth dissolving" in seen[0]
+
+
+def test_reschedule_refuses_what_it_cannot_do(model7b, params, stats, slo):
+    c = tiny_cluster()
+    ev = Evaluator(c, model7b, params, stats, slo)
+    plan = ev.plan(canonical([(("n0:0", "n0:1"), "prefill"), (("n2:0", "n2:1"), "decode")]))
+    with pytest.raises(ValueError, match="every node"):
+        reschedule(plan, c, model7b, params, stats, slo, fail_nodes={"n0", "n1", "n2"})
+    with pytest.raises(ValueError, match="lost a GPU already"):
+        reschedule(plan, c, model7b, params, stats, slo, fail_nodes={"n0"}, dissolve=(0,))
+    twice = reschedule(plan, c, model7b, params, stats, slo, dissolve=(1, 1))
+    assert twice.dissolved == (1,) and twice.dropped_groups == 0
+
+
+def test_resilience_on_a_one_node_cluster_scores_the_loss_as_zero(model7b, params, stats, slo,
+                                                                     small_wl):
+    from thunderkv.scheduler.resilience import resilience_score
+
+    c = tiny_cluster(TINY.replace("""  - {name: n1, gpu: RTX3090, count: 2, intra_node_gbps: 100}
+  - {name: n2, gpu: L40S, count: 2, intra_node_gbps: 200}
+""", "").replace("""  links:
+    - {a: n0, b: n1, gbps: 25}
+""", ""))
+    assert [n.name for n in c.nodes] == ["n0"]
+    ev = Evaluator(c, model7b, params, stats, slo)
+    plan = ev.plan(canonical([(("n0:0",), "prefill"), (("n0:1",), "decode")]))
+    assert resilience_score(plan, ev, small_wl, slo)["per_node"] == {"n0": 0.0}
+
+
+@pytest.mark.parametrize("flags", [
+    ["--reload-groups", "1"],                                  # only with --reschedule
+    ["--resilience", "0.02", "--no-sim-select"],               # it replays candidates itself
+    ["--resilience", "1.5"],
+])
+def test_plan_refuses_flags_it_would_ignore(tmp_path, flags, capsys):
+    (tmp_path / "c.yaml").write_text(TINY)
+    assert main(["plan", "--cluster", str(tmp_path / "c.yaml"), *flags, *COMMON]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_reschedule_refuses_planning_flags(planned, capsys):
+    d, _ = planned
+    for flags in (["--resilience", "0.02"], ["--reload-groups", "-1"]):
+        assert main(["plan", "--reschedule", str(d / "plan.json"), *flags, "--quiet"]) == 2
+    assert "--reload-groups must be >= 0" in capsys.readouterr().err

@@ -262,6 +262,9 @@ def run_transfer(args: argparse.Namespace) -> int:
         return 2
     if args.role == "server":
         return transfer.serve(args.host, args.port, args.pool_bytes, args.timeout)
+    if args.perftest_runs < 1:
+        console.print("[red]--perftest-runs must be >= 1 (or use --no-perftest)")
+        return 2
     preset = "quick" if args.quick else args.preset
     if preset not in transfer.PRESETS:
         console.print(f"[red]unknown preset {preset!r}; choose from {sorted(transfer.PRESETS)}")

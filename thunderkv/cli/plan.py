@@ -102,6 +102,21 @@ def _slo(args, model, stats, params):
     return SLO(args.slo_ttft or 2.5, args.slo_tpot or 0.15)
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse flag combinations that would otherwise be silently ignored."""
+    if args.reload_groups < 0:
+        raise ValueError("--reload-groups must be >= 0")
+    if args.reload_groups and not args.reschedule:
+        raise ValueError("--reload-groups applies to --reschedule PLAN.json")
+    if args.resilience is not None:
+        if args.reschedule:
+            raise ValueError("--resilience applies to planning, not to --reschedule")
+        if args.no_sim_select:
+            raise ValueError("--resilience replays the candidates itself: drop --no-sim-select")
+        if not 0 <= args.resilience < 1:
+            raise ValueError("--resilience takes a fraction in [0, 1), e.g. 0.02")
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -112,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         out = Console(width=140)
     log = (lambda s: None) if args.quiet else (lambda s: err.print(f"[dim]{s}[/dim]"))
     try:
+        _check_flags(args)
         if args.reschedule:
             doc = _run_reschedule(args, log)
         else:
