@@ -4,6 +4,10 @@
 // runtime works on the same thread-current context (even though this extension links its own
 // cudart): leaving it switched would silently move the caller's later torch.empty(...,
 // device="cuda") and torch.cuda.current_device() to our tensor's device.
+//
+// The Python callers enter torch's own device guard first (torch.cuda.device), so normally
+// this finds the device current and does nothing. Used alone on a fresh thread, the restore
+// would make device 0 current (cudaGetDevice reports 0 there), creating its primary context.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -6,6 +6,9 @@ Both axes run natively: per-channel (axis=-2) kernels read ``[..., T, D]`` with 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from .._extension import extension_error, load_extension
@@ -26,28 +29,33 @@ def available(device: torch.device) -> str | None:
     return None
 
 
-def _launch_args(t: torch.Tensor) -> tuple[int, int]:
+@contextlib.contextmanager
+def _launch(t: torch.Tensor) -> Iterator[tuple[int, int]]:
+    """(device index, current stream) of ``t``, inside torch's own device guard: the kernels'
+    C++ guard then finds the device already current and switches nothing (torch's guard also
+    knows not to create a context on a device the thread never used when it switches back)."""
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return index, torch.cuda.current_stream(index).cuda_stream
+    with torch.cuda.device(index):
+        yield index, torch.cuda.current_stream(index).cuda_stream
 
 
 def quantize_into(x, packed, scale, minimum, spec: FormatSpec) -> None:
     G = spec.group_size
-    device, stream = _launch_args(x)
-    load_extension().cuda_quantize(
-        x.data_ptr(), packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), x.numel() // G, G,
-        spec.bits, DTYPE_CODES[x.dtype], device, stream, *spec.channel_layout(x.shape),
-    )
+    with _launch(x) as (device, stream):
+        load_extension().cuda_quantize(
+            x.data_ptr(), packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), x.numel() // G, G,
+            spec.bits, DTYPE_CODES[x.dtype], device, stream, *spec.channel_layout(x.shape),
+        )
 
 
 def dequantize_into(packed, scale, minimum, out, spec: FormatSpec) -> None:
     G = spec.group_size
-    device, stream = _launch_args(out)
-    load_extension().cuda_dequantize(
-        packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), out.data_ptr(),
-        out.numel() // G, G, spec.bits, DTYPE_CODES[out.dtype], device, stream,
-        *spec.channel_layout(out.shape),
-    )
+    with _launch(out) as (device, stream):
+        load_extension().cuda_dequantize(
+            packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), out.data_ptr(),
+            out.numel() // G, G, spec.bits, DTYPE_CODES[out.dtype], device, stream,
+            *spec.channel_layout(out.shape),
+        )
 
 
 def quantize_rows(x, packed, scale, minimum, slots, spec: FormatSpec) -> None:
@@ -55,21 +63,21 @@ def quantize_rows(x, packed, scale, minimum, slots, spec: FormatSpec) -> None:
     quantized straight into rows ``slots[t]`` (int64 on x's device, -1 skips, already
     validated) of the ``[capacity, ...]`` outputs."""
     G, n = spec.group_size, x.shape[0]
-    device, stream = _launch_args(x)
-    load_extension().cuda_quantize(
-        x.data_ptr(), packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), x.numel() // G, G,
-        spec.bits, DTYPE_CODES[x.dtype], device, stream, 0, 0, slots.data_ptr(),
-        x.numel() // max(1, n) // G,
-    )
+    with _launch(x) as (device, stream):
+        load_extension().cuda_quantize(
+            x.data_ptr(), packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), x.numel() // G, G,
+            spec.bits, DTYPE_CODES[x.dtype], device, stream, 0, 0, slots.data_ptr(),
+            x.numel() // max(1, n) // G,
+        )
 
 
 def dequantize_rows(packed, scale, minimum, out, rows, spec: FormatSpec) -> None:
     """The fused paged gather: rows ``rows[t]`` (int64 on out's device, -1 leaves row t alone,
     already validated) of the ``[capacity, ...]`` inputs dequantized into rows of ``out``."""
     G, n = spec.group_size, out.shape[0]
-    device, stream = _launch_args(out)
-    load_extension().cuda_dequantize(
-        packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), out.data_ptr(), out.numel() // G,
-        G, spec.bits, DTYPE_CODES[out.dtype], device, stream, 0, 0, rows.data_ptr(),
-        out.numel() // max(1, n) // G,
-    )
+    with _launch(out) as (device, stream):
+        load_extension().cuda_dequantize(
+            packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), out.data_ptr(), out.numel() // G,
+            G, spec.bits, DTYPE_CODES[out.dtype], device, stream, 0, 0, rows.data_ptr(),
+            out.numel() // max(1, n) // G,
+        )

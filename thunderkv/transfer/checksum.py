@@ -84,8 +84,10 @@ def _crc32c_cuda(data, seed: int) -> int:
     if ext is None or not getattr(ext, "has_cuda", False):
         return crc32c(data.cpu(), seed)
     index = data.device.index if data.device.index is not None else torch.cuda.current_device()
-    return ext.cuda_crc32c(data.data_ptr(), data.numel() * data.element_size(),
-                           seed & 0xFFFFFFFF, index, torch.cuda.current_stream(index).cuda_stream)
+    with torch.cuda.device(index):  # torch's guard: the kernel's own then switches nothing
+        return ext.cuda_crc32c(data.data_ptr(), data.numel() * data.element_size(),
+                               seed & 0xFFFFFFFF, index,
+                               torch.cuda.current_stream(index).cuda_stream)
 
 
 def crc32c_running(data: Any, block_nbytes: int, count: int, seed: int = 0, *,
