@@ -18,7 +18,7 @@ from typing import Any
 from .evaluate import Evaluator
 from .plan import Plan
 from .reschedule import reschedule
-from .systems import system_goodput
+from .systems import replay_candidates, system_goodput
 from .tabu import SearchResult
 from .workload import SLO, Workload
 
@@ -52,12 +52,7 @@ def select_resilient(res: SearchResult, ev: Evaluator, wl: Workload, slo: SLO, t
     if not 0 <= tolerance < 1:
         raise ValueError("tolerance must be in [0, 1)")
     t0 = time.perf_counter()
-    cands = res.top or [(res.value, res.state)]
-    replayed = []
-    for rank, (_, state) in enumerate(cands):
-        plan = ev.plan(state)
-        good, seen = system_goodput(plan, ev, wl, slo, arrivals, seed)
-        replayed.append((rank, plan, good, seen))
+    replayed = replay_candidates(res, ev, wl, slo, arrivals, seed)
     top = max(g for _, _, g, _ in replayed)
     near = [x for x in replayed if x[2] >= (1 - tolerance) * top]
     rows, best = [], None
@@ -73,6 +68,7 @@ def select_resilient(res: SearchResult, ev: Evaluator, wl: Workload, slo: SLO, t
             best = (key, rank, plan, good, seen)
     assert best is not None
     _, rank, plan, good, seen = best
-    info = {"tolerance": tolerance, "candidates": len(cands), "best_goodput_req_per_s": round(top, 4),
+    info = {"tolerance": tolerance, "candidates": len(replayed),
+            "best_goodput_req_per_s": round(top, 4),
             "scored": rows, "picked_rank": rank, "seconds": round(time.perf_counter() - t0, 3)}
     return plan, good, seen, info

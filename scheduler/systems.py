@@ -114,28 +114,38 @@ def system_goodput(plan: Plan, ev: Evaluator, wl: Workload, slo: SLO, arrivals: 
     return goodput_search(sim_runner(plan, ev, wl, arrivals, seed), slo, hint=max(plan.objective, 0.05))
 
 
+def replay_candidates(res: SearchResult, ev: Evaluator, wl: Workload, slo: SLO,
+                      arrivals: str = "poisson", seed: int = 0, deadline: float | None = None
+                      ) -> list[tuple[int, Plan, float, dict[float, float]]]:
+    """Simulated goodput of the search's best distinct candidates (``res.top``, best model
+    value first): ``[(rank, plan, goodput, attainment curve)]``. After the first candidate,
+    stops at ``deadline`` (a ``time.perf_counter()`` value)."""
+    out = []
+    for rank, (_, state) in enumerate(res.top or [(res.value, res.state)]):
+        if rank and deadline is not None and time.perf_counter() > deadline:
+            break
+        plan = ev.plan(state)
+        good, seen = system_goodput(plan, ev, wl, slo, arrivals, seed)
+        out.append((rank, plan, good, seen))
+    return out
+
+
 def select_by_simulation(res: SearchResult, ev: Evaluator, wl: Workload, slo: SLO,
                          arrivals: str = "poisson", seed: int = 0,
                          deadline: float | None = None
                          ) -> tuple[Plan, float, dict[float, float], dict]:
-    """Replay the search's best distinct candidates (``res.top``, best model value first) and
-    keep the one with the highest simulated goodput: the roofline + queueing model ranks plans
-    well but not exactly, and a plan's simulated goodput is what every system is compared on.
-    After the first candidate, stops at ``deadline`` (a ``time.perf_counter()`` value). Returns
+    """Replay the search's best distinct candidates (:func:`replay_candidates`) and keep the
+    one with the highest simulated goodput: the roofline + queueing model ranks plans well but
+    not exactly, and a plan's simulated goodput is what every system is compared on. Returns
     (plan, goodput, its attainment curve, {"candidates", "simulated", "picked_rank",
     "candidate_model_req_per_s"})."""
     cands = res.top or [(res.value, res.state)]
-    best: tuple[float, int, Plan, dict] | None = None
-    done = 0
-    for rank, (_, state) in enumerate(cands):
-        if rank and deadline is not None and time.perf_counter() > deadline:
-            break
-        done += 1
-        plan = ev.plan(state)
-        good, seen = system_goodput(plan, ev, wl, slo, arrivals, seed)
-        if best is None or good > best[0] * (1 + 1e-9):
-            best = (good, rank, plan, seen)
-    assert best is not None
-    info = {"candidates": len(cands), "simulated": done, "picked_rank": best[1],
+    replayed = replay_candidates(res, ev, wl, slo, arrivals, seed, deadline)
+    best = replayed[0]
+    for r in replayed[1:]:
+        if r[2] > best[2] * (1 + 1e-9):
+            best = r
+    rank, plan, good, seen = best
+    info = {"candidates": len(cands), "simulated": len(replayed), "picked_rank": rank,
             "candidate_model_req_per_s": [round(v, 4) for v, _ in cands]}
-    return best[2], best[0], best[3], info
+    return plan, good, seen, info

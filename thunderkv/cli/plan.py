@@ -113,8 +113,6 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise ValueError("--resilience applies to planning, not to --reschedule")
         if args.no_sim_select:
             raise ValueError("--resilience replays the candidates itself: drop --no-sim-select")
-        if not 0 <= args.resilience < 1:
-            raise ValueError("--resilience takes a fraction in [0, 1), e.g. 0.02")
 
 
 def run(args: argparse.Namespace) -> int:
