@@ -72,6 +72,13 @@ class RescheduleResult:
     alternatives: tuple[State, ...] = ()  # the search's next-best feasible states, best first
 
 
+def lost_gpus(cluster: Cluster, fail_nodes: set[str] | None, fail_gpus: set[str] | None
+              ) -> set[str]:
+    """Every GPU ("node:index") lost with ``fail_nodes`` plus the single ``fail_gpus``."""
+    nodes = set(fail_nodes or ())
+    return set(fail_gpus or ()) | {g for g in cluster.gpus if g.rsplit(":", 1)[0] in nodes}
+
+
 def reschedule(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
                stats: WorkloadStats, slo: SLO, fail_nodes: set[str] | None = None,
                fail_gpus: set[str] | None = None, cfg: TabuConfig | None = None,
@@ -89,7 +96,7 @@ def reschedule(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParam
     unknown = {n for n in fail_nodes if not cluster.has_node(n)}
     if unknown:
         raise ValueError(f"unknown node(s) {sorted(unknown)}")
-    lost = fail_gpus | {g for g in cluster.gpus if g.rsplit(":", 1)[0] in fail_nodes}
+    lost = lost_gpus(cluster, fail_nodes, fail_gpus)
     if {n.name for n in cluster.nodes} <= fail_nodes:
         raise ValueError("every node of the cluster is lost: nothing to reschedule")
     dissolve = tuple(sorted(set(dissolve)))
@@ -172,8 +179,7 @@ def reschedule_with_reload(plan: Plan, cluster: Cluster, model: ModelSpec, param
     score = score or (lambda r: r.plan.objective)
     best = reschedule(*args)
     best_s = score(best)
-    lost = set(fail_gpus or ()) | {g for g in cluster.gpus
-                                   if g.rsplit(":", 1)[0] in set(fail_nodes or ())}
+    lost = lost_gpus(cluster, fail_nodes, fail_gpus)
     intact = [i for i, g in enumerate(plan.groups) if not set(g.gpus) & lost]
     chosen: tuple[int, ...] = ()
     for rnd in range(reload_groups):
