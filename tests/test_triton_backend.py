@@ -24,6 +24,27 @@ WHY_NOT = backends.unavailable_reason("triton", DEVICE) if HAVE_TRITON else "no 
 requires_backend = pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
 
 
+def _interpreter_fma_rounds_twice() -> bool:
+    """Triton 3.6/3.7's interpreter computes tl.fma with numpy as a*b+c; 3.9's is fused."""
+    if DEVICE.type != "cpu" or WHY_NOT is not None:
+        return False
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fma_kernel(a, b, c, y):
+        tl.store(y, tl.fma(tl.load(a), tl.load(b), tl.load(c)))
+
+    # (1 + 2^-12)^2 - 1 = 2^-11 + 2^-24 exactly; a*b alone rounds the 2^-24 away
+    a = torch.tensor([1 + 2.0**-12])
+    c, y = torch.tensor([-1.0]), torch.empty(1)
+    fma_kernel[(1,)](a, a, c, y)
+    return y.item() != 2.0**-11 + 2.0**-24
+
+
+INTERPRETER_FMA_ROUNDS_TWICE = _interpreter_fma_rounds_twice()
+
+
 @requires_backend
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits,group_size", [(2, 32), (4, 64), (8, 16), (4, 8), (4, 128)])
@@ -38,6 +59,9 @@ def test_triton_bit_exact_with_reference(dtype, bits, group_size, axis, gen):
     assert torch.equal(got.packed.cpu(), want.packed)
     assert bits_equal(got.scale.cpu(), want.scale)
     assert bits_equal(got.minimum.cpu(), want.minimum)
+    if dtype == torch.float32 and INTERPRETER_FMA_ROUNDS_TWICE:
+        pytest.skip("this Triton's interpreter evaluates tl.fma as a*b+c (two roundings), so "
+                    "float32 dequantize is off by an ulp there; the GPU path is fma.rn.f32")
     assert same_values(got.dequantize(backend="triton").cpu(), want.dequantize(backend="reference"))
 
 
