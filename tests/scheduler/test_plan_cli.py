@@ -243,10 +243,19 @@ def test_reschedule_cli_reload_groups(planned):
                  "--reload-groups", "1", "--no-compare", "--json", str(out), "--quiet",
                  "--requests", "200"]) == 0
     new = json.loads(out.read_text())
-    assert new["reload_groups"] == 1 and isinstance(new["dissolved_groups"], list)
+    assert new["reload_groups"] == 1 and new["dissolved_groups"]  # the conversation plan's
+    # layout does not suit coding: one group is worth re-forming
     dissolved = [doc_g for i, doc_g in enumerate(json.loads((d / "plan.json").read_text())
                                                   ["plan"]["groups"]) if i in new["dissolved_groups"]]
     assert new["regrouped_gpus"] + new["idle_gpus"] == sum(len(g["gpus"]) for g in dissolved)
+    light = d / "light.json"
+    assert main(["plan", "--reschedule", str(d / "plan.json"), "--workload", "coding",
+                 "--no-compare", "--json", str(light), "--quiet", "--requests", "200"]) == 0
+    light_doc = json.loads(light.read_text())
+    assert light_doc["dissolved_groups"] == [] and light_doc["regrouped_gpus"] == 0
+    # the greedy keeps a dissolution only when it raises the simulated goodput
+    assert (new["predicted"]["goodput_req_per_s"]
+            > light_doc["predicted"]["goodput_req_per_s"])
     assert main(["plan", "--reschedule", str(d / "plan.json"), "--reload-groups", "1",
                  "--no-regroup", "--quiet", "--no-compare", "--requests", "200"]) == 2
 
