@@ -53,10 +53,10 @@ def test_shifts_past_512_mib_are_right():
     data[:1000] = np.arange(1000) % 251
     data[-7:] = [1, 2, 3, 4, 5, 6, 7]
     one = crc32c(data, threads=1)
-    cut = 1000 - 3  # len_b = 2^30 + 3: k = 30 and bit 0..1 set
+    cut = 1000 - 3  # len_b = 2^30 + 3 bytes = 2^33 + 24 bits: x^(2^3), x^(2^4), x^(2^33)
     assert ext.crc32c_combine(crc32c(data[:cut], threads=1), crc32c(data[cut:], threads=1),
                               big - cut) == one
-    tail = (1 << 29) + 3  # the smallest failing case: k = 29 -> indices 0, 1, 29
+    tail = (1 << 29) + 3  # 2^32 + 24 bits: x^(2^32), the first power k & 31 got wrong
     assert ext.crc32c_combine(crc32c(data[:big - tail], threads=1),
                               crc32c(data[big - tail:], threads=1), tail) == one
     assert crc32c(data, threads=2) == one  # halves of 512 MiB + 500 bytes
