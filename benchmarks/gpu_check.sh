@@ -19,6 +19,11 @@ PRESET=${GPU_CHECK_PRESET:-large}
 export PYTHONUNBUFFERED=1
 failed=()
 step() { echo "== $(date +%T) $*"; }
+# Each step gets its own time limit, so a kernel that hangs (a bad shuffle mask, say) costs one
+# step, not the whole device lease: the later steps still run and the summary still prints.
+TESTS_LIMIT=${GPU_CHECK_TESTS_LIMIT:-240}
+BENCH_LIMIT=${GPU_CHECK_BENCH_LIMIT:-90}
+limit() { timeout -k 10 "$@"; }
 
 step "device"
 (nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
@@ -50,7 +55,8 @@ tests=(tests/test_cuda_backend.py)
 for t in tests/test_triton_backend.py tests/test_paged.py tests/transfer/test_checksum.py; do
   [ -f "$t" ] && tests+=("$t")
 done
-$PY -m pytest -q -rs "${tests[@]}" --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -25
+limit "$TESTS_LIMIT" $PY -m pytest -q -rs "${tests[@]}" --junitxml="$OUT/tests.xml" 2>&1 \
+  | tee "$OUT/tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=(tests)
 
 step "benchmark: quantize/dequantize vs device copy ($DEVICE, preset $PRESET)"
@@ -65,19 +71,19 @@ if [ ${#backend_args[@]} -eq 0 ]; then
   failed+=(bench)
 else
   for dtype in float16 bfloat16; do
-    $PY -m thunderkv.cli bench quant --device "$DEVICE" --preset "$PRESET" --dtype "$dtype" \
+    limit "$BENCH_LIMIT" $PY -m thunderkv.cli bench quant --device "$DEVICE" --preset "$PRESET" --dtype "$dtype" \
       --reps 20 "${backend_args[@]}" --json "$OUT/bench.jsonl" >"$OUT/bench_quant_$dtype.txt" 2>&1 \
       || { cat "$OUT/bench_quant_$dtype.txt"; failed+=("bench-quant-$dtype"); }
   done
   # per-channel (KIVI keys): strided reads, no transposed copy
-  $PY -m thunderkv.cli bench quant --device "$DEVICE" --preset "$PRESET" --dtype float16 \
+  limit "$BENCH_LIMIT" $PY -m thunderkv.cli bench quant --device "$DEVICE" --preset "$PRESET" --dtype float16 \
     --axis -2 --reps 20 "${backend_args[@]}" --json "$OUT/bench.jsonl" \
     >"$OUT/bench_quant_float16_axis-2.txt" 2>&1 \
     || { cat "$OUT/bench_quant_float16_axis-2.txt"; failed+=("bench-quant-axis-2"); }
-  $PY -m thunderkv.cli bench paged --device "$DEVICE" --preset "$PRESET" --reps 20 \
+  limit "$BENCH_LIMIT" $PY -m thunderkv.cli bench paged --device "$DEVICE" --preset "$PRESET" --reps 20 \
     "${backend_args[@]}" --json "$OUT/bench.jsonl" >"$OUT/bench_paged.txt" 2>&1 \
     || { cat "$OUT/bench_paged.txt"; failed+=(bench-paged); }
-  $PY benchmarks/crc_bench.py --device "$DEVICE" --json "$OUT/bench.jsonl" \
+  limit "$BENCH_LIMIT" $PY benchmarks/crc_bench.py --device "$DEVICE" --json "$OUT/bench.jsonl" \
     >"$OUT/bench_crc.txt" 2>&1 || { cat "$OUT/bench_crc.txt"; failed+=(bench-crc); }
 fi
 
