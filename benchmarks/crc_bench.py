@@ -12,26 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
+from thunderkv.bench.timing import time_calls
 from thunderkv.transfer.checksum import crc32c
-
-
-def _seconds(fn, device: torch.device, reps: int) -> float:
-    """Median wall seconds of ``fn`` (synchronised on CUDA)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -42,13 +27,14 @@ def main() -> None:
     p.add_argument("--json", required=True)
     args = p.parse_args()
     device = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     with open(args.json, "a") as out:
         for mib in args.mib:
             n = mib << 20
             src = torch.randint(0, 256, (n,), dtype=torch.uint8, device=device)
             dst = torch.empty_like(src)
-            copy = _seconds(lambda s=src, d=dst: d.copy_(s), device, args.reps)
-            crc = _seconds(lambda s=src: crc32c(s), device, args.reps)
+            copy = time_calls(lambda s=src, d=dst: d.copy_(s), reps=args.reps, sync=sync).p50
+            crc = time_calls(lambda s=src: crc32c(s), reps=args.reps, sync=sync).p50
             want = crc32c(src.cpu())
             assert crc32c(src) == want, "device CRC differs from the host CRC"
             # copy moves 2n bytes (read + write); the CRC reads n: compare time per payload byte
