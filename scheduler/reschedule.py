@@ -70,6 +70,7 @@ class RescheduleResult:
     idle_gpus: int = 0        # orphans left out (no feasible group)
     dissolved: tuple[int, ...] = ()  # indices of intact plan groups dissolved to be re-grouped
     alternatives: tuple[State, ...] = ()  # the search's next-best feasible states, best first
+    goodput: float | None = None  # simulated goodput of ``plan``, once pick_by_simulation ran
 
 
 def lost_gpus(cluster: Cluster, fail_nodes: set[str] | None, fail_gpus: set[str] | None
@@ -139,8 +140,7 @@ def reschedule(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParam
     placed = sum(len(g) for g, _ in final) - len(kept)
     return RescheduleResult(new, ev, time.perf_counter() - t0,
                             len(plan.groups) - len(keep) - len(dissolve), len(kept), placed,
-                            len(orphans) - placed, tuple(sorted(dissolve)),
-                            tuple(feasible(st) for st in top))
+                            len(orphans) - placed, dissolve, tuple(feasible(st) for st in top))
 
 
 def pick_by_simulation(res: RescheduleResult, goodput, alternatives: int = 2) -> float:
@@ -158,6 +158,7 @@ def pick_by_simulation(res: RescheduleResult, goodput, alternatives: int = 2) ->
             res.plan, best_g = plan, g
             res.regrouped_gpus = len(plan.gpus()) - res.kept_gpus  # this state's placement
             res.idle_gpus = orphans - res.regrouped_gpus
+    res.goodput = best_g
     return best_g
 
 
@@ -228,7 +229,10 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
     else:
         res = reschedule(plan, cluster, model, params, stats, slo, nodes, gpus, regroup=regroup)
     new_cluster = res.evaluator.cluster
-    good, _ = system_goodput(res.plan, res.evaluator, wl, slo) if res.plan.objective > 0 else (0.0, {})
+    if res.goodput is not None:  # the partial reload's greedy already replayed this plan
+        good = res.goodput
+    else:
+        good = system_goodput(res.plan, res.evaluator, wl, slo)[0] if res.plan.objective > 0 else 0.0
     m = summarize(sim_runner(res.plan, res.evaluator, wl)(good), slo) if good > 0 else {}
     out = {"plan": res.plan.to_dict(), "reschedule_seconds": round(res.seconds, 4),
            "failed": sorted(fails), "dropped_groups": res.dropped_groups,
