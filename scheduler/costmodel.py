@@ -10,7 +10,11 @@ communication; achieved = datasheet peak x per-type efficiency factor (cluster c
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from .cluster import Cluster, GpuType
 from .kv_bytes import kv_bytes_per_element
@@ -69,7 +73,7 @@ class Pipeline:
     """Latency model of one replica: ``stages`` in order, ``hop_bps[i]`` between stage i and i+1."""
 
     __slots__ = ("model", "stages", "hop_bps", "p", "_dc", "_db", "_dx", "_wb", "_kvl",
-                 "_ar", "_arl", "_hop_lat", "_ovp", "_ovl", "_ovs")
+                 "_ar", "_arl", "_hop_lat", "_ovp", "_ovl", "_ovs", "_fl", "_bw", "_decode_terms")
 
     def __init__(self, model: ModelSpec, stages: list[Stage], hop_bps: list[float],
                  params: CostParams) -> None:
@@ -95,6 +99,12 @@ class Pipeline:
         self._ovl = [s.layers * s.gpu.layer_overhead_s for s in stages]
         self._ovs = [s.layers * s.gpu.seq_overhead_s for s in stages]
         self._ovp = [a + b for a, b in zip(self._ovl, self._ovs)]  # prefill: one sequence
+        self._fl = [s.gpu.flops for s in stages]  # achieved FLOP/s and bytes/s per GPU
+        self._bw = [s.gpu.bw for s in stages]
+        # decode_iter's per-stage operands in one tuple each (it runs ~10^5 times per search)
+        self._decode_terms = list(zip(self._dc, self._dx, self._wb, self._kvl,
+                                      self._fl, self._bw,
+                                      self._ar, self._arl, self._ovl, self._ovs))
 
     # --- memory ---------------------------------------------------------------------------
     def weight_bytes(self, i: int) -> float:
@@ -113,12 +123,13 @@ class Pipeline:
         return cap
 
     # --- prefill --------------------------------------------------------------------------
-    def _prefill_stage_times(self, tokens: float, sq_tokens: float) -> list[float]:
+    def _prefill_stage_times(self, tokens, sq_tokens, maximum=max) -> list:
+        """Per-stage seconds; floats, or numpy arrays elementwise with ``maximum=np.maximum``."""
         out = []
-        for i, s in enumerate(self.stages):
+        for i in range(len(self.stages)):
             flops = self._dc[i] * tokens + self._dx[i] * sq_tokens / 2  # causal: half of s^2
             nbytes = self._wb[i] + self._kvl[i] * tokens
-            t = max(flops / s.gpu.flops, nbytes / s.gpu.bw)
+            t = maximum(flops / self._fl[i], nbytes / self._bw[i])
             out.append(t + self._ar[i] * tokens + self._arl[i] + self._ovp[i])
         return out
 
@@ -136,6 +147,15 @@ class Pipeline:
         hops = [self._hop(i, tokens) for i in range(len(self.hop_bps))]
         return sum(st) + sum(hops), max(max(st), max(hops, default=0.0))
 
+    def prefill_each(self, prompts: Sequence[float]) -> tuple[list[float], list[float]]:
+        """:meth:`prefill` of each single prompt in ``prompts`` (token counts): the same
+        arithmetic, elementwise over a float64 array, so the results are identical."""
+        q = np.asarray(prompts, dtype=np.float64)
+        st = self._prefill_stage_times(q, q * q, np.maximum)
+        hops = [self._hop(i, q) for i in range(len(self.hop_bps))]
+        lat = sum(st) + sum(hops)
+        return lat.tolist(), functools.reduce(np.maximum, st + hops).tolist()
+
     # --- decode ---------------------------------------------------------------------------
     def decode_iter(self, batch: int, ctx_tokens: float) -> float:
         """Seconds between consecutive tokens of a request when ``batch`` requests holding
@@ -147,15 +167,15 @@ class Pipeline:
         mb = min(n, batch)
         b, c = batch / mb, ctx_tokens / mb
         tsum, tmax = 0.0, 0.0
-        for i, s in enumerate(self.stages):
-            flops = self._dc[i] * b + self._dx[i] * c
-            nbytes = self._wb[i] + self._kvl[i] * c
-            t = (max(flops / s.gpu.flops, nbytes / s.gpu.bw) + self._ar[i] * b + self._arl[i]
-                 + self._ovl[i] + self._ovs[i] * b)
+        for dc, dx, wb, kvl, fl, bw, ar, arl, ovl, ovs in self._decode_terms:
+            flops = dc * b + dx * c
+            nbytes = wb + kvl * c
+            t = max(flops / fl, nbytes / bw) + ar * b + arl + ovl + ovs * b
             tsum += t
             tmax = t if t > tmax else tmax
-        for i in range(n - 1):
-            tsum += self._hop(i, b)
+        hidden, db, lat = self.model.hidden, self._db, self._hop_lat
+        for bps in self.hop_bps:
+            tsum += b * hidden * db / bps + lat  # = _hop, inlined
         return max(tsum, mb * tmax)
 
 

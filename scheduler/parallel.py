@@ -16,13 +16,15 @@ by the request rate it sustains within the SLO for the phase:
 
 from __future__ import annotations
 
+import functools
+import heapq
 import itertools
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cluster import Cluster
+from .cluster import Cluster, GpuType
 from .costmodel import CostParams, Pipeline, build_pipeline
 from .model import ModelSpec
 from .workload import SLO, Workload
@@ -121,31 +123,45 @@ def layouts(cluster: Cluster, model: ModelSpec, gpus: list[str],
 def split_layers(cluster: Cluster, model: ModelSpec, params: CostParams,
                  stage_gpus: list[tuple[str, ...]], weight: str) -> list[int] | None:
     """Uneven layer split: greedy by ``weight`` ('compute', 'bandwidth' or 'memory'), memory-capped."""
-    n = len(stage_gpus)
+    layers = _split_layers(tuple((cluster.gpu_type(gs[0]), len(gs)) for gs in stage_gpus),
+                           model, params, weight)
+    return None if layers is None else list(layers)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _split_layers(stages: tuple[tuple[GpuType, int], ...], model: ModelSpec, params: CostParams,
+                  weight: str) -> tuple[int, ...] | None:
+    """:func:`split_layers` of stages given as (GPU type, TP) -- all it depends on, so the
+    search's many groups of the same shape share one result."""
+    n = len(stages)
     lw = model.layer_params * model.dtype_bytes
     kvl = model.kv_bytes_per_token(1)
     caps, speed = [], []
-    for i, gs in enumerate(stage_gpus):
-        gt, tp = cluster.gpu_type(gs[0]), len(gs)
+    for i, (gt, tp) in enumerate(stages):
         usable = gt.mem_gb * 1e9 * params.mem_util - params.reserve_gb * 1e9
         emb = ((i == 0) + (i == n - 1)) * model.vocab * model.hidden * model.dtype_bytes / tp
         caps.append(int((usable - emb) / ((lw + MAX_BATCH_TOKENS * kvl) / tp)))
         speed.append({"compute": gt.flops, "bandwidth": gt.bw, "memory": usable}[weight] * tp)
     if min(caps) < 1 or sum(caps) < model.layers:
         return None
+    # Each extra layer goes to the stage that would finish it soonest, ((layers + 1) / speed, i)
+    # smallest, among stages below their cap: a heap of those keys (stages at the cap leave it).
     layers = [1] * n
+    heap = [(2 / speed[i], i) for i in range(n) if caps[i] > 1]
+    heapq.heapify(heap)
     for _ in range(model.layers - n):
-        i = min((i for i in range(n) if layers[i] < caps[i]),
-                key=lambda i: ((layers[i] + 1) / speed[i], i))
+        _, i = heapq.heappop(heap)
         layers[i] += 1
-    return layers
+        if layers[i] < caps[i]:
+            heapq.heappush(heap, ((layers[i] + 1) / speed[i], i))
+    return tuple(layers)
 
 
 def _prefill_profile(pipe: Pipeline, st: WorkloadStats) -> tuple[tuple[float, ...], float, float]:
     """Single-prompt prefill latency per prompt quantile, and mean / mean square of the busy
     time (bottleneck stage) per prompt."""
-    lat, busy = zip(*(pipe.prefill(q) for q in st.prompt_q))
-    return lat, sum(busy) / len(busy), sum(b * b for b in busy) / len(busy)
+    lat, busy = pipe.prefill_each(st.prompt_q)
+    return tuple(lat), sum(busy) / len(busy), sum(b * b for b in busy) / len(busy)
 
 
 def ttft_attainment(lats, extra: float, lam: float, es: float, es2: float,

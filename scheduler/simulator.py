@@ -96,6 +96,7 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
     n = len(wl)
     P, O = wl.prompts, wl.outputs
     res = SimResult(wl.arrivals.copy(), *(np.full(n, np.nan) for _ in range(4)), O, P)
+    P, O = P.tolist(), O.tolist()  # Python numbers: the event loop indexes them ~10^6 times
     groups = [_Group(g.pipeline(cluster, model, params), g.phase) if min(g.layers) > 0 else None
               for g in plan.groups]
     entries: list[tuple[int, int]] = []

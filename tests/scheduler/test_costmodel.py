@@ -198,3 +198,50 @@ def test_layouts_of_a_group_across_many_nodes_stay_few(monkeypatch):
     assert all(sorted(x for st in lay for x in st) == sorted(gpus) for lay in out)
     small = parallel.layouts(c, M, ["n0:0", "n0:1", "n1:0", "n1:1"])  # 2 x 2 combinations
     assert len(small) == 4
+
+
+def _greedy_split_oracle(caps: list[int], speed: list[float], layers: int) -> list[int]:
+    """The split's definition, one layer at a time by linear scan (the heap must match it)."""
+    out = [1] * len(caps)
+    for _ in range(layers - len(caps)):
+        i = min((i for i in range(len(caps)) if out[i] < caps[i]),
+                key=lambda i: ((out[i] + 1) / speed[i], i))
+        out[i] += 1
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_layers_matches_the_greedy_definition(seed):
+    rng = np.random.default_rng(seed)
+    kinds = [GpuType(f"T{k}", float(rng.uniform(20, 400)), float(rng.choice([24, 48, 80])),
+                     float(rng.uniform(300, 3000)), 1.0) for k in range(3)]
+    n = int(rng.integers(2, 7))
+    nodes = [NodeSpec(f"n{i}", kinds[int(rng.integers(3))].name, 4, 100) for i in range(n)]
+    c = Cluster({k.name: k for k in kinds}, nodes, 10)
+    stages = [tuple(f"n{i}:{j}" for j in range(int(rng.choice([1, 2, 4])))) for i in range(n)]
+    p, lw = CostParams(), M.layer_params * M.dtype_bytes
+    from thunderkv.scheduler.parallel import MAX_BATCH_TOKENS
+    for weight in ("compute", "bandwidth", "memory"):
+        caps, speed = [], []
+        for i, gs in enumerate(stages):
+            gt, tp = c.gpu_type(gs[0]), len(gs)
+            usable = gt.mem_gb * 1e9 * p.mem_util - p.reserve_gb * 1e9
+            emb = ((i == 0) + (i == n - 1)) * M.vocab * M.hidden * M.dtype_bytes / tp
+            caps.append(int((usable - emb) / ((lw + MAX_BATCH_TOKENS * M.kv_bytes_per_token(1)) / tp)))
+            speed.append({"compute": gt.flops, "bandwidth": gt.bw, "memory": usable}[weight] * tp)
+        got = split_layers(c, M, p, stages, weight)
+        if min(caps) < 1 or sum(caps) < M.layers:
+            assert got is None
+        else:
+            assert got == _greedy_split_oracle(caps, speed, M.layers)
+
+
+def test_prefill_each_is_prefill_bit_for_bit():
+    fast = GpuType("F", 300, 80, 2000, 1.0)
+    c = Cluster({"X": BASE, "F": fast}, [NodeSpec("a", "X", 2, 100), NodeSpec("b", "F", 2, 600)], 10)
+    prompts = [1, 7, 100, 1023.5, 2048, 8191, 32768]
+    for stages, layers in (([("a:0", "a:1")], [M.layers]),
+                           ([("a:0",), ("b:0", "b:1")], [12, M.layers - 12])):
+        pipe = build_pipeline(c, M, CostParams(), stages, layers)
+        lat, busy = pipe.prefill_each(prompts)
+        assert (lat, busy) == tuple(map(list, zip(*(pipe.prefill(q) for q in prompts))))
