@@ -25,7 +25,7 @@ MOVES = ("flip", "split", "merge", "move")
 class TabuConfig:
     """Search effort and determinism knobs."""
 
-    max_iters: int = 1000  # the time limit usually binds first
+    max_iters: int = 5000  # the time limit usually binds first
     tenure: int = 7
     patience: int = 25
     perturb_moves: int = 3

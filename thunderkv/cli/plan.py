@@ -63,7 +63,7 @@ def register(subparsers) -> None:
     k.add_argument("--baselines", default="vllm,distserve,hexgen", help="comma list or 'none'")
     k.add_argument("--ablations", action="store_true", help="also run no-compression, no-netaware, no-split")
     t = p.add_argument_group("search")
-    t.add_argument("--iters", type=int, default=1000,
+    t.add_argument("--iters", type=int, default=5000,
                    help="tabu iterations per system (the time limit usually binds first)")
     t.add_argument("--time-limit", type=float, default=30.0, help="seconds of planning per system (search + replaying its best candidates)")
     t.add_argument("--resilience", type=float, metavar="TOL",

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The planner after its 1.35x evaluation speed-up (506dace) and --iters 5000 (the 30 s budget
+# binds again): conversation and coding against every baseline and ablation; 320 GPUs.
+# 2026-11-29, 2-core AMD EPYC VM, one job at a time. From the repository root, venv on PATH.
+set -x
+R=benchmarks/results/planner-2026-11-29b-cpu
+C="--cluster examples/planner/cloud-32.yaml --baseline-cluster examples/planner/inhouse-a100x8.yaml --model llama-30b --ablations"
+thunderkv plan $C --trace examples/traces/AzureLLMInferenceTrace_conv.csv --json $R/conv.json --plot $R/conv.png > $R/conv.out 2>&1
+thunderkv plan $C --workload coding --json $R/coding.json --plot $R/coding.png > $R/coding.out 2>&1
+# run before --iters 5000 (the 500 s limit bound at 659 iterations either way):
+# thunderkv plan --cluster examples/planner/cloud-320.yaml --model llama-30b \
+#   --trace examples/traces/AzureLLMInferenceTrace_conv.csv --baselines none --time-limit 500 --iters 1000 \
+#   --json $R/c320.json > $R/c320.out
