@@ -11,3 +11,10 @@ thunderkv plan $C --workload coding --json $R/coding.json --plot $R/coding.png >
 # thunderkv plan --cluster examples/planner/cloud-320.yaml --model llama-30b \
 #   --trace examples/traces/AzureLLMInferenceTrace_conv.csv --baselines none --time-limit 500 --iters 1000 \
 #   --json $R/c320.json > $R/c320.out
+# every single-node loss of the conversation plan, lightweight vs a full re-plan
+thunderkv plan --reschedule $R/conv.json --fail each --json $R/sweep-conv.json --plot $R/sweep-conv.png > $R/sweep-conv.out 2>&1
+# failure-aware choice, swept the same way
+thunderkv plan --cluster examples/planner/cloud-32.yaml --model llama-30b --trace examples/traces/AzureLLMInferenceTrace_conv.csv \
+  --baselines none --resilience 0.02 --json $R/conv-resilient.json > $R/conv-resilient.out 2>&1
+thunderkv plan --reschedule $R/conv-resilient.json --fail each --json $R/sweep-conv-resilient.json \
+  --plot $R/sweep-conv-resilient.png > $R/sweep-conv-resilient.out 2>&1
