@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # CPU torch wheel on the CI/dev machines; the GPU machines bring their own torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test test lint bench clean
+.PHONY: install install-test test lint bench gpu-wheels clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: install-test lint
 
 bench: install
 	$(VENV)/bin/thunderkv bench quant
+
+# What benchmarks/gpu_check.sh needs that the offline GPU image lacks (carry wheels/ along).
+gpu-wheels: $(PY)
+	$(PY) -m pip download -q --no-deps -d wheels 'libucx-cu13>=1.19'
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

@@ -8,6 +8,9 @@
 # cmake, ninja, pybind11, scikit-build-core, pytest and rich (the lent H100/H200 image has
 # them). Finishes in a few minutes. For a dry run on a CPU machine:
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_PRESET=quick bash benchmarks/gpu_check.sh /tmp/out
+# The image has no UCX: `make gpu-wheels` downloads the libucx-cu13 wheel (43 MB) into wheels/
+# (git-ignored); carry that folder along and the transfer layer is built and tested with GPU
+# pools too. Without it those steps say why they did not run.
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -24,10 +27,24 @@ step() { echo "== $(date +%T) $*"; }
 TESTS_LIMIT=${GPU_CHECK_TESTS_LIMIT:-240}
 BENCH_LIMIT=${GPU_CHECK_BENCH_LIMIT:-90}
 limit() { timeout -k 10 "$@"; }
+# Steps after the kernel benchmarks start only while the whole run is inside this many seconds
+# (the device call is capped at 600 s; what ran still comes back).
+BUDGET=${GPU_CHECK_BUDGET:-420}
+rm -f "$OUT/bench.jsonl" "$OUT/bench_transfer.jsonl"  # fresh rows, even in a reused OUTDIR
 
 step "device"
 (nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
   || echo "no nvidia-smi") | tee "$OUT/device.txt"
+
+step "UCX for the transfer layer"
+if $PY -c "import libucx" 2>/dev/null; then
+  echo "libucx already installed"
+elif ls wheels/libucx*.whl >/dev/null 2>&1; then
+  $PY -m pip install --no-deps --no-index wheels/libucx*.whl >"$OUT/libucx.log" 2>&1 \
+    && echo "installed $(ls wheels/libucx*.whl)" || { tail -5 "$OUT/libucx.log"; failed+=(libucx); }
+else
+  echo "no libucx and no wheels/libucx*.whl: the transfer layer builds without UCX"
+fi
 
 step "build (pip install -e ., CUDA on when nvcc is present)"
 if ! $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
@@ -87,6 +104,23 @@ else
     >"$OUT/bench_crc.txt" 2>&1 || { cat "$OUT/bench_crc.txt"; failed+=(bench-crc); }
 fi
 
+step "transfer with GPU pools (two processes over loopback)"
+ucx_why=$($PY -c "from thunderkv.transfer import unavailable_reason as u; print(u() or '')" 2>&1)
+if [ "$SECONDS" -ge "$BUDGET" ]; then
+  echo "skipped: ${SECONDS} s used of the ${BUDGET} s budget (GPU_CHECK_BUDGET)"
+  failed+=(transfer-skipped-for-time)
+elif [ -n "$ucx_why" ]; then
+  echo "transfer layer unavailable: $ucx_why"
+  ls wheels/libucx*.whl >/dev/null 2>&1 && failed+=(transfer-unavailable)
+else
+  limit "$TESTS_LIMIT" $PY -m pytest -q -rs tests/transfer/test_transfer_gpu.py \
+    --junitxml="$OUT/tests_transfer.xml" 2>&1 | tee "$OUT/tests_transfer.log" | tail -15
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=(transfer-tests)
+  limit "$BENCH_LIMIT" $PY -m thunderkv.cli bench transfer --device "$DEVICE" --quick \
+    --perftest-runs 1 --json "$OUT/bench_transfer.jsonl" >"$OUT/bench_transfer.txt" 2>&1 \
+    || { tail -20 "$OUT/bench_transfer.txt"; failed+=(bench-transfer); }
+fi
+
 step "summary"
 $PY - "$OUT/bench.jsonl" <<'PYEOF'
 import json, os, sys
@@ -99,6 +133,17 @@ print(f"{'bench':6s} {'case':24s} {'dtype':9s} {'axis':>4s} {'op':11s} {'backend
 for r in rows:
     print(f"{r['bench']:6s} {r['label']:24s} {r['dtype']:9s} {r.get('axis', -1):4d} {r['op']:11s} "
           f"{r['backend']:9s} {r['gbps']:9.1f} {r['ratio_to_copy']:7.2f}")
+PYEOF
+[ -f "$OUT/bench_transfer.jsonl" ] && $PY - "$OUT/bench_transfer.jsonl" <<'PYEOF'
+import json, sys
+print(f"{'transfer':8s} {'case':20s} {'bits':>4s} {'memory':7s} {'transport':22s} {'wire GB/s':>9s} "
+      f"{'vs raw':>6s} {'e2e/perftest':>12s}")
+for r in map(json.loads, open(sys.argv[1])):
+    ratio = r.get("e2e_vs_perftest")
+    print(f"{'':8s} {r['model'] + ':' + str(r['tokens']):20s} {r['bits']:4d} "
+          f"{r.get('memory_type', '?'):7s} {r['transport'][:22]:22s} "
+          f"{r['wire_bytes_per_s'] / 1e9:9.2f} {r.get('speedup_vs_raw', 1):6.2f} "
+          f"{'-' if ratio is None else f'{ratio:.2f}':>12s}")
 PYEOF
 if [ ${#failed[@]} -gt 0 ]; then
   echo "GPU CHECK FAILED: ${failed[*]}"

@@ -36,6 +36,7 @@ def test_loopback_raw_and_4bit_with_perftest_baseline(tmp_path):
     assert raw["e2e_vs_perftest"] == pytest.approx(
         raw["wire_bytes_per_s"] / raw["perftest_put_bytes_per_s"])
     assert raw["link"] == "loopback" and "git_sha" in raw
+    assert raw["pool_device"] == "cpu" and raw["memory_type"] == "host"
 
 
 @pytest.mark.skipif(shaping_unavailable_reason() is not None,
@@ -52,3 +53,14 @@ def test_shaped_link_makes_4bit_faster(tmp_path):
 def test_perftest_runs_must_be_positive(capsys):
     assert main(["bench", "transfer", "--case", "smollm2:256", "--perftest-runs", "0"]) == 2
     assert "--perftest-runs must be >= 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device, why", [
+    ("tpu", "device type"),
+    pytest.param("cuda", "no CUDA device", marks=pytest.mark.skipif(
+        __import__("torch").cuda.is_available(), reason="this machine has a GPU")),
+    ("cpu:0:1", "device"),
+])
+def test_pool_device_is_checked_before_anything_starts(capsys, device, why):
+    assert main(["bench", "transfer", "--quick", "--device", device]) == 2
+    assert why in capsys.readouterr().out.replace("\n", " ")

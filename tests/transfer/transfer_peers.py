@@ -28,15 +28,16 @@ def raw_header(request_id: int, tokens: int, *, layers: int = 2, heads: int = 2,
 def sender(host: str, port: int, jobs: list[tuple[int, int, int]], results, *,
            layer_delay: float = 0.0, die_after_layers: int | None = None,
            stall_after_layers: int | None = None, token: str = TOKEN,
-           timeout: float = 5.0) -> None:
-    """Send raw fp16 messages: jobs = [(request_id, tokens, seed)], results gets a dict each."""
+           timeout: float = 5.0, device: str = "cpu") -> None:
+    """Send raw fp16 messages: jobs = [(request_id, tokens, seed)], results gets a dict each;
+    the send pool lives on ``device``."""
     from thunderkv.transfer import KVSender
 
     try:
         with KVSender(host, port, token=token, timeout=timeout) as tx:
             for request_id, tokens, seed in jobs:
                 header = raw_header(request_id, tokens)
-                pool = tx.register(max(header.payload_length, 1))
+                pool = tx.register(max(header.payload_length, 1), device)
                 piece = pool.allocate(header.payload_length)
                 piece.view.copy_(payload_for(seed, header.payload_length))
                 with tx.stream(header, piece.view) as stream:
@@ -65,15 +66,16 @@ def receiver_that_dies(ready, pool_bytes: int, token: str = TOKEN) -> None:
 
 
 def quantized_sender(host: str, port: int, request_id: int, tokens: int, seed: int, results,
-                     token: str = TOKEN) -> None:
-    """Quantize seeded KV straight into a registered send buffer and send it (4-bit)."""
+                     token: str = TOKEN, device: str = "cpu") -> None:
+    """Quantize seeded KV straight into a registered send buffer on ``device`` and send it
+    (4-bit)."""
     from thunderkv.bench.transfer import fill_payload, geometry, make_header
     from thunderkv.transfer import KVSender
 
     try:
         header = make_header(geometry("smollm2"), tokens, 4, 64, request_id)
         with KVSender(host, port, token=token) as tx:
-            pool = tx.register(header.payload_length)
+            pool = tx.register(header.payload_length, device)
             payload = pool.allocate(header.payload_length).view
             fill_payload(header, payload, torch.Generator().manual_seed(seed))
             r = tx.send(header, payload)

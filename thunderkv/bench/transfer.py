@@ -77,7 +77,7 @@ def fill_payload(header: KVHeader, payload: torch.Tensor, gen: torch.Generator) 
 
     shape = header.shape(header.tokens)
     kv = [torch.randn(shape, generator=gen, dtype=torch.float32).to(torch.float16)
-          for _ in range(2)]
+          .to(payload.device) for _ in range(2)]
     n = header.layer_nbytes()
     for layer in range(header.layers):
         views = layer_views(header, payload[layer * n:(layer + 1) * n])
@@ -91,9 +91,10 @@ def fill_payload(header: KVHeader, payload: torch.Tensor, gen: torch.Generator) 
 
 
 def run_client(host: str, port: int, cases: list[tuple[str, int]], *, bits: list[int],
-               group_size: int, reps: int, timeout: float,
+               group_size: int, reps: int, timeout: float, device: str = "cpu",
                progress: Callable[[str], object] = lambda msg: None) -> list[dict]:
-    """Send every (case, bits) ``reps`` times (after one warm-up); one row per (case, bits)."""
+    """Send every (case, bits) ``reps`` times (after one warm-up); one row per (case, bits).
+    ``device``: where the send pool lives (the KV is quantized into it there)."""
     from ..transfer import KVSender
 
     rows = []
@@ -104,7 +105,7 @@ def run_client(host: str, port: int, cases: list[tuple[str, int]], *, bits: list
             geo = geometry(model)
             for b in bits:
                 header = make_header(geo, tokens, b, group_size, 0)
-                pool = tx.register(max(header.payload_length, 1))
+                pool = tx.register(max(header.payload_length, 1), device)
                 payload = pool.allocate(header.payload_length).view
                 progress(f"{geo.name} {tokens} tokens {b}-bit: building KV in the send buffer")
                 fill_payload(header, payload, gen)
@@ -116,9 +117,10 @@ def run_client(host: str, port: int, cases: list[tuple[str, int]], *, bits: list
                     r = tx.send(h, payload)
                     if rep:  # the first send is a warm-up
                         results.append(r)
+                where = {"memory_type": pool.memory_type}
                 pool.close()
                 tx._pools.remove(pool)
-                rows.append(_row(geo, tokens, b, group_size, results, tx))
+                rows.append(_row(geo, tokens, b, group_size, results, tx) | where)
     return rows
 
 
@@ -155,11 +157,13 @@ def add_speedups(rows: list[dict]) -> None:
             r["speedup_vs_raw"] = r["effective_kv_bytes_per_s"] / base["effective_kv_bytes_per_s"]
 
 
-def add_perftest(rows: list[dict], progress: Callable[[str], object], runs: int = 3) -> None:
+def add_perftest(rows: list[dict], progress: Callable[[str], object], runs: int = 3,
+                 memory: str | None = None) -> None:
     """UCX's own put bandwidth at each raw message size (same UCX, default transports), the
     median of ``runs`` separate perftest runs: on a small shared machine one run's figure swings
     by 2x with where its buffer lands in cache, so every run's figure is kept
-    (``perftest_runs_bytes_per_s``) and the ratios use the median."""
+    (``perftest_runs_bytes_per_s``) and the ratios use the median. ``memory``: perftest's
+    buffer memory type (``"cuda"`` to compare GPU pools with GPU buffers)."""
     from ..transfer import ucxtools
 
     if runs < 1:
@@ -171,7 +175,7 @@ def add_perftest(rows: list[dict], progress: Callable[[str], object], runs: int 
         for k in range(runs):
             progress(f"ucx_perftest put_bw at {r['payload_bytes']} bytes ({k + 1}/{runs})")
             try:
-                p = ucxtools.run_perftest_put_bw(r["payload_bytes"], timeout=120)
+                p = ucxtools.run_perftest_put_bw(r["payload_bytes"], timeout=120, memory=memory)
             except RuntimeError as exc:
                 r["perftest_error"] = str(exc).splitlines()[0]
                 break
@@ -188,8 +192,9 @@ def add_perftest(rows: list[dict], progress: Callable[[str], object], runs: int 
 
 # ---------------------------------------------------------------------- the server role
 def serve(host: str, port: int, pool_bytes: int, timeout: float,
-          max_requests: int | None = None) -> int:
-    """Receive, verify and release messages until SIGTERM/SIGINT (or ``max_requests``)."""
+          max_requests: int | None = None, device: str = "cpu") -> int:
+    """Receive, verify and release messages until SIGTERM/SIGINT (or ``max_requests``) into
+    a receive pool on ``device``."""
     from ..transfer import KVReceiver, TransferTimeout
 
     stop = False
@@ -201,7 +206,7 @@ def serve(host: str, port: int, pool_bytes: int, timeout: float,
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     count = 0
-    with KVReceiver(pool_bytes, host=host, port=port, timeout=timeout) as rx:
+    with KVReceiver(pool_bytes, host=host, port=port, timeout=timeout, device=device) as rx:
         print(f"LISTENING {rx.host} {rx.port}", flush=True)
         while not stop and (max_requests is None or count < max_requests):
             try:
@@ -231,15 +236,16 @@ def _wait_listening(proc: subprocess.Popen, timeout: float) -> tuple[str, int]:
 
 
 def run_pair(cli_args: list[str], *, pool_bytes: int, timeout: float, rate_bps: int | None,
-             rows_path: Path) -> None:
-    """Spawn a server and a client process (inside a shaped veth link when ``rate_bps``)."""
+             rows_path: Path, device: str = "cpu") -> None:
+    """Spawn a server and a client process (inside a shaped veth link when ``rate_bps``),
+    both with their pools on ``device``."""
     from ..transfer import auth
 
     env = {**os.environ, "THUNDERKV_TRANSFER_TOKEN": auth.new_token()}
     base = [sys.executable, "-m", "thunderkv.cli", "bench", "transfer"]
     server_argv = base + ["--role", "server", "--port", "0", "--pool-bytes", str(pool_bytes),
-                          "--timeout", str(timeout)]
-    client_argv = base + cli_args + ["--rows-out", str(rows_path)]
+                          "--timeout", str(timeout), "--device", device]
+    client_argv = base + cli_args + ["--rows-out", str(rows_path), "--device", device]
     if rate_bps is None:
         _run_pair(server_argv + ["--host", "127.0.0.1"], client_argv, env, None)
         return

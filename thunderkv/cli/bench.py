@@ -104,6 +104,9 @@ def register(subparsers) -> None:
     tr.add_argument("--timeout", type=float, default=5.0, help="seconds without progress")
     tr.add_argument("--rate", help="shape the link, e.g. 100mbit or 1gbit (needs netns + tc)")
     tr.add_argument("--pool-bytes", type=int, default=1 << 30, help="server receive pool size")
+    tr.add_argument("--device", default="cpu",
+                    help="where both sides' pools live: cpu, or cuda[:N] (GPU memory: UCX's CUDA "
+                    "transports; perftest then uses GPU buffers too)")
     tr.add_argument("--no-perftest", action="store_true", help="skip the ucx_perftest baseline")
     tr.add_argument("--perftest-runs", type=int, default=3,
                     help="ucx_perftest runs per message size; ratios use their median (default 3)")
@@ -260,8 +263,13 @@ def run_transfer(args: argparse.Namespace) -> int:
     if why is not None:
         console.print(f"[red]UCX transfer unavailable here: {why}")
         return 2
+    why = _device_problem(args.device)
+    if why is not None:
+        console.print(f"[red]--device {args.device}: {why}")
+        return 2
     if args.role == "server":
-        return transfer.serve(args.host, args.port, args.pool_bytes, args.timeout)
+        return transfer.serve(args.host, args.port, args.pool_bytes, args.timeout,
+                              device=args.device)
     if args.perftest_runs < 1:
         console.print("[red]--perftest-runs must be >= 1 (or use --no-perftest)")
         return 2
@@ -284,7 +292,7 @@ def run_transfer(args: argparse.Namespace) -> int:
     if args.role == "client":
         rows = _measure(console, lambda progress: transfer.run_client(
             args.host, args.port, cases, bits=bits, group_size=args.group_size, reps=args.reps,
-            timeout=args.timeout, progress=progress))
+            timeout=args.timeout, device=args.device, progress=progress))
         if args.rows_out:
             with open(args.rows_out, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -306,14 +314,35 @@ def run_transfer(args: argparse.Namespace) -> int:
     rows_path = transfer.temp_rows_path()
     try:
         transfer.run_pair(client_args, pool_bytes=transfer.pool_bytes_for(cases),
-                          timeout=args.timeout, rate_bps=rate, rows_path=rows_path)
+                          timeout=args.timeout, rate_bps=rate, rows_path=rows_path,
+                          device=args.device)
         rows = transfer.load_rows(rows_path)
     finally:
         rows_path.unlink(missing_ok=True)
     if rate is None and not args.no_perftest:
+        memory = "cuda" if args.device.startswith("cuda") else None
         _measure(console, lambda progress: transfer.add_perftest(rows, progress,
-                                                                 args.perftest_runs))
+                                                                 args.perftest_runs, memory))
     return _report_transfer(console, args, rows, rate=rate)
+
+
+def _device_problem(device: str) -> str | None:
+    """Why ``device`` cannot hold transfer pools here (None when it can)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        return str(exc)
+    if dev.type == "cpu":
+        return None
+    if dev.type != "cuda":
+        return "pools live on cpu or cuda"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device here"
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"only {torch.cuda.device_count()} CUDA device(s) here"
+    return None
 
 
 def _spread(runs: list[float] | None) -> str:
@@ -331,11 +360,16 @@ def _report_transfer(console, args, rows: list[dict], rate: int | None) -> int:
 
     transfer.add_speedups(rows)
     console.width = max(console.width, 175)  # a wide table; pipes get 80 columns otherwise
+    import torch
+
+    from ..bench.common import device_label
+
     link = f"veth shaped to {rate / 1e6:g} Mbit/s (UCX over tcp)" if rate else "loopback"
-    base = provenance("cpu")
+    base = provenance(device_label(torch.device(args.device)))
     for r in rows:
-        r.update(base, link=link, rate_bps=rate)
-    t = Table(title=f"KV transfer, one request per message ({link}); GB = 1e9 bytes; "
+        r.update(base, link=link, rate_bps=rate, pool_device=args.device)
+    where = "" if args.device == "cpu" else f", pools on {args.device} ({base['device']})"
+    t = Table(title=f"KV transfer, one request per message ({link}{where}); GB = 1e9 bytes; "
               "effective = uncompressed 16-bit KV bytes / second")
     for col in ("model", "tokens", "bits", "wire MB", "p50 ms", "wire GB/s", "put GB/s",
                 "effective KV GB/s", "vs raw", "transport", "perftest GB/s", "put/perftest", "e2e/perftest"):

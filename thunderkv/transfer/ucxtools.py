@@ -413,6 +413,7 @@ def run_perftest_put_bw(
     iterations: int | None = None,
     timeout: float = 60,
     port: int | None = None,
+    memory: str | None = None,
 ) -> dict[str, Any]:
     """Measure UCP put bandwidth between two ``ucx_perftest`` processes on 127.0.0.1.
 
@@ -428,6 +429,7 @@ def run_perftest_put_bw(
         iterations: measured puts; default :func:`default_iterations` (about 1 s of traffic).
         timeout: wall-clock seconds for the whole run; both processes are killed after it.
         port: TCP port for the perftest rendezvous; default a free one (retried on clash).
+        memory: UCX memory type of both buffers (``-m``, e.g. ``"cuda"``); default host.
 
     Returns:
         dict with ``message_bytes``, ``iterations``, ``bandwidth_bytes_per_s`` (the "overall"
@@ -467,7 +469,8 @@ def run_perftest_put_bw(
     for _attempt in range(attempts):
         use_port = port if port is not None else _free_port()
         try:
-            return _run_pair(exe, env, message_bytes, iters, warmup, use_port, deadline, transports)
+            return _run_pair(exe, env, message_bytes, iters, warmup, use_port, deadline, transports,
+                             memory)
         except _PortInUse as exc:
             last_err = str(exc)
             continue
@@ -487,12 +490,15 @@ def _run_pair(
     port: int,
     deadline: float,
     transports: str | None,
+    memory: str | None = None,
 ) -> dict[str, Any]:
     server_args = [str(exe), "-p", str(port)]
     client_args = [
         str(exe), "127.0.0.1", "-p", str(port), "-t", "ucp_put_bw",
         "-s", str(message_bytes), "-n", str(iters), "-w", str(warmup),
     ]  # fmt: skip
+    if memory:
+        client_args += ["-m", f"{memory},{memory}"]  # the server takes its test from the client
     server: subprocess.Popen | None = None
     client: subprocess.Popen | None = None
     with tempfile.TemporaryFile() as sout, tempfile.TemporaryFile() as cout:
