@@ -3,7 +3,6 @@ score all of them with the same simulator, and assemble the JSON document."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from .systems import (
     System,
     make_system,
     plan_system,
+    search_budget,
     select_by_simulation,
     sim_runner,
     system_goodput,
@@ -31,7 +31,6 @@ from .tabu import TabuConfig
 from .workload import SLO, Workload
 
 Log = Callable[[str], None]
-SEARCH_SHARE = 0.75  # of --time-limit for the tabu search; the rest replays its best candidates
 
 
 @dataclass(slots=True)
@@ -89,7 +88,7 @@ def evaluate_system(sys_: System, req: PlanRequest, stats: WorkloadStats, log: L
 
     cfg = req.tabu
     if req.select_by_simulation:  # the search leaves part of the time budget to the replays
-        cfg = dataclasses.replace(cfg, time_limit_s=cfg.time_limit_s * SEARCH_SHARE)
+        cfg = search_budget(cfg)
     plan, ev, res = plan_system(sys_, req.model, req.params, stats, req.slo, cfg, progress)
     search = None if res is None else {"iterations": res.iterations, "evaluations": res.evaluations}
     resilience = None

@@ -124,15 +124,16 @@ def split_layers(cluster: Cluster, model: ModelSpec, params: CostParams,
                  stage_gpus: list[tuple[str, ...]], weight: str) -> list[int] | None:
     """Uneven layer split: greedy by ``weight`` ('compute', 'bandwidth' or 'memory'), memory-capped."""
     layers = _split_layers(tuple((cluster.gpu_type(gs[0]), len(gs)) for gs in stage_gpus),
-                           model, params, weight)
+                           model, params, weight, MAX_BATCH_TOKENS)
     return None if layers is None else list(layers)
 
 
 @functools.lru_cache(maxsize=1 << 14)
 def _split_layers(stages: tuple[tuple[GpuType, int], ...], model: ModelSpec, params: CostParams,
-                  weight: str) -> tuple[int, ...] | None:
-    """:func:`split_layers` of stages given as (GPU type, TP) -- all it depends on, so the
-    search's many groups of the same shape share one result."""
+                  weight: str, batch_tokens: int) -> tuple[int, ...] | None:
+    """:func:`split_layers` of stages given as (GPU type, TP) -- all it depends on (with the
+    KV room it reserves, ``batch_tokens``), so the search's many groups of the same shape
+    share one result."""
     n = len(stages)
     lw = model.layer_params * model.dtype_bytes
     kvl = model.kv_bytes_per_token(1)
@@ -140,7 +141,7 @@ def _split_layers(stages: tuple[tuple[GpuType, int], ...], model: ModelSpec, par
     for i, (gt, tp) in enumerate(stages):
         usable = gt.mem_gb * 1e9 * params.mem_util - params.reserve_gb * 1e9
         emb = ((i == 0) + (i == n - 1)) * model.vocab * model.hidden * model.dtype_bytes / tp
-        caps.append(int((usable - emb) / ((lw + MAX_BATCH_TOKENS * kvl) / tp)))
+        caps.append(int((usable - emb) / ((lw + batch_tokens * kvl) / tp)))
         speed.append({"compute": gt.flops, "bandwidth": gt.bw, "memory": usable}[weight] * tp)
     if min(caps) < 1 or sum(caps) < model.layers:
         return None

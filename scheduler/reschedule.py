@@ -201,13 +201,15 @@ def reschedule_with_reload(plan: Plan, cluster: Cluster, model: ModelSpec, param
 
 
 def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bool = True,
-                        log=lambda s: None, regroup: bool = True, reload_groups: int = 0) -> dict:
+                        log=lambda s: None, regroup: bool = True, reload_groups: int = 0,
+                        replan: TabuConfig | None = None) -> dict:
     """``thunderkv plan --reschedule``: adjust ``plan`` (from ``doc``) for failed nodes/GPUs and
     workload ``wl``, dissolving up to ``reload_groups`` intact groups (partial reload);
-    optionally compare with a full re-plan. Returns the new plan document."""
+    optionally compare with a full re-plan (its search effort: ``replan``, default
+    :class:`TabuConfig`'s). Returns the new plan document."""
     from .metrics import summarize
     from .plan import inputs_from_dict, inputs_to_dict
-    from .systems import select_by_simulation, sim_runner, system_goodput
+    from .systems import search_budget, select_by_simulation, sim_runner, system_goodput
     from .tabu import tabu_search
 
     cluster, model, params, slo = inputs_from_dict(doc["inputs"])
@@ -250,7 +252,9 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
     if compare:
         t0 = time.perf_counter()
         ev = Evaluator(new_cluster, model, params, stats, slo)
-        full, fg, _, _ = select_by_simulation(tabu_search(ev, TabuConfig()), ev, wl, slo)
+        cfg = replan or TabuConfig()  # the same budget split as planning (driver)
+        full, fg, _, _ = select_by_simulation(tabu_search(ev, search_budget(cfg)), ev, wl, slo,
+                                              deadline=t0 + cfg.time_limit_s)
         secs = time.perf_counter() - t0
         out["full_replan"] = {"goodput_req_per_s": round(fg, 4), "solve_seconds": round(secs, 3),
                               "model_req_per_s": round(full.objective, 4)}
@@ -260,7 +264,8 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
 
 
 def failure_sweep(doc: dict, plan: Plan, wl, compare: bool = True, log=lambda s: None,
-                  regroup: bool = True, reload_groups: int = 0) -> dict:
+                  regroup: bool = True, reload_groups: int = 0,
+                  replan: TabuConfig | None = None) -> dict:
     """``thunderkv plan --reschedule PLAN.json --fail each``: reschedule after losing each node
     the plan uses, one at a time, each compared with a full re-plan of the surviving cluster.
     Returns {"sweep": [one row per node], "summary": {...}, "original_goodput_req_per_s"}."""
@@ -276,7 +281,7 @@ def failure_sweep(doc: dict, plan: Plan, wl, compare: bool = True, log=lambda s:
     for i, node in enumerate(nodes, 1):
         log(f"[{i}/{len(nodes)}] losing {node}")
         r = reschedule_document(doc, plan, [node], wl, compare=compare, log=log, regroup=regroup,
-                                reload_groups=reload_groups)
+                                reload_groups=reload_groups, replan=replan)
         rows.append({"failed": node,
                      "lightweight_goodput_req_per_s": r["predicted"]["goodput_req_per_s"],
                      "full_replan_goodput_req_per_s": r.get("full_replan", {}).get(

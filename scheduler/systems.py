@@ -12,6 +12,7 @@ search and scored by the same simulator (like-for-like ratios).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,6 +76,15 @@ def reference_slo(model: ModelSpec, prompt_mean: float, scale: float, params: Co
             ttft = pipe.prefill(prompt_mean)[0]
             return SLO(scale * ttft, scale * pipe.decode_iter(1, prompt_mean))
     raise ValueError(f"{model.name} does not fit on 8 x A100-80GB")
+
+
+SEARCH_SHARE = 0.75  # of a planning time limit for the tabu search; the rest replays candidates
+
+
+def search_budget(cfg: TabuConfig) -> TabuConfig:
+    """``cfg`` with the search's share of its time limit (selection by simulation replays the
+    search's best candidates in the rest)."""
+    return dataclasses.replace(cfg, time_limit_s=cfg.time_limit_s * SEARCH_SHARE)
 
 
 def plan_system(sys_: System, model: ModelSpec, params: CostParams, stats: WorkloadStats,

@@ -12,12 +12,17 @@ def test_perftest_baseline_is_the_median_of_its_runs(monkeypatch):
     from thunderkv.transfer import ucxtools
 
     figures = iter([4e9, 10e9, 7e9])
-    monkeypatch.setattr(ucxtools, "run_perftest_put_bw",
-                        lambda n, timeout: {"bandwidth_bytes_per_s": next(figures),
-                                            "transport_used": "cma"})
+    asked = []
+
+    def fake(n, timeout, memory=None, gpu=None):
+        asked.append((memory, gpu))
+        return {"bandwidth_bytes_per_s": next(figures), "transport_used": "cma"}
+
+    monkeypatch.setattr(ucxtools, "run_perftest_put_bw", fake)
     rows = [{"bits": 16, "payload_bytes": 1 << 20, "put_bytes_per_s": 14e9,
              "wire_bytes_per_s": 3.5e9}, {"bits": 4, "payload_bytes": 1 << 18}]
-    transfer.add_perftest(rows, lambda s: None, runs=3)
+    transfer.add_perftest(rows, lambda s: None, runs=3, memory="cuda", gpu=1)
+    assert asked == [("cuda", 1)] * 3  # GPU pools are compared with GPU buffers, same GPU
     assert rows[0]["perftest_runs_bytes_per_s"] == [4e9, 10e9, 7e9]
     assert rows[0]["perftest_put_bytes_per_s"] == 7e9
     assert rows[0]["put_vs_perftest"] == 2.0 and rows[0]["e2e_vs_perftest"] == 0.5

@@ -158,12 +158,13 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def add_perftest(rows: list[dict], progress: Callable[[str], object], runs: int = 3,
-                 memory: str | None = None) -> None:
+                 memory: str | None = None, gpu: int | None = None) -> None:
     """UCX's own put bandwidth at each raw message size (same UCX, default transports), the
     median of ``runs`` separate perftest runs: on a small shared machine one run's figure swings
     by 2x with where its buffer lands in cache, so every run's figure is kept
     (``perftest_runs_bytes_per_s``) and the ratios use the median. ``memory``: perftest's
-    buffer memory type (``"cuda"`` to compare GPU pools with GPU buffers)."""
+    buffer memory type (``"cuda"`` to compare GPU pools with GPU buffers, on torch's CUDA
+    device index ``gpu``)."""
     from ..transfer import ucxtools
 
     if runs < 1:
@@ -175,7 +176,8 @@ def add_perftest(rows: list[dict], progress: Callable[[str], object], runs: int 
         for k in range(runs):
             progress(f"ucx_perftest put_bw at {r['payload_bytes']} bytes ({k + 1}/{runs})")
             try:
-                p = ucxtools.run_perftest_put_bw(r["payload_bytes"], timeout=120, memory=memory)
+                p = ucxtools.run_perftest_put_bw(r["payload_bytes"], timeout=120, memory=memory,
+                                                 gpu=gpu)
             except RuntimeError as exc:
                 r["perftest_error"] = str(exc).splitlines()[0]
                 break

@@ -320,9 +320,13 @@ def run_transfer(args: argparse.Namespace) -> int:
     finally:
         rows_path.unlink(missing_ok=True)
     if rate is None and not args.no_perftest:
-        memory = "cuda" if args.device.startswith("cuda") else None
+        import torch
+
+        dev = torch.device(args.device)
+        memory = "cuda" if dev.type == "cuda" else None
+        gpu = (dev.index or 0) if memory else None
         _measure(console, lambda progress: transfer.add_perftest(rows, progress,
-                                                                 args.perftest_runs, memory))
+                                                                 args.perftest_runs, memory, gpu))
     return _report_transfer(console, args, rows, rate=rate)
 
 

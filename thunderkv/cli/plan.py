@@ -187,6 +187,10 @@ def _run_plan(args, log) -> dict:
 def _run_reschedule(args, log) -> dict:
     from thunderkv.scheduler.plan import load_plan_json
     from thunderkv.scheduler.reschedule import reschedule_document
+    from thunderkv.scheduler.tabu import TabuConfig
+
+    # the full re-plan it is compared with gets the search effort a plan would
+    replan = TabuConfig(max_iters=args.iters, time_limit_s=args.time_limit, seed=args.seed)
 
     doc, plan = load_plan_json(args.reschedule)
     fails = [x.strip() for x in args.fail.split(",") if x.strip()]
@@ -206,7 +210,8 @@ def _run_reschedule(args, log) -> dict:
         from thunderkv.scheduler.reschedule import failure_sweep
 
         sweep = failure_sweep(doc, plan, wl, compare=not args.no_compare, log=log,
-                              regroup=not args.no_regroup, reload_groups=args.reload_groups)
+                              regroup=not args.no_regroup, reload_groups=args.reload_groups,
+                              replan=replan)
         sweep["workload"]["source"] = source
         if args.plot:
             try:
@@ -217,7 +222,8 @@ def _run_reschedule(args, log) -> dict:
                 print(f"warning: {exc}; no plot written", file=sys.stderr)
         return sweep
     new = reschedule_document(doc, plan, fails, wl, compare=not args.no_compare, log=log,
-                              regroup=not args.no_regroup, reload_groups=args.reload_groups)
+                              regroup=not args.no_regroup, reload_groups=args.reload_groups,
+                              replan=replan)
     new["workload"]["source"] = source
     return new
 

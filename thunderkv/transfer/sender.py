@@ -277,7 +277,8 @@ class KVStream:
     def send_layers(self, first: int, stop: int) -> None:
         """PUT layers ``first..stop-1`` (contiguous in the payload) and send one notice with
         their running CRC-32Cs; the notice commits when ``stop`` is the last layer and the
-        stream came from :meth:`KVSender.send`."""
+        stream came from :meth:`KVSender.send`. A GPU payload is read once the work queued
+        on torch's current stream of its device is done (sync other streams yourself)."""
         if not self._open:
             raise TransferError("stream is closed")
         if first != self._next_layer or not first < stop <= self.header.layers:
@@ -287,6 +288,10 @@ class KVStream:
         n = self.header.layer_nbytes()
         start, end = first * n, stop * n
         try:
+            if self.payload.is_cuda:
+                # UCX copies GPU memory on its own streams: the kernels that wrote these layers
+                # (queued on torch's current stream) must be done before the PUT reads them.
+                torch.cuda.current_stream(self.payload.device).synchronize()
             # The CRC (GIL released in C++) runs on a helper thread while this one PUTs; one
             # OpenMP thread, so that it does not also take the core the PUT copies on.
             crc_future = _crc_pool().submit(self._layer_crcs, first, stop)

@@ -414,6 +414,7 @@ def run_perftest_put_bw(
     timeout: float = 60,
     port: int | None = None,
     memory: str | None = None,
+    gpu: int | None = None,
 ) -> dict[str, Any]:
     """Measure UCP put bandwidth between two ``ucx_perftest`` processes on 127.0.0.1.
 
@@ -430,6 +431,8 @@ def run_perftest_put_bw(
         timeout: wall-clock seconds for the whole run; both processes are killed after it.
         port: TCP port for the perftest rendezvous; default a free one (retried on clash).
         memory: UCX memory type of both buffers (``-m``, e.g. ``"cuda"``); default host.
+        gpu: CUDA device index (as torch numbers them) for ``memory="cuda"``: perftest uses
+            the first visible GPU, so both processes see only that one.
 
     Returns:
         dict with ``message_bytes``, ``iterations``, ``bandwidth_bytes_per_s`` (the "overall"
@@ -462,6 +465,9 @@ def run_perftest_put_bw(
         env["UCX_TLS"] = transports
     else:
         env.pop("UCX_TLS", None)
+    if gpu is not None:
+        visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[gpu] if gpu < len(visible) else str(gpu)
 
     deadline = time.monotonic() + timeout
     attempts = 1 if port is not None else 3

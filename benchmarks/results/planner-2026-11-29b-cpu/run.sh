@@ -18,3 +18,7 @@ thunderkv plan --cluster examples/planner/cloud-32.yaml --model llama-30b --trac
   --baselines none --resilience 0.02 --json $R/conv-resilient.json > $R/conv-resilient.out 2>&1
 thunderkv plan --reschedule $R/conv-resilient.json --fail each --json $R/sweep-conv-resilient.json \
   --plot $R/sweep-conv-resilient.png > $R/sweep-conv-resilient.out 2>&1
+# a longer search (run first, on the speed-up commit before --iters 5000 was the default):
+# thunderkv plan --cluster examples/planner/cloud-32.yaml --model llama-30b \
+#   --trace examples/traces/AzureLLMInferenceTrace_conv.csv --baselines hexgen --iters 4000 \
+#   --time-limit 90 --json $R/conv-hexgen-iters4000.json > $R/conv-hexgen-iters4000.out
