@@ -22,3 +22,6 @@ thunderkv plan --reschedule $R/conv-resilient.json --fail each --json $R/sweep-c
 # thunderkv plan --cluster examples/planner/cloud-32.yaml --model llama-30b \
 #   --trace examples/traces/AzureLLMInferenceTrace_conv.csv --baselines hexgen --iters 4000 \
 #   --time-limit 90 --json $R/conv-hexgen-iters4000.json > $R/conv-hexgen-iters4000.out
+# DistServe-style SLOs: 5x the single-request latency
+thunderkv plan --cluster examples/planner/cloud-32.yaml --model llama-30b --baseline-cluster examples/planner/inhouse-a100x8.yaml \
+  --trace examples/traces/AzureLLMInferenceTrace_conv.csv --slo-scale 5 --json $R/conv-scale5.json > $R/conv-scale5.out 2>&1
