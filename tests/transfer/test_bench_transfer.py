@@ -55,6 +55,20 @@ def test_perftest_runs_must_be_positive(capsys):
     assert "--perftest-runs must be >= 1" in capsys.readouterr().out
 
 
+def test_requests_in_flight_add_aggregate_throughput(tmp_path):
+    rows = run_bench(tmp_path, "--inflight", "2", "--bits", "16")
+    (raw,) = rows
+    assert raw["inflight"] == 2 and raw["reps"] == 2  # --reps 1 on each of 2 connections
+    assert raw["throughput_bytes_per_s"] > 0
+    assert raw["throughput_vs_perftest"] == pytest.approx(
+        raw["throughput_bytes_per_s"] / raw["perftest_put_bytes_per_s"])
+
+
+def test_inflight_must_be_positive(capsys):
+    assert main(["bench", "transfer", "--quick", "--inflight", "0"]) == 2
+    assert "--inflight" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("device, why", [
     ("tpu", "device type"),
     pytest.param("cuda", "no CUDA device", marks=pytest.mark.skipif(

@@ -11,6 +11,8 @@ optionally across a rate-limited veth link (``--rate``), and on plain loopback U
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
 import signal
@@ -18,8 +20,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,36 +95,79 @@ def fill_payload(header: KVHeader, payload: torch.Tensor, gen: torch.Generator) 
 
 def run_client(host: str, port: int, cases: list[tuple[str, int]], *, bits: list[int],
                group_size: int, reps: int, timeout: float, device: str = "cpu",
+               inflight: int = 1,
                progress: Callable[[str], object] = lambda msg: None) -> list[dict]:
-    """Send every (case, bits) ``reps`` times (after one warm-up); one row per (case, bits).
-    ``device``: where the send pool lives (the KV is quantized into it there)."""
+    """Send every (case, bits) ``reps`` times per connection (after one warm-up each); one row
+    per (case, bits). ``device``: where the send pools live (the KV is quantized into them
+    there). ``inflight``: connections sending at once (each its own registered copy of the
+    message), so one request's handshake and check overlap another's PUT; the row's
+    ``throughput_bytes_per_s`` is all timed bytes over the wall time of the timed sends."""
     from ..transfer import KVSender
 
+    if inflight < 1:
+        raise ValueError("inflight must be >= 1")
     rows = []
-    gen = torch.Generator().manual_seed(0)
-    request_id = 1
-    with KVSender(host, port, timeout=timeout) as tx:
+    ids = itertools.count(1)
+    senders = [KVSender(host, port, timeout=timeout) for _ in range(inflight)]
+    try:
         for model, tokens in cases:
             geo = geometry(model)
             for b in bits:
                 header = make_header(geo, tokens, b, group_size, 0)
-                pool = tx.register(max(header.payload_length, 1), device)
-                payload = pool.allocate(header.payload_length).view
+                pools, payloads = [], []
                 progress(f"{geo.name} {tokens} tokens {b}-bit: building KV in the send buffer")
-                fill_payload(header, payload, gen)
-                results = []
-                for rep in range(reps + 1):
-                    progress(f"{geo.name} {tokens} tokens {b}-bit: send {rep}/{reps}")
-                    h = make_header(geo, tokens, b, group_size, request_id)
-                    request_id += 1
-                    r = tx.send(h, payload)
-                    if rep:  # the first send is a warm-up
-                        results.append(r)
-                where = {"memory_type": pool.memory_type}
-                pool.close()
-                tx._pools.remove(pool)
-                rows.append(_row(geo, tokens, b, group_size, results, tx) | where)
+                for tx in senders:
+                    pools.append(tx.register(max(header.payload_length, 1), device))
+                    payloads.append(pools[-1].allocate(header.payload_length).view)
+                    fill_payload(header, payloads[-1], torch.Generator().manual_seed(0))
+                progress(f"{geo.name} {tokens} tokens {b}-bit: {reps} sends x {inflight}")
+                results, wall = _timed_sends(
+                    senders, payloads, functools.partial(make_header, geo, tokens, b, group_size),
+                    ids, reps)
+                where = {"memory_type": pools[0].memory_type, "inflight": inflight,
+                         "throughput_bytes_per_s": len(results) * header.payload_length / wall}
+                for tx, pool in zip(senders, pools):
+                    pool.close()
+                    tx._pools.remove(pool)
+                rows.append(_row(geo, tokens, b, group_size, results, senders[0]) | where)
+    finally:
+        for tx in senders:
+            tx.close()
     return rows
+
+
+def _timed_sends(senders: list, payloads: list[torch.Tensor], header_for: Callable[[int], KVHeader],
+                 ids: Iterator[int], reps: int) -> tuple[list, float]:
+    """One warm-up send per connection, then ``reps`` sends on every connection at once (one
+    thread each; just this thread for one). Returns (the timed results, wall seconds)."""
+    results: list = []
+    errors: list[BaseException] = []
+
+    def send(k: int, n: int, keep: bool) -> None:
+        try:
+            for _ in range(n):
+                r = senders[k].send(header_for(next(ids)), payloads[k])
+                if keep:
+                    results.append(r)
+        except BaseException as exc:  # re-raised in the calling thread
+            errors.append(exc)
+
+    for k in range(len(senders)):
+        send(k, 1, False)
+    t0 = time.perf_counter()
+    if len(senders) == 1:
+        send(0, reps, True)
+    else:
+        threads = [threading.Thread(target=send, args=(k, reps, True))
+                   for k in range(len(senders))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return results, wall
 
 
 def _median(values: list[float]) -> float:
@@ -190,6 +236,8 @@ def add_perftest(rows: list[dict], progress: Callable[[str], object], runs: int 
         r["perftest_put_bytes_per_s"] = median
         r["put_vs_perftest"] = r["put_bytes_per_s"] / median if r["put_bytes_per_s"] else None
         r["e2e_vs_perftest"] = r["wire_bytes_per_s"] / median
+        if r.get("throughput_bytes_per_s"):
+            r["throughput_vs_perftest"] = r["throughput_bytes_per_s"] / median
 
 
 # ---------------------------------------------------------------------- the server role
@@ -278,10 +326,11 @@ def _run_pair(server_argv, client_argv, env, link) -> None:
             server.kill()
 
 
-def pool_bytes_for(cases: list[tuple[str, int]]) -> int:
-    """A receive pool holding the largest raw message twice (plus slack)."""
+def pool_bytes_for(cases: list[tuple[str, int]], inflight: int = 1) -> int:
+    """A receive pool holding the largest raw message twice per request in flight (plus
+    slack)."""
     largest = max(geometry(m).raw_bytes(t) for m, t in cases)
-    return 2 * largest + (16 << 20)
+    return 2 * inflight * largest + (16 << 20)
 
 
 def load_rows(path: Path) -> list[dict]:

@@ -101,6 +101,9 @@ def register(subparsers) -> None:
                     help="bits on the wire (repeatable; default 16 and 4)")
     tr.add_argument("--group-size", type=int, default=64)
     tr.add_argument("--reps", type=int, default=3, help="timed sends per case (after a warm-up)")
+    tr.add_argument("--inflight", type=int, default=1,
+                    help="requests in flight at once (one connection each; --reps sends each): "
+                    "adds aggregate throughput and its ratio to perftest")
     tr.add_argument("--timeout", type=float, default=5.0, help="seconds without progress")
     tr.add_argument("--rate", help="shape the link, e.g. 100mbit or 1gbit (needs netns + tc)")
     tr.add_argument("--pool-bytes", type=int, default=1 << 30, help="server receive pool size")
@@ -273,6 +276,9 @@ def run_transfer(args: argparse.Namespace) -> int:
     if args.perftest_runs < 1:
         console.print("[red]--perftest-runs must be >= 1 (or use --no-perftest)")
         return 2
+    if args.inflight < 1 or args.reps < 1:
+        console.print("[red]--inflight and --reps must be >= 1")
+        return 2
     preset = "quick" if args.quick else args.preset
     if preset not in transfer.PRESETS:
         console.print(f"[red]unknown preset {preset!r}; choose from {sorted(transfer.PRESETS)}")
@@ -292,7 +298,8 @@ def run_transfer(args: argparse.Namespace) -> int:
     if args.role == "client":
         rows = _measure(console, lambda progress: transfer.run_client(
             args.host, args.port, cases, bits=bits, group_size=args.group_size, reps=args.reps,
-            timeout=args.timeout, device=args.device, progress=progress))
+            timeout=args.timeout, device=args.device, inflight=args.inflight,
+            progress=progress))
         if args.rows_out:
             with open(args.rows_out, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -308,12 +315,12 @@ def run_transfer(args: argparse.Namespace) -> int:
             console.print(f"[yellow]skipping --rate {args.rate}: {why}")
             return 0
     client_args = ["--preset", preset, "--group-size", str(args.group_size), "--reps",
-                   str(args.reps), "--timeout", str(args.timeout)]
+                   str(args.reps), "--timeout", str(args.timeout), "--inflight", str(args.inflight)]
     client_args += sum((["--case", f"{m}:{t}"] for m, t in cases), [])
     client_args += sum((["--bits", str(b)] for b in bits), [])
     rows_path = transfer.temp_rows_path()
     try:
-        transfer.run_pair(client_args, pool_bytes=transfer.pool_bytes_for(cases),
+        transfer.run_pair(client_args, pool_bytes=transfer.pool_bytes_for(cases, args.inflight),
                           timeout=args.timeout, rate_bps=rate, rows_path=rows_path,
                           device=args.device)
         rows = transfer.load_rows(rows_path)
@@ -373,10 +380,14 @@ def _report_transfer(console, args, rows: list[dict], rate: int | None) -> int:
     for r in rows:
         r.update(base, link=link, rate_bps=rate, pool_device=args.device)
     where = "" if args.device == "cpu" else f", pools on {args.device} ({base['device']})"
-    t = Table(title=f"KV transfer, one request per message ({link}{where}); GB = 1e9 bytes; "
+    many = args.inflight > 1
+    flight = f"{args.inflight} requests in flight" if many else "one request per message"
+    t = Table(title=f"KV transfer, {flight} ({link}{where}); GB = 1e9 bytes; "
               "effective = uncompressed 16-bit KV bytes / second")
-    for col in ("model", "tokens", "bits", "wire MB", "p50 ms", "wire GB/s", "put GB/s",
-                "effective KV GB/s", "vs raw", "transport", "perftest GB/s", "put/perftest", "e2e/perftest"):
+    cols = ["model", "tokens", "bits", "wire MB", "p50 ms", "wire GB/s", "put GB/s",
+            "effective KV GB/s", "vs raw", "transport", "perftest GB/s", "put/perftest",
+            "e2e/perftest"] + (["all GB/s", "all/perftest"] if many else [])
+    for col in cols:
         t.add_column(col, justify="left" if col in ("model", "transport") else "right")
 
     def f(x, fmt):
@@ -390,7 +401,9 @@ def _report_transfer(console, args, rows: list[dict], rate: int | None) -> int:
                   f(r.get("speedup_vs_raw"), ".2f") + "x", r["transport"],
                   f(r.get("perftest_put_bytes_per_s") and r["perftest_put_bytes_per_s"] / 1e9,
                     ".2f") + _spread(r.get("perftest_runs_bytes_per_s")),
-                  f(r.get("put_vs_perftest"), ".2f"), f(r.get("e2e_vs_perftest"), ".2f"))
+                  f(r.get("put_vs_perftest"), ".2f"), f(r.get("e2e_vs_perftest"), ".2f"),
+                  *([f(r["throughput_bytes_per_s"] / 1e9, ".3f"),
+                     f(r.get("throughput_vs_perftest"), ".2f")] if many else []))
     console.print(t)
     if args.json:
         write_json_lines(args.json, rows)
