@@ -119,7 +119,9 @@ def run_client(host: str, port: int, cases: list[tuple[str, int]], *, bits: list
                 for tx in senders:
                     pools.append(tx.register(max(header.payload_length, 1), device))
                     payloads.append(pools[-1].allocate(header.payload_length).view)
-                    fill_payload(header, payloads[-1], torch.Generator().manual_seed(0))
+                fill_payload(header, payloads[0], torch.Generator().manual_seed(0))
+                for p in payloads[1:]:  # the other connections send the same message
+                    p.copy_(payloads[0])
                 progress(f"{geo.name} {tokens} tokens {b}-bit: {reps} sends x {inflight}")
                 results, wall = _timed_sends(
                     senders, payloads, functools.partial(make_header, geo, tokens, b, group_size),
