@@ -253,11 +253,12 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
         t0 = time.perf_counter()
         ev = Evaluator(new_cluster, model, params, stats, slo)
         cfg = replan or TabuConfig()  # the same budget split as planning (driver)
-        full, fg, _, _ = select_by_simulation(tabu_search(ev, search_budget(cfg)), ev, wl, slo,
-                                              deadline=t0 + cfg.time_limit_s)
+        found = tabu_search(ev, search_budget(cfg))
+        full, fg, _, _ = select_by_simulation(found, ev, wl, slo, deadline=t0 + cfg.time_limit_s)
         secs = time.perf_counter() - t0
         out["full_replan"] = {"goodput_req_per_s": round(fg, 4), "solve_seconds": round(secs, 3),
-                              "model_req_per_s": round(full.objective, 4)}
+                              "model_req_per_s": round(full.objective, 4),
+                              "iterations": found.iterations}
         out["ratio_to_full_replan"] = round(good / fg, 4) if fg > 0 else None
         log(f"  full re-plan: {secs:.1f} s, simulated goodput {fg:.2f} req/s")
     return out

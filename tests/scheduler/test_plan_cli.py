@@ -41,6 +41,15 @@ def test_plan_json_has_required_keys(planned):
     assert doc["solve_seconds"] > 0 and doc["predicted"]["goodput_req_per_s"] > 0
 
 
+def test_reschedule_full_replan_gets_the_plan_search_effort(planned):
+    d, _ = planned
+    out = d / "re-effort.json"
+    assert main(["plan", "--reschedule", str(d / "plan.json"), "--fail", "n1", "--json", str(out),
+                 "--quiet", "--requests", "200", "--iters", "3", "--time-limit", "5"]) == 0
+    full = json.loads(out.read_text())["full_replan"]
+    assert full["iterations"] <= 3 and full["goodput_req_per_s"] > 0
+
+
 def test_simulate_replays_plan(planned, capsys):
     d, doc = planned
     out = d / "sim.json"
@@ -60,6 +69,7 @@ def test_reschedule_cli_after_node_failure(planned):
     assert new["reschedule_seconds"] < 2.0
     assert all(not g.startswith("n1:") for grp in new["plan"]["groups"] for g in grp["gpus"])
     assert "ratio_to_full_replan" in new and "full_replan" in new
+    assert new["full_replan"]["iterations"] > 3  # default search effort (--iters 5000, 30 s)
     kept = {tuple(g["gpus"]) for g in new["plan"]["groups"]}
     hit = [g["gpus"] for g in doc["plan"]["groups"] if any(x.startswith("n1:") for x in g["gpus"])]
     old = {tuple(g["gpus"]) for g in doc["plan"]["groups"]} - {tuple(g) for g in hit}
