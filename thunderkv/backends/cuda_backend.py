@@ -30,8 +30,9 @@ def available(device: torch.device) -> str | None:
 
 
 @contextlib.contextmanager
-def _launch(t: torch.Tensor) -> Iterator[tuple[int, int]]:
-    """(device index, current stream) of ``t``, inside torch's own device guard: the kernels'
+def cuda_launch(t: torch.Tensor) -> Iterator[tuple[int, int]]:
+    """(device index, current stream) of ``t``, inside torch's own device guard, for every
+    launch of the extension's CUDA code (kernels here, the transfer's CRC): the
     C++ guard then finds the device already current and switches nothing (torch's guard also
     knows not to create a context on a device the thread never used when it switches back)."""
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
@@ -41,7 +42,7 @@ def _launch(t: torch.Tensor) -> Iterator[tuple[int, int]]:
 
 def quantize_into(x, packed, scale, minimum, spec: FormatSpec) -> None:
     G = spec.group_size
-    with _launch(x) as (device, stream):
+    with cuda_launch(x) as (device, stream):
         load_extension().cuda_quantize(
             x.data_ptr(), packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), x.numel() // G, G,
             spec.bits, DTYPE_CODES[x.dtype], device, stream, *spec.channel_layout(x.shape),
@@ -50,7 +51,7 @@ def quantize_into(x, packed, scale, minimum, spec: FormatSpec) -> None:
 
 def dequantize_into(packed, scale, minimum, out, spec: FormatSpec) -> None:
     G = spec.group_size
-    with _launch(out) as (device, stream):
+    with cuda_launch(out) as (device, stream):
         load_extension().cuda_dequantize(
             packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), out.data_ptr(),
             out.numel() // G, G, spec.bits, DTYPE_CODES[out.dtype], device, stream,
@@ -63,7 +64,7 @@ def quantize_rows(x, packed, scale, minimum, slots, spec: FormatSpec) -> None:
     quantized straight into rows ``slots[t]`` (int64 on x's device, -1 skips, already
     validated) of the ``[capacity, ...]`` outputs."""
     G, n = spec.group_size, x.shape[0]
-    with _launch(x) as (device, stream):
+    with cuda_launch(x) as (device, stream):
         load_extension().cuda_quantize(
             x.data_ptr(), packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), x.numel() // G, G,
             spec.bits, DTYPE_CODES[x.dtype], device, stream, 0, 0, slots.data_ptr(),
@@ -75,7 +76,7 @@ def dequantize_rows(packed, scale, minimum, out, rows, spec: FormatSpec) -> None
     """The fused paged gather: rows ``rows[t]`` (int64 on out's device, -1 leaves row t alone,
     already validated) of the ``[capacity, ...]`` inputs dequantized into rows of ``out``."""
     G, n = spec.group_size, out.shape[0]
-    with _launch(out) as (device, stream):
+    with cuda_launch(out) as (device, stream):
         load_extension().cuda_dequantize(
             packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), out.data_ptr(), out.numel() // G,
             G, spec.bits, DTYPE_CODES[out.dtype], device, stream, 0, 0, rows.data_ptr(),

@@ -76,18 +76,16 @@ def crc32c(data: Any, seed: int = 0, *, threads: int = 0) -> int:
 
 def _crc32c_cuda(data, seed: int) -> int:
     """On the tensor's GPU when the extension has CUDA kernels, else through a host copy."""
-    import torch
-
     if not data.is_contiguous():
         raise ValueError("crc32c needs a contiguous tensor")
     ext = load_extension()
     if ext is None or not getattr(ext, "has_cuda", False):
         return crc32c(data.cpu(), seed)
-    index = data.device.index if data.device.index is not None else torch.cuda.current_device()
-    with torch.cuda.device(index):  # torch's guard: the kernel's own then switches nothing
+    from ..backends.cuda_backend import cuda_launch
+
+    with cuda_launch(data) as (index, stream):
         return ext.cuda_crc32c(data.data_ptr(), data.numel() * data.element_size(),
-                               seed & 0xFFFFFFFF, index,
-                               torch.cuda.current_stream(index).cuda_stream)
+                               seed & 0xFFFFFFFF, index, stream)
 
 
 def crc32c_running(data: Any, block_nbytes: int, count: int, seed: int = 0, *,
