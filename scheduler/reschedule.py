@@ -80,6 +80,12 @@ def lost_gpus(cluster: Cluster, fail_nodes: set[str] | None, fail_gpus: set[str]
     return set(fail_gpus or ()) | {g for g in cluster.gpus if g.rsplit(":", 1)[0] in nodes}
 
 
+def plan_nodes(plan: Plan, cluster: Cluster) -> list[str]:
+    """The nodes ``plan``'s GPUs sit on, in the cluster's order."""
+    used = {g.rsplit(":", 1)[0] for g in plan.gpus()}
+    return [n.name for n in cluster.nodes if n.name in used]
+
+
 def reschedule(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
                stats: WorkloadStats, slo: SLO, fail_nodes: set[str] | None = None,
                fail_gpus: set[str] | None = None, cfg: TabuConfig | None = None,
@@ -273,8 +279,7 @@ def failure_sweep(doc: dict, plan: Plan, wl, compare: bool = True, log=lambda s:
     from .plan import inputs_from_dict
 
     cluster = inputs_from_dict(doc["inputs"])[0]
-    used = {g.rsplit(":", 1)[0] for g in plan.gpus()}
-    nodes = [n.name for n in cluster.nodes if n.name in used]
+    nodes = plan_nodes(plan, cluster)
     rows = []
     if len(cluster.nodes) == 1:
         raise ValueError("--fail each needs a cluster of two or more nodes: losing the only one "

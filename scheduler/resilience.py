@@ -17,7 +17,7 @@ from typing import Any
 
 from .evaluate import Evaluator
 from .plan import Plan
-from .reschedule import reschedule
+from .reschedule import plan_nodes, reschedule
 from .systems import replay_candidates, system_goodput
 from .tabu import SearchResult
 from .workload import SLO, Workload
@@ -28,9 +28,8 @@ def resilience_score(plan: Plan, ev: Evaluator, wl: Workload, slo: SLO, arrivals
     """Simulated goodput after losing each node ``plan`` uses, one at a time, each followed by
     :func:`~.reschedule.reschedule` (lightweight). Returns ``{"per_node": {node: req/s},
     "mean": ..., "min": ...}``."""
-    used = {g.rsplit(":", 1)[0] for g in plan.gpus()}
     per_node: dict[str, float] = {}
-    for node in (n.name for n in ev.cluster.nodes if n.name in used):
+    for node in plan_nodes(plan, ev.cluster):
         if len(ev.cluster.nodes) == 1:  # losing the only node leaves nothing
             per_node[node] = 0.0
             continue
