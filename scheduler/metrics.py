@@ -48,8 +48,8 @@ def required_scale(res: SimResult, slo: SLO, target: float = TARGET_ATTAINMENT) 
 
 
 def goodput_search(run: Callable[[float], SimResult], slo: SLO, hint: float,
-                   target: float = TARGET_ATTAINMENT, rel_tol: float = 0.03,
-                   max_sims: int = 14) -> tuple[float, dict[float, float]]:
+                   target: float = TARGET_ATTAINMENT, rel_tol: float = 0.01,
+                   max_sims: int = 18) -> tuple[float, dict[float, float]]:
     """Highest rate (req/s) whose simulated attainment is >= ``target``.
 
     ``run(rate)`` simulates at ``rate``. Brackets from ``hint`` by factors of 1.5, then bisects to

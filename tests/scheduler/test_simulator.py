@@ -114,6 +114,11 @@ def test_goodput_search_brackets_threshold():
             self.tpot = np.zeros(10)
     g, seen = goodput_search(R, slo, hint=2.0, rel_tol=0.01, max_sims=30)
     assert 6.9 <= g <= 7.0 and len(seen) < 30
+    # The defaults resolve goodput to 1 %, finer than the ratios the planner reports, from a
+    # hint off by 4x either way.
+    for hint in (7.0 / 4, 7.0 * 4):
+        g, seen = goodput_search(R, slo, hint=hint)
+        assert 7.0 / 1.01 <= g <= 7.0, (hint, g)
 
 
 def test_required_scale_quantile():
