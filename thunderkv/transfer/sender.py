@@ -89,6 +89,25 @@ def uncompressed_bytes(header: KVHeader) -> int:
     return 2 * header.layers * header.batch * header.heads * header.head_dim * header.tokens * width
 
 
+def layer_groups(layers: int, per_group: int) -> list[int]:
+    """Layers per notice for a one-shot send: groups of ``per_group`` (about ``chunk_bytes``)
+    that halve over the last ones down to a quarter of ``per_group``. The receiver checks a
+    group while the next one is PUT; only the last group's check is not hidden, and checking
+    runs about 3x faster than the PUT copies, so each group can be half the one before it and
+    the exposed check shrinks 4x for two more notices. Measured A/B against equal groups on
+    this 2-core VM (one process pair, alternating blocks, 100 sends each, p50): 47 MB raw
+    8.04 -> 7.54 ms, 13 MB 4-bit 4.44 -> 4.13 ms, 134 MB raw unchanged (34.4 / 34.6 ms);
+    halving down to 1/8 or 1/2 of a group gained less (8.00 -> 7.74, 8.04 -> 8.00 ms)."""
+    if layers < 0 or per_group < 1:
+        raise ValueError("layers >= 0 and per_group >= 1 required")
+    sizes, size, left = [], max(1, per_group // 4), layers
+    while left > 0:  # from the last group backwards
+        sizes.append(min(size, left))
+        left -= sizes[-1]
+        size = min(per_group, 2 * size)
+    return sizes[::-1]
+
+
 class SendPool(BufferPool):
     """A registered send buffer; carve request payloads out of it with :meth:`allocate`."""
 
@@ -187,15 +206,15 @@ class KVSender:
     def send(self, header: KVHeader, payload: torch.Tensor) -> TransferResult:
         """Send a whole message (all layers ready) and wait for the receiver's verification.
 
-        Layers go in groups of about ``chunk_bytes`` with one notice per group, so the
-        receiver verifies group g while group g+1 is being PUT; the last notice commits.
-        (Groups shrinking towards the end, to shorten the one check no PUT hides, measured
-        slower here: each extra notice costs more than the check it hides.)"""
+        Layers go in groups (:func:`layer_groups`) with one notice per group, so the receiver
+        verifies group g while group g+1 is being PUT; the last notice commits."""
         with self.stream(header, payload) as stream:
             stream.commit_with_last_layer = True
             per_group = max(1, self.chunk_bytes // max(1, header.layer_nbytes()))
-            for first in range(0, header.layers, per_group):
-                stream.send_layers(first, min(header.layers, first + per_group))
+            first = 0
+            for n in layer_groups(header.layers, per_group):
+                stream.send_layers(first, first + n)
+                first += n
             return stream.finish()
 
     def stream(self, header: KVHeader, payload: torch.Tensor) -> KVStream:
