@@ -33,6 +33,7 @@ def test_loopback_raw_and_4bit_with_perftest_baseline(tmp_path):
     assert raw["transport"] and raw["perftest_put_bytes_per_s"] > 0
     runs = raw["perftest_runs_bytes_per_s"]
     assert len(runs) == 2 and raw["perftest_put_bytes_per_s"] == pytest.approx(sum(runs) / 2)
+    assert raw["perftest_interleaved"] and not q4.get("perftest_interleaved")  # with the sends
     assert raw["e2e_vs_perftest"] == pytest.approx(
         raw["wire_bytes_per_s"] / raw["perftest_put_bytes_per_s"])
     assert raw["link"] == "loopback" and "git_sha" in raw

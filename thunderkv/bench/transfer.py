@@ -95,13 +95,18 @@ def fill_payload(header: KVHeader, payload: torch.Tensor, gen: torch.Generator) 
 
 def run_client(host: str, port: int, cases: list[tuple[str, int]], *, bits: list[int],
                group_size: int, reps: int, timeout: float, device: str = "cpu",
-               inflight: int = 1,
+               inflight: int = 1, perftest_runs: int = 0,
                progress: Callable[[str], object] = lambda msg: None) -> list[dict]:
     """Send every (case, bits) ``reps`` times per connection (after one warm-up each); one row
     per (case, bits). ``device``: where the send pools live (the KV is quantized into them
     there). ``inflight``: connections sending at once (each its own registered copy of the
     message), so one request's handshake and check overlap another's PUT; the row's
-    ``throughput_bytes_per_s`` is all timed bytes over the wall time of the timed sends."""
+    ``throughput_bytes_per_s`` is all timed bytes over the wall time of the timed sends.
+
+    ``perftest_runs`` > 0 (both roles on this machine): each raw message's sends are split into
+    that many blocks, each after one ``ucx_perftest`` put run at the same size on loopback, so
+    baseline and sends see the same machine state (:func:`interleave`) instead of the
+    baseline running minutes later."""
     from ..transfer import KVSender
 
     if inflight < 1:
@@ -123,19 +128,77 @@ def run_client(host: str, port: int, cases: list[tuple[str, int]], *, bits: list
                 for p in payloads[1:]:  # the other connections send the same message
                     p.copy_(payloads[0])
                 progress(f"{geo.name} {tokens} tokens {b}-bit: {reps} sends x {inflight}")
-                results, wall = _timed_sends(
-                    senders, payloads, functools.partial(make_header, geo, tokens, b, group_size),
-                    ids, reps)
+                sends = functools.partial(_timed_sends, senders, payloads, functools.partial(
+                    make_header, geo, tokens, b, group_size), ids)
+                runs, nbytes = (perftest_runs if b >= 16 else 0), header.payload_length
+                results, wall, baseline = interleave(
+                    sends, reps, runs, nbytes, device,
+                    lambda k, runs=runs, nbytes=nbytes: progress(
+                        f"ucx_perftest put_bw at {nbytes} bytes ({k + 1}/{runs}, between "
+                        "blocks of the sends)"))
                 where = {"memory_type": pools[0].memory_type, "inflight": inflight,
                          "throughput_bytes_per_s": len(results) * header.payload_length / wall}
                 for tx, pool in zip(senders, pools):
                     pool.close()
                     tx._pools.remove(pool)
-                rows.append(_row(geo, tokens, b, group_size, results, senders[0]) | where)
+                row = _row(geo, tokens, b, group_size, results, senders[0]) | where | baseline
+                if baseline.get("perftest_runs_bytes_per_s"):
+                    _perftest_ratios(row)
+                rows.append(row)
     finally:
         for tx in senders:
             tx.close()
     return rows
+
+
+def interleave(sends: Callable[[int], tuple[list, float]], reps: int, runs: int,
+               message_bytes: int, device: str = "cpu",
+               progress: Callable[[int], object] = lambda k: None) -> tuple[list, float, dict]:
+    """``runs`` ``ucx_perftest`` put runs of ``message_bytes`` (buffers on ``device``'s memory
+    type), each followed by its share of the ``reps`` timed sends: ``(results, wall seconds of
+    the sends, perftest fields for the row)``. On this small shared machine the speed of both
+    drifts by tens of percent within a minute, so a baseline measured in one go before or
+    after the sends compares different machine states. A perftest failure is recorded
+    (``perftest_error``) and the remaining sends follow at once. ``runs`` = 0: the sends in one
+    block, no perftest."""
+    from ..transfer import ucxtools
+
+    if runs <= 0:
+        results, wall = sends(reps)
+        return results, wall, {}
+    memory, gpu = perftest_memory(device)
+    results, wall, seen, out = [], 0.0, [], {"perftest_interleaved": True}
+    left = reps
+    for k in range(runs):
+        progress(k)
+        n = reps // runs + (k < reps % runs)
+        try:
+            p = ucxtools.run_perftest_put_bw(message_bytes, timeout=120, memory=memory, gpu=gpu)
+        except RuntimeError as exc:
+            out["perftest_error"] = str(exc).splitlines()[0]
+            n = left
+        else:
+            seen.append(p["bandwidth_bytes_per_s"])
+            out["perftest_transport"] = p.get("transport_used")
+        if n:
+            got, w = sends(n)
+            results += got
+            wall += w
+            left -= n
+        if "perftest_error" in out:
+            break
+    if seen:
+        out["perftest_runs_bytes_per_s"] = seen
+    return results, wall, out
+
+
+def perftest_memory(device: str) -> tuple[str | None, int | None]:
+    """``ucx_perftest``'s buffer memory type and CUDA device index for pools on ``device``:
+    (None, None) for host memory, ("cuda", index) for a GPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "cuda", dev.index or 0
+    return None, None
 
 
 def _timed_sends(senders: list, payloads: list[torch.Tensor], header_for: Callable[[int], KVHeader],
@@ -218,8 +281,8 @@ def add_perftest(rows: list[dict], progress: Callable[[str], object], runs: int 
     if runs < 1:
         raise ValueError("runs must be >= 1")
     for r in rows:
-        if r["bits"] < 16:
-            continue
+        if r["bits"] < 16 or r.get("perftest_interleaved"):
+            continue  # 4-bit rows have no perftest twin; interleaved rows have their runs
         seen: list[float] = []
         for k in range(runs):
             progress(f"ucx_perftest put_bw at {r['payload_bytes']} bytes ({k + 1}/{runs})")
@@ -231,15 +294,19 @@ def add_perftest(rows: list[dict], progress: Callable[[str], object], runs: int 
                 break
             seen.append(p["bandwidth_bytes_per_s"])
             r["perftest_transport"] = p.get("transport_used")
-        if not seen:
-            continue
-        median = float(statistics.median(seen))
-        r["perftest_runs_bytes_per_s"] = seen
-        r["perftest_put_bytes_per_s"] = median
-        r["put_vs_perftest"] = r["put_bytes_per_s"] / median if r["put_bytes_per_s"] else None
-        r["e2e_vs_perftest"] = r["wire_bytes_per_s"] / median
-        if r.get("throughput_bytes_per_s"):
-            r["throughput_vs_perftest"] = r["throughput_bytes_per_s"] / median
+        if seen:
+            r["perftest_runs_bytes_per_s"] = seen
+            _perftest_ratios(r)
+
+
+def _perftest_ratios(r: dict) -> None:
+    """The row's baseline (median of its ``perftest_runs_bytes_per_s``) and its ratios to it."""
+    median = float(statistics.median(r["perftest_runs_bytes_per_s"]))
+    r["perftest_put_bytes_per_s"] = median
+    r["put_vs_perftest"] = r["put_bytes_per_s"] / median if r["put_bytes_per_s"] else None
+    r["e2e_vs_perftest"] = r["wire_bytes_per_s"] / median
+    if r.get("throughput_bytes_per_s"):
+        r["throughput_vs_perftest"] = r["throughput_bytes_per_s"] / median
 
 
 # ---------------------------------------------------------------------- the server role

@@ -115,6 +115,7 @@ def register(subparsers) -> None:
                     help="ucx_perftest runs per message size; ratios use their median (default 3)")
     tr.add_argument("--json", metavar="PATH", help="append one JSON line per measurement")
     tr.add_argument("--rows-out", help=argparse.SUPPRESS)
+    tr.add_argument("--interleave-perftest", action="store_true", help=argparse.SUPPRESS)
     tr.set_defaults(func=run_transfer)
 
     e2e = sub.add_parser(
@@ -299,6 +300,7 @@ def run_transfer(args: argparse.Namespace) -> int:
         rows = _measure(console, lambda progress: transfer.run_client(
             args.host, args.port, cases, bits=bits, group_size=args.group_size, reps=args.reps,
             timeout=args.timeout, device=args.device, inflight=args.inflight,
+            perftest_runs=args.perftest_runs if args.interleave_perftest else 0,
             progress=progress))
         if args.rows_out:
             with open(args.rows_out, "w") as f:
@@ -318,6 +320,8 @@ def run_transfer(args: argparse.Namespace) -> int:
                    str(args.reps), "--timeout", str(args.timeout), "--inflight", str(args.inflight)]
     client_args += sum((["--case", f"{m}:{t}"] for m, t in cases), [])
     client_args += sum((["--bits", str(b)] for b in bits), [])
+    if rate is None and not args.no_perftest:  # the baseline between the client's send blocks
+        client_args += ["--interleave-perftest", "--perftest-runs", str(args.perftest_runs)]
     rows_path = transfer.temp_rows_path()
     try:
         transfer.run_pair(client_args, pool_bytes=transfer.pool_bytes_for(cases, args.inflight),
@@ -326,12 +330,8 @@ def run_transfer(args: argparse.Namespace) -> int:
         rows = transfer.load_rows(rows_path)
     finally:
         rows_path.unlink(missing_ok=True)
-    if rate is None and not args.no_perftest:
-        import torch
-
-        dev = torch.device(args.device)
-        memory = "cuda" if dev.type == "cuda" else None
-        gpu = (dev.index or 0) if memory else None
+    if rate is None and not args.no_perftest:  # rows whose client could not interleave it
+        memory, gpu = transfer.perftest_memory(args.device)
         _measure(console, lambda progress: transfer.add_perftest(rows, progress,
                                                                  args.perftest_runs, memory, gpu))
     return _report_transfer(console, args, rows, rate=rate)
@@ -382,8 +382,11 @@ def _report_transfer(console, args, rows: list[dict], rate: int | None) -> int:
     where = "" if args.device == "cpu" else f", pools on {args.device} ({base['device']})"
     many = args.inflight > 1
     flight = f"{args.inflight} requests in flight" if many else "one request per message"
+    interleaved = any(r.get("perftest_interleaved") for r in rows)
     t = Table(title=f"KV transfer, {flight} ({link}{where}); GB = 1e9 bytes; "
-              "effective = uncompressed 16-bit KV bytes / second")
+              "effective = uncompressed 16-bit KV bytes / second",
+              caption="perftest: median (range) of its runs"
+              + (", each run just before a block of the sends" if interleaved else ""))
     cols = ["model", "tokens", "bits", "wire MB", "p50 ms", "wire GB/s", "put GB/s",
             "effective KV GB/s", "vs raw", "transport", "perftest GB/s", "put/perftest",
             "e2e/perftest"] + (["all GB/s", "all/perftest"] if many else [])
