@@ -86,6 +86,21 @@ def test_payload_must_match_the_header(receiver):
     check_arrival(receiver.wait(10, timeout=5), 0)
 
 
+def test_unregistered_pool_is_forgotten_and_its_memory_still_sendable(receiver):
+    header = peers.raw_header(11, 3)
+    with KVSender(receiver.host, receiver.port, token=peers.TOKEN) as tx:
+        pool = tx.register(header.payload_length)
+        payload = pool.allocate(header.payload_length).view
+        payload.copy_(peers.payload_for(5, header.payload_length))
+        other = tx.register(64)
+        tx.unregister(pool)
+        with pytest.raises(ValueError, match="not registered with this sender"):
+            tx.unregister(pool)
+        tx.send(header, payload)  # registered for this request only
+        tx.unregister(other)
+    check_arrival(receiver.wait(11, timeout=5), 5)
+
+
 def test_256_mib_message(receiver):
     tokens = 256 * 1024 + 7  # just over 256 MiB
     results = CTX.Queue()

@@ -140,8 +140,7 @@ def run_client(host: str, port: int, cases: list[tuple[str, int]], *, bits: list
                 where = {"memory_type": pools[0].memory_type, "inflight": inflight,
                          "throughput_bytes_per_s": len(results) * header.payload_length / wall}
                 for tx, pool in zip(senders, pools):
-                    pool.close()
-                    tx._pools.remove(pool)
+                    tx.unregister(pool)
                 row = _row(geo, tokens, b, group_size, results, senders[0]) | where | baseline
                 if baseline.get("perftest_runs_bytes_per_s"):
                     _perftest_ratios(row)

@@ -192,6 +192,15 @@ class KVSender:
         self._pools.append(pool)
         return pool
 
+    def unregister(self, pool: SendPool) -> None:
+        """Release ``pool``'s UCX registration and forget it (waits for a request in flight on
+        this sender). Slices of it sent later are registered per request, like any tensor."""
+        with self._lock:
+            if not any(p is pool for p in self._pools):
+                raise ValueError("pool is not registered with this sender")
+            self._pools = [p for p in self._pools if p is not pool]
+            pool.close()
+
     def _region_of(self, payload: torch.Tensor):
         """(region, offset) of ``payload`` (validated by :meth:`stream`) in a registered pool,
         registering it if needed."""
