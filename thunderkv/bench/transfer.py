@@ -97,7 +97,7 @@ def run_client(host: str, port: int, cases: list[tuple[str, int]], *, bits: list
                group_size: int, reps: int, timeout: float, device: str = "cpu",
                inflight: int = 1, perftest_runs: int = 0,
                progress: Callable[[str], object] = lambda msg: None) -> list[dict]:
-    """Send every (case, bits) ``reps`` times per connection (after one warm-up each); one row
+    """Send every (case, bits) ``reps`` times per connection (after warm-up sends); one row
     per (case, bits). ``device``: where the send pools live (the KV is quantized into them
     there). ``inflight``: connections sending at once (each its own registered copy of the
     message), so one request's handshake and check overlap another's PUT; the row's
@@ -203,8 +203,9 @@ def perftest_memory(device: str) -> tuple[str | None, int | None]:
 
 def _timed_sends(senders: list, payloads: list[torch.Tensor], header_for: Callable[[int], KVHeader],
                  ids: Iterator[int], reps: int, warmup: int = 1) -> tuple[list, float]:
-    """``warmup`` untimed sends per connection, then ``reps`` sends on every connection at once (one
-    thread each; just this thread for one). Returns (the timed results, wall seconds)."""
+    """``warmup`` untimed sends per connection, then ``reps`` sends on every connection at
+    once (one thread each; just this thread for one). Returns (the timed results, wall
+    seconds)."""
     results: list = []
     errors: list[BaseException] = []
 
