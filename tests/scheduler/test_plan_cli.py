@@ -381,3 +381,16 @@ def test_reschedule_refuses_planning_flags(planned, capsys):
     for flags in (["--resilience", "0.02"], ["--reload-groups", "-1"]):
         assert main(["plan", "--reschedule", str(d / "plan.json"), *flags, "--quiet"]) == 2
     assert "--reload-groups must be >= 0" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
+    """CI installs matplotlib (so every --plot above draws); without it the plot is refused
+    with an install hint, which the CLI prints while writing everything else."""
+    import sys
+
+    from thunderkv.scheduler.report import plot_attainment
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(RuntimeError, match="needs matplotlib: pip install matplotlib"):
+        plot_attainment({"thunderkv": [(1.0, 1.0)]}, str(tmp_path / "a.png"), "t")
+    assert not (tmp_path / "a.png").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -22,7 +23,13 @@ def run_bench(tmp_path, *extra: str) -> list[dict]:
 
 
 def test_loopback_raw_and_4bit_with_perftest_baseline(tmp_path):
-    rows = run_bench(tmp_path)
+    png = tmp_path / "transfer.png"
+    rows = run_bench(tmp_path, "--plot", str(png))
+    # --plot is optional: drawn where matplotlib is installed, a warning otherwise
+    has_mpl = importlib.util.find_spec("matplotlib") is not None
+    assert png.exists() == has_mpl
+    if has_mpl:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     raw, q4 = sorted(rows, key=lambda r: -r["bits"])
     assert (raw["bits"], q4["bits"]) == (16, 4)
     # 30 layers x 2 (K, V) x 256 tokens x 3 heads x 64 dims: 2 bytes raw, 0.5 + 2*2/64 at 4-bit

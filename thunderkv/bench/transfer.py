@@ -411,3 +411,62 @@ def temp_rows_path() -> Path:
     fd, name = tempfile.mkstemp(prefix="tkv-transfer-", suffix=".jsonl")
     os.close(fd)
     return Path(name)
+
+
+def plot(rows: list[dict], path: str | Path) -> None:
+    """PNG of one bench run: per case, effective KV throughput raw vs 4-bit (speed-up on top);
+    and for raw messages, our end to end and PUT-only GB/s against ``ucx_perftest`` (its
+    runs' median, range as a whisker) when the run measured it. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys((r["model"], r["tokens"]) for r in rows))
+    names = [f"{m}\n{t} tok" for m, t in cases]
+    by = {(r["model"], r["tokens"], r["bits"]): r for r in rows}
+    bits = sorted({r["bits"] for r in rows}, reverse=True)
+    raw = [by.get((m, t, 16)) for m, t in cases]
+    baseline = any(r and r.get("perftest_put_bytes_per_s") for r in raw)
+    fig, axes = plt.subplots(1, 2 if baseline else 1, figsize=(12 if baseline else 6.5, 4),
+                             squeeze=False)
+    ax, width = axes[0][0], 0.8 / len(bits)
+    for i, b in enumerate(bits):
+        xs = [k + (i - (len(bits) - 1) / 2) * width for k in range(len(cases))]
+        got = [by.get((m, t, b)) for m, t in cases]
+        bars = ax.bar(xs, [r["effective_kv_bytes_per_s"] / 1e9 if r else 0 for r in got], width,
+                      label="raw 16-bit" if b >= 16 else f"{b}-bit")
+        for bar, r in zip(bars, got):
+            if r and b < 16 and r.get("speedup_vs_raw"):
+                ax.annotate(f"{r['speedup_vs_raw']:.2f}x", (bar.get_x() + bar.get_width() / 2,
+                            bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(cases)), names, fontsize=8)
+    ax.set_ylabel("effective KV GB/s (uncompressed bytes / s)")
+    ax.set_title("KV delivered per second, one request per message")
+    ax.legend(fontsize=8)
+    if baseline:
+        ax = axes[0][1]
+        xs = [k for k, r in enumerate(raw) if r and r.get("perftest_put_bytes_per_s")]
+        sel = [raw[k] for k in xs]
+        for off, key, label in ((-0.27, "wire_bytes_per_s", "ours, end to end"),
+                                (0.0, "put_bytes_per_s", "ours, PUT only")):
+            ax.bar([x + off for x in xs], [(r[key] or 0) / 1e9 for r in sel], 0.27, label=label)
+        med = [r["perftest_put_bytes_per_s"] / 1e9 for r in sel]
+        runs = [r.get("perftest_runs_bytes_per_s") or [r["perftest_put_bytes_per_s"]] for r in sel]
+        ax.bar([x + 0.27 for x in xs], med, 0.27, label="ucx_perftest put (median)",
+               yerr=[[m - min(v) / 1e9 for m, v in zip(med, runs)],
+                     [max(v) / 1e9 - m for m, v in zip(med, runs)]], capsize=3)
+        for x, r in zip(xs, sel):
+            ax.annotate(f"{r['e2e_vs_perftest']:.2f}", (x - 0.27, r["wire_bytes_per_s"] / 1e9),
+                        ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(xs, [f"{names[k]}\n{sel[i]['payload_bytes'] / 1e6:.0f} MB"
+                           for i, k in enumerate(xs)], fontsize=8)
+        ax.set_ylabel("GB/s (1e9 bytes)")
+        ax.set_title("raw path vs ucx_perftest (e2e/perftest on the bars)")
+        ax.legend(fontsize=8)
+    r0 = rows[0]
+    fig.suptitle(f"thunderkv bench transfer: {r0.get('link', '')}, "
+                 f"{r0.get('transport', '')}, {r0.get('device', '')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -114,6 +114,9 @@ def register(subparsers) -> None:
     tr.add_argument("--perftest-runs", type=int, default=3,
                     help="ucx_perftest runs per message size; ratios use their median (default 3)")
     tr.add_argument("--json", metavar="PATH", help="append one JSON line per measurement")
+    tr.add_argument("--plot", metavar="PNG",
+                    help="write a PNG: effective KV GB/s raw vs 4-bit, raw path vs perftest "
+                    "(needs matplotlib)")
     tr.add_argument("--rows-out", help=argparse.SUPPRESS)
     tr.add_argument("--interleave-perftest", action="store_true", help=argparse.SUPPRESS)
     tr.set_defaults(func=run_transfer)
@@ -411,6 +414,12 @@ def _report_transfer(console, args, rows: list[dict], rate: int | None) -> int:
     if args.json:
         write_json_lines(args.json, rows)
         console.print(f"wrote {len(rows)} JSON lines to {args.json}")
+    if args.plot:
+        try:
+            transfer.plot(rows, args.plot)
+            console.print(f"wrote {args.plot}")
+        except ImportError:
+            console.print("[yellow]no plot: pip install matplotlib")
     return 0
 
 
