@@ -179,16 +179,29 @@ def _measure(console, run_fn):
         return run_fn(lambda msg: bar.update(task, description=msg))
 
 
+def _save(console, args, rows: list[dict], plot=None) -> None:
+    """``--json``: append one line per row; ``--plot``: ``plot(rows, path)`` (a one-line hint
+    instead where matplotlib is missing)."""
+    from ..bench.timing import write_json_lines
+
+    if args.json:
+        write_json_lines(args.json, rows)
+        console.print(f"wrote {len(rows)} JSON lines to {args.json}")
+    if plot is not None and args.plot:
+        try:
+            plot(rows, args.plot)
+            console.print(f"wrote {args.plot}")
+        except ImportError:
+            console.print("[yellow]no plot: pip install matplotlib")
+
+
 def _report(console, args, rows, what: str) -> int:
     from ..bench.common import render_table
-    from ..bench.timing import write_json_lines
 
     title = (f"{what}: format v1 {args.bits}-bit G={args.group_size} {args.dtype} on "
              f"{rows[0]['device']} ({rows[0]['threads']} threads); GB/s = bytes read + written")
     console.print(render_table(rows, title))
-    if args.json:
-        write_json_lines(args.json, rows)
-        console.print(f"wrote {len(rows)} JSON lines to {args.json}")
+    _save(console, args, rows)
     return 0
 
 
@@ -229,7 +242,6 @@ def run_attention(args: argparse.Namespace) -> int:
 
     from ..attention import fused_attention_available
     from ..bench import attention
-    from ..bench.timing import write_json_lines
 
     console = Console()
     ok, why = fused_attention_available()
@@ -253,9 +265,7 @@ def run_attention(args: argparse.Namespace) -> int:
         t.add_row(str(r["context"]), r["method"], f"{r['us_p50']:.0f}",
                   f"{r['us_p20']:.0f}-{r['us_p80']:.0f}", f"{r['speedup_vs_sdpa_fp']:.2f}")
     console.print(t)
-    if args.json:
-        write_json_lines(args.json, rows)
-        console.print(f"wrote {len(rows)} JSON lines to {args.json}")
+    _save(console, args, rows)
     return 0
 
 
@@ -370,7 +380,7 @@ def _report_transfer(console, args, rows: list[dict], rate: int | None) -> int:
     from rich.table import Table
 
     from ..bench import transfer
-    from ..bench.timing import provenance, write_json_lines
+    from ..bench.timing import provenance
 
     transfer.add_speedups(rows)
     console.width = max(console.width, 175)  # a wide table; pipes get 80 columns otherwise
@@ -411,15 +421,7 @@ def _report_transfer(console, args, rows: list[dict], rate: int | None) -> int:
                   *([f(r["throughput_bytes_per_s"] / 1e9, ".3f"),
                      f(r.get("throughput_vs_perftest"), ".2f")] if many else []))
     console.print(t)
-    if args.json:
-        write_json_lines(args.json, rows)
-        console.print(f"wrote {len(rows)} JSON lines to {args.json}")
-    if args.plot:
-        try:
-            transfer.plot(rows, args.plot)
-            console.print(f"wrote {args.plot}")
-        except ImportError:
-            console.print("[yellow]no plot: pip install matplotlib")
+    _save(console, args, rows, transfer.plot)
     return 0
 
 
@@ -427,7 +429,7 @@ def run_e2e(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..bench.timing import provenance, write_json_lines
+    from ..bench.timing import provenance
     from ..serve import bench_e2e
 
     console = Console()
@@ -467,15 +469,7 @@ def run_e2e(args: argparse.Namespace) -> int:
                   f(r.get("identical_outputs"), ".2f"), f(r.get("teacher_forced_top1"), ".3f"),
                   str(r["failed"]))
     console.print(t)
-    if args.json:
-        write_json_lines(args.json, rows)
-        console.print(f"wrote {len(rows)} JSON lines to {args.json}")
-    if args.plot:
-        try:
-            bench_e2e.plot(rows, args.plot)
-            console.print(f"wrote {args.plot}")
-        except ImportError:
-            console.print("[yellow]no plot: pip install matplotlib")
+    _save(console, args, rows, bench_e2e.plot)
     return 1 if any(r["failed"] for r in rows) else 0
 
 
