@@ -255,9 +255,14 @@ GPU_BACKENDS = [b for b in ("cuda", "triton") if torch.cuda.is_available()
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU_BACKENDS, reason="no CUDA device with a cuda/triton backend")
-@pytest.mark.parametrize("backend", GPU_BACKENDS or ["cuda"])
-def test_paged_ops_on_gpu_match_the_cpu_cache(backend, gen):
-    """Write, gather, pack and unpack on the GPU give the bits the reference gives on the CPU."""
+@pytest.mark.parametrize("backend,scalar", [
+    (b, s) for b in GPU_BACKENDS or ["cuda"] for s in ((False, True) if b == "cuda" else (False,))])
+def test_paged_ops_on_gpu_match_the_cpu_cache(backend, scalar, gen, monkeypatch):
+    """Write, gather, pack and unpack on the GPU give the bits the reference gives on the CPU
+    (CUDA: the 16-byte-vector kernels, and with THUNDERKV_CUDA_SCALAR=1 the one-thread-per-group
+    kernels that misaligned caches take)."""
+    if scalar:
+        monkeypatch.setenv("THUNDERKV_CUDA_SCALAR", "1")
     lens = [37, 16, 5]
     cpu, gpu = _cache(), PagedKVCache.allocate(12, BS, H, D, bits=4, group_size=32, device="cuda")
     table, ks, vs = _fill_sequences(cpu, lens, gen)

@@ -115,11 +115,14 @@ def test_folding_and_crc_instruction_paths_agree():
 def test_gpu_crc_matches_host(gen, n, misalign):
     """CRC-32C of a CUDA tensor on its GPU (block tree + host join) equals the host one,
     misaligned starts, partial chunks/blocks and seeds included."""
-    data = torch.randint(0, 256, (n + misalign,), dtype=torch.uint8, generator=gen)[misalign:]
+    full = torch.randint(0, 256, (n + misalign,), dtype=torch.uint8, generator=gen)
+    data = full[misalign:]
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
     want = crc32c(data, seed)
-    assert crc32c(data.cuda(), seed) == want
-    assert crc32c(data.cuda()[: n // 2], seed) == crc32c(data[: n // 2], seed)
+    on_gpu = full.cuda()[misalign:]  # misaligned on the device too (data.cuda() would realign)
+    assert on_gpu.data_ptr() % 8 == misalign % 8
+    assert crc32c(on_gpu, seed) == want
+    assert crc32c(on_gpu[: n // 2], seed) == crc32c(data[: n // 2], seed)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
