@@ -140,6 +140,30 @@ else
   fi
 fi
 
+step "compute-sanitizer memcheck: CUDA kernels on awkward shapes and paged rows"
+# Out-of-bounds reads or writes that happen not to change the compared bits pass the tests;
+# memcheck sees them. Torch's caching allocator would hide overruns inside its pool, so it is
+# off here. Last and optional: it gets what time is left.
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+if [ "$DEVICE" != cuda ] || [ -z "$SANITIZER" ]; then
+  echo "skipped: ${SANITIZER:+not a CUDA run}${SANITIZER:-no compute-sanitizer}"
+elif [ "$(left)" -lt 100 ]; then
+  echo "skipped: $(left) s left of $TOTAL"
+else
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 limit "$(cap 150 15)" "$SANITIZER" --tool memcheck \
+    --error-exitcode 3 $PY -m pytest -q -x -p no:cacheprovider \
+    tests/test_cuda_backend.py::test_cuda_per_channel_reads_strided_on_awkward_shapes \
+    tests/test_paged.py::test_paged_ops_on_gpu_match_the_cpu_cache -k "cuda" \
+    >"$OUT/memcheck.log" 2>&1
+  rc=$?
+  grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3
+  case $rc in
+    0) ;;
+    124|137) echo "memcheck ran out of time: no finding, and no verdict either" ;;
+    *) tail -30 "$OUT/memcheck.log"; failed+=(memcheck) ;;
+  esac
+fi
+
 step "summary"
 $PY - "$OUT/bench.jsonl" <<'PYEOF'
 import json, os, sys
