@@ -65,6 +65,31 @@ def test_triton_bit_exact_with_reference(dtype, bits, group_size, axis, gen):
     assert same_values(got.dequantize(backend="triton").cpu(), want.dequantize(backend="reference"))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE.type != "cuda" or WHY_NOT is not None,
+                    reason="needs a CUDA device and the triton backend")
+def test_triton_runs_on_the_tensors_device_and_current_stream():
+    """Triton launches on torch's current device: the backend makes the tensor's device
+    current (on a 2-GPU machine x lives on the last GPU while GPU 0 is current), and work
+    goes on that device's current stream (a side stream here)."""
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)
+    x = torch.randn(4, 512, 128, device=dev, dtype=torch.float16)
+    want = tk.quantize(x.cpu(), backend="reference")
+    with torch.cuda.device(0):
+        q = tk.quantize(x, backend="triton")
+        y = q.dequantize(backend="triton")
+    assert q.packed.device == dev and y.device == dev
+    assert torch.equal(q.packed.cpu(), want.packed)
+    assert same_values(y.cpu(), want.dequantize(backend="reference"))
+    s = torch.cuda.Stream(dev)
+    s.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(s):
+        q2 = tk.quantize(x, backend="triton")
+        y2 = q2.dequantize(backend="triton")
+    s.synchronize()
+    assert torch.equal(q2.packed.cpu(), want.packed) and bits_equal(y2.cpu(), y.cpu())
+
+
 @requires_backend
 def test_triton_rejects_unsupported_group_size_before_writing():
     x = torch.randn(2, 96, dtype=torch.float16, device=DEVICE)

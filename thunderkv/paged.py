@@ -185,7 +185,7 @@ def _check_index(name: str, t: torch.Tensor, limit: int, device: torch.device,
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but the cache is on {device}")
     if t.numel():
-        lo, hi = int(t.min()), int(t.max())
+        lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one device sync, not two
         if hi >= limit or (lo < 0 and not (allow_negative and lo == -1)) or lo < -1:
             raise ValueError(
                 f"{name} holds values in [{lo}, {hi}], outside [{-1 if allow_negative else 0}, "

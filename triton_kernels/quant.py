@@ -100,7 +100,8 @@ def _quantize_rows_kernel(x_ptr, packed_ptr, scale_ptr, min_ptr, n_groups, slots
                           HAS_SLOTS: tl.constexpr):
     PB: tl.constexpr = 8 // BITS
     QMAX: tl.constexpr = (1 << BITS) - 1
-    g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    # int64 before the multiply: 2**31 groups (G=8, 32 GiB of fp16) must not wrap negative
+    g = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
     gmask = g < n_groups
     go, omask = _slotted(g, gmask, slots_ptr, row_groups, HAS_SLOTS)  # where outputs go
     i = tl.arange(0, G)
@@ -158,7 +159,8 @@ def _dequantize_rows_kernel(packed_ptr, scale_ptr, min_ptr, y_ptr, n_groups, slo
                             HAS_SLOTS: tl.constexpr):
     PB: tl.constexpr = 8 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
-    g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    # int64 before the multiply: 2**31 groups (G=8, 32 GiB of fp16) must not wrap negative
+    g = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
     gmask = g < n_groups
     gi, imask = _slotted(g, gmask, slots_ptr, row_groups, HAS_SLOTS)  # where inputs come from
     j = tl.arange(0, G // PB)
