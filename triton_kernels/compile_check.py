@@ -27,16 +27,18 @@ def _variants():
         xty = "*" + name
         for slots in (False, True):  # plain, and writing into paged-cache slots
             tag = "_slots" if slots else ""
+            # as launched: int64 slots, or (no slots) the packed buffer in the unused slot
+            slots_ty = "*i64" if slots else "*u8"
             yield (f"quantize_rows{tag}_{name}", q._quantize_rows_kernel,
                    {"x_ptr": xty, "packed_ptr": "*u8", "scale_ptr": "*" + ity,
-                    "min_ptr": "*" + ity, "n_groups": "i32", "slots_ptr": "*i64",
+                    "min_ptr": "*" + ity, "n_groups": "i32", "slots_ptr": slots_ty,
                     "row_groups": "i32"},
                    {"G": 64, "BITS": 4, "BLOCK_G": 64, "DT": dt, "IT": it, "NAN_BITS": nan,
                     "HAS_SLOTS": slots},
                    QUANTIZE_OPTIONS)
             yield (f"dequantize_rows{tag}_{name}", q._dequantize_rows_kernel,
                    {"packed_ptr": "*u8", "scale_ptr": "*" + ity, "min_ptr": "*" + ity,
-                    "y_ptr": "*" + ity, "n_groups": "i32", "slots_ptr": "*i64",
+                    "y_ptr": "*" + ity, "n_groups": "i32", "slots_ptr": slots_ty,
                     "row_groups": "i32"},
                    {"G": 64, "BITS": 4, "BLOCK_G": 64, "DT": dt, "IT": it, "HAS_SLOTS": slots},
                    {})
