@@ -161,35 +161,40 @@ def interleave(sends: Callable[[int], tuple[list, float]], reps: int, runs: int,
     after the sends compares different machine states. A perftest failure is recorded
     (``perftest_error``) and the remaining sends follow at once. ``runs`` = 0: the sends in one
     block, no perftest."""
-    from ..transfer import ucxtools
-
     if runs <= 0:
         results, wall = sends(reps)
         return results, wall, {}
     memory, gpu = perftest_memory(device)
-    results, wall, seen, out = [], 0.0, [], {"perftest_interleaved": True}
+    results, wall, out = [], 0.0, {"perftest_interleaved": True}
     left = reps
     for k in range(runs):
         progress(k)
-        n = reps // runs + (k < reps % runs)
-        try:
-            p = ucxtools.run_perftest_put_bw(message_bytes, timeout=120, memory=memory, gpu=gpu)
-        except RuntimeError as exc:
-            out["perftest_error"] = str(exc).splitlines()[0]
-            n = left
-        else:
-            seen.append(p["bandwidth_bytes_per_s"])
-            out["perftest_transport"] = p.get("transport_used")
+        ok = _perftest_run(out, message_bytes, memory, gpu)
+        n = reps // runs + (k < reps % runs) if ok else left
         if n:
             got, w = sends(n)
             results += got
             wall += w
             left -= n
-        if "perftest_error" in out:
+        if not ok:
             break
-    if seen:
-        out["perftest_runs_bytes_per_s"] = seen
     return results, wall, out
+
+
+def _perftest_run(fields: dict, message_bytes: int, memory: str | None, gpu: int | None) -> bool:
+    """One ``ucx_perftest`` put run into ``fields``: its bandwidth appended to
+    ``perftest_runs_bytes_per_s`` and ``perftest_transport`` set, or ``perftest_error`` (the
+    first line of why it failed). Returns whether it ran."""
+    from ..transfer import ucxtools
+
+    try:
+        p = ucxtools.run_perftest_put_bw(message_bytes, timeout=120, memory=memory, gpu=gpu)
+    except RuntimeError as exc:
+        fields["perftest_error"] = str(exc).splitlines()[0]
+        return False
+    fields.setdefault("perftest_runs_bytes_per_s", []).append(p["bandwidth_bytes_per_s"])
+    fields["perftest_transport"] = p.get("transport_used")
+    return True
 
 
 def perftest_memory(device: str) -> tuple[str | None, int | None]:
@@ -277,26 +282,16 @@ def add_perftest(rows: list[dict], progress: Callable[[str], object], runs: int 
     (``perftest_runs_bytes_per_s``) and the ratios use the median. ``memory``: perftest's
     buffer memory type (``"cuda"`` to compare GPU pools with GPU buffers, on torch's CUDA
     device index ``gpu``)."""
-    from ..transfer import ucxtools
-
     if runs < 1:
         raise ValueError("runs must be >= 1")
     for r in rows:
         if r["bits"] < 16 or r.get("perftest_interleaved"):
             continue  # 4-bit rows have no perftest twin; interleaved rows have their runs
-        seen: list[float] = []
         for k in range(runs):
             progress(f"ucx_perftest put_bw at {r['payload_bytes']} bytes ({k + 1}/{runs})")
-            try:
-                p = ucxtools.run_perftest_put_bw(r["payload_bytes"], timeout=120, memory=memory,
-                                                 gpu=gpu)
-            except RuntimeError as exc:
-                r["perftest_error"] = str(exc).splitlines()[0]
+            if not _perftest_run(r, r["payload_bytes"], memory, gpu):
                 break
-            seen.append(p["bandwidth_bytes_per_s"])
-            r["perftest_transport"] = p.get("transport_used")
-        if seen:
-            r["perftest_runs_bytes_per_s"] = seen
+        if r.get("perftest_runs_bytes_per_s"):
             _perftest_ratios(r)
 
 
