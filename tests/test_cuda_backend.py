@@ -54,12 +54,13 @@ def test_cuda_runs_on_current_stream_and_device():
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits,group_size", [(2, 16), (4, 64), (8, 48), (4, 1024)])
-def test_cuda_vector_and_scalar_kernels_agree(dtype, bits, group_size, gen, monkeypatch):
-    """The 16-byte-vector kernels (aligned buffers, whole vectors per group) and the
-    one-thread-per-group kernels (THUNDERKV_CUDA_SCALAR=1, or misaligned buffers) agree bitwise,
-    NaN/Inf groups included."""
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_cuda_vector_and_scalar_kernels_agree(dtype, bits, group_size, axis, gen, monkeypatch):
+    """The 16-byte-vector kernels (aligned buffers, whole vectors per group; per-channel: 4- or
+    16-byte code words) and the one-thread-per-group kernels (THUNDERKV_CUDA_SCALAR=1, or
+    misaligned buffers) agree bitwise, NaN/Inf groups included."""
     x = random_kv((3, 2 * group_size, 2 * group_size), dtype, gen).cuda()
-    kw = dict(bits=bits, group_size=group_size)
+    kw = dict(bits=bits, group_size=group_size, axis=axis)
     vec = tk.quantize(x, backend="cuda", **kw)
     y_vec = vec.dequantize(backend="cuda")
     monkeypatch.setenv("THUNDERKV_CUDA_SCALAR", "1")

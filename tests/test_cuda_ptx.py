@@ -30,7 +30,8 @@ def entries(tmp_path_factory) -> dict[str, str]:
 
 
 def _kernels(entries: dict[str, str], kind: str, variant: str) -> dict[str, str]:
-    """Entries of ``kind`` (quantize/dequantize) and ``variant`` ("vec", "cols" or "" = scalar)."""
+    """Entries of ``kind`` (quantize/dequantize) and ``variant`` ("vec", "cols", "cols_vec" or
+    "" = scalar)."""
     tag = f"{kind}_{variant}_kernel" if variant else f"{kind}_kernel"
     return {name: body for name, body in entries.items()
             if tag in name and not (kind == "quantize" and "dequantize" in name)}
@@ -41,14 +42,16 @@ def test_every_dtype_and_width_has_its_kernels(entries):
         assert len(_kernels(entries, kind, "vec")) == 9  # 3 dtypes x bits 2/4/8
         assert len(_kernels(entries, kind, "")) == 3  # scalar fallback, per dtype
         assert len(_kernels(entries, kind, "cols")) == 3  # per-channel, strided, per dtype
+        # vectorized per-channel: 3 dtypes x bits 2/4/8 x 16- or 4-byte code words
+        assert len(_kernels(entries, kind, "cols_vec")) == 18
 
 
 def test_quantize_rounds_exactly_and_never_fuses(entries):
-    for variant in ("vec", "", "cols"):
+    for variant in ("vec", "", "cols", "cols_vec"):
         for name, body in _kernels(entries, "quantize", variant).items():
             assert "div.rn.f32" in body and "rcp.rn.f32" in body, name
             assert not re.search(r"\bfma\.|approx", body), name
-    for variant in ("vec", "", "cols"):
+    for variant in ("vec", "", "cols", "cols_vec"):
         for name, body in _kernels(entries, "dequantize", variant).items():
             assert "fma.rn.f32" in body and "approx" not in body, name
 
@@ -59,3 +62,16 @@ def test_vectorized_kernels_move_16_bytes_per_access(entries):
         assert "shfl.sync.bfly" in body, name  # min/max meet across the group's lanes
     for name, body in _kernels(entries, "dequantize", "vec").items():
         assert re.search(r"st\.global\.v4\.[bfu]32", body), name
+
+
+def test_vectorized_per_channel_kernels_move_16_byte_rows_and_whole_code_words(entries):
+    """One 16-byte load (quantize) or store (dequantize) per token row and thread; codes in
+    16-byte words (``Li4EE``: WORDS = 4) or 4-byte words, never byte by byte."""
+    for kind, row_op, code_op in (("quantize", r"ld\.global(\.nc)?", r"st\.global"),
+                                  ("dequantize", r"st\.global", r"ld\.global(\.nc)?")):
+        for name, body in _kernels(entries, kind, "cols_vec").items():
+            assert re.search(row_op + r"\.v4\.[bfu]32", body), name
+            words4 = "ELi4EE" in name
+            code = code_op + (r"\.v4\.[bu]32" if words4 else r"\.[bu]32")
+            assert re.search(code, body), name
+            assert not re.search(code_op + r"\.[bu]8", body), name

@@ -9,6 +9,10 @@
 // the same scale with the same operations. Dequantize: one thread per 16-byte output vector.
 // Inputs whose groups are not whole 16-byte vectors, or whose pointers are not aligned to
 // them, take the one-thread-per-group kernels below (the same arithmetic, scalar).
+// Per-channel (axis=-2): one thread per 8 fp16/bf16 (4 fp32) adjacent channels of a token
+// block, 16-byte row loads, codes stored as 16- or 4-byte words; the scalar per-channel
+// kernel where the shapes or alignment do not allow that. The thread bodies of every kernel
+// without shuffles live in quant_threads.cuh, which tests/cuda_emulation also runs on the CPU.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -18,111 +22,17 @@
 
 #include "device_guard.h"
 #include "quant_cuda.h"
+#include "quant_threads.cuh"
 
 namespace tkv::cuda {
 namespace {
-
-template <class T>
-struct Conv;
-
-template <>
-struct Conv<__half> {
-  static __device__ float to(__half v) { return __half2float(v); }
-  static __device__ __half from(float f) { return __float2half_rn(f); }
-  static __device__ __half nan() { return __ushort_as_half(0x7E00u); }
-};
-
-template <>
-struct Conv<__nv_bfloat16> {
-  static __device__ float to(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __nv_bfloat16 from(float f) { return __float2bfloat16_rn(f); }
-  static __device__ __nv_bfloat16 nan() { return __ushort_as_bfloat16(0x7FC0u); }
-};
-
-template <>
-struct Conv<float> {
-  static __device__ float to(float v) { return v; }
-  static __device__ float from(float f) { return f; }
-  static __device__ float nan() { return __int_as_float(0x7FC00000); }
-};
-
-// Paged rows (thunderkv/paged.py): with `index`, group g belongs to row g / row_groups of the
-// contiguous side and to row index[that] of the slotted side (-1: skip the row); without, the
-// identity. Quantize slots its outputs, dequantize slots its inputs.
-struct Rows {
-  const int64_t* index = nullptr;
-  int64_t row_groups = 1;
-};
-
-__device__ inline int64_t slotted_group(int64_t g, const Rows& r) {
-  if (r.index == nullptr) return g;
-  const int64_t row = r.index[g / r.row_groups];
-  return row < 0 ? -1 : row * r.row_groups + g % r.row_groups;
-}
-
-// One group of G values read with `stride` (1: per-token, D: per-channel), in one thread: the
-// body of the scalar and per-channel kernels. Outputs at pg / *scale / *minimum.
-template <class T>
-__device__ inline void quantize_group(const T* xg, int64_t stride, int G, int bits, uint8_t* pg,
-                                      T* scale, T* minimum) {
-  const int nb = G * bits / 8;
-  float mn = __int_as_float(0x7F800000);
-  float mx = -mn;
-  bool nonfinite = false;
-  for (int i = 0; i < G; ++i) {
-    const float v = Conv<T>::to(xg[i * stride]);
-    nonfinite |= !isfinite(v);
-    mn = v < mn ? v : mn;
-    mx = v > mx ? v : mx;
-  }
-  if (mn == 0.0f) mn = 0.0f;
-  if (mx == 0.0f) mx = 0.0f;
-  const float qmax = static_cast<float>((1 << bits) - 1);
-  const T sc = Conv<T>::from(__fdiv_rn(__fsub_rn(mx, mn), qmax));
-  const float s = Conv<T>::to(sc);
-  if (nonfinite || !isfinite(s)) {
-    *scale = Conv<T>::nan();
-    *minimum = Conv<T>::from(0.0f);
-    for (int b = 0; b < nb; ++b) pg[b] = 0;
-    return;
-  }
-  *scale = sc;
-  *minimum = Conv<T>::from(mn);
-  const float r = s != 0.0f ? __frcp_rn(s) : 0.0f;
-  const int per_byte = 8 / bits;
-  for (int b = 0; b < nb; ++b) {
-    unsigned byte = 0;
-    for (int k = 0; k < per_byte; ++k) {
-      float v = __fmul_rn(__fsub_rn(Conv<T>::to(xg[(b * per_byte + k) * stride]), mn), r);
-      v = fminf(fmaxf(rintf(v), 0.0f), qmax);  // fmaxf maps NaN to 0
-      byte |= static_cast<unsigned>(v) << (k * bits);
-    }
-    pg[b] = static_cast<uint8_t>(byte);
-  }
-}
-
-template <class T>
-__device__ inline void dequantize_group(const uint8_t* pg, T scale, T minimum, int G, int bits,
-                                        T* yg, int64_t stride) {
-  const float s = Conv<T>::to(scale);
-  const float m = Conv<T>::to(minimum);
-  const int per_byte = 8 / bits;
-  const unsigned mask = (1u << bits) - 1u;
-  for (int i = 0; i < G; ++i) {
-    const unsigned code = (pg[i / per_byte] >> ((i % per_byte) * bits)) & mask;
-    yg[i * stride] = Conv<T>::from(__fmaf_rn(static_cast<float>(code), s, m));
-  }
-}
 
 template <class T>
 __global__ void quantize_kernel(const T* __restrict__ x, uint8_t* __restrict__ packed,
                                 T* __restrict__ scale, T* __restrict__ minimum, int64_t n_groups,
                                 int G, int bits, Rows rows) {
   const int64_t gi = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (gi >= n_groups) return;
-  const int64_t g = slotted_group(gi, rows);  // where the group's outputs go
-  if (g < 0) return;
-  quantize_group(x + gi * G, 1, G, bits, packed + g * (G * bits / 8), scale + g, minimum + g);
+  if (gi < n_groups) quantize_thread(x, packed, scale, minimum, gi, G, bits, rows);
 }
 
 template <class T>
@@ -130,10 +40,7 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ packed, const T* _
                                   const T* __restrict__ minimum, T* __restrict__ y,
                                   int64_t n_groups, int G, int bits, Rows rows) {
   const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (g >= n_groups) return;
-  const int64_t gi = slotted_group(g, rows);  // where the group's inputs come from
-  if (gi < 0) return;
-  dequantize_group(packed + gi * (G * bits / 8), scale[gi], minimum[gi], G, bits, y + g * G, 1);
+  if (g < n_groups) dequantize_thread(packed, scale, minimum, y, g, G, bits, rows);
 }
 
 // ---------------------------------------------------------------- vectorized kernels
@@ -147,12 +54,6 @@ template <>
 struct WordOf<4> { using type = uint32_t; };
 template <>
 struct WordOf<8> { using type = unsigned long long; };
-
-template <class T>
-__device__ inline void load_vec(const T* p, T (&v)[16 / sizeof(T)]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  memcpy(v, &raw, 16);
-}
 
 template <class T, int BITS>
 __global__ void quantize_vec_kernel(const T* __restrict__ x, uint8_t* __restrict__ packed,
@@ -168,17 +69,17 @@ __global__ void quantize_vec_kernel(const T* __restrict__ x, uint8_t* __restrict
   const bool active = go >= 0;  // the same for all L lanes of a group
   const int vecs = G / N;
   const T* xg = x + (active ? g : 0) * G;
-  float mn = __int_as_float(0x7F800000);
+  float mn = positive_infinity();
   float mx = -mn;
   bool nonfinite = false;
   if (active) {
     for (int j = lane; j < vecs; j += L) {
       T v[N];
-      load_vec(xg + j * N, v);
+      load16(xg + j * N, v);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         const float f = Conv<T>::to(v[k]);
-        nonfinite |= !isfinite(f);
+        nonfinite |= !finite(f);
         mn = f < mn ? f : mn;
         mx = f > mx ? f : mx;
       }
@@ -194,34 +95,25 @@ __global__ void quantize_vec_kernel(const T* __restrict__ x, uint8_t* __restrict
     nonfinite |= onf != 0;
   }
   if (!active) return;
-  if (mn == 0.0f) mn = 0.0f;
-  if (mx == 0.0f) mx = 0.0f;
-  const float qmax = static_cast<float>((1 << BITS) - 1);
-  const T sc = Conv<T>::from(__fdiv_rn(__fsub_rn(mx, mn), qmax));
-  const float s = Conv<T>::to(sc);
+  const GroupFinish<T> f = finish_group<T>(mn, mx, nonfinite, BITS);  // the same in every lane
+  if (lane == 0) {
+    scale[go] = f.scale;
+    minimum[go] = f.minimum;
+  }
   Word* pg = reinterpret_cast<Word*>(packed + go * (static_cast<int64_t>(G) * BITS / 8));
-  if (nonfinite || !isfinite(s)) {
-    if (lane == 0) {
-      scale[go] = Conv<T>::nan();
-      minimum[go] = Conv<T>::from(0.0f);
-    }
+  if (f.bad) {
     for (int j = lane; j < vecs; j += L) pg[j] = 0;
     return;
   }
-  if (lane == 0) {
-    scale[go] = sc;
-    minimum[go] = Conv<T>::from(mn);
-  }
-  const float r = s != 0.0f ? __frcp_rn(s) : 0.0f;
+  constexpr float qmax = static_cast<float>((1 << BITS) - 1);
   for (int j = lane; j < vecs; j += L) {
     T v[N];
-    load_vec(xg + j * N, v);
+    load16(xg + j * N, v);
     Word word = 0;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      float q = __fmul_rn(__fsub_rn(Conv<T>::to(v[k]), mn), r);
-      q = fminf(fmaxf(rintf(q), 0.0f), qmax);  // fmaxf maps NaN to 0
-      word |= static_cast<Word>(static_cast<unsigned>(q)) << (k * BITS);
+      const unsigned q = code_of(mul_rn(sub_rn(Conv<T>::to(v[k]), f.mn), f.r), qmax);
+      word |= static_cast<Word>(q) << (k * BITS);
     }
     pg[j] = word;
   }
@@ -247,35 +139,19 @@ __global__ void dequantize_vec_kernel(const uint8_t* __restrict__ packed,
 #pragma unroll
   for (int k = 0; k < N; ++k) {
     const unsigned code = static_cast<unsigned>(word >> (k * BITS)) & mask;
-    out[k] = Conv<T>::from(__fmaf_rn(static_cast<float>(code), s, m));
+    out[k] = Conv<T>::from(fma_rn(static_cast<float>(code), s, m));
   }
-  uint4 raw;
-  memcpy(&raw, out, 16);
-  reinterpret_cast<uint4*>(y)[t] = raw;
+  store16(y + t * N, out);
 }
 
 // ---------------------------------------------------------------- per-channel kernels
-// x [R, T, D], groups of G tokens of one channel; packed [R, D, T*b/8], scale/min [R, D, T/G].
-// One thread per group, consecutive threads on consecutive channels, so every token row is
-// read (or, dequantizing, written) as one coalesced run across the warp; no transposed copy.
-// Each thread's codes are contiguous bytes of packed.
-struct Cols {
-  int64_t tokens, channels;
-};
-
+// x [R, T, D], groups of G tokens of one channel: the thread bodies in quant_threads.cuh.
 template <class T>
 __global__ void quantize_cols_kernel(const T* __restrict__ x, uint8_t* __restrict__ packed,
                                      T* __restrict__ scale, T* __restrict__ minimum,
                                      int64_t n_groups, int G, int bits, Cols c) {
   const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (id >= n_groups) return;
-  const int64_t tb_count = c.tokens / G;
-  const int64_t d = id % c.channels;           // (r, tb, d) order: d fastest
-  const int64_t tb = (id / c.channels) % tb_count;
-  const int64_t r = id / (c.channels * tb_count);
-  const int64_t g = (r * c.channels + d) * tb_count + tb;  // the group's index in packed order
-  quantize_group(x + (r * c.tokens + tb * G) * c.channels + d, c.channels, G, bits,
-                 packed + g * (G * bits / 8), scale + g, minimum + g);
+  if (id < n_groups) quantize_cols_thread(x, packed, scale, minimum, id, G, bits, c);
 }
 
 template <class T>
@@ -284,14 +160,25 @@ __global__ void dequantize_cols_kernel(const uint8_t* __restrict__ packed,
                                        T* __restrict__ y, int64_t n_groups, int G, int bits,
                                        Cols c) {
   const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (id >= n_groups) return;
-  const int64_t tb_count = c.tokens / G;
-  const int64_t d = id % c.channels;
-  const int64_t tb = (id / c.channels) % tb_count;
-  const int64_t r = id / (c.channels * tb_count);
-  const int64_t g = (r * c.channels + d) * tb_count + tb;
-  dequantize_group(packed + g * (G * bits / 8), scale[g], minimum[g], G, bits,
-                   y + (r * c.tokens + tb * G) * c.channels + d, c.channels);
+  if (id < n_groups) dequantize_cols_thread(packed, scale, minimum, y, id, G, bits, c);
+}
+
+template <class T, int BITS, int WORDS>
+__global__ void quantize_cols_vec_kernel(const T* __restrict__ x, uint8_t* __restrict__ packed,
+                                         T* __restrict__ scale, T* __restrict__ minimum,
+                                         int64_t n_threads, int G, Cols c) {
+  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id < n_threads) quantize_cols_vec_thread<T, BITS, WORDS>(x, packed, scale, minimum, id, G, c);
+}
+
+template <class T, int BITS, int WORDS>
+__global__ void dequantize_cols_vec_kernel(const uint8_t* __restrict__ packed,
+                                           const T* __restrict__ scale,
+                                           const T* __restrict__ minimum, T* __restrict__ y,
+                                           int64_t n_threads, int G, Cols c) {
+  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id < n_threads)
+    dequantize_cols_vec_thread<T, BITS, WORDS>(packed, scale, minimum, y, id, G, c);
 }
 
 constexpr int kThreads = 128;
@@ -329,6 +216,60 @@ void launch_dequantize_vec(const void* packed, const void* scale, const void* mi
       static_cast<const T*>(minimum), static_cast<T*>(y), n_vectors, vecs, rows);
 }
 
+// The vectorized per-channel kernels for `words` (cols_vec_words) and `bits`: one thread per
+// V = 16 / sizeof(T) channels of a token block, so n_groups / V threads.
+template <class T, bool QUANTIZE, int WORDS>
+void launch_cols_vec_words(const void* in, void* out, const void* scale_in, void* scale,
+                           const void* min_in, void* minimum, int64_t n_groups, int G, int bits,
+                           Cols cols, cudaStream_t st) {
+  const int64_t n = n_groups / kVecValues<T>;
+  const unsigned blocks = static_cast<unsigned>((n + kThreads - 1) / kThreads);
+#define TKV_COLS_VEC(B)                                                                           \
+  if constexpr (QUANTIZE)                                                                         \
+    quantize_cols_vec_kernel<T, B, WORDS><<<blocks, kThreads, 0, st>>>(                           \
+        static_cast<const T*>(in), static_cast<uint8_t*>(out), static_cast<T*>(scale),             \
+        static_cast<T*>(minimum), n, G, cols);                                                    \
+  else                                                                                            \
+    dequantize_cols_vec_kernel<T, B, WORDS><<<blocks, kThreads, 0, st>>>(                         \
+        static_cast<const uint8_t*>(in), static_cast<const T*>(scale_in),                         \
+        static_cast<const T*>(min_in), static_cast<T*>(out), n, G, cols);
+  switch (bits) {
+    case 2: TKV_COLS_VEC(2) break;
+    case 4: TKV_COLS_VEC(4) break;
+    default: TKV_COLS_VEC(8) break;
+  }
+#undef TKV_COLS_VEC
+}
+
+// Per-channel launch: the vectorized kernels where cols_vec_words allows (and
+// THUNDERKV_CUDA_SCALAR is unset), else one thread per group.
+template <class T, bool QUANTIZE>
+void launch_cols(const void* in, void* out, const void* scale_in, void* scale, const void* min_in,
+                 void* minimum, int64_t n_groups, int G, int bits, Cols cols, cudaStream_t st) {
+  const void* values = QUANTIZE ? in : out;
+  const void* packed = QUANTIZE ? out : in;
+  const int words = std::getenv("THUNDERKV_CUDA_SCALAR") ? 0 : cols_vec_words(
+      G, bits, sizeof(T), cols.channels, reinterpret_cast<uintptr_t>(values),
+      reinterpret_cast<uintptr_t>(packed));
+  if (words == 4) {
+    launch_cols_vec_words<T, QUANTIZE, 4>(in, out, scale_in, scale, min_in, minimum, n_groups, G,
+                                          bits, cols, st);
+  } else if (words == 1) {
+    launch_cols_vec_words<T, QUANTIZE, 1>(in, out, scale_in, scale, min_in, minimum, n_groups, G,
+                                          bits, cols, st);
+  } else {
+    const unsigned blocks = static_cast<unsigned>((n_groups + kThreads - 1) / kThreads);
+    if constexpr (QUANTIZE)
+      quantize_cols_kernel<T><<<blocks, kThreads, 0, st>>>(
+          static_cast<const T*>(in), static_cast<uint8_t*>(out), static_cast<T*>(scale),
+          static_cast<T*>(minimum), n_groups, G, bits, cols);
+    else
+      dequantize_cols_kernel<T><<<blocks, kThreads, 0, st>>>(
+          static_cast<const uint8_t*>(in), static_cast<const T*>(scale_in),
+          static_cast<const T*>(min_in), static_cast<T*>(out), n_groups, G, bits, cols);
+  }
+}
+
 std::string finish(cudaError_t e) {
   if (e == cudaSuccess) e = cudaGetLastError();
   return e == cudaSuccess ? std::string() : std::string(cudaGetErrorString(e));
@@ -339,10 +280,7 @@ std::string launch_quantize(const void* x, void* packed, void* scale, void* mini
                             int64_t n_groups, int G, int bits, Cols cols, Rows rows,
                             cudaStream_t st) {
   if (cols.channels > 0) {
-    const unsigned blocks = static_cast<unsigned>((n_groups + kThreads - 1) / kThreads);
-    quantize_cols_kernel<T><<<blocks, kThreads, 0, st>>>(
-        static_cast<const T*>(x), static_cast<uint8_t*>(packed), static_cast<T*>(scale),
-        static_cast<T*>(minimum), n_groups, G, bits, cols);
+    launch_cols<T, true>(x, packed, nullptr, scale, nullptr, minimum, n_groups, G, bits, cols, st);
     return finish(cudaSuccess);
   }
   const int lg = vec_lanes_log2(G, sizeof(T), reinterpret_cast<uintptr_t>(x),
@@ -367,10 +305,8 @@ std::string launch_dequantize(const void* packed, const void* scale, const void*
                               int64_t n_groups, int G, int bits, Cols cols, Rows rows,
                               cudaStream_t st) {
   if (cols.channels > 0) {
-    const unsigned blocks = static_cast<unsigned>((n_groups + kThreads - 1) / kThreads);
-    dequantize_cols_kernel<T><<<blocks, kThreads, 0, st>>>(
-        static_cast<const uint8_t*>(packed), static_cast<const T*>(scale),
-        static_cast<const T*>(minimum), static_cast<T*>(y), n_groups, G, bits, cols);
+    launch_cols<T, false>(packed, y, scale, nullptr, minimum, nullptr, n_groups, G, bits, cols,
+                          st);
     return finish(cudaSuccess);
   }
   if (vec_lanes_log2(G, sizeof(T), reinterpret_cast<uintptr_t>(y),

@@ -1,0 +1,422 @@
+// What one thread of each CUDA kernel of format v1 does, for the kernels whose threads never
+// talk to each other (the scalar fallbacks and both per-channel kernels). Every body here is
+// __host__ __device__: quant_cuda.cu launches it on the GPU, and tests/cuda_emulation runs
+// every thread of a launch, one after the other, on the CPU and compares the outputs with the
+// reference bit for bit -- so these kernels are checked on every CI run, GPU or not.
+//
+// Every float operation goes through an explicitly rounded helper: the device intrinsics on
+// the GPU, IEEE operations on the host (a host build must pass -ffp-contract=off).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace tkv::cuda {
+
+// ---------------------------------------------------------------- rounding and conversions
+__host__ __device__ inline float sub_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+__host__ __device__ inline float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+__host__ __device__ inline float div_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+__host__ __device__ inline float rcp_rn(float a) {
+#ifdef __CUDA_ARCH__
+  return __frcp_rn(a);
+#else
+  return 1.0f / a;
+#endif
+}
+__host__ __device__ inline float fma_rn(float a, float b, float c) {
+#ifdef __CUDA_ARCH__
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+__host__ __device__ inline bool finite(float v) {
+#ifdef __CUDA_ARCH__
+  return isfinite(v);
+#else
+  return std::isfinite(v);
+#endif
+}
+// Step 5 of the format: clamp(rint(q), 0, qmax); fmaxf maps NaN to 0.
+__host__ __device__ inline unsigned code_of(float q, float qmax) {
+  return static_cast<unsigned>(fminf(fmaxf(rintf(q), 0.0f), qmax));
+}
+__host__ __device__ inline float positive_infinity() {
+  const uint32_t bits = 0x7F800000u;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <class T>
+struct Conv;
+
+template <>
+struct Conv<__half> {
+  static __host__ __device__ float to(__half v) { return __half2float(v); }
+  static __host__ __device__ __half from(float f) { return __float2half_rn(f); }
+  static __host__ __device__ __half nan() { return __ushort_as_half(0x7E00u); }
+};
+
+template <>
+struct Conv<__nv_bfloat16> {
+  static __host__ __device__ float to(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __host__ __device__ __nv_bfloat16 from(float f) { return __float2bfloat16_rn(f); }
+  static __host__ __device__ __nv_bfloat16 nan() { return __ushort_as_bfloat16(0x7FC0u); }
+};
+
+template <>
+struct Conv<float> {
+  static __host__ __device__ float to(float v) { return v; }
+  static __host__ __device__ float from(float f) { return f; }
+  static __host__ __device__ float nan() {
+    const uint32_t bits = 0x7FC00000u;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+  }
+};
+
+// Steps 1-4 and 6 of the format from a group's running min/max: the scale and minimum to
+// store, and the group's (minimum, reciprocal) for step 5. A `bad` group's r is 0.
+template <class T>
+struct GroupFinish {
+  T scale, minimum;
+  float mn, r;
+  bool bad;
+};
+
+template <class T>
+__host__ __device__ inline GroupFinish<T> finish_group(float mn, float mx, bool nonfinite,
+                                                       int bits) {
+  if (mn == 0.0f) mn = 0.0f;  // -0.0 -> +0.0
+  if (mx == 0.0f) mx = 0.0f;
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  const T sc = Conv<T>::from(div_rn(sub_rn(mx, mn), qmax));
+  const float s = Conv<T>::to(sc);
+  if (nonfinite || !finite(s)) return {Conv<T>::nan(), Conv<T>::from(0.0f), mn, 0.0f, true};
+  return {sc, Conv<T>::from(mn), mn, s != 0.0f ? rcp_rn(s) : 0.0f, false};
+}
+
+// Paged rows (thunderkv/paged.py): with `index`, group g belongs to row g / row_groups of the
+// contiguous side and to row index[that] of the slotted side (-1: skip the row); without, the
+// identity. Quantize slots its outputs, dequantize slots its inputs.
+struct Rows {
+  const int64_t* index = nullptr;
+  int64_t row_groups = 1;
+};
+
+__host__ __device__ inline int64_t slotted_group(int64_t g, const Rows& r) {
+  if (r.index == nullptr) return g;
+  const int64_t row = r.index[g / r.row_groups];
+  return row < 0 ? -1 : row * r.row_groups + g % r.row_groups;
+}
+
+// ---------------------------------------------------------------- one group per thread
+// One group of G values read with `stride` (1: per-token, D: per-channel). Outputs at
+// pg / *scale / *minimum.
+template <class T>
+__host__ __device__ inline void quantize_group(const T* xg, int64_t stride, int G, int bits,
+                                               uint8_t* pg, T* scale, T* minimum) {
+  const int nb = G * bits / 8;
+  float mn = positive_infinity();
+  float mx = -mn;
+  bool nonfinite = false;
+  for (int i = 0; i < G; ++i) {
+    const float v = Conv<T>::to(xg[i * stride]);
+    nonfinite |= !finite(v);
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+  }
+  const GroupFinish<T> f = finish_group<T>(mn, mx, nonfinite, bits);
+  *scale = f.scale;
+  *minimum = f.minimum;
+  if (f.bad) {
+    for (int b = 0; b < nb; ++b) pg[b] = 0;
+    return;
+  }
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  const int per_byte = 8 / bits;
+  for (int b = 0; b < nb; ++b) {
+    unsigned byte = 0;
+    for (int k = 0; k < per_byte; ++k) {
+      const float v = Conv<T>::to(xg[(b * per_byte + k) * stride]);
+      byte |= code_of(mul_rn(sub_rn(v, f.mn), f.r), qmax) << (k * bits);
+    }
+    pg[b] = static_cast<uint8_t>(byte);
+  }
+}
+
+template <class T>
+__host__ __device__ inline void dequantize_group(const uint8_t* pg, T scale, T minimum, int G,
+                                                 int bits, T* yg, int64_t stride) {
+  const float s = Conv<T>::to(scale);
+  const float m = Conv<T>::to(minimum);
+  const int per_byte = 8 / bits;
+  const unsigned mask = (1u << bits) - 1u;
+  for (int i = 0; i < G; ++i) {
+    const unsigned code = (pg[i / per_byte] >> ((i % per_byte) * bits)) & mask;
+    yg[i * stride] = Conv<T>::from(fma_rn(static_cast<float>(code), s, m));
+  }
+}
+
+// Per-token scalar fallback, thread `gi` of n_groups.
+template <class T>
+__host__ __device__ inline void quantize_thread(const T* x, uint8_t* packed, T* scale,
+                                                T* minimum, int64_t gi, int G, int bits,
+                                                Rows rows) {
+  const int64_t g = slotted_group(gi, rows);  // where the group's outputs go
+  if (g < 0) return;
+  quantize_group(x + gi * G, 1, G, bits, packed + g * (G * bits / 8), scale + g, minimum + g);
+}
+
+template <class T>
+__host__ __device__ inline void dequantize_thread(const uint8_t* packed, const T* scale,
+                                                  const T* minimum, T* y, int64_t g, int G,
+                                                  int bits, Rows rows) {
+  const int64_t gi = slotted_group(g, rows);  // where the group's inputs come from
+  if (gi < 0) return;
+  dequantize_group(packed + gi * (G * bits / 8), scale[gi], minimum[gi], G, bits, y + g * G, 1);
+}
+
+// ---------------------------------------------------------------- per-channel
+// x [R, T, D], groups of G tokens of one channel; packed [R, D, T*b/8], scale/min [R, D, T/G].
+struct Cols {
+  int64_t tokens, channels;
+};
+
+// Scalar per-channel kernel (the fallback): one thread per group, consecutive threads on
+// consecutive channels, so every token row is read (or written) as one coalesced run across
+// the warp; each thread's codes are contiguous bytes of packed, stored one byte at a time.
+template <class T>
+__host__ __device__ inline void quantize_cols_thread(const T* x, uint8_t* packed, T* scale,
+                                                     T* minimum, int64_t id, int G, int bits,
+                                                     Cols c) {
+  const int64_t tb_count = c.tokens / G;
+  const int64_t d = id % c.channels;  // (r, tb, d) order: d fastest
+  const int64_t tb = (id / c.channels) % tb_count;
+  const int64_t r = id / (c.channels * tb_count);
+  const int64_t g = (r * c.channels + d) * tb_count + tb;  // the group's index in packed order
+  quantize_group(x + (r * c.tokens + tb * G) * c.channels + d, c.channels, G, bits,
+                 packed + g * (G * bits / 8), scale + g, minimum + g);
+}
+
+template <class T>
+__host__ __device__ inline void dequantize_cols_thread(const uint8_t* packed, const T* scale,
+                                                       const T* minimum, T* y, int64_t id, int G,
+                                                       int bits, Cols c) {
+  const int64_t tb_count = c.tokens / G;
+  const int64_t d = id % c.channels;
+  const int64_t tb = (id / c.channels) % tb_count;
+  const int64_t r = id / (c.channels * tb_count);
+  const int64_t g = (r * c.channels + d) * tb_count + tb;
+  dequantize_group(packed + g * (G * bits / 8), scale[g], minimum[g], G, bits,
+                   y + (r * c.tokens + tb * G) * c.channels + d, c.channels);
+}
+
+// Vectorized per-channel kernels: one thread per V = 16 / sizeof(T) adjacent channels of one
+// block of G tokens. Each token row is one 16-byte load (or store) per thread, so a warp moves
+// 512 contiguous bytes per access; codes are built in registers, WORDS 32-bit words (one
+// 16-byte or one 4-byte store) per channel at a time, instead of byte by byte. Thread ids run
+// (r, tb, dv) with dv fastest. Needs D % V == 0, 16-byte aligned x/y and a group's code bytes
+// (G * BITS / 8) a multiple of 4 * WORDS, with packed aligned to that: cols_vec_words says.
+template <class T>
+inline constexpr int kVecValues = static_cast<int>(16 / sizeof(T));
+
+template <class T>
+__host__ __device__ inline void load16(const T* p, T (&v)[16 / sizeof(T)]) {
+#ifdef __CUDA_ARCH__
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  memcpy(v, &raw, 16);
+#else
+  memcpy(v, p, 16);
+#endif
+}
+
+template <class T>
+__host__ __device__ inline void store16(T* p, const T (&v)[16 / sizeof(T)]) {
+#ifdef __CUDA_ARCH__
+  uint4 raw;
+  memcpy(&raw, v, 16);
+  *reinterpret_cast<uint4*>(p) = raw;
+#else
+  memcpy(p, v, 16);
+#endif
+}
+
+template <int WORDS>
+__host__ __device__ inline void store_words(uint8_t* p, const uint32_t (&w)[WORDS]) {
+#ifdef __CUDA_ARCH__
+  if constexpr (WORDS == 4) {
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+  } else {
+    static_assert(WORDS == 1, "WORDS is 1 or 4");
+    *reinterpret_cast<uint32_t*>(p) = w[0];
+  }
+#else
+  memcpy(p, w, 4 * WORDS);
+#endif
+}
+
+template <int WORDS>
+__host__ __device__ inline void load_words(const uint8_t* p, uint32_t (&w)[WORDS]) {
+#ifdef __CUDA_ARCH__
+  if constexpr (WORDS == 4) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+  } else {
+    static_assert(WORDS == 1, "WORDS is 1 or 4");
+    w[0] = *reinterpret_cast<const uint32_t*>(p);
+  }
+#else
+  memcpy(w, p, 4 * WORDS);
+#endif
+}
+
+// 32-bit words per code store of the vectorized per-channel kernels (4 or 1), or 0 when they
+// do not apply (then the scalar per-channel kernel runs).
+inline int cols_vec_words(int G, int bits, size_t elem, int64_t channels, uintptr_t values,
+                          uintptr_t packed) {
+  const int64_t v = static_cast<int64_t>(16 / elem);
+  if (channels % v != 0 || values % 16 != 0) return 0;
+  const int group_bytes = G * bits / 8;
+  if (group_bytes % 16 == 0 && packed % 16 == 0) return 4;
+  if (group_bytes % 4 == 0 && packed % 4 == 0) return 1;
+  return 0;
+}
+
+template <class T, int BITS, int WORDS>
+__host__ __device__ inline void quantize_cols_vec_thread(const T* __restrict__ x,
+                                                         uint8_t* __restrict__ packed,
+                                                         T* __restrict__ scale,
+                                                         T* __restrict__ minimum, int64_t id,
+                                                         int G, Cols c) {
+  constexpr int V = kVecValues<T>;
+  constexpr int PER_WORD = 32 / BITS;         // codes per 32-bit word
+  constexpr int CHUNK = PER_WORD * WORDS;     // tokens per code store
+  const int64_t dv_count = c.channels / V, tb_count = c.tokens / G;
+  const int64_t dv = id % dv_count;
+  const int64_t tb = (id / dv_count) % tb_count;
+  const int64_t r = id / (dv_count * tb_count);
+  const T* xs = x + (r * c.tokens + tb * G) * c.channels + dv * V;  // token 0, channel 0 of V
+  float mn[V], mx[V];
+  bool nonfinite[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    mn[k] = positive_infinity();
+    mx[k] = -mn[k];
+    nonfinite[k] = false;
+  }
+#pragma unroll 4
+  for (int t = 0; t < G; ++t) {
+    T v[V];
+    load16(xs + t * c.channels, v);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float f = Conv<T>::to(v[k]);
+      nonfinite[k] |= !finite(f);
+      mn[k] = f < mn[k] ? f : mn[k];
+      mx[k] = f > mx[k] ? f : mx[k];
+    }
+  }
+  // channel dv*V + k's group: (r, d, tb) in packed order, tb_count apart per channel
+  const int64_t g0 = (r * c.channels + dv * V) * tb_count + tb;
+  // A bad group's r is 0, so each of its codes is clamp(rint(finite * 0 or NaN)) = 0 (step 6).
+  float gmn[V], gr[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int64_t g = g0 + k * tb_count;
+    const GroupFinish<T> f = finish_group<T>(mn[k], mx[k], nonfinite[k], BITS);
+    scale[g] = f.scale;
+    minimum[g] = f.minimum;
+    gmn[k] = f.mn, gr[k] = f.r;
+  }
+  constexpr float qmax = static_cast<float>((1 << BITS) - 1);
+  const int64_t group_bytes = static_cast<int64_t>(G) * BITS / 8;
+  for (int t0 = 0; t0 < G; t0 += CHUNK) {
+    uint32_t w[V][WORDS];
+#pragma unroll
+    for (int k = 0; k < V; ++k)
+#pragma unroll
+      for (int i = 0; i < WORDS; ++i) w[k][i] = 0;
+#pragma unroll
+    for (int j = 0; j < CHUNK; ++j) {
+      T v[V];
+      load16(xs + (t0 + j) * c.channels, v);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const unsigned q = code_of(mul_rn(sub_rn(Conv<T>::to(v[k]), gmn[k]), gr[k]), qmax);
+        w[k][j / PER_WORD] |= q << ((j % PER_WORD) * BITS);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k)
+      store_words<WORDS>(packed + (g0 + k * tb_count) * group_bytes + t0 * BITS / 8, w[k]);
+  }
+}
+
+template <class T, int BITS, int WORDS>
+__host__ __device__ inline void dequantize_cols_vec_thread(const uint8_t* __restrict__ packed,
+                                                           const T* __restrict__ scale,
+                                                           const T* __restrict__ minimum,
+                                                           T* __restrict__ y, int64_t id, int G,
+                                                           Cols c) {
+  constexpr int V = kVecValues<T>;
+  constexpr int PER_WORD = 32 / BITS;
+  constexpr int CHUNK = PER_WORD * WORDS;
+  constexpr unsigned mask = (1u << BITS) - 1u;
+  const int64_t dv_count = c.channels / V, tb_count = c.tokens / G;
+  const int64_t dv = id % dv_count;
+  const int64_t tb = (id / dv_count) % tb_count;
+  const int64_t r = id / (dv_count * tb_count);
+  T* ys = y + (r * c.tokens + tb * G) * c.channels + dv * V;
+  const int64_t g0 = (r * c.channels + dv * V) * tb_count + tb;
+  float s[V], m[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    s[k] = Conv<T>::to(scale[g0 + k * tb_count]);
+    m[k] = Conv<T>::to(minimum[g0 + k * tb_count]);
+  }
+  const int64_t group_bytes = static_cast<int64_t>(G) * BITS / 8;
+  for (int t0 = 0; t0 < G; t0 += CHUNK) {
+    uint32_t w[V][WORDS];
+#pragma unroll
+    for (int k = 0; k < V; ++k)
+      load_words<WORDS>(packed + (g0 + k * tb_count) * group_bytes + t0 * BITS / 8, w[k]);
+#pragma unroll
+    for (int j = 0; j < CHUNK; ++j) {
+      T out[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const unsigned code = (w[k][j / PER_WORD] >> ((j % PER_WORD) * BITS)) & mask;
+        out[k] = Conv<T>::from(fma_rn(static_cast<float>(code), s[k], m[k]));
+      }
+      store16(ys + (t0 + j) * c.channels, out);
+    }
+  }
+}
+
+}  // namespace tkv::cuda

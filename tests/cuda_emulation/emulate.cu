@@ -1,0 +1,198 @@
+// Runs the CUDA kernels' thread bodies (csrc/cuda/quant_threads.cuh) on the CPU: every thread
+// of a launch, one after the other, so tests/test_cuda_emulation.py can compare them with the
+// reference bit for bit without a GPU. Built with nvcc as host code only (no kernel is
+// launched, so it runs where no GPU or driver exists):
+//
+//   nvcc -std=c++17 -O1 -Xcompiler -ffp-contract=off -I csrc/cuda emulate.cu -o emulate
+//
+//   emulate quantize   DTYPE BITS G R T D VARIANT X PACKED SCALE MIN [SLOTS ROWS_OUT]
+//   emulate dequantize DTYPE BITS G R T D VARIANT PACKED SCALE MIN Y [SLOTS ROWS_IN]
+//
+// DTYPE 0/1/2 = float16/bfloat16/float32. Arrays are raw little-endian files. VARIANT picks
+// the kernel the way quant_cuda.cu's launch does: "cols" (per-channel, x [R, T, D]): the
+// vectorized per-channel kernel where cols_vec_words allows, else the scalar one; "cols-scalar"
+// forces the latter; "rows" (per-token, x [R*T, D] as one row of D per token, groups along D):
+// the scalar per-token kernel, with SLOTS (int64 per row, -1 skips) addressing ROWS_* rows of
+// the slotted side. The values and packed buffers sit VALUES_OFFSET and PACKED_OFFSET bytes (env,
+// default 0) past a 64-byte boundary, so the tests can make the vectorized kernels decline.
+// Prints the kernel that ran: "cols-vec4", "cols-vec1", "cols-scalar" or "rows-scalar".
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "quant_threads.cuh"
+
+using namespace tkv::cuda;
+
+namespace {
+
+struct Buffer {  // bytes at a chosen offset past a 64-byte boundary
+  std::vector<unsigned char> store;
+  size_t offset;
+  Buffer(size_t n, size_t off) : store(n + 64 + off + 64), offset(off) {
+    const uintptr_t base = reinterpret_cast<uintptr_t>(store.data());
+    offset = ((64 - base % 64) % 64) + off;
+  }
+  unsigned char* data() { return store.data() + offset; }
+};
+
+void read_file(const char* path, Buffer& b, size_t n) {
+  FILE* f = std::fopen(path, "rb");
+  if (!f || std::fread(b.data(), 1, n, f) != n) {
+    std::fprintf(stderr, "cannot read %zu bytes from %s\n", n, path);
+    std::exit(2);
+  }
+  std::fclose(f);
+}
+
+void write_file(const char* path, Buffer& b, size_t n) {
+  FILE* f = std::fopen(path, "wb");
+  if (!f || std::fwrite(b.data(), 1, n, f) != n) {
+    std::fprintf(stderr, "cannot write %s\n", path);
+    std::exit(2);
+  }
+  std::fclose(f);
+}
+
+struct Args {
+  bool quantize;
+  int bits, G;
+  int64_t R, T, D;
+  std::string variant;
+  const char *values, *packed, *scale, *minimum, *slots = nullptr;
+  int64_t slot_rows = 0;
+};
+
+template <class T, int BITS, int WORDS>
+void run_cols_vec(bool quantize, const T* x, T* y, uint8_t* packed, T* scale, T* minimum,
+                  int64_t n, int G, Cols c) {
+  for (int64_t id = 0; id < n; ++id) {
+    if (quantize)
+      quantize_cols_vec_thread<T, BITS, WORDS>(x, packed, scale, minimum, id, G, c);
+    else
+      dequantize_cols_vec_thread<T, BITS, WORDS>(packed, scale, minimum, y, id, G, c);
+  }
+}
+
+template <class T, int WORDS>
+void run_cols_vec_bits(const Args& a, const T* x, T* y, uint8_t* packed, T* scale, T* minimum,
+                       int64_t n, Cols c) {
+  switch (a.bits) {
+    case 2: run_cols_vec<T, 2, WORDS>(a.quantize, x, y, packed, scale, minimum, n, a.G, c); break;
+    case 4: run_cols_vec<T, 4, WORDS>(a.quantize, x, y, packed, scale, minimum, n, a.G, c); break;
+    default: run_cols_vec<T, 8, WORDS>(a.quantize, x, y, packed, scale, minimum, n, a.G, c);
+  }
+}
+
+template <class T>
+int run(const Args& a) {
+  auto offset = [](const char* name) -> size_t {
+    const char* v = std::getenv(name);
+    return v ? std::strtoul(v, nullptr, 10) : 0;
+  };
+  const bool rows = a.variant == "rows";
+  const int64_t n_values = a.R * a.T * a.D;
+  const int64_t n_groups = n_values / a.G;
+  // the packed side of "rows" with slots has slot_rows rows of D values
+  const int64_t packed_groups = rows && a.slots ? a.slot_rows * a.D / a.G : n_groups;
+  const size_t group_bytes = static_cast<size_t>(a.G) * a.bits / 8;
+  Buffer values(n_values * sizeof(T), offset("VALUES_OFFSET"));
+  Buffer packed(packed_groups * group_bytes, offset("PACKED_OFFSET"));
+  Buffer scale(packed_groups * sizeof(T), 0), minimum(packed_groups * sizeof(T), 0);
+  std::vector<int64_t> slots;
+  if (a.slots) {
+    slots.resize(a.R * a.T);
+    Buffer s(slots.size() * 8, 0);
+    read_file(a.slots, s, slots.size() * 8);
+    std::memcpy(slots.data(), s.data(), slots.size() * 8);
+  }
+  if (a.quantize) {
+    read_file(a.values, values, n_values * sizeof(T));
+    if (a.slots) {  // rows the launch does not write keep what the files say
+      read_file(a.packed, packed, packed_groups * group_bytes);
+      read_file(a.scale, scale, packed_groups * sizeof(T));
+      read_file(a.minimum, minimum, packed_groups * sizeof(T));
+    }
+  } else {
+    read_file(a.packed, packed, packed_groups * group_bytes);
+    read_file(a.scale, scale, packed_groups * sizeof(T));
+    read_file(a.minimum, minimum, packed_groups * sizeof(T));
+    if (a.slots) read_file(a.values, values, n_values * sizeof(T));
+  }
+  T* x = reinterpret_cast<T*>(values.data());
+  uint8_t* p = packed.data();
+  T* sc = reinterpret_cast<T*>(scale.data());
+  T* mn = reinterpret_cast<T*>(minimum.data());
+  const char* ran;
+  if (rows) {
+    const Rows r{a.slots ? slots.data() : nullptr, a.slots ? a.D / a.G : 1};
+    for (int64_t g = 0; g < n_groups; ++g) {
+      if (a.quantize) quantize_thread(x, p, sc, mn, g, a.G, a.bits, r);
+      else dequantize_thread(p, sc, mn, x, g, a.G, a.bits, r);
+    }
+    ran = "rows-scalar";
+  } else {
+    const Cols c{a.T, a.D};
+    const int words = a.variant == "cols-scalar"
+                          ? 0
+                          : cols_vec_words(a.G, a.bits, sizeof(T), a.D,
+                                           reinterpret_cast<uintptr_t>(x),
+                                           reinterpret_cast<uintptr_t>(p));
+    const int64_t n_vec = n_groups / kVecValues<T>;
+    if (words == 4) {
+      run_cols_vec_bits<T, 4>(a, x, x, p, sc, mn, n_vec, c);
+      ran = "cols-vec4";
+    } else if (words == 1) {
+      run_cols_vec_bits<T, 1>(a, x, x, p, sc, mn, n_vec, c);
+      ran = "cols-vec1";
+    } else {
+      for (int64_t id = 0; id < n_groups; ++id) {
+        if (a.quantize) quantize_cols_thread(x, p, sc, mn, id, a.G, a.bits, c);
+        else dequantize_cols_thread(p, sc, mn, x, id, a.G, a.bits, c);
+      }
+      ran = "cols-scalar";
+    }
+  }
+  if (a.quantize) {
+    write_file(a.packed, packed, packed_groups * group_bytes);
+    write_file(a.scale, scale, packed_groups * sizeof(T));
+    write_file(a.minimum, minimum, packed_groups * sizeof(T));
+  } else {
+    write_file(a.values, values, n_values * sizeof(T));
+  }
+  std::printf("%s\n", ran);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 13 && argc != 15) {
+    std::fprintf(stderr, "usage: see the comment at the top of emulate.cu\n");
+    return 2;
+  }
+  Args a;
+  a.quantize = std::string(argv[1]) == "quantize";
+  const int dtype = std::atoi(argv[2]);
+  a.bits = std::atoi(argv[3]);
+  a.G = std::atoi(argv[4]);
+  a.R = std::atoll(argv[5]);
+  a.T = std::atoll(argv[6]);
+  a.D = std::atoll(argv[7]);
+  a.variant = argv[8];
+  if (a.quantize) {
+    a.values = argv[9], a.packed = argv[10], a.scale = argv[11], a.minimum = argv[12];
+  } else {
+    a.packed = argv[9], a.scale = argv[10], a.minimum = argv[11], a.values = argv[12];
+  }
+  if (argc == 15) a.slots = argv[13], a.slot_rows = std::atoll(argv[14]);
+  switch (dtype) {
+    case 0: return run<__half>(a);
+    case 1: return run<__nv_bfloat16>(a);
+    case 2: return run<float>(a);
+  }
+  std::fprintf(stderr, "unknown dtype code %d\n", dtype);
+  return 2;
+}

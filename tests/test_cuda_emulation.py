@@ -1,0 +1,188 @@
+"""The CUDA kernels' thread bodies, run on the CPU and compared with the reference bit for bit.
+
+``csrc/cuda/quant_threads.cuh`` holds what one thread does in every CUDA kernel whose threads
+never talk to each other: the scalar per-token kernels (with paged slots), the scalar
+per-channel kernels and the vectorized per-channel kernels. ``tests/cuda_emulation/emulate.cu``
+(built by nvcc as host code) runs every thread of a launch in turn, choosing the kernel the way
+``quant_cuda.cu`` does, so these kernels are checked on every CI run, not only when a GPU is
+lent. What it cannot see: the memory model, races, the warp-shuffle kernels (those run in
+``test_cuda_backend.py`` on a GPU) and device-side float intrinsics (PTX checked in
+``test_cuda_ptx.py``: ``div.rn``, ``rcp.rn``, no FMA in quantize).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import DTYPES, bits_equal, random_kv, same_values
+
+from thunderkv import reference
+from thunderkv.format import DTYPE_CODES, FormatSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "tests" / "cuda_emulation" / "emulate.cu"
+INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory) -> Path:
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc on PATH: the emulated CUDA threads need it to build")
+    exe = tmp_path_factory.mktemp("emulate") / "emulate"
+    subprocess.run(["nvcc", "-std=c++17", "-O1", "-Xcompiler", "-ffp-contract=off",
+                    "-I", str(ROOT / "csrc" / "cuda"), str(SOURCE), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+    return exe
+
+
+def _save(t: torch.Tensor, path: Path) -> str:
+    t = t.contiguous()
+    (t.view(INT_OF[t.dtype]) if t.dtype in INT_OF else t).numpy().tofile(path)
+    return str(path)
+
+
+def _load(path: Path, dtype: torch.dtype, shape) -> torch.Tensor:
+    return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def _seed(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _run(emulator: Path, args: list, offsets: tuple[int, int] = (0, 0)) -> str:
+    env = dict(os.environ, VALUES_OFFSET=str(offsets[0]), PACKED_OFFSET=str(offsets[1]))
+    done = subprocess.run([str(emulator), *map(str, args)], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def _per_channel_input(R: int, T: int, D: int, dtype, gen) -> torch.Tensor:
+    """x [R, T, D] whose per-channel groups (runs along T) carry random_kv's awkward rows."""
+    return random_kv((R, D, T), dtype, gen).transpose(-1, -2).contiguous()
+
+
+# (bits, G, D, expected kernel per dtype): the vectorized kernel needs D % (16 / itemsize) == 0
+# and a group's code bytes G*b/8 a multiple of 16 (vec4) or 4 (vec1).
+CASES = [
+    (4, 64, 24, "cols-vec4"),   # 32 code bytes per group
+    (4, 32, 16, "cols-vec4"),   # 16
+    (2, 64, 8, "cols-vec4"),    # 16
+    (8, 128, 40, "cols-vec4"),  # 128
+    (2, 32, 16, "cols-vec1"),   # 8
+    (4, 8, 32, "cols-vec1"),    # 4
+    (8, 4, 8, "cols-vec1"),     # 4
+    (2, 8, 16, "cols-scalar"),  # 2 code bytes: no whole word
+    (4, 64, 12, None),          # D = 12: vec only for float32 (4 values per vector)
+]
+
+
+def _expected_kernel(kind: str | None, dtype, D: int) -> str:
+    if kind is None:
+        return "cols-vec4" if D % (16 // torch.empty((), dtype=dtype).element_size()) == 0 \
+            else "cols-scalar"
+    return kind
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits,G,D,kind", CASES)
+@pytest.mark.parametrize("variant", ["cols", "cols-scalar"])
+def test_per_channel_quantize_threads_match_reference(emulator, tmp_path, dtype, bits, G, D, kind,
+                                                      variant):
+    gen = _seed(str(dtype), bits, G, D)
+    R, T = 3, 2 * G
+    x = _per_channel_input(R, T, D, dtype, gen)
+    spec = FormatSpec(bits, G, axis=-2)
+    want = reference.quantize(x, spec)
+    files = [tmp_path / n for n in ("packed", "scale", "min")]
+    ran = _run(emulator, ["quantize", DTYPE_CODES[dtype], bits, G, R, T, D, variant,
+                          _save(x, tmp_path / "x"), *files])
+    assert ran == (_expected_kernel(kind, dtype, D) if variant == "cols" else "cols-scalar")
+    got = (_load(files[0], torch.uint8, want[0].shape), _load(files[1], dtype, want[1].shape),
+           _load(files[2], dtype, want[2].shape))
+    for name, g, w in zip(("packed", "scale", "minimum"), got, want):
+        assert bits_equal(g, w), f"{name} differs ({ran})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits,G,D,kind", CASES)
+@pytest.mark.parametrize("variant", ["cols", "cols-scalar"])
+def test_per_channel_dequantize_threads_match_reference(emulator, tmp_path, dtype, bits, G, D,
+                                                        kind, variant):
+    gen = _seed(str(dtype), bits, G, D, "dq")
+    R, T = 2, 3 * G
+    spec = FormatSpec(bits, G, axis=-2)
+    _, scale, minimum = reference.quantize(_per_channel_input(R, T, D, dtype, gen), spec)
+    # every code pattern, not only those a quantize produces
+    packed = torch.randint(0, 256, (R, D, T * bits // 8), generator=gen, dtype=torch.uint8)
+    want = reference.dequantize(packed, scale, minimum, spec)
+    y = tmp_path / "y"
+    ran = _run(emulator, ["dequantize", DTYPE_CODES[dtype], bits, G, R, T, D, variant,
+                          _save(packed, tmp_path / "p"), _save(scale, tmp_path / "s"),
+                          _save(minimum, tmp_path / "m"), y])
+    assert ran == (_expected_kernel(kind, dtype, D) if variant == "cols" else "cols-scalar")
+    assert same_values(_load(y, dtype, want.shape), want), ran
+
+
+@pytest.mark.parametrize("offsets,kind", [((8, 0), "cols-scalar"), ((0, 4), "cols-vec1"),
+                                          ((0, 2), "cols-scalar"), ((16, 16), "cols-vec4")])
+def test_misaligned_buffers_take_a_kernel_that_fits(emulator, tmp_path, offsets, kind):
+    """Values not 16-byte aligned -> scalar; packed only 4-byte aligned -> 4-byte code stores."""
+    dtype, bits, G, D, R = torch.float16, 4, 64, 16, 2
+    gen = torch.Generator().manual_seed(7)
+    x = _per_channel_input(R, G, D, dtype, gen)
+    spec = FormatSpec(bits, G, axis=-2)
+    want = reference.quantize(x, spec)
+    files = [tmp_path / n for n in ("packed", "scale", "min")]
+    ran = _run(emulator, ["quantize", 0, bits, G, R, G, D, "cols", _save(x, tmp_path / "x"),
+                          *files], offsets)
+    assert ran == kind
+    assert bits_equal(_load(files[0], torch.uint8, want[0].shape), want[0])
+    assert bits_equal(_load(files[1], dtype, want[1].shape), want[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits,G", [(4, 32), (2, 64), (8, 8)])
+def test_per_token_scalar_threads_write_and_read_paged_slots(emulator, tmp_path, dtype, bits, G):
+    """The scalar per-token kernels (misaligned buffers, THUNDERKV_CUDA_SCALAR) with paged
+    slots: row t's groups go to (quantize) or come from (dequantize) row slots[t]; -1 skips."""
+    gen = torch.Generator().manual_seed(11 + bits)
+    N, D, capacity = 9, 2 * G, 13
+    x = random_kv((N, D), dtype, gen)
+    slots = torch.randperm(capacity, generator=gen)[:N].to(torch.int64)
+    slots[[2, 5]] = -1
+    spec = FormatSpec(bits, G)
+    # quantize into slots of a cache that starts with other rows' data
+    old_packed, old_scale, old_min = reference.quantize(random_kv((capacity, D), dtype, gen), spec)
+    files = [tmp_path / n for n in ("packed", "scale", "min")]
+    for f, t in zip(files, (old_packed, old_scale, old_min)):
+        _save(t, f)
+    ran = _run(emulator, ["quantize", DTYPE_CODES[dtype], bits, G, 1, N, D, "rows",
+                          _save(x, tmp_path / "x"), *files, _save(slots, tmp_path / "slots"),
+                          capacity])
+    assert ran == "rows-scalar"
+    new = reference.quantize(x, spec)
+    keep = slots >= 0
+    for f, old, fresh, dt in zip(files, (old_packed, old_scale, old_min), new,
+                                 (torch.uint8, dtype, dtype)):
+        want = old.clone()
+        want[slots[keep]] = fresh[keep]
+        assert bits_equal(_load(f, dt, want.shape), want), f.name
+    # dequantize rows back out of the slots; skipped rows keep what y held
+    y0 = random_kv((N, D), dtype, gen, specials=False)
+    y = tmp_path / "y"
+    _save(y0, y)
+    cache = [_load(f, dt, t.shape) for f, dt, t in zip(files, (torch.uint8, dtype, dtype),
+                                                          (old_packed, old_scale, old_min))]
+    ran = _run(emulator, ["dequantize", DTYPE_CODES[dtype], bits, G, 1, N, D, "rows",
+                          *[_save(t, tmp_path / f"c{i}") for i, t in enumerate(cache)], y,
+                          _save(slots, tmp_path / "slots"), capacity])
+    want = y0.clone()
+    want[keep] = reference.dequantize(*(t[slots[keep]] for t in cache), spec)
+    assert same_values(_load(y, dtype, want.shape), want)
