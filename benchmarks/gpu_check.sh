@@ -109,6 +109,13 @@ else
     --axis -2 --reps 20 "${backend_args[@]}" --json "$OUT/bench.jsonl" \
     >"$OUT/bench_quant_float16_axis-2.txt" 2>&1 \
     || { cat "$OUT/bench_quant_float16_axis-2.txt"; failed+=("bench-quant-axis-2"); }
+  # A/B in the same run: the one-thread-per-group CUDA kernels (rows tagged env.THUNDERKV_CUDA_SCALAR)
+  if [[ " ${backend_args[*]} " == *" cuda "* ]]; then
+    THUNDERKV_CUDA_SCALAR=1 limit "$(cap "$BENCH_LIMIT" 20)" $PY -m thunderkv.cli bench quant \
+      --device "$DEVICE" --preset "$PRESET" --dtype float16 --axis -2 --reps 20 --backend cuda \
+      --json "$OUT/bench.jsonl" >"$OUT/bench_quant_float16_axis-2_scalar.txt" 2>&1 \
+      || { cat "$OUT/bench_quant_float16_axis-2_scalar.txt"; failed+=("bench-quant-axis-2-scalar"); }
+  fi
   limit "$(cap "$BENCH_LIMIT" 20)" $PY -m thunderkv.cli bench paged --device "$DEVICE" --preset "$PRESET" --reps 20 \
     "${backend_args[@]}" --json "$OUT/bench.jsonl" >"$OUT/bench_paged.txt" 2>&1 \
     || { cat "$OUT/bench_paged.txt"; failed+=(bench-paged); }
@@ -174,8 +181,9 @@ rows = [json.loads(l) for l in open(path)]
 print(f"{'bench':6s} {'case':24s} {'dtype':9s} {'axis':>4s} {'op':11s} {'backend':9s} "
       f"{'GB/s':>9s} {'x copy':>7s}")
 for r in rows:
+    backend = r["backend"] + ("/scalar" if r.get("env", {}).get("THUNDERKV_CUDA_SCALAR") else "")
     print(f"{r['bench']:6s} {r['label']:24s} {r['dtype']:9s} {r.get('axis', -1):4d} {r['op']:11s} "
-          f"{r['backend']:9s} {r['gbps']:9.1f} {r['ratio_to_copy']:7.2f}")
+          f"{backend:9s} {r['gbps']:9.1f} {r['ratio_to_copy']:7.2f}")
 PYEOF
 [ -f "$OUT/bench_transfer.jsonl" ] && $PY - "$OUT/bench_transfer.jsonl" <<'PYEOF'
 import json, sys

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import subprocess
 import time
@@ -11,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+# Environment variables that change which kernels a benchmark runs; recorded in provenance.
+KERNEL_ENV = ("THUNDERKV_CUDA_SCALAR", "TRITON_INTERPRET", "OMP_NUM_THREADS")
 
 @dataclass(frozen=True, slots=True)
 class Timing:
@@ -88,6 +91,8 @@ def provenance(device: str) -> dict:
         "thunderkv": thunderkv.__version__,
         "git_sha": git_sha(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        # settings that change which kernels run (e.g. the scalar CUDA kernels, for an A/B)
+        "env": {k: v for k, v in sorted(os.environ.items()) if k in KERNEL_ENV},
     }
 
 
