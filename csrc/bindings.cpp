@@ -180,27 +180,29 @@ void raise_if(const std::string& err, const char* what) {
 }
 
 void check_row_layout(int64_t n_groups, uintptr_t row_index, int64_t row_groups,
-                      int64_t channels) {
+                      int64_t channels, int64_t slot_rows) {
   if (!row_index) return;
   if (channels > 0) throw std::invalid_argument("row indices need the per-token layout");
   if (row_groups <= 0 || n_groups % row_groups != 0)
     throw std::invalid_argument("n_groups must be a positive multiple of row_groups");
+  if (slot_rows < 0) throw std::invalid_argument("slot_rows must be >= 0");
 }
 
 void cuda_quantize(uintptr_t x, uintptr_t packed, uintptr_t scale, uintptr_t minimum,
                    int64_t n_groups, int group_size, int bits, int dtype, int device,
                    uintptr_t stream, int64_t tokens, int64_t channels, uintptr_t row_index,
-                   int64_t row_groups) {
+                   int64_t row_groups, int64_t slot_rows) {
   check_format(n_groups, group_size, bits);
   check_cols(n_groups, group_size, tokens, channels);
-  check_row_layout(n_groups, row_index, row_groups, channels);
+  check_row_layout(n_groups, row_index, row_groups, channels, slot_rows);
   to_dtype(dtype);
   std::string err;
   {
     py::gil_scoped_release nogil;
     err = tkv::cuda::quantize(dtype, ptr<const void>(x), ptr<void>(packed), ptr<void>(scale),
                               ptr<void>(minimum), n_groups, group_size, bits, device, stream,
-                              tokens, channels, ptr<const int64_t>(row_index), row_groups);
+                              tokens, channels, ptr<const int64_t>(row_index), row_groups,
+                              slot_rows);
   }
   raise_if(err, "thunderkv CUDA quantize failed");
 }
@@ -208,10 +210,10 @@ void cuda_quantize(uintptr_t x, uintptr_t packed, uintptr_t scale, uintptr_t min
 void cuda_dequantize(uintptr_t packed, uintptr_t scale, uintptr_t minimum, uintptr_t y,
                      int64_t n_groups, int group_size, int bits, int dtype, int device,
                      uintptr_t stream, int64_t tokens, int64_t channels, uintptr_t row_index,
-                     int64_t row_groups) {
+                     int64_t row_groups, int64_t slot_rows) {
   check_format(n_groups, group_size, bits);
   check_cols(n_groups, group_size, tokens, channels);
-  check_row_layout(n_groups, row_index, row_groups, channels);
+  check_row_layout(n_groups, row_index, row_groups, channels, slot_rows);
   to_dtype(dtype);
   std::string err;
   {
@@ -219,7 +221,7 @@ void cuda_dequantize(uintptr_t packed, uintptr_t scale, uintptr_t minimum, uintp
     err = tkv::cuda::dequantize(dtype, ptr<const void>(packed), ptr<const void>(scale),
                                 ptr<const void>(minimum), ptr<void>(y), n_groups, group_size,
                                 bits, device, stream, tokens, channels,
-                                ptr<const int64_t>(row_index), row_groups);
+                                ptr<const int64_t>(row_index), row_groups, slot_rows);
   }
   raise_if(err, "thunderkv CUDA dequantize failed");
 }
@@ -301,12 +303,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_quantize", &cuda_quantize, py::arg("x"), py::arg("packed"), py::arg("scale"),
         py::arg("minimum"), py::arg("n_groups"), py::arg("group_size"), py::arg("bits"),
         py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("tokens") = 0,
-        py::arg("channels") = 0, py::arg("row_index") = 0, py::arg("row_groups") = 0);
+        py::arg("channels") = 0, py::arg("row_index") = 0, py::arg("row_groups") = 0,
+        py::arg("slot_rows") = 0);
   m.def("cuda_dequantize", &cuda_dequantize, py::arg("packed"), py::arg("scale"),
         py::arg("minimum"), py::arg("y"), py::arg("n_groups"), py::arg("group_size"),
         py::arg("bits"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
         py::arg("tokens") = 0, py::arg("channels") = 0, py::arg("row_index") = 0,
-        py::arg("row_groups") = 0);
+        py::arg("row_groups") = 0, py::arg("slot_rows") = 0);
   m.def(
       "cuda_crc32c",
       [](uintptr_t address, uint64_t nbytes, uint32_t seed, int device, uintptr_t stream) {

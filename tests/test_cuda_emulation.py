@@ -151,12 +151,14 @@ def test_misaligned_buffers_take_a_kernel_that_fits(emulator, tmp_path, offsets,
 @pytest.mark.parametrize("bits,G", [(4, 32), (2, 64), (8, 8)])
 def test_per_token_scalar_threads_write_and_read_paged_slots(emulator, tmp_path, dtype, bits, G):
     """The scalar per-token kernels (misaligned buffers, THUNDERKV_CUDA_SCALAR) with paged
-    slots: row t's groups go to (quantize) or come from (dequantize) row slots[t]; -1 skips."""
+    slots: row t's groups go to (quantize) or come from (dequantize) row slots[t]; -1 skips,
+    and so does a slot past the cache (only CUDA-graph capture lets one through unchecked)."""
     gen = torch.Generator().manual_seed(11 + bits)
     N, D, capacity = 9, 2 * G, 13
     x = random_kv((N, D), dtype, gen)
     slots = torch.randperm(capacity, generator=gen)[:N].to(torch.int64)
     slots[[2, 5]] = -1
+    slots[7], slots[8] = capacity, capacity + 1000
     spec = FormatSpec(bits, G)
     # quantize into slots of a cache that starts with other rows' data
     old_packed, old_scale, old_min = reference.quantize(random_kv((capacity, D), dtype, gen), spec)
@@ -168,7 +170,7 @@ def test_per_token_scalar_threads_write_and_read_paged_slots(emulator, tmp_path,
                           capacity])
     assert ran == "rows-scalar"
     new = reference.quantize(x, spec)
-    keep = slots >= 0
+    keep = (slots >= 0) & (slots < capacity)
     for f, old, fresh, dt in zip(files, (old_packed, old_scale, old_min), new,
                                  (torch.uint8, dtype, dtype)):
         want = old.clone()

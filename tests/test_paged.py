@@ -238,6 +238,32 @@ def test_fused_row_kernels_check_every_index_before_writing(gen):
     assert (out == 7.0).all()
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton does not run on CPU tensors here")
+def test_triton_row_kernels_drop_slots_past_the_cache(gen):
+    """Under CUDA-graph capture nothing checks slots on the host, so the GPU row kernels drop
+    a slot outside [0, capacity) like a -1 (never writing past the cache). The Triton kernels
+    run here under the interpreter; the CUDA ones in test_cuda_emulation.py."""
+    from thunderkv import backends
+
+    triton_rows = backends.resolve("triton", torch.device("cpu"))
+    cache = _cache()
+    capacity = cache.num_blocks * BS
+    packed, scale, mn = (getattr(cache, f"key_{p}").view(capacity, -1)
+                         for p in ("packed", "scale", "min"))
+    x = random_kv((4, H, D), torch.float16, gen)
+    snap = _snapshot(cache)
+    slots = torch.tensor([capacity, 5, -1, capacity + 10**6], dtype=torch.int64)
+    triton_rows.quantize_rows(x, packed, scale, mn, slots, cache.spec)
+    want = _cache()
+    quantize_to_paged(x[1:2], x[1:2], want, torch.tensor([5]), backend="reference")
+    assert bits_equal(cache.key_packed, want.key_packed) and bits_equal(cache.key_scale,
+                                                                        want.key_scale)
+    assert all(bits_equal(a, b) for a, b in zip(cache.parts()[3:], snap[3:]))  # values untouched
+    out = torch.full((4, H * D), 7.0, dtype=torch.float16)
+    triton_rows.dequantize_rows(packed, scale, mn, out, slots, cache.spec)
+    assert (out[[0, 2, 3]] == 7.0).all() and not (out[1] == 7.0).all()
+
+
 def test_pack_falls_back_when_a_section_is_not_aligned_for_its_dtype(gen):
     """One block of 1 token x 1 head x 4 dims at 2 bits is a 1-byte code section, so the fp16
     scale section starts at an odd offset: packing copies bytes instead of selecting in place."""
@@ -326,3 +352,38 @@ def test_paged_ops_trace_under_torch_compile(gen):
     got = torch.compile(write_and_pack, fullgraph=True)(key, value, slots)
     quantize_to_paged(key, value, twin, slots)
     assert torch.equal(got, pack_for_transfer(twin, torch.tensor([0, 1, 2])))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_BACKENDS, reason="no CUDA device with a cuda/triton backend")
+@pytest.mark.parametrize("backend", GPU_BACKENDS or ["cuda"])
+def test_paged_write_can_be_captured_in_a_cuda_graph(backend, gen):
+    """A serving engine records its decode step in a CUDA graph: quantize_to_paged must not
+    sync the host there. Replays with new tokens and slots write what eager calls write, and a
+    slot past the cache (unchecked under capture) is dropped, not written out of bounds."""
+    num_tokens = 4
+    graph_cache = PagedKVCache.allocate(12, BS, H, D, bits=4, group_size=32, device="cuda")
+    eager_cache = PagedKVCache.allocate(12, BS, H, D, bits=4, group_size=32, device="cuda")
+    k = torch.zeros(num_tokens, H, D, dtype=torch.float16, device="cuda")
+    v = torch.zeros_like(k)
+    slots = torch.full((num_tokens,), -1, dtype=torch.int64, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph (Triton compiles here)
+        quantize_to_paged(k, v, graph_cache, slots, backend=backend)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        quantize_to_paged(k, v, graph_cache, slots, backend=backend)
+    capacity = 12 * BS
+    for step in range(3):
+        new_k = random_kv((num_tokens, H, D), torch.float16, gen).cuda()
+        new_v = random_kv((num_tokens, H, D), torch.float16, gen).cuda()
+        new_slots = torch.tensor([step, 20 + step, -1, capacity + step], device="cuda")
+        k.copy_(new_k), v.copy_(new_v), slots.copy_(new_slots)
+        graph.replay()
+        quantize_to_paged(new_k[:2], new_v[:2], eager_cache, new_slots[:2], backend=backend)
+    torch.cuda.synchronize()
+    for a, b in zip(graph_cache.parts(), eager_cache.parts()):
+        assert bits_equal(a, b)
+

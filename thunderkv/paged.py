@@ -178,13 +178,18 @@ def _check_kv(key: torch.Tensor, value: torch.Tensor, cache: PagedKVCache) -> No
         raise ValueError(f"key has {key.shape[0]} tokens but value has {value.shape[0]}")
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether ``t``'s op is being recorded into a CUDA graph (no host syncs allowed)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _check_index(name: str, t: torch.Tensor, limit: int, device: torch.device,
-                 allow_negative: bool = False) -> torch.Tensor:
+                 allow_negative: bool = False, check_range: bool = True) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be an int32/int64 tensor")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but the cache is on {device}")
-    if t.numel():
+    if t.numel() and check_range:
         lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one device sync, not two
         if hi >= limit or (lo < 0 and not (allow_negative and lo == -1)) or lo < -1:
             raise ValueError(
@@ -230,7 +235,11 @@ def quantize_to_paged(
         would cost a device sync per call).
     backend : quantization backend, as for :func:`thunderkv.quantize`.
 
-    Everything is validated before the cache is touched.
+    Everything is validated before the cache is touched. Under CUDA-graph capture
+    (``torch.cuda.graph``, as a serving engine records its decode step) the slot range check,
+    a device sync, cannot run: it is skipped, and the cuda and triton row kernels then drop
+    tokens whose slot lies outside ``[0, num_blocks * block_size)`` instead of raising (they
+    never write outside the cache). Other backends cannot be captured.
     """
     _check_cache(cache)
     _check_kv(key, value, cache)
@@ -246,14 +255,19 @@ def quantize_to_paged(
 def _write(key, value, cache: PagedKVCache, slot_mapping, backend: str) -> None:
     """Body of ``thunderkv::quantize_to_paged`` (arguments not yet validated)."""
     _check_kv(key, value, cache)
+    capturing = _capturing(slot_mapping)
     slots = _check_index("slot_mapping", slot_mapping, cache.num_blocks * cache.block_size,
-                         cache.device, allow_negative=True)
+                         cache.device, allow_negative=True, check_range=not capturing)
     if slots.dim() != 1 or slots.numel() != key.shape[0]:
         raise ValueError(
             f"slot_mapping must be [num_tokens={key.shape[0]}], got {tuple(slot_mapping.shape)}"
         )
     spec = cache.spec
     fused = _row_kernels(backend, cache.device)
+    if capturing and fused is None:
+        raise RuntimeError(f"quantize_to_paged with backend {backend!r} cannot be captured in a "
+                           "CUDA graph: only the cuda and triton backends write slots without a "
+                           "host sync")
     if fused is not None and slots.numel():  # one pass from K/V into the slots
         slots64 = slots.to(torch.int64).contiguous()
         for x, prefix in ((key, "key"), (value, "value")):

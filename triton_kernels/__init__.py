@@ -97,7 +97,7 @@ def _launch_quantize_rows(x, packed, s_bits, m_bits, slots, spec) -> None:
     row_groups = n_groups // x.shape[0] if slots is not None else 1
     _quantize_rows_kernel[(triton.cdiv(n_groups, block),)](
         x, packed, s_bits, m_bits, n_groups, packed if slots is None else slots, row_groups,
-        G=G, BITS=spec.bits, BLOCK_G=block, DT=dt, IT=it, NAN_BITS=nan_bits,
+        0 if slots is None else packed.shape[0], G=G, BITS=spec.bits, BLOCK_G=block, DT=dt, IT=it, NAN_BITS=nan_bits,
         HAS_SLOTS=slots is not None, **QUANTIZE_OPTIONS)
 
 
@@ -113,21 +113,22 @@ def _launch_dequantize_rows(packed, s_bits, m_bits, y_bits, rows, spec, dtype) -
     row_groups = n_groups // y_bits.shape[0] if rows is not None else 1
     _dequantize_rows_kernel[(triton.cdiv(n_groups, block),)](
         packed, s_bits, m_bits, y_bits, n_groups, packed if rows is None else rows, row_groups,
-        G=G, BITS=spec.bits, BLOCK_G=block, DT=dt, IT=it, HAS_SLOTS=rows is not None)
+        0 if rows is None else packed.shape[0], G=G, BITS=spec.bits, BLOCK_G=block, DT=dt, IT=it, HAS_SLOTS=rows is not None)
 
 
 def quantize_rows(x: torch.Tensor, packed, scale, minimum, slots: torch.Tensor, spec) -> None:
     """The fused paged write: contiguous rows ``x [N, ...]`` (per-token groups) quantized into
-    rows ``slots[t]`` (int64 on x's device, -1 skips, already validated) of the
-    ``[capacity, ...]`` outputs."""
+    rows ``slots[t]`` (int64 on x's device; -1, or any slot outside [0, capacity), skips) of
+    the ``[capacity, ...]`` outputs."""
     check_group_size(spec.group_size)
     view = _TYPES[x.dtype][2]
     _launch_quantize_rows(x, packed, scale.view(view), minimum.view(view), slots, spec)
 
 
 def dequantize_rows(packed, scale, minimum, out: torch.Tensor, rows: torch.Tensor, spec) -> None:
-    """The fused paged gather: rows ``rows[t]`` (int64 on out's device, -1 leaves row t alone,
-    already validated) of the ``[capacity, ...]`` inputs dequantized into rows of ``out``."""
+    """The fused paged gather: rows ``rows[t]`` (int64 on out's device; -1, or any row outside
+    [0, capacity), leaves row t alone) of the ``[capacity, ...]`` inputs dequantized into rows
+    of ``out``."""
     check_group_size(spec.group_size)
     view = _TYPES[out.dtype][2]
     _launch_dequantize_rows(packed, scale.view(view), minimum.view(view), out.view(view), rows,

@@ -32,14 +32,14 @@ def _variants():
             yield (f"quantize_rows{tag}_{name}", q._quantize_rows_kernel,
                    {"x_ptr": xty, "packed_ptr": "*u8", "scale_ptr": "*" + ity,
                     "min_ptr": "*" + ity, "n_groups": "i32", "slots_ptr": slots_ty,
-                    "row_groups": "i32"},
+                    "row_groups": "i32", "n_slots": "i32"},
                    {"G": 64, "BITS": 4, "BLOCK_G": 64, "DT": dt, "IT": it, "NAN_BITS": nan,
                     "HAS_SLOTS": slots},
                    QUANTIZE_OPTIONS)
             yield (f"dequantize_rows{tag}_{name}", q._dequantize_rows_kernel,
                    {"packed_ptr": "*u8", "scale_ptr": "*" + ity, "min_ptr": "*" + ity,
                     "y_ptr": "*" + ity, "n_groups": "i32", "slots_ptr": slots_ty,
-                    "row_groups": "i32"},
+                    "row_groups": "i32", "n_slots": "i32"},
                    {"G": 64, "BITS": 4, "BLOCK_G": 64, "DT": dt, "IT": it, "HAS_SLOTS": slots},
                    {})
         yield (f"quantize_cols_{name}", q._quantize_cols_kernel,

@@ -82,20 +82,22 @@ def _codes(x, mn, r, bad, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _slotted(g, gmask, slots_ptr, row_groups, HAS_SLOTS: tl.constexpr):
+def _slotted(g, gmask, slots_ptr, row_groups, n_slots, HAS_SLOTS: tl.constexpr):
     """(group index on the slotted side, mask) for groups ``g`` of the contiguous side: with
-    HAS_SLOTS, row ``g // row_groups`` lives in slot ``slots[row]`` (-1: skipped) of the paged
-    cache; without, the identity."""
+    HAS_SLOTS, row ``g // row_groups`` lives in slot ``slots[row]`` of the paged cache's
+    ``n_slots`` rows (a slot outside [0, n_slots) skips the row: -1 marks padding, and under
+    CUDA-graph capture nothing else checks them); without, the identity."""
     if HAS_SLOTS:
         slot = tl.load(slots_ptr + g // row_groups, mask=gmask, other=-1)
-        return slot * row_groups + (g % row_groups).to(tl.int64), gmask & (slot >= 0)
+        ok = gmask & (slot >= 0) & (slot < n_slots)
+        return slot * row_groups + (g % row_groups).to(tl.int64), ok
     else:
         return g.to(tl.int64), gmask
 
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, packed_ptr, scale_ptr, min_ptr, n_groups, slots_ptr, row_groups,
-                          G: tl.constexpr, BITS: tl.constexpr, BLOCK_G: tl.constexpr,
+                          n_slots, G: tl.constexpr, BITS: tl.constexpr, BLOCK_G: tl.constexpr,
                           DT: tl.constexpr, IT: tl.constexpr, NAN_BITS: tl.constexpr,
                           HAS_SLOTS: tl.constexpr):
     PB: tl.constexpr = 8 // BITS
@@ -103,7 +105,7 @@ def _quantize_rows_kernel(x_ptr, packed_ptr, scale_ptr, min_ptr, n_groups, slots
     # int64 before the multiply: 2**31 groups (G=8, 32 GiB of fp16) must not wrap negative
     g = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
     gmask = g < n_groups
-    go, omask = _slotted(g, gmask, slots_ptr, row_groups, HAS_SLOTS)  # where outputs go
+    go, omask = _slotted(g, gmask, slots_ptr, row_groups, n_slots, HAS_SLOTS)  # outputs go here
     i = tl.arange(0, G)
     x = _to_f32(tl.load(x_ptr + g[:, None].to(tl.int64) * G + i[None, :], mask=gmask[:, None],
                         other=0.0), DT, IT)
@@ -154,7 +156,7 @@ def _quantize_cols_kernel(x_ptr, packed_ptr, scale_ptr, min_ptr, T, D,
 
 @triton.jit
 def _dequantize_rows_kernel(packed_ptr, scale_ptr, min_ptr, y_ptr, n_groups, slots_ptr,
-                            row_groups, G: tl.constexpr, BITS: tl.constexpr,
+                            row_groups, n_slots, G: tl.constexpr, BITS: tl.constexpr,
                             BLOCK_G: tl.constexpr, DT: tl.constexpr, IT: tl.constexpr,
                             HAS_SLOTS: tl.constexpr):
     PB: tl.constexpr = 8 // BITS
@@ -162,7 +164,7 @@ def _dequantize_rows_kernel(packed_ptr, scale_ptr, min_ptr, y_ptr, n_groups, slo
     # int64 before the multiply: 2**31 groups (G=8, 32 GiB of fp16) must not wrap negative
     g = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
     gmask = g < n_groups
-    gi, imask = _slotted(g, gmask, slots_ptr, row_groups, HAS_SLOTS)  # where inputs come from
+    gi, imask = _slotted(g, gmask, slots_ptr, row_groups, n_slots, HAS_SLOTS)  # inputs from here
     j = tl.arange(0, G // PB)
     p = tl.load(packed_ptr + gi[:, None] * (G // PB) + j[None, :],
                 mask=imask[:, None], other=0).to(tl.int32)

@@ -331,14 +331,14 @@ std::string launch_dequantize(const void* packed, const void* scale, const void*
 std::string quantize(int dtype, const void* x, void* packed, void* scale, void* minimum,
                      int64_t n_groups, int group_size, int bits, int device, uintptr_t stream,
                      int64_t tokens, int64_t channels, const int64_t* row_index,
-                     int64_t row_groups) {
+                     int64_t row_groups, int64_t slot_rows) {
   if (n_groups == 0) return {};
   DeviceGuard guard;
   cudaError_t e = guard.set(device);
   if (e != cudaSuccess) return cudaGetErrorString(e);
   auto st = reinterpret_cast<cudaStream_t>(stream);
   const Cols cols{tokens, channels};
-  const Rows rows{row_index, row_index ? row_groups : 1};
+  const Rows rows{row_index, row_index ? row_groups : 1, slot_rows};
   switch (dtype) {
     case 0:
       return launch_quantize<__half>(x, packed, scale, minimum, n_groups, group_size, bits, cols,
@@ -356,14 +356,14 @@ std::string quantize(int dtype, const void* x, void* packed, void* scale, void* 
 std::string dequantize(int dtype, const void* packed, const void* scale, const void* minimum,
                        void* y, int64_t n_groups, int group_size, int bits, int device,
                        uintptr_t stream, int64_t tokens, int64_t channels,
-                       const int64_t* row_index, int64_t row_groups) {
+                       const int64_t* row_index, int64_t row_groups, int64_t slot_rows) {
   if (n_groups == 0) return {};
   DeviceGuard guard;
   cudaError_t e = guard.set(device);
   if (e != cudaSuccess) return cudaGetErrorString(e);
   auto st = reinterpret_cast<cudaStream_t>(stream);
   const Cols cols{tokens, channels};
-  const Rows rows{row_index, row_index ? row_groups : 1};
+  const Rows rows{row_index, row_index ? row_groups : 1, slot_rows};
   switch (dtype) {
     case 0:
       return launch_dequantize<__half>(packed, scale, minimum, y, n_groups, group_size, bits,

@@ -122,17 +122,20 @@ __host__ __device__ inline GroupFinish<T> finish_group(float mn, float mx, bool 
 }
 
 // Paged rows (thunderkv/paged.py): with `index`, group g belongs to row g / row_groups of the
-// contiguous side and to row index[that] of the slotted side (-1: skip the row); without, the
-// identity. Quantize slots its outputs, dequantize slots its inputs.
+// contiguous side and to row index[that] of the slotted side, which has `slot_rows` rows; an
+// index outside [0, slot_rows) skips the row (-1 marks padding; anything else out of range can
+// only arrive unchecked, under CUDA-graph capture, and must not touch memory). Without
+// `index`, the identity. Quantize slots its outputs, dequantize slots its inputs.
 struct Rows {
   const int64_t* index = nullptr;
   int64_t row_groups = 1;
+  int64_t slot_rows = 0;
 };
 
 __host__ __device__ inline int64_t slotted_group(int64_t g, const Rows& r) {
   if (r.index == nullptr) return g;
   const int64_t row = r.index[g / r.row_groups];
-  return row < 0 ? -1 : row * r.row_groups + g % r.row_groups;
+  return row < 0 || row >= r.slot_rows ? -1 : row * r.row_groups + g % r.row_groups;
 }
 
 // ---------------------------------------------------------------- one group per thread

@@ -12,8 +12,8 @@
 // the kernel the way quant_cuda.cu's launch does: "cols" (per-channel, x [R, T, D]): the
 // vectorized per-channel kernel where cols_vec_words allows, else the scalar one; "cols-scalar"
 // forces the latter; "rows" (per-token, x [R*T, D] as one row of D per token, groups along D):
-// the scalar per-token kernel, with SLOTS (int64 per row, -1 skips) addressing ROWS_* rows of
-// the slotted side. The values and packed buffers sit VALUES_OFFSET and PACKED_OFFSET bytes (env,
+// the scalar per-token kernel, with SLOTS (int64 per row; outside [0, ROWS_*) skips) addressing
+// ROWS_* rows of the slotted side. The values and packed buffers sit VALUES_OFFSET and PACKED_OFFSET bytes (env,
 // default 0) past a 64-byte boundary, so the tests can make the vectorized kernels decline.
 // Prints the kernel that ran: "cols-vec4", "cols-vec1", "cols-scalar" or "rows-scalar".
 #include <cstdio>
@@ -127,7 +127,7 @@ int run(const Args& a) {
   T* mn = reinterpret_cast<T*>(minimum.data());
   const char* ran;
   if (rows) {
-    const Rows r{a.slots ? slots.data() : nullptr, a.slots ? a.D / a.G : 1};
+    const Rows r{a.slots ? slots.data() : nullptr, a.slots ? a.D / a.G : 1, a.slot_rows};
     for (int64_t g = 0; g < n_groups; ++g) {
       if (a.quantize) quantize_thread(x, p, sc, mn, g, a.G, a.bits, r);
       else dequantize_thread(p, sc, mn, x, g, a.G, a.bits, r);

@@ -61,24 +61,25 @@ def dequantize_into(packed, scale, minimum, out, spec: FormatSpec) -> None:
 
 def quantize_rows(x, packed, scale, minimum, slots, spec: FormatSpec) -> None:
     """The fused paged write: contiguous rows ``x [N, ...]`` (one token each, per-token groups)
-    quantized straight into rows ``slots[t]`` (int64 on x's device, -1 skips, already
-    validated) of the ``[capacity, ...]`` outputs."""
+    quantized straight into rows ``slots[t]`` (int64 on x's device; -1, or under CUDA-graph
+    capture any slot outside [0, capacity), skips) of the ``[capacity, ...]`` outputs."""
     G, n = spec.group_size, x.shape[0]
     with cuda_launch(x) as (device, stream):
         load_extension().cuda_quantize(
             x.data_ptr(), packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), x.numel() // G, G,
             spec.bits, DTYPE_CODES[x.dtype], device, stream, 0, 0, slots.data_ptr(),
-            x.numel() // max(1, n) // G,
+            x.numel() // max(1, n) // G, packed.shape[0],
         )
 
 
 def dequantize_rows(packed, scale, minimum, out, rows, spec: FormatSpec) -> None:
-    """The fused paged gather: rows ``rows[t]`` (int64 on out's device, -1 leaves row t alone,
-    already validated) of the ``[capacity, ...]`` inputs dequantized into rows of ``out``."""
+    """The fused paged gather: rows ``rows[t]`` (int64 on out's device; -1, or any row outside
+    [0, capacity), leaves row t alone) of the ``[capacity, ...]`` inputs dequantized into rows
+    of ``out``."""
     G, n = spec.group_size, out.shape[0]
     with cuda_launch(out) as (device, stream):
         load_extension().cuda_dequantize(
             packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), out.data_ptr(), out.numel() // G,
             G, spec.bits, DTYPE_CODES[out.dtype], device, stream, 0, 0, rows.data_ptr(),
-            out.numel() // max(1, n) // G,
+            out.numel() // max(1, n) // G, packed.shape[0],
         )
