@@ -1,13 +1,14 @@
 """The CUDA kernels' thread bodies, run on the CPU and compared with the reference bit for bit.
 
-``csrc/cuda/quant_threads.cuh`` holds what one thread does in every CUDA kernel whose threads
-never talk to each other: the scalar per-token kernels (with paged slots), the scalar
-per-channel kernels and the vectorized per-channel kernels. ``tests/cuda_emulation/emulate.cu``
-(built by nvcc as host code) runs every thread of a launch in turn, choosing the kernel the way
-``quant_cuda.cu`` does, so these kernels are checked on every CI run, not only when a GPU is
-lent. What it cannot see: the memory model, races, the warp-shuffle kernels (those run in
-``test_cuda_backend.py`` on a GPU) and device-side float intrinsics (PTX checked in
-``test_cuda_ptx.py``: ``div.rn``, ``rcp.rn``, no FMA in quantize).
+``csrc/cuda/quant_threads.cuh`` holds what one thread does in every format v1 CUDA kernel:
+per-token (vectorized, lanes sharing a group; scalar) with and without paged slots, and
+per-channel (vectorized; scalar). ``tests/cuda_emulation/emulate.cu`` (built by nvcc as host
+code) runs every thread of a launch in turn, choosing the kernel the way ``quant_cuda.cu``
+does, so the kernels' index math, loads, code words and rounding are checked on every CI run,
+not only when a GPU is lent. What it cannot see: the memory model, races, the xor shuffles
+themselves (the lanes' partial min/max merge in lane order here) and device-side float
+intrinsics (PTX checked in ``test_cuda_ptx.py``: ``div.rn``, ``rcp.rn``, no FMA in quantize);
+``test_cuda_backend.py`` covers those on a GPU.
 """
 
 from __future__ import annotations
@@ -147,12 +148,69 @@ def test_misaligned_buffers_take_a_kernel_that_fits(emulator, tmp_path, offsets,
     assert bits_equal(_load(files[1], dtype, want[1].shape), want[1])
 
 
+def _rows_kernel(variant: str, dtype, G: int) -> str:
+    """What the per-token launch picks: the lane-sharing vector kernels when a group is whole
+    16-byte vectors (aligned buffers), else one thread per group."""
+    whole = G % (16 // torch.empty((), dtype=dtype).element_size()) == 0
+    return "rows-vec" if variant == "rows" and whole else "rows-scalar"
+
+
+ROW_CASES = [(4, 32), (2, 64), (8, 8), (4, 512), (4, 6), (2, 4), (8, 24)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bits,G", [(4, 32), (2, 64), (8, 8)])
-def test_per_token_scalar_threads_write_and_read_paged_slots(emulator, tmp_path, dtype, bits, G):
-    """The scalar per-token kernels (misaligned buffers, THUNDERKV_CUDA_SCALAR) with paged
-    slots: row t's groups go to (quantize) or come from (dequantize) row slots[t]; -1 skips,
-    and so does a slot past the cache (only CUDA-graph capture lets one through unchecked)."""
+@pytest.mark.parametrize("bits,G", ROW_CASES)
+@pytest.mark.parametrize("variant", ["rows", "rows-scalar"])
+def test_per_token_threads_match_reference(emulator, tmp_path, dtype, bits, G, variant):
+    """Dense per-token quantize/dequantize. The vector kernels' lanes exchange min/max by xor
+    shuffles on the GPU; here the lanes' partial results merge in lane order (min, max and or
+    are order-free, so the bits are the same) -- what it checks is each lane's share of the
+    loads, the group finish and the code words."""
+    gen = _seed(str(dtype), bits, G, variant)
+    N, D = 11, 3 * G
+    x = random_kv((N, D), dtype, gen)
+    spec = FormatSpec(bits, G)
+    want = reference.quantize(x, spec)
+    files = [tmp_path / n for n in ("packed", "scale", "min")]
+    ran = _run(emulator, ["quantize", DTYPE_CODES[dtype], bits, G, 1, N, D, variant,
+                          _save(x, tmp_path / "x"), *files])
+    assert ran == _rows_kernel(variant, dtype, G)
+    for f, w, dt in zip(files, want, (torch.uint8, dtype, dtype)):
+        assert bits_equal(_load(f, dt, w.shape), w), f"{f.name} differs ({ran})"
+    packed = torch.randint(0, 256, want[0].shape, generator=gen, dtype=torch.uint8)
+    y = tmp_path / "y"
+    ran = _run(emulator, ["dequantize", DTYPE_CODES[dtype], bits, G, 1, N, D, variant,
+                          _save(packed, tmp_path / "p"), _save(want[1], tmp_path / "s"),
+                          _save(want[2], tmp_path / "m"), y])
+    assert ran == _rows_kernel(variant, dtype, G)
+    assert same_values(_load(y, dtype, x.shape),
+                       reference.dequantize(packed, want[1], want[2], spec)), ran
+
+
+@pytest.mark.parametrize("offsets,kind", [((0, 0), "rows-vec"), ((8, 0), "rows-scalar"),
+                                          ((0, 2), "rows-scalar"), ((0, 4), "rows-vec")])
+def test_per_token_misaligned_buffers_take_the_scalar_kernels(emulator, tmp_path, offsets, kind):
+    """fp16 at 4 bits: a vector's codes are one 4-byte word, so packed needs 4-byte alignment
+    and the values 16-byte alignment for the vector kernels."""
+    dtype, bits, G, N, D = torch.float16, 4, 64, 5, 128
+    x = random_kv((N, D), dtype, _seed("misaligned-rows", offsets))
+    spec = FormatSpec(bits, G)
+    want = reference.quantize(x, spec)
+    files = [tmp_path / n for n in ("packed", "scale", "min")]
+    ran = _run(emulator, ["quantize", 0, bits, G, 1, N, D, "rows", _save(x, tmp_path / "x"),
+                          *files], offsets)
+    assert ran == kind
+    assert bits_equal(_load(files[0], torch.uint8, want[0].shape), want[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits,G", [(4, 32), (2, 64), (8, 8), (4, 6)])
+@pytest.mark.parametrize("variant", ["rows", "rows-scalar"])
+def test_per_token_threads_write_and_read_paged_slots(emulator, tmp_path, dtype, bits, G,
+                                                      variant):
+    """The per-token kernels with paged slots: row t's groups go to (quantize) or come from
+    (dequantize) row slots[t]; -1 skips, and so does a slot past the cache (only CUDA-graph
+    capture lets one through unchecked)."""
     gen = torch.Generator().manual_seed(11 + bits)
     N, D, capacity = 9, 2 * G, 13
     x = random_kv((N, D), dtype, gen)
@@ -165,10 +223,10 @@ def test_per_token_scalar_threads_write_and_read_paged_slots(emulator, tmp_path,
     files = [tmp_path / n for n in ("packed", "scale", "min")]
     for f, t in zip(files, (old_packed, old_scale, old_min)):
         _save(t, f)
-    ran = _run(emulator, ["quantize", DTYPE_CODES[dtype], bits, G, 1, N, D, "rows",
+    ran = _run(emulator, ["quantize", DTYPE_CODES[dtype], bits, G, 1, N, D, variant,
                           _save(x, tmp_path / "x"), *files, _save(slots, tmp_path / "slots"),
                           capacity])
-    assert ran == "rows-scalar"
+    assert ran == _rows_kernel(variant, dtype, G)
     new = reference.quantize(x, spec)
     keep = (slots >= 0) & (slots < capacity)
     for f, old, fresh, dt in zip(files, (old_packed, old_scale, old_min), new,
@@ -182,9 +240,10 @@ def test_per_token_scalar_threads_write_and_read_paged_slots(emulator, tmp_path,
     _save(y0, y)
     cache = [_load(f, dt, t.shape) for f, dt, t in zip(files, (torch.uint8, dtype, dtype),
                                                           (old_packed, old_scale, old_min))]
-    ran = _run(emulator, ["dequantize", DTYPE_CODES[dtype], bits, G, 1, N, D, "rows",
+    ran = _run(emulator, ["dequantize", DTYPE_CODES[dtype], bits, G, 1, N, D, variant,
                           *[_save(t, tmp_path / f"c{i}") for i, t in enumerate(cache)], y,
                           _save(slots, tmp_path / "slots"), capacity])
+    assert ran == _rows_kernel(variant, dtype, G)
     want = y0.clone()
     want[keep] = reference.dequantize(*(t[slots[keep]] for t in cache), spec)
     assert same_values(_load(y, dtype, want.shape), want)

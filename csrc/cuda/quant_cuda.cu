@@ -44,79 +44,34 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ packed, const T* _
 }
 
 // ---------------------------------------------------------------- vectorized kernels
-template <int BYTES>
-struct WordOf;
-template <>
-struct WordOf<1> { using type = uint8_t; };
-template <>
-struct WordOf<2> { using type = uint16_t; };
-template <>
-struct WordOf<4> { using type = uint32_t; };
-template <>
-struct WordOf<8> { using type = unsigned long long; };
-
+// L lanes per group; lane bodies in quant_threads.cuh. Every lane of the (full) warp takes
+// part in the shuffles, inactive ones too; xor offsets < L stay inside the group's lanes.
 template <class T, int BITS>
 __global__ void quantize_vec_kernel(const T* __restrict__ x, uint8_t* __restrict__ packed,
                                     T* __restrict__ scale, T* __restrict__ minimum,
                                     int64_t n_groups, int G, int lanes_log2, Rows rows) {
-  constexpr int N = 16 / sizeof(T);  // values per 16-byte vector
-  constexpr int WB = N * BITS / 8;   // code bytes per vector
-  using Word = typename WordOf<WB>::type;
   const int L = 1 << lanes_log2;
   const int64_t g = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> lanes_log2;
   const int lane = threadIdx.x & (L - 1);
   const int64_t go = g < n_groups ? slotted_group(g, rows) : -1;  // where the outputs go
   const bool active = go >= 0;  // the same for all L lanes of a group
-  const int vecs = G / N;
+  const int vecs = G / kVecValues<T>;
   const T* xg = x + (active ? g : 0) * G;
-  float mn = positive_infinity();
-  float mx = -mn;
-  bool nonfinite = false;
-  if (active) {
-    for (int j = lane; j < vecs; j += L) {
-      T v[N];
-      load16(xg + j * N, v);
-#pragma unroll
-      for (int k = 0; k < N; ++k) {
-        const float f = Conv<T>::to(v[k]);
-        nonfinite |= !finite(f);
-        mn = f < mn ? f : mn;
-        mx = f > mx ? f : mx;
-      }
-    }
-  }
-  // every lane of the (full) warp takes part; xor offsets < L stay inside the group's lanes
+  MinMax m = active ? quantize_vec_lane_minmax(xg, lane, L, vecs) : MinMax{};
   for (int off = L >> 1; off > 0; off >>= 1) {
-    const float omn = __shfl_xor_sync(0xffffffffu, mn, off);
-    const float omx = __shfl_xor_sync(0xffffffffu, mx, off);
-    const int onf = __shfl_xor_sync(0xffffffffu, static_cast<int>(nonfinite), off);
-    mn = omn < mn ? omn : mn;
-    mx = omx > mx ? omx : mx;
-    nonfinite |= onf != 0;
+    const MinMax other{__shfl_xor_sync(0xffffffffu, m.mn, off),
+                       __shfl_xor_sync(0xffffffffu, m.mx, off),
+                       __shfl_xor_sync(0xffffffffu, static_cast<int>(m.nonfinite), off) != 0};
+    m = merge(m, other);
   }
   if (!active) return;
-  const GroupFinish<T> f = finish_group<T>(mn, mx, nonfinite, BITS);  // the same in every lane
+  const GroupFinish<T> f = finish_group<T>(m.mn, m.mx, m.nonfinite, BITS);  // same in each lane
   if (lane == 0) {
     scale[go] = f.scale;
     minimum[go] = f.minimum;
   }
-  Word* pg = reinterpret_cast<Word*>(packed + go * (static_cast<int64_t>(G) * BITS / 8));
-  if (f.bad) {
-    for (int j = lane; j < vecs; j += L) pg[j] = 0;
-    return;
-  }
-  constexpr float qmax = static_cast<float>((1 << BITS) - 1);
-  for (int j = lane; j < vecs; j += L) {
-    T v[N];
-    load16(xg + j * N, v);
-    Word word = 0;
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const unsigned q = code_of(mul_rn(sub_rn(Conv<T>::to(v[k]), f.mn), f.r), qmax);
-      word |= static_cast<Word>(q) << (k * BITS);
-    }
-    pg[j] = word;
-  }
+  quantize_vec_lane_codes<T, BITS>(xg, f, packed + go * (static_cast<int64_t>(G) * BITS / 8),
+                                   lane, L, vecs);
 }
 
 template <class T, int BITS>
@@ -124,24 +79,8 @@ __global__ void dequantize_vec_kernel(const uint8_t* __restrict__ packed,
                                       const T* __restrict__ scale, const T* __restrict__ minimum,
                                       T* __restrict__ y, int64_t n_vectors, int vecs,
                                       Rows rows) {
-  constexpr int N = 16 / sizeof(T);
-  constexpr int WB = N * BITS / 8;
-  using Word = typename WordOf<WB>::type;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= n_vectors) return;
-  const int64_t gi = slotted_group(t / vecs, rows);  // where the inputs come from
-  if (gi < 0) return;
-  const float s = Conv<T>::to(scale[gi]);
-  const float m = Conv<T>::to(minimum[gi]);
-  const Word word = reinterpret_cast<const Word*>(packed)[gi * vecs + t % vecs];
-  constexpr unsigned mask = (1u << BITS) - 1u;
-  T out[N];
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    const unsigned code = static_cast<unsigned>(word >> (k * BITS)) & mask;
-    out[k] = Conv<T>::from(fma_rn(static_cast<float>(code), s, m));
-  }
-  store16(y + t * N, out);
+  if (t < n_vectors) dequantize_vec_thread<T, BITS>(packed, scale, minimum, y, t, vecs, rows);
 }
 
 // ---------------------------------------------------------------- per-channel kernels
@@ -183,17 +122,6 @@ __global__ void dequantize_cols_vec_kernel(const uint8_t* __restrict__ packed,
 
 constexpr int kThreads = 128;
 constexpr int kVecThreads = 256;
-
-// Lanes per group (log2) for the vectorized kernels, or -1 when they do not apply.
-int vec_lanes_log2(int G, size_t elem, uintptr_t values, uintptr_t packed, int bits) {
-  const int n = static_cast<int>(16 / elem);
-  if (G % n != 0 || values % 16 != 0 || packed % static_cast<uintptr_t>(n * bits / 8) != 0)
-    return -1;
-  const int vecs = G / n;
-  int lg = 0;
-  while (lg < 5 && vecs % (2 << lg) == 0) ++lg;
-  return lg;
-}
 
 template <class T, int BITS>
 void launch_quantize_vec(const void* x, void* packed, void* scale, void* minimum,

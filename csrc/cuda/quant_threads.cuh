@@ -205,6 +205,134 @@ __host__ __device__ inline void dequantize_thread(const uint8_t* packed, const T
   dequantize_group(packed + gi * (G * bits / 8), scale[gi], minimum[gi], G, bits, y + g * G, 1);
 }
 
+// ---------------------------------------------------------------- 16-byte vectors
+template <class T>
+inline constexpr int kVecValues = static_cast<int>(16 / sizeof(T));
+
+template <class T>
+__host__ __device__ inline void load16(const T* p, T (&v)[16 / sizeof(T)]) {
+#ifdef __CUDA_ARCH__
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  memcpy(v, &raw, 16);
+#else
+  memcpy(v, p, 16);
+#endif
+}
+
+template <class T>
+__host__ __device__ inline void store16(T* p, const T (&v)[16 / sizeof(T)]) {
+#ifdef __CUDA_ARCH__
+  uint4 raw;
+  memcpy(&raw, v, 16);
+  *reinterpret_cast<uint4*>(p) = raw;
+#else
+  memcpy(p, v, 16);
+#endif
+}
+
+// ---------------------------------------------------------------- per-token, vectorized
+// A group of G values is G / N 16-byte vectors (N = 8 fp16/bf16, 4 fp32) shared by L lanes
+// (a warp fraction): each lane folds its vectors into a MinMax, the lanes merge theirs (xor
+// shuffles on the GPU; min, max and or are exact and order-free, so any order gives the same
+// bits), every lane finishes the group identically, then each stores the codes of its vectors
+// as one aligned word per vector. Dequantize: one thread per 16-byte output vector.
+template <int BYTES>
+struct WordOf;
+template <>
+struct WordOf<1> { using type = uint8_t; };
+template <>
+struct WordOf<2> { using type = uint16_t; };
+template <>
+struct WordOf<4> { using type = uint32_t; };
+template <>
+struct WordOf<8> { using type = unsigned long long; };
+
+struct MinMax {
+  float mn = positive_infinity(), mx = -positive_infinity();
+  bool nonfinite = false;
+};
+
+__host__ __device__ inline MinMax merge(MinMax a, const MinMax& b) {
+  a.mn = b.mn < a.mn ? b.mn : a.mn;
+  a.mx = b.mx > a.mx ? b.mx : a.mx;
+  a.nonfinite |= b.nonfinite;
+  return a;
+}
+
+template <class T>
+__host__ __device__ inline MinMax quantize_vec_lane_minmax(const T* xg, int lane, int L,
+                                                           int vecs) {
+  constexpr int N = kVecValues<T>;
+  MinMax m;
+  for (int j = lane; j < vecs; j += L) {
+    T v[N];
+    load16(xg + j * N, v);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const float f = Conv<T>::to(v[k]);
+      m.nonfinite |= !finite(f);
+      m.mn = f < m.mn ? f : m.mn;
+      m.mx = f > m.mx ? f : m.mx;
+    }
+  }
+  return m;
+}
+
+template <class T, int BITS>
+__host__ __device__ inline void quantize_vec_lane_codes(const T* xg, const GroupFinish<T>& f,
+                                                        uint8_t* pg_bytes, int lane, int L,
+                                                        int vecs) {
+  constexpr int N = kVecValues<T>;
+  using Word = typename WordOf<N * BITS / 8>::type;  // one vector's codes
+  Word* pg = reinterpret_cast<Word*>(pg_bytes);
+  constexpr float qmax = static_cast<float>((1 << BITS) - 1);
+  for (int j = lane; j < vecs; j += L) {
+    T v[N];
+    load16(xg + j * N, v);
+    Word word = 0;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {  // a bad group's r is 0: every code 0
+      const unsigned q = code_of(mul_rn(sub_rn(Conv<T>::to(v[k]), f.mn), f.r), qmax);
+      word |= static_cast<Word>(q) << (k * BITS);
+    }
+    pg[j] = word;
+  }
+}
+
+template <class T, int BITS>
+__host__ __device__ inline void dequantize_vec_thread(const uint8_t* __restrict__ packed,
+                                                      const T* __restrict__ scale,
+                                                      const T* __restrict__ minimum,
+                                                      T* __restrict__ y, int64_t t, int vecs,
+                                                      Rows rows) {
+  constexpr int N = kVecValues<T>;
+  using Word = typename WordOf<N * BITS / 8>::type;
+  const int64_t gi = slotted_group(t / vecs, rows);  // where the inputs come from
+  if (gi < 0) return;
+  const float s = Conv<T>::to(scale[gi]);
+  const float m = Conv<T>::to(minimum[gi]);
+  const Word word = reinterpret_cast<const Word*>(packed)[gi * vecs + t % vecs];
+  constexpr unsigned mask = (1u << BITS) - 1u;
+  T out[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const unsigned code = static_cast<unsigned>(word >> (k * BITS)) & mask;
+    out[k] = Conv<T>::from(fma_rn(static_cast<float>(code), s, m));
+  }
+  store16(y + t * N, out);
+}
+
+// Lanes per group (log2) for the vectorized per-token kernels, or -1 when they do not apply.
+inline int vec_lanes_log2(int G, size_t elem, uintptr_t values, uintptr_t packed, int bits) {
+  const int n = static_cast<int>(16 / elem);
+  if (G % n != 0 || values % 16 != 0 || packed % static_cast<uintptr_t>(n * bits / 8) != 0)
+    return -1;
+  const int vecs = G / n;
+  int lg = 0;
+  while (lg < 5 && vecs % (2 << lg) == 0) ++lg;
+  return lg;
+}
+
 // ---------------------------------------------------------------- per-channel
 // x [R, T, D], groups of G tokens of one channel; packed [R, D, T*b/8], scale/min [R, D, T/G].
 struct Cols {
@@ -246,30 +374,6 @@ __host__ __device__ inline void dequantize_cols_thread(const uint8_t* packed, co
 // 16-byte or one 4-byte store) per channel at a time, instead of byte by byte. Thread ids run
 // (r, tb, dv) with dv fastest. Needs D % V == 0, 16-byte aligned x/y and a group's code bytes
 // (G * BITS / 8) a multiple of 4 * WORDS, with packed aligned to that: cols_vec_words says.
-template <class T>
-inline constexpr int kVecValues = static_cast<int>(16 / sizeof(T));
-
-template <class T>
-__host__ __device__ inline void load16(const T* p, T (&v)[16 / sizeof(T)]) {
-#ifdef __CUDA_ARCH__
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  memcpy(v, &raw, 16);
-#else
-  memcpy(v, p, 16);
-#endif
-}
-
-template <class T>
-__host__ __device__ inline void store16(T* p, const T (&v)[16 / sizeof(T)]) {
-#ifdef __CUDA_ARCH__
-  uint4 raw;
-  memcpy(&raw, v, 16);
-  *reinterpret_cast<uint4*>(p) = raw;
-#else
-  memcpy(p, v, 16);
-#endif
-}
-
 template <int WORDS>
 __host__ __device__ inline void store_words(uint8_t* p, const uint32_t (&w)[WORDS]) {
 #ifdef __CUDA_ARCH__

@@ -12,10 +12,12 @@
 // the kernel the way quant_cuda.cu's launch does: "cols" (per-channel, x [R, T, D]): the
 // vectorized per-channel kernel where cols_vec_words allows, else the scalar one; "cols-scalar"
 // forces the latter; "rows" (per-token, x [R*T, D] as one row of D per token, groups along D):
-// the scalar per-token kernel, with SLOTS (int64 per row; outside [0, ROWS_*) skips) addressing
+// the vectorized per-token kernel where vec_lanes_log2 allows, else the scalar one
+// ("rows-scalar" forces it), with SLOTS (int64 per row; outside [0, ROWS_*) skips) addressing
 // ROWS_* rows of the slotted side. The values and packed buffers sit VALUES_OFFSET and PACKED_OFFSET bytes (env,
 // default 0) past a 64-byte boundary, so the tests can make the vectorized kernels decline.
-// Prints the kernel that ran: "cols-vec4", "cols-vec1", "cols-scalar" or "rows-scalar".
+// Prints the kernel that ran: "cols-vec4", "cols-vec1", "cols-scalar", "rows-vec" or
+// "rows-scalar".
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -65,6 +67,33 @@ struct Args {
   int64_t slot_rows = 0;
 };
 
+// The per-token vectorized kernels: per group, L lanes each fold their vectors, the lanes'
+// MinMax merge (the GPU's xor shuffles, in lane order here: the result is order-free), every
+// lane finishes the group, lane 0 writes scale/minimum, each lane stores its vectors' codes.
+template <class T, int BITS>
+void run_rows_vec(bool quantize, T* values, uint8_t* packed, T* scale, T* minimum,
+                  int64_t n_groups, int G, int L, const Rows& rows) {
+  const int vecs = G / kVecValues<T>;
+  if (!quantize) {
+    for (int64_t t = 0; t < n_groups * vecs; ++t)
+      dequantize_vec_thread<T, BITS>(packed, scale, minimum, values, t, vecs, rows);
+    return;
+  }
+  for (int64_t g = 0; g < n_groups; ++g) {
+    const int64_t go = slotted_group(g, rows);
+    if (go < 0) continue;
+    const T* xg = values + g * G;
+    MinMax m;
+    for (int lane = 0; lane < L; ++lane) m = merge(m, quantize_vec_lane_minmax(xg, lane, L, vecs));
+    for (int lane = 0; lane < L; ++lane) {
+      const GroupFinish<T> f = finish_group<T>(m.mn, m.mx, m.nonfinite, BITS);
+      if (lane == 0) scale[go] = f.scale, minimum[go] = f.minimum;
+      quantize_vec_lane_codes<T, BITS>(xg, f, packed + go * (static_cast<int64_t>(G) * BITS / 8),
+                                       lane, L, vecs);
+    }
+  }
+}
+
 template <class T, int BITS, int WORDS>
 void run_cols_vec(bool quantize, const T* x, T* y, uint8_t* packed, T* scale, T* minimum,
                   int64_t n, int G, Cols c) {
@@ -92,7 +121,7 @@ int run(const Args& a) {
     const char* v = std::getenv(name);
     return v ? std::strtoul(v, nullptr, 10) : 0;
   };
-  const bool rows = a.variant == "rows";
+  const bool rows = a.variant.rfind("rows", 0) == 0;
   const int64_t n_values = a.R * a.T * a.D;
   const int64_t n_groups = n_values / a.G;
   // the packed side of "rows" with slots has slot_rows rows of D values
@@ -128,11 +157,24 @@ int run(const Args& a) {
   const char* ran;
   if (rows) {
     const Rows r{a.slots ? slots.data() : nullptr, a.slots ? a.D / a.G : 1, a.slot_rows};
-    for (int64_t g = 0; g < n_groups; ++g) {
-      if (a.quantize) quantize_thread(x, p, sc, mn, g, a.G, a.bits, r);
-      else dequantize_thread(p, sc, mn, x, g, a.G, a.bits, r);
+    const int lg = a.variant == "rows-scalar"
+                       ? -1
+                       : vec_lanes_log2(a.G, sizeof(T), reinterpret_cast<uintptr_t>(x),
+                                        reinterpret_cast<uintptr_t>(p), a.bits);
+    if (lg >= 0) {
+      switch (a.bits) {
+        case 2: run_rows_vec<T, 2>(a.quantize, x, p, sc, mn, n_groups, a.G, 1 << lg, r); break;
+        case 4: run_rows_vec<T, 4>(a.quantize, x, p, sc, mn, n_groups, a.G, 1 << lg, r); break;
+        default: run_rows_vec<T, 8>(a.quantize, x, p, sc, mn, n_groups, a.G, 1 << lg, r);
+      }
+      ran = "rows-vec";
+    } else {
+      for (int64_t g = 0; g < n_groups; ++g) {
+        if (a.quantize) quantize_thread(x, p, sc, mn, g, a.G, a.bits, r);
+        else dequantize_thread(p, sc, mn, x, g, a.G, a.bits, r);
+      }
+      ran = "rows-scalar";
     }
-    ran = "rows-scalar";
   } else {
     const Cols c{a.T, a.D};
     const int words = a.variant == "cols-scalar"
