@@ -120,5 +120,8 @@ def test_triton_kernels_compile_for_gpu_without_interpreter_traps(capability):
         if name.startswith("quantize"):
             assert facts["div_rn"], f"{name}: scale/reciprocal must use div.rn"
             assert not facts["fma"], f"{name}: FMA contraction changes the codes"
+            assert facts["v4_loads"], f"{name}: values must load as 16-byte vectors"
         else:
             assert facts["fma"], f"{name}: dequantize must use a fused multiply-add"
+            assert facts["v4_stores"], f"{name}: values must store as 16-byte vectors"
+        assert not facts["byte_stores"], f"{name}: codes stored byte by byte"
