@@ -8,7 +8,9 @@ does, so the kernels' index math, loads, code words and rounding are checked on 
 not only when a GPU is lent. What it cannot see: the memory model, races, the xor shuffles
 themselves (the lanes' partial min/max merge in lane order here) and device-side float
 intrinsics (PTX checked in ``test_cuda_ptx.py``: ``div.rn``, ``rcp.rn``, no FMA in quantize);
-``test_cuda_backend.py`` covers those on a GPU.
+``test_cuda_backend.py`` covers those on a GPU. The transfer layer's device CRC-32C
+(``crc32c_threads.cuh``) runs here the same way: every thread's chunk, the in-block tree join
+stride by stride, the host's join.
 """
 
 from __future__ import annotations
@@ -247,3 +249,21 @@ def test_per_token_threads_write_and_read_paged_slots(emulator, tmp_path, dtype,
     want = y0.clone()
     want[keep] = reference.dequantize(*(t[slots[keep]] for t in cache), spec)
     assert same_values(_load(y, dtype, want.shape), want)
+
+
+@pytest.mark.parametrize("nbytes", [1, 7, 8, 511, 512, 513, 4096 + 3, 128 * 1024,
+                                    128 * 1024 + 1, 3 * 1024 * 1024 + 11])
+@pytest.mark.parametrize("offset", [0, 3])
+def test_device_crc_threads_and_joins_match_crc32c(emulator, tmp_path, nbytes, offset):
+    """The transfer layer's device CRC-32C (crc32c_cuda.cu): 512-byte chunks per thread, the
+    in-block tree join, the host's join of the blocks, from a seed; sizes around the chunk and
+    the 128 KiB block, buffers off 8-byte alignment (the byte-wise head)."""
+    from thunderkv.transfer.checksum import crc32c
+
+    gen = _seed("crc", nbytes, offset)
+    data = torch.randint(0, 256, (nbytes,), generator=gen, dtype=torch.uint8)
+    path = _save(data, tmp_path / "data")
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    for s in (0, seed):
+        got = _run(emulator, ["crc", path, nbytes, s], (offset, 0))
+        assert int(got) == crc32c(data.numpy(), s), (nbytes, offset, s)

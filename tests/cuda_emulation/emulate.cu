@@ -7,6 +7,7 @@
 //
 //   emulate quantize   DTYPE BITS G R T D VARIANT X PACKED SCALE MIN [SLOTS ROWS_OUT]
 //   emulate dequantize DTYPE BITS G R T D VARIANT PACKED SCALE MIN Y [SLOTS ROWS_IN]
+//   emulate crc FILE NBYTES SEED       (the device CRC-32C: prints the checksum in decimal)
 //
 // DTYPE 0/1/2 = float16/bfloat16/float32. Arrays are raw little-endian files. VARIANT picks
 // the kernel the way quant_cuda.cu's launch does: "cols" (per-channel, x [R, T, D]): the
@@ -24,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "crc32c_threads.cuh"
 #include "quant_threads.cuh"
 
 using namespace tkv::cuda;
@@ -208,9 +210,39 @@ int run(const Args& a) {
   return 0;
 }
 
+// crc32c_device's kernel and host join: per block, every thread's chunk, then the tree join
+// one stride at a time (a step's threads touch disjoint states, so their order is free).
+int run_crc(const char* path, uint64_t nbytes, uint32_t seed) {
+  static const crc::Tables tables = crc::make_tables();
+  const char* off = std::getenv("VALUES_OFFSET");
+  Buffer data(nbytes, off ? std::strtoul(off, nullptr, 10) : 0);
+  read_file(path, data, nbytes);
+  uint32_t result = seed;
+  if (nbytes) {
+    const uint64_t blocks = (nbytes + crc::kPerBlock - 1) / crc::kPerBlock;
+    std::vector<uint32_t> block_states(blocks);
+    for (uint64_t b = 0; b < blocks; ++b) {
+      uint32_t states[crc::kThreads];
+      for (int t = 0; t < crc::kThreads; ++t) {
+        const uint64_t begin = crc::chunk_begin(b, t, nbytes), end = crc::chunk_begin(b, t + 1, nbytes);
+        states[t] = crc::chunk_state(tables.slice, data.data() + begin, end - begin);
+      }
+      for (int s = 1; s < crc::kThreads; s <<= 1)
+        for (int t = 0; t < crc::kThreads; ++t) crc::join_step(states, tables.x2n, t, s, b, nbytes);
+      block_states[b] = states[0];
+    }
+    result = crc::join_blocks(block_states, nbytes, seed, tables.x2n);
+  }
+  std::printf("%u\n", result);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 5 && std::string(argv[1]) == "crc")
+    return run_crc(argv[2], std::strtoull(argv[3], nullptr, 10),
+                   static_cast<uint32_t>(std::strtoul(argv[4], nullptr, 10)));
   if (argc != 13 && argc != 15) {
     std::fprintf(stderr, "usage: see the comment at the top of emulate.cu\n");
     return 2;
