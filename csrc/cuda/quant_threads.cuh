@@ -64,12 +64,12 @@ __host__ __device__ inline bool finite(float v) {
 __host__ __device__ inline unsigned code_of(float q, float qmax) {
   return static_cast<unsigned>(fminf(fmaxf(rintf(q), 0.0f), qmax));
 }
-__host__ __device__ inline float positive_infinity() {
-  const uint32_t bits = 0x7F800000u;
+__host__ __device__ inline float float_of_bits(uint32_t bits) {
   float f;
   memcpy(&f, &bits, 4);
   return f;
 }
+__host__ __device__ inline float positive_infinity() { return float_of_bits(0x7F800000u); }
 
 template <class T>
 struct Conv;
@@ -92,12 +92,7 @@ template <>
 struct Conv<float> {
   static __host__ __device__ float to(float v) { return v; }
   static __host__ __device__ float from(float f) { return f; }
-  static __host__ __device__ float nan() {
-    const uint32_t bits = 0x7FC00000u;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-  }
+  static __host__ __device__ float nan() { return float_of_bits(0x7FC00000u); }
 };
 
 // Steps 1-4 and 6 of the format from a group's running min/max: the scale and minimum to
