@@ -375,6 +375,7 @@ def test_paged_write_can_be_captured_in_a_cuda_graph(backend, gen):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         quantize_to_paged(k, v, graph_cache, slots, backend=backend)
+        quantize_to_paged(k[:0], v[:0], graph_cache, slots[:0], backend=backend)  # no tokens
     capacity = 12 * BS
     for step in range(3):
         new_k = random_kv((num_tokens, H, D), torch.float16, gen).cuda()

@@ -262,13 +262,15 @@ def _write(key, value, cache: PagedKVCache, slot_mapping, backend: str) -> None:
         raise ValueError(
             f"slot_mapping must be [num_tokens={key.shape[0]}], got {tuple(slot_mapping.shape)}"
         )
+    if slots.numel() == 0:
+        return
     spec = cache.spec
     fused = _row_kernels(backend, cache.device)
     if capturing and fused is None:
         raise RuntimeError(f"quantize_to_paged with backend {backend!r} cannot be captured in a "
                            "CUDA graph: only the cuda and triton backends write slots without a "
                            "host sync")
-    if fused is not None and slots.numel():  # one pass from K/V into the slots
+    if fused is not None:  # one pass from K/V into the slots
         slots64 = slots.to(torch.int64).contiguous()
         for x, prefix in ((key, "key"), (value, "value")):
             fused.quantize_rows(x.contiguous(), *_cache_rows(cache, prefix), slots64, spec)
