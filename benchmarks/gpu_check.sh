@@ -109,12 +109,16 @@ else
     --axis -2 --reps 20 "${backend_args[@]}" --json "$OUT/bench.jsonl" \
     >"$OUT/bench_quant_float16_axis-2.txt" 2>&1 \
     || { cat "$OUT/bench_quant_float16_axis-2.txt"; failed+=("bench-quant-axis-2"); }
-  # A/B in the same run: the one-thread-per-group CUDA kernels (rows tagged env.THUNDERKV_CUDA_SCALAR)
+  # A/B/C in the same run, per-channel CUDA: the register-resident quantize
+  # (THUNDERKV_CUDA_COLS=regs) and the one-thread-per-group kernels (THUNDERKV_CUDA_SCALAR=1)
+  # against the default two-pass vector kernels above; rows carry the variable in env.
   if [[ " ${backend_args[*]} " == *" cuda "* ]]; then
-    THUNDERKV_CUDA_SCALAR=1 limit "$(cap "$BENCH_LIMIT" 20)" $PY -m thunderkv.cli bench quant \
-      --device "$DEVICE" --preset "$PRESET" --dtype float16 --axis -2 --reps 20 --backend cuda \
-      --json "$OUT/bench.jsonl" >"$OUT/bench_quant_float16_axis-2_scalar.txt" 2>&1 \
-      || { cat "$OUT/bench_quant_float16_axis-2_scalar.txt"; failed+=("bench-quant-axis-2-scalar"); }
+    for variant in regs:THUNDERKV_CUDA_COLS=regs scalar:THUNDERKV_CUDA_SCALAR=1; do
+      txt="$OUT/bench_quant_float16_axis-2_${variant%%:*}.txt"
+      env "${variant#*:}" timeout -k 10 "$(cap "$BENCH_LIMIT" 20)" $PY -m thunderkv.cli bench quant \
+        --device "$DEVICE" --preset "$PRESET" --dtype float16 --axis -2 --reps 20 --backend cuda \
+        --json "$OUT/bench.jsonl" >"$txt" 2>&1 || { cat "$txt"; failed+=("bench-quant-axis-2-${variant%%:*}"); }
+    done
   fi
   limit "$(cap "$BENCH_LIMIT" 20)" $PY -m thunderkv.cli bench paged --device "$DEVICE" --preset "$PRESET" --reps 20 \
     "${backend_args[@]}" --json "$OUT/bench.jsonl" >"$OUT/bench_paged.txt" 2>&1 \
@@ -181,7 +185,9 @@ rows = [json.loads(l) for l in open(path)]
 print(f"{'bench':6s} {'case':24s} {'dtype':9s} {'axis':>4s} {'op':11s} {'backend':9s} "
       f"{'GB/s':>9s} {'x copy':>7s}")
 for r in rows:
-    backend = r["backend"] + ("/scalar" if r.get("env", {}).get("THUNDERKV_CUDA_SCALAR") else "")
+    env = r.get("env", {})
+    backend = r["backend"] + ("/scalar" if env.get("THUNDERKV_CUDA_SCALAR") else
+                              "/" + env["THUNDERKV_CUDA_COLS"] if env.get("THUNDERKV_CUDA_COLS") else "")
     print(f"{r['bench']:6s} {r['label']:24s} {r['dtype']:9s} {r.get('axis', -1):4d} {r['op']:11s} "
           f"{backend:9s} {r['gbps']:9.1f} {r['ratio_to_copy']:7.2f}")
 PYEOF

@@ -2,7 +2,7 @@
 
 ``csrc/cuda/quant_threads.cuh`` holds what one thread does in every format v1 CUDA kernel:
 per-token (vectorized, lanes sharing a group; scalar) with and without paged slots, and
-per-channel (vectorized; scalar). ``tests/cuda_emulation/emulate.cu`` (built by nvcc as host
+per-channel (vectorized two-pass; register-resident; scalar). ``tests/cuda_emulation/emulate.cu`` (built by nvcc as host
 code) runs every thread of a launch in turn, choosing the kernel the way ``quant_cuda.cu``
 does, so the kernels' index math, loads, code words and rounding are checked on every CI run,
 not only when a GPU is lent. What it cannot see: the memory model, races, the xor shuffles
@@ -83,19 +83,33 @@ CASES = [
     (8, 4, 8, "cols-vec1"),     # 4
     (2, 8, 16, "cols-scalar"),  # 2 code bytes: no whole word
     (4, 64, 12, None),          # D = 12: vec only for float32 (4 values per vector)
+    (4, 32, 9, "cols-scalar"),  # D = 9: no vector kernel; the register kernel for float32
 ]
+
+
+def _itemsize(dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _regs_kernel(dtype, bits: int, G: int, D: int) -> str | None:
+    """THUNDERKV_CUDA_COLS=regs: the register-resident quantize when G is 32 or 64, D whole
+    4-byte words and a group's code bytes whole 4- or 16-byte words; else None."""
+    code_bytes = G * bits // 8
+    words = 4 if code_bytes % 16 == 0 else 1 if code_bytes % 4 == 0 else 0
+    if G in (32, 64) and D % (4 // _itemsize(dtype)) == 0 and words:
+        return f"cols-regs{words}"
+    return None
 
 
 def _expected_kernel(kind: str | None, dtype, D: int) -> str:
     if kind is None:
-        return "cols-vec4" if D % (16 // torch.empty((), dtype=dtype).element_size()) == 0 \
-            else "cols-scalar"
+        return "cols-vec4" if D % (16 // _itemsize(dtype)) == 0 else "cols-scalar"
     return kind
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bits,G,D,kind", CASES)
-@pytest.mark.parametrize("variant", ["cols", "cols-scalar"])
+@pytest.mark.parametrize("variant", ["cols", "cols-scalar", "cols-regs"])
 def test_per_channel_quantize_threads_match_reference(emulator, tmp_path, dtype, bits, G, D, kind,
                                                       variant):
     gen = _seed(str(dtype), bits, G, D)
@@ -106,7 +120,9 @@ def test_per_channel_quantize_threads_match_reference(emulator, tmp_path, dtype,
     files = [tmp_path / n for n in ("packed", "scale", "min")]
     ran = _run(emulator, ["quantize", DTYPE_CODES[dtype], bits, G, R, T, D, variant,
                           _save(x, tmp_path / "x"), *files])
-    assert ran == (_expected_kernel(kind, dtype, D) if variant == "cols" else "cols-scalar")
+    expect = {"cols": _expected_kernel(kind, dtype, D), "cols-scalar": "cols-scalar",
+              "cols-regs": _regs_kernel(dtype, bits, G, D) or _expected_kernel(kind, dtype, D)}
+    assert ran == expect[variant]
     got = (_load(files[0], torch.uint8, want[0].shape), _load(files[1], dtype, want[1].shape),
            _load(files[2], dtype, want[2].shape))
     for name, g, w in zip(("packed", "scale", "minimum"), got, want):

@@ -44,10 +44,13 @@ def test_every_dtype_and_width_has_its_kernels(entries):
         assert len(_kernels(entries, kind, "cols")) == 3  # per-channel, strided, per dtype
         # vectorized per-channel: 3 dtypes x bits 2/4/8 x 16- or 4-byte code words
         assert len(_kernels(entries, kind, "cols_vec")) == 18
+    # register-resident per-channel quantize: 3 dtypes x the 11 (bits, G in {32, 64}, words)
+    # combinations whose groups are whole store words
+    assert len(_kernels(entries, "quantize", "cols_reg")) == 33
 
 
 def test_quantize_rounds_exactly_and_never_fuses(entries):
-    for variant in ("vec", "", "cols", "cols_vec"):
+    for variant in ("vec", "", "cols", "cols_vec", "cols_reg"):
         for name, body in _kernels(entries, "quantize", variant).items():
             assert "div.rn.f32" in body and "rcp.rn.f32" in body, name
             assert not re.search(r"\bfma\.|approx", body), name
@@ -75,3 +78,15 @@ def test_vectorized_per_channel_kernels_move_16_byte_rows_and_whole_code_words(e
             code = code_op + (r"\.v4\.[bu]32" if words4 else r"\.[bu]32")
             assert re.search(code, body), name
             assert not re.search(code_op + r"\.[bu]8", body), name
+
+
+def test_register_per_channel_quantize_reads_words_once_and_stores_whole_code_words(entries):
+    """THUNDERKV_CUDA_COLS=regs: every row is one 4-byte load, G of them per thread (read once),
+    no local-memory spill of the held rows, codes never stored a byte at a time."""
+    for name, body in _kernels(entries, "quantize", "cols_reg").items():
+        G = int(re.search(r"Li(32|64)E", name).group(1))
+        loads = re.findall(r"ld\.global(?:\.nc)?\.(v2\.[bu]16|[bfu]32)\b", body)  # 4 bytes each
+        assert len(loads) == G, name
+        assert not re.search(r"ld\.global(\.nc)?\.(v4|v2\.[bfu]32)", body), name
+        assert "ld.local" not in body and "st.local" not in body, name
+        assert not re.search(r"st\.global\.[bu]8", body), name

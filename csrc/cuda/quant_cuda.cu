@@ -19,6 +19,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "device_guard.h"
 #include "quant_cuda.h"
@@ -169,14 +170,71 @@ void launch_cols_vec_words(const void* in, void* out, const void* scale_in, void
 #undef TKV_COLS_VEC
 }
 
+template <class T, int BITS, int G, int WORDS>
+__global__ void quantize_cols_reg_kernel(const T* __restrict__ x, uint8_t* __restrict__ packed,
+                                         T* __restrict__ scale, T* __restrict__ minimum,
+                                         int64_t n_threads, Cols c) {
+  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id < n_threads)
+    quantize_cols_reg_thread<T, BITS, G, WORDS>(x, packed, scale, minimum, id, c);
+}
+
+// The register-resident per-channel quantize for `words` (cols_reg_words); false when no
+// kernel fits the combination (then the caller launches another).
+template <class T>
+bool launch_quantize_cols_reg(const void* x, void* packed, void* scale, void* minimum,
+                              int64_t n_groups, int G, int bits, int words, Cols cols,
+                              cudaStream_t st) {
+  const int64_t n = n_groups / kRegValues<T>;
+  const unsigned blocks = static_cast<unsigned>((n + kThreads - 1) / kThreads);
+  bool launched = false;
+  auto try_one = [&](auto bits_c, auto g_c, auto words_c) {
+    constexpr int B = decltype(bits_c)::value, GG = decltype(g_c)::value,
+                  W = decltype(words_c)::value;
+    if constexpr (GG % (32 / B * W) == 0) {
+      if (!launched && bits == B && G == GG && words == W) {
+        quantize_cols_reg_kernel<T, B, GG, W><<<blocks, kThreads, 0, st>>>(
+            static_cast<const T*>(x), static_cast<uint8_t*>(packed), static_cast<T*>(scale),
+            static_cast<T*>(minimum), n, cols);
+        launched = true;
+      }
+    }
+  };
+  auto each_words = [&](auto bits_c, auto g_c) {
+    try_one(bits_c, g_c, std::integral_constant<int, 4>{});
+    try_one(bits_c, g_c, std::integral_constant<int, 1>{});
+  };
+  auto each_g = [&](auto bits_c) {
+    each_words(bits_c, std::integral_constant<int, 32>{});
+    each_words(bits_c, std::integral_constant<int, 64>{});
+  };
+  each_g(std::integral_constant<int, 2>{});
+  each_g(std::integral_constant<int, 4>{});
+  each_g(std::integral_constant<int, 8>{});
+  return launched;
+}
+
 // Per-channel launch: the vectorized kernels where cols_vec_words allows (and
-// THUNDERKV_CUDA_SCALAR is unset), else one thread per group.
+// THUNDERKV_CUDA_SCALAR is unset; with THUNDERKV_CUDA_COLS=regs, quantize takes the
+// register-resident kernel where cols_reg_words allows), else one thread per group.
 template <class T, bool QUANTIZE>
 void launch_cols(const void* in, void* out, const void* scale_in, void* scale, const void* min_in,
                  void* minimum, int64_t n_groups, int G, int bits, Cols cols, cudaStream_t st) {
   const void* values = QUANTIZE ? in : out;
   const void* packed = QUANTIZE ? out : in;
-  const int words = std::getenv("THUNDERKV_CUDA_SCALAR") ? 0 : cols_vec_words(
+  const bool scalar = std::getenv("THUNDERKV_CUDA_SCALAR") != nullptr;
+  if constexpr (QUANTIZE) {
+    const char* pick = std::getenv("THUNDERKV_CUDA_COLS");
+    if (!scalar && pick && std::strcmp(pick, "regs") == 0) {
+      const int reg_words = cols_reg_words(G, bits, sizeof(T), cols.channels,
+                                           reinterpret_cast<uintptr_t>(values),
+                                           reinterpret_cast<uintptr_t>(packed));
+      if (reg_words && launch_quantize_cols_reg<T>(in, out, scale, minimum, n_groups, G, bits,
+                                                   reg_words, cols, st))
+        return;
+    }
+  }
+  const int words = scalar ? 0 : cols_vec_words(
       G, bits, sizeof(T), cols.channels, reinterpret_cast<uintptr_t>(values),
       reinterpret_cast<uintptr_t>(packed));
   if (words == 4) {

@@ -398,16 +398,21 @@ __host__ __device__ inline void load_words(const uint8_t* p, uint32_t (&w)[WORDS
 #endif
 }
 
+// 32-bit words per code store (4 or 1) when a group's code bytes and `packed` allow it, else 0.
+inline int code_words(int G, int bits, uintptr_t packed) {
+  const int group_bytes = G * bits / 8;
+  if (group_bytes % 16 == 0 && packed % 16 == 0) return 4;
+  if (group_bytes % 4 == 0 && packed % 4 == 0) return 1;
+  return 0;
+}
+
 // 32-bit words per code store of the vectorized per-channel kernels (4 or 1), or 0 when they
 // do not apply (then the scalar per-channel kernel runs).
 inline int cols_vec_words(int G, int bits, size_t elem, int64_t channels, uintptr_t values,
                           uintptr_t packed) {
   const int64_t v = static_cast<int64_t>(16 / elem);
   if (channels % v != 0 || values % 16 != 0) return 0;
-  const int group_bytes = G * bits / 8;
-  if (group_bytes % 16 == 0 && packed % 16 == 0) return 4;
-  if (group_bytes % 4 == 0 && packed % 4 == 0) return 1;
-  return 0;
+  return code_words(G, bits, packed);
 }
 
 template <class T, int BITS, int WORDS>
@@ -517,6 +522,83 @@ __host__ __device__ inline void dequantize_cols_vec_thread(const uint8_t* __rest
         out[k] = Conv<T>::from(fma_rn(static_cast<float>(code), s[k], m[k]));
       }
       store16(ys + (t0 + j) * c.channels, out);
+    }
+  }
+}
+
+// Register-resident per-channel quantize, an alternative to the two-pass kernel above while
+// neither has been timed on a GPU (THUNDERKV_CUDA_COLS=regs picks it; gpu_check.sh times both).
+// The two-pass kernel reads each token block twice, and with ~1 KiB per thread in flight the
+// second read may miss L2; this one reads it once: one thread per 4 bytes of channels (2
+// fp16/bf16 or 1 fp32) of a block of G <= 64 tokens, each row one 4-byte load (a warp reads 128
+// contiguous bytes), the G words held in registers for both the min/max and the codes.
+// Needs D % (4 / itemsize) == 0, 4-byte aligned x and G in {32, 64}: cols_reg_words says.
+template <class T>
+inline constexpr int kRegValues = static_cast<int>(4 / sizeof(T));
+
+// 32-bit words per code store of the register-resident kernel (4 or 1), or 0 if it does not
+// apply.
+inline int cols_reg_words(int G, int bits, size_t elem, int64_t channels, uintptr_t values,
+                          uintptr_t packed) {
+  const int64_t v = static_cast<int64_t>(4 / elem);
+  if ((G != 32 && G != 64) || channels % v != 0 || values % 4 != 0) return 0;
+  return code_words(G, bits, packed);
+}
+
+template <class T, int BITS, int G, int WORDS>
+__host__ __device__ inline void quantize_cols_reg_thread(const T* __restrict__ x,
+                                                         uint8_t* __restrict__ packed,
+                                                         T* __restrict__ scale,
+                                                         T* __restrict__ minimum, int64_t id,
+                                                         Cols c) {
+  constexpr int V = kRegValues<T>;
+  constexpr int PER_WORD = 32 / BITS;
+  constexpr int CHUNK = PER_WORD * WORDS;
+  static_assert(G % CHUNK == 0, "a group's codes are whole store words");
+  const int64_t dv_count = c.channels / V, tb_count = c.tokens / G;
+  const int64_t dv = id % dv_count;
+  const int64_t tb = (id / dv_count) % tb_count;
+  const int64_t r = id / (dv_count * tb_count);
+  const T* xs = x + (r * c.tokens + tb * G) * c.channels + dv * V;
+  uint32_t raw[G];  // row t's V values, as loaded
+#pragma unroll
+  for (int t = 0; t < G; ++t) {
+#ifdef __CUDA_ARCH__
+    raw[t] = *reinterpret_cast<const uint32_t*>(xs + t * c.channels);
+#else
+    memcpy(&raw[t], xs + t * c.channels, 4);
+#endif
+  }
+  auto value = [&](int t, int k) {
+    T v[V];
+    memcpy(v, &raw[t], 4);
+    return Conv<T>::to(v[k]);
+  };
+  const int64_t g0 = (r * c.channels + dv * V) * tb_count + tb;
+  constexpr float qmax = static_cast<float>((1 << BITS) - 1);
+  const int64_t group_bytes = static_cast<int64_t>(G) * BITS / 8;
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    MinMax m;
+#pragma unroll
+    for (int t = 0; t < G; ++t) {
+      const float f = value(t, k);
+      m.nonfinite |= !finite(f);
+      m.mn = f < m.mn ? f : m.mn;
+      m.mx = f > m.mx ? f : m.mx;
+    }
+    const int64_t g = g0 + k * tb_count;
+    const GroupFinish<T> f = finish_group<T>(m.mn, m.mx, m.nonfinite, BITS);
+    scale[g] = f.scale;
+    minimum[g] = f.minimum;
+#pragma unroll
+    for (int t0 = 0; t0 < G; t0 += CHUNK) {
+      uint32_t w[WORDS] = {};
+#pragma unroll
+      for (int j = 0; j < CHUNK; ++j)  // a bad group's r is 0: every code 0
+        w[j / PER_WORD] |= code_of(mul_rn(sub_rn(value(t0 + j, k), f.mn), f.r), qmax)
+                           << ((j % PER_WORD) * BITS);
+      store_words<WORDS>(packed + g * group_bytes + t0 * BITS / 8, w);
     }
   }
 }

@@ -12,17 +12,19 @@
 // DTYPE 0/1/2 = float16/bfloat16/float32. Arrays are raw little-endian files. VARIANT picks
 // the kernel the way quant_cuda.cu's launch does: "cols" (per-channel, x [R, T, D]): the
 // vectorized per-channel kernel where cols_vec_words allows, else the scalar one; "cols-scalar"
-// forces the latter; "rows" (per-token, x [R*T, D] as one row of D per token, groups along D):
+// forces the latter, "cols-regs" prefers the register-resident quantize (THUNDERKV_CUDA_COLS=regs)
+// where cols_reg_words allows; "rows" (per-token, x [R*T, D] as one row of D per token, groups along D):
 // the vectorized per-token kernel where vec_lanes_log2 allows, else the scalar one
 // ("rows-scalar" forces it), with SLOTS (int64 per row; outside [0, ROWS_*) skips) addressing
 // ROWS_* rows of the slotted side. The values and packed buffers sit VALUES_OFFSET and PACKED_OFFSET bytes (env,
 // default 0) past a 64-byte boundary, so the tests can make the vectorized kernels decline.
-// Prints the kernel that ran: "cols-vec4", "cols-vec1", "cols-scalar", "rows-vec" or
-// "rows-scalar".
+// Prints the kernel that ran: "cols-regs4", "cols-regs1", "cols-vec4", "cols-vec1",
+// "cols-scalar", "rows-vec" or "rows-scalar".
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "crc32c_threads.cuh"
@@ -94,6 +96,34 @@ void run_rows_vec(bool quantize, T* values, uint8_t* packed, T* scale, T* minimu
                                        lane, L, vecs);
     }
   }
+}
+
+// The register-resident per-channel quantize for (bits, G, words); false when none fits.
+template <class T>
+bool run_cols_reg(const T* x, uint8_t* packed, T* scale, T* minimum, int64_t n, int bits, int G,
+                  int words, Cols c) {
+  bool ran = false;
+  auto try_one = [&](auto bits_c, auto g_c, auto words_c) {
+    constexpr int B = decltype(bits_c)::value, GG = decltype(g_c)::value,
+                  W = decltype(words_c)::value;
+    if constexpr (GG % (32 / B * W) == 0) {
+      if (!ran && bits == B && G == GG && words == W) {
+        for (int64_t id = 0; id < n; ++id)
+          quantize_cols_reg_thread<T, B, GG, W>(x, packed, scale, minimum, id, c);
+        ran = true;
+      }
+    }
+  };
+  auto each_g = [&](auto bits_c) {
+    try_one(bits_c, std::integral_constant<int, 32>{}, std::integral_constant<int, 4>{});
+    try_one(bits_c, std::integral_constant<int, 32>{}, std::integral_constant<int, 1>{});
+    try_one(bits_c, std::integral_constant<int, 64>{}, std::integral_constant<int, 4>{});
+    try_one(bits_c, std::integral_constant<int, 64>{}, std::integral_constant<int, 1>{});
+  };
+  each_g(std::integral_constant<int, 2>{});
+  each_g(std::integral_constant<int, 4>{});
+  each_g(std::integral_constant<int, 8>{});
+  return ran;
 }
 
 template <class T, int BITS, int WORDS>
@@ -179,6 +209,16 @@ int run(const Args& a) {
     }
   } else {
     const Cols c{a.T, a.D};
+    const int reg_words = a.quantize && a.variant == "cols-regs"
+                              ? cols_reg_words(a.G, a.bits, sizeof(T), a.D,
+                                               reinterpret_cast<uintptr_t>(x),
+                                               reinterpret_cast<uintptr_t>(p))
+                              : 0;
+    if (reg_words &&
+        run_cols_reg(x, p, sc, mn, n_groups / kRegValues<T>, a.bits, a.G, reg_words, c)) {
+      ran = reg_words == 4 ? "cols-regs4" : "cols-regs1";
+      goto done;
+    }
     const int words = a.variant == "cols-scalar"
                           ? 0
                           : cols_vec_words(a.G, a.bits, sizeof(T), a.D,
@@ -199,6 +239,7 @@ int run(const Args& a) {
       ran = "cols-scalar";
     }
   }
+done:
   if (a.quantize) {
     write_file(a.packed, packed, packed_groups * group_bytes);
     write_file(a.scale, scale, packed_groups * sizeof(T));

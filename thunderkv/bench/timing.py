@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Environment variables that change which kernels a benchmark runs; recorded in provenance.
-KERNEL_ENV = ("THUNDERKV_CUDA_SCALAR", "TRITON_INTERPRET", "OMP_NUM_THREADS")
+KERNEL_ENV = ("THUNDERKV_CUDA_SCALAR", "THUNDERKV_CUDA_COLS", "TRITON_INTERPRET", "OMP_NUM_THREADS")
 
 @dataclass(frozen=True, slots=True)
 class Timing:
