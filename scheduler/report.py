@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from thunderkv.plotting import pyplot
+
 from .metrics import attainment
 
 
@@ -81,7 +83,7 @@ def _adjusted_label(doc: dict[str, Any], short: bool = False) -> str:
 
 def plot_sweep(doc: dict[str, Any], path: str, title: str) -> None:
     """Bars per lost node: lightweight vs full re-plan goodput, ratio on top."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = doc["sweep"]
     x = np.arange(len(rows))
     light = [r["lightweight_goodput_req_per_s"] for r in rows]
@@ -105,17 +107,6 @@ def plot_sweep(doc: dict[str, Any], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend; RuntimeError with an install hint if missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from exc
-    return plt
-
-
 def _f(v, nd: int = 2) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
 
@@ -125,7 +116,7 @@ def plot_attainment(curves: dict[str, list[tuple[float, float]]], path: str, tit
 
     Raises RuntimeError with an install hint when matplotlib is missing.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, pts in curves.items():
         xs, ys = zip(*sorted(pts))

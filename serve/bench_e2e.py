@@ -263,10 +263,9 @@ def run(model: str, preset: Preset, modes: list[str], *, seed: int, threads: int
 
 def plot(rows: list[dict], path: str | Path) -> None:
     """TTFT and TPOT (p50 bars, p90 whiskers) per mode, as a PNG."""
-    import matplotlib
+    from thunderkv.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     modes = [r["mode"] for r in rows]

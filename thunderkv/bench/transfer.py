@@ -412,10 +412,9 @@ def plot(rows: list[dict], path: str | Path) -> None:
     """PNG of one bench run: per case, effective KV throughput raw vs 4-bit (speed-up on top);
     and for raw messages, our end to end and PUT-only GB/s against ``ucx_perftest`` (its
     runs' median, range as a whisker) when the run measured it. Needs matplotlib."""
-    import matplotlib
+    from thunderkv.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cases = list(dict.fromkeys((r["model"], r["tokens"]) for r in rows))
     names = [f"{m}\n{t} tok" for m, t in cases]
