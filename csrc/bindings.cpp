@@ -185,7 +185,9 @@ void check_row_layout(int64_t n_groups, uintptr_t row_index, int64_t row_groups,
   if (channels > 0) throw std::invalid_argument("row indices need the per-token layout");
   if (row_groups <= 0 || n_groups % row_groups != 0)
     throw std::invalid_argument("n_groups must be a positive multiple of row_groups");
-  if (slot_rows < 0) throw std::invalid_argument("slot_rows must be >= 0");
+  // the kernels skip rows outside [0, slot_rows): 0 would silently drop every row
+  if (slot_rows <= 0)
+    throw std::invalid_argument("row indices need slot_rows > 0 (the slotted side's row count)");
 }
 
 void cuda_quantize(uintptr_t x, uintptr_t packed, uintptr_t scale, uintptr_t minimum,

@@ -39,3 +39,19 @@ def test_cuda_calls_without_a_driver_report_instead_of_crashing():
         pytest.skip("built without CUDA")
     count, why = ext.cuda_device_count()
     assert (count > 0) or (count == -1 and why)
+
+
+def test_cuda_row_launch_arguments_are_checked_before_any_cuda_call():
+    """The slot bound the paged row kernels use comes from the caller: with row indices, a
+    missing (0) slot_rows would make them drop every row silently, so the binding refuses it,
+    like the other layout errors, before touching CUDA (this runs without a GPU)."""
+    ext = load_extension()
+    if not ext.has_cuda:
+        pytest.skip("built without CUDA")
+    fake = 0x1000  # never dereferenced: the checks run first
+    with pytest.raises(ValueError, match="slot_rows"):
+        ext.cuda_quantize(fake, fake, fake, fake, 8, 32, 4, 0, 0, 0, 0, 0, fake, 2)
+    with pytest.raises(ValueError, match="slot_rows"):
+        ext.cuda_dequantize(fake, fake, fake, fake, 8, 32, 4, 0, 0, 0, 0, 0, fake, 2, 0)
+    with pytest.raises(ValueError, match="per-token layout"):
+        ext.cuda_quantize(fake, fake, fake, fake, 8, 32, 4, 0, 0, 0, 64, 4, fake, 2, 16)

@@ -388,3 +388,21 @@ def test_paged_write_can_be_captured_in_a_cuda_graph(backend, gen):
     for a, b in zip(graph_cache.parts(), eager_cache.parts()):
         assert bits_equal(a, b)
 
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton does not run on CPU tensors here")
+def test_gpu_row_kernels_refuse_a_slotted_side_that_is_not_a_row_view(gen):
+    """The GPU row kernels bound slots by the slotted side's row count, so they take only the
+    [capacity, row bytes] view thunderkv.paged passes; the 4-D cache raises instead of
+    silently dropping every slot past num_blocks."""
+    from thunderkv import backends
+
+    triton_rows = backends.resolve("triton", torch.device("cpu"))
+    cache = _cache()
+    x = random_kv((2, H, D), torch.float16, gen)
+    slots = torch.tensor([0, 20], dtype=torch.int64)
+    snap = _snapshot(cache)
+    with pytest.raises(ValueError, match="row view"):
+        triton_rows.quantize_rows(x, cache.key_packed, cache.key_scale, cache.key_min, slots,
+                                  cache.spec)
+    assert _unchanged(cache, snap)

@@ -97,7 +97,8 @@ def _launch_quantize_rows(x, packed, s_bits, m_bits, slots, spec) -> None:
     row_groups = n_groups // x.shape[0] if slots is not None else 1
     _quantize_rows_kernel[(triton.cdiv(n_groups, block),)](
         x, packed, s_bits, m_bits, n_groups, packed if slots is None else slots, row_groups,
-        0 if slots is None else packed.shape[0], G=G, BITS=spec.bits, BLOCK_G=block, DT=dt, IT=it, NAN_BITS=nan_bits,
+        0 if slots is None else packed.shape[0], G=G, BITS=spec.bits, BLOCK_G=block, DT=dt,
+        IT=it, NAN_BITS=nan_bits,
         HAS_SLOTS=slots is not None, **QUANTIZE_OPTIONS)
 
 
@@ -113,7 +114,8 @@ def _launch_dequantize_rows(packed, s_bits, m_bits, y_bits, rows, spec, dtype) -
     row_groups = n_groups // y_bits.shape[0] if rows is not None else 1
     _dequantize_rows_kernel[(triton.cdiv(n_groups, block),)](
         packed, s_bits, m_bits, y_bits, n_groups, packed if rows is None else rows, row_groups,
-        0 if rows is None else packed.shape[0], G=G, BITS=spec.bits, BLOCK_G=block, DT=dt, IT=it, HAS_SLOTS=rows is not None)
+        0 if rows is None else packed.shape[0], G=G, BITS=spec.bits, BLOCK_G=block, DT=dt,
+        IT=it, HAS_SLOTS=rows is not None)
 
 
 def quantize_rows(x: torch.Tensor, packed, scale, minimum, slots: torch.Tensor, spec) -> None:

@@ -63,3 +63,14 @@ def resolve(backend: str, device: torch.device) -> ModuleType:
             return _module(name)
         reasons.append(f"{name}: {why}")
     raise RuntimeError(f"no backend can run on {device} ({'; '.join(reasons)})")
+
+
+def check_row_view(packed: torch.Tensor, rows: torch.Tensor, bits: int) -> None:
+    """The paged row kernels' slotted side must be the ``[capacity, row bytes]`` view
+    ``thunderkv.paged`` passes, ``rows`` being the contiguous side (one row per token or
+    block): ``packed``'s row count bounds the slots the GPU kernels accept (a 4-D cache would
+    make it num_blocks and silently drop most slots)."""
+    row_bytes = rows.numel() // rows.shape[0] * bits // 8 if rows.shape[0] else packed.shape[-1]
+    if packed.dim() != 2 or packed.shape[1] != row_bytes:
+        raise ValueError(f"packed must be a [capacity, {row_bytes}] row view, got "
+                         f"{tuple(packed.shape)}")

@@ -13,6 +13,7 @@ import torch
 
 from .._extension import extension_error, load_extension
 from ..format import DTYPE_CODES, FormatSpec
+from . import check_row_view
 
 
 def available(device: torch.device) -> str | None:
@@ -64,6 +65,7 @@ def quantize_rows(x, packed, scale, minimum, slots, spec: FormatSpec) -> None:
     quantized straight into rows ``slots[t]`` (int64 on x's device; -1, or under CUDA-graph
     capture any slot outside [0, capacity), skips) of the ``[capacity, ...]`` outputs."""
     G, n = spec.group_size, x.shape[0]
+    check_row_view(packed, x, spec.bits)
     with cuda_launch(x) as (device, stream):
         load_extension().cuda_quantize(
             x.data_ptr(), packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), x.numel() // G, G,
@@ -77,6 +79,7 @@ def dequantize_rows(packed, scale, minimum, out, rows, spec: FormatSpec) -> None
     [0, capacity), leaves row t alone) of the ``[capacity, ...]`` inputs dequantized into rows
     of ``out``."""
     G, n = spec.group_size, out.shape[0]
+    check_row_view(packed, out, spec.bits)
     with cuda_launch(out) as (device, stream):
         load_extension().cuda_dequantize(
             packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), out.data_ptr(), out.numel() // G,

@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from . import check_row_view
+
 
 def _kernels():
     return importlib.import_module("thunderkv.triton_kernels")
@@ -46,10 +48,12 @@ def dequantize_into(packed, scale, minimum, out, spec) -> None:
 
 
 def quantize_rows(x, packed, scale, minimum, slots, spec) -> None:
+    check_row_view(packed, x, spec.bits)
     with _on_device_of(x):
         _kernels().quantize_rows(x, packed, scale, minimum, slots, spec)
 
 
 def dequantize_rows(packed, scale, minimum, out, rows, spec) -> None:
+    check_row_view(packed, out, spec.bits)
     with _on_device_of(out):
         _kernels().dequantize_rows(packed, scale, minimum, out, rows, spec)
