@@ -149,17 +149,26 @@ def reschedule(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParam
                             len(orphans) - placed, dissolve, tuple(feasible(st) for st in top))
 
 
-def pick_by_simulation(res: RescheduleResult, goodput, alternatives: int = 2) -> float:
+def pick_by_simulation(res: RescheduleResult, goodput, alternatives: int = 2,
+                       deadline: float | None = None) -> float:
     """Replay ``res.plan`` and up to ``alternatives`` of the search's next-best states with
     ``goodput(plan, evaluator) -> req/s``; keep the best in ``res.plan``; return its goodput.
-    (The roofline model ranks re-formed groups less reliably than it ranks phase flips.)"""
+    (The roofline model ranks re-formed groups less reliably than it ranks phase flips.)
+    ``deadline`` (a ``time.perf_counter()`` value): replay an alternative only when the
+    slowest replay so far still fits before it."""
+    t0 = time.perf_counter()
     best_g = goodput(res.plan, res.evaluator) if res.plan.objective > 0 else 0.0
+    slowest = time.perf_counter() - t0
     orphans = res.regrouped_gpus + res.idle_gpus
     for st in res.alternatives[:alternatives]:
         if not st:
             continue
+        t = time.perf_counter()
+        if deadline is not None and t + slowest > deadline:
+            break
         plan = res.evaluator.plan(st)
         g = goodput(plan, res.evaluator) if plan.objective > 0 else 0.0
+        slowest = max(slowest, time.perf_counter() - t)
         if g > best_g * (1 + 1e-9):
             res.plan, best_g = plan, g
             res.regrouped_gpus = len(plan.gpus()) - res.kept_gpus  # this state's placement
@@ -206,13 +215,21 @@ def reschedule_with_reload(plan: Plan, cluster: Cluster, model: ModelSpec, param
     return best
 
 
+# Lightweight rescheduling's time budget (the issue's <= 2 s): the search, then replays of its
+# result and next-best states by simulation while they fit.
+LIGHTWEIGHT_BUDGET_S = 2.0
+
+
 def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bool = True,
                         log=lambda s: None, regroup: bool = True, reload_groups: int = 0,
-                        replan: TabuConfig | None = None) -> dict:
+                        replan: TabuConfig | None = None,
+                        budget_s: float = LIGHTWEIGHT_BUDGET_S) -> dict:
     """``thunderkv plan --reschedule``: adjust ``plan`` (from ``doc``) for failed nodes/GPUs and
     workload ``wl``, dissolving up to ``reload_groups`` intact groups (partial reload);
     optionally compare with a full re-plan (its search effort: ``replan``, default
-    :class:`TabuConfig`'s). Returns the new plan document."""
+    :class:`TabuConfig`'s). Without a partial reload the search's result and up to two
+    next-best states are replayed while ``budget_s`` lasts and the best simulated one kept
+    (``reschedule_seconds`` counts the replays). Returns the new plan document."""
     from .metrics import summarize
     from .plan import inputs_from_dict, inputs_to_dict
     from .systems import search_budget, select_by_simulation, sim_runner, system_goodput
@@ -235,9 +252,13 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
         res = reschedule_with_reload(plan, cluster, model, params, stats, slo, reload_groups,
                                      nodes, gpus, score=simulated, progress=log)
     else:
+        t0 = time.perf_counter()
         res = reschedule(plan, cluster, model, params, stats, slo, nodes, gpus, regroup=regroup)
+        pick_by_simulation(res, lambda p, e: system_goodput(p, e, wl, slo)[0],
+                           deadline=t0 + budget_s)
+        res.seconds = time.perf_counter() - t0
     new_cluster = res.evaluator.cluster
-    if res.goodput is not None:  # the partial reload's greedy already replayed this plan
+    if res.goodput is not None:  # pick_by_simulation already replayed this plan
         good = res.goodput
     else:
         good = system_goodput(res.plan, res.evaluator, wl, slo)[0] if res.plan.objective > 0 else 0.0

@@ -9,7 +9,7 @@ import time
 import pytest
 from conftest import TINY, tiny_cluster
 from thunderkv.scheduler.evaluate import HYBRID, Evaluator, SearchSpace, canonical
-from thunderkv.scheduler.reschedule import reschedule
+from thunderkv.scheduler.reschedule import pick_by_simulation, reschedule
 
 from thunderkv.cli import main
 
@@ -394,3 +394,26 @@ def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="needs matplotlib: pip install matplotlib"):
         plot_attainment({"thunderkv": [(1.0, 1.0)]}, str(tmp_path / "a.png"), "t")
     assert not (tmp_path / "a.png").exists()
+
+
+def test_lightweight_pick_by_simulation_keeps_the_best_replay_within_the_deadline(
+        model7b, params, stats, slo):
+    """The lightweight reschedule replays its result and the search's next-best states and keeps
+    the best simulated one -- but replays an alternative only when it still fits the deadline."""
+    c = tiny_cluster()
+    ev = Evaluator(c, model7b, params, stats, slo)
+    plan = ev.plan(canonical([(("n0:0", "n1:0"), "prefill"), (("n0:1",), "decode"),
+                              (("n1:1",), "decode"), (("n2:0", "n2:1"), "prefill")]))
+    first = reschedule(plan, c, model7b, params, stats, slo, fail_nodes={"n0"})
+    assert first.alternatives, "the tiny search should leave next-best states"
+    searched = first.plan
+    alt = first.evaluator.plan(first.alternatives[0])
+    assert alt.to_dict() != searched.to_dict()
+    # a "simulator" that prefers the first alternative
+    score = lambda p, e: 2.0 if p.to_dict() == alt.to_dict() else 1.0  # noqa: E731
+    good = pick_by_simulation(first, score)
+    assert good == 2.0 and first.plan.to_dict() == alt.to_dict() and first.goodput == 2.0
+    # with the deadline already past, only the search's own result is replayed
+    late = reschedule(plan, c, model7b, params, stats, slo, fail_nodes={"n0"})
+    good = pick_by_simulation(late, score, deadline=time.perf_counter() - 1.0)
+    assert good == 1.0 and late.plan.to_dict() == searched.to_dict()
