@@ -191,6 +191,7 @@ for r in rows:
     print(f"{r['bench']:6s} {r['label']:24s} {r['dtype']:9s} {r.get('axis', -1):4d} {r['op']:11s} "
           f"{backend:9s} {r['gbps']:9.1f} {r['ratio_to_copy']:7.2f}")
 PYEOF
+[ -f "$OUT/bench.jsonl" ] && { $PY benchmarks/gpu_targets.py "$OUT/bench.jsonl" --json "$OUT/targets.json" || failed+=(targets-script); }
 [ -f "$OUT/bench_transfer.jsonl" ] && $PY - "$OUT/bench_transfer.jsonl" <<'PYEOF'
 import json, sys
 print(f"{'transfer':8s} {'case':20s} {'bits':>4s} {'memory':7s} {'transport':22s} {'wire GB/s':>9s} "
