@@ -312,6 +312,14 @@ std::string launch_dequantize(const void* packed, const void* scale, const void*
   return finish(cudaSuccess);
 }
 
+// Every launch uses at most one thread per element and blocks of >= 128 threads, so these
+// many elements keep every grid within gridDim.x's 2^31 - 1 blocks (~512 GiB of fp16).
+bool grid_fits(int64_t n_groups, int group_size) {
+  constexpr int64_t kMaxElements = int64_t{0x7FFFFFFF} * kThreads;
+  return n_groups <= kMaxElements / group_size;
+}
+constexpr const char* kTooLarge = "tensor too large for one kernel launch (over 2^31 blocks)";
+
 }  // namespace
 
 std::string quantize(int dtype, const void* x, void* packed, void* scale, void* minimum,
@@ -319,6 +327,7 @@ std::string quantize(int dtype, const void* x, void* packed, void* scale, void* 
                      int64_t tokens, int64_t channels, const int64_t* row_index,
                      int64_t row_groups, int64_t slot_rows) {
   if (n_groups == 0) return {};
+  if (!grid_fits(n_groups, group_size)) return kTooLarge;
   DeviceGuard guard;
   cudaError_t e = guard.set(device);
   if (e != cudaSuccess) return cudaGetErrorString(e);
@@ -344,6 +353,7 @@ std::string dequantize(int dtype, const void* packed, const void* scale, const v
                        uintptr_t stream, int64_t tokens, int64_t channels,
                        const int64_t* row_index, int64_t row_groups, int64_t slot_rows) {
   if (n_groups == 0) return {};
+  if (!grid_fits(n_groups, group_size)) return kTooLarge;
   DeviceGuard guard;
   cudaError_t e = guard.set(device);
   if (e != cudaSuccess) return cudaGetErrorString(e);
