@@ -12,6 +12,7 @@ op layer in ``thunderkv._ops`` checks everything first); ``x`` and ``out`` are i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 from types import ModuleType
@@ -74,3 +75,12 @@ def check_row_view(packed: torch.Tensor, rows: torch.Tensor, bits: int) -> None:
     if packed.dim() != 2 or packed.shape[1] != row_bytes:
         raise ValueError(f"packed must be a [capacity, {row_bytes}] row view, got "
                          f"{tuple(packed.shape)}")
+
+
+def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``t``'s GPU the current device for a launch (CPU tensors: nothing). Triton and our
+    CUDA launches go to torch's *current* device and stream, not the tensor's: a tensor on
+    cuda:1 while cuda:0 is current would otherwise run on GPU 0, faulting or racing with
+    cuda:1's stream. torch's own guard also knows not to create a context on a device the
+    thread never used when it switches back."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

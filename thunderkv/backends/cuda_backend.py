@@ -13,7 +13,7 @@ import torch
 
 from .._extension import extension_error, load_extension
 from ..format import DTYPE_CODES, FormatSpec
-from . import check_row_view
+from . import check_row_view, on_device_of
 
 
 def available(device: torch.device) -> str | None:
@@ -32,12 +32,11 @@ def available(device: torch.device) -> str | None:
 
 @contextlib.contextmanager
 def cuda_launch(t: torch.Tensor) -> Iterator[tuple[int, int]]:
-    """(device index, current stream) of ``t``, inside torch's own device guard, for every
-    launch of the extension's CUDA code (kernels here, the transfer's CRC): the
-    C++ guard then finds the device already current and switches nothing (torch's guard also
-    knows not to create a context on a device the thread never used when it switches back)."""
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    with torch.cuda.device(index):
+    """(device index, current stream) of ``t``, with ``t``'s device current (:func:`on_device_of`),
+    for every launch of the extension's CUDA code (kernels here, the transfer's CRC): the C++
+    guard then finds the device already current and switches nothing."""
+    with on_device_of(t):
+        index = torch.cuda.current_device()
         yield index, torch.cuda.current_stream(index).cuda_stream
 
 

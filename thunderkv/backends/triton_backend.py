@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 
 import torch
 
-from . import check_row_view
+from . import check_row_view, on_device_of
 
 
 def _kernels():
@@ -30,30 +29,23 @@ def available(device: torch.device) -> str | None:
     return None
 
 
-def _on_device_of(t: torch.Tensor):
-    """Triton launches on torch's *current* device and its current stream, not the tensors':
-    make ``t``'s device current (a tensor on cuda:1 while cuda:0 is current would otherwise
-    run on GPU 0, faulting or racing with cuda:1's stream). CPU tensors (the interpreter): no-op."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def quantize_into(x, packed, scale, minimum, spec) -> None:
-    with _on_device_of(x):
+    with on_device_of(x):
         _kernels().quantize_into(x, packed, scale, minimum, spec)
 
 
 def dequantize_into(packed, scale, minimum, out, spec) -> None:
-    with _on_device_of(out):
+    with on_device_of(out):
         _kernels().dequantize_into(packed, scale, minimum, out, spec)
 
 
 def quantize_rows(x, packed, scale, minimum, slots, spec) -> None:
     check_row_view(packed, x, spec.bits)
-    with _on_device_of(x):
+    with on_device_of(x):
         _kernels().quantize_rows(x, packed, scale, minimum, slots, spec)
 
 
 def dequantize_rows(packed, scale, minimum, out, rows, spec) -> None:
     check_row_view(packed, out, spec.bits)
-    with _on_device_of(out):
+    with on_device_of(out):
         _kernels().dequantize_rows(packed, scale, minimum, out, rows, spec)
