@@ -14,9 +14,13 @@ REQUIRED = {"device", "torch", "git_sha", "shape", "dtype", "bits", "group_size"
             "p20_s", "p50_s", "p80_s", "gbps", "ratio_to_copy", "op", "timestamp"}
 
 
-def test_env_json_reports_backends(capsys):
+def test_env_json_reports_backends(capsys, monkeypatch):
+    monkeypatch.setenv("THUNDERKV_CUDA_COLS", "regs")
+    monkeypatch.delenv("THUNDERKV_CUDA_SCALAR", raising=False)
     assert main(["env", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
+    assert info["kernel_env"]["THUNDERKV_CUDA_COLS"] == "regs"  # settings that pick kernels
+    assert "THUNDERKV_CUDA_SCALAR" not in info["kernel_env"]
     assert info["extension"]["loaded"] is True
     assert info["backends"]["cpu"]["available"] is True
     assert info["backends"]["reference"]["available"] is True
@@ -42,6 +46,7 @@ def test_bench_quant_writes_json_lines(tmp_path):
     for r in rows:
         assert REQUIRED <= r.keys()
         assert r["p20_s"] <= r["p50_s"] <= r["p80_s"]
+        assert isinstance(r["env"], dict)  # kernel-picking settings, for A/B runs
     cpu_q = [r for r in rows if r["op"] == "quantize" and r["backend"] == "cpu"]
     assert all("speedup_vs_reference" in r for r in cpu_q)
 

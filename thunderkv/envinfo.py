@@ -8,6 +8,17 @@ import os
 import platform
 from pathlib import Path
 
+# Environment variables that change which kernels run (reported by ``thunderkv env`` and in
+# every benchmark row's provenance, so an A/B of kernel variants is never ambiguous).
+KERNEL_ENV = ("THUNDERKV_CPU_ISA", "THUNDERKV_CUDA_SCALAR", "THUNDERKV_CUDA_COLS",
+              "TRITON_INTERPRET", "OMP_NUM_THREADS")
+
+
+def kernel_env() -> dict[str, str]:
+    """The :data:`KERNEL_ENV` variables set in this process."""
+    return {k: os.environ[k] for k in KERNEL_ENV if k in os.environ}
+
+
 CPU_FLAGS = ("sse4_1", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
              "avx512dq", "avx512_bf16", "avx512_fp16", "amx_tile")
 
@@ -53,6 +64,7 @@ def collect() -> dict:
         "libucx": _version("libucx"),
         "cpu": {"model": cpu_model(), "cores": os.cpu_count(), "flags": _cpu_flags(),
                 "torch_threads": torch.get_num_threads()},
+        "kernel_env": kernel_env(),
     }
     ext = load_extension()
     if ext is None:

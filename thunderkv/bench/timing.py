@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
 import subprocess
 import time
@@ -12,8 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-# Environment variables that change which kernels a benchmark runs; recorded in provenance.
-KERNEL_ENV = ("THUNDERKV_CUDA_SCALAR", "THUNDERKV_CUDA_COLS", "TRITON_INTERPRET", "OMP_NUM_THREADS")
 
 @dataclass(frozen=True, slots=True)
 class Timing:
@@ -81,6 +78,7 @@ def provenance(device: str) -> dict:
     import torch
 
     import thunderkv
+    from thunderkv.envinfo import kernel_env
 
     return {
         "device": device,
@@ -92,7 +90,7 @@ def provenance(device: str) -> dict:
         "git_sha": git_sha(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         # settings that change which kernels run (e.g. the scalar CUDA kernels, for an A/B)
-        "env": {k: v for k, v in sorted(os.environ.items()) if k in KERNEL_ENV},
+        "env": kernel_env(),
     }
 
 

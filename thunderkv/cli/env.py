@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         t.add_row("cuda kernels", cuda_txt)
     else:
         t.add_row("extension", f"[red]not loaded: {ext['why_not']}")
+    t.add_row("kernel settings", " ".join(f"{k}={v}" for k, v in info["kernel_env"].items())
+              or "defaults (no THUNDERKV_CPU_ISA, THUNDERKV_CUDA_SCALAR, THUNDERKV_CUDA_COLS)")
     tc = info["torch_cuda"]
     t.add_row("torch cuda", f"{'available' if tc['available'] else 'unavailable'} "
               f"(built with {tc['built_with']}) {', '.join(tc['devices'])}")
