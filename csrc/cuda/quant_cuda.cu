@@ -19,7 +19,6 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 
 #include "device_guard.h"
 #include "quant_cuda.h"
@@ -187,31 +186,11 @@ bool launch_quantize_cols_reg(const void* x, void* packed, void* scale, void* mi
                               cudaStream_t st) {
   const int64_t n = n_groups / kRegValues<T>;
   const unsigned blocks = static_cast<unsigned>((n + kThreads - 1) / kThreads);
-  bool launched = false;
-  auto try_one = [&](auto bits_c, auto g_c, auto words_c) {
-    constexpr int B = decltype(bits_c)::value, GG = decltype(g_c)::value,
-                  W = decltype(words_c)::value;
-    if constexpr (GG % (32 / B * W) == 0) {
-      if (!launched && bits == B && G == GG && words == W) {
-        quantize_cols_reg_kernel<T, B, GG, W><<<blocks, kThreads, 0, st>>>(
-            static_cast<const T*>(x), static_cast<uint8_t*>(packed), static_cast<T*>(scale),
-            static_cast<T*>(minimum), n, cols);
-        launched = true;
-      }
-    }
-  };
-  auto each_words = [&](auto bits_c, auto g_c) {
-    try_one(bits_c, g_c, std::integral_constant<int, 4>{});
-    try_one(bits_c, g_c, std::integral_constant<int, 1>{});
-  };
-  auto each_g = [&](auto bits_c) {
-    each_words(bits_c, std::integral_constant<int, 32>{});
-    each_words(bits_c, std::integral_constant<int, 64>{});
-  };
-  each_g(std::integral_constant<int, 2>{});
-  each_g(std::integral_constant<int, 4>{});
-  each_g(std::integral_constant<int, 8>{});
-  return launched;
+  return with_cols_reg_variant(bits, G, words, [&](auto b, auto g, auto w) {
+    quantize_cols_reg_kernel<T, decltype(b)::value, decltype(g)::value, decltype(w)::value>
+        <<<blocks, kThreads, 0, st>>>(static_cast<const T*>(x), static_cast<uint8_t*>(packed),
+                                      static_cast<T*>(scale), static_cast<T*>(minimum), n, cols);
+  });
 }
 
 // Per-channel launch: the vectorized kernels where cols_vec_words allows (and

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace tkv::cuda {
 
@@ -543,6 +544,33 @@ inline int cols_reg_words(int G, int bits, size_t elem, int64_t channels, uintpt
   const int64_t v = static_cast<int64_t>(4 / elem);
   if ((G != 32 && G != 64) || channels % v != 0 || values % 4 != 0) return 0;
   return code_words(G, bits, packed);
+}
+
+// Calls f(bits, G, words) -- each a std::integral_constant -- for the register kernel's
+// instantiation matching the runtime (bits, G, words); false when none exists (a group that
+// is not whole store words). The launch and the CPU emulation dispatch through this one table.
+template <class F>
+bool with_cols_reg_variant(int bits, int G, int words, F&& f) {
+  bool found = false;
+  auto try_one = [&](auto b, auto g, auto w) {
+    constexpr int B = decltype(b)::value, GG = decltype(g)::value, W = decltype(w)::value;
+    if constexpr (GG % (32 / B * W) == 0) {
+      if (!found && bits == B && G == GG && words == W) {
+        f(b, g, w);
+        found = true;
+      }
+    }
+  };
+  auto each = [&](auto b) {
+    try_one(b, std::integral_constant<int, 32>{}, std::integral_constant<int, 4>{});
+    try_one(b, std::integral_constant<int, 32>{}, std::integral_constant<int, 1>{});
+    try_one(b, std::integral_constant<int, 64>{}, std::integral_constant<int, 4>{});
+    try_one(b, std::integral_constant<int, 64>{}, std::integral_constant<int, 1>{});
+  };
+  each(std::integral_constant<int, 2>{});
+  each(std::integral_constant<int, 4>{});
+  each(std::integral_constant<int, 8>{});
+  return found;
 }
 
 template <class T, int BITS, int G, int WORDS>

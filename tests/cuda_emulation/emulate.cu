@@ -24,7 +24,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "crc32c_threads.cuh"
@@ -102,28 +101,11 @@ void run_rows_vec(bool quantize, T* values, uint8_t* packed, T* scale, T* minimu
 template <class T>
 bool run_cols_reg(const T* x, uint8_t* packed, T* scale, T* minimum, int64_t n, int bits, int G,
                   int words, Cols c) {
-  bool ran = false;
-  auto try_one = [&](auto bits_c, auto g_c, auto words_c) {
-    constexpr int B = decltype(bits_c)::value, GG = decltype(g_c)::value,
-                  W = decltype(words_c)::value;
-    if constexpr (GG % (32 / B * W) == 0) {
-      if (!ran && bits == B && G == GG && words == W) {
-        for (int64_t id = 0; id < n; ++id)
-          quantize_cols_reg_thread<T, B, GG, W>(x, packed, scale, minimum, id, c);
-        ran = true;
-      }
-    }
-  };
-  auto each_g = [&](auto bits_c) {
-    try_one(bits_c, std::integral_constant<int, 32>{}, std::integral_constant<int, 4>{});
-    try_one(bits_c, std::integral_constant<int, 32>{}, std::integral_constant<int, 1>{});
-    try_one(bits_c, std::integral_constant<int, 64>{}, std::integral_constant<int, 4>{});
-    try_one(bits_c, std::integral_constant<int, 64>{}, std::integral_constant<int, 1>{});
-  };
-  each_g(std::integral_constant<int, 2>{});
-  each_g(std::integral_constant<int, 4>{});
-  each_g(std::integral_constant<int, 8>{});
-  return ran;
+  return with_cols_reg_variant(bits, G, words, [&](auto b, auto g, auto w) {
+    for (int64_t id = 0; id < n; ++id)
+      quantize_cols_reg_thread<T, decltype(b)::value, decltype(g)::value, decltype(w)::value>(
+          x, packed, scale, minimum, id, c);
+  });
 }
 
 template <class T, int BITS, int WORDS>
