@@ -33,14 +33,23 @@ SOURCE = ROOT / "tests" / "cuda_emulation" / "emulate.cu"
 INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
 
+SANITIZE = ["-Xcompiler=-fsanitize=address", "-Xcompiler=-fsanitize=undefined",
+            "-Xcompiler=-fno-sanitize-recover=undefined", "-Xcompiler=-fno-omit-frame-pointer",
+            "-lasan", "-lubsan"]
+
+
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory) -> Path:
+    """The emulator, built with AddressSanitizer + UBSan where the host compiler has them (an
+    out-of-bounds access in a thread body then fails the test, as compute-sanitizer would on
+    a GPU); a plain build otherwise."""
     if shutil.which("nvcc") is None:
         pytest.skip("no nvcc on PATH: the emulated CUDA threads need it to build")
     exe = tmp_path_factory.mktemp("emulate") / "emulate"
-    subprocess.run(["nvcc", "-std=c++17", "-O1", "-Xcompiler", "-ffp-contract=off",
-                    "-I", str(ROOT / "csrc" / "cuda"), str(SOURCE), "-o", str(exe)],
-                   check=True, capture_output=True, text=True)
+    base = ["nvcc", "-std=c++17", "-O1", "-Xcompiler", "-ffp-contract=off",
+            "-I", str(ROOT / "csrc" / "cuda"), str(SOURCE), "-o", str(exe)]
+    if subprocess.run(base + SANITIZE, capture_output=True, text=True).returncode != 0:
+        subprocess.run(base, check=True, capture_output=True, text=True)
     return exe
 
 

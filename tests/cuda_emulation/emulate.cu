@@ -5,6 +5,9 @@
 //
 //   nvcc -std=c++17 -O1 -Xcompiler -ffp-contract=off -I csrc/cuda emulate.cu -o emulate
 //
+// (the tests add AddressSanitizer and UndefinedBehaviorSanitizer where the host compiler has
+// them: every buffer ends where its allocation ends, so any access past it aborts the run)
+//
 //   emulate quantize   DTYPE BITS G R T D VARIANT X PACKED SCALE MIN [SLOTS ROWS_OUT]
 //   emulate dequantize DTYPE BITS G R T D VARIANT PACKED SCALE MIN Y [SLOTS ROWS_IN]
 //   emulate crc FILE NBYTES SEED       (the device CRC-32C: prints the checksum in decimal)
@@ -33,14 +36,24 @@ using namespace tkv::cuda;
 
 namespace {
 
-struct Buffer {  // bytes at a chosen offset past a 64-byte boundary
-  std::vector<unsigned char> store;
+// n bytes starting `off` bytes past a 64-byte boundary and ending exactly where the
+// allocation ends, so that an AddressSanitizer build catches any read or write past them.
+struct Buffer {
+  unsigned char* base = nullptr;
   size_t offset;
-  Buffer(size_t n, size_t off) : store(n + 64 + off + 64), offset(off) {
-    const uintptr_t base = reinterpret_cast<uintptr_t>(store.data());
-    offset = ((64 - base % 64) % 64) + off;
+  Buffer(size_t n, size_t off) : offset(64 + off) {
+    void* p = nullptr;
+    if (posix_memalign(&p, 64, offset + n) != 0) {
+      std::fprintf(stderr, "out of memory\n");
+      std::exit(2);
+    }
+    base = static_cast<unsigned char*>(p);
+    std::memset(base, 0, offset + n);
   }
-  unsigned char* data() { return store.data() + offset; }
+  ~Buffer() { std::free(base); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  unsigned char* data() { return base + offset; }
 };
 
 void read_file(const char* path, Buffer& b, size_t n) {
