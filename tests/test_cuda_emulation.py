@@ -45,10 +45,20 @@ def emulator(tmp_path_factory) -> Path:
     a GPU); a plain build otherwise."""
     if shutil.which("nvcc") is None:
         pytest.skip("no nvcc on PATH: the emulated CUDA threads need it to build")
-    exe = tmp_path_factory.mktemp("emulate") / "emulate"
+    work = tmp_path_factory.mktemp("emulate")
+    exe = work / "emulate"
     base = ["nvcc", "-std=c++17", "-O1", "-Xcompiler", "-ffp-contract=off",
             "-I", str(ROOT / "csrc" / "cuda"), str(SOURCE), "-o", str(exe)]
-    if subprocess.run(base + SANITIZE, capture_output=True, text=True).returncode != 0:
+    one_byte = work / "one"
+    one_byte.write_bytes(b"\x00")
+
+    def runs() -> bool:  # a sanitizer runtime can build yet refuse to start (LD_PRELOAD, ...)
+        done = subprocess.run([str(exe), "crc", str(one_byte), "1", "0"], capture_output=True,
+                              text=True)
+        return done.returncode == 0 and done.stdout.strip() == "1383945041"  # crc32c(b"\0")
+
+    if subprocess.run(base + SANITIZE, capture_output=True, text=True).returncode != 0 \
+            or not runs():
         subprocess.run(base, check=True, capture_output=True, text=True)
     return exe
 
