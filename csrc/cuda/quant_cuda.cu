@@ -11,8 +11,10 @@
 // them, take the one-thread-per-group kernels below (the same arithmetic, scalar).
 // Per-channel (axis=-2): one thread per 8 fp16/bf16 (4 fp32) adjacent channels of a token
 // block, 16-byte row loads, codes stored as 16- or 4-byte words; the scalar per-channel
-// kernel where the shapes or alignment do not allow that. The thread bodies of every kernel
-// without shuffles live in quant_threads.cuh, which tests/cuda_emulation also runs on the CPU.
+// kernel where the shapes or alignment do not allow that; THUNDERKV_CUDA_COLS=regs picks a
+// register-resident quantize (G of 32 or 64) to time against it. The thread and lane bodies of
+// every kernel live in quant_threads.cuh, which tests/cuda_emulation also runs on the CPU; this
+// file keeps thread indexing, the shuffles and the launches.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
