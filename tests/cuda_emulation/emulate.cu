@@ -142,6 +142,64 @@ void run_cols_vec_bits(const Args& a, const T* x, T* y, uint8_t* packed, T* scal
   }
 }
 
+// Runs every thread of the launch quant_cuda.cu would make for `a` on these buffers, choosing
+// the kernel by the same rules; returns the kernel's name.
+template <class T>
+const char* emulate_launch(const Args& a, T* x, uint8_t* p, T* sc, T* mn,
+                           const std::vector<int64_t>& slots, int64_t n_groups) {
+  if (a.variant.rfind("rows", 0) == 0) {
+    const Rows r{a.slots ? slots.data() : nullptr, a.slots ? a.D / a.G : 1, a.slot_rows};
+    const int lg = a.variant == "rows-scalar"
+                       ? -1
+                       : vec_lanes_log2(a.G, sizeof(T), reinterpret_cast<uintptr_t>(x),
+                                        reinterpret_cast<uintptr_t>(p), a.bits);
+    if (lg >= 0) {
+      switch (a.bits) {
+        case 2: run_rows_vec<T, 2>(a.quantize, x, p, sc, mn, n_groups, a.G, 1 << lg, r); break;
+        case 4: run_rows_vec<T, 4>(a.quantize, x, p, sc, mn, n_groups, a.G, 1 << lg, r); break;
+        default: run_rows_vec<T, 8>(a.quantize, x, p, sc, mn, n_groups, a.G, 1 << lg, r);
+      }
+      return "rows-vec";
+    } else {
+      for (int64_t g = 0; g < n_groups; ++g) {
+        if (a.quantize) quantize_thread(x, p, sc, mn, g, a.G, a.bits, r);
+        else dequantize_thread(p, sc, mn, x, g, a.G, a.bits, r);
+      }
+      return "rows-scalar";
+    }
+  } else {
+    const Cols c{a.T, a.D};
+    const int reg_words = a.quantize && a.variant == "cols-regs"
+                              ? cols_reg_words(a.G, a.bits, sizeof(T), a.D,
+                                               reinterpret_cast<uintptr_t>(x),
+                                               reinterpret_cast<uintptr_t>(p))
+                              : 0;
+    if (reg_words &&
+        run_cols_reg(x, p, sc, mn, n_groups / kRegValues<T>, a.bits, a.G, reg_words, c)) {
+      return reg_words == 4 ? "cols-regs4" : "cols-regs1";
+    }
+    const int words = a.variant == "cols-scalar"
+                          ? 0
+                          : cols_vec_words(a.G, a.bits, sizeof(T), a.D,
+                                           reinterpret_cast<uintptr_t>(x),
+                                           reinterpret_cast<uintptr_t>(p));
+    const int64_t n_vec = n_groups / kVecValues<T>;
+    if (words == 4) {
+      run_cols_vec_bits<T, 4>(a, x, x, p, sc, mn, n_vec, c);
+      return "cols-vec4";
+    } else if (words == 1) {
+      run_cols_vec_bits<T, 1>(a, x, x, p, sc, mn, n_vec, c);
+      return "cols-vec1";
+    } else {
+      for (int64_t id = 0; id < n_groups; ++id) {
+        if (a.quantize) quantize_cols_thread(x, p, sc, mn, id, a.G, a.bits, c);
+        else dequantize_cols_thread(p, sc, mn, x, id, a.G, a.bits, c);
+      }
+      return "cols-scalar";
+    }
+  }
+}
+
 template <class T>
 int run(const Args& a) {
   auto offset = [](const char* name) -> size_t {
@@ -181,60 +239,7 @@ int run(const Args& a) {
   uint8_t* p = packed.data();
   T* sc = reinterpret_cast<T*>(scale.data());
   T* mn = reinterpret_cast<T*>(minimum.data());
-  const char* ran;
-  if (rows) {
-    const Rows r{a.slots ? slots.data() : nullptr, a.slots ? a.D / a.G : 1, a.slot_rows};
-    const int lg = a.variant == "rows-scalar"
-                       ? -1
-                       : vec_lanes_log2(a.G, sizeof(T), reinterpret_cast<uintptr_t>(x),
-                                        reinterpret_cast<uintptr_t>(p), a.bits);
-    if (lg >= 0) {
-      switch (a.bits) {
-        case 2: run_rows_vec<T, 2>(a.quantize, x, p, sc, mn, n_groups, a.G, 1 << lg, r); break;
-        case 4: run_rows_vec<T, 4>(a.quantize, x, p, sc, mn, n_groups, a.G, 1 << lg, r); break;
-        default: run_rows_vec<T, 8>(a.quantize, x, p, sc, mn, n_groups, a.G, 1 << lg, r);
-      }
-      ran = "rows-vec";
-    } else {
-      for (int64_t g = 0; g < n_groups; ++g) {
-        if (a.quantize) quantize_thread(x, p, sc, mn, g, a.G, a.bits, r);
-        else dequantize_thread(p, sc, mn, x, g, a.G, a.bits, r);
-      }
-      ran = "rows-scalar";
-    }
-  } else {
-    const Cols c{a.T, a.D};
-    const int reg_words = a.quantize && a.variant == "cols-regs"
-                              ? cols_reg_words(a.G, a.bits, sizeof(T), a.D,
-                                               reinterpret_cast<uintptr_t>(x),
-                                               reinterpret_cast<uintptr_t>(p))
-                              : 0;
-    if (reg_words &&
-        run_cols_reg(x, p, sc, mn, n_groups / kRegValues<T>, a.bits, a.G, reg_words, c)) {
-      ran = reg_words == 4 ? "cols-regs4" : "cols-regs1";
-      goto done;
-    }
-    const int words = a.variant == "cols-scalar"
-                          ? 0
-                          : cols_vec_words(a.G, a.bits, sizeof(T), a.D,
-                                           reinterpret_cast<uintptr_t>(x),
-                                           reinterpret_cast<uintptr_t>(p));
-    const int64_t n_vec = n_groups / kVecValues<T>;
-    if (words == 4) {
-      run_cols_vec_bits<T, 4>(a, x, x, p, sc, mn, n_vec, c);
-      ran = "cols-vec4";
-    } else if (words == 1) {
-      run_cols_vec_bits<T, 1>(a, x, x, p, sc, mn, n_vec, c);
-      ran = "cols-vec1";
-    } else {
-      for (int64_t id = 0; id < n_groups; ++id) {
-        if (a.quantize) quantize_cols_thread(x, p, sc, mn, id, a.G, a.bits, c);
-        else dequantize_cols_thread(p, sc, mn, x, id, a.G, a.bits, c);
-      }
-      ran = "cols-scalar";
-    }
-  }
-done:
+  const char* ran = emulate_launch(a, x, p, sc, mn, slots, n_groups);
   if (a.quantize) {
     write_file(a.packed, packed, packed_groups * group_bytes);
     write_file(a.scale, scale, packed_groups * sizeof(T));
