@@ -258,10 +258,7 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
                            deadline=t0 + budget_s)
         res.seconds = time.perf_counter() - t0
     new_cluster = res.evaluator.cluster
-    if res.goodput is not None:  # pick_by_simulation already replayed this plan
-        good = res.goodput
-    else:
-        good = system_goodput(res.plan, res.evaluator, wl, slo)[0] if res.plan.objective > 0 else 0.0
+    good = res.goodput  # both paths picked res.plan by replaying it (pick_by_simulation)
     m = summarize(sim_runner(res.plan, res.evaluator, wl)(good), slo) if good > 0 else {}
     out = {"plan": res.plan.to_dict(), "reschedule_seconds": round(res.seconds, 4),
            "failed": sorted(fails), "dropped_groups": res.dropped_groups,
