@@ -135,22 +135,27 @@ __host__ __device__ inline int64_t slotted_group(int64_t g, const Rows& r) {
 }
 
 // ---------------------------------------------------------------- one group per thread
+// A group's running min/max and whether it holds a NaN or an infinity (steps 1-2), as every
+// quantize kernel folds its values (the vector kernel's lanes then merge theirs).
+struct MinMax {
+  float mn = positive_infinity(), mx = -positive_infinity();
+  bool nonfinite = false;
+  __host__ __device__ void add(float v) {
+    nonfinite |= !finite(v);
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+  }
+};
+
 // One group of G values read with `stride` (1: per-token, D: per-channel). Outputs at
 // pg / *scale / *minimum.
 template <class T>
 __host__ __device__ inline void quantize_group(const T* xg, int64_t stride, int G, int bits,
                                                uint8_t* pg, T* scale, T* minimum) {
   const int nb = G * bits / 8;
-  float mn = positive_infinity();
-  float mx = -mn;
-  bool nonfinite = false;
-  for (int i = 0; i < G; ++i) {
-    const float v = Conv<T>::to(xg[i * stride]);
-    nonfinite |= !finite(v);
-    mn = v < mn ? v : mn;
-    mx = v > mx ? v : mx;
-  }
-  const GroupFinish<T> f = finish_group<T>(mn, mx, nonfinite, bits);
+  MinMax m;
+  for (int i = 0; i < G; ++i) m.add(Conv<T>::to(xg[i * stride]));
+  const GroupFinish<T> f = finish_group<T>(m.mn, m.mx, m.nonfinite, bits);
   *scale = f.scale;
   *minimum = f.minimum;
   if (f.bad) {
@@ -243,11 +248,6 @@ struct WordOf<4> { using type = uint32_t; };
 template <>
 struct WordOf<8> { using type = unsigned long long; };
 
-struct MinMax {
-  float mn = positive_infinity(), mx = -positive_infinity();
-  bool nonfinite = false;
-};
-
 __host__ __device__ inline MinMax merge(MinMax a, const MinMax& b) {
   a.mn = b.mn < a.mn ? b.mn : a.mn;
   a.mx = b.mx > a.mx ? b.mx : a.mx;
@@ -264,12 +264,7 @@ __host__ __device__ inline MinMax quantize_vec_lane_minmax(const T* xg, int lane
     T v[N];
     load16(xg + j * N, v);
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const float f = Conv<T>::to(v[k]);
-      m.nonfinite |= !finite(f);
-      m.mn = f < m.mn ? f : m.mn;
-      m.mx = f > m.mx ? f : m.mx;
-    }
+    for (int k = 0; k < N; ++k) m.add(Conv<T>::to(v[k]));
   }
   return m;
 }
@@ -430,25 +425,13 @@ __host__ __device__ inline void quantize_cols_vec_thread(const T* __restrict__ x
   const int64_t tb = (id / dv_count) % tb_count;
   const int64_t r = id / (dv_count * tb_count);
   const T* xs = x + (r * c.tokens + tb * G) * c.channels + dv * V;  // token 0, channel 0 of V
-  float mn[V], mx[V];
-  bool nonfinite[V];
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    mn[k] = positive_infinity();
-    mx[k] = -mn[k];
-    nonfinite[k] = false;
-  }
+  MinMax m[V];
 #pragma unroll 4
   for (int t = 0; t < G; ++t) {
     T v[V];
     load16(xs + t * c.channels, v);
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const float f = Conv<T>::to(v[k]);
-      nonfinite[k] |= !finite(f);
-      mn[k] = f < mn[k] ? f : mn[k];
-      mx[k] = f > mx[k] ? f : mx[k];
-    }
+    for (int k = 0; k < V; ++k) m[k].add(Conv<T>::to(v[k]));
   }
   // channel dv*V + k's group: (r, d, tb) in packed order, tb_count apart per channel
   const int64_t g0 = (r * c.channels + dv * V) * tb_count + tb;
@@ -457,7 +440,7 @@ __host__ __device__ inline void quantize_cols_vec_thread(const T* __restrict__ x
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     const int64_t g = g0 + k * tb_count;
-    const GroupFinish<T> f = finish_group<T>(mn[k], mx[k], nonfinite[k], BITS);
+    const GroupFinish<T> f = finish_group<T>(m[k].mn, m[k].mx, m[k].nonfinite, BITS);
     scale[g] = f.scale;
     minimum[g] = f.minimum;
     gmn[k] = f.mn, gr[k] = f.r;
@@ -609,12 +592,7 @@ __host__ __device__ inline void quantize_cols_reg_thread(const T* __restrict__ x
   for (int k = 0; k < V; ++k) {
     MinMax m;
 #pragma unroll
-    for (int t = 0; t < G; ++t) {
-      const float f = value(t, k);
-      m.nonfinite |= !finite(f);
-      m.mn = f < m.mn ? f : m.mn;
-      m.mx = f > m.mx ? f : m.mx;
-    }
+    for (int t = 0; t < G; ++t) m.add(value(t, k));
     const int64_t g = g0 + k * tb_count;
     const GroupFinish<T> f = finish_group<T>(m.mn, m.mx, m.nonfinite, BITS);
     scale[g] = f.scale;
