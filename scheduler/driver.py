@@ -160,7 +160,7 @@ def run_plan(req: PlanRequest, log: Log = lambda s: None) -> tuple[dict[str, Any
         "baselines": {n: public(raw[n]) for n in names if n in ("vllm", "distserve", "hexgen")},
         "ablations": {n: public(raw[n]) for n in names if n not in ("thunderkv", "vllm", "distserve", "hexgen")},
         "workload": {"name": req.workload.name, **{k: round(v, 3) for k, v in req.workload.stats().items()},
-                     "arrivals": req.arrivals},
+                     "arrivals": req.arrivals, "replay_seconds": req.workload.min_replay_s},
         "slo": {"ttft": req.slo.ttft, "tpot": req.slo.tpot, "target_attainment": 0.9},
         "inputs": inputs_to_dict(req.cluster, req.model, req.params, req.slo),
     }

@@ -21,12 +21,21 @@ REQUIRED_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 
 @dataclass(slots=True)
 class Workload:
-    """Requests as parallel arrays: arrival seconds (sorted), prompt and output token counts."""
+    """Requests as parallel arrays: arrival seconds (sorted), prompt and output token counts.
+
+    ``min_replay_s``: a replay at ``rate`` (:meth:`arrivals_at`) covers at least this many
+    seconds of arrivals, cycling the requests when there are too few. A short replay hides
+    overload: at a rate just above a plan's capacity the queue grows by only
+    (rate - capacity) x span requests, and with long outputs a decode queue's wait is spread
+    over hundreds of tokens' TPOT, so a 100 s replay passes rates that no longer meet the SLO
+    in a steady state.
+    """
 
     arrivals: np.ndarray
     prompts: np.ndarray
     outputs: np.ndarray
     name: str = "workload"
+    min_replay_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.arrivals = np.asarray(self.arrivals, dtype=np.float64)
@@ -41,6 +50,8 @@ class Workload:
             raise ValueError("prompt and output lengths must be >= 1")
         if (np.diff(self.arrivals) < 0).any():
             raise ValueError("arrivals must be sorted")
+        if not self.min_replay_s >= 0:
+            raise ValueError(f"min_replay_s must be >= 0, got {self.min_replay_s}")
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -51,8 +62,25 @@ class Workload:
         span = float(self.arrivals[-1] - self.arrivals[0])
         return (len(self) - 1) / span if span > 0 else float("inf")
 
+    def _like(self, arrivals: np.ndarray, prompts: np.ndarray | None = None,
+              outputs: np.ndarray | None = None) -> Workload:
+        return Workload(arrivals, self.prompts if prompts is None else prompts,
+                        self.outputs if outputs is None else outputs, self.name, self.min_replay_s)
+
     def head(self, n: int) -> Workload:
-        return Workload(self.arrivals[:n], self.prompts[:n], self.outputs[:n], self.name)
+        return self._like(self.arrivals[:n], self.prompts[:n], self.outputs[:n])
+
+    def cycled(self, n: int) -> Workload:
+        """The requests repeated in order up to ``n`` (>= len) requests; each repeat's arrivals
+        continue after the previous one's with the same gaps (its first gap: the mean gap)."""
+        m = len(self)
+        if n <= m:
+            return self
+        reps = -(-n // m)
+        gaps = np.diff(self.arrivals, prepend=self.arrivals[0])
+        gaps[0] = (self.arrivals[-1] - self.arrivals[0]) / max(m - 1, 1)
+        arr = np.concatenate([[0.0], np.cumsum(np.tile(gaps, reps)[1:n])])
+        return self._like(arr, np.tile(self.prompts, reps)[:n], np.tile(self.outputs, reps)[:n])
 
     def with_poisson(self, rate: float, seed: int = 0) -> Workload:
         """Same lengths, Poisson arrivals at ``rate`` req/s (seeded)."""
@@ -60,7 +88,7 @@ class Workload:
             raise ValueError("rate must be > 0")
         gaps = np.random.default_rng(seed).exponential(1.0 / rate, len(self))
         arr = np.cumsum(gaps) - gaps[0]
-        return Workload(arr, self.prompts, self.outputs, self.name)
+        return self._like(arr)
 
     def with_rate(self, rate: float) -> Workload:
         """Same lengths and the trace's own inter-arrival pattern, time-scaled to ``rate``."""
@@ -68,14 +96,17 @@ class Workload:
             raise ValueError("rate must be > 0")
         base = self.arrivals - self.arrivals[0]
         own = self.rate
-        return Workload(base * (own / rate), self.prompts, self.outputs, self.name)
+        return self._like(base * (own / rate))
 
     def arrivals_at(self, rate: float, mode: str = "poisson", seed: int = 0) -> Workload:
-        if mode == "poisson":
-            return self.with_poisson(rate, seed)
-        if mode == "trace":
-            return self.with_rate(rate)
-        raise ValueError(f"arrival mode must be 'poisson' or 'trace', got {mode!r}")
+        """The workload replayed at ``rate`` req/s: Poisson arrivals (seeded) or the trace's own
+        pattern time-scaled; cycled (:meth:`cycled`) to span at least ``min_replay_s``."""
+        if mode not in ("poisson", "trace"):
+            raise ValueError(f"arrival mode must be 'poisson' or 'trace', got {mode!r}")
+        if rate <= 0:
+            raise ValueError("rate must be > 0")
+        wl = self.cycled(int(np.ceil(rate * self.min_replay_s)) + 1)
+        return wl.with_poisson(rate, seed) if mode == "poisson" else wl.with_rate(rate)
 
     def stats(self) -> dict[str, float]:
         return {"requests": len(self), "prompt_mean": float(self.prompts.mean()),

@@ -8,7 +8,7 @@ from conftest import EXAMPLES, TINY, TRACE
 from thunderkv.scheduler.cluster import load_cluster
 from thunderkv.scheduler.errors import InputError
 from thunderkv.scheduler.model import PRESETS, load_model
-from thunderkv.scheduler.workload import load_azure_trace, synthetic
+from thunderkv.scheduler.workload import Workload, load_azure_trace, synthetic
 
 
 def test_example_clusters_load_with_expected_prices():
@@ -98,6 +98,25 @@ def test_arrivals_poisson_and_trace_rate():
     t = wl.with_rate(7.0)
     assert t.rate == pytest.approx(7.0, rel=1e-9)
     assert np.allclose(np.diff(t.arrivals), np.diff(wl.arrivals) * wl.rate / 7.0)
+
+
+def test_replay_span_cycles_requests_in_order():
+    wl = load_azure_trace(TRACE, limit=300)
+    wl.min_replay_s = 100.0
+    p = wl.arrivals_at(10.0, "poisson", seed=1)  # >= 100 s at 10 req/s: >= 1000 requests
+    assert len(p) == 1001 and p.arrivals[-1] == pytest.approx(100.0, rel=0.1)
+    assert np.array_equal(p.prompts, np.tile(wl.prompts, 4)[:1001])
+    assert np.array_equal(p.outputs, np.tile(wl.outputs, 4)[:1001])
+    t = wl.arrivals_at(10.0, "trace")  # the trace's own gaps, repeated, time-scaled
+    gaps = np.diff(t.arrivals)
+    assert len(t) == 1001 and t.rate == pytest.approx(10.0, rel=1e-9)
+    assert np.allclose(gaps[300:599], gaps[:299]) and gaps[299] == pytest.approx(0.1, rel=0.05)
+    assert t.min_replay_s == 100.0  # carried by every derived workload
+    assert len(wl.arrivals_at(1000.0, "poisson")) == 100001
+    wl.min_replay_s = 0.0
+    assert len(wl.arrivals_at(10.0)) == 300  # no span: the workload once
+    with pytest.raises(ValueError, match="min_replay_s"):
+        Workload(np.zeros(2), [1, 1], [1, 1], min_replay_s=-1.0)
 
 
 def test_synthetic_coding_matches_issue_shape():

@@ -161,3 +161,20 @@ def test_idle_pipelined_colocated_group_decodes_without_waiting(model7b, params,
     assert np.isfinite(res.finish).all() and multi.sum() >= 100
     worst = np.array([pipe.decode_iter(1, float(p + o)) for p, o in zip(wl.prompts, wl.outputs)])
     assert (res.tpot[multi] <= worst[multi] * (1 + 1e-9)).all()
+
+
+@pytest.mark.parametrize("kind", ["split", "colocated"])
+def test_a_steady_state_replay_does_not_pass_overload(model7b, params, stats, slo, small_wl,
+                                                      kind):
+    """300 requests at ~17 req/s arrive within ~18 s: too short for a queue to build, so a
+    replay of them once "passes" rates far above the plan's capacity. Cycled to span 800 s
+    (``min_replay_s``), the replay's goodput falls to the cost model's capacity or below."""
+    import dataclasses
+
+    from thunderkv.scheduler.systems import system_goodput
+
+    state, space = (SPLIT, None) if kind == "split" else (COLOC, SearchSpace(("colocated",)))
+    ev, plan = _setup(model7b, params, stats, slo, state, space)
+    once = system_goodput(plan, ev, small_wl, slo)[0]
+    steady = system_goodput(plan, ev, dataclasses.replace(small_wl, min_replay_s=800.0), slo)[0]
+    assert 0 < steady <= plan.objective * 1.02 and once > 1.5 * plan.objective

@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+REPLAY_SECONDS = 800.0  # goodput of cloud-32 plans stops moving beyond ~800 s (docs/planner.md)
+
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
@@ -18,7 +20,11 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workload", choices=("coding", "conversation"),
                    help="synthetic lengths instead of a trace (coding: prompt ~2048, output ~28)")
     g.add_argument("--requests", type=int, default=2000,
-                   help="requests replayed per simulation (first N of the trace; default 2000)")
+                   help="the workload: first N requests of the trace (or N synthetic); default 2000")
+    g.add_argument("--replay-seconds", type=float, default=REPLAY_SECONDS, metavar="S",
+                   help="each simulation replays at least S seconds of arrivals, cycling the "
+                        "workload's requests, so that a rate above a plan's steady-state "
+                        f"capacity fails (default {REPLAY_SECONDS:g}; 0 = replay them once)")
     g.add_argument("--arrivals", choices=("poisson", "trace"), default="poisson",
                    help="Poisson arrivals at each rate, or the trace's own arrivals time-scaled")
     g.add_argument("--rate", type=float, help="request rate (req/s) to report metrics at")
@@ -30,15 +36,19 @@ def load_workload(args: argparse.Namespace, default: str | None = None):
 
     if args.requests < 10:
         raise ValueError("--requests must be >= 10")
+    if not args.replay_seconds >= 0:
+        raise ValueError("--replay-seconds must be >= 0")
     if args.trace:
-        wl = load_azure_trace(args.trace, limit=args.requests)
-        return wl, args.trace
-    kind = args.workload or default
-    if kind is None:
-        raise ValueError("give --trace T.csv or --workload coding|conversation")
-    if kind.startswith("synthetic:"):
-        kind = kind.split(":", 1)[1]
-    return synthetic(kind, args.requests, 1.0, args.seed), f"synthetic:{kind}"
+        wl, source = load_azure_trace(args.trace, limit=args.requests), args.trace
+    else:
+        kind = args.workload or default
+        if kind is None:
+            raise ValueError("give --trace T.csv or --workload coding|conversation")
+        if kind.startswith("synthetic:"):
+            kind = kind.split(":", 1)[1]
+        wl, source = synthetic(kind, args.requests, 1.0, args.seed), f"synthetic:{kind}"
+    wl.min_replay_s = args.replay_seconds
+    return wl, source
 
 
 def register(subparsers) -> None:

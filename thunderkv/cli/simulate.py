@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     except (InputError, ValueError, RuntimeError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         return 2
-    t = Table(title=f"simulated {len(wl)} requests at {rate:.3g} req/s (SLO TTFT {slo.ttft:.3g} s, "
+    t = Table(title=f"simulated {len(replay)} requests at {rate:.3g} req/s (SLO TTFT {slo.ttft:.3g} s, "
                     f"TPOT {slo.tpot:.3g} s)")
     t.add_column("metric")
     t.add_column("value", justify="right")
