@@ -209,6 +209,7 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
     stats = WorkloadStats.of(wl)
     log(f"rescheduling after losing {sorted(fails) or 'nothing'} (kept groups: phases + routing;"
         " orphaned GPUs re-grouped)")
+
     def simulated(r: RescheduleResult) -> float:
         if r.goodput is None:
             r.goodput = (system_goodput(r.plan, r.evaluator, wl, slo)[0]

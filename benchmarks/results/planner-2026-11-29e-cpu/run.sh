@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The planner with steady-state replays (--replay-seconds 800, the new default; 31d9780):
+# conversation and coding against every baseline and ablation, DistServe-style SLOs, every
+# single-node loss of the conversation plan, and 320 GPUs.
+# 2026-11-29, 2-core AMD EPYC VM, one job at a time. From the repository root, venv on PATH.
+set -x
+R=benchmarks/results/planner-2026-11-29e-cpu
+C="--cluster examples/planner/cloud-32.yaml --baseline-cluster examples/planner/inhouse-a100x8.yaml --model llama-30b --ablations"
+T=examples/traces/AzureLLMInferenceTrace_conv.csv
+thunderkv plan $C --trace $T --json $R/conv.json --plot $R/conv.png > $R/conv.out 2>&1
+thunderkv plan $C --workload coding --json $R/coding.json --plot $R/coding.png > $R/coding.out 2>&1
+thunderkv plan --reschedule $R/conv.json --fail each --json $R/sweep-conv.json --plot $R/sweep-conv.png > $R/sweep-conv.out 2>&1
+thunderkv plan --cluster examples/planner/cloud-32.yaml --model llama-30b --baseline-cluster examples/planner/inhouse-a100x8.yaml \
+  --trace $T --slo-scale 5 --json $R/conv-scale5.json > $R/conv-scale5.out 2>&1
+thunderkv plan --cluster examples/planner/cloud-320.yaml --model llama-30b --trace $T --baselines none \
+  --time-limit 500 --json $R/c320.json > $R/c320.out 2>&1
