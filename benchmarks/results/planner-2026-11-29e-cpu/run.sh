@@ -14,3 +14,8 @@ thunderkv plan --cluster examples/planner/cloud-32.yaml --model llama-30b --base
   --trace $T --slo-scale 5 --json $R/conv-scale5.json > $R/conv-scale5.out 2>&1
 thunderkv plan --cluster examples/planner/cloud-320.yaml --model llama-30b --trace $T --baselines none \
   --time-limit 500 --json $R/c320.json > $R/c320.out 2>&1
+# run to run: another tabu seed and another Poisson sample, ours against HexGen-like
+for s in 1 2; do
+  thunderkv plan --cluster examples/planner/cloud-32.yaml --model llama-30b --trace $T --baselines hexgen \
+    --seed $s --json $R/conv-seed$s.json > $R/conv-seed$s.out 2>&1
+done
