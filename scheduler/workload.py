@@ -17,6 +17,7 @@ import numpy as np
 from .errors import InputError
 
 REQUIRED_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+MAX_REPLAY_REQUESTS = 2_000_000  # ~10x a 320-GPU plan's 800 s replay
 
 
 @dataclass(slots=True)
@@ -100,12 +101,15 @@ class Workload:
 
     def arrivals_at(self, rate: float, mode: str = "poisson", seed: int = 0) -> Workload:
         """The workload replayed at ``rate`` req/s: Poisson arrivals (seeded) or the trace's own
-        pattern time-scaled; cycled (:meth:`cycled`) to span at least ``min_replay_s``."""
+        pattern time-scaled; cycled (:meth:`cycled`) to span at least ``min_replay_s``, but to
+        no more than :data:`MAX_REPLAY_REQUESTS` requests (a goodput search brackets upward by
+        1.5x steps, and a replay's memory and time grow with its length)."""
         if mode not in ("poisson", "trace"):
             raise ValueError(f"arrival mode must be 'poisson' or 'trace', got {mode!r}")
         if rate <= 0:
             raise ValueError("rate must be > 0")
-        wl = self.cycled(int(np.ceil(rate * self.min_replay_s)) + 1)
+        want = min(rate * self.min_replay_s, MAX_REPLAY_REQUESTS - 1)
+        wl = self.cycled(int(np.ceil(want)) + 1)
         return wl.with_poisson(rate, seed) if mode == "poisson" else wl.with_rate(rate)
 
     def stats(self) -> dict[str, float]:

@@ -8,7 +8,12 @@ from conftest import EXAMPLES, TINY, TRACE
 from thunderkv.scheduler.cluster import load_cluster
 from thunderkv.scheduler.errors import InputError
 from thunderkv.scheduler.model import PRESETS, load_model
-from thunderkv.scheduler.workload import Workload, load_azure_trace, synthetic
+from thunderkv.scheduler.workload import (
+    MAX_REPLAY_REQUESTS,
+    Workload,
+    load_azure_trace,
+    synthetic,
+)
 
 
 def test_example_clusters_load_with_expected_prices():
@@ -113,6 +118,8 @@ def test_replay_span_cycles_requests_in_order():
     assert np.allclose(gaps[300:599], gaps[:299]) and gaps[299] == pytest.approx(0.1, rel=0.05)
     assert t.min_replay_s == 100.0  # carried by every derived workload
     assert len(wl.arrivals_at(1000.0, "poisson")) == 100001
+    wl.min_replay_s = 1e9  # capped: a goodput search's upward bracket must not exhaust memory
+    assert len(wl.arrivals_at(1.0, "trace")) == MAX_REPLAY_REQUESTS
     wl.min_replay_s = 0.0
     assert len(wl.arrivals_at(10.0)) == 300  # no span: the workload once
     with pytest.raises(ValueError, match="min_replay_s"):
