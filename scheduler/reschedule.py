@@ -72,6 +72,18 @@ class RescheduleResult:
     goodput: float | None = None  # simulated goodput of ``plan``, once replayed
 
 
+def replayed_goodput(r: RescheduleResult, wl, slo: SLO, arrivals: str = "poisson",
+                     seed: int = 0) -> float:
+    """Simulated goodput of ``r.plan`` on ``wl`` (0 for a plan with no capacity), kept in
+    ``r.goodput`` so a result is replayed once."""
+    from .systems import system_goodput
+
+    if r.goodput is None:
+        r.goodput = (system_goodput(r.plan, r.evaluator, wl, slo, arrivals, seed)[0]
+                     if r.plan.objective > 0 else 0.0)
+    return r.goodput
+
+
 def lost_gpus(cluster: Cluster, fail_nodes: set[str] | None, fail_gpus: set[str] | None
               ) -> set[str]:
     """Every GPU ("node:index") lost with ``fail_nodes`` plus the single ``fail_gpus``."""
@@ -197,7 +209,7 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
     replayed for the report, outside ``reschedule_seconds``. Returns the new plan document."""
     from .metrics import summarize
     from .plan import inputs_from_dict, inputs_to_dict
-    from .systems import search_budget, select_by_simulation, sim_runner, system_goodput
+    from .systems import search_budget, select_by_simulation, sim_runner
     from .tabu import tabu_search
 
     cluster, model, params, slo = inputs_from_dict(doc["inputs"])
@@ -211,10 +223,7 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
         " orphaned GPUs re-grouped)")
 
     def simulated(r: RescheduleResult) -> float:
-        if r.goodput is None:
-            r.goodput = (system_goodput(r.plan, r.evaluator, wl, slo)[0]
-                         if r.plan.objective > 0 else 0.0)
-        return r.goodput
+        return replayed_goodput(r, wl, slo)
 
     if reload_groups:
         if not regroup:

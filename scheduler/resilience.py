@@ -17,8 +17,8 @@ from typing import Any
 
 from .evaluate import Evaluator
 from .plan import Plan
-from .reschedule import plan_nodes, reschedule
-from .systems import replay_candidates, system_goodput
+from .reschedule import plan_nodes, replayed_goodput, reschedule
+from .systems import replay_candidates
 from .tabu import SearchResult
 from .workload import SLO, Workload
 
@@ -34,8 +34,7 @@ def resilience_score(plan: Plan, ev: Evaluator, wl: Workload, slo: SLO, arrivals
             per_node[node] = 0.0
             continue
         r = reschedule(plan, ev.cluster, ev.model, ev.params, ev.stats, slo, fail_nodes={node})
-        per_node[node] = (system_goodput(r.plan, r.evaluator, wl, slo, arrivals, seed)[0]
-                          if r.plan.objective > 0 else 0.0)
+        per_node[node] = replayed_goodput(r, wl, slo, arrivals, seed)
     values = list(per_node.values()) or [0.0]
     return {"per_node": per_node, "mean": sum(values) / len(values), "min": min(values)}
 
