@@ -75,14 +75,14 @@ void cpu_dequantize(uintptr_t packed, uintptr_t scale, uintptr_t minimum, uintpt
 }
 
 // Paged cache rows (thunderkv/paged.py): `row_groups` per-token groups per row; `index` is an
-// int64 array of n_rows entries, each in [-1, capacity) (-1: skip that row). All indices are
-// checked before anything is written.
-void check_rows(const int64_t* index, int64_t n_rows, int64_t capacity, bool allow_skip) {
+// int64 array of n_rows entries, each in [lowest, capacity) (-1: skip that row; kZeroRow = -2,
+// dequantize only: zero it). All indices are checked before anything is written.
+void check_rows(const int64_t* index, int64_t n_rows, int64_t capacity, int64_t lowest) {
   for (int64_t t = 0; t < n_rows; ++t)
-    if (index[t] >= capacity || index[t] < (allow_skip ? -1 : 0))
+    if (index[t] >= capacity || index[t] < lowest)
       throw std::out_of_range("row index " + std::to_string(index[t]) + " at position " +
-                              std::to_string(t) + " outside [" + (allow_skip ? "-1" : "0") +
-                              ", " + std::to_string(capacity) + ")");
+                              std::to_string(t) + " outside [" + std::to_string(lowest) + ", " +
+                              std::to_string(capacity) + ")");
 }
 
 void cpu_quantize_rows(uintptr_t x, uintptr_t packed, uintptr_t scale, uintptr_t minimum,
@@ -90,7 +90,7 @@ void cpu_quantize_rows(uintptr_t x, uintptr_t packed, uintptr_t scale, uintptr_t
                        int64_t n_rows, int64_t capacity, int threads) {
   check_format(row_groups, group_size, bits);
   if (n_rows < 0 || capacity < 0) throw std::invalid_argument("negative row count");
-  check_rows(ptr<const int64_t>(slots), n_rows, capacity, true);
+  check_rows(ptr<const int64_t>(slots), n_rows, capacity, -1);
   tkv::cpu::QuantArgs a{ptr<const void>(x), ptr<uint8_t>(packed), ptr<void>(scale),
                         ptr<void>(minimum), row_groups, group_size, bits, to_dtype(dtype)};
   py::gil_scoped_release nogil;
@@ -102,7 +102,7 @@ void cpu_dequantize_rows(uintptr_t packed, uintptr_t scale, uintptr_t minimum, u
                          int64_t n_rows, int64_t capacity, int threads) {
   check_format(row_groups, group_size, bits);
   if (n_rows < 0 || capacity < 0) throw std::invalid_argument("negative row count");
-  check_rows(ptr<const int64_t>(rows), n_rows, capacity, true);
+  check_rows(ptr<const int64_t>(rows), n_rows, capacity, tkv::cpu::kZeroRow);
   tkv::cpu::DequantArgs a{ptr<const uint8_t>(packed), ptr<const void>(scale),
                           ptr<const void>(minimum), ptr<void>(y), row_groups, group_size, bits,
                           to_dtype(dtype)};
@@ -265,7 +265,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("minimum"), py::arg("y"), py::arg("row_groups"), py::arg("group_size"),
         py::arg("bits"), py::arg("dtype"), py::arg("rows"), py::arg("n_rows"),
         py::arg("capacity"), py::arg("threads") = 0,
-        "Dequantize input rows rows[t] (-1: skip) into contiguous rows of y: the paged gather");
+        "Dequantize input rows rows[t] (-1: skip, -2: zeros) into contiguous rows of y: the "
+        "paged gather");
   m.def("cpu_variants", &cpu_variants, "CPU variants compiled in and usable on this CPU");
   m.def("cpu_variant", [] { return std::string(tkv::cpu::active_variant().name); });
   m.def("set_cpu_variant", &tkv::cpu::set_active_variant, py::arg("name"));

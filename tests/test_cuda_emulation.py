@@ -26,6 +26,7 @@ import torch
 from helpers import DTYPES, bits_equal, random_kv, same_values
 
 from thunderkv import reference
+from thunderkv.backends import ZERO_ROW
 from thunderkv.format import DTYPE_CODES, FormatSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,12 +248,14 @@ def test_per_token_threads_write_and_read_paged_slots(emulator, tmp_path, dtype,
                                                       variant):
     """The per-token kernels with paged slots: row t's groups go to (quantize) or come from
     (dequantize) row slots[t]; -1 skips, and so does a slot past the cache (only CUDA-graph
-    capture lets one through unchecked)."""
+    capture lets one through unchecked); ZERO_ROW skips a quantized row and zeroes a
+    dequantized one (a gather past a sequence's end)."""
     gen = torch.Generator().manual_seed(11 + bits)
     N, D, capacity = 9, 2 * G, 13
     x = random_kv((N, D), dtype, gen)
     slots = torch.randperm(capacity, generator=gen)[:N].to(torch.int64)
     slots[[2, 5]] = -1
+    slots[4] = ZERO_ROW
     slots[7], slots[8] = capacity, capacity + 1000
     spec = FormatSpec(bits, G)
     # quantize into slots of a cache that starts with other rows' data
@@ -283,7 +286,10 @@ def test_per_token_threads_write_and_read_paged_slots(emulator, tmp_path, dtype,
     assert ran == _rows_kernel(variant, dtype, G)
     want = y0.clone()
     want[keep] = reference.dequantize(*(t[slots[keep]] for t in cache), spec)
-    assert same_values(_load(y, dtype, want.shape), want)
+    want[slots == ZERO_ROW] = 0
+    got = _load(y, dtype, want.shape)
+    assert same_values(got, want)
+    assert bits_equal(got[slots == ZERO_ROW], torch.zeros_like(got[slots == ZERO_ROW]))  # +0.0
 
 
 @pytest.mark.parametrize("nbytes", [1, 7, 8, 511, 512, 513, 4096 + 3, 128 * 1024,

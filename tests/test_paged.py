@@ -126,6 +126,67 @@ def test_gather_into_reused_workspaces_matches_fresh_outputs(backend, gen):
         gather_dequantize(cache, table, torch.tensor(lens), out=(out[0], out[1].float()))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_with_max_len_pads_or_cuts_like_the_default(backend, gen):
+    """max_len (what keeps the gather free of host syncs) sets the output length: shorter cuts
+    every sequence there, longer pads with zeros; workspace positions past it are left alone."""
+    cache = _cache()
+    lens = [37, 16, 5]
+    table, _, _ = _fill_sequences(cache, lens, gen)
+    want = gather_dequantize(cache, table, torch.tensor(lens), backend="reference")
+    width = table.shape[1] * BS  # 48
+    for max_len in (37, 20, 5, 0, 44, width):
+        shape = (3, width, H, D)
+        out = tuple(torch.full(shape, 9.0, dtype=torch.float16) for _ in range(2))
+        for got in (gather_dequantize(cache, table, torch.tensor(lens), max_len=max_len,
+                                      backend=backend),
+                    gather_dequantize(cache, table, torch.tensor(lens), max_len=max_len,
+                                      backend=backend, out=out)):
+            for g, w in zip(got, want):
+                assert g.shape == (3, max_len, H, D)
+                n = min(max_len, 37)
+                assert bits_equal(g[:, :n], w[:, :n])
+                assert bits_equal(g[:, n:], torch.zeros_like(g[:, n:]))  # +0.0 past the ends
+        for o in out:
+            assert (o[:, max_len:] == 9.0).all(), "a position past max_len was written"
+
+
+def test_gather_rejects_a_bad_max_len(gen):
+    cache = _cache()
+    table, _, _ = _fill_sequences(cache, [20], gen)
+    out = tuple(torch.full((1, table.shape[1] * BS, H, D), 9.0, dtype=torch.float16)
+                for _ in range(2))
+    for bad in (-1, table.shape[1] * BS + 1, 3.0, True, "8"):
+        with pytest.raises(ValueError, match="max_len must be an int in"):
+            gather_dequantize(cache, table, torch.tensor([20]), max_len=bad, out=out)
+    with pytest.raises(TypeError, match="seq_lens must be an int32/int64"):
+        gather_dequantize(cache, table, torch.tensor([20.0]), out=out)
+    assert all((o == 9.0).all() for o in out)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_row_kernels_zero_a_zero_row_and_leave_a_skipped_one(backend, gen):
+    """dequantize_rows: ZERO_ROW writes +0.0 into its output row (the gather past a sequence's
+    end, with no host loop), -1 leaves the row as it was."""
+    from thunderkv import backends
+
+    rows_impl = backends.resolve(backend, torch.device("cpu"))
+    cache = _cache()
+    capacity = cache.num_blocks * BS
+    x = random_kv((3, H, D), torch.float16, gen)
+    quantize_to_paged(x, x, cache, torch.tensor([4, 7, 9]), backend="reference")
+    packed, scale, mn = (getattr(cache, f"key_{p}").view(capacity, -1)
+                         for p in ("packed", "scale", "min"))
+    out = torch.full((4, H * D), 7.0, dtype=torch.float16)
+    rows = torch.tensor([backends.ZERO_ROW, 7, -1, backends.ZERO_ROW], dtype=torch.int64)
+    rows_impl.dequantize_rows(packed, scale, mn, out, rows, cache.spec)
+    want = tk.quantize(x[1], bits=4, group_size=32, backend="reference").dequantize(
+        backend="reference")
+    assert bits_equal(out[[0, 3]], torch.zeros(2, H * D, dtype=torch.float16))
+    assert same_values(out[1], want.reshape(-1))
+    assert (out[2] == 7.0).all()
+
+
 def test_pack_unpack_moves_blocks_bit_exactly_to_other_ids(gen):
     src = _cache()
     table, _, _ = _fill_sequences(src, [40], gen)
@@ -230,11 +291,12 @@ def test_fused_row_kernels_check_every_index_before_writing(gen):
                                   packed.shape[0])
     assert _unchanged(cache, snap)
     out = torch.full((2, BS * H * D), 7.0, dtype=torch.float16)
-    rows = torch.tensor([0, cache.num_blocks], dtype=torch.int64)
-    with pytest.raises(IndexError, match="outside"):
-        ext.cpu_dequantize_rows(packed.data_ptr(), scale.data_ptr(), mn.data_ptr(),
-                                out.data_ptr(), BS * H * D // 32, 32, 4, 0, rows.data_ptr(), 2,
-                                cache.num_blocks)
+    for bad in (cache.num_blocks, -3):  # -2 is ZERO_ROW, -1 skips
+        rows = torch.tensor([0, bad], dtype=torch.int64)
+        with pytest.raises(IndexError, match="outside"):
+            ext.cpu_dequantize_rows(packed.data_ptr(), scale.data_ptr(), mn.data_ptr(),
+                                    out.data_ptr(), BS * H * D // 32, 32, 4, 0, rows.data_ptr(),
+                                    2, cache.num_blocks)
     assert (out == 7.0).all()
 
 
@@ -329,7 +391,9 @@ def test_opcheck_paged_ops(backend, gen):
     lens = torch.tensor([37, 5])
     outs = [torch.zeros(2, table.shape[1] * BS, H, D, dtype=torch.float16) for _ in range(2)]
     torch.library.opcheck(torch.ops.thunderkv.gather_dequantize_into.default,
-                          (*parts, table, lens, *outs, *spec, backend))
+                          (*parts, table, lens, *outs, -1, *spec, backend))
+    torch.library.opcheck(torch.ops.thunderkv.gather_dequantize_into.default,
+                          (*parts, table, lens, *outs, 40, *spec, backend))
     ids = table[0, :2]
     buf = torch.zeros(transfer_nbytes(cache, 2), dtype=torch.uint8)
     torch.library.opcheck(torch.ops.thunderkv.pack_for_transfer.default,
@@ -388,6 +452,45 @@ def test_paged_write_can_be_captured_in_a_cuda_graph(backend, gen):
     for a, b in zip(graph_cache.parts(), eager_cache.parts()):
         assert bits_equal(a, b)
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_BACKENDS, reason="no CUDA device with a cuda/triton backend")
+@pytest.mark.parametrize("backend", GPU_BACKENDS or ["cuda"])
+def test_paged_gather_can_be_captured_in_a_cuda_graph(backend, gen):
+    """The decode step also reads the cache back: with max_len given, gather_dequantize syncs
+    nothing, so it records into a CUDA graph, and replays with new block tables, lengths and
+    cache contents give the bits eager calls give (zeros past each sequence included)."""
+    lens0 = [37, 16, 5]
+    cpu = _cache()
+    table0, _, _ = _fill_sequences(cpu, lens0, gen)
+    cache = PagedKVCache.allocate(12, BS, H, D, bits=4, group_size=32, device="cuda")
+    width = table0.shape[1] * BS
+    table = torch.zeros(table0.shape, dtype=torch.int64, device="cuda")
+    lens = torch.zeros(3, dtype=torch.int64, device="cuda")
+    out = tuple(torch.full((3, width, H, D), 9.0, dtype=torch.float16, device="cuda")
+                for _ in range(2))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph (Triton compiles here)
+        gather_dequantize(cache, table, lens, max_len=40, backend=backend, out=out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = gather_dequantize(cache, table, lens, max_len=40, backend=backend, out=out)
+    for step in range(3):
+        fresh = _cache()
+        new_table, _, _ = _fill_sequences(fresh, lens0, gen)
+        new_lens = torch.tensor(lens0).roll(step) - 2 * step
+        for a, b in zip(cache.parts(), fresh.parts()):
+            a.copy_(b)
+        table.copy_(new_table.roll(step, 0)), lens.copy_(new_lens)
+        graph.replay()
+        want = gather_dequantize(cache, table, lens, max_len=40, backend=backend)
+        torch.cuda.synchronize()
+        for g, w, o in zip(got, want, out):
+            assert g.shape == (3, 40, H, D) and bits_equal(g, w)
+            assert (o[:, 40:] == 9.0).all()
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton does not run on CPU tensors here")

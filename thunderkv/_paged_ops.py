@@ -9,7 +9,7 @@ without data (shapes, dtypes), so ``torch.compile`` and ``opcheck`` can trace th
 - ``thunderkv::quantize_to_paged(key, value, kp!, ks!, km!, vp!, vs!, vm!, slot_mapping, bits,
   group_size, backend)``
 - ``thunderkv::gather_dequantize_into(kp, ks, km, vp, vs, vm, block_table, seq_lens, key_out!,
-  value_out!, bits, group_size, backend)``
+  value_out!, max_len, bits, group_size, backend)`` (max_len -1: max(seq_lens))
 - ``thunderkv::pack_for_transfer(kp, ks, km, vp, vs, vm, block_ids, out!, bits, group_size)``
 - ``thunderkv::unpack_from_transfer(buffer, block_ids, kp!, ks!, km!, vp!, vs!, vm!, bits,
   group_size)``
@@ -61,23 +61,23 @@ def gather_dequantize_into(key_packed: torch.Tensor, key_scale: torch.Tensor,
                            key_min: torch.Tensor, value_packed: torch.Tensor,
                            value_scale: torch.Tensor, value_min: torch.Tensor,
                            block_table: torch.Tensor, seq_lens: torch.Tensor,
-                           key_out: torch.Tensor, value_out: torch.Tensor, bits: int,
-                           group_size: int, backend: str) -> None:
+                           key_out: torch.Tensor, value_out: torch.Tensor, max_len: int,
+                           bits: int, group_size: int, backend: str) -> None:
     gather_dequantize_into_impl(key_packed, key_scale, key_min, value_packed, value_scale,
-                                value_min, block_table, seq_lens, key_out, value_out, bits,
-                                group_size, backend)
+                                value_min, block_table, seq_lens, key_out, value_out, max_len,
+                                bits, group_size, backend)
 
 
 def gather_dequantize_into_impl(kp, ks, km, vp, vs, vm, block_table, seq_lens, key_out,
-                                value_out, bits, group_size, backend) -> None:
+                                value_out, max_len, bits, group_size, backend) -> None:
     """Body of ``thunderkv::gather_dequantize_into``."""
     paged._gather(_cache(kp, ks, km, vp, vs, vm, bits, group_size), block_table, seq_lens,
-                  (key_out, value_out), backend)
+                  (key_out, value_out), max_len, backend)
 
 
 @gather_dequantize_into.register_fake
-def _(kp, ks, km, vp, vs, vm, block_table, seq_lens, key_out, value_out, bits, group_size,
-      backend) -> None:
+def _(kp, ks, km, vp, vs, vm, block_table, seq_lens, key_out, value_out, max_len, bits,
+      group_size, backend) -> None:
     cache = _cache(kp, ks, km, vp, vs, vm, bits, group_size)
     paged._check_gather_out((key_out, value_out), cache,
                             (block_table.shape[0], None, cache.kv_heads, cache.head_dim))

@@ -292,6 +292,7 @@ def gather_dequantize(
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     *,
+    max_len: int | None = None,
     backend: str = "auto",
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,20 +302,26 @@ def gather_dequantize(
     ----------
     block_table : int32/int64 ``[batch, max_blocks]``: block ids of each sequence, in order.
     seq_lens : int ``[batch]``: tokens of each sequence (<= max_blocks * block_size).
+    max_len : length of the returned tensors, in [0, max_blocks * block_size]; sequences longer
+        than it are cut there. Default ``max(seq_lens)``, which costs a host sync: pass it (the
+        batch's known maximum, or the engine's maximum model length) and the cuda and triton
+        backends read seq_lens on the device only, so the call can be captured in a CUDA graph
+        (under capture nothing is range-checked; block ids outside the cache are skipped, never
+        read).
     out : optional (key, value) workspaces, each contiguous
         ``[batch, max_blocks * block_size, kv_heads, head_dim]`` in the cache dtype and device,
         reused across calls (fresh multi-MB outputs cost more in page faults than the
-        dequantization itself); validated before anything is written.
+        dequantization itself); validated before anything is written. Positions past
+        ``max_len`` are left as they are.
 
     Returns
     -------
-    (key, value) : ``[batch, max_len, kv_heads, head_dim]`` in the cache dtype, where
-    ``max_len = max(seq_lens)``; positions past a sequence's length are zero. (Views of a
-    buffer padded to whole blocks, or of ``out``: not contiguous when max_len is not the
-    buffer's length.)
+    (key, value) : ``[batch, max_len, kv_heads, head_dim]`` in the cache dtype; positions past a
+    sequence's length are zero. (Views of a buffer padded to whole blocks, or of ``out``: not
+    contiguous when max_len is not the buffer's length.)
     """
     _check_cache(cache)
-    table, lens, max_len = _gather_lengths(cache, block_table, seq_lens)
+    table, lens, max_len = _gather_lengths(cache, block_table, seq_lens, max_len)
     batch, H, D = table.shape[0], cache.kv_heads, cache.head_dim
     if out is None:
         padded = -(-max_len // cache.block_size) * cache.block_size
@@ -326,35 +333,68 @@ def gather_dequantize(
         _gather_checked(cache, table, lens, max_len, out, backend)
     else:
         torch.ops.thunderkv.gather_dequantize_into(*cache.parts(), block_table, seq_lens, out[0],
-                                                   out[1], cache.spec.bits,
+                                                   out[1], max_len, cache.spec.bits,
                                                    cache.spec.group_size, backend)
     return out[0][:, :max_len], out[1][:, :max_len]
 
 
-def _gather_lengths(cache: PagedKVCache, block_table, seq_lens):
-    """Validated (table as int64, seq_lens on the CPU as int64, max(seq_lens))."""
+def _gather_lengths(cache: PagedKVCache, block_table, seq_lens, max_len: int | None):
+    """Validated (table as int64, seq_lens as int64 on the cache's device, max_len: the given
+    one or max(seq_lens)). Under CUDA-graph capture nothing that needs a host sync is checked,
+    and max_len must be given."""
     if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
         raise ValueError("block_table must be a 2-D [batch, max_blocks] tensor")
-    table = _check_index("block_table", block_table, cache.num_blocks, cache.device)
+    capturing = _capturing(block_table)
+    table = _check_index("block_table", block_table, cache.num_blocks, cache.device,
+                         check_range=not capturing)
     if not isinstance(seq_lens, torch.Tensor) or tuple(seq_lens.shape) != (table.shape[0],):
         raise ValueError(f"seq_lens must be [batch={table.shape[0]}]")
-    lens = seq_lens.long().cpu()
+    if seq_lens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"seq_lens must be an int32/int64 tensor, got {seq_lens.dtype}")
     capacity = table.shape[1] * cache.block_size
-    if lens.numel() and (int(lens.min()) < 0 or int(lens.max()) > capacity):
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int)
+                                or not 0 <= max_len <= capacity):
+        raise ValueError(f"max_len must be an int in [0, {capacity}] (max_blocks * block_size), "
+                         f"got {max_len!r}")
+    if capturing:
+        if max_len is None:
+            raise RuntimeError("gather_dequantize under CUDA-graph capture needs max_len=: "
+                               "max(seq_lens) would need a host sync")
+        return table, seq_lens.to(torch.int64), max_len
+    host = seq_lens.long().cpu()
+    if host.numel() and (int(host.min()) < 0 or int(host.max()) > capacity):
         raise ValueError(
             f"seq_lens must lie in [0, {capacity}] (max_blocks * block_size), "
-            f"got [{int(lens.min())}, {int(lens.max())}]"
+            f"got [{int(host.min())}, {int(host.max())}]"
         )
-    return table, lens, int(lens.max()) if lens.numel() else 0
+    if max_len is None:
+        max_len = int(host.max()) if host.numel() else 0
+    return table, seq_lens.to(device=cache.device, dtype=torch.int64), max_len
 
 
-def _gather(cache: PagedKVCache, block_table, seq_lens, out, backend: str) -> None:
+def _gather(cache: PagedKVCache, block_table, seq_lens, out, max_len: int, backend: str) -> None:
     """Body of ``thunderkv::gather_dequantize_into``: ``out`` (key, value) are
-    ``[batch, L, kv_heads, head_dim]`` with L a block multiple between the blocks max(seq_lens)
-    needs and max_blocks * block_size; positions up to max(seq_lens) are written (zeros past
-    each sequence), later ones left alone."""
-    table, lens, max_len = _gather_lengths(cache, block_table, seq_lens)
+    ``[batch, L, kv_heads, head_dim]`` with L a block multiple between the blocks max_len needs
+    and max_blocks * block_size; positions up to max_len (-1: max(seq_lens)) are written
+    (zeros past each sequence), later ones left alone."""
+    table, lens, max_len = _gather_lengths(cache, block_table, seq_lens,
+                                           None if max_len < 0 else max_len)
     _gather_checked(cache, table, lens, max_len, out, backend)
+
+
+def _token_rows(cache: PagedKVCache, table, lens, width: int, max_len: int) -> torch.Tensor:
+    """The row kernels' index for a gather into ``width`` blocks per sequence: int64
+    ``[batch * width * block_size]``, per output token its slot in the cache, ``ZERO_ROW`` past
+    its sequence's end, -1 (left alone) from ``max_len`` on or where the block id lies outside
+    the cache (only unchecked, under capture). Device ops only: no host sync."""
+    from .backends import ZERO_ROW
+
+    bs = cache.block_size
+    pos = torch.arange(width * bs, device=table.device)
+    blk = table[:, :width].repeat_interleave(bs, dim=1)
+    slot = torch.where((blk >= 0) & (blk < cache.num_blocks), blk * bs + pos % bs, -1)
+    slot = torch.where(pos < lens[:, None], slot, ZERO_ROW)
+    return torch.where(pos < max_len, slot, -1).reshape(-1)
 
 
 def _gather_checked(cache: PagedKVCache, table, lens, max_len: int, out, backend: str) -> None:
@@ -367,21 +407,19 @@ def _gather_checked(cache: PagedKVCache, table, lens, max_len: int, out, backend
     if out[0].shape[1] % cache.block_size or not n_blk <= width <= table.shape[1]:
         raise ValueError(f"out must hold between {n_blk} and {table.shape[1]} whole blocks of "
                          f"{cache.block_size} tokens per sequence, got {out[0].shape[1]} tokens")
-    if batch == 0 or n_blk == 0:  # nothing to read: every sequence is empty
+    if batch == 0 or n_blk == 0:  # nothing to write: max_len is 0
         return
     fused = _row_kernels(backend, cache.device)
-    if fused is not None:  # one pass from the blocks into the dense output
-        rows = torch.full((batch, width), -1, dtype=torch.int64, device=table.device)
-        rows[:, :n_blk] = table[:, :n_blk]
-        rows = rows.reshape(-1)
+    if fused is not None:  # one pass from the slots into the dense output, zeros included
+        rows = _token_rows(cache, table, lens, width, max_len)
         for dense, prefix in zip(out, ("key", "value")):
-            packed, scale, mn = (getattr(cache, f"{prefix}_{p}").view(cache.num_blocks, -1)
-                                 for p in ("packed", "scale", "min"))
-            fused.dequantize_rows(packed, scale, mn, dense.view(batch * width, -1), rows,
-                                  cache.spec)
-            for b, n in enumerate(lens.tolist()):
-                dense[b, n:max_len].zero_()  # past the sequence: zeros, not the block's rest
+            fused.dequantize_rows(*_cache_rows(cache, prefix), dense.view(rows.numel(), -1),
+                                  rows, cache.spec)
         return
+    if _capturing(table):
+        raise RuntimeError(f"gather_dequantize with backend {backend!r} cannot be captured in a "
+                           "CUDA graph: only the cuda and triton backends gather without a "
+                           "host sync")
     blocks = table[:, :n_blk].reshape(-1)
     for dense_out, prefix in zip(out, ("key", "value")):
         parts = [getattr(cache, f"{prefix}_{p}").index_select(0, blocks).reshape(batch, padded, H, -1)

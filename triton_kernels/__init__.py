@@ -128,9 +128,9 @@ def quantize_rows(x: torch.Tensor, packed, scale, minimum, slots: torch.Tensor, 
 
 
 def dequantize_rows(packed, scale, minimum, out: torch.Tensor, rows: torch.Tensor, spec) -> None:
-    """The fused paged gather: rows ``rows[t]`` (int64 on out's device; -1, or any row outside
-    [0, capacity), leaves row t alone) of the ``[capacity, ...]`` inputs dequantized into rows
-    of ``out``."""
+    """The fused paged gather: rows ``rows[t]`` (int64 on out's device; ``ZERO_ROW`` (-2)
+    zeroes row t, -1 or any other row outside [0, capacity) leaves it alone) of the
+    ``[capacity, ...]`` inputs dequantized into rows of ``out``."""
     check_group_size(spec.group_size)
     view = _TYPES[out.dtype][2]
     _launch_dequantize_rows(packed, scale.view(view), minimum.view(view), out.view(view), rows,

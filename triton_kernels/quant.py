@@ -83,16 +83,17 @@ def _codes(x, mn, r, bad, QMAX: tl.constexpr):
 
 @triton.jit
 def _slotted(g, gmask, slots_ptr, row_groups, n_slots, HAS_SLOTS: tl.constexpr):
-    """(group index on the slotted side, mask) for groups ``g`` of the contiguous side: with
-    HAS_SLOTS, row ``g // row_groups`` lives in slot ``slots[row]`` of the paged cache's
-    ``n_slots`` rows (a slot outside [0, n_slots) skips the row: -1 marks padding, and under
-    CUDA-graph capture nothing else checks them); without, the identity."""
+    """(group index on the slotted side, mask, zero mask) for groups ``g`` of the contiguous
+    side: with HAS_SLOTS, row ``g // row_groups`` lives in slot ``slots[row]`` of the paged
+    cache's ``n_slots`` rows (a slot outside [0, n_slots) skips the row: -1 marks padding, and
+    under CUDA-graph capture nothing else checks them; ZERO_ROW (-2) sets the zero mask, which
+    the gather fills with zeros); without, the identity."""
     if HAS_SLOTS:
         slot = tl.load(slots_ptr + g // row_groups, mask=gmask, other=-1)
         ok = gmask & (slot >= 0) & (slot < n_slots)
-        return slot * row_groups + (g % row_groups).to(tl.int64), ok
+        return slot * row_groups + (g % row_groups).to(tl.int64), ok, gmask & (slot == -2)
     else:
-        return g.to(tl.int64), gmask
+        return g.to(tl.int64), gmask, gmask & False
 
 
 @triton.jit
@@ -105,7 +106,7 @@ def _quantize_rows_kernel(x_ptr, packed_ptr, scale_ptr, min_ptr, n_groups, slots
     # int64 before the multiply: 2**31 groups (G=8, 32 GiB of fp16) must not wrap negative
     g = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
     gmask = g < n_groups
-    go, omask = _slotted(g, gmask, slots_ptr, row_groups, n_slots, HAS_SLOTS)  # outputs go here
+    go, omask, _ = _slotted(g, gmask, slots_ptr, row_groups, n_slots, HAS_SLOTS)  # outputs
     i = tl.arange(0, G)
     x = _to_f32(tl.load(x_ptr + g[:, None].to(tl.int64) * G + i[None, :], mask=gmask[:, None],
                         other=0.0), DT, IT)
@@ -164,7 +165,7 @@ def _dequantize_rows_kernel(packed_ptr, scale_ptr, min_ptr, y_ptr, n_groups, slo
     # int64 before the multiply: 2**31 groups (G=8, 32 GiB of fp16) must not wrap negative
     g = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
     gmask = g < n_groups
-    gi, imask = _slotted(g, gmask, slots_ptr, row_groups, n_slots, HAS_SLOTS)  # inputs from here
+    gi, imask, zmask = _slotted(g, gmask, slots_ptr, row_groups, n_slots, HAS_SLOTS)  # inputs
     j = tl.arange(0, G // PB)
     p = tl.load(packed_ptr + gi[:, None] * (G // PB) + j[None, :],
                 mask=imask[:, None], other=0).to(tl.int32)
@@ -173,9 +174,10 @@ def _dequantize_rows_kernel(packed_ptr, scale_ptr, min_ptr, y_ptr, n_groups, slo
     s = _bits_to_f32(tl.load(scale_ptr + gi, mask=imask, other=0), DT)
     m = _bits_to_f32(tl.load(min_ptr + gi, mask=imask, other=0), DT)
     y = tl.fma(codes.to(tl.float32), s[:, None], m[:, None])
+    y = tl.where(zmask[:, None], 0.0, y)  # ZERO_ROW rows: +0.0 (their loads were masked off)
     i = tl.arange(0, G)
     tl.store(y_ptr + g[:, None].to(tl.int64) * G + i[None, :],
-             _to_bits(y, DT, IT), mask=imask[:, None])
+             _to_bits(y, DT, IT), mask=(imask | zmask)[:, None])
 
 
 @triton.jit

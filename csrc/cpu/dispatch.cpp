@@ -2,6 +2,7 @@
 #include "dispatch.h"
 
 #include <algorithm>
+#include <cstring>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
@@ -167,6 +168,7 @@ void dequantize_rows(const DequantArgs& a, const int64_t* rows, int64_t n_rows, 
   const int64_t row_packed = a.n_groups * a.group_size * a.bits / 8;
   const int64_t row_params = a.n_groups * eb;
   for_rows(n_rows, threads, [&](int64_t t) {
+    if (rows[t] == kZeroRow) std::memset(static_cast<char*>(a.y) + t * row_out, 0, row_out);
     if (rows[t] < 0) return;
     DequantArgs r = a;
     r.packed = a.packed + rows[t] * row_packed;

@@ -27,7 +27,9 @@ void dequantize(const DequantArgs& a, int threads);
 // packed/scale/minimum; rows with slots[t] < 0 are skipped (padding).
 void quantize_rows(const QuantArgs& a, const int64_t* slots, int64_t n_rows, int threads);
 // dequantize_rows: output row t (contiguous from a.y) comes from input row rows[t]; rows with
-// rows[t] < 0 are left as they are.
+// rows[t] == kZeroRow are zeroed (a gather past a sequence's end), other rows[t] < 0 are left
+// as they are.
+constexpr int64_t kZeroRow = -2;  // thunderkv.backends.ZERO_ROW (and the CUDA kernels')
 void dequantize_rows(const DequantArgs& a, const int64_t* rows, int64_t n_rows, int threads);
 
 }  // namespace tkv::cpu

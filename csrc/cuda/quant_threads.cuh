@@ -120,17 +120,22 @@ __host__ __device__ inline GroupFinish<T> finish_group(float mn, float mx, bool 
 // Paged rows (thunderkv/paged.py): with `index`, group g belongs to row g / row_groups of the
 // contiguous side and to row index[that] of the slotted side, which has `slot_rows` rows; an
 // index outside [0, slot_rows) skips the row (-1 marks padding; anything else out of range can
-// only arrive unchecked, under CUDA-graph capture, and must not touch memory). Without
-// `index`, the identity. Quantize slots its outputs, dequantize slots its inputs.
+// only arrive unchecked, under CUDA-graph capture, and must not touch memory), except
+// kZeroRow: dequantize writes zeros into that row (a gather past a sequence's end), quantize
+// skips it. Without `index`, the identity. Quantize slots its outputs, dequantize its inputs.
+constexpr int64_t kZeroRow = -2;  // thunderkv.backends.ZERO_ROW
+
 struct Rows {
   const int64_t* index = nullptr;
   int64_t row_groups = 1;
   int64_t slot_rows = 0;
 };
 
+// The slotted side's group for group g of the contiguous side; -1 to skip, kZeroRow for zeros.
 __host__ __device__ inline int64_t slotted_group(int64_t g, const Rows& r) {
   if (r.index == nullptr) return g;
   const int64_t row = r.index[g / r.row_groups];
+  if (row == kZeroRow) return kZeroRow;
   return row < 0 || row >= r.slot_rows ? -1 : row * r.row_groups + g % r.row_groups;
 }
 
@@ -202,6 +207,10 @@ __host__ __device__ inline void dequantize_thread(const uint8_t* packed, const T
                                                   const T* minimum, T* y, int64_t g, int G,
                                                   int bits, Rows rows) {
   const int64_t gi = slotted_group(g, rows);  // where the group's inputs come from
+  if (gi == kZeroRow) {
+    for (int i = 0; i < G; ++i) y[g * G + i] = Conv<T>::from(0.0f);
+    return;
+  }
   if (gi < 0) return;
   dequantize_group(packed + gi * (G * bits / 8), scale[gi], minimum[gi], G, bits, y + g * G, 1);
 }
@@ -299,6 +308,13 @@ __host__ __device__ inline void dequantize_vec_thread(const uint8_t* __restrict_
   constexpr int N = kVecValues<T>;
   using Word = typename WordOf<N * BITS / 8>::type;
   const int64_t gi = slotted_group(t / vecs, rows);  // where the inputs come from
+  if (gi == kZeroRow) {
+    T zeros[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) zeros[k] = Conv<T>::from(0.0f);
+    store16(y + t * N, zeros);
+    return;
+  }
   if (gi < 0) return;
   const float s = Conv<T>::to(scale[gi]);
   const float m = Conv<T>::to(minimum[gi]);

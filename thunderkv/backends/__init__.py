@@ -66,6 +66,13 @@ def resolve(backend: str, device: torch.device) -> ModuleType:
     raise RuntimeError(f"no backend can run on {device} ({'; '.join(reasons)})")
 
 
+# A ``rows`` entry of the paged row kernels' dequantize_rows that zeroes its output row
+# instead of reading one (positions past a sequence's end in a gather); -1 leaves a row alone.
+# The compiled kernels use the same value (kZeroRow in csrc/cpu/dispatch.h and
+# csrc/cuda/quant_threads.cuh).
+ZERO_ROW = -2
+
+
 def check_row_view(packed: torch.Tensor, rows: torch.Tensor, bits: int) -> None:
     """The paged row kernels' slotted side must be the ``[capacity, row bytes]`` view
     ``thunderkv.paged`` passes, ``rows`` being the contiguous side (one row per token or

@@ -50,8 +50,9 @@ def quantize_rows(x, packed, scale, minimum, slots, spec: FormatSpec) -> None:
 
 
 def dequantize_rows(packed, scale, minimum, out, rows, spec: FormatSpec) -> None:
-    """The fused paged gather: rows ``rows[t]`` (int64 CPU ``[N]``, -1 leaves row t alone) of the
-    ``[capacity, ...]`` inputs dequantized straight into contiguous rows of ``out [N, ...]``."""
+    """The fused paged gather: rows ``rows[t]`` (int64 CPU ``[N]``; -1 leaves row t alone,
+    ``ZERO_ROW`` (-2) zeroes it) of the ``[capacity, ...]`` inputs dequantized straight into
+    contiguous rows of ``out [N, ...]``."""
     G, n = spec.group_size, out.shape[0]
     load_extension().cpu_dequantize_rows(
         packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), out.data_ptr(),

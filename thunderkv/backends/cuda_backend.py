@@ -74,9 +74,9 @@ def quantize_rows(x, packed, scale, minimum, slots, spec: FormatSpec) -> None:
 
 
 def dequantize_rows(packed, scale, minimum, out, rows, spec: FormatSpec) -> None:
-    """The fused paged gather: rows ``rows[t]`` (int64 on out's device; -1, or any row outside
-    [0, capacity), leaves row t alone) of the ``[capacity, ...]`` inputs dequantized into rows
-    of ``out``."""
+    """The fused paged gather: rows ``rows[t]`` (int64 on out's device; ``ZERO_ROW`` (-2)
+    zeroes row t, -1 or any other row outside [0, capacity) leaves it alone) of the
+    ``[capacity, ...]`` inputs dequantized into rows of ``out``."""
     G, n = spec.group_size, out.shape[0]
     check_row_view(packed, out, spec.bits)
     with cuda_launch(out) as (device, stream):

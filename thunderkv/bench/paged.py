@@ -94,8 +94,8 @@ def run(
             ops = {
                 "write": (lambda a=args: quantize_to_paged(*a[:4], backend=a[6]),
                           kv.nbytes + compressed),
-                "gather": (lambda a=args, w=workspace: gather_dequantize(
-                    a[2], a[4], a[5], backend=a[6], out=w),
+                "gather": (lambda a=args, w=workspace, m=case.tokens: gather_dequantize(
+                    a[2], a[4], a[5], max_len=m, backend=a[6], out=w),
                            compressed + kv.nbytes),
             }
             if name == names[0]:  # pure data movement: the same for every backend
