@@ -187,6 +187,39 @@ def test_row_kernels_zero_a_zero_row_and_leave_a_skipped_one(backend, gen):
     assert (out[2] == 7.0).all()
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_row_kernels_match_row_by_row_on_mixed_runs(backend, gen):
+    """The CPU gather hands runs of consecutive slots (a block's tokens) and of ZERO_ROWs to
+    one kernel call: runs broken anywhere, skips inside runs and chunk edges (hundreds of rows
+    over two threads) give exactly what dequantizing row by row gives."""
+    from thunderkv import backends
+
+    rows_impl = backends.resolve(backend, torch.device("cpu"))
+    cache = _cache()
+    capacity = cache.num_blocks * BS
+    x = random_kv((capacity, H, D), torch.float16, gen)
+    quantize_to_paged(x, x, cache, torch.arange(capacity), backend="reference")
+    dense = tk.quantize(x, bits=4, group_size=32, backend="reference").dequantize(
+        backend="reference").reshape(capacity, -1)
+    pieces = []
+    while sum(map(len, pieces)) < 300:
+        kind, n = torch.randint(0, 4, (2,), generator=gen).tolist()
+        n = 1 + n * 7
+        start = int(torch.randint(0, capacity - n, (1,), generator=gen))
+        pieces.append([torch.arange(start, start + n), torch.full((n,), backends.ZERO_ROW),
+                       torch.full((n,), -1), torch.randint(0, capacity, (n,), generator=gen)
+                       ][kind])
+    rows = torch.cat(pieces).long()
+    out = torch.full((rows.numel(), H * D), 7.0, dtype=torch.float16)
+    packed, scale, mn = (getattr(cache, f"key_{p}").view(capacity, -1)
+                         for p in ("packed", "scale", "min"))
+    rows_impl.dequantize_rows(packed, scale, mn, out, rows, cache.spec)
+    want = torch.full_like(out, 7.0)
+    want[rows >= 0] = dense[rows[rows >= 0]]
+    want[rows == backends.ZERO_ROW] = 0
+    assert same_values(out, want)
+
+
 def test_pack_unpack_moves_blocks_bit_exactly_to_other_ids(gen):
     src = _cache()
     table, _, _ = _fill_sequences(src, [40], gen)

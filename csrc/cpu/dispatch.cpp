@@ -167,15 +167,27 @@ void dequantize_rows(const DequantArgs& a, const int64_t* rows, int64_t n_rows, 
   const int64_t row_out = a.n_groups * a.group_size * eb;
   const int64_t row_packed = a.n_groups * a.group_size * a.bits / 8;
   const int64_t row_params = a.n_groups * eb;
-  for_rows(n_rows, threads, [&](int64_t t) {
-    if (rows[t] == kZeroRow) std::memset(static_cast<char*>(a.y) + t * row_out, 0, row_out);
-    if (rows[t] < 0) return;
-    DequantArgs r = a;
-    r.packed = a.packed + rows[t] * row_packed;
-    r.scale = static_cast<const char*>(a.scale) + rows[t] * row_params;
-    r.minimum = static_cast<const char*>(a.minimum) + rows[t] * row_params;
-    r.y = static_cast<char*>(a.y) + t * row_out;
-    fn(r, 0, r.n_groups);
+  // The gather's rows are tokens, a block's tokens consecutive slots: each chunk of rows hands
+  // runs of consecutive slots (and of ZERO_ROWs) to one kernel call / memset, not one per row.
+  const int64_t workers = threads > 0 ? threads : max_threads();
+  const int64_t chunk = std::clamp<int64_t>(n_rows / (4 * workers), 1, 64);
+  for_rows((n_rows + chunk - 1) / chunk, threads, [&](int64_t c) {
+    const int64_t end = std::min(n_rows, (c + 1) * chunk);
+    for (int64_t t = c * chunk, run = 1; t < end; t += run) {
+      const int64_t src = rows[t];
+      run = 1;
+      if (src >= 0 || src == kZeroRow)
+        while (t + run < end && rows[t + run] == (src == kZeroRow ? kZeroRow : src + run)) ++run;
+      if (src == kZeroRow) std::memset(static_cast<char*>(a.y) + t * row_out, 0, run * row_out);
+      if (src < 0) continue;
+      DequantArgs r = a;
+      r.packed = a.packed + src * row_packed;
+      r.scale = static_cast<const char*>(a.scale) + src * row_params;
+      r.minimum = static_cast<const char*>(a.minimum) + src * row_params;
+      r.y = static_cast<char*>(a.y) + t * row_out;
+      r.n_groups = run * a.n_groups;
+      fn(r, 0, r.n_groups);
+    }
   });
 }
 
