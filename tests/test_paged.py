@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 from helpers import bits_equal, random_kv, same_values
@@ -135,7 +136,7 @@ def test_gather_with_max_len_pads_or_cuts_like_the_default(backend, gen):
     table, _, _ = _fill_sequences(cache, lens, gen)
     want = gather_dequantize(cache, table, torch.tensor(lens), backend="reference")
     width = table.shape[1] * BS  # 48
-    for max_len in (37, 20, 5, 0, 44, width):
+    for max_len in (37, 20, 5, 0, 44, width, np.int64(30)):
         shape = (3, width, H, D)
         out = tuple(torch.full(shape, 9.0, dtype=torch.float16) for _ in range(2))
         for got in (gather_dequantize(cache, table, torch.tensor(lens), max_len=max_len,

@@ -27,6 +27,7 @@ directly; the reference quantizes into temporaries and index-copies.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -352,14 +353,22 @@ def _gather_lengths(cache: PagedKVCache, block_table, seq_lens, max_len: int | N
     if seq_lens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"seq_lens must be an int32/int64 tensor, got {seq_lens.dtype}")
     capacity = table.shape[1] * cache.block_size
-    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int)
-                                or not 0 <= max_len <= capacity):
-        raise ValueError(f"max_len must be an int in [0, {capacity}] (max_blocks * block_size), "
-                         f"got {max_len!r}")
+    if max_len is not None:
+        try:
+            n = None if isinstance(max_len, bool) else operator.index(max_len)
+        except TypeError:
+            n = None
+        if n is None or not 0 <= n <= capacity:
+            raise ValueError(f"max_len must be an int in [0, {capacity}] (max_blocks * "
+                             f"block_size), got {max_len!r}")
+        max_len = n
     if capturing:
         if max_len is None:
             raise RuntimeError("gather_dequantize under CUDA-graph capture needs max_len=: "
                                "max(seq_lens) would need a host sync")
+        if seq_lens.device != cache.device:
+            raise ValueError(f"under CUDA-graph capture seq_lens must be on {cache.device}, "
+                             f"got {seq_lens.device}")
         return table, seq_lens.to(torch.int64), max_len
     host = seq_lens.long().cpu()
     if host.numel() and (int(host.min()) < 0 or int(host.max()) > capacity):
