@@ -304,11 +304,12 @@ def gather_dequantize(
     block_table : int32/int64 ``[batch, max_blocks]``: block ids of each sequence, in order.
     seq_lens : int ``[batch]``: tokens of each sequence (<= max_blocks * block_size).
     max_len : length of the returned tensors, in [0, max_blocks * block_size]; sequences longer
-        than it are cut there. Default ``max(seq_lens)``, which costs a host sync: pass it (the
-        batch's known maximum, or the engine's maximum model length) and the cuda and triton
-        backends read seq_lens on the device only, so the call can be captured in a CUDA graph
-        (under capture nothing is range-checked; block ids outside the cache are skipped, never
-        read).
+        than it are cut there. Default ``max(seq_lens)``, which needs seq_lens on the host: pass
+        it (the batch's known maximum, or the engine's maximum model length) and the call can be
+        captured in a CUDA graph on the cuda and triton backends, which then read seq_lens on
+        the device only. (Eagerly, block_table and seq_lens are still range-checked on the host,
+        a sync; under capture nothing is, and block ids outside the cache are skipped, never
+        read.)
     out : optional (key, value) workspaces, each contiguous
         ``[batch, max_blocks * block_size, kv_heads, head_dim]`` in the cache dtype and device,
         reused across calls (fresh multi-MB outputs cost more in page faults than the
