@@ -186,13 +186,15 @@ if not os.path.exists(path):
     sys.exit("no benchmark rows")
 rows = [json.loads(l) for l in open(path)]
 print(f"{'bench':6s} {'case':24s} {'dtype':9s} {'axis':>4s} {'op':11s} {'backend':9s} "
-      f"{'GB/s':>9s} {'x copy':>7s}")
+      f"{'GB/s':>9s} {'x copy':>7s} {'graph GB/s':>10s} {'x copy':>7s}")
 for r in rows:
     env = r.get("env", {})
     backend = r["backend"] + ("/scalar" if env.get("THUNDERKV_CUDA_SCALAR") else
                               "/" + env["THUNDERKV_CUDA_COLS"] if env.get("THUNDERKV_CUDA_COLS") else "")
+    graph = (f"{r['graph_gbps']:10.1f} {r['graph_ratio_to_copy']:7.2f}" if "graph_gbps" in r
+             else f"{'-':>10s} {'-':>7s}")
     print(f"{r['bench']:6s} {r['label']:24s} {r['dtype']:9s} {r.get('axis', -1):4d} {r['op']:11s} "
-          f"{backend:9s} {r['gbps']:9.1f} {r['ratio_to_copy']:7.2f}")
+          f"{backend:9s} {r['gbps']:9.1f} {r['ratio_to_copy']:7.2f} {graph}")
 PYEOF
 [ -f "$OUT/bench.jsonl" ] && { $PY benchmarks/gpu_targets.py "$OUT/bench.jsonl" --json "$OUT/targets.json" || failed+=(targets-script); }
 [ -f "$OUT/bench_transfer.jsonl" ] && $PY - "$OUT/bench_transfer.jsonl" <<'PYEOF'

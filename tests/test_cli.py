@@ -51,6 +51,47 @@ def test_bench_quant_writes_json_lines(tmp_path):
     assert all("speedup_vs_reference" in r for r in cpu_q)
 
 
+def test_graph_timing_columns_and_a_capture_that_fails(capsys):
+    """On CUDA each bench row also gets its CUDA-graph replay timing; an op that cannot be
+    captured keeps its eager timing and says why (here the op raises; on a CPU-only torch
+    there is no CUDA stream either), and the table shows "-" for it."""
+    from rich.console import Console
+
+    from thunderkv.bench.common import add_graph_timing, render_table
+
+    row = {"label": "tiny 8x256", "op": "quantize", "backend": "cuda", "p50_s": 1e-3,
+           "gbps": 1.0, "ratio_to_copy": 0.5, "bytes": 10**6}
+
+    def fails():
+        raise RuntimeError("cannot be captured")
+
+    assert add_graph_timing(row, fails, 2.0, reps=2) is None
+    assert row["graph_error"] and "graph_gbps" not in row
+    ok = {**row, "op": "dequantize", "graph_gbps": 1.8, "graph_ratio_to_copy": 0.9}
+    del ok["graph_error"]
+    Console(width=200).print(render_table([row, ok], "t"))
+    out = capsys.readouterr().out
+    assert "graph x copy" in out and "0.90" in out and " - " in out
+    Console(width=200).print(render_table([{k: v for k, v in row.items() if k != "graph_error"}],
+                                          "t"))
+    assert "graph" not in capsys.readouterr().out  # CPU runs: no graph columns
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device")
+def test_bench_rows_get_graph_timings_on_cuda(tmp_path):
+    out = tmp_path / "q.jsonl"
+    assert main(["bench", "quant", "--quick", "--reps", "3", "--device", "cuda",
+                 "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    copy = next(r for r in rows if r["op"] == "copy")
+    assert copy["graph_ratio_to_copy"] == 1.0 and copy["graph_p50_s"] > 0
+    for r in rows:
+        if r["backend"] in ("cuda", "triton"):
+            assert "graph_gbps" in r, r.get("graph_error")
+            assert r["graph_p20_s"] <= r["graph_p50_s"] <= r["graph_p80_s"]
+
+
 def test_console_script_entry_point():
     res = subprocess.run([sys.executable, "-m", "thunderkv.cli", "--help"],
                          capture_output=True, text=True, timeout=120)

@@ -31,14 +31,14 @@ def test_verdicts_check_each_target_and_name_the_kernel_variant(tmp_path, capsys
     ]
     found = {v["check"]: v for v in gpu_targets.verdicts(rows)}
     q = "quantize axis -2 float16 llama-7b 32x8192"
-    assert found[f"{q} [cuda] vs copy"]["met"]
-    assert not found[f"{q} [cuda/scalar] vs copy"]["met"]
-    assert found[f"{q} [cuda/regs] vs copy"]["met"]
-    assert not found[f"{q} [triton] vs copy"]["met"]
-    tv = found[f"{q} triton vs cuda"]
+    assert found[f"{q} [cuda] vs copy [eager]"]["met"]
+    assert not found[f"{q} [cuda/scalar] vs copy [eager]"]["met"]
+    assert found[f"{q} [cuda/regs] vs copy [eager]"]["met"]
+    assert not found[f"{q} [triton] vs copy [eager]"]["met"]
+    tv = found[f"{q} triton vs cuda [eager]"]
     assert abs(tv["ratio"] - 2300 / 2700) < 1e-9 and not tv["met"]
-    assert found["paged write float16 llama-7b 32x8192 [cuda] vs copy"]["met"]
-    assert not found["paged gather float16 llama-7b 32x8192 [triton] vs copy"]["met"]
+    assert found["paged write float16 llama-7b 32x8192 [cuda] vs copy [eager]"]["met"]
+    assert not found["paged gather float16 llama-7b 32x8192 [triton] vs copy [eager]"]["met"]
     assert len(found) == 7  # the small case and the copy row are not checks
     path = tmp_path / "bench.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -52,3 +52,28 @@ def test_a_cpu_dry_run_checks_nothing(tmp_path, capsys):
     path.write_text(json.dumps(_row("quant", "quantize", "cpu", 10, 0.2, device="cpu")) + "\n")
     gpu_targets.main([str(path)])
     assert "nothing checked" in capsys.readouterr().out
+
+
+def test_graph_timings_decide_where_a_row_has_them(capsys):
+    """Eager per-call times carry Python and a host sync (tens of us against a 64 MiB kernel's
+    20-40 us); where the bench also replayed the op from a CUDA graph, that ratio decides and
+    the eager one is kept beside it."""
+    def graphed(row, gbps, ratio):
+        return {**row, "graph_gbps": gbps, "graph_ratio_to_copy": ratio}
+
+    rows = [
+        graphed(_row("quant", "quantize", "cuda", 1500, 0.50), 2900, 0.95),
+        graphed(_row("quant", "quantize", "triton", 1400, 0.47), 2500, 0.82),
+        _row("paged", "gather", "cuda", 900, 0.30),  # capture failed: eager decides
+        graphed(_row("paged", "write", "triton", 900, 0.30), 2000, 0.79),
+    ]
+    found = {v["check"]: v for v in gpu_targets.verdicts(rows)}
+    q = "quantize axis -2 float16 llama-7b 32x8192"
+    cuda = found[f"{q} [cuda] vs copy [graph]"]
+    assert cuda["met"] and cuda["ratio"] == 0.95 and cuda["eager_ratio"] == 0.50
+    assert not found[f"{q} [triton] vs copy [graph]"]["met"]
+    tv = found[f"{q} triton vs cuda [graph]"]
+    assert abs(tv["ratio"] - 2500 / 2900) < 1e-9 and abs(tv["eager_ratio"] - 1400 / 1500) < 1e-9
+    assert not tv["met"]
+    assert not found["paged gather float16 llama-7b 32x8192 [cuda] vs copy [eager]"]["met"]
+    assert not found["paged write float16 llama-7b 32x8192 [triton] vs copy [graph]"]["met"]

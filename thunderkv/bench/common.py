@@ -63,18 +63,45 @@ def measurement_row(base: dict, op: str, backend: str, t: Timing, nbytes: int, c
     }
 
 
+def add_graph_timing(row: dict, fn: Callable[[], object], copy_graph_gbps: float | None,
+                     reps: int) -> float | None:
+    """Time ``fn`` replayed from a CUDA graph (:func:`~.timing.time_graph`) and add
+    ``graph_p20_s``/``graph_p50_s``/``graph_p80_s``, ``graph_gbps`` (``row["bytes"]`` per
+    second) and ``graph_ratio_to_copy`` (over ``copy_graph_gbps``; the copy row passes None
+    and gets 1) to ``row``; or ``graph_error`` when the op cannot be captured. Returns the
+    graph GB/s (None on error)."""
+    from .timing import time_graph
+
+    try:
+        t = time_graph(fn, reps=reps)
+    except Exception as e:  # noqa: BLE001 -- reported in the row, the eager timing stands
+        row["graph_error"] = f"{type(e).__name__}: {e}"[:300]
+        return None
+    gbps = row["bytes"] / t.p50 / 1e9
+    row.update(graph_p20_s=t.p20, graph_p50_s=t.p50, graph_p80_s=t.p80, graph_gbps=gbps,
+               graph_ratio_to_copy=gbps / (copy_graph_gbps or gbps))
+    return gbps
+
+
 def render_table(rows: list[dict], title: str):
-    """A rich Table of the rows (one line per shape/op/backend)."""
+    """A rich Table of the rows (one line per shape/op/backend); with CUDA-graph timings, two
+    more columns: their GB/s and ratio to the graph-timed copy ("-" where capture failed)."""
     from rich.table import Table
 
+    graph = any("graph_gbps" in r or "graph_error" in r for r in rows)
     table = Table(title=title)
-    for col in ("heads x tokens", "op", "backend", "p50 ms", "GB/s", "x copy", "x ref"):
+    cols = ["heads x tokens", "op", "backend", "p50 ms", "GB/s", "x copy", "x ref"]
+    cols += ["graph GB/s", "graph x copy"] if graph else []
+    for col in cols:
         table.add_column(col, justify="left" if col in ("heads x tokens", "op", "backend") else "right",
                          no_wrap=True)
     for r in rows:
         ref = r.get("speedup_vs_reference")
-        table.add_row(
-            r["label"], r["op"], r["backend"], f"{r['p50_s'] * 1e3:.3f}", f"{r['gbps']:.2f}",
-            f"{r['ratio_to_copy']:.2f}", "" if ref is None else f"{ref:.0f}",
-        )
+        cells = [r["label"], r["op"], r["backend"], f"{r['p50_s'] * 1e3:.3f}", f"{r['gbps']:.2f}",
+                 f"{r['ratio_to_copy']:.2f}", "" if ref is None else f"{ref:.0f}"]
+        if graph:
+            ok = "graph_gbps" in r
+            cells += [f"{r['graph_gbps']:.2f}" if ok else "-",
+                      f"{r['graph_ratio_to_copy']:.2f}" if ok else "-"]
+        table.add_row(*cells)
     return table

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from ..paged import PagedKVCache, gather_dequantize, pack_for_transfer, quantize_to_paged
-from .common import copy_fn, device_label, device_sync, measurement_row, usable_backends
+from .common import (
+    add_graph_timing,
+    copy_fn,
+    device_label,
+    device_sync,
+    measurement_row,
+    usable_backends,
+)
 from .timing import provenance, time_calls
 
 
@@ -52,7 +59,12 @@ def run(
     backend_names=None,
     reps: int = 10,
     progress: Callable[[str], None] | None = None,
+    graph: bool = True,
 ) -> list[dict]:
+    """One row per (case, op, backend) plus the copy baseline; on CUDA with ``graph`` each row
+    also gets its CUDA-graph replay timing (:func:`.common.add_graph_timing`; the write and,
+    given max_len, the gather record into graphs as a serving engine's decode step does)."""
+    graph = graph and device.type == "cuda"
     names = [n for n in usable_backends(device, backend_names) if n != "reference"] or ["reference"]
     prov = provenance(device_label(device))
     sync = device_sync(device)
@@ -85,6 +97,7 @@ def run(
         dense = 2 * kv.nbytes
         copy_gbps = dense / copy_t.p50 / 1e9
         rows.append(measurement_row(base, "copy", copy_name, copy_t, dense, copy_gbps))
+        copy_graph = add_graph_timing(rows[-1], copy, None, reps) if graph else None
         compressed = cache.nbytes
         ws_shape = (case.batch, blocks_per_seq * case.block_size, *shape[1:])
         workspace = tuple(torch.empty(ws_shape, dtype=dtype, device=device) for _ in range(2))
@@ -107,4 +120,6 @@ def run(
                 t = time_calls(fn, reps=reps, sync=sync)
                 rows.append(measurement_row(base, op, name if op != "pack" else "torch", t, nbytes,
                                  copy_gbps))
+                if graph and op != "pack":  # pack range-checks its block ids on the host
+                    add_graph_timing(rows[-1], fn, copy_graph, reps)
     return rows

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import torch
 
 from ..api import dequantize, quantize, quantize_into
-from .common import copy_fn, device_label, device_sync, measurement_row, usable_backends
+from .common import (
+    add_graph_timing,
+    copy_fn,
+    device_label,
+    device_sync,
+    measurement_row,
+    usable_backends,
+)
 from .timing import provenance, time_calls
 
 
@@ -62,9 +69,13 @@ def run(
     reps: int = 10,
     reference_reps: int = 3,
     progress: Callable[[str], None] | None = None,
+    graph: bool = True,
 ) -> list[dict]:
     """Time quantize and dequantize for each shape and backend; return one row per
-    (shape, op, backend) plus the copy baseline, each with provenance."""
+    (shape, op, backend) plus the copy baseline, each with provenance. On CUDA with ``graph``,
+    each row also gets its CUDA-graph replay timing (:func:`.common.add_graph_timing`): the
+    kernels' own speed, next to the eager per-call time."""
+    graph = graph and device.type == "cuda"
     names = usable_backends(device, backend_names)
     prov = provenance(device_label(device))
     sync = device_sync(device)
@@ -90,6 +101,7 @@ def run(
         copy_bytes = 2 * x.nbytes
         copy_gbps = copy_bytes / copy_t.p50 / 1e9
         rows.append(measurement_row(base, "copy", copy_name, copy_t, copy_bytes, copy_gbps))
+        copy_graph = add_graph_timing(rows[-1], copy, None, reps) if graph else None
         ref_p50: dict[str, float] = {}
         for name in names:
             n = reference_reps if name == "reference" else reps
@@ -108,6 +120,8 @@ def run(
                     progress(f"{kv.label}: {op} [{name}]")
                 t = time_calls(fn, reps=n, sync=sync)
                 row = measurement_row(base, op, name, t, moved, copy_gbps)
+                if graph and name != "reference":
+                    add_graph_timing(row, fn, copy_graph, reps)
                 if name == "reference":
                     ref_p50[op] = t.p50
                 rows.append(row)

@@ -18,6 +18,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--reps", type=int, default=10, help="timed calls per measurement")
     p.add_argument("--json", metavar="PATH", help="append one JSON line per measurement")
+    p.add_argument("--no-graph", dest="graph", action="store_false",
+                   help="CUDA: skip the CUDA-graph replay timing (the kernels' own speed, "
+                        "without per-call Python and host syncs) next to the eager one")
 
 
 def _request_rate(text: str) -> float:
@@ -216,7 +219,8 @@ def run_quant(args: argparse.Namespace) -> int:
     rows = _measure(console, lambda progress: quant.run(
         shapes, device=device, dtype=getattr(torch, args.dtype), bits=args.bits,
         group_size=args.group_size, axis=args.axis, backend_names=args.backends,
-        reps=args.reps, reference_reps=args.reference_reps, progress=progress))
+        reps=args.reps, reference_reps=args.reference_reps, progress=progress,
+        graph=args.graph))
     return _report(console, args, rows, f"quantize/dequantize axis={args.axis}")
 
 
@@ -231,7 +235,7 @@ def run_paged(args: argparse.Namespace) -> int:
     rows = _measure(console, lambda progress: paged.run(
         cases, device=device, dtype=getattr(torch, args.dtype), bits=args.bits,
         group_size=args.group_size, backend_names=args.backends, reps=args.reps,
-        progress=progress))
+        progress=progress, graph=args.graph))
     return _report(console, args, rows, "paged cache")
 
 
