@@ -191,8 +191,9 @@ for r in rows:
     env = r.get("env", {})
     backend = r["backend"] + ("/scalar" if env.get("THUNDERKV_CUDA_SCALAR") else
                               "/" + env["THUNDERKV_CUDA_COLS"] if env.get("THUNDERKV_CUDA_COLS") else "")
-    graph = (f"{r['graph_gbps']:10.1f} {r['graph_ratio_to_copy']:7.2f}" if "graph_gbps" in r
-             else f"{'-':>10s} {'-':>7s}")
+    gb, gr = r.get("graph_gbps"), r.get("graph_ratio_to_copy")
+    graph = (f"{'-' if gb is None else f'{gb:.1f}':>10s} "
+             f"{'-' if gr is None else f'{gr:.2f}':>7s}")
     print(f"{r['bench']:6s} {r['label']:24s} {r['dtype']:9s} {r.get('axis', -1):4d} {r['op']:11s} "
           f"{backend:9s} {r['gbps']:9.1f} {r['ratio_to_copy']:7.2f} {graph}")
 PYEOF

@@ -65,13 +65,15 @@ def test_graph_timing_columns_and_a_capture_that_fails(capsys):
     def fails():
         raise RuntimeError("cannot be captured")
 
-    assert add_graph_timing(row, fails, 2.0, reps=2) is None
+    assert add_graph_timing(row, fails, "cuda", 2.0, reps=2) is None
     assert row["graph_error"] and "graph_gbps" not in row
     ok = {**row, "op": "dequantize", "graph_gbps": 1.8, "graph_ratio_to_copy": 0.9}
     del ok["graph_error"]
-    Console(width=200).print(render_table([row, ok], "t"))
+    no_copy = {**ok, "op": "write", "graph_gbps": 1.7}  # the copy itself failed to capture
+    del no_copy["graph_ratio_to_copy"]
+    Console(width=200).print(render_table([row, ok, no_copy], "t"))
     out = capsys.readouterr().out
-    assert "graph x copy" in out and "0.90" in out and " - " in out
+    assert "graph x copy" in out and "0.90" in out and " - " in out and "1.70" in out
     Console(width=200).print(render_table([{k: v for k, v in row.items() if k != "graph_error"}],
                                           "t"))
     assert "graph" not in capsys.readouterr().out  # CPU runs: no graph columns

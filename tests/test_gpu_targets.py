@@ -66,6 +66,8 @@ def test_graph_timings_decide_where_a_row_has_them(capsys):
         graphed(_row("quant", "quantize", "triton", 1400, 0.47), 2500, 0.82),
         _row("paged", "gather", "cuda", 900, 0.30),  # capture failed: eager decides
         graphed(_row("paged", "write", "triton", 900, 0.30), 2000, 0.79),
+        # graph-timed, but the copy was not (no graph ratio): eager decides
+        {**_row("paged", "write", "cuda", 900, 0.30), "graph_gbps": 2500},
     ]
     found = {v["check"]: v for v in gpu_targets.verdicts(rows)}
     q = "quantize axis -2 float16 llama-7b 32x8192"
@@ -77,3 +79,4 @@ def test_graph_timings_decide_where_a_row_has_them(capsys):
     assert not tv["met"]
     assert not found["paged gather float16 llama-7b 32x8192 [cuda] vs copy [eager]"]["met"]
     assert not found["paged write float16 llama-7b 32x8192 [triton] vs copy [graph]"]["met"]
+    assert found["paged write float16 llama-7b 32x8192 [cuda] vs copy [eager]"]["ratio"] == 0.30

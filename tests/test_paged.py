@@ -157,7 +157,7 @@ def test_gather_rejects_a_bad_max_len(gen):
     table, _, _ = _fill_sequences(cache, [20], gen)
     out = tuple(torch.full((1, table.shape[1] * BS, H, D), 9.0, dtype=torch.float16)
                 for _ in range(2))
-    for bad in (-1, table.shape[1] * BS + 1, 3.0, True, "8"):
+    for bad in (-1, table.shape[1] * BS + 1, 3.0, True, "8", torch.tensor(20)):
         with pytest.raises(ValueError, match="max_len must be an int in"):
             gather_dequantize(cache, table, torch.tensor([20]), max_len=bad, out=out)
     with pytest.raises(TypeError, match="seq_lens must be an int32/int64"):

@@ -309,7 +309,7 @@ def gather_dequantize(
         captured in a CUDA graph on the cuda and triton backends, which then read seq_lens on
         the device only. (Eagerly, block_table and seq_lens are still range-checked on the host,
         a sync; under capture nothing is, and block ids outside the cache are skipped, never
-        read.)
+        read: their positions keep what the output held.)
     out : optional (key, value) workspaces, each contiguous
         ``[batch, max_blocks * block_size, kv_heads, head_dim]`` in the cache dtype and device,
         reused across calls (fresh multi-MB outputs cost more in page faults than the
@@ -355,8 +355,9 @@ def _gather_lengths(cache: PagedKVCache, block_table, seq_lens, max_len: int | N
         raise TypeError(f"seq_lens must be an int32/int64 tensor, got {seq_lens.dtype}")
     capacity = table.shape[1] * cache.block_size
     if max_len is not None:
-        try:
-            n = None if isinstance(max_len, bool) else operator.index(max_len)
+        try:  # a tensor (e.g. seq_lens.max()) would be read to the host: exactly what max_len avoids
+            n = (None if isinstance(max_len, (bool, torch.Tensor))
+                 else operator.index(max_len))
         except TypeError:
             n = None
         if n is None or not 0 <= n <= capacity:
@@ -401,7 +402,7 @@ def _token_rows(cache: PagedKVCache, table, lens, width: int, max_len: int) -> t
 
     bs = cache.block_size
     pos = torch.arange(width * bs, device=table.device)
-    blk = table[:, :width].repeat_interleave(bs, dim=1)
+    blk = table[:, :width, None].expand(-1, -1, bs).reshape(table.shape[0], -1)  # per token
     slot = torch.where((blk >= 0) & (blk < cache.num_blocks), blk * bs + pos % bs, -1)
     slot = torch.where(pos < lens[:, None], slot, ZERO_ROW)
     return torch.where(pos < max_len, slot, -1).reshape(-1)

@@ -63,23 +63,28 @@ def measurement_row(base: dict, op: str, backend: str, t: Timing, nbytes: int, c
     }
 
 
-def add_graph_timing(row: dict, fn: Callable[[], object], copy_graph_gbps: float | None,
-                     reps: int) -> float | None:
-    """Time ``fn`` replayed from a CUDA graph (:func:`~.timing.time_graph`) and add
-    ``graph_p20_s``/``graph_p50_s``/``graph_p80_s``, ``graph_gbps`` (``row["bytes"]`` per
-    second) and ``graph_ratio_to_copy`` (over ``copy_graph_gbps``; the copy row passes None
-    and gets 1) to ``row``; or ``graph_error`` when the op cannot be captured. Returns the
-    graph GB/s (None on error)."""
+def add_graph_timing(row: dict, fn: Callable[[], object], device: torch.device,
+                     copy_graph_gbps: float | None, reps: int, *, baseline: bool = False
+                     ) -> float | None:
+    """Time ``fn`` replayed from a CUDA graph on ``device`` (:func:`~.timing.time_graph`) and
+    add ``graph_p20_s``/``graph_p50_s``/``graph_p80_s``, ``graph_gbps`` (``row["bytes"]`` per
+    second) and ``graph_ratio_to_copy`` to ``row``: over ``copy_graph_gbps``, 1 for the copy
+    row itself (``baseline``), and left out when the copy could not be graph-timed (the
+    targets then fall back to the eager ratio). An op that cannot be captured gets
+    ``graph_error`` instead. Returns the graph GB/s (None on error)."""
     from .timing import time_graph
 
     try:
-        t = time_graph(fn, reps=reps)
+        t = time_graph(fn, device=device, reps=reps)
     except Exception as e:  # noqa: BLE001 -- reported in the row, the eager timing stands
-        row["graph_error"] = f"{type(e).__name__}: {e}"[:300]
+        cause = e.__context__  # a failed capture_end hides what broke the capture
+        row["graph_error"] = (f"{type(e).__name__}: {e}"
+                              + (f" (after {type(cause).__name__}: {cause})" if cause else ""))[:400]
         return None
     gbps = row["bytes"] / t.p50 / 1e9
-    row.update(graph_p20_s=t.p20, graph_p50_s=t.p50, graph_p80_s=t.p80, graph_gbps=gbps,
-               graph_ratio_to_copy=gbps / (copy_graph_gbps or gbps))
+    row.update(graph_p20_s=t.p20, graph_p50_s=t.p50, graph_p80_s=t.p80, graph_gbps=gbps)
+    if baseline or copy_graph_gbps:
+        row["graph_ratio_to_copy"] = 1.0 if baseline else gbps / copy_graph_gbps
     return gbps
 
 
@@ -100,8 +105,8 @@ def render_table(rows: list[dict], title: str):
         cells = [r["label"], r["op"], r["backend"], f"{r['p50_s'] * 1e3:.3f}", f"{r['gbps']:.2f}",
                  f"{r['ratio_to_copy']:.2f}", "" if ref is None else f"{ref:.0f}"]
         if graph:
-            ok = "graph_gbps" in r
-            cells += [f"{r['graph_gbps']:.2f}" if ok else "-",
-                      f"{r['graph_ratio_to_copy']:.2f}" if ok else "-"]
+            gbps, ratio = r.get("graph_gbps"), r.get("graph_ratio_to_copy")
+            cells += ["-" if gbps is None else f"{gbps:.2f}",
+                      "-" if ratio is None else f"{ratio:.2f}"]
         table.add_row(*cells)
     return table

@@ -97,7 +97,8 @@ def run(
         dense = 2 * kv.nbytes
         copy_gbps = dense / copy_t.p50 / 1e9
         rows.append(measurement_row(base, "copy", copy_name, copy_t, dense, copy_gbps))
-        copy_graph = add_graph_timing(rows[-1], copy, None, reps) if graph else None
+        copy_graph = (add_graph_timing(rows[-1], copy, device, None, reps, baseline=True)
+                      if graph else None)
         compressed = cache.nbytes
         ws_shape = (case.batch, blocks_per_seq * case.block_size, *shape[1:])
         workspace = tuple(torch.empty(ws_shape, dtype=dtype, device=device) for _ in range(2))
@@ -121,5 +122,5 @@ def run(
                 rows.append(measurement_row(base, op, name if op != "pack" else "torch", t, nbytes,
                                  copy_gbps))
                 if graph and op != "pack":  # pack range-checks its block ids on the host
-                    add_graph_timing(rows[-1], fn, copy_graph, reps)
+                    add_graph_timing(rows[-1], fn, device, copy_graph, reps)
     return rows

@@ -101,7 +101,8 @@ def run(
         copy_bytes = 2 * x.nbytes
         copy_gbps = copy_bytes / copy_t.p50 / 1e9
         rows.append(measurement_row(base, "copy", copy_name, copy_t, copy_bytes, copy_gbps))
-        copy_graph = add_graph_timing(rows[-1], copy, None, reps) if graph else None
+        copy_graph = (add_graph_timing(rows[-1], copy, device, None, reps, baseline=True)
+                      if graph else None)
         ref_p50: dict[str, float] = {}
         for name in names:
             n = reference_reps if name == "reference" else reps
@@ -121,7 +122,7 @@ def run(
                 t = time_calls(fn, reps=n, sync=sync)
                 row = measurement_row(base, op, name, t, moved, copy_gbps)
                 if graph and name != "reference":
-                    add_graph_timing(row, fn, copy_graph, reps)
+                    add_graph_timing(row, fn, device, copy_graph, reps)
                 if name == "reference":
                     ref_p50[op] = t.p50
                 rows.append(row)

@@ -51,13 +51,23 @@ def time_calls(
     return Timing(_percentile(samples, 0.2), _percentile(samples, 0.5), _percentile(samples, 0.8), reps)
 
 
-def time_graph(fn: Callable[[], object], *, reps: int, inner: int = 10) -> Timing:
-    """CUDA: ``fn`` recorded into a CUDA graph (after one warm-up call on a side stream, where
-    Triton compiles) and replayed back to back: each of ``reps`` samples is ``inner`` replays
-    between two CUDA events, divided by ``inner``. This is the kernels' own time, as a serving
-    engine's graph-captured step sees it: no Python, argument checks or per-call host sync,
-    which at ~20-40 us per 64 MiB kernel on an H100/H200 would otherwise dominate. Raises
-    whatever capture raises (e.g. an op that syncs the host)."""
+def time_graph(fn: Callable[[], object], *, device, reps: int, inner: int = 10) -> Timing:
+    """CUDA: ``fn`` (whose tensors live on ``device``) recorded into a CUDA graph (after one
+    warm-up call on a side stream, where Triton compiles) and replayed back to back: each of
+    ``reps`` samples is ``inner`` replays between two CUDA events, divided by ``inner``. This
+    is the kernels' own time, as a serving engine's graph-captured step sees it: no Python,
+    argument checks or per-call host sync, which at ~20-40 us per 64 MiB kernel on an
+    H100/H200 would otherwise dominate. ``device`` is made current for all of it (streams,
+    capture and events belong to the current device). Raises whatever capture raises (e.g.
+    an op that syncs the host)."""
+    import torch
+
+    with torch.cuda.device(device):
+        return _time_graph_here(fn, reps, inner)
+
+
+def _time_graph_here(fn: Callable[[], object], reps: int, inner: int) -> Timing:
+    """:func:`time_graph` on the current CUDA device."""
     import torch
 
     side = torch.cuda.Stream()
