@@ -152,6 +152,22 @@ def test_gather_with_max_len_pads_or_cuts_like_the_default(backend, gen):
             assert (o[:, max_len:] == 9.0).all(), "a position past max_len was written"
 
 
+def test_token_rows_index_each_output_position():
+    """The gather's per-token index: slot, ZERO_ROW past the sequence, -1 from max_len on; and
+    unchecked (under capture) a block id outside the cache gives -1, never a slot."""
+    from thunderkv.backends import ZERO_ROW
+    from thunderkv.paged import _token_rows
+
+    cache = PagedKVCache.allocate(4, 2, 1, 32, bits=4, group_size=32)  # block_size 2
+    table = torch.tensor([[3, 1, 0], [2, 9, -5]])
+    lens = torch.tensor([5, 4])
+    z, s = ZERO_ROW, -1
+    got = _token_rows(cache, table, lens, width=3, max_len=5, checked=False).view(2, 6)
+    assert got.tolist() == [[6, 7, 2, 3, 0, s], [4, 5, s, s, z, s]]
+    got = _token_rows(cache, table[:1], lens[:1] - 2, width=2, max_len=4).view(1, 4)
+    assert got.tolist() == [[6, 7, 2, z]]
+
+
 def test_gather_rejects_a_bad_max_len(gen):
     cache = _cache()
     table, _, _ = _fill_sequences(cache, [20], gen)
