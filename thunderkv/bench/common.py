@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from .. import backends
-from .timing import Timing
+from .timing import Timing, time_calls
 
 
 def device_label(device: torch.device) -> str:
@@ -86,6 +86,21 @@ def add_graph_timing(row: dict, fn: Callable[[], object], device: torch.device,
     if baseline or copy_graph_gbps:
         row["graph_ratio_to_copy"] = 1.0 if baseline else gbps / copy_graph_gbps
     return gbps
+
+
+def copy_baseline(base: dict, x: torch.Tensor, *, reps: int, sync, graph: bool
+                  ) -> tuple[dict, float, float | None]:
+    """The same-run baseline row: ``x`` copied once per call (:func:`copy_fn`; read + write =
+    ``2 * x.nbytes``), timed eagerly and, with ``graph`` (CUDA), from a CUDA graph. Returns
+    (row, eager GB/s, graph GB/s or None) -- the rates every op row is compared with."""
+    name, copy = copy_fn(x)
+    t = time_calls(copy, reps=reps, sync=sync)
+    nbytes = 2 * x.nbytes
+    gbps = nbytes / t.p50 / 1e9
+    row = measurement_row(base, "copy", name, t, nbytes, gbps)
+    graph_gbps = (add_graph_timing(row, copy, x.device, None, reps, baseline=True)
+                  if graph else None)
+    return row, gbps, graph_gbps
 
 
 def render_table(rows: list[dict], title: str):

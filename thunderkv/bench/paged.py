@@ -17,7 +17,7 @@ import torch
 from ..paged import PagedKVCache, gather_dequantize, pack_for_transfer, quantize_to_paged
 from .common import (
     add_graph_timing,
-    copy_fn,
+    copy_baseline,
     device_label,
     device_sync,
     measurement_row,
@@ -92,13 +92,9 @@ def run(
         if progress:
             progress(f"{case.label}: copy baseline")
         kv = torch.cat([key, value])
-        copy_name, copy = copy_fn(kv)
-        copy_t = time_calls(copy, reps=reps, sync=sync)
-        dense = 2 * kv.nbytes
-        copy_gbps = dense / copy_t.p50 / 1e9
-        rows.append(measurement_row(base, "copy", copy_name, copy_t, dense, copy_gbps))
-        copy_graph = (add_graph_timing(rows[-1], copy, device, None, reps, baseline=True)
-                      if graph else None)
+        copy_row, copy_gbps, copy_graph = copy_baseline(base, kv, reps=reps, sync=sync,
+                                                        graph=graph)
+        rows.append(copy_row)
         compressed = cache.nbytes
         ws_shape = (case.batch, blocks_per_seq * case.block_size, *shape[1:])
         workspace = tuple(torch.empty(ws_shape, dtype=dtype, device=device) for _ in range(2))

@@ -16,7 +16,7 @@ import torch
 from ..api import dequantize, quantize, quantize_into
 from .common import (
     add_graph_timing,
-    copy_fn,
+    copy_baseline,
     device_label,
     device_sync,
     measurement_row,
@@ -96,13 +96,8 @@ def run(
         }
         if progress:
             progress(f"{kv.label}: copy baseline")
-        copy_name, copy = copy_fn(x)
-        copy_t = time_calls(copy, reps=reps, sync=sync)
-        copy_bytes = 2 * x.nbytes
-        copy_gbps = copy_bytes / copy_t.p50 / 1e9
-        rows.append(measurement_row(base, "copy", copy_name, copy_t, copy_bytes, copy_gbps))
-        copy_graph = (add_graph_timing(rows[-1], copy, device, None, reps, baseline=True)
-                      if graph else None)
+        copy_row, copy_gbps, copy_graph = copy_baseline(base, x, reps=reps, sync=sync, graph=graph)
+        rows.append(copy_row)
         ref_p50: dict[str, float] = {}
         for name in names:
             n = reference_reps if name == "reference" else reps
