@@ -2,6 +2,11 @@
 
 A GPU is named ``"node:index"`` (e.g. ``"node3:1"``). Bandwidths in the YAML are in Gbit/s;
 everything in code is in bytes/s.
+
+The network has two kinds of capacity: a *link* per pair of nodes (``inter_node_gbps``, or a
+``links`` override; shared by both directions), and optionally a *NIC* per node (``nic_gbps``,
+full duplex: that many Gbit/s out and as many in), which caps the sum of everything the node
+sends or receives over all its links. Without ``nic_gbps`` a node may use every link at once.
 """
 
 from __future__ import annotations
@@ -58,23 +63,29 @@ class GpuType:
 
 @dataclass(slots=True, frozen=True)
 class NodeSpec:
-    """A machine: ``count`` GPUs of one type joined by ``intra_node_gbps`` (NVLink or PCIe)."""
+    """A machine: ``count`` GPUs of one type joined by ``intra_node_gbps`` (NVLink or PCIe,
+    one direction); ``nic_gbps``: its network card (each direction; None: the cluster's
+    default, see :class:`Cluster`)."""
 
     name: str
     gpu: str
     count: int
     intra_node_gbps: float
+    nic_gbps: float | None = None
 
     def __post_init__(self) -> None:
         if self.count <= 0:
             raise ValueError(f"node {self.name}: count must be > 0")
         if self.intra_node_gbps <= 0:
             raise ValueError(f"node {self.name}: intra_node_gbps must be > 0")
+        if self.nic_gbps is not None and not self.nic_gbps > 0:
+            raise ValueError(f"node {self.name}: nic_gbps must be > 0")
 
 
 @dataclass(slots=True)
 class Cluster:
-    """GPU types, nodes and the network between nodes."""
+    """GPU types, nodes and the network between nodes (``nic_gbps``: the NIC of every node
+    that names none; None: no NIC limit)."""
 
     catalog: dict[str, GpuType]
     nodes: list[NodeSpec]
@@ -82,6 +93,7 @@ class Cluster:
     links: dict[tuple[str, str], float] = field(default_factory=dict)
     name: str = "cluster"
     price_source: str = ""
+    nic_gbps: float | None = None
     gpus: list[str] = field(init=False)
     _node_index: dict[str, int] = field(init=False)
 
@@ -97,6 +109,8 @@ class Cluster:
             self._node_index[n.name] = i
         if self.inter_node_gbps <= 0:
             raise ValueError("inter_node_gbps must be > 0")
+        if self.nic_gbps is not None and not self.nic_gbps > 0:
+            raise ValueError("nic_gbps must be > 0")
         self.gpus = [f"{n.name}:{i}" for n in self.nodes for i in range(n.count)]
 
     # --- lookups -------------------------------------------------------------------------
@@ -121,6 +135,13 @@ class Cluster:
     def link_bytes_per_s(self, a: str, b: str) -> float:
         return self.link_gbps(a, b) * 1e9 / 8
 
+    def nic_bytes_per_s(self, node: str) -> float | None:
+        """Bytes/s node ``node`` can send (and, separately, receive) over all its links
+        together; None when unlimited."""
+        gbps = self.nodes[self._node_index[node]].nic_gbps
+        gbps = self.nic_gbps if gbps is None else gbps
+        return None if gbps is None else gbps * 1e9 / 8
+
     def price_per_hour(self, gpus: list[str] | None = None) -> float:
         """$/hour of ``gpus`` (default: the whole cluster)."""
         gpus = self.gpus if gpus is None else gpus
@@ -131,7 +152,7 @@ class Cluster:
         keep = [n for n in self.nodes if n.name not in names]
         links = {k: v for k, v in self.links.items() if not (set(k) & names)}
         return Cluster(dict(self.catalog), keep, self.inter_node_gbps, links, self.name,
-                       self.price_source)
+                       self.price_source, self.nic_gbps)
 
 
 def load_cluster(path: str | Path, text: str | None = None) -> Cluster:
@@ -172,8 +193,10 @@ def load_cluster(path: str | Path, text: str | None = None) -> Cluster:
                             doc.node("gpu", item).line)
         count = int(doc.number("count", item, label=f"{p}.count", integer=True))
         intra = doc.number("intra_node_gbps", item, label=f"{p}.intra_node_gbps")
-        nodes.append(NodeSpec(name, gpu, count, intra))
+        nic = doc.number("nic_gbps", item, label=f"{p}.nic_gbps", optional=True)
+        nodes.append(NodeSpec(name, gpu, count, intra, nic))
     inter = doc.number("network.inter_node_gbps")
+    nic_default = doc.number("network.nic_gbps", optional=True)
     links: dict[tuple[str, str], float] = {}
     links_node = doc.node("network.links", default=None)
     if links_node is not None and links_node.value is not None:
@@ -190,7 +213,8 @@ def load_cluster(path: str | Path, text: str | None = None) -> Cluster:
             links[(a, b)] = doc.number("gbps", item, label=f"{p}.gbps")
     name = doc.string("name", default="cluster")
     src = doc.node("price_source", default=None)
-    return Cluster(catalog, nodes, inter, links, name, "" if src is None else str(src.value))
+    return Cluster(catalog, nodes, inter, links, name, "" if src is None else str(src.value),
+                   nic_default)
 
 
 def _eff(doc: Doc, spec, label: str, key: str, default: float) -> float:

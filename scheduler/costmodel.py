@@ -94,7 +94,8 @@ class Pipeline:
         self._ar = [2 * s.layers * (2 * (s.tp - 1) / s.tp) * m.hidden * db / s.intra_bps
                     if s.tp > 1 else 0.0 for s in stages]
         self._arl = [2 * s.layers * 2 * (s.tp - 1) * params.intra_latency_s for s in stages]
-        self._hop_lat = params.inter_latency_s
+        self._hop_lat = [params.intra_latency_s if a.node == b.node else params.inter_latency_s
+                         for a, b in zip(stages, stages[1:])]
         # fixed per-pass / per-sequence overheads (GpuType knobs; 0 for GPUs)
         self._ovl = [s.layers * s.gpu.layer_overhead_s for s in stages]
         self._ovs = [s.layers * s.gpu.seq_overhead_s for s in stages]
@@ -134,7 +135,7 @@ class Pipeline:
         return out
 
     def _hop(self, i: int, rows: float) -> float:
-        return rows * self.model.hidden * self._db / self.hop_bps[i] + self._hop_lat
+        return rows * self.model.hidden * self._db / self.hop_bps[i] + self._hop_lat[i]
 
     def prefill(self, tokens: float, sq_tokens: float | None = None) -> tuple[float, float]:
         """(latency, busy) of prefilling ``tokens`` prompt tokens (``sq_tokens`` = sum of s^2).
@@ -173,8 +174,8 @@ class Pipeline:
             t = max(flops / fl, nbytes / bw) + ar * b + arl + ovl + ovs * b
             tsum += t
             tmax = t if t > tmax else tmax
-        hidden, db, lat = self.model.hidden, self._db, self._hop_lat
-        for bps in self.hop_bps:
+        hidden, db = self.model.hidden, self._db
+        for bps, lat in zip(self.hop_bps, self._hop_lat):
             tsum += b * hidden * db / bps + lat  # = _hop, inlined
         return max(tsum, mb * tmax)
 
@@ -192,46 +193,74 @@ def build_pipeline(cluster: Cluster, model: ModelSpec, params: CostParams,
     return Pipeline(model, stages, hops, params)
 
 
-def kv_link_bytes_per_token(src: Pipeline, dst: Pipeline, params: CostParams,
-                            bits: int | None = None) -> dict[tuple[str, str], float]:
-    """Wire bytes per prompt token that move over each node pair when ``src`` ships KV to ``dst``.
-
-    Layer ``l`` goes from the source stage holding it to the destination stage holding it.
-    Keys are ``(src_node, dst_node)``; equal names mean the intra-node link.
-    """
-    m = src.model
-    per_layer = 2 * m.kv_dim * kv_bytes_per_element(params.kv_bits if bits is None else bits,
-                                                     params.kv_group, m.dtype_bytes)
-    out: dict[tuple[str, str], float] = {}
-    a_nodes = [s.node for s in src.stages for _ in range(s.layers)]
-    b_nodes = [s.node for s in dst.stages for _ in range(s.layers)]
-    for a, b in zip(a_nodes, b_nodes, strict=True):
-        out[(a, b)] = out.get((a, b), 0.0) + per_layer
-    return out
-
-
 def link_key(a: str, b: str) -> tuple[str, str]:
     """Undirected key of the link between nodes ``a`` and ``b``."""
     return (a, b) if a <= b else (b, a)
 
 
-def exposed_transfer_time(transfer_s: float, prefill_s: float, layers: int,
-                          streaming: bool) -> float:
-    """The part of a ``transfer_s`` KV transfer a request waits for after its prefill
-    (``prefill_s``). Streaming starts with the first layer's KV, so it hides behind the remaining
-    ``(layers - 1) / layers`` of the prefill but never ends sooner than one layer's share after it
-    (the simulator's rule)."""
+@dataclass(slots=True, frozen=True)
+class KVLeg:
+    """One network resource a prefill -> decode KV transfer occupies.
+
+    ``key``: ``(a, b)`` = the link between nodes a and b (:func:`link_key`; ``a == b``: a node's
+    intra-node link), ``("nic", node, "out" | "in")`` = one direction of a node's NIC.
+    ``bytes_per_token``: wire bytes per prompt token crossing it; ``bps``: its bytes/s;
+    layers ``first..last`` (``n_layers`` of them) cross it.
+    """
+
+    key: tuple[str, ...]
+    bytes_per_token: float
+    bps: float
+    first: int
+    last: int
+    n_layers: int
+
+    @property
+    def is_link(self) -> bool:
+        return len(self.key) == 2
+
+
+def kv_transfer_legs(src: Pipeline, dst: Pipeline, params: CostParams, cluster: Cluster,
+                     bits: int | None = None) -> list[KVLeg]:
+    """The resources ``src`` -> ``dst`` KV moves over: each node link once, and between two
+    nodes also the sender's NIC out and the receiver's NIC in where the cluster sets a NIC.
+    Layer ``l`` goes from the source stage holding it to the destination stage holding it."""
+    m = src.model
+    per_layer = 2 * m.kv_dim * kv_bytes_per_element(params.kv_bits if bits is None else bits,
+                                                     params.kv_group, m.dtype_bytes)
+    a_nodes = [s.node for s in src.stages for _ in range(s.layers)]
+    b_nodes = [s.node for s in dst.stages for _ in range(s.layers)]
+    acc: dict[tuple[str, ...], list] = {}  # key -> [layers, first, last, bytes/s]
+    for layer, (a, b) in enumerate(zip(a_nodes, b_nodes, strict=True)):
+        uses = [(link_key(a, b), cluster.link_bytes_per_s(a, b))]
+        if a != b:
+            uses += [(("nic", n, d), bw) for n, d in ((a, "out"), (b, "in"))
+                     if (bw := cluster.nic_bytes_per_s(n)) is not None]
+        for key, bw in uses:
+            e = acc.setdefault(key, [0, layer, layer, bw])
+            e[0] += 1
+            e[2] = layer
+    return [KVLeg(k, n * per_layer, bw, first, last, n) for k, (n, first, last, bw) in acc.items()]
+
+
+def kv_transfer_time(tokens: float, legs: Sequence[KVLeg]) -> float:
+    """Seconds to move ``tokens`` tokens of KV over ``legs`` on an idle network (legs run in
+    parallel; the slowest -- a link or a NIC carrying several links -- sets the time)."""
+    return max((tokens * leg.bytes_per_token / leg.bps for leg in legs), default=0.0)
+
+
+def exposed_transfer_time(tokens: float, legs: Sequence[KVLeg], prefill_s: float,
+                          layers: int, streaming: bool) -> float:
+    """The part of moving ``tokens`` tokens of KV over ``legs`` that a request waits for after
+    its ``prefill_s`` prefill (idle network). Without streaming: the whole transfer. Streaming
+    (the simulator's rule): layer ``l``'s KV is ready ``(l + 1) / layers`` into the prefill; a
+    leg starts with its first layer and ends no sooner than its last layer plus that layer's
+    share of the leg."""
     if not streaming:
-        return transfer_s
-    return max(transfer_s - prefill_s * (layers - 1) / layers, transfer_s / layers, 0.0)
-
-
-def kv_transfer_time(tokens: float, link_bytes: dict[tuple[str, str], float],
-                     cluster: Cluster) -> float:
-    """Seconds to move ``tokens`` tokens of KV (sub-transfers on distinct links run in parallel)."""
-    per_link: dict[tuple[str, str], float] = {}
-    for (a, b), bpt in link_bytes.items():
-        k = link_key(a, b)
-        per_link[k] = per_link.get(k, 0.0) + bpt
-    return max((tokens * bpt / cluster.link_bytes_per_s(*k) for k, bpt in per_link.items()),
-               default=0.0)
+        return kv_transfer_time(tokens, legs)
+    end = 0.0
+    for leg in legs:
+        dt = tokens * leg.bytes_per_token / leg.bps
+        end = max(end, prefill_s * (leg.first + 1) / layers + dt,
+                  prefill_s * (leg.last + 1) / layers + dt / leg.n_layers)
+    return max(end - prefill_s, 0.0)

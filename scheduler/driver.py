@@ -63,7 +63,7 @@ def same_price_a100(cluster: Cluster, price: float) -> Cluster:
     """The homogeneous A100-80GB NVLink cluster (nodes of 8) costing about ``cluster``'s $/h."""
     n = max(1, round(cluster.price_per_hour() / price))
     gt = GpuType("A100-80GB", 312, 80, 2039, price)
-    nodes = [NodeSpec(f"a100node{i}", gt.name, min(8, n - 8 * i), 4800) for i in range((n + 7) // 8)]
+    nodes = [NodeSpec(f"a100node{i}", gt.name, min(8, n - 8 * i), 2400) for i in range((n + 7) // 8)]
     return Cluster({gt.name: gt}, nodes, 200.0, name=f"same-price-a100x{n}",
                    price_source=f"${price}/A100-hour")
 

@@ -8,18 +8,13 @@ GPUs of one node are interchangeable, so results are cached per (node, count) si
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
 from .cluster import Cluster
-from .costmodel import (
-    CostParams,
-    exposed_transfer_time,
-    kv_link_bytes_per_token,
-    kv_transfer_time,
-    link_key,
-)
+from .costmodel import CostParams, exposed_transfer_time, kv_transfer_legs
 from .model import ModelSpec
 from .parallel import DECODE_TPOT_MARGIN, GroupPerf, WorkloadStats, best_config
 from .plan import Plan, PlanGroup
@@ -65,8 +60,9 @@ class Evaluator:
         self.stats, self.slo = stats, slo
         self.space = space or SearchSpace()
         self._perf: dict[tuple, GroupPerf] = {}
-        self._pair: dict[tuple, tuple[dict, float]] = {}
+        self._pair: dict[tuple, tuple[dict, dict, float]] = {}
         self._cap: dict[Group, float] = {}
+        self._value: dict[frozenset, float] = {}
         self.evaluations = 0
 
     # --- lower level ----------------------------------------------------------------------
@@ -86,22 +82,26 @@ class Evaluator:
 
     @property
     def transfer_budget(self) -> float:
-        """Mean KV transfer time a pair may add (the TPOT slack over a median request)."""
+        """Mean KV transfer time a pair may add after the prefill, or it is not routed: twice
+        the TPOT slack a median request leaves over its tokens after the planned decode
+        iteration, ``2 x (1 - DECODE_TPOT_MARGIN) x tpot x (p50 outputs - 1)``. A loose cap
+        that only drops pairs whose transfers are plainly too slow; the simulator charges each
+        routed pair its actual transfer."""
         return (1 - DECODE_TPOT_MARGIN) * 2 * self.slo.tpot * max(self.stats.output_p50 - 1, 1)
 
-    def _pair_info(self, pg, dg) -> tuple[dict, float]:
+    def _pair_info(self, pg, dg) -> tuple[dict, dict, float]:
+        """(bytes per mean request, bytes/s) per network resource, and the exposed transfer
+        time, of shipping KV from prefill group ``pg`` to decode group ``dg``."""
         key = (self.signature(pg), self.signature(dg))
         if key not in self._pair:
             p, d = self.perf(pg, "prefill").pipeline, self.perf(dg, "decode").pipeline
-            per_tok = kv_link_bytes_per_token(p, d, self.params)
-            links: dict[tuple[str, str], float] = {}
-            for (a, b), v in per_tok.items():
-                k = link_key(a, b)
-                links[k] = links.get(k, 0.0) + v * self.stats.prompt_mean
-            t = exposed_transfer_time(kv_transfer_time(self.stats.prompt_mean, per_tok, self.cluster),
+            legs = kv_transfer_legs(p, d, self.params, self.cluster)
+            load = {leg.key: leg.bytes_per_token * self.stats.prompt_mean for leg in legs}
+            bps = {leg.key: leg.bps for leg in legs}
+            t = exposed_transfer_time(self.stats.prompt_mean, legs,
                                       self.perf(pg, "prefill").prefill_latency, self.model.layers,
                                       self.params.kv_streaming)
-            self._pair[key] = (links, t)
+            self._pair[key] = (load, bps, t)
         return self._pair[key]
 
     def routing_problem(self, pre: list, dec: list) -> RoutingProblem:
@@ -112,21 +112,30 @@ class Evaluator:
             rb, rt = [], []
             for dg, dc in zip(dec, dcap):
                 if pc > 0 and dc > 0:
-                    links, t = self._pair_info(pg, dg)
+                    load, bps, t = self._pair_info(pg, dg)
                 else:
-                    links, t = {}, float("inf")
-                rb.append(links)
+                    load, bps, t = {}, {}, float("inf")
+                rb.append(load)
                 rt.append(t)
-                for k in links:
-                    caps[k] = self.cluster.link_bytes_per_s(*k) * self.params.link_util
+                for k, bw in bps.items():
+                    caps[k] = bw * self.params.link_util
             pb.append(rb)
             pt.append(rt)
         return RoutingProblem(pcap, dcap, pb, pt, caps, self.transfer_budget)
 
     # --- objective ------------------------------------------------------------------------
     def value(self, state: State) -> float:
-        """Routed req/s of ``state`` (the search maximises this)."""
+        """Routed req/s of ``state`` (the search maximises this). It depends only on each
+        group's node signature and phase, so states that differ by interchangeable GPUs share
+        one routing LP (memoised)."""
         self.evaluations += 1
+        key = frozenset(Counter((self.signature(g), ph) for g, ph in state).items())
+        v = self._value.get(key)
+        if v is None:
+            v = self._value[key] = self._route_value(state)
+        return v
+
+    def _route_value(self, state: State) -> float:
         pre = [g for g, ph in state if ph == "prefill"]
         dec = [g for g, ph in state if ph == "decode"]
         total = sum(self.perf(g, "colocated").capacity for g, ph in state if ph == "colocated")

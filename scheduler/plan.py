@@ -122,7 +122,7 @@ def cluster_to_dict(c: Cluster) -> dict[str, Any]:
     return {"name": c.name, "price_source": c.price_source,
             "catalog": {k: _gpu_type_dict(v) for k, v in c.catalog.items()},
             "nodes": [dataclasses.asdict(n) for n in c.nodes],
-            "network": {"inter_node_gbps": c.inter_node_gbps,
+            "network": {"inter_node_gbps": c.inter_node_gbps, "nic_gbps": c.nic_gbps,
                         "links": [{"a": a, "b": b, "gbps": v} for (a, b), v in c.links.items()]}}
 
 
@@ -140,7 +140,7 @@ def cluster_from_dict(d: dict[str, Any]) -> Cluster:
     nodes = [NodeSpec(**n) for n in d["nodes"]]
     links = {(x["a"], x["b"]): x["gbps"] for x in d["network"].get("links", [])}
     return Cluster(cat, nodes, d["network"]["inter_node_gbps"], links, d.get("name", "cluster"),
-                   d.get("price_source", ""))
+                   d.get("price_source", ""), d["network"].get("nic_gbps"))
 
 
 def inputs_to_dict(cluster: Cluster, model: ModelSpec, params: CostParams, slo: SLO) -> dict:

@@ -2,8 +2,9 @@
 
 Variables ``x[i, j]`` (req/s sent from prefill group i to decode group j). Constraints:
 prefill capacity ``sum_j x[i, j] <= P[i]``, decode capacity ``sum_i x[i, j] <= D[j]``, and for
-every physical link ``l`` the KV bytes it carries ``sum_ij x[i, j] * bytes[i, j, l] <= C[l]``
-(bytes per request from the mean prompt; compressed or raw per the cost model). Pairs whose mean
+every network resource ``l`` -- a node link, or one direction of a node's NIC -- the KV bytes it
+carries ``sum_ij x[i, j] * bytes[i, j, l] <= C[l]`` (bytes per request from the mean prompt;
+compressed or raw per the cost model; ``costmodel.KVLeg`` names the resources). Pairs whose mean
 transfer time exceeds the transfer budget are not allowed. Objective: maximise total rate; the
 final routing then minimises the rate-weighted transfer time among maximal solutions.
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linprog
 
-LinkKey = tuple[str, str]
+LinkKey = tuple[str, ...]  # a node link (a, b) or a NIC direction ("nic", node, "out" | "in")
 
 
 @dataclass(slots=True)
@@ -24,9 +25,9 @@ class RoutingProblem:
 
     pcap: list[float]
     dcap: list[float]
-    pair_bytes: list[list[dict[LinkKey, float]]]   # [i][j] link -> bytes per request
+    pair_bytes: list[list[dict[LinkKey, float]]]   # [i][j] resource -> bytes per request
     pair_time: list[list[float]]                    # [i][j] mean transfer seconds per request
-    link_cap: dict[LinkKey, float]                  # link -> usable bytes/s
+    link_cap: dict[LinkKey, float]                  # resource -> usable bytes/s
     budget: float = float("inf")                    # max allowed mean transfer time per request
 
     def __post_init__(self) -> None:

@@ -1,11 +1,15 @@
 """Discrete-event replay of a workload through a plan (heapq event loop).
 
 Prefill groups serve a FIFO queue in small token-budgeted batches (pipelined: the next batch enters
-when the bottleneck stage frees). Each request's KV then crosses the links between the prefill
-and decode stages holding each layer (FIFO per link, bytes compressed or raw per the cost model).
-Decode groups run continuous batching: a request joins at the next iteration boundary once its KV
-has arrived and its KV (prompt + output tokens) fits in memory, and leaves after its last token.
-Colocated groups (baselines) interleave prefill batches and decode iterations, prefill first.
+when the bottleneck stage frees). Each request's KV then crosses the network resources between the
+prefill and decode stages holding each layer (``costmodel.KVLeg``: node links, and NICs where the
+cluster sets them; bytes compressed or raw per the cost model). Every resource is a FIFO server
+that is busy for ``bytes / its bandwidth`` per transfer, so concurrent transfers share a NIC's
+capacity; a transfer is done when its last leg is. Decode groups run continuous batching: a
+request joins at the next iteration boundary once its KV has arrived and its KV (prompt + output
+tokens) fits in memory, and leaves after its last token. Colocated groups (baselines) interleave
+prefill batches and decode iterations, prefill first; a prompt whose prefill ends during an
+iteration joins at the next boundary.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cluster import Cluster
-from .costmodel import CostParams, Pipeline, kv_link_bytes_per_token, link_key
+from .costmodel import CostParams, KVLeg, Pipeline, kv_transfer_legs
 from .model import ModelSpec
 from .parallel import PREFILL_BATCH_TOKENS
 from .plan import Plan
@@ -56,7 +60,7 @@ class SimResult:
 
 class _Group:
     __slots__ = ("pipe", "kind", "queue", "busy_until", "free_pending", "running", "k", "ctx",
-                 "kv_used", "kv_cap", "stepping", "reserve")
+                 "kv_used", "kv_cap", "stepping", "reserve", "joining")
 
     def __init__(self, pipe: Pipeline, kind: str) -> None:
         self.pipe, self.kind = pipe, kind
@@ -67,6 +71,7 @@ class _Group:
         self.kv_cap = pipe.kv_token_capacity()
         self.stepping = False
         self.reserve: dict[int, int] = {}
+        self.joining: list[int] = []  # colocated: prefilled mid-iteration, join at the next boundary
 
 
 def _wrr(weights: list[float]):
@@ -112,22 +117,19 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
             weights.append(float(plan.coloc_flow[a]))
     if not entries:
         return res
-    pair_links: dict[tuple[int, int], list[tuple[tuple[str, str], float, float]]] = {}
-    for i, j in set(entries):
-        if i != j:
-            per: dict[tuple[str, str], float] = {}
-            for (a, b), v in kv_link_bytes_per_token(groups[i].pipe, groups[j].pipe, params).items():
-                per[link_key(a, b)] = per.get(link_key(a, b), 0.0) + v
-            pair_links[(i, j)] = [(k, v, cluster.link_bytes_per_s(*k)) for k, v in per.items()]
+    pair_legs: dict[tuple[int, int], list[KVLeg]] = {
+        (i, j): kv_transfer_legs(groups[i].pipe, groups[j].pipe, params, cluster)
+        for i, j in set(entries) if i != j}
     if kv_bytes is not None:
         kv_bytes = np.asarray(kv_bytes, dtype=np.float64)
         if kv_bytes.shape != (n,) or (kv_bytes < 0).any():
             raise ValueError("kv_bytes needs one non-negative byte count per request")
-        pair_total = {k: sum(v for _, v, _ in links) for k, links in pair_links.items()}
+        pair_total = {k: sum(leg.bytes_per_token for leg in legs if leg.is_link)
+                      for k, legs in pair_legs.items()}
     if stream_kv is None:
         stream_kv = params.kv_streaming
     prefill_start = np.full(n, np.nan) if stream_kv else None
-    link_free: dict[tuple[str, str], float] = {}
+    link_free: dict[tuple[str, ...], float] = {}  # per network resource: busy until
     dest = np.zeros(n, dtype=np.int64)
     heap: list = []
     seq = 0
@@ -186,6 +188,10 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
                     push(now + lat, PREFILL_DONE, r, gi)
                 push(now + busy, STEP_DONE, gi, 1)
                 return
+        while g.joining:
+            r = g.joining.pop(0)
+            g.kv_used -= int(P[r] + O[r])
+            admit(g, r, now)
         if g.kind == "decode":
             while g.queue and (g.kv_used + P[g.queue[0]] + O[g.queue[0]] <= g.kv_cap or not g.running):
                 admit(g, g.queue.popleft(), now)
@@ -231,28 +237,25 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
                 if b == di:
                     groups[di].kv_used -= int(P[a] + O[a])
                 continue
-            if b == di:  # colocated: joins this group's running batch
-                g = groups[di]
-                g.kv_used -= int(P[a] + O[a])
-                admit(g, a, now)
+            if b == di:  # colocated: joins this group's running batch at its next boundary
+                groups[di].joining.append(a)
                 step(di, now)  # the group may have gone idle when its pipeline freed up
                 continue
             done = now
-            if kv_bytes is None and prefill_start is None:
-                for k, bpt, bw in pair_links[(b, di)]:
-                    s = max(now, link_free.get(k, 0.0))
-                    link_free[k] = s + P[a] * bpt / bw
-                    done = max(done, link_free[k])
-            else:
-                nl = model.layers
-                ready = now if prefill_start is None else (
-                    prefill_start[a] + (now - prefill_start[a]) / nl)  # first layer's KV
-                for k, bpt, bw in pair_links[(b, di)]:
-                    dt = (P[a] * bpt if kv_bytes is None
-                          else kv_bytes[a] * bpt / pair_total[(b, di)]) / bw
-                    s = max(ready, link_free.get(k, 0.0))
-                    link_free[k] = max(s + dt, now + dt / nl if prefill_start is not None else 0.0)
-                    done = max(done, link_free[k])
+            nl = model.layers
+            span = 0.0 if prefill_start is None else now - prefill_start[a]
+            for leg in pair_legs[(b, di)]:
+                dt = (P[a] * leg.bytes_per_token if kv_bytes is None
+                      else kv_bytes[a] * leg.bytes_per_token / pair_total[(b, di)]) / leg.bps
+                if prefill_start is None:  # after the prefill
+                    s = max(now, link_free.get(leg.key, 0.0))
+                    end = s + dt
+                else:  # streamed: layer l is ready (l + 1) / nl into the prefill
+                    ready = now - span + span * (leg.first + 1) / nl
+                    s = max(ready, link_free.get(leg.key, 0.0))
+                    end = max(s + dt, now - span + span * (leg.last + 1) / nl + dt / leg.n_layers)
+                link_free[leg.key] = s + dt  # busy while it carries these bytes
+                done = max(done, end)
             push(done, TRANSFER_DONE, a, di)
         elif kind == TRANSFER_DONE:
             res.transfer_done[a] = now

@@ -69,7 +69,7 @@ def reference_slo(model: ModelSpec, prompt_mean: float, scale: float, params: Co
     for tp in (1, 2, 4, 8):
         if model.heads % tp:
             continue
-        node = NodeSpec("ref", REFERENCE_GPU.name, tp, 4800)
+        node = NodeSpec("ref", REFERENCE_GPU.name, tp, 2400)
         c = Cluster({REFERENCE_GPU.name: REFERENCE_GPU}, [node], 100.0)
         pipe = build_pipeline(c, model, params, [tuple(c.gpus)], [model.layers])
         if pipe.kv_token_capacity() > 4096:

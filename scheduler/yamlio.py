@@ -85,10 +85,12 @@ class Doc:
         return cur
 
     def number(self, field: str, base: Node | None = None, *, label: str | None = None,
-               default: float | None = None, positive: bool = True, integer: bool = False) -> float:
-        """A numeric field; ``label`` is the full field name used in messages."""
+               default: float | None = None, positive: bool = True, integer: bool = False,
+               optional: bool = False) -> float:
+        """A numeric field; ``label`` is the full field name used in messages. Absent: an error,
+        unless a ``default`` is given or ``optional`` (then None)."""
         label = label or field
-        node = self.node(field, base, None if default is not None else _MISSING, label)
+        node = self.node(field, base, None if default is not None or optional else _MISSING, label)
         if node is None:
             return default  # type: ignore[return-value]
         v = node.value

@@ -12,7 +12,8 @@ from thunderkv.scheduler.cluster import Cluster, GpuType, NodeSpec
 from thunderkv.scheduler.costmodel import (
     CostParams,
     build_pipeline,
-    kv_link_bytes_per_token,
+    exposed_transfer_time,
+    kv_transfer_legs,
     kv_transfer_time,
 )
 from thunderkv.scheduler.kv_bytes import compression_ratio, kv_bytes_per_element
@@ -71,7 +72,7 @@ def test_more_bandwidth_never_slower(which):
         p = _pipe(c, stages, [20, 20])
         d = _pipe(c, [("n1:0",), ("n0:0",)], [20, 20])
         t = [p.prefill(2048)[0], p.decode_iter(16, 16 * 900),
-             kv_transfer_time(2048, kv_link_bytes_per_token(p, d, CostParams()), c)]
+             kv_transfer_time(2048, kv_transfer_legs(p, d, CostParams(), c))]
         if prev is not None:
             assert all(a <= b for a, b in zip(t, prev))
             assert t != prev
@@ -82,11 +83,72 @@ def test_compression_cuts_transfer_time_by_format_ratio():
     c = _cluster(inter=10.0)
     src = _pipe(c, [("n0:0", "n0:1")], [M.layers])
     dst = _pipe(c, [("n1:0", "n1:1")], [M.layers])
-    raw = kv_transfer_time(1000, kv_link_bytes_per_token(src, dst, CostParams(kv_bits=16)), c)
-    q4 = kv_transfer_time(1000, kv_link_bytes_per_token(src, dst, CostParams(kv_bits=4)), c)
+    raw = kv_transfer_time(1000, kv_transfer_legs(src, dst, CostParams(kv_bits=16), c))
+    q4 = kv_transfer_time(1000, kv_transfer_legs(src, dst, CostParams(kv_bits=4), c))
     assert raw / q4 == pytest.approx(compression_ratio(4, 64))
     # raw bytes: 2 (K,V) x layers x kv_dim x 2 B per token over 10 Gbit/s
     assert raw == pytest.approx(1000 * M.kv_bytes_per_token() / (10e9 / 8))
+
+
+def test_nic_caps_a_node_sending_over_several_links():
+    """Two stages on n0 send to decode stages on n1 and n2 (10 Gbit/s links each): without a
+    NIC the links run in parallel; a 10 Gbit/s NIC on n0 carries both, so it takes twice as
+    long; a 40 Gbit/s NIC does not bind. Each NIC direction is its own leg."""
+    def transfer(nic_default=None, nic_n0=None):
+        ns = [NodeSpec("n0", BASE.name, 2, 200, nic_n0)] + \
+             [NodeSpec(f"n{i}", BASE.name, 2, 200) for i in (1, 2)]
+        c = Cluster({BASE.name: BASE}, ns, 10, nic_gbps=nic_default)
+        half = M.layers // 2
+        src = _pipe(c, [("n0:0",), ("n0:1",)], [half, M.layers - half])
+        dst = _pipe(c, [("n1:0",), ("n2:0",)], [half, M.layers - half])
+        legs = kv_transfer_legs(src, dst, CostParams(), c)
+        return kv_transfer_time(1000, legs), {leg.key for leg in legs}
+
+    free, keys = transfer()
+    assert keys == {("n0", "n1"), ("n0", "n2")}
+    slow, keys = transfer(nic_n0=10)
+    assert slow == pytest.approx(2 * free)
+    assert keys == {("n0", "n1"), ("n0", "n2"), ("nic", "n0", "out")}
+    assert transfer(nic_default=10)[0] == pytest.approx(2 * free)  # the cluster default
+    wide, keys = transfer(nic_default=40)
+    assert wide == pytest.approx(free) and ("nic", "n1", "in") in keys
+    assert transfer(nic_default=10, nic_n0=40)[0] == pytest.approx(free)  # the node overrides
+
+
+def test_streaming_leg_waits_for_its_layers():
+    """A leg carrying only the last stage's layers cannot start before they exist: its
+    exposed time is at least its own transfer share per layer, and a leg of the first stage's
+    layers hides behind the rest of the prefill."""
+    c = _cluster(nodes=4)
+    half = M.layers // 2
+    src = _pipe(c, [("n0:0",), ("n1:0",)], [half, M.layers - half])
+    dst = _pipe(c, [("n2:0",), ("n3:0",)], [half, M.layers - half])
+    legs = kv_transfer_legs(src, dst, CostParams(), c)
+    by = {leg.key: leg for leg in legs}
+    assert (by[("n0", "n2")].first, by[("n0", "n2")].last) == (0, half - 1)
+    assert (by[("n1", "n3")].first, by[("n1", "n3")].n_layers) == (half, M.layers - half)
+    dt = kv_transfer_time(1000, [by[("n1", "n3")]])
+    prefill = 10 * dt  # long prefill: the first stage's leg is long done by its end
+    got = exposed_transfer_time(1000, legs, prefill, M.layers, True)
+    assert got == pytest.approx(dt / (M.layers - half))
+    assert exposed_transfer_time(1000, legs, prefill, M.layers, False) == pytest.approx(dt)
+    # one leg with every layer: the old single-link rule
+    one = kv_transfer_legs(_pipe(c, [("n0:0",)], [M.layers]), _pipe(c, [("n1:0",)], [M.layers]),
+                           CostParams(), c)
+    t = kv_transfer_time(1000, one)
+    for p in (0.1 * t, t, 5 * t):
+        assert exposed_transfer_time(1000, one, p, M.layers, True) == pytest.approx(
+            max(t - p * (M.layers - 1) / M.layers, t / M.layers))
+
+
+def test_pipeline_hop_latency_by_placement():
+    """A hop between stages on one node pays the intra-node latency, across nodes the
+    inter-node one."""
+    c = _cluster(intra=1e9, inter=1e9)  # bandwidth terms vanish
+    p = CostParams(intra_latency_s=1e-5, inter_latency_s=1e-3)
+    same = _pipe(c, [("n0:0",), ("n0:1",)], [20, M.layers - 20], p)
+    cross = _pipe(c, [("n0:0",), ("n1:0",)], [20, M.layers - 20], p)
+    assert cross.prefill(16)[0] - same.prefill(16)[0] == pytest.approx(1e-3 - 1e-5, rel=1e-6)
 
 
 def test_memory_feasibility_enforced():

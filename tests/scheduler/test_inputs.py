@@ -26,7 +26,23 @@ def test_example_clusters_load_with_expected_prices():
     assert market.price_per_hour() == pytest.approx(5.44)
     assert cloud.link_gbps("a100-0", "l40s-0") == 25 == cloud.link_gbps("l40s-0", "a100-0")
     assert cloud.link_gbps("a100-0", "a6000-1") == 5
-    assert cloud.link_gbps("a100-0", "a100-0") == 4800
+    assert cloud.link_gbps("a100-0", "a100-0") == 2400
+    assert cloud.nic_bytes_per_s("a100-0") == 25e9 / 8 == cloud.nic_bytes_per_s("rtx3090-0")
+    assert market.nic_bytes_per_s("dgx0") is None
+
+
+def test_nic_gbps_node_overrides_network_default():
+    c = load_cluster("c.yaml", TINY.replace("count: 2, intra_node_gbps: 100}",
+                                            "count: 2, intra_node_gbps: 100, nic_gbps: 40}")
+                     .replace("  inter_node_gbps: 10\n", "  inter_node_gbps: 10\n  nic_gbps: 25\n"))
+    assert c.nic_bytes_per_s("n1") == 40e9 / 8 and c.nic_bytes_per_s("n0") == 25e9 / 8
+    assert load_cluster("c.yaml", TINY).nic_bytes_per_s("n0") is None
+    # a plan JSON carries them
+    from thunderkv.scheduler.plan import cluster_from_dict, cluster_to_dict
+    back = cluster_from_dict(cluster_to_dict(c))
+    assert [back.nic_bytes_per_s(n.name) for n in back.nodes] == \
+        [c.nic_bytes_per_s(n.name) for n in c.nodes]
+    assert back.without_nodes({"n1"}).nic_bytes_per_s("n0") == 25e9 / 8
 
 
 @pytest.mark.parametrize("old,new,field,line", [
@@ -38,6 +54,9 @@ def test_example_clusters_load_with_expected_prices():
     ("  inter_node_gbps: 10\n", "  inter_node_gbps: 0\n", "network.inter_node_gbps", 12),
     ("{name: n2, gpu: L40S, count: 2, intra_node_gbps: 200}", "{name: n2, gpu: L40S, count: 2}",
      "nodes[2].intra_node_gbps", 10),
+    ("count: 2, intra_node_gbps: 100}", "count: 2, intra_node_gbps: 100, nic_gbps: -1}",
+     "nodes[1].nic_gbps", 9),
+    ("  inter_node_gbps: 10\n", "  inter_node_gbps: 10\n  nic_gbps: fast\n", "network.nic_gbps", 13),
 ])
 def test_bad_cluster_yaml_names_field_and_line(old, new, field, line):
     assert old in TINY

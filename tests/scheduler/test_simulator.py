@@ -72,7 +72,7 @@ def test_streaming_hides_transfer_behind_prefill(model7b, params, stats, small_w
     """Layer-by-layer streaming (the default, params.kv_streaming) starts the transfer with the
     first layer: the wait after the prefill shrinks by up to the prefill's other layers, never
     below one layer's share of the transfer, and matches the cost model's exposed time."""
-    from thunderkv.scheduler.costmodel import exposed_transfer_time
+    from thunderkv.scheduler.costmodel import exposed_transfer_time, kv_transfer_legs
     c = tiny_cluster(tiny_text.replace("inter_node_gbps: 10", "inter_node_gbps: 1"))
     state = canonical([(("n0:0", "n0:1"), "prefill"), (("n2:0", "n2:1"), "decode")])
     ev = Evaluator(c, model7b, params, stats, SLO(100, 100))
@@ -92,7 +92,10 @@ def test_streaming_hides_transfer_behind_prefill(model7b, params, stats, small_w
     # no queueing, not batched with another, link idle (previous transfer long finished)
     solo = np.isclose(prefill, alone, rtol=1e-12) & (gap > 2 * raw.max())
     assert solo.sum() >= 30
-    want = [exposed_transfer_time(t, p, model7b.layers, True) for t, p in zip(raw[solo], prefill[solo])]
+    legs = kv_transfer_legs(pipe, plan.groups[plan.decode_ids[0]].pipeline(c, model7b, params),
+                            params, c)
+    want = [exposed_transfer_time(p_tok, legs, p, model7b.layers, True)
+            for p_tok, p in zip(wl.prompts[multi][solo], prefill[solo])]
     assert hid[solo] == pytest.approx(want, rel=1e-9)
     assert np.array_equal(streamed.first_token, after.first_token)
 
@@ -178,3 +181,61 @@ def test_a_steady_state_replay_does_not_pass_overload(model7b, params, stats, sl
     once = system_goodput(plan, ev, small_wl, slo)[0]
     steady = system_goodput(plan, ev, dataclasses.replace(small_wl, min_replay_s=800.0), slo)[0]
     assert 0 < steady <= plan.objective * 1.02 and once > 1.5 * plan.objective
+
+
+def test_nic_is_shared_by_concurrent_transfers(model7b, params, stats, small_wl, tiny_text):
+    """One prefill group on n0 ships to decode groups on n1 (25 Gbit/s link) and n2 (10).
+    A 25 Gbit/s NIC on every node adds nothing to a transfer on an idle network, but the two
+    decode groups' KV now shares n0's NIC: under load transfers wait longer, and n0 never sends
+    faster than its NIC (all KV bytes over the span from the first prefill end to the last
+    transfer's end)."""
+    from thunderkv.scheduler.costmodel import kv_transfer_legs
+    state = canonical([(("n0:0", "n0:1"), "prefill"), (("n1:0", "n1:1"), "decode"),
+                       (("n2:0", "n2:1"), "decode")])
+    wl = small_wl.with_poisson(50.0, 3)
+    multi = wl.outputs > 1
+    out = {}
+    for nic in (None, 25):
+        text = tiny_text if nic is None else tiny_text.replace(
+            "inter_node_gbps: 10", f"inter_node_gbps: 10\n  nic_gbps: {nic}")
+        c = tiny_cluster(text)
+        ev = Evaluator(c, model7b, params, stats, SLO(100, 100))
+        plan = ev.plan(state)
+        assert len(plan.decode_ids) == 2 and (plan.flow > 0).all()
+        out[nic] = res = simulate(plan, c, model7b, params, wl, stream_kv=False)
+        assert np.isfinite(res.finish).all()
+        pipes = [g.pipeline(c, model7b, params) for g in plan.groups]
+        bpt = {d: sum(leg.bytes_per_token for leg in kv_transfer_legs(
+            pipes[plan.prefill_ids[0]], pipes[d], params, c) if leg.is_link)
+            for d in plan.decode_ids}
+    wait = {k: (r.transfer_done - r.first_token)[multi] for k, r in out.items()}
+    first = int(np.argmax(multi))
+    assert wait[25][0] == pytest.approx(wait[None][0])  # idle network: the link binds
+    assert out[25].transfer_done[first] == pytest.approx(out[None].transfer_done[first])
+    assert wait[25].mean() > 1.1 * wait[None].mean()
+    res = out[25]
+    assert len(set(bpt.values())) == 1  # same layout to both: one byte count per token
+    sent = float(wl.prompts[multi].sum()) * next(iter(bpt.values()))
+    span = np.nanmax(res.transfer_done) - np.nanmin(res.first_token[multi])
+    assert sent / span <= 25e9 / 8 * (1 + 1e-9)
+
+
+def test_colocated_prompt_joins_at_next_boundary(model7b, params, stats, slo):
+    """A colocated pipeline frees its bottleneck stage before the prompt leaves the last stage,
+    so decode iterations run while prompts are still finishing. A prompt that finishes
+    mid-iteration joins at the next boundary: every one of its later tokens takes a whole
+    iteration, at least the shortest one there is (one request, one context token)."""
+    from thunderkv.scheduler.workload import synthetic
+    state = canonical([(("n0:0", "n2:0"), "colocated")])  # two nodes: two stages
+    ev = Evaluator(tiny_cluster(), model7b, params, stats, slo, SearchSpace(("colocated",)))
+    plan = ev.plan(state)
+    g = plan.groups[0]
+    pipe = g.pipeline(ev.cluster, model7b, params)
+    assert len(pipe.stages) == 2, "needs a pipelined colocated group"
+    wl = synthetic("coding", 400, 1.0, seed=4).with_poisson(3.0, 4)
+    res = simulate(plan, ev.cluster, model7b, params, wl)
+    assert np.isfinite(res.finish).all()
+    o = wl.outputs
+    floor = pipe.decode_iter(1, 1.0)
+    multi = o > 1
+    assert ((res.finish - res.first_token)[multi] >= ((o - 1) * floor)[multi] * (1 - 1e-9)).all()
