@@ -14,10 +14,11 @@ import json
 import os
 import secrets
 import subprocess
-import sys
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Listener
+
+from thunderkv._spawn import module_argv
 
 ENV = "THUNDERKV_PLACEMENT"
 
@@ -84,7 +85,7 @@ class Placement:
                "THUNDERKV_TRANSFER_TOKEN": token, "UCX_TLS": "tcp",
                "UCX_NET_DEVICES": "tkv-c" if side == "client" else "tkv-s"}
         env.pop(ENV, None)
-        argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "thunderkv.serve.worker",
+        argv = ["ip", "netns", "exec", ns, *module_argv("thunderkv.serve.worker"),
                 "--connect", f"{host}:{port}", "--id", str(worker_id), "--model", config.model,
                 "--role", role, "--threads", str(config.threads), "--kv-host", kv_host]
         popen = subprocess.Popen(argv, env=env)

@@ -145,3 +145,47 @@ def test_delay_either_works_or_cleans_up() -> None:
     except RuntimeError as exc:
         assert "netem" in str(exc)
     assert not any(ns.startswith("tkvdly-") for ns in _namespaces())
+
+
+# Enters a shaped link inside sigterm_unwinds, says so, then waits to be terminated.
+TERMINATED = """
+import sys, time
+from thunderkv.transfer.netshape import ShapedLink, parse_rate, sigterm_unwinds
+with sigterm_unwinds(), ShapedLink(parse_rate("10mbit"), name_prefix="tkvterm") as link:
+    print(link.server_ns, link.client_ns, flush=True)
+    time.sleep(60)
+"""
+
+
+@needs_shaping
+def test_sigterm_still_deletes_the_namespaces() -> None:
+    """A bench stopped with SIGTERM (a CI timeout, `kill`) used to leave its namespaces and
+    veth pair behind; under sigterm_unwinds it exits 143 after ShapedLink cleaned up."""
+    p = subprocess.Popen([sys.executable, "-c", TERMINATED], stdout=subprocess.PIPE, text=True)
+    try:
+        names = set(p.stdout.readline().split())
+        assert len(names) == 2 and names <= _namespaces()
+        p.terminate()
+        assert p.wait(timeout=20) == 143
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=5)
+    assert not names & _namespaces()
+
+
+def test_sigterm_unwinds_runs_finally_blocks(tmp_path) -> None:
+    code = ("import pathlib, sys, time\n"
+            "from thunderkv.transfer.netshape import sigterm_unwinds\n"
+            f"done = pathlib.Path({str(tmp_path / 'done')!r})\n"
+            "with sigterm_unwinds():\n"
+            "    try:\n"
+            "        print('ready', flush=True)\n"
+            "        time.sleep(60)\n"
+            "    finally:\n"
+            "        done.write_text('cleaned')\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    p.terminate()
+    assert p.wait(timeout=20) == 143
+    assert (tmp_path / "done").read_text() == "cleaned"

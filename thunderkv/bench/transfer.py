@@ -18,7 +18,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .._spawn import module_argv
 from ..transfer.wire import KVHeader, build_header, layer_views
 
 
@@ -337,6 +337,7 @@ def serve(host: str, port: int, pool_bytes: int, timeout: float,
 # ---------------------------------------------------------------------- both roles here
 def _wait_listening(proc: subprocess.Popen, timeout: float) -> tuple[str, int]:
     deadline = time.monotonic() + timeout
+    said: list[str] = []
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
@@ -346,8 +347,10 @@ def _wait_listening(proc: subprocess.Popen, timeout: float) -> tuple[str, int]:
         if line.startswith("LISTENING"):
             _, host, port = line.split()
             return host, int(port)
-    raise RuntimeError(f"transfer server did not start (exit code {proc.poll()}); "
-                       "run `thunderkv bench transfer --role server` to see why")
+        said = (said + [line.rstrip()])[-8:]
+    last = "".join(f"\n  server: {s}" for s in said)
+    raise RuntimeError(f"transfer server did not start (exit code {proc.poll()}){last or ''}"
+                       "\n(run `thunderkv bench transfer --role server` to see it alone)")
 
 
 def run_pair(cli_args: list[str], *, pool_bytes: int, timeout: float, rate_bps: int | None,
@@ -355,21 +358,21 @@ def run_pair(cli_args: list[str], *, pool_bytes: int, timeout: float, rate_bps: 
     """Spawn a server and a client process (inside a shaped veth link when ``rate_bps``),
     both with their pools on ``device``."""
     from ..transfer import auth
+    from ..transfer.netshape import ShapedLink, sigterm_unwinds
 
     env = {**os.environ, "THUNDERKV_TRANSFER_TOKEN": auth.new_token()}
-    base = [sys.executable, "-m", "thunderkv.cli", "bench", "transfer"]
+    base = module_argv("thunderkv.cli") + ["bench", "transfer"]
     server_argv = base + ["--role", "server", "--port", "0", "--pool-bytes", str(pool_bytes),
                           "--timeout", str(timeout), "--device", device]
     client_argv = base + cli_args + ["--rows-out", str(rows_path), "--device", device]
-    if rate_bps is None:
-        _run_pair(server_argv + ["--host", "127.0.0.1"], client_argv, env, None)
-        return
-    from ..transfer.netshape import ShapedLink
-
-    with ShapedLink(rate_bps) as link:
-        # Shared memory would bypass the link: force UCX onto TCP over the shaped veth.
-        env.update(UCX_TLS="tcp")
-        _run_pair(server_argv + ["--host", link.server_addr], client_argv, env, link)
+    with sigterm_unwinds():  # a SIGTERM still stops the server and deletes the namespaces
+        if rate_bps is None:
+            _run_pair(server_argv + ["--host", "127.0.0.1"], client_argv, env, None)
+            return
+        with ShapedLink(rate_bps) as link:
+            # Shared memory would bypass the link: force UCX onto TCP over the shaped veth.
+            env.update(UCX_TLS="tcp")
+            _run_pair(server_argv + ["--host", link.server_addr], client_argv, env, link)
 
 
 def _run_pair(server_argv, client_argv, env, link) -> None:

@@ -6,6 +6,20 @@ import argparse
 import json
 
 
+def _count(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default", help="shape preset: default, quick, large")
     p.add_argument("--quick", action="store_true", help="same as --preset quick (seconds)")
@@ -15,8 +29,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--backend", action="append", dest="backends",
                    help="backend to time (repeatable); default: every usable one")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--reps", type=int, default=10, help="timed calls per measurement")
+    p.add_argument("--threads", type=_count(1), default=None,
+                   help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--reps", type=_count(1), default=10, help="timed calls per measurement")
     p.add_argument("--json", metavar="PATH", help="append one JSON line per measurement")
     p.add_argument("--no-graph", dest="graph", action="store_false",
                    help="CUDA: skip the CUDA-graph replay timing (the kernels' own speed, "
@@ -50,7 +65,8 @@ def register(subparsers) -> None:
     )
     _common(q)
     q.add_argument("--axis", type=int, default=-1, choices=[-1, -2])
-    q.add_argument("--reference-reps", type=int, default=3, help="timed calls for the reference")
+    q.add_argument("--reference-reps", type=_count(1), default=3,
+                   help="timed calls for the reference")
     q.set_defaults(func=run_quant)
 
     at = sub.add_parser(
@@ -61,14 +77,15 @@ def register(subparsers) -> None:
         "dequantize-then-SDPA, in the same run.")
     at.add_argument("--geometry", default="smollm2-135m",
                     help="smollm2-135m (3 KV heads x 3, D=64), llama-7b, llama3-8b")
-    at.add_argument("--context", type=int, action="append", dest="contexts",
+    at.add_argument("--context", type=_count(1), action="append", dest="contexts",
                     help="cached tokens (repeatable; default 1024, 4096, 16384)")
     at.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     at.add_argument("--bits", type=int, default=4, choices=[2, 4, 8])
     at.add_argument("--group-size", type=int, default=64)
-    at.add_argument("--residual", type=int, default=128, help="full-precision newest tokens")
-    at.add_argument("--batch", type=int, default=1)
-    at.add_argument("--reps", type=int, default=50)
+    at.add_argument("--residual", type=_count(0), default=128,
+                    help="full-precision newest tokens")
+    at.add_argument("--batch", type=_count(1), default=1)
+    at.add_argument("--reps", type=_count(1), default=50)
     at.add_argument("--json", metavar="PATH", help="append one JSON line per measurement")
     at.set_defaults(func=run_attention)
 
@@ -167,6 +184,10 @@ def _setup(args: argparse.Namespace, presets: dict):
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
+        why = _device_problem(args.device, "the kernels run")
+        if why is not None:
+            console.print(f"[red]--device {args.device}: {why}")
+            return console, None, None
         device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -216,11 +237,15 @@ def run_quant(args: argparse.Namespace) -> int:
     console, shapes, device = _setup(args, quant.PRESETS)
     if shapes is None:
         return 2
-    rows = _measure(console, lambda progress: quant.run(
-        shapes, device=device, dtype=getattr(torch, args.dtype), bits=args.bits,
-        group_size=args.group_size, axis=args.axis, backend_names=args.backends,
-        reps=args.reps, reference_reps=args.reference_reps, progress=progress,
-        graph=args.graph))
+    try:
+        rows = _measure(console, lambda progress: quant.run(
+            shapes, device=device, dtype=getattr(torch, args.dtype), bits=args.bits,
+            group_size=args.group_size, axis=args.axis, backend_names=args.backends,
+            reps=args.reps, reference_reps=args.reference_reps, progress=progress,
+            graph=args.graph))
+    except ValueError as exc:  # bad settings for these shapes (e.g. a group size)
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
     return _report(console, args, rows, f"quantize/dequantize axis={args.axis}")
 
 
@@ -232,10 +257,14 @@ def run_paged(args: argparse.Namespace) -> int:
     console, cases, device = _setup(args, paged.PRESETS)
     if cases is None:
         return 2
-    rows = _measure(console, lambda progress: paged.run(
-        cases, device=device, dtype=getattr(torch, args.dtype), bits=args.bits,
-        group_size=args.group_size, backend_names=args.backends, reps=args.reps,
-        progress=progress, graph=args.graph))
+    try:
+        rows = _measure(console, lambda progress: paged.run(
+            cases, device=device, dtype=getattr(torch, args.dtype), bits=args.bits,
+            group_size=args.group_size, backend_names=args.backends, reps=args.reps,
+            progress=progress, graph=args.graph))
+    except ValueError as exc:  # bad settings for these shapes (e.g. a group size)
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
     return _report(console, args, rows, "paged cache")
 
 
@@ -354,8 +383,9 @@ def run_transfer(args: argparse.Namespace) -> int:
     return _report_transfer(console, args, rows, rate=rate)
 
 
-def _device_problem(device: str) -> str | None:
-    """Why ``device`` cannot hold transfer pools here (None when it can)."""
+def _device_problem(device: str, what: str = "pools live") -> str | None:
+    """Why ``device`` cannot be used here (None when it can): cpu, or a CUDA device torch
+    sees; ``what`` names the use in the message."""
     import torch
 
     try:
@@ -365,7 +395,7 @@ def _device_problem(device: str) -> str | None:
     if dev.type == "cpu":
         return None
     if dev.type != "cuda":
-        return "pools live on cpu or cuda"
+        return f"{what} on cpu or cuda"
     if not torch.cuda.is_available():
         return "torch sees no CUDA device here"
     if dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -481,17 +511,22 @@ def _e2e_across_link(console, args: argparse.Namespace) -> int:
     """Re-run this benchmark inside the server side of a shaped veth link."""
     import os
     import subprocess
-    import sys
 
+    from .._spawn import module_argv
     from ..serve.netplace import ENV, LinkInfo
-    from ..transfer.netshape import ShapedLink, parse_rate, shaping_unavailable_reason
+    from ..transfer.netshape import (
+        ShapedLink,
+        parse_rate,
+        shaping_unavailable_reason,
+        sigterm_unwinds,
+    )
 
     rate = parse_rate(args.link_rate)
     why = shaping_unavailable_reason()
     if why is not None:
         console.print(f"[yellow]skipping --link-rate {args.link_rate}: {why}")
         return 0
-    argv = [sys.executable, "-m", "thunderkv.cli", "bench", "e2e", "--model", args.model,
+    argv = module_argv("thunderkv.cli") + ["bench", "e2e", "--model", args.model,
             "--preset", "quick" if args.quick else args.preset, "--threads", str(args.threads),
             "--seed", str(args.seed), "--link-rate", args.link_rate,
             "--kv-group-size", str(args.kv_group_size),
@@ -501,6 +536,6 @@ def _e2e_across_link(console, args: argparse.Namespace) -> int:
     for flag, value in (("--rate", args.rate), ("--json", args.json), ("--plot", args.plot)):
         if value is not None:
             argv += [flag, str(value)]
-    with ShapedLink(rate, control_link=True) as link:
+    with sigterm_unwinds(), ShapedLink(rate, control_link=True) as link:
         env = {**os.environ, ENV: LinkInfo.from_link(link).to_env()}
         return subprocess.run(link.command("server", argv), env=env).returncode

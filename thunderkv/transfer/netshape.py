@@ -13,15 +13,19 @@ Needs root (or CAP_NET_ADMIN) and the iproute2 ``ip`` and ``tc`` binaries;
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import itertools
 import os
 import re
 import shutil
+import signal
 import subprocess
+import threading
 import uuid
+from collections.abc import Iterator
 
-__all__ = ["ShapedLink", "parse_rate", "shaping_unavailable_reason"]
+__all__ = ["ShapedLink", "parse_rate", "shaping_unavailable_reason", "sigterm_unwinds"]
 
 _CAP_NET_ADMIN = 12
 _SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
@@ -30,6 +34,25 @@ _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
 _counter = itertools.count()
 _live_namespaces: set[str] = set()  # created and not yet deleted; swept at interpreter exit
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Inside: SIGTERM raises ``SystemExit(143)`` in the main thread instead of killing the
+    process on the spot, so ``with ShapedLink`` and ``finally`` blocks still delete the
+    namespaces, stop child processes and remove temporary files. No-op off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _tool(name: str) -> str | None:
