@@ -70,7 +70,7 @@ class CompletionRequest:
     top_p: float = 1.0
     seed: int | None = None
     stream: bool = False
-    stop: list[str] | None = None  # optional, may be honoured by the engine
+    stop: list[str] | None = None  # the completion ends before the first (serve/stops.py)
     model: str | None = None
     request_id: str = field(default_factory=_new_request_id)  # "cmpl-<hex>"
 

@@ -50,6 +50,19 @@ class ServeConfig:
     role_list: list[str] | None = None
     routing: list[dict] | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("prefill", "decode", "colocated"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} workers must be >= 0, got {getattr(self, name)}")
+        roles = self.roles()
+        if not roles:
+            raise ValueError("no workers to run")
+        if "colocated" not in roles and not {"prefill", "decode"} <= set(roles):
+            missing = "prefill" if "prefill" not in roles else "decode"
+            raise ValueError(f"a phase-split server needs at least one prefill and one decode "
+                             f"worker (no {missing} worker); use --colocated N for colocated "
+                             "workers")
+
     def roles(self) -> list[str]:
         if self.role_list is not None:
             return list(self.role_list)

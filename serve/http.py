@@ -45,6 +45,7 @@ from .api_types import (
     TokenEvent,
     health_ok,
 )
+from .stops import StopMatcher
 
 log = logging.getLogger(__name__)
 
@@ -477,11 +478,17 @@ class _Handler(BaseHTTPRequestHandler):
     def _complete(self, request: CompletionRequest, inflight: _Inflight) -> None:
         texts: list[str] = []
         finish_reason = None
+        stops = StopMatcher(request.stop)
         for event in self._events(inflight):
-            texts.append(event.text)
+            texts.append(stops.feed(event.text))
+            if stops.hit:  # a stop string: end here, and stop generating
+                inflight.cancel()
+                finish_reason = "stop"
+                break
             if event.finish_reason:
                 finish_reason = event.finish_reason
                 break
+        texts.append(stops.flush())
         inflight.finish()
         if finish_reason is None:
             log.warning("%s: engine ended without a finish_reason", request.request_id)
@@ -550,19 +557,27 @@ class _Handler(BaseHTTPRequestHandler):
                 out["usage"] = None
             return out
 
+        stops = StopMatcher(request.stop)
         try:
             event = first
             while event is not None:
-                if event.finish_reason:
+                text, finish = stops.feed(event.text), event.finish_reason
+                if stops.hit:  # a stop string: end here, and stop generating
+                    inflight.cancel()
+                    finish = "stop"
+                elif finish:
+                    text += stops.flush()
+                if finish:
                     inflight.finish()  # from here on a disconnect no longer cancels
-                self._sse(_dumps(chunk(event.text, event.finish_reason)))
-                if event.finish_reason:
+                if text or finish:
+                    self._sse(_dumps(chunk(text, finish)))
+                if finish:
                     break
                 event = next(events, None)
             else:
                 inflight.finish()
                 log.warning("%s: engine ended without a finish_reason", request.request_id)
-                self._sse(_dumps(chunk("", "stop")))
+                self._sse(_dumps(chunk(stops.flush(), "stop")))
             if include_usage:
                 final = chunk("", None)
                 final["choices"] = []

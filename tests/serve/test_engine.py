@@ -173,3 +173,18 @@ def test_router_follows_the_plans_routing(reference):
     with pytest.raises(ValueError, match="names worker 5"):
         Engine(ServeConfig(model="tiny", role_list=["prefill", "decode"], routing=[
             {"prefill": 0, "decode": 5, "req_per_s": 1.0}]))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prefill=0, decode=1), "no prefill worker"),
+    (dict(prefill=2, decode=0), "no decode worker"),
+    (dict(role_list=["prefill", "prefill"]), "no decode worker"),
+    (dict(prefill=0, decode=0), "no workers"),
+    (dict(prefill=-1), "prefill workers must be >= 0"),
+])
+def test_config_refuses_a_server_that_cannot_serve(kwargs, match):
+    """Caught before any worker starts (it used to start, then fail every request)."""
+    with pytest.raises(ValueError, match=match):
+        ServeConfig(model="tiny", **kwargs)
+    ServeConfig(model="tiny", prefill=0, decode=0, colocated=1)  # colocated needs neither
+    ServeConfig(model="tiny", role_list=["colocated"])

@@ -681,3 +681,23 @@ def test_from_json_rejects(body, param):
 def test_from_json_rejects_non_object():
     with pytest.raises(RequestError):
         CompletionRequest.from_json([], max_prompt_chars=10, max_tokens_limit=10)  # type: ignore
+
+
+def test_stop_strings_cut_the_completion_and_stop_generating(client, engine):
+    """'stop' ends the text before the first stop string, also across tokens and when
+    streaming, and cancels the rest of the generation."""
+    out = client.completions.create(model=MODEL, prompt="abcdefgh", max_tokens=32, stop=["de"])
+    assert (out.choices[0].text, out.choices[0].finish_reason) == ("abc", "stop")
+    assert engine.handles[-1].cancel_calls == 1
+    chunks = list(client.completions.create(model=MODEL, prompt="xyzxyq", max_tokens=32,
+                                            stop=["yq", "zz"], stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == "xyzx"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert [c.choices[0].finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    # a held-back prefix that never completes is returned at the end
+    out = client.completions.create(model=MODEL, prompt="abcd", max_tokens=32, stop=["dz"])
+    assert (out.choices[0].text, out.choices[0].finish_reason) == ("abcd", "stop")
+    chunks = list(client.completions.create(model=MODEL, prompt="abcd", max_tokens=3,
+                                            stop=["cz"], stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == "abc"
+    assert chunks[-1].choices[0].finish_reason == "length"

@@ -67,3 +67,16 @@ def test_serve_command_end_to_end():
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "tiny", "--prefill", "0", "--decode", "1"], "no prefill worker"),
+    (["--model", "/no/such/model/dir"], "unknown model '/no/such/model/dir'"),
+])
+def test_serve_refuses_at_startup_what_could_never_serve(argv, message):
+    """Exit 2 with the reason before any worker starts (it used to serve, then fail every
+    request, or print Hugging Face's repo-id error)."""
+    out = subprocess.run([sys.executable, "-m", "thunderkv.cli", "serve", *argv, "--port", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert message in " ".join(out.stdout.split())  # rich wraps long lines

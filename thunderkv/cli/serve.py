@@ -70,16 +70,25 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             console.print(f"[red]cannot use the plan: {exc}")
             return 2
-    config = ServeConfig(model=args.model, prefill=args.prefill, decode=args.decode,
-                         colocated=args.colocated, kv_bits=args.kv_bits,
-                         kv_group_size=args.kv_group_size,
-                         kv_sink_tokens=args.kv_sink_tokens,
-                         threads=args.threads,
-                         role_list=roles, routing=routing)
+    try:
+        config = ServeConfig(model=args.model, prefill=args.prefill, decode=args.decode,
+                             colocated=args.colocated, kv_bits=args.kv_bits,
+                             kv_group_size=args.kv_group_size,
+                             kv_sink_tokens=args.kv_sink_tokens,
+                             threads=args.threads,
+                             role_list=roles, routing=routing)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
     console.print(f"starting {', '.join(config.roles())} workers for {args.model} ...")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with Engine(config) as engine, ApiServer(engine, args.host, args.port) as server:
+    try:
+        engine = Engine(config)
+    except FileNotFoundError as exc:  # an unknown model name or path, a missing GGUF
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    with engine, ApiServer(engine, args.host, args.port) as server:
         console.print(f"serving {args.model} at {server.url}/v1 (KV {args.kv_bits}-bit); "
                       "GET /health /metrics /admin/workers, POST /admin/reschedule; Ctrl-C stops")
         try:
