@@ -21,11 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from thunderkv._bundled import CONVERSATION_TRACE, trace_path
+
 from .api_types import CompletionRequest
 from .engine import Engine, ServeConfig
 
-TRACE = Path(__file__).resolve().parents[1] / "examples" / "traces" / \
-    "AzureLLMInferenceTrace_conv.csv"
+TRACE = trace_path()  # None only if the package was installed without its data
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,9 @@ def run(model: str, preset: Preset, modes: list[str], *, seed: int, threads: int
     from .tokenizer import load_tokenizer
 
     link = link_from_env()
+    if TRACE is None:
+        progress(f"note: {CONVERSATION_TRACE} is not installed with this package; request "
+                 "lengths are synthetic (fixed), not the documented trace's")
     jobs = workload(preset, load_tokenizer(model), seed=seed, rate=rate)
     rows, outputs = [], {}
     # The agreement check needs the model in this process: load it while the first mode's

@@ -549,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args(argv)
+    if not Path(a.rows).is_file():
+        ap.error(f"--rows {a.rows}: no such file (the default is a measurement kept in a source "
+                 "checkout's benchmarks/results; pass the --json of a `thunderkv bench e2e` run)")
     if a.costs:
         costs = json.loads(Path(a.costs).read_text())["costs"]
     else:
