@@ -113,3 +113,57 @@ def test_bench_e2e_rate_points_link_rates_to_link_rate(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "e2e", "--rate", "-1"])
     assert "must be > 0" in capsys.readouterr().err
+
+
+def test_child_processes_ignore_a_source_tree_in_the_working_directory(tmp_path):
+    """Benches that spawn roles run ``thunderkv.cli`` in a child; started from a directory
+    holding another ``thunderkv/`` (a source checkout after ``pip install .``), ``python -m``
+    would import that one. ``module_argv`` drops the working directory from the child's path
+    (an editable install hides the trap: its finder comes first)."""
+    from thunderkv._spawn import module_argv
+
+    (tmp_path / "probe_mod.py").write_text("print('imported from the working directory')\n")
+    plain = subprocess.run([sys.executable, "-m", "probe_mod"], cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert plain.returncode == 0 and "working directory" in plain.stdout  # the trap
+    ours = subprocess.run(module_argv("probe_mod"), cwd=tmp_path, capture_output=True, text=True)
+    assert ours.returncode != 0 and "No module named probe_mod" in ours.stderr
+    fake = tmp_path / "thunderkv"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('the shadowing source tree')\n")
+    ok = subprocess.run(module_argv("thunderkv.cli") + ["--help"], cwd=tmp_path,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "usage: thunderkv" in ok.stdout
+
+
+def test_env_reports_an_unusable_cpu_isa_instead_of_crashing():
+    import os
+
+    env = {**os.environ, "THUNDERKV_CPU_ISA": "bogus", "COLUMNS": "250"}
+    out = subprocess.run([sys.executable, "-m", "thunderkv.cli", "env"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "CPU variant 'bogus' is not usable" in out.stdout
+    data = subprocess.run([sys.executable, "-m", "thunderkv.cli", "env", "--json"], env=env,
+                          capture_output=True, text=True)
+    ext = json.loads(data.stdout)["extension"]
+    assert ext["cpu_variant_active"] is None and "bogus" in ext["cpu_variant_error"]
+
+
+def test_env_table_shows_square_brackets_literally(capsys, monkeypatch):
+    """Rich markup must not eat install hints such as pip install 'thunderkv[triton]'."""
+    import thunderkv.envinfo as envinfo
+
+    real = envinfo.collect
+
+    def collect():
+        info = real()
+        info["backends"]["triton"] = {"device": "cpu", "available": False,
+                                      "why_not": "pip install 'thunderkv[triton]'"}
+        return info
+
+    monkeypatch.setattr(envinfo, "collect", collect)
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["env"]) == 0
+    assert "pip install 'thunderkv[triton]'" in capsys.readouterr().out

@@ -70,9 +70,14 @@ def collect() -> dict:
     if ext is None:
         info["extension"] = {"loaded": False, "why_not": extension_error()}
     else:
+        try:
+            active, active_error = ext.cpu_variant(), None
+        except ValueError as exc:  # a THUNDERKV_CPU_ISA this CPU cannot run
+            active, active_error = None, str(exc)
         info["extension"] = {"loaded": True, **ext.build_info(),
                              "cpu_variants_usable": list(ext.cpu_variants()),
-                             "cpu_variant_active": ext.cpu_variant(),
+                             "cpu_variant_active": active,
+                             "cpu_variant_error": active_error,
                              "openmp_max_threads": ext.cpu_max_threads(),
                              "crc32c": ext.crc32c_implementation()}
     cuda = torch.device("cuda")

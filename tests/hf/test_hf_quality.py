@@ -55,6 +55,10 @@ def test_hf_quantized_cache_bytes_are_counted(tiny):
 def test_cli_reports_bad_arguments(capsys):
     assert main(["eval", "quality", "--cache", "nope"]) == 2
     assert main(["eval", "quality", "--model", "/no/such/model/dir"]) == 1
+    # read before the (slow) model load: a model that does not exist is never reached
+    assert main(["eval", "quality", "--model", "/no/such/model/dir",
+                 "--text", "/no/such/text.txt"]) == 2
+    assert "cannot read --text" in " ".join(capsys.readouterr().err.split())
 
 
 def test_default_text_is_fixed_and_offline():

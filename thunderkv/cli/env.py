@@ -14,6 +14,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from ..envinfo import collect
@@ -37,25 +38,28 @@ def run(args: argparse.Namespace) -> int:
     if ext["loaded"]:
         t.add_row("extension", f"thunderkv._C {ext['version']} built by {ext['compiler']}, "
                   f"OpenMP {'yes' if ext['openmp'] else 'no'} ({ext['openmp_max_threads']} threads)")
-        t.add_row("cpu kernels", f"active {ext['cpu_variant_active']}; usable "
+        active = (ext["cpu_variant_active"] if ext["cpu_variant_error"] is None
+                  else f"[red]{escape(ext['cpu_variant_error'])}[/]")
+        t.add_row("cpu kernels", f"active {active}; usable "
                   f"{', '.join(ext['cpu_variants_usable'])}; compiled "
                   f"{', '.join(ext['cpu_variants_compiled'])}; crc32c {ext['crc32c']}")
         cuda_txt = (f"compiled for sm {ext['cuda_architectures']}, runtime {ext['cuda_runtime_version']}"
-                    if ext["cuda"] else f"not compiled: {ext['cuda_why_not']}")
+                    if ext["cuda"] else f"not compiled: {escape(str(ext['cuda_why_not']))}")
         t.add_row("cuda kernels", cuda_txt)
     else:
-        t.add_row("extension", f"[red]not loaded: {ext['why_not']}")
+        t.add_row("extension", f"[red]not loaded: {escape(str(ext['why_not']))}")
     t.add_row("kernel settings", " ".join(f"{k}={v}" for k, v in info["kernel_env"].items())
               or "defaults (no THUNDERKV_CPU_ISA, THUNDERKV_CUDA_SCALAR, THUNDERKV_CUDA_COLS)")
     tc = info["torch_cuda"]
     t.add_row("torch cuda", f"{'available' if tc['available'] else 'unavailable'} "
               f"(built with {tc['built_with']}) {', '.join(tc['devices'])}")
     for name, st in info["backends"].items():
-        mark = "[green]yes[/]" if st["available"] else f"[yellow]no[/]: {st['why_not']}"
+        mark = "[green]yes[/]" if st["available"] else f"[yellow]no[/]: {escape(st['why_not'])}"
         t.add_row(f"backend {name}", f"{mark} ({st['device']})")
     tr = info["transfer"]
     t.add_row("transfer (UCX)", (f"[green]yes[/] UCX {tr['ucx_version']}" if tr["available"]
-                                 else f"[yellow]no[/]: {tr['why_not']}"))
-    t.add_row("UCX transports", " ".join(tr["transports"]) or tr.get("devices_error", "none"))
+                                 else f"[yellow]no[/]: {escape(str(tr['why_not']))}"))
+    t.add_row("UCX transports",
+              escape(" ".join(tr["transports"]) or tr.get("devices_error") or "none"))
     console.print(t)
     return 0

@@ -110,6 +110,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.text:  # read it before the slow model load: a bad path fails at once
+        try:
+            with open(args.text, encoding="utf-8") as f:
+                text, source = f.read(), args.text
+        except (OSError, UnicodeDecodeError) as exc:
+            console.print(f"[red]cannot read --text: {exc}")
+            return 2
+    else:
+        text = source = None
     t0 = time.perf_counter()
     with console.status(f"loading {args.model}"):
         try:
@@ -120,10 +129,9 @@ def run(args: argparse.Namespace) -> int:
     if not _select_attention(model, args.attention, console):
         return 1
     console.print(f"loaded {desc} in {time.perf_counter() - t0:.1f} s")
-    if args.text:
-        with open(args.text, encoding="utf-8") as f:
-            text, source = f.read(), args.text
-    else:
+    if not _group_size_fits(model, args.group_size, console):
+        return 2
+    if text is None:
         text, source = models.default_text(), f"pydoc_data.topics (Python {platform.python_version()})"
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, : args.tokens]
     if ids.shape[1] <= args.prefix:
@@ -173,6 +181,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _group_size_fits(model, group_size: int, console) -> bool:
+    """ThunderKV caches group values along head_dim: say so before evaluating, not mid-run."""
+    from ..hf.cache import head_dim_of
+
+    hd = head_dim_of(model.config)
+    if group_size <= 0 or (hd and hd % group_size):
+        console.print(f"[red]--group-size {group_size} does not divide the model's head_dim {hd}")
+        return False
+    return True
+
+
 def run_speed(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
@@ -198,6 +217,8 @@ def run_speed(args: argparse.Namespace) -> int:
             return 1
     if not _select_attention(model, args.attention, console):
         return 1
+    if not _group_size_fits(model, args.group_size, console):
+        return 2
     text = models.default_text()
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     while ids.shape[1] < max(contexts):  # the default slice is short: repeat it
