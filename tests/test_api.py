@@ -193,3 +193,53 @@ def test_eager_calls_skip_the_dispatcher_only_when_it_is_safe(gen):
     q_op = tk.quantize(p, bits=4, group_size=32)
     assert torch.equal(q_eager.packed, q_op.packed) and torch.equal(q_eager.scale, q_op.scale)
     assert torch.equal(q_eager.dequantize(), tk.dequantize(q_op))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_aliased_buffers_raise_and_write_nothing(backend):
+    """Outputs that share memory with each other or with the input would be written over
+    while still being read or written: refused, on the public API and on the op."""
+    x = torch.randn(4, 128, dtype=torch.float16)
+    packed, scale, minimum = _buffers(x)
+    before = [t.clone() for t in (packed, scale)]
+    with pytest.raises(ValueError, match="scale and minimum share memory"):
+        tk.quantize_into(x, packed, scale, scale, backend=backend)
+    with pytest.raises(ValueError, match="share memory"):
+        torch.ops.thunderkv.quantize_into(x, packed, scale, scale, 4, 64, -1, backend)
+    both = torch.empty(2 * scale.numel() - 1, dtype=scale.dtype)  # overlapping by one element
+    with pytest.raises(ValueError, match="scale and minimum share memory"):
+        tk.quantize_into(x, packed, both[:scale.numel()].view(scale.shape),
+                         both[scale.numel() - 1:].view(scale.shape), backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip((packed, scale), before))
+    # an input that is also an output
+    flat = torch.randn(4 * 128 + 8, dtype=torch.float16)
+    xs = flat[:4 * 128].view(4, 128)
+    with pytest.raises(ValueError, match="x and scale share memory"):
+        tk.quantize_into(xs, packed, flat[4 * 128 - 4:4 * 128 + 4].view(scale.shape), minimum,
+                         backend=backend)
+    # adjacent, not overlapping: fine
+    both = torch.empty(2 * scale.numel(), dtype=scale.dtype)
+    tk.quantize_into(x, packed, both[:scale.numel()].view(scale.shape),
+                     both[scale.numel():].view(scale.shape), backend=backend)
+
+
+def test_dequantize_out_over_its_own_codes_is_refused():
+    x = torch.randn(4, 128, dtype=torch.float16)
+    q = tk.quantize(x)
+    store = torch.empty(x.numel(), dtype=torch.float16)  # 1024 bytes: room for the codes too
+    codes = store.view(torch.uint8)[:q.packed.numel()].view(q.packed.shape)
+    codes.copy_(q.packed)
+    aliased = tk.QuantizedTensor(codes, q.scale, q.minimum, q.spec, q.shape, q.dtype)
+    with pytest.raises(ValueError, match="out and packed share memory"):
+        tk.dequantize(aliased, out=store.view(x.shape))
+    assert torch.equal(codes, q.packed)
+
+
+def test_shapes_the_format_cannot_group_raise():
+    with pytest.raises(ValueError, match="not divisible by group_size = 64"):
+        FormatSpec(4, 64).param_shape((2, 100))
+    with pytest.raises(ValueError, match="not divisible by group_size = 64"):
+        FormatSpec(4, 64, axis=-2).packed_shape((2, 100, 128))
+    with pytest.raises(ValueError, match="at least 2 dimension"):
+        FormatSpec(4, 64, axis=-2).param_shape((128,))
+    assert FormatSpec(4, 64, axis=-2).param_shape((2, 128, 64)) == (2, 64, 2)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .format import SUPPORTED_DTYPES, FormatSpec, check_destination
+from .format import SUPPORTED_DTYPES, FormatSpec, check_destination, check_disjoint
 
 _DEVICES = ("cpu", "cuda")
 
@@ -94,6 +94,7 @@ def quantize_into_impl(x, packed, scale, minimum, bits, group_size, axis, backen
     check_destination(packed, "packed", pshape, torch.uint8, x.device)
     check_destination(scale, "scale", sshape, x.dtype, x.device)
     check_destination(minimum, "minimum", sshape, x.dtype, x.device)
+    check_disjoint(x=x, packed=packed, scale=scale, minimum=minimum)
     impl = backends.resolve(backend, x.device)
     impl.quantize_into(x.contiguous(), packed, scale, minimum, spec)
 
@@ -158,6 +159,7 @@ def dequantize_into_impl(packed, scale, minimum, out, bits, group_size, axis, ba
     spec = FormatSpec(bits, group_size, axis)
     shape = _dequantize_shape(packed, scale, minimum, spec)
     check_destination(out, "out", shape, scale.dtype, packed.device)
+    check_disjoint(out=out, packed=packed, scale=scale, minimum=minimum)
     impl = backends.resolve(backend, packed.device)
     impl.dequantize_into(packed.contiguous(), scale.contiguous(), minimum.contiguous(), out, spec)
 

@@ -76,7 +76,15 @@ class FormatSpec:
             )
 
     def grouped_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Shape of the tensor whose last axis is grouped (the transposed one for axis=-2)."""
+        """Shape of the tensor whose last axis is grouped (the transposed one for axis=-2);
+        ValueError when ``shape`` cannot be grouped by this spec."""
+        need = 1 if self.axis == -1 else 2
+        if len(shape) < need:
+            raise ValueError(f"shape {tuple(shape)} needs at least {need} dimension(s) for "
+                             f"axis={self.axis}")
+        if shape[self.axis] % self.group_size:
+            raise ValueError(f"shape {tuple(shape)}: axis {self.axis} = {shape[self.axis]} is not "
+                             f"divisible by group_size = {self.group_size}")
         if self.axis == -2:
             return (*shape[:-2], shape[-1], shape[-2])
         return tuple(shape)
@@ -116,3 +124,23 @@ def check_destination(
         raise ValueError(f"{name} is on {t.device} but the input is on {device}: same device needed")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (kernels write it as one flat buffer)")
+
+
+def check_disjoint(**named: torch.Tensor) -> None:
+    """Raise ValueError if two of the named tensors share memory: a kernel writing one output
+    over another, or over the input it still reads, gives wrong results. Tensors without real
+    storage (meta or fake tensors while tracing) and empty ones are skipped."""
+    spans = []
+    for name, t in named.items():
+        if t.device.type == "meta" or t.numel() == 0:
+            continue
+        try:
+            lo = t.data_ptr()
+        except (RuntimeError, NotImplementedError):  # a FakeTensor
+            continue
+        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))  # torch strides are >= 0
+        spans.append((name, t.device, lo, lo + (last + 1) * t.element_size()))
+    for i, (a, dev_a, lo_a, hi_a) in enumerate(spans):
+        for b, dev_b, lo_b, hi_b in spans[i + 1:]:
+            if dev_a == dev_b and lo_a < hi_b and lo_b < hi_a:
+                raise ValueError(f"{a} and {b} share memory: pass separate buffers")

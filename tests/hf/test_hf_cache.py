@@ -267,14 +267,21 @@ def test_unsupported_configurations_raise_clearly():
     with pytest.raises(ValueError, match="sliding_attention"):
         ThunderKVCache(MistralConfig(num_hidden_layers=2, sliding_window=16))
     config, model = make_tiny(head_dim=48, hidden_size=192)
-    cache = ThunderKVCache(config, bits=4, group_size=32)
+    # caught when the cache is made, not at the first forward inside generate
+    with pytest.raises(ValueError, match="group_size=32 does not divide the model's head_dim=48"):
+        ThunderKVCache(config, bits=4, group_size=32)
+    cache = ThunderKVCache(config, bits=4, group_size=48)
+    with torch.no_grad():
+        model(prompt(1, 8), cache=cache, use_cache=True)
+    # a layer without the model's config still checks at the first forward
+    layer_cache = ThunderKVCache(num_layers=config.num_hidden_layers, bits=4, group_size=32)
     with pytest.raises(ValueError, match="head_dim 48 is not divisible by group_size 32"):
         with torch.no_grad():
-            model(prompt(1, 8), cache=cache, use_cache=True)
+            model(prompt(1, 8), cache=layer_cache, use_cache=True)
     with pytest.raises(ValueError, match="bits"):
-        ThunderKVCache(config, bits=3)
+        ThunderKVCache(config, bits=3, group_size=16)
     with pytest.raises(ValueError, match="residual_length"):
-        ThunderKVCache(config, residual_length=-1)
+        ThunderKVCache(config, group_size=16, residual_length=-1)
     with pytest.raises(ValueError, match="config"):
         ThunderKVCache(None)
     with pytest.raises(TypeError, match="PreTrainedConfig"):

@@ -87,8 +87,16 @@ class ThunderKVCache(Cache):
         else:
             n = num_layers
         from ..backends import check_backend_name
+        from ..format import FormatSpec
 
         check_backend_name(backend)
+        FormatSpec(bits, group_size)  # bits 2/4/8 and a positive group size, or ValueError
+        head_dim = head_dim_of(config)
+        if head_dim and -1 in (key_axis, value_axis) and head_dim % group_size:
+            raise ValueError(
+                f"group_size={group_size} does not divide the model's head_dim={head_dim}: groups "
+                "along head_dim (value_axis/key_axis -1) need a divisor, e.g. "
+                f"{next(g for g in (128, 64, 32, 16, 8, 4, 2) if head_dim % g == 0)}")
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
         self.backend, self.key_axis, self.value_axis = backend, key_axis, value_axis
         self.sink_length = sink_length
@@ -121,3 +129,15 @@ class ThunderKVCache(Cache):
             f"axes=(key {self.key_axis}, value {self.value_axis}), tokens={self.get_seq_length()}, "
             f"nbytes={self.nbytes})"
         )
+
+
+def head_dim_of(config) -> int | None:
+    """head_dim of ``config`` (explicit, or hidden_size / heads); None when it has neither."""
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hd = getattr(text, "head_dim", None)
+    if hd:
+        return int(hd)
+    hidden, heads = getattr(text, "hidden_size", None), getattr(text, "num_attention_heads", None)
+    return hidden // heads if hidden and heads else None
