@@ -158,12 +158,14 @@ class Cluster:
 def load_cluster(path: str | Path, text: str | None = None) -> Cluster:
     """Load a cluster YAML (see ``examples/planner/README.md``); errors name field and line."""
     doc: Doc = load_yaml(path, text)
+    doc.check_keys(("name", "price_source", "catalog", "nodes", "network"))
     cat_node = doc.node("catalog")
     if not isinstance(cat_node.value, dict) or not cat_node.value:
         raise doc.error("catalog", "expected a non-empty mapping of GPU type -> specs", cat_node.line)
     catalog: dict[str, GpuType] = {}
     for name, spec in cat_node.value.items():
         p = f"catalog.{name}"
+        doc.check_keys(_GPU_FIELDS, spec, p)
         catalog[name] = GpuType(
             name=name,
             fp16_tflops=doc.number("fp16_tflops", spec, label=f"{p}.fp16_tflops"),
@@ -183,6 +185,7 @@ def load_cluster(path: str | Path, text: str | None = None) -> Cluster:
     seen: set[str] = set()
     for i, item in enumerate(nodes_node.value):
         p = f"nodes[{i}]"
+        doc.check_keys(("name", "gpu", "count", "intra_node_gbps", "nic_gbps"), item, p)
         name = doc.string("name", item, label=f"{p}.name")
         if name in seen:
             raise doc.error(f"{p}.name", f"duplicate node name {name!r}", item.line)
@@ -195,26 +198,38 @@ def load_cluster(path: str | Path, text: str | None = None) -> Cluster:
         intra = doc.number("intra_node_gbps", item, label=f"{p}.intra_node_gbps")
         nic = doc.number("nic_gbps", item, label=f"{p}.nic_gbps", optional=True)
         nodes.append(NodeSpec(name, gpu, count, intra, nic))
+    doc.check_keys(("inter_node_gbps", "nic_gbps", "links"), doc.node("network"), "network")
     inter = doc.number("network.inter_node_gbps")
     nic_default = doc.number("network.nic_gbps", optional=True)
     links: dict[tuple[str, str], float] = {}
+    link_lines: dict[tuple[str, str], int] = {}
     links_node = doc.node("network.links", default=None)
     if links_node is not None and links_node.value is not None:
         if not isinstance(links_node.value, list):
             raise doc.error("network.links", "expected a list", links_node.line)
         for i, item in enumerate(links_node.value):
             p = f"network.links[{i}]"
+            doc.check_keys(("a", "b", "gbps"), item, p)
             a, b = doc.string("a", item, label=f"{p}.a"), doc.string("b", item, label=f"{p}.b")
             for end, v in (("a", a), ("b", b)):
                 if v not in seen:
                     raise doc.error(f"{p}.{end}", f"unknown node {v!r}", doc.node(end, item).line)
             if a == b:
                 raise doc.error(p, "a link must join two different nodes", item.line)
+            if (a, b) in links or (b, a) in links:  # links are undirected: one entry per pair
+                first = link_lines[(a, b) if (a, b) in links else (b, a)]
+                raise doc.error(p, f"the link {a} - {b} is already given on line {first}",
+                                item.line)
             links[(a, b)] = doc.number("gbps", item, label=f"{p}.gbps")
+            link_lines[(a, b)] = item.line
     name = doc.string("name", default="cluster")
     src = doc.node("price_source", default=None)
     return Cluster(catalog, nodes, inter, links, name, "" if src is None else str(src.value),
                    nic_default)
+
+
+_GPU_FIELDS = ("fp16_tflops", "mem_gb", "mem_bw_gbs", "price_per_hour", "compute_eff", "mem_eff",
+               "layer_overhead_s", "seq_overhead_s")
 
 
 def _eff(doc: Doc, spec, label: str, key: str, default: float) -> float:

@@ -12,7 +12,8 @@ import numpy as np
 
 from .cluster import Cluster, GpuType, NodeSpec
 from .costmodel import CostParams
-from .evaluate import Evaluator
+from .diagnose import zero_goodput_notes
+from .evaluate import HYBRID, Evaluator, SearchSpace
 from .metrics import required_scale, summarize
 from .model import ModelSpec
 from .parallel import WorkloadStats
@@ -143,12 +144,24 @@ def run_plan(req: PlanRequest, log: Log = lambda s: None) -> tuple[dict[str, Any
         f"{stats.prompt_mean:.0f}, output mean {stats.output_mean:.0f}; SLO TTFT {req.slo.ttft:.3g} s, "
         f"TPOT {req.slo.tpot:.3g} s")
     raw: dict[str, dict] = {}
+    notes: list[str] = []
     names = ("thunderkv",) + tuple(s for s in req.systems if s != "thunderkv")
     for name in names:
         log(f"planning {name} ...")
         sys_ = make_system(name, req.cluster, req.baseline_cluster, req.params.kv_bits)
         raw[name] = evaluate_system(sys_, req, stats, log)
+        if name == "thunderkv" and raw[name]["plan"].objective <= 0:
+            # too few replicas to split the phases (e.g. one GPU): let groups be colocated
+            why = zero_goodput_notes(raw[name]["plan"], raw[name]["ev"], req.workload, req.slo)
+            log("  thunderkv: no phase-split plan serves requests here; planning again with "
+                "colocated groups allowed")
+            hybrid = System(name, req.cluster, SearchSpace(HYBRID), req.params.kv_bits)
+            raw[name] = evaluate_system(hybrid, req, stats, log)
+            notes.append("no phase-split plan serves requests on this cluster ("
+                         + "; ".join(why) + "); this plan may use colocated groups")
     ours = raw["thunderkv"]
+    if ours["goodput_req_per_s"] <= 0:
+        notes += zero_goodput_notes(ours["plan"], ours["ev"], req.workload, req.slo)
     rate = req.rate if req.rate is not None else ours["goodput_req_per_s"]
     pred = public(ours)
     at_rate = _metrics(ours["plan"], ours["ev"], req.workload, req.slo, rate, req.arrivals, req.seed)
@@ -160,11 +173,14 @@ def run_plan(req: PlanRequest, log: Log = lambda s: None) -> tuple[dict[str, Any
         "baselines": {n: public(raw[n]) for n in names if n in ("vllm", "distserve", "hexgen")},
         "ablations": {n: public(raw[n]) for n in names if n not in ("thunderkv", "vllm", "distserve", "hexgen")},
         "workload": {"name": req.workload.name, **{k: round(v, 3) for k, v in req.workload.stats().items()},
-                     "arrivals": req.arrivals, "replay_seconds": req.workload.min_replay_s},
+                     "arrivals": req.arrivals, "replay_seconds": req.workload.min_replay_s,
+                     "seed": req.seed},
         "slo": {"ttft": req.slo.ttft, "tpot": req.slo.tpot, "target_attainment": 0.9},
         "inputs": inputs_to_dict(req.cluster, req.model, req.params, req.slo),
     }
     doc["ratios"] = ratios(raw, req)
+    if notes:
+        doc["notes"] = notes
     return doc, raw
 
 

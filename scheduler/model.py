@@ -86,6 +86,7 @@ def load_model(name_or_path: str | Path) -> ModelSpec:
         raise InputError(f"unknown model preset {key!r}; presets: {sorted(PRESETS)} "
                          "(or pass a model .yaml)", source="--model")
     doc = load_yaml(key)
+    doc.check_keys((*_FIELDS, "dtype_bytes", "name"))
     vals = {f: int(doc.number(f, integer=True)) for f in _FIELDS}
     dtype_bytes = int(doc.number("dtype_bytes", integer=True, default=2))
     if dtype_bytes not in (2, 4):

@@ -164,4 +164,48 @@ def load_plan_json(path: str | Path) -> tuple[dict[str, Any], Plan]:
     for key in ("plan", "inputs"):
         if key not in doc:
             raise InputError("required key missing", source=str(path), field=key)
-    return doc, Plan.from_dict(doc["plan"], str(path))
+    plan = Plan.from_dict(doc["plan"], str(path))
+    try:
+        cluster, model, _, _ = inputs_from_dict(doc["inputs"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"bad inputs ({exc})", source=str(path), field="inputs") from exc
+    check_plan(plan, cluster, model, doc["plan"], str(path))
+    return doc, plan
+
+
+def check_plan(plan: Plan, cluster: Cluster, model: ModelSpec, raw: dict[str, Any] | None = None,
+               source: str = "plan") -> None:
+    """Raise :class:`InputError` unless every stage is GPUs of one node of ``cluster`` (each GPU
+    used once in the plan), the layer counts are positive and add up to the model's (all 0:
+    a group the planner left unused), and the
+    JSON's derived fields (``gpus``, ``tp``, ``pp``), where given, agree with the stages."""
+    seen: dict[str, int] = {}
+    groups = (raw or {}).get("groups", [{}] * len(plan.groups))
+    for i, (g, d) in enumerate(zip(plan.groups, groups)):
+        where = f"plan.groups[{i}]"
+
+        def bad(msg: str, field: str = where) -> InputError:
+            return InputError(msg, source=source, field=field)
+
+        for st, gs in enumerate(g.stage_gpus):
+            if not gs:
+                raise bad("empty stage", f"{where}.stages[{st}]")
+            for gpu in gs:
+                node, _, idx = gpu.rpartition(":")
+                if not cluster.has_node(node) or not idx.isdigit() or \
+                        int(idx) >= cluster.nodes[cluster.node_rank(node)].count:
+                    raise bad(f"GPU {gpu!r} is not in the cluster", f"{where}.stages[{st}]")
+                if gpu in seen:
+                    raise bad(f"GPU {gpu!r} is also used by group {seen[gpu]}", f"{where}.stages[{st}]")
+                seen[gpu] = i
+            if len({x.rpartition(":")[0] for x in gs}) != 1:
+                raise bad(f"stage {list(gs)} spans nodes (a stage is one node's GPUs)",
+                          f"{where}.stages[{st}]")
+        idle = all(n == 0 for n in g.layers)  # a group the planner found infeasible: unused
+        if not idle and (any(not isinstance(n, int) or n < 1 for n in g.layers)
+                         or sum(g.layers) != model.layers):
+            raise bad(f"layers {g.layers} must be positive and add up to the model's "
+                      f"{model.layers} (or all 0: an unused group)", f"{where}.layers")
+        for key, want in (("gpus", g.gpus), ("tp", g.tp), ("pp", len(g.layers))):
+            if key in d and d[key] != want:
+                raise bad(f"{key} {d[key]!r} disagrees with the stages ({want!r})", f"{where}.{key}")

@@ -25,16 +25,19 @@ class Node:
     line: int
 
 
-def _convert(node: yaml.Node) -> Node:
+def _convert(node: yaml.Node, source: str) -> Node:
     line = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Node] = {}
         for k, v in node.value:
             key = yaml.safe_load(yaml.serialize(k)) if not isinstance(k, yaml.ScalarNode) else k.value
-            out[str(key)] = _convert(v)
+            if str(key) in out:  # plain YAML loaders keep the last one silently
+                raise InputError(f"duplicate key {str(key)!r} (first on line {out[str(key)].line})",
+                                 source=source, line=k.start_mark.line + 1, field=str(key))
+            out[str(key)] = _convert(v, source)
         return Node(out, line)
     if isinstance(node, yaml.SequenceNode):
-        return Node([_convert(v) for v in node.value], line)
+        return Node([_convert(v, source) for v in node.value], line)
     # Scalars: let the safe loader resolve the tag (int, float, bool, null, str).
     return Node(yaml.SafeLoader(yaml.serialize(node)).get_single_data(), line)
 
@@ -84,6 +87,19 @@ class Doc:
             cur = cur.value[part]
         return cur
 
+    def check_keys(self, allowed: set[str] | tuple[str, ...], base: Node | None = None,
+                   label: str = "") -> None:
+        """Raise naming the first key of the mapping ``base`` (default: root) not in
+        ``allowed``: a misspelt optional field would otherwise be ignored silently."""
+        cur = self.root if base is None else base
+        if not isinstance(cur.value, dict):
+            return
+        for key, node in cur.value.items():
+            if key not in allowed:
+                field = f"{label}.{key}" if label else key
+                raise self.error(field, f"unknown field (expected one of {', '.join(sorted(allowed))})",
+                                 node.line)
+
     def number(self, field: str, base: Node | None = None, *, label: str | None = None,
                default: float | None = None, positive: bool = True, integer: bool = False,
                optional: bool = False) -> float:
@@ -128,4 +144,4 @@ def load_yaml(path: str | Path, text: str | None = None) -> Doc:
         raise InputError(f"invalid YAML: {exc.problem}", source=source, line=line) from exc
     if root is None:
         raise InputError("file is empty", source=source)
-    return Doc(_convert(root), source)
+    return Doc(_convert(root, source), source)

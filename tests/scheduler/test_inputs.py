@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from conftest import EXAMPLES, TINY, TRACE
@@ -151,3 +153,34 @@ def test_synthetic_coding_matches_issue_shape():
     assert wl.outputs.mean() == pytest.approx(28, rel=0.08)
     with pytest.raises(InputError):
         synthetic("poetry")
+
+
+@pytest.mark.parametrize("old,new,field,line,words", [
+    ("name: tiny\n", "name: tiny\ntypo_field: 3\n", "typo_field", 3, "unknown field"),
+    ("count: 2, intra_node_gbps: 100}", "count: 2, intra_node_gbps: 100, extra: 1}",
+     "nodes[1].extra", 9, "unknown field"),
+    ("  inter_node_gbps: 10\n", "  inter_node_gbps: 10\n  nic_gpbs: 25\n", "network.nic_gpbs", 13,
+     "unknown field"),
+    ("mem_gb: 24,", "mem_gb: 24, membw: 9,", "catalog.RTX3090.membw", 5, "unknown field"),
+    ("    - {a: n0, b: n1, gbps: 25}\n", "    - {a: n0, b: n1, gbps: 25}\n    - {a: n1, b: n0, gbps: 1}\n",
+     "network.links[1]", 15, "already given on line 14"),
+    ("  L40S: {", "  A6000: {fp16_tflops: 1, mem_gb: 1, mem_bw_gbs: 1, price_per_hour: 9}\n  L40S: {",
+     "A6000", 6, "duplicate key 'A6000' (first on line 4)"),
+])
+def test_ambiguous_cluster_yaml_is_refused(old, new, field, line, words):
+    """Misspelt fields, a GPU type given twice and a link given in both directions used to be
+    accepted silently (the last one winning)."""
+    assert old in TINY
+    with pytest.raises(InputError, match=re.escape(words)) as ei:
+        load_cluster("c.yaml", TINY.replace(old, new))
+    assert (ei.value.field, ei.value.line) == (field, line)
+
+
+def test_model_yaml_refuses_unknown_fields(tmp_path):
+    from thunderkv.scheduler.model import load_model
+    text = (EXAMPLES / "llama-30b.yaml").read_text()
+    bad = tmp_path / "m.yaml"
+    bad.write_text(text + "num_layers: 60\n")
+    with pytest.raises(InputError, match="unknown field") as ei:
+        load_model(str(bad))
+    assert ei.value.field == "num_layers"

@@ -57,9 +57,11 @@ def test_simulate_replays_plan(planned, capsys):
     d, doc = planned
     out = d / "sim.json"
     assert main(["simulate", "--plan", str(d / "plan.json"), "--workload", "conversation",
-                 "--requests", "200", "--rate", "1.0", "--json", str(out)]) == 0
+                 "--requests", "200", "--replay-seconds", "800", "--rate", "1.0",
+                 "--json", str(out)]) == 0
     m = json.loads(out.read_text())
-    # the default replay spans 800 s of arrivals: the 200 requests cycled to 801 at 1 req/s
+    # the replay spans 800 s of arrivals (the flag beats the plan's 100): 200 requests cycled
+    # to 801 at 1 req/s
     assert m["finished"] == 801 and 0 <= m["slo_attainment"] <= 1
     assert "simulated 801 requests" in capsys.readouterr().out
 
@@ -398,3 +400,102 @@ def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="needs matplotlib: pip install matplotlib"):
         plot_attainment({"thunderkv": [(1.0, 1.0)]}, str(tmp_path / "a.png"), "t")
     assert not (tmp_path / "a.png").exists()
+
+
+ONE_GPU = """
+catalog:
+  A6000: {fp16_tflops: 155, mem_gb: 48, mem_bw_gbs: 768, price_per_hour: 0.39}
+  RTX3090: {fp16_tflops: 71, mem_gb: 24, mem_bw_gbs: 936, price_per_hour: 0.13}
+nodes:
+  - {name: n0, gpu: A6000, count: 1, intra_node_gbps: 200}
+network:
+  inter_node_gbps: 10
+"""
+
+
+def test_one_replica_cluster_falls_back_to_colocated_and_says_why(tmp_path, capsys):
+    """One GPU cannot hold a prefill and a decode replica: instead of a lone prefill group
+    serving nothing, ours is planned with colocated groups and the JSON says why."""
+    (tmp_path / "c.yaml").write_text(ONE_GPU)
+    out = tmp_path / "p.json"
+    assert main(["plan", "--cluster", str(tmp_path / "c.yaml"), "--json", str(out),
+                 "--baselines", "hexgen", *COMMON]) == 0
+    doc = json.loads(out.read_text())
+    assert [g["phase"] for g in doc["plan"]["groups"]] == ["colocated"]
+    assert doc["predicted"]["goodput_req_per_s"] > 0
+    assert "no decode group" in doc["notes"][0]
+    assert "note:" in capsys.readouterr().err
+
+
+def test_zero_goodput_is_explained(tmp_path):
+    (tmp_path / "c.yaml").write_text(ONE_GPU.replace("gpu: A6000", "gpu: RTX3090"))
+    out = tmp_path / "p.json"
+    assert main(["plan", "--cluster", str(tmp_path / "c.yaml"), "--json", str(out),
+                 "--baselines", "none", *COMMON[:-1], "--model", "llama-70b", "--quiet"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["predicted"]["goodput_req_per_s"] == 0
+    assert any("holds llama-70b" in n for n in doc["notes"])
+
+
+def test_reschedule_and_simulate_use_the_recorded_workload(planned, tmp_path):
+    """Without workload flags they replay what was planned (here 200 requests over 100 s),
+    not the defaults (2000 requests over 800 s); flags still override."""
+    d, doc = planned
+    assert doc["workload"]["requests"] == 200 and doc["workload"]["seed"] == 0
+    out = tmp_path / "re.json"
+    assert main(["plan", "--reschedule", str(d / "plan.json"), "--fail", "n1", "--json", str(out),
+                 "--quiet", "--no-compare"]) == 0
+    assert json.loads(out.read_text())["workload"]["requests"] == 200
+    sim = tmp_path / "sim.json"
+    assert main(["simulate", "--plan", str(d / "plan.json"), "--rate", "1.0",
+                 "--json", str(sim)]) == 0
+    assert json.loads(sim.read_text())["finished"] == 200  # 200 requests span 100 s at 1 req/s
+
+
+def test_simulate_finds_a_recorded_trace(tmp_path):
+    from conftest import TRACE
+    (tmp_path / "c.yaml").write_text(TINY)
+    out = tmp_path / "p.json"
+    common = [c if c != "--workload" else "--trace" for c in COMMON]
+    common[common.index("--trace") + 1] = str(TRACE)
+    assert main(["plan", "--cluster", str(tmp_path / "c.yaml"), "--json", str(out),
+                 "--baselines", "none", *common]) == 0
+    assert main(["simulate", "--plan", str(out), "--rate", "0.5"]) == 0  # no --trace needed
+
+
+@pytest.mark.parametrize("mutate,field", [
+    (lambda g: g["stages"][0].__setitem__(0, "zzz:0"), "plan.groups[0].stages[0]"),
+    (lambda g: g.__setitem__("tp", -1), "plan.groups[0].tp"),
+    (lambda g: g["layers"].__setitem__(0, g["layers"][0] + 1), "plan.groups[0].layers"),
+])
+def test_bad_plan_json_names_the_field(planned, tmp_path, capsys, mutate, field):
+    d, doc = planned
+    bad = json.loads(json.dumps(doc))
+    mutate(bad["plan"]["groups"][0])
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    assert main(["simulate", "--plan", str(path), "--rate", "1.0"]) == 2
+    assert field in capsys.readouterr().err
+
+
+def test_a_gpu_in_two_groups_is_refused(planned, tmp_path, capsys):
+    d, doc = planned
+    bad = json.loads(json.dumps(doc))
+    groups = bad["plan"]["groups"]
+    assert len(groups) >= 2
+    groups[1]["stages"][0][0] = groups[0]["stages"][0][0]
+    groups[1]["gpus"] = [g for s in groups[1]["stages"] for g in s]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    assert main(["simulate", "--plan", str(path), "--rate", "1.0"]) == 2
+    assert "is also used by group 0" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--kv-group", "48"], "does not divide"),
+    (["--time-limit", "0"], "--time-limit must be > 0"),
+])
+def test_plan_refuses_settings_it_cannot_use(tmp_path, capsys, flags, words):
+    (tmp_path / "c.yaml").write_text(TINY)
+    assert main(["plan", "--cluster", str(tmp_path / "c.yaml"), *COMMON, *flags]) == 2
+    assert words in " ".join(capsys.readouterr().err.split())

@@ -19,21 +19,49 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trace", help="Azure LLM inference trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens)")
     g.add_argument("--workload", choices=("coding", "conversation"),
                    help="synthetic lengths instead of a trace (coding: prompt ~2048, output ~28)")
-    g.add_argument("--requests", type=int, default=2000,
+    # None = not given: `plan` uses WORKLOAD_DEFAULTS, `--reschedule` and `simulate` the
+    # values recorded in the plan JSON (then these defaults)
+    g.add_argument("--requests", type=int, default=None,
                    help="the workload: first N requests of the trace (or N synthetic); default 2000")
-    g.add_argument("--replay-seconds", type=float, default=REPLAY_SECONDS, metavar="S",
+    g.add_argument("--replay-seconds", type=float, default=None, metavar="S",
                    help="each simulation replays at least S seconds of arrivals, cycling the "
                         "workload's requests, so that a rate above a plan's steady-state "
                         f"capacity fails (default {REPLAY_SECONDS:g}; 0 = replay them once)")
-    g.add_argument("--arrivals", choices=("poisson", "trace"), default="poisson",
-                   help="Poisson arrivals at each rate, or the trace's own arrivals time-scaled")
+    g.add_argument("--arrivals", choices=("poisson", "trace"), default=None,
+                   help="Poisson arrivals at each rate (default), or the trace's own arrivals "
+                        "time-scaled")
     g.add_argument("--rate", type=float, help="request rate (req/s) to report metrics at")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None, help="search and arrivals seed (default 0)")
 
 
-def load_workload(args: argparse.Namespace, default: str | None = None):
+WORKLOAD_DEFAULTS = {"requests": 2000, "replay_seconds": REPLAY_SECONDS, "arrivals": "poisson",
+                     "seed": 0}
+
+
+def workload_from_plan(args: argparse.Namespace, doc: dict) -> None:
+    """Workload flags left out take the values the plan JSON recorded (its source, request
+    count, replay span, arrivals and seed), so a reschedule or replay uses the planned workload."""
+    w = doc.get("workload", {})
+    for key in WORKLOAD_DEFAULTS:
+        if getattr(args, key) is None and w.get(key) is not None:
+            setattr(args, key, type(WORKLOAD_DEFAULTS[key])(w[key]))
+    if not (args.trace or args.workload):
+        source = w.get("source") or ""
+        if source.startswith("synthetic:"):
+            args.workload = source
+        elif source and os.path.exists(source):
+            args.trace = source
+        else:
+            raise ValueError(f"the plan's workload source {source!r} is unavailable: give "
+                             "--trace or --workload")
+
+
+def load_workload(args: argparse.Namespace):
     from thunderkv.scheduler.workload import load_azure_trace, synthetic
 
+    for key, value in WORKLOAD_DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     if args.requests < 10:
         raise ValueError("--requests must be >= 10")
     if not args.replay_seconds >= 0:
@@ -41,7 +69,7 @@ def load_workload(args: argparse.Namespace, default: str | None = None):
     if args.trace:
         wl, source = load_azure_trace(args.trace, limit=args.requests), args.trace
     else:
-        kind = args.workload or default
+        kind = args.workload
         if kind is None:
             raise ValueError("give --trace T.csv or --workload coding|conversation")
         if kind.startswith("synthetic:"):
@@ -116,6 +144,10 @@ def _check_flags(args: argparse.Namespace) -> None:
     """Refuse flag combinations that would otherwise be silently ignored."""
     if args.reload_groups < 0:
         raise ValueError("--reload-groups must be >= 0")
+    if not args.time_limit > 0:
+        raise ValueError(f"--time-limit must be > 0 seconds, got {args.time_limit:g}")
+    if args.iters < 0:
+        raise ValueError(f"--iters must be >= 0, got {args.iters}")
     if args.reload_groups and not args.reschedule:
         raise ValueError("--reload-groups applies to --reschedule PLAN.json")
     if args.resilience is not None:
@@ -127,6 +159,7 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     from thunderkv.scheduler.errors import InputError
 
@@ -151,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
         out.print(plan_table(doc, "plan" if not args.reschedule else "rescheduled plan"))
     if "baselines" in doc:
         out.print(systems_table(doc))
+    for note in doc.get("notes", []):
+        err.print(f"[yellow]note:[/yellow] {escape(note)}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(doc, fh, indent=1)
@@ -171,6 +206,9 @@ def _run_plan(args, log) -> dict:
     t0 = time.perf_counter()
     cluster = load_cluster(args.cluster)
     model = load_model(args.model)
+    if args.kv_bits < 16 and model.head_dim % args.kv_group:
+        raise ValueError(f"--kv-group {args.kv_group} does not divide {model.name}'s head_dim "
+                         f"{model.head_dim}: format v1 groups run along head_dim")
     wl, source = load_workload(args)
     params = CostParams(kv_bits=args.kv_bits, kv_group=args.kv_group,
                         kv_streaming=not args.no_kv_streaming)
@@ -199,22 +237,12 @@ def _run_reschedule(args, log) -> dict:
     from thunderkv.scheduler.reschedule import reschedule_document
     from thunderkv.scheduler.tabu import TabuConfig
 
-    # the full re-plan it is compared with gets the search effort a plan would
-    replan = TabuConfig(max_iters=args.iters, time_limit_s=args.time_limit, seed=args.seed)
-
     doc, plan = load_plan_json(args.reschedule)
     fails = [x.strip() for x in args.fail.split(",") if x.strip()]
-    source = doc.get("workload", {}).get("source")
-    if args.trace or args.workload:
-        wl, source = load_workload(args)
-    elif source and (source.startswith("synthetic:") or os.path.exists(source)):
-        if source.startswith("synthetic:"):
-            args.workload = source
-        else:
-            args.trace = source
-        wl, source = load_workload(args)
-    else:
-        raise ValueError("the plan's workload source is unavailable: give --trace or --workload")
+    workload_from_plan(args, doc)
+    wl, source = load_workload(args)
+    # the full re-plan it is compared with gets the search effort a plan would
+    replan = TabuConfig(max_iters=args.iters, time_limit_s=args.time_limit, seed=args.seed)
     if fails == ["each"]:
         from thunderkv.scheduler.report import plot_sweep
         from thunderkv.scheduler.reschedule import failure_sweep

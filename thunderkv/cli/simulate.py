@@ -33,14 +33,15 @@ def run(args: argparse.Namespace) -> int:
     from thunderkv.scheduler.simulator import simulate
     from thunderkv.scheduler.workload import SLO
 
-    from .plan import load_workload
+    from .plan import load_workload, workload_from_plan
 
     out, err = Console(), Console(stderr=True)
     try:
         doc, plan = load_plan_json(args.plan)
         cluster, model, params, slo = inputs_from_dict(doc["inputs"])
         slo = SLO(args.slo_ttft or slo.ttft, args.slo_tpot or slo.tpot)
-        wl, source = load_workload(args, doc.get("workload", {}).get("source"))
+        workload_from_plan(args, doc)
+        wl, source = load_workload(args)
         rate = args.rate or doc.get("predicted", {}).get("rate_req_per_s") or wl.rate
         replay = wl.arrivals_at(rate, args.arrivals, args.seed)
         res = simulate(plan, cluster, model, params, replay)
