@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import sparse
 from scipy.optimize import linprog
 
 LinkKey = tuple[str, ...]  # a node link (a, b) or a NIC direction ("nic", node, "out" | "in")
@@ -78,31 +79,37 @@ def max_throughput(p: RoutingProblem) -> float:
 
 
 def solve(p: RoutingProblem, tiebreak: bool = True) -> Routing:
-    """Solve the LP; with ``tiebreak`` minimise transfer time among max-rate routings."""
+    """Solve the LP; with ``tiebreak`` minimise transfer time among max-rate routings.
+
+    The constraint matrix is built sparse: one row per replica and per network resource, but
+    each pair touches only its two replicas and the few resources its KV crosses (a 320-GPU
+    plan has thousands of pairs and hundreds of resources)."""
     n, m = len(p.pcap), len(p.dcap)
     pairs = [(i, j) for i in range(n) for j in range(m) if p.allowed(i, j)]
     flow = np.zeros((n, m))
     if not pairs:
         return Routing(flow, 0.0)
     links = sorted({k for i, j in pairs for k in p.pair_bytes[i][j]})
-    rows, b = [], []
-    for i in range(n):
-        rows.append([1.0 if pi == i else 0.0 for pi, _ in pairs])
-        b.append(p.pcap[i])
-    for j in range(m):
-        rows.append([1.0 if pj == j else 0.0 for _, pj in pairs])
-        b.append(p.dcap[j])
-    for k in links:
-        rows.append([p.pair_bytes[i][j].get(k, 0.0) / p.link_cap[k] for i, j in pairs])
-        b.append(1.0)  # normalised: load / capacity <= 1
-    A, bv = np.asarray(rows), np.asarray(b)
+    row_of = {k: n + m + r for r, k in enumerate(links)}
+    rows, cols, vals = [], [], []
+    for c, (i, j) in enumerate(pairs):
+        rows += [i, n + j]
+        cols += [c, c]
+        vals += [1.0, 1.0]
+        for k, b in p.pair_bytes[i][j].items():
+            rows.append(row_of[k])
+            cols.append(c)
+            vals.append(b / p.link_cap[k])  # normalised: load / capacity <= 1
+    A = sparse.csr_matrix((vals, (rows, cols)), shape=(n + m + len(links), len(pairs)))
+    bv = np.concatenate([np.asarray(p.pcap, float), np.asarray(p.dcap, float),
+                         np.ones(len(links))])
     res = linprog(-np.ones(len(pairs)), A_ub=A, b_ub=bv, bounds=(0, None), method="highs")
     if res.status != 0:
         raise RuntimeError(f"routing LP failed: {res.message}")
     x, best = res.x, -res.fun
     if tiebreak and best > 0:
         t = np.asarray([p.pair_time[i][j] for i, j in pairs])
-        A2 = np.vstack([A, -np.ones(len(pairs))])
+        A2 = sparse.vstack([A, sparse.csr_matrix(-np.ones((1, len(pairs))))], format="csr")
         b2 = np.append(bv, -best * (1 - 1e-7))
         res2 = linprog(t + 1e-9, A_ub=A2, b_ub=b2, bounds=(0, None), method="highs")
         if res2.status == 0:

@@ -3,8 +3,9 @@
 Moves: flip a group's phase, split a group (at node boundaries or halving a node's share),
 merge two groups, move one GPU between groups. A move is tabu when it re-creates a group that a
 recent move destroyed (tenure in iterations), unless it beats the best value found so far
-(aspiration). Each iteration takes the best admissible neighbour, pruning neighbours whose cheap
-upper bound cannot beat the best one already evaluated. After ``patience`` idle iterations the
+(aspiration). Each iteration takes the best admissible neighbour, evaluating neighbours in order
+of a cheap upper bound and stopping when the bound cannot beat the best one evaluated, after
+``max_evals`` evaluations, or at the time limit. After ``patience`` idle iterations the
 search restarts from a seeded perturbation of the best state.
 """
 
@@ -33,6 +34,7 @@ class TabuConfig:
     seed: int = 0
     moves: tuple[str, ...] = MOVES
     max_neighbours: int = 2000  # sample merges/moves beyond this many (0: never sample)
+    max_evals: int = 64  # routing LPs per iteration at most (best upper bounds first; 0: no cap)
     keep_top: int = 8  # best distinct-valued states remembered for a final check by simulation
 
     def __post_init__(self) -> None:
@@ -232,15 +234,20 @@ def tabu_search(ev: Evaluator, cfg: TabuConfig | None = None, start: State | Non
             ubs = [ev.upper_bound(st) for st in states]
         scored = sorted(((ub, k) for k, ub in enumerate(ubs)), key=lambda x: -x[0])
         pick, pick_v, pick_s = None, -1.0, None
+        evals = 0
         for ub, k in scored:
             if ub <= pick_v:
                 break
+            if pick is not None and (0 < cfg.max_evals <= evals
+                                     or time.perf_counter() - t0 > cfg.time_limit_s):
+                break  # NIC-bound plans prune poorly: keep an iteration's cost bounded
             removed, added = cands[k]
             is_tabu = any(tabu.get(g, 0) >= it for g in added)
             if is_tabu and ub <= best_v:
                 continue
             s = states[k] or _apply(groups, removed, added)
             v = ev.value(s)
+            evals += 1
             top.add(v, s)
             if (not is_tabu or v > best_v) and v > pick_v:
                 pick, pick_v, pick_s = k, v, s

@@ -64,3 +64,31 @@ def test_random_instances_respect_capacities(seed):
     assert r.total <= min(sum(p.pcap), sum(p.dcap)) + 1e-9
     prop = proportional(p)  # the ablation ignores links: may violate them, never the capacities
     assert (prop.flow.sum(1) <= np.asarray(p.pcap) + 1e-9).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_optimum_matches_a_dense_formulation(seed):
+    """solve() builds its constraints sparse (pairs x resources is large at 320 GPUs): same
+    optimum as the plain dense LP written out here, with several resources per pair (a link
+    and NIC directions) shared among pairs."""
+    from scipy.optimize import linprog
+    rng = np.random.default_rng(100 + seed)
+    n, m = int(rng.integers(2, 7)), int(rng.integers(2, 7))
+    res = [("a", str(k)) for k in range(4)] + [("nic", str(k), "out") for k in range(3)]
+    caps = {k: float(rng.uniform(5, 60)) for k in res}
+    pb = [[{res[int(k)]: float(rng.uniform(1, 20))
+            for k in rng.choice(len(res), size=int(rng.integers(1, 4)), replace=False)}
+           for _ in range(m)] for _ in range(n)]
+    pt = [[float(rng.uniform(0, 2)) for _ in range(m)] for _ in range(n)]
+    p = RoutingProblem(list(rng.uniform(0, 10, n)), list(rng.uniform(0, 10, m)), pb, pt, caps, 1.6)
+    pairs = [(i, j) for i in range(n) for j in range(m) if p.allowed(i, j)]
+    rows = [[1.0 * (a == i) for a, _ in pairs] for i in range(n)]
+    rows += [[1.0 * (b == j) for _, b in pairs] for j in range(m)]
+    rows += [[p.pair_bytes[a][b].get(k, 0.0) for a, b in pairs] for k in res]
+    bound = list(p.pcap) + list(p.dcap) + [caps[k] for k in res]
+    want = -linprog(-np.ones(len(pairs)), A_ub=np.array(rows), b_ub=bound, method="highs").fun \
+        if pairs else 0.0
+    assert solve(p, tiebreak=False).total == pytest.approx(want, rel=1e-9, abs=1e-9)
+    r = solve(p)  # the tie-break keeps the rate within 1e-7 of the optimum
+    _check(p, r.flow)
+    assert want * (1 - 2e-7) - 1e-9 <= r.total <= want * (1 + 1e-9) + 1e-9
