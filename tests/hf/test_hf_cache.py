@@ -153,7 +153,7 @@ def test_a_sink_fills_only_from_the_first_tokens():
                                         (1.0, TypeError)])
 def test_sink_length_is_checked(tiny, sink, error):
     with pytest.raises(error, match="sink_length"):
-        ThunderKVCache(tiny[0], sink_length=sink)
+        ThunderKVCache(tiny[0], group_size=G, sink_length=sink)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -171,7 +171,8 @@ def test_residual_length_is_the_receivers_choice(filled):
     config, model, cache = filled
     msg = export_kv(cache)
     got = import_kv(msg, config)  # not in the message: ThunderKVCache's default
-    assert got.residual_length == DEFAULT_RESIDUAL_LENGTH == ThunderKVCache(config).residual_length
+    assert got.residual_length == DEFAULT_RESIDUAL_LENGTH == \
+        ThunderKVCache(config, group_size=got.group_size).residual_length
     assert all(layer.residual_length == DEFAULT_RESIDUAL_LENGTH for layer in got.layers)
     assert_same_cache(cache, got)
     tight = import_kv(msg, config, residual_length=0)  # residual over capacity: quantized next
@@ -398,7 +399,7 @@ def test_size_cap_and_model_mismatch(filled):
     with pytest.raises(KVMessageError, match="heads"):
         import_kv(msg, other)
     with pytest.raises(ValueError, match="forward pass"):
-        export_kv(ThunderKVCache(config))
+        export_kv(ThunderKVCache(config, group_size=32))
     with pytest.raises(TypeError):
         export_kv(object())
     with pytest.raises(TypeError):
