@@ -339,8 +339,9 @@ class ModelRunner:
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.hidden_size = config.hidden_size
-        self.head_dim = (getattr(config, "head_dim", None)
-                         or config.hidden_size // config.num_attention_heads)
+        from thunderkv.hf.cache import head_dim_of
+
+        self.head_dim = head_dim_of(config)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.num_heads} query heads are not a multiple of "
                              f"{self.num_kv_heads} KV heads")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _ops, backends
-from .format import FormatSpec, check_destination, check_disjoint
+from .format import FormatSpec, check_destination
 
 
 @dataclass(slots=True)
@@ -114,7 +114,6 @@ def quantize_into(
     check_destination(packed, "packed", spec.packed_shape(shape), torch.uint8, x.device)
     check_destination(scale, "scale", spec.param_shape(shape), x.dtype, x.device)
     check_destination(minimum, "minimum", spec.param_shape(shape), x.dtype, x.device)
-    check_disjoint(x=x, packed=packed, scale=scale, minimum=minimum)
     op = _ops.quantize_into_impl if _ops.eager_ok(x, packed, scale, minimum) else _ops.quantize_into
     op(x, packed, scale, minimum, bits, group_size, axis, backend)
 
@@ -144,7 +143,6 @@ def dequantize(
         op = _ops.dequantize_impl if eager else _ops.dequantize
         return op(q.packed, q.scale, q.minimum, spec.bits, spec.group_size, spec.axis, backend)
     check_destination(out, "out", tuple(q.shape), q.dtype, q.device)
-    check_disjoint(out=out, packed=q.packed, scale=q.scale, minimum=q.minimum)
     op = _ops.dequantize_into_impl if eager else _ops.dequantize_into
     op(q.packed, q.scale, q.minimum, out, spec.bits, spec.group_size, spec.axis, backend)
     return out

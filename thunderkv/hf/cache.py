@@ -135,7 +135,7 @@ def head_dim_of(config) -> int | None:
     """head_dim of ``config`` (explicit, or hidden_size / heads); None when it has neither."""
     if config is None:
         return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     hd = getattr(text, "head_dim", None)
     if hd:
         return int(hd)

@@ -48,7 +48,7 @@ from ..transfer.wire import (
     decode_header,
     decode_message,
 )
-from .cache import ThunderKVCache
+from .cache import ThunderKVCache, head_dim_of
 
 __all__ = [
     "DEFAULT_MAX_BYTES", "DEFAULT_RESIDUAL_LENGTH", "DEFAULT_SINK_LENGTH", "HEADER", "MAGIC",
@@ -208,7 +208,7 @@ def _check_importable(h: KVHeader, config) -> None:
     if config is not None:
         text = config.get_text_config(decoder=True)
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        head_dim = head_dim_of(config)
         if (text.num_hidden_layers, heads, head_dim) != (h.layers, h.heads, h.head_dim):
             raise KVMessageError(
                 f"KV message holds layers/heads/head_dim {(h.layers, h.heads, h.head_dim)}, the "
