@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import decompose
 from .cluster import Cluster, GpuType, NodeSpec
 from .costmodel import CostParams, build_pipeline
 from .evaluate import Evaluator, SearchSpace, State, canonical
@@ -25,7 +26,7 @@ from .model import ModelSpec
 from .parallel import WorkloadStats
 from .plan import Plan
 from .simulator import simulate
-from .tabu import SearchResult, TabuConfig, tabu_search
+from .tabu import SearchResult, TabuConfig
 from .workload import SLO, Workload
 
 BASELINES = ("vllm", "distserve", "hexgen")
@@ -106,7 +107,7 @@ def plan_system(sys_: System, model: ModelSpec, params: CostParams, stats: Workl
                 best = (v, st)
         assert best is not None
         return ev.plan(best[1]), ev, None
-    res = tabu_search(ev, cfg, progress=progress)
+    res = decompose.search(ev, cfg, progress)  # site by site first on large clusters
     return ev.plan(res.state), ev, res
 
 

@@ -108,3 +108,52 @@ def test_sampled_neighbourhood_is_capped_and_deterministic(model7b, params, stat
     b = _sample(random.Random(1), full, len(lin) + 5)
     assert a == b and len(a) == len(lin) + 5 and all(m in a for m in lin)
     assert _sample(random.Random(1), full, 0) == full
+
+
+def test_sites_group_nodes_by_their_fastest_links():
+    from thunderkv.scheduler.decompose import sites
+    text = """
+catalog:
+  A6000: {fp16_tflops: 155, mem_gb: 48, mem_bw_gbs: 768, price_per_hour: 0.39}
+nodes:
+""" + "".join(f"  - {{name: n{i}, gpu: A6000, count: 4, intra_node_gbps: 200}}\n" for i in range(6)) + """
+network:
+  inter_node_gbps: 1
+  links:
+    - {a: n0, b: n3, gbps: 25}
+    - {a: n1, b: n4, gbps: 25}
+    - {a: n2, b: n5, gbps: 25}
+    - {a: n0, b: n1, gbps: 10}
+"""
+    c = tiny_cluster(text)
+    assert sites(c, 8) == [["n0", "n3"], ["n1", "n4"], ["n2", "n5"]]
+    # up to 16 GPUs: the two pairs joined by a 10 Gbit/s link merge, the third stays apart
+    assert sites(c, 16) == [["n0", "n3", "n1", "n4"], ["n2", "n5"]]
+    assert sites(c, 4) == [[f"n{i}"] for i in range(6)]
+
+
+def test_site_first_search_covers_every_gpu_and_improves_on_its_start(model7b, params, stats,
+                                                                      monkeypatch):
+    """Searching sites first (forced here on a 6-GPU cluster) ends with every GPU in exactly
+    one group, never below the union of the sites' own best states."""
+    from thunderkv.scheduler import decompose
+    c = tiny_cluster()
+    ev = Evaluator(c, model7b, params, stats, SLO(1.5, 0.1))
+    monkeypatch.setattr(decompose, "DECOMPOSE_ABOVE", 0)
+    monkeypatch.setattr(decompose, "SITE_GPUS", 4)
+    starts = []
+    real = decompose.tabu_search
+
+    def spy(ev_, cfg, start=None, progress=None, frozen=frozenset()):
+        res = real(ev_, cfg, start=start, progress=progress, frozen=frozen)
+        starts.append((start, res.value))
+        return res
+
+    monkeypatch.setattr(decompose, "tabu_search", spy)
+    sites = decompose.sites(c, 4)
+    assert len(sites) > 1
+    res = decompose.search(ev, TabuConfig(max_iters=30, time_limit_s=20, seed=1))
+    assert len(starts) == len(sites) + 1  # one search per site, then the whole cluster
+    assert _valid(res.state, c)
+    union = starts[-1][0]
+    assert _valid(union, c) and res.value >= ev.value(union) - 1e-9

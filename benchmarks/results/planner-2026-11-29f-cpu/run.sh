@@ -22,5 +22,7 @@ done
 grep -v "^  nic_gbps:" examples/planner/cloud-32.yaml > $R/cloud-32-no-nic.yaml
 thunderkv plan --cluster $R/cloud-32-no-nic.yaml --model llama-30b --trace $T --baselines hexgen \
   --json $R/conv-no-nic.json > $R/conv-no-nic.out 2>&1
+# c320.* came from a5e7587 (one search over all 320 GPUs); c320-sites.* from the next commit,
+# which searches each 32-GPU site first (scheduler/decompose.py). Same command.
 thunderkv plan --cluster examples/planner/cloud-320.yaml --model llama-30b --trace $T --baselines none \
-  --time-limit 500 --json $R/c320.json > $R/c320.out 2>&1
+  --time-limit 500 --json $R/c320-sites.json > $R/c320-sites.out 2>&1
