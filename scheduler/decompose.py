@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from .cluster import Cluster
-from .evaluate import Evaluator, State, canonical
+from .evaluate import Evaluator, canonical
 from .tabu import SearchResult, TabuConfig, initial_state, tabu_search
 
 SITE_GPUS = 32  # largest site searched on its own
@@ -78,4 +78,4 @@ def search(ev: Evaluator, cfg: TabuConfig,
     return tabu_search(ev, cfg, progress=progress)
 
 
-__all__ = ["sites", "site_first_search", "search", "State"]
+__all__ = ["sites", "site_first_search", "search"]
