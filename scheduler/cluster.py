@@ -11,6 +11,7 @@ sends or receives over all its links. Without ``nic_gbps`` a node may use every 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,7 +186,7 @@ def load_cluster(path: str | Path, text: str | None = None) -> Cluster:
     seen: set[str] = set()
     for i, item in enumerate(nodes_node.value):
         p = f"nodes[{i}]"
-        doc.check_keys(("name", "gpu", "count", "intra_node_gbps", "nic_gbps"), item, p)
+        doc.check_keys(_NODE_FIELDS, item, p)
         name = doc.string("name", item, label=f"{p}.name")
         if name in seen:
             raise doc.error(f"{p}.name", f"duplicate node name {name!r}", item.line)
@@ -228,8 +229,10 @@ def load_cluster(path: str | Path, text: str | None = None) -> Cluster:
                    nic_default)
 
 
-_GPU_FIELDS = ("fp16_tflops", "mem_gb", "mem_bw_gbs", "price_per_hour", "compute_eff", "mem_eff",
-               "layer_overhead_s", "seq_overhead_s")
+# the YAML fields of a catalog entry and of a node: the dataclasses' own (a GPU type's name is
+# its catalog key)
+_GPU_FIELDS = tuple(f.name for f in dataclasses.fields(GpuType) if f.name != "name")
+_NODE_FIELDS = tuple(f.name for f in dataclasses.fields(NodeSpec))
 
 
 def _eff(doc: Doc, spec, label: str, key: str, default: float) -> float:

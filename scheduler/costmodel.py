@@ -220,14 +220,14 @@ class KVLeg:
         return len(self.key) == 2
 
 
-def kv_transfer_legs(src: Pipeline, dst: Pipeline, params: CostParams, cluster: Cluster,
-                     bits: int | None = None) -> list[KVLeg]:
+def kv_transfer_legs(src: Pipeline, dst: Pipeline, params: CostParams,
+                     cluster: Cluster) -> list[KVLeg]:
     """The resources ``src`` -> ``dst`` KV moves over: each node link once, and between two
     nodes also the sender's NIC out and the receiver's NIC in where the cluster sets a NIC.
     Layer ``l`` goes from the source stage holding it to the destination stage holding it."""
     m = src.model
-    per_layer = 2 * m.kv_dim * kv_bytes_per_element(params.kv_bits if bits is None else bits,
-                                                     params.kv_group, m.dtype_bytes)
+    per_layer = 2 * m.kv_dim * kv_bytes_per_element(params.kv_bits, params.kv_group,
+                                                     m.dtype_bytes)
     a_nodes = [s.node for s in src.stages for _ in range(s.layers)]
     b_nodes = [s.node for s in dst.stages for _ in range(s.layers)]
     acc: dict[tuple[str, ...], list] = {}  # key -> [layers, first, last, bytes/s]

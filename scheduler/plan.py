@@ -180,6 +180,7 @@ def check_plan(plan: Plan, cluster: Cluster, model: ModelSpec, raw: dict[str, An
     a group the planner left unused), and the
     JSON's derived fields (``gpus``, ``tp``, ``pp``), where given, agree with the stages."""
     seen: dict[str, int] = {}
+    known = set(cluster.gpus)
     groups = (raw or {}).get("groups", [{}] * len(plan.groups))
     for i, (g, d) in enumerate(zip(plan.groups, groups)):
         where = f"plan.groups[{i}]"
@@ -191,9 +192,7 @@ def check_plan(plan: Plan, cluster: Cluster, model: ModelSpec, raw: dict[str, An
             if not gs:
                 raise bad("empty stage", f"{where}.stages[{st}]")
             for gpu in gs:
-                node, _, idx = gpu.rpartition(":")
-                if not cluster.has_node(node) or not idx.isdigit() or \
-                        int(idx) >= cluster.nodes[cluster.node_rank(node)].count:
+                if gpu not in known:
                     raise bad(f"GPU {gpu!r} is not in the cluster", f"{where}.stages[{st}]")
                 if gpu in seen:
                     raise bad(f"GPU {gpu!r} is also used by group {seen[gpu]}", f"{where}.stages[{st}]")
