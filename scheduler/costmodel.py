@@ -189,13 +189,39 @@ def build_pipeline(cluster: Cluster, model: ModelSpec, params: CostParams,
         node = cluster.node_of(gs[0])
         stages.append(Stage(node.name, cluster.catalog[node.gpu], len(gs), nl, tuple(gs),
                             cluster.link_bytes_per_s(node.name, node.name), i == 0, i == n - 1))
-    hops = [cluster.link_bytes_per_s(a.node, b.node) for a, b in zip(stages, stages[1:])]
+    hops = [min(bw for _, bw in network_resources(cluster, a.node, b.node))  # link or NIC
+            for a, b in zip(stages, stages[1:])]
     return Pipeline(model, stages, hops, params)
 
 
 def link_key(a: str, b: str) -> tuple[str, str]:
     """Undirected key of the link between nodes ``a`` and ``b``."""
     return (a, b) if a <= b else (b, a)
+
+
+def network_resources(cluster: Cluster, a: str, b: str) -> list[tuple[tuple[str, ...], float]]:
+    """``(key, bytes/s)`` of every resource that bytes from node ``a`` to node ``b`` occupy: their
+    link (``a == b``: the node's intra-node link) and, between two nodes, ``a``'s NIC out and
+    ``b``'s NIC in where the cluster sets a NIC (keys as in :class:`KVLeg`)."""
+    uses = [(link_key(a, b), cluster.link_bytes_per_s(a, b))]
+    if a != b:
+        uses += [(("nic", n, d), bw) for n, d in ((a, "out"), (b, "in"))
+                 if (bw := cluster.nic_bytes_per_s(n)) is not None]
+    return uses
+
+
+def activation_loads(pipe: Pipeline, cluster: Cluster) -> dict[tuple[str, ...], tuple[float, float]]:
+    """Per network resource the pipeline's stage-to-stage hops cross: ``(bytes per row, bytes/s)``,
+    a row being one token's activations (``hidden x dtype bytes``) through every hop that uses
+    the resource. A prefill of ``T`` tokens puts ``T`` rows on each, a decode iteration of a
+    batch of ``b`` requests ``b`` rows. (Their latency is already in :class:`Pipeline`; this is
+    the capacity they take from KV transfers sharing the link or NIC.)"""
+    row = pipe.model.hidden * pipe.model.dtype_bytes
+    out: dict[tuple[str, ...], tuple[float, float]] = {}
+    for s, t in zip(pipe.stages, pipe.stages[1:]):
+        for key, bw in network_resources(cluster, s.node, t.node):
+            out[key] = (out.get(key, (0.0, bw))[0] + row, bw)
+    return out
 
 
 @dataclass(slots=True, frozen=True)
@@ -232,11 +258,7 @@ def kv_transfer_legs(src: Pipeline, dst: Pipeline, params: CostParams,
     b_nodes = [s.node for s in dst.stages for _ in range(s.layers)]
     acc: dict[tuple[str, ...], list] = {}  # key -> [layers, first, last, bytes/s]
     for layer, (a, b) in enumerate(zip(a_nodes, b_nodes, strict=True)):
-        uses = [(link_key(a, b), cluster.link_bytes_per_s(a, b))]
-        if a != b:
-            uses += [(("nic", n, d), bw) for n, d in ((a, "out"), (b, "in"))
-                     if (bw := cluster.nic_bytes_per_s(n)) is not None]
-        for key, bw in uses:
+        for key, bw in network_resources(cluster, a, b):
             e = acc.setdefault(key, [0, layer, layer, bw])
             e[0] += 1
             e[2] = layer

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cluster import Cluster
-from .costmodel import CostParams, exposed_transfer_time, kv_transfer_legs
+from .costmodel import CostParams, activation_loads, exposed_transfer_time, kv_transfer_legs
 from .model import ModelSpec
 from .parallel import DECODE_TPOT_MARGIN, GroupPerf, WorkloadStats, best_config
 from .plan import Plan, PlanGroup
@@ -89,22 +89,42 @@ class Evaluator:
         routed pair its actual transfer."""
         return (1 - DECODE_TPOT_MARGIN) * 2 * self.slo.tpot * max(self.stats.output_p50 - 1, 1)
 
+    def activation_bytes(self, gpus, phase: str) -> dict[tuple[str, ...], tuple[float, float]]:
+        """Per network resource, (bytes per mean request, bytes/s) of the pipeline activations
+        group ``gpus`` in ``phase`` moves between its stages: prompt rows in a prefill, one row
+        per generated token after the first in decode iterations, both when colocated."""
+        pipe = self.perf(gpus, phase).pipeline
+        if pipe is None:
+            return {}
+        st = self.stats
+        decode_rows = max(st.output_mean - 1, 0.0)
+        rows = {"prefill": st.prompt_mean, "decode": decode_rows,
+                "colocated": st.prompt_mean + decode_rows}[phase]
+        return {k: (b * rows, bw) for k, (b, bw) in activation_loads(pipe, self.cluster).items()}
+
     def _pair_info(self, pg, dg) -> tuple[dict, dict, float]:
         """(bytes per mean request, bytes/s) per network resource, and the exposed transfer
-        time, of shipping KV from prefill group ``pg`` to decode group ``dg``."""
+        time, of shipping KV from prefill group ``pg`` to decode group ``dg``. The bytes include
+        both groups' pipeline activations for that request (:meth:`activation_bytes`)."""
         key = (self.signature(pg), self.signature(dg))
         if key not in self._pair:
             p, d = self.perf(pg, "prefill").pipeline, self.perf(dg, "decode").pipeline
             legs = kv_transfer_legs(p, d, self.params, self.cluster)
             load = {leg.key: leg.bytes_per_token * self.stats.prompt_mean for leg in legs}
             bps = {leg.key: leg.bps for leg in legs}
+            for gpus, phase in ((pg, "prefill"), (dg, "decode")):
+                for k, (b, bw) in self.activation_bytes(gpus, phase).items():
+                    load[k] = load.get(k, 0.0) + b
+                    bps[k] = bw
             t = exposed_transfer_time(self.stats.prompt_mean, legs,
                                       self.perf(pg, "prefill").prefill_latency, self.model.layers,
                                       self.params.kv_streaming)
             self._pair[key] = (load, bps, t)
         return self._pair[key]
 
-    def routing_problem(self, pre: list, dec: list) -> RoutingProblem:
+    def routing_problem(self, pre: list, dec: list, coloc: list = ()) -> RoutingProblem:
+        """The routing LP of prefill groups ``pre`` and decode groups ``dec``; colocated groups
+        ``coloc`` (at their capacity) only take their activations' share of the resources."""
         pcap = [self.perf(g, "prefill").capacity for g in pre]
         dcap = [self.perf(g, "decode").capacity for g in dec]
         pb, pt, caps = [], [], {}
@@ -121,6 +141,11 @@ class Evaluator:
                     caps[k] = bw * self.params.link_util
             pb.append(rb)
             pt.append(rt)
+        for g in coloc:
+            rate = self.perf(g, "colocated").capacity
+            for k, (b, _) in self.activation_bytes(g, "colocated").items():
+                if k in caps:
+                    caps[k] = max(caps[k] - rate * b, 0.0)
         return RoutingProblem(pcap, dcap, pb, pt, caps, self.transfer_budget)
 
     # --- objective ------------------------------------------------------------------------
@@ -138,12 +163,13 @@ class Evaluator:
     def _route_value(self, state: State) -> float:
         pre = [g for g, ph in state if ph == "prefill"]
         dec = [g for g, ph in state if ph == "decode"]
-        total = sum(self.perf(g, "colocated").capacity for g, ph in state if ph == "colocated")
+        col = [g for g, ph in state if ph == "colocated"]
+        total = sum(self.perf(g, "colocated").capacity for g in col)
         if pre and dec:
             pcap = sum(self.perf(g, "prefill").capacity for g in pre)
             dcap = sum(self.perf(g, "decode").capacity for g in dec)
             if min(pcap, dcap) > 0:
-                prob = self.routing_problem(pre, dec)
+                prob = self.routing_problem(pre, dec, col)
                 total += (max_throughput(prob) if self.space.network_aware
                           else proportional(prob).total)
         return total
@@ -202,7 +228,7 @@ class Evaluator:
         dec = [g for g, ph in state if ph == "decode"]
         plan.flow = np.zeros((len(pre), len(dec)))
         if pre and dec:
-            prob = self.routing_problem(pre, dec)
+            prob = self.routing_problem(pre, dec, [g for g, ph in state if ph == "colocated"])
             r = solve(prob) if self.space.network_aware else proportional(prob)
             plan.flow = r.flow
         plan.coloc_flow = [self.perf(g, ph).capacity for g, ph in state if ph == "colocated"]

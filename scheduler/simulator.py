@@ -5,7 +5,12 @@ when the bottleneck stage frees). Each request's KV then crosses the network res
 prefill and decode stages holding each layer (``costmodel.KVLeg``: node links, and NICs where the
 cluster sets them; bytes compressed or raw per the cost model). Every resource is a FIFO server
 that is busy for ``bytes / its bandwidth`` per transfer, so concurrent transfers share a NIC's
-capacity; a transfer is done when its last leg is. Decode groups run continuous batching: a
+capacity; a transfer is done when its last leg is. Pipeline activations between a group's
+stages (each prefill batch's tokens, each decode iteration's batch) occupy the same resources
+for their bytes, ahead of queued KV (small messages; their latency is in the cost model), so
+they take their share of a NIC from KV transfers. A prefill group holds each prompt's KV
+in its memory until the transfer is done and starts no batch that would overfill it.
+Decode groups run continuous batching: a
 request joins at the next iteration boundary once its KV has arrived and its KV (prompt + output
 tokens) fits in memory, and leaves after its last token. Colocated groups (baselines) interleave
 prefill batches and decode iterations, prefill first; a prompt whose prefill ends during an
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cluster import Cluster
-from .costmodel import CostParams, KVLeg, Pipeline, kv_transfer_legs
+from .costmodel import CostParams, KVLeg, Pipeline, activation_loads, kv_transfer_legs
 from .model import ModelSpec
 from .parallel import PREFILL_BATCH_TOKENS
 from .plan import Plan
@@ -60,10 +65,12 @@ class SimResult:
 
 class _Group:
     __slots__ = ("pipe", "kind", "queue", "busy_until", "free_pending", "running", "k", "ctx",
-                 "kv_used", "kv_cap", "stepping", "reserve", "joining")
+                 "kv_used", "kv_cap", "stepping", "reserve", "joining", "act")
 
-    def __init__(self, pipe: Pipeline, kind: str) -> None:
+    def __init__(self, pipe: Pipeline, kind: str, cluster: Cluster) -> None:
         self.pipe, self.kind = pipe, kind
+        # (resource, seconds per activation row) of the hops between this group's stages
+        self.act = [(k, b / bw) for k, (b, bw) in activation_loads(pipe, cluster).items()]
         self.queue: deque[int] = deque()
         self.busy_until, self.free_pending = 0.0, False
         self.running: list[tuple[int, int]] = []  # heap of (finish iteration, request)
@@ -102,8 +109,8 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
     P, O = wl.prompts, wl.outputs
     res = SimResult(wl.arrivals.copy(), *(np.full(n, np.nan) for _ in range(4)), O, P)
     P, O = P.tolist(), O.tolist()  # Python numbers: the event loop indexes them ~10^6 times
-    groups = [_Group(g.pipeline(cluster, model, params), g.phase) if min(g.layers) > 0 else None
-              for g in plan.groups]
+    groups = [_Group(g.pipeline(cluster, model, params), g.phase, cluster)
+              if min(g.layers) > 0 else None for g in plan.groups]
     entries: list[tuple[int, int]] = []
     weights: list[float] = []
     for a, i in enumerate(plan.prefill_ids):
@@ -131,6 +138,11 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
     prefill_start = np.full(n, np.nan) if stream_kv else None
     link_free: dict[tuple[str, ...], float] = {}  # per network resource: busy until
     dest = np.zeros(n, dtype=np.int64)
+    origin = np.zeros(n, dtype=np.int64)  # the prefill group holding a request's KV
+
+    def activations(g: _Group, rows: int, now: float) -> None:
+        for key, sec in g.act:
+            link_free[key] = max(link_free.get(key, 0.0), now) + rows * sec
     heap: list = []
     seq = 0
 
@@ -145,11 +157,19 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
             return
         batch, toks, sq = [], 0, 0.0
         while g.queue and (not batch or toks + P[g.queue[0]] <= PREFILL_BATCH_TOKENS):
-            r = g.queue.popleft()
+            r = g.queue[0]
+            if g.kv_used + P[r] > g.kv_cap and (g.kv_used or batch):
+                break  # held KV not yet transferred: wait for a TRANSFER_DONE to free memory
+            g.queue.popleft()
             batch.append(r)
+            g.kv_used += int(P[r])
             toks += int(P[r])
             sq += float(P[r]) ** 2
+        if not batch:
+            return
         lat, busy = g.pipe.prefill(toks, sq)
+        if g.act:
+            activations(g, toks, now)
         g.busy_until, g.free_pending = now + busy, True
         push(now + busy, PREFILL_FREE, gi)
         for r in batch:
@@ -183,6 +203,8 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
                 sq += float(P[r]) ** 2
             if batch:  # the bottleneck stage is free again after `busy` (PP overlaps the rest)
                 lat, busy = g.pipe.prefill(toks, sq)
+                if g.act:
+                    activations(g, toks, now)
                 g.stepping = True
                 for r in batch:
                     push(now + lat, PREFILL_DONE, r, gi)
@@ -197,6 +219,8 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
                 admit(g, g.queue.popleft(), now)
         if g.running:
             g.stepping = True
+            if g.act:
+                activations(g, len(g.running), now)
             push(now + g.pipe.decode_iter(len(g.running), g.ctx), STEP_DONE, gi, 0)
 
     def step_done(gi: int, now: float, was_prefill: int) -> None:
@@ -236,6 +260,9 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
                 res.finish[a] = now
                 if b == di:
                     groups[di].kv_used -= int(P[a] + O[a])
+                else:  # nothing to send: the prefill group frees the prompt's KV
+                    groups[b].kv_used -= int(P[a])
+                    start_prefill(b, now)
                 continue
             if b == di:  # colocated: joins this group's running batch at its next boundary
                 groups[di].joining.append(a)
@@ -256,9 +283,13 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
                     end = max(s + dt, now - span + span * (leg.last + 1) / nl + dt / leg.n_layers)
                 link_free[leg.key] = s + dt  # busy while it carries these bytes
                 done = max(done, end)
+            origin[a] = b
             push(done, TRANSFER_DONE, a, di)
         elif kind == TRANSFER_DONE:
             res.transfer_done[a] = now
+            pi = int(origin[a])
+            groups[pi].kv_used -= int(P[a])
+            start_prefill(pi, now)
             groups[b].queue.append(a)
             step(b, now)
         else:

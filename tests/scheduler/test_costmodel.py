@@ -11,6 +11,7 @@ from conftest import tiny_cluster
 from thunderkv.scheduler.cluster import Cluster, GpuType, NodeSpec
 from thunderkv.scheduler.costmodel import (
     CostParams,
+    activation_loads,
     build_pipeline,
     exposed_transfer_time,
     kv_transfer_legs,
@@ -139,6 +140,30 @@ def test_streaming_leg_waits_for_its_layers():
     for p in (0.1 * t, t, 5 * t):
         assert exposed_transfer_time(1000, one, p, M.layers, True) == pytest.approx(
             max(t - p * (M.layers - 1) / M.layers, t / M.layers))
+
+
+def test_pipeline_activations_occupy_links_and_nics():
+    """Stage hops n0 -> n1 -> n1: the first crosses the link and both NICs, the second only
+    n1's intra-node link; one row is hidden x dtype bytes per hop. A hop runs at the slower of
+    its link and the NICs it crosses."""
+    ns = [NodeSpec("n0", BASE.name, 2, 200), NodeSpec("n1", BASE.name, 2, 100)]
+    row = M.hidden * M.dtype_bytes
+    for nic, hop in ((None, 40e9 / 8), (5.0, 5e9 / 8), (80.0, 40e9 / 8)):
+        c = Cluster({BASE.name: BASE}, ns, 40, nic_gbps=nic)
+        pipe = _pipe(c, [("n0:0", "n0:1"), ("n1:0",), ("n1:1",)], [20, 10, M.layers - 30])
+        assert pipe.hop_bps == pytest.approx([hop, 100e9 / 8])
+        want = {("n0", "n1"): (row, 40e9 / 8), ("n1", "n1"): (row, 100e9 / 8)}
+        if nic is not None:
+            want |= {("nic", "n0", "out"): (row, nic * 1e9 / 8),
+                     ("nic", "n1", "in"): (row, nic * 1e9 / 8)}
+        assert activation_loads(pipe, c) == want
+    # two hops over one resource add up; a one-stage pipeline moves no activations
+    c = Cluster({BASE.name: BASE}, ns, 40, nic_gbps=10)
+    back = _pipe(c, [("n0:0",), ("n1:0",), ("n0:1",)], [10, 10, M.layers - 20])
+    loads = activation_loads(back, c)
+    assert loads[("n0", "n1")][0] == 2 * row
+    assert loads[("nic", "n0", "out")][0] == loads[("nic", "n0", "in")][0] == row
+    assert activation_loads(_pipe(c, [("n0:0",)], [M.layers]), c) == {}
 
 
 def test_pipeline_hop_latency_by_placement():

@@ -92,3 +92,39 @@ def test_optimum_matches_a_dense_formulation(seed):
     r = solve(p)  # the tie-break keeps the rate within 1e-7 of the optimum
     _check(p, r.flow)
     assert want * (1 - 2e-7) - 1e-9 <= r.total <= want * (1 + 1e-9) + 1e-9
+
+
+def test_routing_charges_each_request_its_pipeline_activations(model7b, params, stats, tiny_text):
+    """A prefill group pipelined over n0 -> n1 and a decode group over n1 -> n2, 1 Gbit/s NICs:
+    every routed request puts its KV on the NICs plus its prompt's activations on the prefill
+    hop and one row per later token on the decode hop; the routed rate is the tightest
+    capacity, NICs included."""
+    from conftest import tiny_cluster
+    from thunderkv.scheduler.costmodel import kv_transfer_legs
+    from thunderkv.scheduler.evaluate import Evaluator, canonical
+    from thunderkv.scheduler.workload import SLO
+
+    c = tiny_cluster(tiny_text.replace("inter_node_gbps: 10",
+                                       "inter_node_gbps: 10\n  nic_gbps: 1"))
+    ev = Evaluator(c, model7b, params, stats, SLO(100, 100))
+    pg, dg = ("n0:0", "n1:0"), ("n1:1", "n2:0")
+    pre, dec = ev.perf(pg, "prefill"), ev.perf(dg, "decode")
+    assert len(pre.pipeline.stages) == 2 and len(dec.pipeline.stages) == 2
+    load, bps, _ = ev._pair_info(pg, dg)
+    kv = {leg.key: leg.bytes_per_token * stats.prompt_mean
+          for leg in kv_transfer_legs(pre.pipeline, dec.pipeline, params, c)}
+    row = model7b.hidden * model7b.dtype_bytes
+    act: dict = {}
+    for pipe, rows in ((pre.pipeline, stats.prompt_mean), (dec.pipeline, stats.output_mean - 1)):
+        for a, b in zip(pipe.stages, pipe.stages[1:]):
+            act[("nic", a.node, "out")] = act.get(("nic", a.node, "out"), 0.0) + row * rows
+            act[("nic", b.node, "in")] = act.get(("nic", b.node, "in"), 0.0) + row * rows
+    nics = {k for k in load if k[0] == "nic"}
+    assert nics == {k for k in kv if k[0] == "nic"} | set(act)
+    for k in nics:
+        assert load[k] == pytest.approx(kv.get(k, 0.0) + act.get(k, 0.0))
+    assert any(k in kv for k in act)  # some NIC carries both KV and activations
+    limit = min(params.link_util * bps[k] / v for k, v in load.items())
+    state = canonical([(pg, "prefill"), (dg, "decode")])
+    assert ev.value(state) == pytest.approx(min(pre.capacity, dec.capacity, limit))
+    assert limit < min(pre.capacity, dec.capacity)  # the network binds here

@@ -239,3 +239,66 @@ def test_colocated_prompt_joins_at_next_boundary(model7b, params, stats, slo):
     floor = pipe.decode_iter(1, 1.0)
     multi = o > 1
     assert ((res.finish - res.first_token)[multi] >= ((o - 1) * floor)[multi] * (1 - 1e-9)).all()
+
+
+def test_prefill_holds_kv_until_it_is_transferred(model7b, params, stats, tiny_text):
+    """A prefill GPU with room for about one prompt's KV beside the weights, a slow link: the
+    next prompt's prefill starts only once the KV the group holds has left (or, for a
+    one-token request, once its prefill is done), so prompts queue at prefill instead of
+    piling up behind the network. A prompt larger than the memory runs alone."""
+    from thunderkv.scheduler.plan import Plan, PlanGroup
+    from thunderkv.scheduler.workload import Workload
+    text = tiny_text.replace("RTX3090: {fp16_tflops: 71, mem_gb: 24",
+                             "RTX3090: {fp16_tflops: 71, mem_gb: 17")
+    c = tiny_cluster(text.replace("inter_node_gbps: 10", "inter_node_gbps: 1"))
+    plan = Plan([PlanGroup("prefill", [("n1:0",)], [model7b.layers], 1.0),
+                 PlanGroup("decode", [("n2:0", "n2:1")], [model7b.layers], 1.0)])
+    plan.flow = np.ones((1, 1))
+    pipe = plan.groups[0].pipeline(c, model7b, params)
+    cap = pipe.kv_token_capacity()
+    n = 12
+    # no two fit at once; the last alone exceeds the memory and still runs (on its own)
+    prompts = np.array([cap // 2 + 1 + 7 * i for i in range(n - 1)] + [cap + 50])
+    assert 2 * prompts.min() > cap
+    outputs = np.array([1 if i == 5 else 20 for i in range(n)])
+    wl = Workload(np.zeros(n), prompts, outputs)
+    res = simulate(plan, c, model7b, params, wl)
+    assert np.isfinite(res.finish).all()
+    order = np.argsort(res.first_token)
+    released = np.where(outputs > 1, res.transfer_done, res.first_token)
+    for prev, nxt in zip(order, order[1:]):
+        start = res.first_token[nxt] - pipe.prefill(float(prompts[nxt]))[0]
+        assert start >= released[prev] - 1e-9
+    # without the memory limit the second prompt would have started right behind the first
+    assert pipe.prefill(float(prompts[order[0]]))[1] < released[order[0]] - 1e-3
+
+
+def test_pipeline_activations_delay_kv_on_a_shared_nic(model7b, params, stats, tiny_text):
+    """Prefill pipelined n0 -> n1, n0 with a 0.2 Gbit/s NIC. The second prompt's activations
+    leave n0 as soon as the first prompt frees the bottleneck, ahead of the first prompt's KV,
+    which then waits for them on n0's NIC: its transfer ends no sooner than the second batch's
+    start plus both byte counts over the NIC -- later than on an otherwise idle NIC."""
+    from thunderkv.scheduler.costmodel import activation_loads, kv_transfer_legs
+    from thunderkv.scheduler.plan import Plan, PlanGroup
+    from thunderkv.scheduler.workload import Workload
+    n0 = "{name: n0, gpu: A6000, count: 2, intra_node_gbps: 200"
+    assert n0 in tiny_text
+    c = tiny_cluster(tiny_text.replace(n0, n0 + ", nic_gbps: 0.2"))
+    plan = Plan([PlanGroup("prefill", [("n0:0",), ("n1:0",)], [16, 16], 1.0),
+                 PlanGroup("decode", [("n2:0", "n2:1")], [32], 1.0)])
+    plan.flow = np.ones((1, 1))
+    pre = plan.groups[0].pipeline(c, model7b, params)
+    dec = plan.groups[1].pipeline(c, model7b, params)
+    p = 600
+    wl = Workload(np.zeros(2), np.array([p, p]), np.array([5, 5]))
+    res = simulate(plan, c, model7b, params, wl, stream_kv=False)
+    lat, busy = pre.prefill(float(p))
+    nic = ("nic", "n0", "out")
+    row, bw = activation_loads(pre, c)[nic]
+    legs = {leg.key: leg for leg in kv_transfer_legs(pre, dec, params, c)}
+    kv_n0 = p * legs[nic].bytes_per_token / bw
+    slowest = max(p * leg.bytes_per_token / leg.bps for leg in legs.values())
+    expect = busy + p * row / bw + kv_n0
+    assert res.first_token[0] == pytest.approx(lat)
+    assert expect > lat + slowest  # the activations make a difference here
+    assert res.transfer_done[0] >= expect * (1 - 1e-9)
