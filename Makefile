@@ -28,8 +28,13 @@ bench: install
 	$(VENV)/bin/thunderkv bench quant
 
 # What benchmarks/gpu_check.sh needs that the offline GPU image lacks (carry wheels/ along).
+# What gpu_check.sh needs beyond the GPU image (Python 3.12, offline): the UCX wheel, pinned,
+# for that Python, and the commit the carried tree is at (the tree travels without .git).
 gpu-wheels: $(PY)
-	$(PY) -m pip download -q --no-deps -d wheels 'libucx-cu13>=1.19'
+	rm -f wheels/libucx*.whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d wheels 'libucx-cu13==1.22.0'
+	git rev-parse --short=12 HEAD | tr -d '\n' > wheels/GIT_SHA
+	git diff --quiet HEAD || printf -- '-dirty' >> wheels/GIT_SHA
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

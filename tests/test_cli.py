@@ -167,3 +167,20 @@ def test_env_table_shows_square_brackets_literally(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     assert main(["env"]) == 0
     assert "pip install 'thunderkv[triton]'" in capsys.readouterr().out
+
+
+def test_git_sha_falls_back_to_the_environment(monkeypatch):
+    """A copied working tree (the lent GPU machines get one without .git) still records the
+    commit: gpu_check.sh exports THUNDERKV_GIT_SHA from wheels/GIT_SHA."""
+    import subprocess
+
+    from thunderkv.bench import timing
+
+    def no_git(*args, **kwargs):
+        return subprocess.CompletedProcess(args, 128, "", "fatal: not a git repository")
+
+    monkeypatch.setattr(timing.subprocess, "run", no_git)
+    monkeypatch.delenv("THUNDERKV_GIT_SHA", raising=False)
+    assert timing.git_sha() is None
+    monkeypatch.setenv("THUNDERKV_GIT_SHA", "0123456789ab-dirty")
+    assert timing.git_sha() == "0123456789ab-dirty"

@@ -52,8 +52,9 @@ PRESETS: dict[str, list[KVShape]] = {
         KVShape("llama-7b", 32, 8192),
     ],
     "quick": [KVShape("tiny", 8, 256), KVShape("llama-7b", 32, 1024)],
-    # >= 64 MiB of float16 per call, for GPU bandwidth checks.
-    "large": [KVShape("llama-7b", 32, 8192), KVShape("llama-70b-tp1", 64, 8192)],
+    # >= 128 MiB of float16 per call, for GPU bandwidth checks: well above an H100/H200's
+    # 50-60 MB L2, which back-to-back graph replays of a 64 MiB case would partly hit.
+    "large": [KVShape("llama-70b-tp1", 64, 8192), KVShape("llama-70b-tp1", 64, 16384)],
 }
 
 

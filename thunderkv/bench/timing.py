@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import subprocess
 import time
@@ -94,14 +95,17 @@ def _time_graph_here(fn: Callable[[], object], reps: int, inner: int) -> Timing:
 
 
 def git_sha() -> str | None:
+    """The checkout's commit, or ``THUNDERKV_GIT_SHA`` where there is no git repository (a
+    copied working tree, as on the lent GPU machines: gpu_check.sh sets it)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
             capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent,
         )
+        sha = out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+        sha = ""
+    return sha or os.environ.get("THUNDERKV_GIT_SHA") or None
 
 
 def cpu_model() -> str:
