@@ -14,7 +14,14 @@ channel carries the authenticated handshake, KV headers (:mod:`.wire`), per-laye
 and acknowledgements. :func:`unavailable_reason` says why transfer cannot run here, if it can't.
 """
 
-from .errors import AuthenticationError, TransferError, TransferTimeout, TransferUnavailable
+from .errors import (
+    AuthenticationError,
+    ConnectionClosed,
+    RequestRejected,
+    TransferError,
+    TransferTimeout,
+    TransferUnavailable,
+)
 from .pool import PoolFull
 from .receiver import IncomingKV, KVReceiver, ReceivedKV
 from .sender import KVSender, KVStream, SendPool, TransferResult
@@ -22,8 +29,8 @@ from .ucx import ucx_unavailable_reason as unavailable_reason
 from .wire import KVHeader, KVMessageError, Limits, build_header, decode_header, layer_views
 
 __all__ = [
-    "AuthenticationError", "IncomingKV", "KVHeader", "KVMessageError", "KVReceiver", "KVSender",
-    "KVStream", "Limits", "PoolFull", "ReceivedKV", "SendPool", "TransferError",
+    "AuthenticationError", "ConnectionClosed", "IncomingKV", "KVHeader", "KVMessageError", "KVReceiver", "KVSender",
+    "KVStream", "Limits", "PoolFull", "ReceivedKV", "RequestRejected", "SendPool", "TransferError",
     "TransferResult", "TransferTimeout", "TransferUnavailable", "build_header", "decode_header",
     "layer_views", "unavailable_reason",
 ]

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import TransferError, TransferTimeout
+from .errors import ConnectionClosed, TransferError, TransferTimeout
 
 FRAME = struct.Struct("<IBI")
 PRE_AUTH_MAX_FRAME = 4096
@@ -58,7 +58,7 @@ def send(sock: socket.socket, kind: Kind, meta: dict[str, Any] | None = None,
         raise TransferTimeout(f"peer did not accept a {kind.name} message within {timeout:g} s"
                               ) from exc
     except OSError as exc:
-        raise TransferError(f"connection lost while sending {kind.name}: {exc}") from exc
+        raise ConnectionClosed(f"connection lost while sending {kind.name}: {exc}") from exc
 
 
 def _read_exact(sock: socket.socket, n: int, deadline: float, what: str) -> bytes:
@@ -73,9 +73,9 @@ def _read_exact(sock: socket.socket, n: int, deadline: float, what: str) -> byte
         except TimeoutError as exc:
             raise TransferTimeout(f"no {what} from the peer within the timeout") from exc
         except OSError as exc:
-            raise TransferError(f"connection lost while waiting for {what}: {exc}") from exc
+            raise ConnectionClosed(f"connection lost while waiting for {what}: {exc}") from exc
         if not chunk:
-            raise TransferError(f"peer closed the connection (while waiting for {what})")
+            raise ConnectionClosed(f"peer closed the connection (while waiting for {what})")
         chunks.append(chunk)
         got += len(chunk)
     return b"".join(chunks)

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import TransferError, TransferUnavailable
-from .ucx import load_ucx, ucx_unavailable_reason
+from .errors import RequestRejected, TransferUnavailable
+from .ucx import load_ucx, ucx_call, ucx_unavailable_reason
 
 ALIGN = 256
 
 
-class PoolFull(TransferError):
+class PoolFull(RequestRejected):
     """No free slice large enough right now (retry after releasing, or use a larger pool)."""
 
 
@@ -51,7 +51,7 @@ class BufferPool:
         self.tensor = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         if self.device.type == "cpu":
             self.tensor.zero_()  # touch the pages now, not during the first transfer
-        self.region = worker.register_memory(self.tensor.data_ptr(), nbytes)
+        self.region = ucx_call(worker.register_memory, self.tensor.data_ptr(), nbytes)
         self.nbytes = nbytes
         self._free: list[tuple[int, int]] = [(0, nbytes)]  # sorted (offset, size)
         self._used: dict[int, int] = {}

@@ -4,9 +4,13 @@ Per connection a thread runs the handshake, then, per request: validate the head
 field, sizes capped) *before* allocating, grant a slice of the pool, verify each layer's
 CRC-32C as its completion notice arrives (so a consumer may start on layer 0 while later
 layers are in flight), and deliver the request only when the commit's payload checksum matches.
-A failed request (bad checksum, sender died or stalled past the timeout, abort) frees its slice
-and raises from :meth:`IncomingKV.wait_layer` / :meth:`KVReceiver.wait`; it is never delivered
-half-written. Other connections are unaffected.
+A failed request (bad checksum, sender died or stalled past the timeout, abort) raises from
+:meth:`IncomingKV.wait_layer` / :meth:`KVReceiver.wait`; it is never delivered half-written.
+Its slice goes back to the pool only once the sender can no longer write into it: after the
+sender's COMMIT or ABORT, or once its connection is closed (a stalled sender that wakes up is
+told the request failed before its next PUT). Other connections are unaffected. A completed
+request is handed out once (by :meth:`KVReceiver.recv` or :meth:`KVReceiver.wait`, whichever
+asks first) and released once.
 """
 
 from __future__ import annotations
@@ -25,14 +29,21 @@ import torch
 from . import auth, channel
 from .channel import Kind
 from .checksum import crc32c_running
-from .errors import AuthenticationError, TransferError, TransferTimeout, TransferUnavailable
+from .errors import (
+    AuthenticationError,
+    ConnectionClosed,
+    TransferError,
+    TransferTimeout,
+    TransferUnavailable,
+)
 from .pool import BufferPool, PoolFull, Slice
-from .ucx import load_ucx, ucx_unavailable_reason
+from .ucx import load_ucx, ucx_call, ucx_unavailable_reason
 from .wire import DEFAULT_LIMITS, KVHeader, KVMessageError, Limits, decode_header, layer_views
 
 log = logging.getLogger("thunderkv.transfer")
 PROTOCOL_VERSION = 1
 IDLE_POLL_S = 3600.0  # between requests a connection may stay idle this long per read
+DISCARD_MEMORY = 4096  # ids discarded before their BEGIN arrived, remembered (oldest dropped)
 
 
 @dataclass
@@ -47,6 +58,9 @@ class IncomingKV:
     error: BaseException | None = None
     done: bool = False
     seconds: float = 0.0
+    claimed: bool = False  # handed out by recv() or wait()
+    released: bool = False  # its slice went back to the pool
+    discard: bool = False  # KVReceiver.discard() while it was still arriving
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     @property
@@ -142,18 +156,25 @@ class KVReceiver:
         ucx = load_ucx()
         if ucx is None:
             raise TransferUnavailable(f"UCX transfer unavailable: {ucx_unavailable_reason()}")
+        if not float(timeout) > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         self._token = auth.load_token(token)
         self.timeout = float(timeout)
         self.limits = dataclasses.replace(
             limits, max_payload_bytes=min(limits.max_payload_bytes, pool_bytes))
-        self.worker = ucx.Worker(error_handling)
+        self.worker = ucx_call(ucx.Worker, error_handling)
         self.worker.start_progress_thread()
-        self.pool = BufferPool(self.worker, pool_bytes, device)
+        try:
+            self.pool = BufferPool(self.worker, pool_bytes, device)
+        except BaseException:
+            self.worker.stop_progress_thread()
+            raise
         self._rkey = self.pool.region.packed_rkey()
         self._requests: dict[int, IncomingKV] = {}
         self._failed: collections.OrderedDict[int, BaseException] = collections.OrderedDict()
+        self._discarded: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._lock = threading.Lock()
-        self._completed: queue.Queue[IncomingKV] = queue.Queue()
+        self._completed: queue.Queue[IncomingKV | None] = queue.Queue()  # None: closed
         self._changed = threading.Condition(self._lock)
         self._closed = False
         self._connections: set[socket.socket] = set()
@@ -164,12 +185,23 @@ class KVReceiver:
 
     # ------------------------------------------------------------------ consumer API
     def recv(self, timeout: float | None = None) -> ReceivedKV:
-        """The next completed request (in completion order); TransferTimeout if none in time."""
-        try:
-            incoming = self._completed.get(timeout=timeout)
-        except queue.Empty:
-            raise TransferTimeout(f"no KV message completed within {timeout} s") from None
-        return ReceivedKV(incoming, self)
+        """The next completed request not yet handed out (in completion order);
+        TransferTimeout if none in time, TransferError once the receiver is closed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                incoming = self._completed.get(timeout=left)
+            except queue.Empty:
+                raise TransferTimeout(f"no KV message completed within {timeout} s") from None
+            if incoming is None:
+                self._completed.put(None)  # wake every other recv() too
+                raise TransferError("receiver closed")
+            with self._lock:
+                if incoming.claimed or incoming.released:
+                    continue  # taken by wait(), or discarded
+                incoming.claimed = True
+            return ReceivedKV(incoming, self)
 
     def incoming(self, request_id: int, timeout: float | None = None) -> IncomingKV:
         """The request ``request_id`` once its header was accepted (layers may still arrive)."""
@@ -194,7 +226,38 @@ class KVReceiver:
                 raise TransferTimeout(f"request {request_id} not complete within {timeout} s")
             if incoming.error:
                 raise incoming.error
+        with self._lock:
+            if incoming.claimed or incoming.released:
+                raise TransferError(f"request {request_id} was already handed out (by recv() "
+                                    "or wait()) or discarded")
+            incoming.claimed = True
         return ReceivedKV(incoming, self)
+
+    def discard(self, request_id: int) -> None:
+        """Drop request ``request_id``'s KV, whatever its state: complete and not yet handed
+        out -> its slice is released now; still arriving -> released when it completes or
+        fails, never delivered (:meth:`wait` raises); not started -> a later BEGIN with this
+        id is refused (the sender gets a TransferError). Idempotent; a request already handed
+        out is left to its holder's :meth:`ReceivedKV.release`."""
+        release = None
+        with self._lock:
+            incoming = self._requests.get(request_id)
+            if incoming is None:
+                self._discarded[request_id] = None
+                while len(self._discarded) > DISCARD_MEMORY:
+                    self._discarded.popitem(last=False)
+                return
+            if incoming.claimed:
+                return
+            if incoming.done:
+                incoming.claimed = True
+                release = incoming
+            else:
+                incoming.discard = True
+        if release is not None:
+            self._forget(release)
+        else:
+            incoming._update(error=TransferError(f"request {request_id} was discarded"))
 
     def close(self) -> None:
         """Stop listening, drop connections, unregister and free the pool."""
@@ -204,6 +267,11 @@ class KVReceiver:
             self._closed = True
             self._changed.notify_all()
             conns = list(self._connections)
+        self._completed.put(None)  # recv() raises from now on
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept(); close() alone does not
+        except OSError:
+            pass
         self._sock.close()
         for conn in conns:
             try:
@@ -222,22 +290,52 @@ class KVReceiver:
 
     # ------------------------------------------------------------------ internals
     def _forget(self, incoming: IncomingKV) -> None:
+        """Forget ``incoming`` and give its slice back, once (later calls do nothing)."""
         with self._lock:
+            if incoming.released:
+                return
+            incoming.released = True
             if self._requests.get(incoming.request_id) is incoming:
                 del self._requests[incoming.request_id]
         self.pool.release(incoming.slice)
 
     def _fail(self, incoming: IncomingKV, error: BaseException) -> None:
+        """Mark ``incoming`` failed (waiters get ``error``; its id becomes reusable). Its slice
+        stays allocated: the caller releases it (:meth:`_forget`) once the sender can no longer
+        write into it."""
         log.warning("request %d from %s failed: %s", incoming.request_id, incoming.peer, error)
         incoming._update(error=error)
-        with self._lock:  # a failed request's id becomes reusable; its bytes are gone
+        with self._lock:
             if self._requests.get(incoming.request_id) is incoming:
                 del self._requests[incoming.request_id]
             self._failed[incoming.request_id] = error  # wait() reports it (the latest 1024)
             while len(self._failed) > 1024:
                 self._failed.popitem(last=False)
             self._changed.notify_all()
-        self.pool.release(incoming.slice)
+
+    def _hold_until_sender_stops(self, conn: socket.socket, incoming: IncomingKV,
+                                 kind: Kind, reason: str) -> bool:
+        """After a failure the sender may not know about yet: tell it (``kind``: ACK ok=false
+        for a rejection, the connection stays usable; ERROR when giving up on it), then keep
+        the request's slice until it stops writing -- its COMMIT or ABORT, or the connection
+        closing -- so a late PUT never lands in memory another request has been given.
+        True when the sender stopped cleanly (the connection may carry the next request)."""
+        meta = {"ok": False} if kind == Kind.ACK else {"request_id": incoming.request_id}
+        try:
+            channel.send(conn, kind, {**meta, "reason": reason}, timeout=min(self.timeout, 1.0))
+            while not self._closed:
+                try:
+                    msg = channel.receive(conn, timeout=IDLE_POLL_S,
+                                          what=f"the end of failed request {incoming.request_id}")
+                except TransferTimeout:
+                    continue  # still stalled: keep holding
+                if msg.kind in (Kind.COMMIT, Kind.ABORT) or msg.meta.get("commit"):
+                    return True
+            return False
+        except TransferError:
+            return False  # connection gone: nothing can write any more
+        finally:
+            self._forget(incoming)
 
     def _accept_loop(self) -> None:
         while True:
@@ -302,6 +400,10 @@ class KVReceiver:
             with self._lock:
                 if header.request_id in self._requests:
                     raise KVMessageError(f"request id {header.request_id} is already in use")
+                if header.request_id in self._discarded:
+                    del self._discarded[header.request_id]
+                    raise KVMessageError(f"request {header.request_id} was discarded by the "
+                                         "receiver")
                 piece = self.pool.allocate(header.payload_length)
                 incoming = IncomingKV(header, piece, peer)
                 self._failed.pop(header.request_id, None)
@@ -329,6 +431,7 @@ class KVReceiver:
                     self._fail(incoming, TransferError(
                         f"sender aborted request {header.request_id}: "
                         f"{msg.meta.get('reason', '')}"))
+                    self._forget(incoming)  # the sender stopped writing before its ABORT
                     return
                 committing = msg.kind == Kind.COMMIT or bool(msg.meta.get("commit"))
                 if msg.kind == Kind.LAYER:
@@ -344,18 +447,35 @@ class KVReceiver:
                                          f"{incoming.layers_ready}/{header.layers} layers")
                 if claimed != running or (not header.streamed and header.payload_crc != running):
                     raise KVMessageError(f"request {header.request_id}: payload checksum mismatch")
-                incoming._update(done=True, seconds=time.perf_counter() - incoming.started)
+                with self._lock:
+                    discard = incoming.discard
+                    incoming.done = not discard
+                if discard:  # nobody wants it: the sender still hears it arrived intact
+                    self._forget(incoming)
+                else:
+                    incoming._update(seconds=time.perf_counter() - incoming.started)
                 channel.send(conn, Kind.ACK, {"ok": True}, timeout=self.timeout)
-                self._completed.put(incoming)
+                if not discard:
+                    self._completed.put(incoming)
                 return
         except KVMessageError as exc:
             self._fail(incoming, exc)
-            channel.send(conn, Kind.ACK, {"ok": False, "reason": str(exc)}, timeout=self.timeout)
-            if not committing:
-                self._drain_until_commit(conn)
-        except (TransferError, OSError) as exc:
-            self._fail(incoming, exc if isinstance(exc, TransferError) else TransferError(str(exc)))
+            if committing:  # the sender is done writing
+                self._forget(incoming)
+                channel.send(conn, Kind.ACK, {"ok": False, "reason": str(exc)},
+                             timeout=self.timeout)
+            elif not self._hold_until_sender_stops(conn, incoming, Kind.ACK, str(exc)):
+                raise TransferError(f"request {header.request_id} rejected mid-transfer; the "
+                                    "sender did not stop cleanly") from None
+        except ConnectionClosed as exc:
+            self._fail(incoming, exc)
+            self._forget(incoming)  # the sender is gone: nothing writes any more
             raise
+        except (TransferError, OSError) as exc:  # stalled past the timeout, protocol error
+            err = exc if isinstance(exc, TransferError) else TransferError(str(exc))
+            self._fail(incoming, err)
+            self._hold_until_sender_stops(conn, incoming, Kind.ERROR, str(err))
+            raise err from None
 
     @staticmethod
     def _verify_layers(incoming: IncomingKV, msg: channel.Message, running: int) -> int:
@@ -380,10 +500,3 @@ class KVReceiver:
                                      f"layer {i}")
             incoming._update(layers_ready=i + 1)
         return got[-1]
-
-    def _drain_until_commit(self, conn: socket.socket) -> None:
-        """After a rejected layer, skip the request's remaining notices up to its COMMIT."""
-        while True:
-            msg = channel.receive(conn, timeout=self.timeout, what="the rest of a rejected request")
-            if msg.kind in (Kind.COMMIT, Kind.ABORT) or msg.meta.get("commit"):
-                return

@@ -1,7 +1,9 @@
 """The sending side: connect to a KVReceiver and PUT KV messages into its registered pool.
 
 One :class:`KVSender` is one authenticated connection (side channel + UCX endpoint); requests
-on it run one at a time (open several senders for concurrency). A request's payload must be a
+on it run one at a time (open several senders for concurrency). Once a request fails mid-way
+(the receiver refused it, the connection dropped, a timeout) the sender is :attr:`KVSender.broken`
+and refuses new requests: close it and open a new one. A request's payload must be a
 contiguous uint8 tensor: ideally a slice of a :class:`SendPool` the quantize kernels wrote
 straight into (registered once), otherwise it is registered for the duration of the call.
 Either way the bytes go from that memory into the receiver's pool with one-sided UCX PUTs, in
@@ -14,6 +16,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import re
+import select
 import socket
 import threading
 import time
@@ -24,9 +27,10 @@ import torch
 from . import auth, channel
 from .channel import Kind
 from .checksum import crc32c_running
-from .errors import AuthenticationError, TransferError, TransferTimeout, TransferUnavailable
+from .errors import AuthenticationError, RequestRejected, TransferError, TransferUnavailable
 from .pool import BufferPool, PoolFull
 from .ucx import load_ucx, ucx_unavailable_reason
+from .ucx import ucx_call as _ucx_call
 from .wire import KVHeader
 
 DEFAULT_CHUNK_BYTES = 16 << 20
@@ -36,17 +40,6 @@ _LANE = re.compile(r"lane\[\d+\]:\s+\d+:(\S+?)\.\d+\s")
 @functools.cache
 def _crc_pool() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tkv-crc")
-
-
-def _ucx_call(fn, *args):
-    """Run a ``_ucx`` call, mapping its exceptions onto ours."""
-    ucx = load_ucx()
-    try:
-        return fn(*args)
-    except ucx.TransferTimeout as exc:
-        raise TransferTimeout(str(exc)) from None
-    except ucx.TransferError as exc:
-        raise TransferError(str(exc)) from None
 
 
 def rma_transports(description: str) -> list[str]:
@@ -131,9 +124,16 @@ class KVSender:
         ucx = load_ucx()
         if ucx is None:
             raise TransferUnavailable(f"UCX transfer unavailable: {ucx_unavailable_reason()}")
+        if not float(timeout) > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be a positive number of bytes, got {chunk_bytes!r}")
         self._token = auth.load_token(token)
         self.timeout, self.chunk_bytes = float(timeout), int(chunk_bytes)
         self._lock = threading.Lock()
+        self._owner: int | None = None  # thread holding the open request
+        self._broken: str | None = None  # why the connection can no longer be used
+        self._closed = False
         try:
             self._sock = socket.create_connection((host, port), timeout=self.timeout)
         except OSError as exc:
@@ -142,7 +142,7 @@ class KVSender:
         self.peer = f"{host}:{port}"
         try:
             address, rkey, info = self._handshake()
-            self.worker = ucx.Worker(error_handling)
+            self.worker = _ucx_call(ucx.Worker, error_handling)
             self._endpoint = _ucx_call(self.worker.connect, address)
             self._remote = _ucx_call(self._endpoint.unpack_rkey, rkey, info["pool_address"],
                                      info["pool_nbytes"])
@@ -154,6 +154,7 @@ class KVSender:
         self.lanes = tuple(f"{t}/{d}" for t, d in self._endpoint.transports())
         self.transports = tuple(rma_transports(self._endpoint.describe())) or self.lanes
         self._pools: list[BufferPool] = []
+        self._stream: KVStream | None = None
 
     def _handshake(self) -> tuple[bytes, bytes, dict]:
         hello = channel.expect(channel.receive(self._sock, timeout=self.timeout, what="HELLO",
@@ -243,12 +244,45 @@ class KVSender:
         if not header.streamed and header.payload_crc == 0:
             # No checksum up front: the per-layer notices carry it (as for a streamed message).
             header = dataclasses.replace(header, streamed=True)
+        self._check_usable()
+        if self._owner == threading.get_ident():
+            raise TransferError("a request is already open on this sender in this thread: "
+                                "finish() or abort() it first, or open another KVSender")
         return KVStream(self, header, payload)
 
+    @property
+    def broken(self) -> bool:
+        """True once a request failed mid-way or the connection dropped: the sender refuses
+        new requests; close it and open a new :class:`KVSender`."""
+        return self._broken is not None or self._closed
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise TransferError(f"sender to {self.peer} is closed")
+        if self._broken is not None:
+            raise TransferError(f"connection to {self.peer} failed earlier ({self._broken}): "
+                                "open a new KVSender")
+
     def close(self) -> None:
+        """Close the connection. A request in flight on another thread fails (its next step
+        finds the connection shut) and is waited for before UCX resources are freed; one left
+        open on this thread is aborted."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owner == threading.get_ident() and self._stream is not None:
+            self._stream.abort("sender closed")
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # a request in flight fails at its next step
+        except OSError:
+            pass
+        # A PUT in flight ends within its timeout; only then may the endpoint and the
+        # registered memory go (freeing them under a PUT crashes the process).
+        if not self._lock.acquire(timeout=self.timeout + 5.0):
+            self._sock.close()
+            return  # still busy: leave the UCX resources to the process exit rather than crash
         try:
             self._sock.close()
-        finally:
             self._remote = None  # UCX wants remote keys destroyed before their endpoint
             if getattr(self, "_endpoint", None) is not None:
                 self._endpoint.close(force=False, timeout_s=min(self.timeout, 1.0))
@@ -256,6 +290,8 @@ class KVSender:
             for pool in self._pools:
                 pool.close()
             self._pools.clear()
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> KVSender:
         return self
@@ -269,8 +305,14 @@ class KVStream:
 
     def __init__(self, sender: KVSender, header: KVHeader, payload: torch.Tensor) -> None:
         self.sender, self.header, self.payload = sender, header, payload
-        self._region, self._base, self._temporary = sender._region_of(payload)
-        sender._lock.acquire()
+        sender._lock.acquire()  # one request at a time (other threads wait their turn)
+        try:
+            sender._check_usable()  # it may have failed or closed while this thread waited
+            self._region, self._base, self._temporary = sender._region_of(payload)
+        except BaseException:
+            sender._lock.release()
+            raise
+        sender._owner, sender._stream = threading.get_ident(), self
         self._open = True
         self._next_layer, self._crc, self.put_seconds = 0, 0, 0.0
         self._commit_sent = False
@@ -283,11 +325,19 @@ class KVStream:
                                    Kind.GRANT)
             if not grant.meta.get("ok"):
                 reason = str(grant.meta.get("reason", "no reason given"))
-                cls = PoolFull if "pool" in reason and "free" in reason else TransferError
+                cls = PoolFull if "pool" in reason and "free" in reason else RequestRejected
                 raise cls(f"receiver refused request {header.request_id}: {reason}")
             self.offset = channel.meta_int(grant, "offset", 0,
                                            sender._remote.nbytes - header.payload_length)
-        except BaseException:
+        except RequestRejected:
+            self._close()  # a clean refusal: the connection is fine
+            raise
+        except TransferError as exc:
+            sender._broken = str(exc)
+            self._close()
+            raise
+        except BaseException as exc:
+            sender._broken = f"{type(exc).__name__} while starting a request"
             self._close()
             raise
 
@@ -296,7 +346,23 @@ class KVStream:
             self._open = False
             if self._temporary is not None:
                 self._temporary.release()
+            self.sender._owner, self.sender._stream = None, None
             self.sender._lock.release()
+
+    def _receiver_said_stop(self) -> None:
+        """Before each PUT: the receiver speaks mid-request only to fail it (an ERROR after
+        it timed out or rejected a layer); then write nothing more into its pool."""
+        s = self.sender
+        if s._closed:
+            raise TransferError("sender closed")
+        if select.select([s._sock], [], [], 0)[0]:
+            msg = channel.receive(s._sock, timeout=s.timeout, what="the receiver's message")
+            channel.expect(msg, Kind.ACK)  # an ERROR (the receiver gave up) raises its reason
+            if not msg.meta.get("ok"):
+                raise RequestRejected(f"receiver rejected request {self.header.request_id}: "
+                                      f"{msg.meta.get('reason')}")
+            raise TransferError(f"protocol error: ACK for request {self.header.request_id} "
+                                "before its commit")
 
     def send_layer(self, index: int) -> None:
         """PUT layer ``index`` (layers go in order) and tell the receiver it is in place."""
@@ -325,6 +391,7 @@ class KVStream:
             crc_future = _crc_pool().submit(self._layer_crcs, first, stop)
             done = start
             while done < end:
+                self._receiver_said_stop()
                 size = min(s.chunk_bytes, end - done)
                 self.put_seconds += _ucx_call(
                     s._endpoint.put, self._region, self._base + done, size, s._remote,
@@ -337,7 +404,11 @@ class KVStream:
             self._commit_sent = stop == self.header.layers and self.commit_with_last_layer
             channel.send(s._sock, Kind.LAYER, {"index": first, "crcs": crcs,
                                                "commit": self._commit_sent}, timeout=s.timeout)
-        except BaseException:
+        except RequestRejected:
+            self.abort("rejected by the receiver")  # tells it this sender stopped writing
+            raise
+        except BaseException as exc:
+            s._broken = s._broken or f"{type(exc).__name__}: {exc}"
             self.abort("sender failed while sending layers")
             raise
         self._next_layer = stop
@@ -352,17 +423,29 @@ class KVStream:
     def finish(self) -> TransferResult:
         """Commit and wait for the receiver to verify the whole payload."""
         s = self.sender
+        if self._open and self._next_layer != self.header.layers:
+            self.abort("finish() before every layer was sent")
+            raise ValueError(f"finish() after {self._next_layer}/{self.header.layers} layers: "
+                             "request aborted")
+        if not self._open:
+            raise TransferError(f"request {self.header.request_id}: stream is closed")
         try:
-            if self._next_layer != self.header.layers:
-                raise ValueError(f"finish() after {self._next_layer}/{self.header.layers} layers")
             if not self._commit_sent:
                 channel.send(s._sock, Kind.COMMIT, {"payload_crc": self._crc},
                              timeout=s.timeout)
             ack = channel.expect(channel.receive(s._sock, timeout=s.timeout, what="ACK"), Kind.ACK)
-            if not ack.meta.get("ok"):
-                raise TransferError(f"receiver rejected request {self.header.request_id}: "
-                                    f"{ack.meta.get('reason')}")
+            if not ack.meta.get("ok"):  # a clean rejection: the connection stays usable
+                raise RequestRejected(f"receiver rejected request {self.header.request_id}: "
+                                      f"{ack.meta.get('reason')}")
             seconds = time.perf_counter() - self.started
+        except RequestRejected:
+            raise
+        except TransferError as exc:
+            s._broken = s._broken or str(exc)
+            raise
+        except BaseException as exc:
+            s._broken = s._broken or f"{type(exc).__name__} while finishing a request"
+            raise
         finally:
             self._close()
         h = self.header
@@ -388,4 +471,8 @@ class KVStream:
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is not None:
             self.abort(f"{exc_type.__name__} on the sender")
+        elif self._open:  # left without finish(): the receiver would wait for a COMMIT
+            self.abort("stream closed without finish()")
+            raise TransferError(f"request {self.header.request_id}: stream left without "
+                                "finish(); aborted")
         self._close()

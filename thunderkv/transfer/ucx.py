@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 from types import ModuleType
 
+from .errors import TransferError, TransferTimeout
+
 _error: str | None = None
 
 
@@ -31,6 +33,18 @@ def load_ucx() -> ModuleType | None:
         _error = built_without or f"{type(exc).__name__}: {exc}"
         return None
     return _ucx
+
+
+def ucx_call(fn, *args):
+    """Run a ``_ucx`` call, mapping its exceptions onto :mod:`.errors`' (``_ucx`` has its own
+    TransferError / TransferTimeout classes, which callers of this package never see)."""
+    ucx = load_ucx()
+    try:
+        return fn(*args)
+    except ucx.TransferTimeout as exc:
+        raise TransferTimeout(str(exc)) from None
+    except ucx.TransferError as exc:
+        raise TransferError(str(exc)) from None
 
 
 def ucx_unavailable_reason() -> str | None:

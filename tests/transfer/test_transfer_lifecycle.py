@@ -1,0 +1,193 @@
+"""Request and connection lifecycle of thunderkv.transfer: hand-out once, discard, no write
+into memory a failed request gave back, broken senders, close() under load, bad arguments."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import torch
+import transfer_peers as peers
+
+from thunderkv.transfer import (
+    KVReceiver,
+    KVSender,
+    RequestRejected,
+    TransferError,
+    TransferTimeout,
+    unavailable_reason,
+)
+
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None,
+                                reason=f"UCX transfer unavailable: {unavailable_reason()}")
+
+
+@pytest.fixture
+def receiver():
+    rx = KVReceiver(1 << 26, token=peers.TOKEN, timeout=5.0)
+    yield rx
+    rx.close()
+
+
+def _send(rx: KVReceiver, request_id: int, tokens: int = 64) -> None:
+    header = peers.raw_header(request_id, tokens)
+    with KVSender(rx.host, rx.port, token=peers.TOKEN) as tx:
+        tx.send(header, peers.payload_for(request_id, header.payload_length))
+
+
+def test_a_request_is_handed_out_once_and_released_once(receiver):
+    _send(receiver, 1)
+    _send(receiver, 2)
+    first = receiver.wait(1, timeout=5)
+    with pytest.raises(TransferError, match="already handed out"):
+        receiver.wait(1, timeout=5)
+    second = receiver.recv(timeout=5)  # request 1 was taken by wait(): recv() skips it
+    assert second.request_id == 2
+    with pytest.raises(TransferTimeout):
+        receiver.recv(timeout=0.2)
+    first.release()
+    first.release()  # a second release is a no-op, not a double free
+    _send(receiver, 3)  # may land where request 1 was
+    third = receiver.wait(3, timeout=5)
+    assert torch.equal(second.buffer, peers.payload_for(2, second.header.payload_length))
+    assert torch.equal(third.buffer, peers.payload_for(3, third.header.payload_length))
+    second.release()
+    third.release()
+    assert receiver.pool.free_bytes() == receiver.pool.nbytes
+
+
+def test_discard_in_every_state(receiver):
+    # complete, not handed out: released now, never delivered
+    _send(receiver, 10)
+    receiver.discard(10)
+    assert receiver.pool.free_bytes() == receiver.pool.nbytes
+    with pytest.raises(TransferTimeout):
+        receiver.recv(timeout=0.2)
+    # not started yet: its BEGIN is refused (a clean refusal: the connection stays usable)
+    receiver.discard(11)
+    header = peers.raw_header(11, 64)
+    with KVSender(receiver.host, receiver.port, token=peers.TOKEN) as tx:
+        with pytest.raises(RequestRejected, match="discarded"):
+            tx.send(header, peers.payload_for(11, header.payload_length))
+        assert not tx.broken
+        tx.send(header, peers.payload_for(11, header.payload_length))  # the id is free again
+        receiver.wait(11, timeout=5).release()
+        # still arriving: never delivered, released once complete
+        header = peers.raw_header(12, 64)
+        stream = tx.stream(header, peers.payload_for(12, header.payload_length))
+        stream.send_layer(0)
+        receiver.incoming(12, timeout=5)
+        receiver.discard(12)
+        with pytest.raises(TransferError, match="discarded"):
+            receiver.wait(12, timeout=5)
+        stream.send_layer(1)
+        stream.finish()  # the bytes arrived intact: the sender is not told otherwise
+    deadline = time.monotonic() + 5
+    while receiver.pool.free_bytes() != receiver.pool.nbytes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert receiver.pool.free_bytes() == receiver.pool.nbytes
+    receiver.discard(12)  # idempotent
+
+
+def test_a_stalled_sender_never_writes_into_memory_given_to_another_request():
+    """The receiver gives up on a stalled request after its timeout but keeps the slice until
+    the sender stops: the stalled sender, waking up, is told before its next PUT; another
+    request meanwhile gets other memory, and its bytes never change."""
+    rx = KVReceiver(1 << 22, token=peers.TOKEN, timeout=0.5)
+    try:
+        slow_header = peers.raw_header(1, 512)  # 2 layers of 256 KiB
+        slow = KVSender(rx.host, rx.port, token=peers.TOKEN)
+        stream = slow.stream(slow_header, peers.payload_for(1, slow_header.payload_length))
+        stream.send_layer(0)
+        with pytest.raises(TransferTimeout):
+            rx.wait(1, timeout=5)  # the receiver gave up on it
+        held = rx.pool.nbytes - rx.pool.free_bytes()
+        assert held >= slow_header.payload_length  # ... but still holds its slice
+        _send(rx, 2, 512)
+        other = rx.wait(2, timeout=5)
+        before = other.buffer.clone()
+        with pytest.raises(TransferError, match="no progress|timeout|within"):
+            stream.send_layer(1)  # woken up: refused before it PUTs anything
+        assert slow.broken
+        with pytest.raises(TransferError, match="open a new KVSender"):
+            slow.send(slow_header, peers.payload_for(1, slow_header.payload_length))
+        assert torch.equal(other.buffer, before)
+        slow.close()
+        other.release()
+        deadline = time.monotonic() + 5
+        while rx.pool.free_bytes() != rx.pool.nbytes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rx.pool.free_bytes() == rx.pool.nbytes  # the slice came back once it stopped
+    finally:
+        rx.close()
+
+
+def test_misuse_of_a_sender_fails_clearly(receiver):
+    header = peers.raw_header(20, 64)
+    payload = peers.payload_for(20, header.payload_length)
+    with KVSender(receiver.host, receiver.port, token=peers.TOKEN) as tx:
+        with pytest.raises(TransferError, match="without finish"):
+            with tx.stream(header, payload) as stream:
+                stream.send_layer(0)
+        with pytest.raises(TransferError, match="without finish"):
+            with tx.stream(header, payload):
+                with pytest.raises(TransferError, match="already open"):
+                    tx.stream(peers.raw_header(21, 64), payload)  # same thread: no deadlock
+        # after both, the connection still carries a request
+        tx.send(header, payload)
+    receiver.wait(20, timeout=5).release()
+
+
+def test_close_while_another_thread_sends_fails_that_send_cleanly(receiver):
+    header = peers.raw_header(30, 32768)  # 32 MiB
+    payload = peers.payload_for(30, header.payload_length)
+    for _ in range(3):
+        tx = KVSender(receiver.host, receiver.port, token=peers.TOKEN, chunk_bytes=1 << 20)
+        errors: list[BaseException] = []
+
+        def send(tx=tx, errors=errors):
+            try:
+                tx.send(header, payload)
+            except TransferError as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=send)
+        worker.start()
+        time.sleep(0.005)
+        tx.close()
+        worker.join(30)
+        assert not worker.is_alive()
+        assert tx.broken
+        try:
+            receiver.wait(30, timeout=5).release()  # it may have finished before the close
+        except TransferError:
+            assert errors
+
+
+def test_closing_a_receiver_stops_its_listener():
+    rx = KVReceiver(1 << 20, token=peers.TOKEN)
+    host, port = rx.host, rx.port
+    t0 = time.monotonic()
+    rx.close()
+    assert time.monotonic() - t0 < 1.5
+    assert not rx._acceptor.is_alive()
+    with pytest.raises(OSError):
+        socket.create_connection((host, port), timeout=1).close()
+    with pytest.raises(TransferError, match="closed"):
+        rx.recv(timeout=1)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"timeout": 0}, "timeout"), ({"timeout": -1}, "timeout"),
+    ({"chunk_bytes": 0}, "chunk_bytes"), ({"chunk_bytes": -1}, "chunk_bytes")])
+def test_bad_sender_arguments_are_refused(receiver, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        KVSender(receiver.host, receiver.port, token=peers.TOKEN, **kwargs)
+
+
+@pytest.mark.parametrize("timeout", [0, -1])
+def test_bad_receiver_timeout_is_refused(timeout):
+    with pytest.raises(ValueError, match="timeout"):
+        KVReceiver(1 << 20, token=peers.TOKEN, timeout=timeout)
