@@ -191,3 +191,38 @@ def test_bad_sender_arguments_are_refused(receiver, kwargs, match):
 def test_bad_receiver_timeout_is_refused(timeout):
     with pytest.raises(ValueError, match="timeout"):
         KVReceiver(1 << 20, token=peers.TOKEN, timeout=timeout)
+
+
+def test_a_flood_of_silent_connections_is_capped_and_then_recovers():
+    """Peers that connect and never authenticate hold at most MAX_UNAUTHENTICATED handshake
+    threads; the rest are turned away at once, and once the silent ones time out a real
+    sender gets through."""
+    from thunderkv.transfer.receiver import MAX_UNAUTHENTICATED
+
+    rx = KVReceiver(1 << 20, token=peers.TOKEN, timeout=1.0)
+    socks = []
+    try:
+        for _ in range(MAX_UNAUTHENTICATED + 8):
+            socks.append(socket.create_connection((rx.host, rx.port), timeout=5))
+        turned_away = 0
+        for s in socks:
+            s.settimeout(5)
+            turned_away += s.recv(1) == b""  # closed before any HELLO
+        assert turned_away >= 8
+        assert rx._handshaking <= MAX_UNAUTHENTICATED
+        time.sleep(1.5)  # the silent handshakes time out
+        _send(rx, 1, 8)
+        rx.wait(1, timeout=5).release()
+    finally:
+        for s in socks:
+            s.close()
+        rx.close()
+
+
+def test_an_unreadable_token_file_is_a_clear_error(monkeypatch, tmp_path):
+    from thunderkv.transfer import auth
+
+    monkeypatch.delenv(auth.TOKEN_ENV, raising=False)
+    monkeypatch.setenv(auth.TOKEN_FILE_ENV, str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="cannot be read"):
+        auth.load_token()

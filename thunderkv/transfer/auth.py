@@ -31,7 +31,12 @@ def load_token(token: str | bytes | None = None) -> bytes:
         token, source = os.environ[TOKEN_ENV], f"${TOKEN_ENV}"
     if token is None and os.environ.get(TOKEN_FILE_ENV):
         path = Path(os.environ[TOKEN_FILE_ENV])
-        token, source = path.read_bytes().strip(), f"the file {path} (${TOKEN_FILE_ENV})"
+        try:
+            token = path.read_bytes().strip()
+        except OSError as exc:
+            raise ValueError(f"${TOKEN_FILE_ENV} names {path}, which cannot be read: "
+                             f"{exc.strerror or exc}") from None
+        source = f"the file {path} (${TOKEN_FILE_ENV})"
     if token is None:
         raise ValueError(
             f"no transfer token: set ${TOKEN_ENV} or ${TOKEN_FILE_ENV}, or pass token=... "

@@ -44,6 +44,7 @@ log = logging.getLogger("thunderkv.transfer")
 PROTOCOL_VERSION = 1
 IDLE_POLL_S = 3600.0  # between requests a connection may stay idle this long per read
 DISCARD_MEMORY = 4096  # ids discarded before their BEGIN arrived, remembered (oldest dropped)
+MAX_UNAUTHENTICATED = 32  # connections still in the handshake at once; more are turned away
 
 
 @dataclass
@@ -178,6 +179,7 @@ class KVReceiver:
         self._changed = threading.Condition(self._lock)
         self._closed = False
         self._connections: set[socket.socket] = set()
+        self._handshaking = 0
         self._sock = socket.create_server((host, port))
         self.host, self.port = self._sock.getsockname()[:2]
         self._acceptor = threading.Thread(target=self._accept_loop, name="tkv-accept", daemon=True)
@@ -348,6 +350,12 @@ class KVReceiver:
                 if self._closed:
                     conn.close()
                     return
+                if self._handshaking >= MAX_UNAUTHENTICATED:  # a flood of silent peers
+                    log.warning("turned away %s:%s: %d connections already in the handshake",
+                                addr[0], addr[1], self._handshaking)
+                    conn.close()
+                    continue
+                self._handshaking += 1
                 self._connections.add(conn)
             peer = f"{addr[0]}:{addr[1]}"
             threading.Thread(target=self._serve, args=(conn, peer), name=f"tkv-peer-{peer}",
@@ -379,12 +387,18 @@ class KVReceiver:
 
     def _serve(self, conn: socket.socket, peer: str) -> None:
         try:
-            self._handshake(conn)
+            try:
+                self._handshake(conn)
+            finally:
+                with self._lock:
+                    self._handshaking -= 1
             while True:
                 msg = channel.receive(conn, timeout=IDLE_POLL_S, what="a request")
                 if msg.kind != Kind.BEGIN:
                     raise TransferError(f"protocol error: expected BEGIN, got {msg.kind.name}")
                 self._receive_request(conn, peer, msg)
+        except AuthenticationError as exc:
+            log.warning("refused %s: %s", peer, exc)
         except (TransferError, OSError) as exc:
             if not self._closed:
                 log.info("connection %s closed: %s", peer, exc)
