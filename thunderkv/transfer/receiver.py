@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import queue
 import socket
 import threading
 import time
@@ -175,7 +174,9 @@ class KVReceiver:
         self._failed: collections.OrderedDict[int, BaseException] = collections.OrderedDict()
         self._discarded: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._lock = threading.Lock()
-        self._completed: queue.Queue[IncomingKV | None] = queue.Queue()  # None: closed
+        # complete, not yet handed out, in completion order (wait() and discard() take theirs
+        # out, so nothing piles up when only wait() is used)
+        self._completed: collections.deque[IncomingKV] = collections.deque()
         self._changed = threading.Condition(self._lock)
         self._closed = False
         self._connections: set[socket.socket] = set()
@@ -189,21 +190,14 @@ class KVReceiver:
     def recv(self, timeout: float | None = None) -> ReceivedKV:
         """The next completed request not yet handed out (in completion order);
         TransferTimeout if none in time, TransferError once the receiver is closed."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                incoming = self._completed.get(timeout=left)
-            except queue.Empty:
-                raise TransferTimeout(f"no KV message completed within {timeout} s") from None
-            if incoming is None:
-                self._completed.put(None)  # wake every other recv() too
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._completed or self._closed, timeout):
+                raise TransferTimeout(f"no KV message completed within {timeout} s")
+            if not self._completed:
                 raise TransferError("receiver closed")
-            with self._lock:
-                if incoming.claimed or incoming.released:
-                    continue  # taken by wait(), or discarded
-                incoming.claimed = True
-            return ReceivedKV(incoming, self)
+            incoming = self._completed.popleft()
+            incoming.claimed = True
+        return ReceivedKV(incoming, self)
 
     def incoming(self, request_id: int, timeout: float | None = None) -> IncomingKV:
         """The request ``request_id`` once its header was accepted (layers may still arrive)."""
@@ -233,7 +227,15 @@ class KVReceiver:
                 raise TransferError(f"request {request_id} was already handed out (by recv() "
                                     "or wait()) or discarded")
             incoming.claimed = True
+            self._take(incoming)
         return ReceivedKV(incoming, self)
+
+    def _take(self, incoming: IncomingKV) -> None:
+        """Remove ``incoming`` from the not-yet-handed-out list (under the lock)."""
+        try:
+            self._completed.remove(incoming)
+        except ValueError:
+            pass
 
     def discard(self, request_id: int) -> None:
         """Drop request ``request_id``'s KV, whatever its state: complete and not yet handed
@@ -253,6 +255,7 @@ class KVReceiver:
                 return
             if incoming.done:
                 incoming.claimed = True
+                self._take(incoming)
                 release = incoming
             else:
                 incoming.discard = True
@@ -269,7 +272,6 @@ class KVReceiver:
             self._closed = True
             self._changed.notify_all()
             conns = list(self._connections)
-        self._completed.put(None)  # recv() raises from now on
         try:
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept(); close() alone does not
         except OSError:
@@ -461,16 +463,18 @@ class KVReceiver:
                                          f"{incoming.layers_ready}/{header.layers} layers")
                 if claimed != running or (not header.streamed and header.payload_crc != running):
                     raise KVMessageError(f"request {header.request_id}: payload checksum mismatch")
+                incoming.seconds = time.perf_counter() - incoming.started
                 with self._lock:
                     discard = incoming.discard
-                    incoming.done = not discard
+                    if not discard:
+                        incoming.done = True
+                        self._completed.append(incoming)
+                        self._changed.notify_all()
                 if discard:  # nobody wants it: the sender still hears it arrived intact
                     self._forget(incoming)
                 else:
-                    incoming._update(seconds=time.perf_counter() - incoming.started)
+                    incoming._update()  # wake wait() and wait_layer()
                 channel.send(conn, Kind.ACK, {"ok": True}, timeout=self.timeout)
-                if not discard:
-                    self._completed.put(incoming)
                 return
         except KVMessageError as exc:
             self._fail(incoming, exc)
@@ -482,10 +486,14 @@ class KVReceiver:
                 raise TransferError(f"request {header.request_id} rejected mid-transfer; the "
                                     "sender did not stop cleanly") from None
         except ConnectionClosed as exc:
+            if incoming.done:  # delivered (maybe handed out already); only the ACK was lost
+                raise
             self._fail(incoming, exc)
             self._forget(incoming)  # the sender is gone: nothing writes any more
             raise
         except (TransferError, OSError) as exc:  # stalled past the timeout, protocol error
+            if incoming.done:
+                raise
             err = exc if isinstance(exc, TransferError) else TransferError(str(exc))
             self._fail(incoming, err)
             self._hold_until_sender_stops(conn, incoming, Kind.ERROR, str(err))
