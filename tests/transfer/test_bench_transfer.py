@@ -86,3 +86,66 @@ def test_inflight_must_be_positive(capsys):
 def test_pool_device_is_checked_before_anything_starts(capsys, device, why):
     assert main(["bench", "transfer", "--quick", "--device", device]) == 2
     assert why in capsys.readouterr().out.replace("\n", " ")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (from /proc)."""
+    import os
+
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        try:
+            stat = open(f"/proc/{d}/stat").read() if d.isdigit() else ""
+        except OSError:
+            continue
+        if stat:
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ctrl_c_exits_quietly_and_leaves_no_processes():
+    """Ctrl-C (SIGINT to the terminal's foreground group) while the client is sending: one
+    line, exit code 130, no traceback, and the server and client processes are gone."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from thunderkv._spawn import module_argv
+
+    proc = subprocess.Popen(
+        module_argv("thunderkv.cli") + ["bench", "transfer", "--case", "smollm2:1024",
+                                        "--reps", "100000", "--no-perftest"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            kids = _descendants(proc.pid)
+            if len(kids) >= 2:  # the server and the client
+                break
+            time.sleep(0.2)
+        time.sleep(3)  # the client is connected and sending
+        kids = _descendants(proc.pid)
+        assert len(kids) >= 2 and proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (out, err)
+    assert out == "interrupted\n" and "Traceback" not in err, (out, err)
+    assert not [k for k in kids if _alive(k)]

@@ -11,13 +11,17 @@ optionally across a rate-limited veth link (``--rate``), and on plain loopback U
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import itertools
 import json
 import os
+import queue
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -44,14 +48,128 @@ class KVGeometry:
         return 2 * self.layers * tokens * self.kv_heads * self.head_dim * 2
 
 
+def known_models() -> list[str]:
+    """Model names :func:`geometry` knows (besides a model .yaml)."""
+    from ..scheduler.model import PRESETS as MODEL_PRESETS
+
+    return ["smollm2-135m", *sorted(MODEL_PRESETS)]
+
+
 def geometry(name: str) -> KVGeometry:
-    """KV geometry of a planner model preset, or of SmolLM2-135M (the serving loop's model)."""
+    """KV geometry of a planner model preset, or of SmolLM2-135M (the serving loop's model),
+    or of a model .yaml. ValueError (naming the known models) for anything else."""
     if name in ("smollm2", "smollm2-135m"):
         return KVGeometry("smollm2-135m", 30, 3, 64)
+    from ..scheduler.model import PRESETS as MODEL_PRESETS
     from ..scheduler.model import load_model
 
+    if (name not in MODEL_PRESETS and Path(name).suffix.lower() not in (".yaml", ".yml")
+            and not Path(name).exists()):
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(known_models())} "
+                         "(or a model .yaml)")
     m = load_model(name)
     return KVGeometry(m.name, m.layers, m.kv_heads, m.hidden // m.heads)
+
+
+# ---------------------------------------------------------------------- argument checks
+# Each returns why its arguments cannot run (a one-line message without the flag's name, which
+# the caller prefixes), or None; they start nothing, so the CLI runs them before any process.
+def parse_case(text: str) -> tuple[str, int]:
+    """``MODEL:TOKENS`` -> (model, tokens); ValueError on any other shape (tokens unchecked)."""
+    model, sep, tokens = text.rpartition(":")
+    try:
+        if not sep or not model:
+            raise ValueError
+        return model, int(tokens)
+    except ValueError:
+        raise ValueError("expected MODEL:TOKENS, e.g. llama-7b:1024") from None
+
+
+def tokens_problem(tokens: int, geo: KVGeometry | None = None) -> str | None:
+    """Why ``tokens`` prompt tokens (of model ``geo``, if given) cannot be one request's
+    message (None when they can): under 1, or over the receiver's default limits."""
+    from ..transfer.wire import DEFAULT_LIMITS
+
+    if tokens < 1:
+        return f"prompt tokens must be >= 1, got {tokens}"
+    if tokens > DEFAULT_LIMITS.max_tokens:
+        return (f"{tokens} tokens is over the receiver's limit of {DEFAULT_LIMITS.max_tokens} "
+                "tokens per message")
+    if geo is not None and geo.raw_bytes(tokens) > DEFAULT_LIMITS.max_payload_bytes:
+        return (f"one raw message of {geo.name} at {tokens} tokens is "
+                f"{geo.raw_bytes(tokens) / 1e9:.1f} GB, over the receiver's cap of "
+                f"{DEFAULT_LIMITS.max_payload_bytes / 1e9:.1f} GB per message")
+    return None
+
+
+def group_size_problem(group_size: int, bits: list[int], geos: list[KVGeometry]) -> str | None:
+    """Why format v1 cannot quantize these models' KV at ``bits`` with ``group_size`` (groups run
+    along head_dim, and must fill whole bytes); None when it can, or when every width is raw."""
+    quantized = sorted({b for b in bits if b < 16})
+    if not quantized:
+        return None
+
+    def fits(g: int) -> bool:
+        return all(g * b % 8 == 0 for b in quantized) and all(x.head_dim % g == 0 for x in geos)
+
+    if group_size >= 1 and fits(group_size):
+        return None
+    names: dict[int, list[str]] = {}
+    for x in geos:
+        if x.name not in names.setdefault(x.head_dim, []):
+            names[x.head_dim].append(x.name)
+    dims = ", ".join(f"{d} ({', '.join(n)})" for d, n in sorted(names.items()))
+    valid = [g for g in range(1, min(x.head_dim for x in geos) + 1) if fits(g)]
+    return (f"not a format v1 group size for these cases: it must divide head_dim {dims} and "
+            f"fill whole bytes at {'/'.join(map(str, quantized))} bits; valid here: "
+            f"{', '.join(map(str, valid)) or 'none'}")
+
+
+def available_bytes(device: str) -> int | None:
+    """Memory the pools can take on ``device``: the host's MemAvailable, or a GPU's total
+    memory; None when unknown."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        try:
+            index = dev.index if dev.index is not None else torch.cuda.current_device()
+            return int(torch.cuda.get_device_properties(index).total_memory)
+        except (RuntimeError, AssertionError):
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory_problem(cases: list[tuple[str, int]], inflight: int = 1, device: str = "cpu", *,
+                   server: bool = True, client: bool = True,
+                   pool_bytes: int | None = None) -> str | None:
+    """Why the pools of this run cannot fit on ``device`` (None when they can, or when
+    :func:`available_bytes` is unknown). ``server``: the receive pool, ``pool_bytes`` or else
+    :func:`pool_bytes_for`; ``client``: ``inflight`` send pools of the largest message."""
+    need, parts = 0, []
+    if cases:
+        model, tokens = max(cases, key=lambda c: geometry(c[0]).raw_bytes(c[1]))
+        largest = geometry(model).raw_bytes(tokens)
+    if server:
+        pool = pool_bytes if pool_bytes is not None else pool_bytes_for(cases, inflight)
+        need += pool
+        parts.append(f"receive pool {pool / 1e9:.1f} GB")
+    if client and cases:
+        need += inflight * largest
+        parts.append(f"send pools {inflight} x {largest / 1e9:.1f} GB for {model}:{tokens}")
+    have = available_bytes(device)
+    if have is None or need <= have:
+        return None
+    where = ("host memory available" if torch.device(device).type == "cpu"
+             else f"memory on {device}")
+    fix = "a smaller --pool-bytes" if pool_bytes is not None else "fewer tokens or a smaller model"
+    return (f"the pools need {need / 1e9:.1f} GB ({' + '.join(parts)}) but there is only "
+            f"{have / 1e9:.1f} GB of {where}; use {fix}")
 
 
 # (model, prompt tokens): one request's KV each. quick: < 40 s even over a 100 Mbit/s link.
@@ -113,8 +231,10 @@ def run_client(host: str, port: int, cases: list[tuple[str, int]], *, bits: list
         raise ValueError("inflight must be >= 1")
     rows = []
     ids = itertools.count(1)
-    senders = [KVSender(host, port, timeout=timeout) for _ in range(inflight)]
+    senders: list = []
     try:
+        for _ in range(inflight):  # inside the try: a failed connect closes the others
+            senders.append(KVSender(host, port, timeout=timeout))
         for model, tokens in cases:
             geo = geometry(model)
             for b in bits:
@@ -309,7 +429,7 @@ def _perftest_ratios(r: dict) -> None:
 def serve(host: str, port: int, pool_bytes: int, timeout: float,
           max_requests: int | None = None, device: str = "cpu") -> int:
     """Receive, verify and release messages until SIGTERM/SIGINT (or ``max_requests``) into
-    a receive pool on ``device``."""
+    a receive pool on ``device``. The signal handlers are restored on return."""
     from ..transfer import KVReceiver, TransferTimeout
 
     stop = False
@@ -318,45 +438,135 @@ def serve(host: str, port: int, pool_bytes: int, timeout: float,
         nonlocal stop
         stop = True
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
     count = 0
     with KVReceiver(pool_bytes, host=host, port=port, timeout=timeout, device=device) as rx:
-        print(f"LISTENING {rx.host} {rx.port}", flush=True)
-        while not stop and (max_requests is None or count < max_requests):
-            try:
-                got = rx.recv(timeout=0.5)
-            except TransferTimeout:
-                continue
-            got.release()
-            count += 1
+        old = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            print(f"LISTENING {rx.host} {rx.port}", flush=True)
+            while not stop and (max_requests is None or count < max_requests):
+                try:
+                    got = rx.recv(timeout=0.5)
+                except TransferTimeout:
+                    continue
+                got.release()
+                count += 1
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
     print(f"served {count} messages", flush=True)
     return 0
 
 
 # ---------------------------------------------------------------------- both roles here
-def _wait_listening(proc: subprocess.Popen, timeout: float) -> tuple[str, int]:
+class PeerFailed(RuntimeError):
+    """A spawned side (or the shaped link between them) failed; the message says why in one
+    line (plus the server's last words when it did not start). ``exit_code``: what the CLI
+    returns (2 where the side rejected its arguments, else 1)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _Lines:
+    """Reads a child's text stream on a daemon thread, keeping its last ``keep`` lines (and
+    queueing every line on ``lines``, then None at the end); ``sink`` (a stream) also gets
+    them while :meth:`forward` is on."""
+
+    def __init__(self, stream, keep: int = 20, sink=None) -> None:
+        self.tail: collections.deque[str] = collections.deque(maxlen=keep)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self._sink, self._forwarding = sink, False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        try:
+            for line in stream:
+                with self._lock:
+                    self.tail.append(line.rstrip())
+                    if self._forwarding:
+                        self._write(line)
+                self.lines.put(line)
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.lines.put(None)
+
+    def _write(self, line: str) -> None:
+        try:
+            self._sink.write(line)
+            self._sink.flush()
+        except (OSError, ValueError):
+            pass
+
+    def forward(self, on: bool = True) -> None:
+        """Start (the lines kept so far first) or stop forwarding."""
+        if self._sink is None or on == self._forwarding:
+            return
+        with self._lock:
+            if on:
+                for line in self.tail:
+                    self._write(line + "\n")
+            self._forwarding = on
+
+    def join(self, timeout: float = 2.0) -> None:
+        self._thread.join(timeout)
+
+
+def _wait_listening(proc: subprocess.Popen, out: _Lines, err: _Lines,
+                    timeout: float) -> tuple[str, int]:
+    """The server's ``LISTENING host port``; PeerFailed with why (its exit code, the last lines
+    it wrote to stdout and stderr) when it exits or stays silent for ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    said: list[str] = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
+    why = f"did not start within {timeout:g} s"
+    while True:
+        try:
+            line = out.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:  # stdout closed: it exited (or is about to)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+            why = f"exited with code {proc.returncode}" if proc.returncode is not None else \
+                "closed its output"
+            break
         if line.startswith("LISTENING"):
             _, host, port = line.split()
             return host, int(port)
-        said = (said + [line.rstrip()])[-8:]
-    last = "".join(f"\n  server: {s}" for s in said)
-    raise RuntimeError(f"transfer server did not start (exit code {proc.poll()}){last or ''}"
-                       "\n(run `thunderkv bench transfer --role server` to see it alone)")
+    err.join(1.0)
+    said = [s for s in (*out.tail, *err.tail) if s.strip()]
+    last = "".join(f"\n  server: {s}" for s in said[-12:])
+    code = 2 if proc.returncode == 2 else 1
+    raise PeerFailed(f"the transfer server {why}{last}", code)
+
+
+@contextlib.contextmanager
+def _hangup_unwinds() -> Iterator[None]:
+    """Inside (main thread only): SIGHUP (the terminal closed) raises ``SystemExit(129)`` so the
+    children, which run in their own process groups, are still stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGHUP, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, old)
 
 
 def run_pair(cli_args: list[str], *, pool_bytes: int, timeout: float, rate_bps: int | None,
              rows_path: Path, device: str = "cpu") -> None:
     """Spawn a server and a client process (inside a shaped veth link when ``rate_bps``),
-    both with their pools on ``device``."""
+    both with their pools on ``device``. Raises PeerFailed when either fails (or the link
+    cannot be set up); on any exit, KeyboardInterrupt included, both are stopped first."""
     from ..transfer import auth
     from ..transfer.netshape import ShapedLink, sigterm_unwinds
 
@@ -365,33 +575,81 @@ def run_pair(cli_args: list[str], *, pool_bytes: int, timeout: float, rate_bps: 
     server_argv = base + ["--role", "server", "--port", "0", "--pool-bytes", str(pool_bytes),
                           "--timeout", str(timeout), "--device", device]
     client_argv = base + cli_args + ["--rows-out", str(rows_path), "--device", device]
-    with sigterm_unwinds():  # a SIGTERM still stops the server and deletes the namespaces
+    # SIGTERM / SIGHUP still stop the server and delete the namespaces
+    with sigterm_unwinds(), _hangup_unwinds():
         if rate_bps is None:
             _run_pair(server_argv + ["--host", "127.0.0.1"], client_argv, env, None)
             return
-        with ShapedLink(rate_bps) as link:
+        with contextlib.ExitStack() as stack:
+            try:
+                link = stack.enter_context(ShapedLink(rate_bps))
+            except RuntimeError as exc:  # the link's own setup (it cleaned up)
+                raise PeerFailed(f"cannot set up the shaped link: {str(exc).splitlines()[0]}") \
+                    from None
             # Shared memory would bypass the link: force UCX onto TCP over the shaped veth.
             env.update(UCX_TLS="tcp")
             _run_pair(server_argv + ["--host", link.server_addr], client_argv, env, link)
+
+
+def _spawn(argv: list[str], env: dict, **kw) -> subprocess.Popen:
+    """A child in its own process group (a session): the terminal's Ctrl-C reaches only this
+    process, which then stops the child and everything it started (:func:`_stop`)."""
+    return subprocess.Popen(argv, env=env, start_new_session=True, **kw)
+
+
+def _stop(proc: subprocess.Popen | None, grace: float) -> None:
+    """SIGTERM ``proc``'s process group, SIGKILL it after ``grace`` seconds; also kills what
+    is left of the group (e.g. a ``ucx_perftest`` the child started) once ``proc`` exited."""
+    if proc is None:
+        return
+
+    def signal_group(sig) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    if proc.poll() is None:
+        signal_group(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            signal_group(signal.SIGKILL)
+            proc.wait()
+    signal_group(signal.SIGKILL)  # leftovers in its group, if any
 
 
 def _run_pair(server_argv, client_argv, env, link) -> None:
     s_env = dict(env, UCX_NET_DEVICES="tkv-s") if link else env
     c_env = dict(env, UCX_NET_DEVICES="tkv-c") if link else env
     s_cmd = link.command("server", server_argv) if link else server_argv
-    server = subprocess.Popen(s_cmd, env=s_env, stdout=subprocess.PIPE, text=True)
+    server = client = err = None
     try:
-        host, port = _wait_listening(server, 60)
+        server = _spawn(s_cmd, s_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out = _Lines(server.stdout)
+        err = _Lines(server.stderr, sink=sys.stderr)
+        host, port = _wait_listening(server, out, err, 60)
+        err.forward()  # warnings of a running server still reach the terminal
         c_cmd = client_argv + ["--role", "client", "--host", host, "--port", str(port)]
         if link:
             c_cmd = link.command("client", c_cmd)
-        subprocess.run(c_cmd, env=c_env, check=True)
+        client = _spawn(c_cmd, c_env)
+        code = client.wait()
+        if code != 0:
+            why = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            raise PeerFailed(f"the transfer client {why} (its output is above)",
+                             2 if code == 2 else 1)
     finally:
-        server.send_signal(signal.SIGTERM)
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # a 2nd Ctrl-C
         try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            if err is not None:  # not its complaints about the client stopped first
+                err.forward(False)
+            _stop(client, 5)
+            _stop(server, 10)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, old)
 
 
 def pool_bytes_for(cases: list[tuple[str, int]], inflight: int = 1) -> int:

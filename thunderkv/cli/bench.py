@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def _count(minimum: int):
@@ -124,9 +125,14 @@ def register(subparsers) -> None:
     tr.add_argument("--inflight", type=int, default=1,
                     help="requests in flight at once (one connection each; --reps sends each): "
                     "adds aggregate throughput and its ratio to perftest")
-    tr.add_argument("--timeout", type=float, default=5.0, help="seconds without progress")
-    tr.add_argument("--rate", help="shape the link, e.g. 100mbit or 1gbit (needs netns + tc)")
-    tr.add_argument("--pool-bytes", type=int, default=1 << 30, help="server receive pool size")
+    tr.add_argument("--timeout", type=float, default=5.0, help="seconds without progress (> 0)")
+    tr.add_argument("--rate", help="shape the link, e.g. 100mbit or 1gbit (needs netns + tc); "
+                    "where shaping is unavailable the run fails with exit code 3")
+    tr.add_argument("--allow-skip", action="store_true",
+                    help="with --rate: where shaping is unavailable, skip (exit 0, no --json) "
+                    "instead of failing with exit code 3")
+    tr.add_argument("--pool-bytes", type=int, default=1 << 30,
+                    help="--role server: receive pool size (bytes)")
     tr.add_argument("--device", default="cpu",
                     help="where both sides' pools live: cpu, or cuda[:N] (GPU memory: UCX's CUDA "
                     "transports; perftest then uses GPU buffers too)")
@@ -197,6 +203,8 @@ def _setup(args: argparse.Namespace, presets: dict):
 def _measure(console, run_fn):
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    if not console.is_terminal:  # piped: a spinner only leaves a blank line behind
+        return run_fn(lambda msg: None)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("starting", total=None)
@@ -302,67 +310,188 @@ def run_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+# Exit codes of `bench transfer` besides 0 (done) and 1 (a side failed while running):
+EXIT_USAGE = 2  # bad arguments, or a peer that cannot be reached / refuses us
+EXIT_SKIPPED = 3  # --rate where link shaping is unavailable (without --allow-skip)
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+
+def _error(console, message: str) -> None:
+    """One red line: ``message`` as plain text (no markup: it may quote brackets), unwrapped."""
+    from rich.text import Text
+
+    console.print(Text(message, style="red"), soft_wrap=True)
+
+
 def run_transfer(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ..bench import transfer
-    from ..transfer import unavailable_reason
-
     console = Console()
-    why = unavailable_reason()
-    if why is not None:
-        console.print(f"[red]UCX transfer unavailable here: {why}")
-        return 2
-    why = _device_problem(args.device)
-    if why is not None:
-        console.print(f"[red]--device {args.device}: {why}")
-        return 2
+    try:
+        return _run_transfer(console, args)
+    except KeyboardInterrupt:  # the children (own process groups) are stopped by now
+        _error(console, "interrupted")
+        return EXIT_INTERRUPTED
+
+
+def _transfer_problem(args: argparse.Namespace, transfer) -> str | None:
+    """Why these ``bench transfer`` arguments cannot run (one line naming the flag), or None;
+    resolves ``args.case_list``, ``args.bit_list`` and ``args.rate_bps``. Starts nothing."""
+    import math
+
+    args.case_list, args.bit_list, args.rate_bps = [], args.bits or [16, 4], None
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        return f"--timeout must be > 0 seconds, got {args.timeout:g}"
+    if not 0 <= args.port <= 65535:
+        return f"--port must be in 0..65535, got {args.port}"
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        parent = os.path.dirname(os.path.abspath(path)) if path else None
+        if parent and not os.path.isdir(parent):
+            return f"{flag} {path}: no directory {parent}"
+    if args.rate is not None:
+        if args.role:
+            return ("--rate shapes the link between the two sides this command starts; it "
+                    "does not apply with --role")
+        from ..transfer.netshape import parse_rate
+
+        try:
+            args.rate_bps = parse_rate(args.rate)
+        except ValueError as exc:
+            return f"--rate: {exc}"
     if args.role == "server":
-        return transfer.serve(args.host, args.port, args.pool_bytes, args.timeout,
-                              device=args.device)
+        if args.pool_bytes < 1:
+            return f"--pool-bytes must be >= 1, got {args.pool_bytes}"
+        return None
     if args.perftest_runs < 1:
-        console.print("[red]--perftest-runs must be >= 1 (or use --no-perftest)")
-        return 2
+        return "--perftest-runs must be >= 1 (or use --no-perftest)"
     if args.inflight < 1 or args.reps < 1:
-        console.print("[red]--inflight and --reps must be >= 1")
-        return 2
+        return "--inflight and --reps must be >= 1"
     preset = "quick" if args.quick else args.preset
     if preset not in transfer.PRESETS:
-        console.print(f"[red]unknown preset {preset!r}; choose from {sorted(transfer.PRESETS)}")
-        return 2
-    cases = transfer.PRESETS[preset]
+        return f"unknown preset {preset!r}; choose from {sorted(transfer.PRESETS)}"
+    args.preset = preset
+    # (flag and value to blame, model, tokens) per case
+    cases = [(None, m, t) for m, t in transfer.PRESETS[preset]]
     if args.cases:
-        try:
-            cases = [(c.rsplit(":", 1)[0], int(c.rsplit(":", 1)[1])) for c in args.cases]
-        except (IndexError, ValueError):
-            console.print(f"[red]--case takes MODEL:TOKENS, got {args.cases}")
-            return 2
+        cases = []
+        for text in args.cases:
+            try:
+                model, tokens = transfer.parse_case(text)
+            except ValueError as exc:
+                return f"--case {text}: {exc}"
+            cases.append((f"--case {text}", model, tokens))
     elif args.models or args.tokens:
-        models = args.models or sorted({m for m, _ in cases})
-        tokens = args.tokens or sorted({t for _, t in cases})
-        cases = [(m, t) for m in models for t in tokens]
-    bits = args.bits or [16, 4]
+        models = args.models or sorted({m for _, m, _ in cases})
+        tokens = args.tokens or sorted({t for _, _, t in cases})
+        for t in tokens:
+            why = transfer.tokens_problem(t)
+            if why is not None:
+                return f"--tokens {t}: {why}"
+        cases = [(f"--model {m}" if args.models else None, m, t) for m in models for t in tokens]
+    geos = []
+    for flag, model, tokens in cases:
+        try:
+            geos.append(transfer.geometry(model))
+        except ValueError as exc:  # an unknown name, or a bad model .yaml (InputError)
+            return f"{flag or '--model'}: {exc}"
+        why = transfer.tokens_problem(tokens, geos[-1])
+        if why is not None:
+            return f"{flag or f'case {model}:{tokens}'}: {why}"
+    why = transfer.group_size_problem(args.group_size, args.bit_list, geos)
+    if why is not None:
+        return f"--group-size {args.group_size}: {why}"
+    args.case_list = [(m, t) for _, m, t in cases]
+    return None
+
+
+def _transfer_failed(exc: BaseException) -> tuple[str, int]:
+    """(one-line message, exit code) for what a side of `bench transfer` raised: a peer that
+    cannot be reached or refuses us is a usage error (2), a failure while sending is not (1)."""
+    from ..transfer import AuthenticationError, TransferError
+
+    if isinstance(exc, AuthenticationError):
+        return (f"{exc} (both sides need the same $THUNDERKV_TRANSFER_TOKEN)", EXIT_USAGE)
+    if isinstance(exc, TransferError):
+        hint = ""
+        if isinstance(exc.__cause__, ConnectionRefusedError):
+            hint = " (is `thunderkv bench transfer --role server` running there?)"
+        unreachable = isinstance(exc.__cause__, OSError)
+        return f"transfer failed: {exc}{hint}", EXIT_USAGE if unreachable else 1
+    return f"{exc}", EXIT_USAGE
+
+
+def _run_transfer(console, args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
+    from ..bench import transfer
+    from ..transfer import TransferError, auth, unavailable_reason
+
+    why = _transfer_problem(args, transfer)
+    if why is not None:
+        _error(console, why)
+        return EXIT_USAGE
+    why = _device_problem(args.device)
+    if why is not None:
+        _error(console, f"--device {args.device}: {why}")
+        return EXIT_USAGE
+    cases, bits, rate = args.case_list, args.bit_list, args.rate_bps
+    why = transfer.memory_problem(cases, args.inflight, args.device,
+                                  server=args.role != "client", client=args.role != "server",
+                                  pool_bytes=args.pool_bytes if args.role == "server" else None)
+    if why is not None:
+        _error(console, why)
+        return EXIT_USAGE
+    if args.role:  # one side: it needs the token both sides share
+        try:
+            auth.load_token()
+        except (ValueError, OSError) as exc:
+            _error(console, str(exc))
+            return EXIT_USAGE
+    why = unavailable_reason()
+    if why is not None:
+        _error(console, f"UCX transfer unavailable here: {why}")
+        return EXIT_USAGE
+    if args.role == "server":
+        try:
+            return transfer.serve(args.host, args.port, args.pool_bytes, args.timeout,
+                                  device=args.device)
+        except OSError as exc:  # e.g. the port is in use, or not an address of this host
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            _error(console, f"cannot listen on {args.host}:{args.port}: {why}")
+            return EXIT_USAGE
+        except TransferError as exc:
+            _error(console, _transfer_failed(exc)[0])
+            return 1
     if args.role == "client":
-        rows = _measure(console, lambda progress: transfer.run_client(
-            args.host, args.port, cases, bits=bits, group_size=args.group_size, reps=args.reps,
-            timeout=args.timeout, device=args.device, inflight=args.inflight,
-            perftest_runs=args.perftest_runs if args.interleave_perftest else 0,
-            progress=progress))
+        try:
+            rows = _measure(console, lambda progress: transfer.run_client(
+                args.host, args.port, cases, bits=bits, group_size=args.group_size,
+                reps=args.reps, timeout=args.timeout, device=args.device,
+                inflight=args.inflight,
+                perftest_runs=args.perftest_runs if args.interleave_perftest else 0,
+                progress=progress))
+        except (TransferError, OSError) as exc:
+            message, code = _transfer_failed(exc)
+            _error(console, message)
+            return code
         if args.rows_out:
             with open(args.rows_out, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
             return 0
         return _report_transfer(console, args, rows, rate=None)
-    rate = None
-    if args.rate:
-        from ..transfer.netshape import parse_rate, shaping_unavailable_reason
+    if rate is not None:
+        from ..transfer.netshape import shaping_unavailable_reason
 
-        rate = parse_rate(args.rate)
         why = shaping_unavailable_reason()
         if why is not None:
-            console.print(f"[yellow]skipping --rate {args.rate}: {why}")
-            return 0
-    client_args = ["--preset", preset, "--group-size", str(args.group_size), "--reps",
+            if args.allow_skip:  # asked for: a skip is a success, and writes no --json
+                console.print(f"[yellow]skipping --rate {args.rate} (--allow-skip): "
+                              f"{escape(why)}", soft_wrap=True)
+                return 0
+            _error(console, f"--rate {args.rate}: link shaping unavailable here: {why} "
+                   "(--allow-skip skips instead of failing)")
+            return EXIT_SKIPPED
+    client_args = ["--preset", args.preset, "--group-size", str(args.group_size), "--reps",
                    str(args.reps), "--timeout", str(args.timeout), "--inflight", str(args.inflight)]
     client_args += sum((["--case", f"{m}:{t}"] for m, t in cases), [])
     client_args += sum((["--bits", str(b)] for b in bits), [])
@@ -374,6 +503,9 @@ def run_transfer(args: argparse.Namespace) -> int:
                           timeout=args.timeout, rate_bps=rate, rows_path=rows_path,
                           device=args.device)
         rows = transfer.load_rows(rows_path)
+    except transfer.PeerFailed as exc:
+        _error(console, str(exc))
+        return exc.exit_code
     finally:
         rows_path.unlink(missing_ok=True)
     if rate is None and not args.no_perftest:  # rows whose client could not interleave it
@@ -430,10 +562,15 @@ def _report_transfer(console, args, rows: list[dict], rate: int | None) -> int:
     many = args.inflight > 1
     flight = f"{args.inflight} requests in flight" if many else "one request per message"
     interleaved = any(r.get("perftest_interleaved") for r in rows)
+    caption = None  # only where perftest ran (not with --no-perftest or --rate)
+    if any(r.get("perftest_runs_bytes_per_s") for r in rows):
+        caption = "perftest: median (range) of its runs" + (
+            ", each run just before a block of the sends" if interleaved else "")
+    elif any(r.get("perftest_error") for r in rows):
+        caption = "perftest failed: " + next(r["perftest_error"] for r in rows
+                                             if r.get("perftest_error"))
     t = Table(title=f"KV transfer, {flight} ({link}{where}); GB = 1e9 bytes; "
-              "effective = uncompressed 16-bit KV bytes / second",
-              caption="perftest: median (range) of its runs"
-              + (", each run just before a block of the sends" if interleaved else ""))
+              "effective = uncompressed 16-bit KV bytes / second", caption=caption)
     cols = ["model", "tokens", "bits", "wire MB", "p50 ms", "wire GB/s", "put GB/s",
             "effective KV GB/s", "vs raw", "transport", "perftest GB/s", "put/perftest",
             "e2e/perftest"] + (["all GB/s", "all/perftest"] if many else [])
