@@ -544,39 +544,22 @@ def _wait_listening(proc: subprocess.Popen, out: _Lines, err: _Lines,
     raise PeerFailed(f"the transfer server {why}{last}", code)
 
 
-@contextlib.contextmanager
-def _hangup_unwinds() -> Iterator[None]:
-    """Inside (main thread only): SIGHUP (the terminal closed) raises ``SystemExit(129)`` so the
-    children, which run in their own process groups, are still stopped."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _exit(signum, frame):
-        raise SystemExit(128 + signum)
-
-    old = signal.signal(signal.SIGHUP, _exit)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGHUP, old)
-
-
 def run_pair(cli_args: list[str], *, pool_bytes: int, timeout: float, rate_bps: int | None,
              rows_path: Path, device: str = "cpu") -> None:
     """Spawn a server and a client process (inside a shaped veth link when ``rate_bps``),
     both with their pools on ``device``. Raises PeerFailed when either fails (or the link
     cannot be set up); on any exit, KeyboardInterrupt included, both are stopped first."""
     from ..transfer import auth
-    from ..transfer.netshape import ShapedLink, sigterm_unwinds
+    from ..transfer.netshape import ShapedLink, signal_unwinds
 
     env = {**os.environ, "THUNDERKV_TRANSFER_TOKEN": auth.new_token()}
     base = module_argv("thunderkv.cli") + ["bench", "transfer"]
     server_argv = base + ["--role", "server", "--port", "0", "--pool-bytes", str(pool_bytes),
                           "--timeout", str(timeout), "--device", device]
     client_argv = base + cli_args + ["--rows-out", str(rows_path), "--device", device]
-    # SIGTERM / SIGHUP still stop the server and delete the namespaces
-    with sigterm_unwinds(), _hangup_unwinds():
+    # SIGTERM / SIGHUP (the terminal closed) unwind: the children, in their own process
+    # groups, are still stopped and the namespaces deleted
+    with signal_unwinds(signal.SIGTERM, signal.SIGHUP):
         if rate_bps is None:
             _run_pair(server_argv + ["--host", "127.0.0.1"], client_argv, env, None)
             return

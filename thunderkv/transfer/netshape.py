@@ -25,7 +25,8 @@ import threading
 import uuid
 from collections.abc import Iterator
 
-__all__ = ["ShapedLink", "parse_rate", "shaping_unavailable_reason", "sigterm_unwinds"]
+__all__ = ["ShapedLink", "parse_rate", "shaping_unavailable_reason", "signal_unwinds",
+           "sigterm_unwinds"]
 
 _CAP_NET_ADMIN = 12
 _SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
@@ -37,10 +38,11 @@ _live_namespaces: set[str] = set()  # created and not yet deleted; swept at inte
 
 
 @contextlib.contextmanager
-def sigterm_unwinds() -> Iterator[None]:
-    """Inside: SIGTERM raises ``SystemExit(143)`` in the main thread instead of killing the
-    process on the spot, so ``with ShapedLink`` and ``finally`` blocks still delete the
-    namespaces, stop child processes and remove temporary files. No-op off the main thread."""
+def signal_unwinds(*signums: int) -> Iterator[None]:
+    """Inside: each of ``signums`` raises ``SystemExit(128 + signum)`` in the main thread
+    instead of killing the process on the spot, so ``with ShapedLink`` and ``finally`` blocks
+    still delete the namespaces, stop child processes and remove temporary files. No-op off
+    the main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -48,11 +50,17 @@ def sigterm_unwinds() -> Iterator[None]:
     def _exit(signum, frame):
         raise SystemExit(128 + signum)
 
-    old = signal.signal(signal.SIGTERM, _exit)
+    old = {s: signal.signal(s, _exit) for s in signums}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def sigterm_unwinds() -> contextlib.AbstractContextManager[None]:
+    """:func:`signal_unwinds` for SIGTERM (``SystemExit(143)``)."""
+    return signal_unwinds(signal.SIGTERM)
 
 
 def _tool(name: str) -> str | None:
