@@ -13,12 +13,15 @@ unchanged.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import multiprocessing as mp
 import queue
+import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import protocol as P
@@ -27,6 +30,10 @@ from .metrics import Metrics
 
 log = logging.getLogger("thunderkv.serve")
 MAX_ATTEMPTS = 5
+# /health turns "degraded" (ok: false) when the last HEALTH_FAILED_IN_A_ROW requests to end
+# within the last HEALTH_WINDOW_S seconds all failed (cancelled requests do not count).
+HEALTH_WINDOW_S = 60.0
+HEALTH_FAILED_IN_A_ROW = 3
 
 
 @dataclass
@@ -54,14 +61,21 @@ class ServeConfig:
         for name in ("prefill", "decode", "colocated"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} workers must be >= 0, got {getattr(self, name)}")
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
         roles = self.roles()
         if not roles:
             raise ValueError("no workers to run")
+        bad = sorted({str(r) for r in roles} - set(P.ROLES))
+        if bad:
+            raise ValueError(f"worker roles must be among {P.ROLES}, got {bad}")
         if "colocated" not in roles and not {"prefill", "decode"} <= set(roles):
             missing = "prefill" if "prefill" not in roles else "decode"
             raise ValueError(f"a phase-split server needs at least one prefill and one decode "
                              f"worker (no {missing} worker); use --colocated N for colocated "
                              "workers")
+        if self.routing is not None:
+            routing_table(self.routing, roles)  # raises ValueError for a plan that cannot run
 
     def roles(self) -> list[str]:
         if self.role_list is not None:
@@ -69,6 +83,37 @@ class ServeConfig:
         if self.colocated:
             return ["colocated"] * self.colocated
         return ["prefill"] * self.prefill + ["decode"] * self.decode
+
+
+class _sigint_blocked:
+    """SIGINT blocked in this thread while it starts a worker process: the child inherits the
+    mask (across exec, so before the worker can set up anything), and a Ctrl-C in the terminal,
+    which reaches the whole process group, interrupts the router only -- which then stops the
+    workers -- instead of printing a KeyboardInterrupt traceback from every worker. One that
+    arrives meanwhile stays pending and reaches the router when the mask is restored."""
+
+    def __enter__(self) -> None:
+        from multiprocessing import resource_tracker
+
+        # Process.start() starts the tracker on first use, and unblocks SIGINT after that:
+        # start it first, so that the mask holds while the worker itself is started.
+        resource_tracker.ensure_running()
+        self._old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    def __exit__(self, *exc) -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
+
+
+def routing_table(entries, roles: list[str]):
+    """A :class:`~thunderkv.serve.routing.PlanRouting` over workers with ``roles``; ValueError
+    when an entry names a worker that does not exist, or when the plan routes nothing."""
+    from .routing import PlanRouting
+
+    table = PlanRouting(entries)
+    for i, j in table.flow:
+        if max(i, j) >= len(roles):
+            raise ValueError(f"routing names worker {max(i, j)} but there are {len(roles)}")
+    return table
 
 
 @dataclass
@@ -115,6 +160,8 @@ class RequestState:
         self.decode_worker: int | None = None
         self.first_token: int | None = None
         self.kv_id = 0
+        self.prefill_pending = False  # the current attempt's prefill is counted on its worker
+        self.last_error: str | None = None  # why the latest attempt failed (for the client)
         self.events: queue.Queue[TokenEvent | BaseException] = queue.Queue()
         self.text_sent = ""
         self.finished = False
@@ -163,12 +210,16 @@ class Handle:
 class Engine:
     """Router + worker processes. Use as a context manager (stops the workers)."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig,
+                 progress: Callable[[str], None] | None = None) -> None:
+        """Start the workers and wait until every one has loaded the model. ``progress``, if
+        given, is called (from a router thread) with a line as each worker becomes ready."""
         from thunderkv.transfer import auth
 
         from .tokenizer import load_tokenizer
 
         self.config = config
+        self._progress = progress
         self.model_name = config.model
         self.tokenizer = load_tokenizer(config.model)
         self.metrics = Metrics()
@@ -181,15 +232,22 @@ class Engine:
         self._closed = False
         self.max_positions = None
         self._plan = None
+        # (monotonic time, completed?) of the latest requests to end, for health()
+        self._outcomes: collections.deque[tuple[float, bool]] = collections.deque(maxlen=256)
+        self._last_error: str | None = None
         roles = config.roles()
         bad = sorted(set(roles) - set(P.ROLES))
         if bad or not roles:
             raise ValueError(f"worker roles must be among {P.ROLES}, got {roles}")
         if config.routing is not None:
-            self._plan = self._routing_table(config.routing, roles)
-        for i, role in enumerate(roles):
-            self._spawn(i, role)
-        self._wait_ready()
+            self._plan = routing_table(config.routing, roles)
+        try:
+            for i, role in enumerate(roles):
+                self._spawn(i, role)
+            self._wait_ready()
+        except BaseException:  # Ctrl-C or a failure while starting: stop what was started
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ workers
     def _spawn(self, worker_id: int, role: str) -> None:
@@ -203,7 +261,8 @@ class Engine:
                 target=worker.main, name=f"tkv-worker-{worker_id}",
                 args=(child, worker_id, self.config.model, role, self.config.threads,
                       self._token, self.config.host), daemon=True)
-            proc.start()
+            with _sigint_blocked():  # Ctrl-C is the router's: it stops the workers itself
+                proc.start()
             child.close()
             conn = parent
         w = WorkerState(worker_id, role, proc, conn)
@@ -259,16 +318,6 @@ class Engine:
             self._dispatch(state)
         return Handle(self, state)
 
-    @staticmethod
-    def _routing_table(entries, roles: list[str]):
-        from .routing import PlanRouting
-
-        table = PlanRouting(entries)
-        for i, j in table.flow:
-            if max(i, j) >= len(roles):
-                raise ValueError(f"routing names worker {max(i, j)} but there are {len(roles)}")
-        return table
-
     def _pick(self, roles: tuple[str, ...], key) -> WorkerState | None:
         live = [w for w in self.procs if w.alive and w.role in roles]
         return min(live, key=key) if live else None
@@ -297,17 +346,21 @@ class Engine:
         """(Re)start ``state``: prefill of prompt + tokens so far, on the chosen workers."""
         state.attempt += 1
         if state.attempt > MAX_ATTEMPTS:
-            self._fail(state, RuntimeError(f"request failed {MAX_ATTEMPTS} times"))
+            self._fail(state, RequestError(
+                f"request failed {MAX_ATTEMPTS} times; last error: {state.last_error}",
+                status=503, code="request_failed"))
             return
         prefill = self._pick_prefill()
         if prefill is None:
-            self._fail(state, RuntimeError("no live prefill worker"))
+            self._fail(state, RequestError("no live prefill worker", status=503,
+                                           code="no_live_worker"))
             return
         target = None
         if prefill.role != "colocated":
             decode = self._pick_decode(prefill)
             if decode is None:
-                self._fail(state, RuntimeError("no live decode worker"))
+                self._fail(state, RequestError("no live decode worker", status=503,
+                                               code="no_live_worker"))
                 return
             target = {"worker": decode.id, "host": decode.host, "port": decode.port}
             state.decode_worker = decode.id
@@ -315,6 +368,7 @@ class Engine:
             state.decode_worker = prefill.id
         state.prefill_worker = prefill.id
         state.kv_id = next(self._kv_ids)
+        state.prefill_pending = True
         prefill.prefills += 1
         prefill.prefills_total += 1
         self.procs[state.decode_worker].decodes += 1
@@ -339,6 +393,10 @@ class Engine:
                 w.state, w.pid, w.host, w.port, w.load_s = ("ready", msg["pid"], msg["host"],
                                                             msg["port"], msg["load_s"])
                 self.max_positions = min(self.max_positions or 1 << 62, msg["max_positions"])
+                if self._progress is not None:
+                    ready = sum(x.state == "ready" for x in self.procs)
+                    self._progress(f"worker {w.id} ({w.role}) ready: model loaded in "
+                                   f"{w.load_s:.1f} s [{ready}/{len(self.procs)}]")
                 return
             if ev == P.FAILED:
                 w.state, w.message = "failed", msg["message"]
@@ -359,7 +417,9 @@ class Engine:
             if state is None or msg.get("attempt") != state.attempt or state.finished:
                 return  # a finished, cancelled or superseded attempt
             if ev == P.PREFILLED:
-                self.procs[msg["worker"]].prefills -= 1
+                if state.prefill_pending and state.prefill_worker == msg["worker"]:
+                    state.prefill_pending = False
+                    self.procs[msg["worker"]].prefills -= 1
                 self.metrics.prefill_seconds.observe(msg["seconds"])
                 state.first_token = msg["first_token"]
                 if state.decode_worker != msg["worker"]:
@@ -375,10 +435,11 @@ class Engine:
                 self.metrics.kv_transfer_seconds.inc(msg["seconds"])
                 self.metrics.transports.update(msg["transports"])
             elif ev == P.ERROR:
-                log.warning("request %s attempt %d failed in %s: %s", state.rid, state.attempt,
-                            msg["where"], msg["message"])
+                log.warning("request %s attempt %d failed in %s on worker %d: %s", state.rid,
+                            state.attempt, msg["where"], w.id, msg["message"])
+                state.last_error = f"{msg['message']} ({msg['where']}, worker {w.id})"
                 self.metrics.restarts.inc()
-                self._release_workers(state)
+                self._end_attempt(state, cancel=True)
                 self._dispatch(state)
 
     def _on_token(self, rid: str, attempt: int, token: int | None, finish: str | None) -> None:
@@ -398,7 +459,8 @@ class Engine:
             delta, state.text_sent = text[len(state.text_sent):], text
         if finish is not None:
             state.finished, state.finished_at = True, now
-            self._release_workers(state)
+            self._end_attempt(state, cancel=False)
+            self._outcomes.append((now, True))
             if len(state.generated) > 1:
                 self.metrics.tpot_seconds.observe(
                     (now - state.first_at) / (len(state.generated) - 1))
@@ -406,15 +468,32 @@ class Engine:
             self._requests.pop(rid, None)
         state.events.put(TokenEvent(delta, token, finish))
 
-    def _release_workers(self, state: RequestState) -> None:
-        if state.decode_worker is not None:
-            self.procs[state.decode_worker].decodes -= 1
+    def _end_attempt(self, state: RequestState, cancel: bool) -> None:
+        """The current attempt is over (finished, cancelled, failed or superseded): take it off
+        its workers' queue counts; ``cancel``: also tell its live workers to drop it -- the
+        prefill worker stops computing and sending its KV, the decode worker drops the job and
+        discards the KV (``kv_id``) whether it already arrived, is arriving or is yet to come."""
+        p, d = state.prefill_worker, state.decode_worker
+        if cancel:
+            msg = {"op": P.CANCEL, "rid": state.rid, "attempt": state.attempt}
+            if d is not None and d != p and self.procs[d].alive:
+                self.procs[d].send({**msg, "kv_id": state.kv_id})
+            if p is not None and self.procs[p].alive:
+                self.procs[p].send(msg)
+        if state.prefill_pending:
+            state.prefill_pending = False
+            self.procs[p].prefills -= 1
+        if d is not None:
+            self.procs[d].decodes -= 1
             state.decode_worker = None
 
     def _fail(self, state: RequestState, error: BaseException) -> None:
         state.finished = True
         self._requests.pop(state.rid, None)
         self.metrics.failed.inc()
+        self._outcomes.append((time.monotonic(), False))
+        self._last_error = str(error)
+        log.warning("request %s failed: %s", state.rid, error)
         state.events.put(error)
 
     def _cancel(self, state: RequestState) -> None:
@@ -423,10 +502,7 @@ class Engine:
                 return
             state.finished = True
             self._requests.pop(state.rid, None)
-            for wid in {state.prefill_worker, state.decode_worker} - {None}:
-                self.procs[wid].send({"op": P.CANCEL, "rid": state.rid,
-                                        "attempt": state.attempt})
-            self._release_workers(state)
+            self._end_attempt(state, cancel=True)
             self.metrics.cancelled.inc()
         state.events.put(TokenEvent("", None, "cancelled"))  # wakes a waiting reader
 
@@ -445,7 +521,8 @@ class Engine:
             for state in list(self._requests.values()):
                 if w.id in (state.prefill_worker, state.decode_worker) and not state.finished:
                     self.metrics.restarts.inc()
-                    self._release_workers(state)
+                    state.last_error = f"worker {w.id} ({w.role}) died"
+                    self._end_attempt(state, cancel=True)  # its surviving worker drops it
                     self._dispatch(state)
 
     def _rebalance_roles(self) -> None:
@@ -476,7 +553,7 @@ class Engine:
             if not isinstance(body["routing"], list):
                 raise RequestError("routing must be a list of plan routing entries", "routing")
             try:
-                table = self._routing_table(body["routing"], [w.role for w in self.procs])
+                table = routing_table(body["routing"], [w.role for w in self.procs])
             except ValueError as exc:
                 raise RequestError(str(exc), "routing") from None
         t0 = time.perf_counter()
@@ -506,12 +583,26 @@ class Engine:
 
     # ------------------------------------------------------------------ introspection
     def health(self) -> dict:
+        """``ok``: a prefill and a decode phase are live and requests are not all failing.
+        ``status``: "ok", "unavailable" (a phase has no live worker) or "degraded" (the last
+        HEALTH_FAILED_IN_A_ROW requests to end within HEALTH_WINDOW_S all failed);
+        ``recent_failures`` / ``recent_requests``: failed / ended requests in that window."""
         with self._lock:
             live = [w for w in self.procs if w.alive]
-            ok = any(w.role in ("prefill", "colocated") for w in live) and any(
+            serving = any(w.role in ("prefill", "colocated") for w in live) and any(
                 w.role in ("decode", "colocated") for w in live)
-            return {"ok": ok, "model": self.model_name, "workers_live": len(live),
-                    "workers": len(self.procs), "in_flight": len(self._requests)}
+            since = time.monotonic() - HEALTH_WINDOW_S
+            recent = [ok for t, ok in self._outcomes if t >= since]
+            tail = recent[-HEALTH_FAILED_IN_A_ROW:]
+            degraded = len(tail) == HEALTH_FAILED_IN_A_ROW and not any(tail)
+            status = "unavailable" if not serving else "degraded" if degraded else "ok"
+            report = {"ok": status == "ok", "status": status, "model": self.model_name,
+                      "workers_live": len(live), "workers": len(self.procs),
+                      "in_flight": len(self._requests), "recent_requests": len(recent),
+                      "recent_failures": recent.count(False)}
+            if recent.count(False):
+                report["last_error"] = self._last_error
+            return report
 
     def workers(self) -> list[dict]:
         """Role, pid and state of each worker (``GET /admin/workers``)."""
@@ -539,8 +630,11 @@ class Engine:
             self._closed = True
             for w in self.procs:
                 w.send({"op": P.STOP})
+        deadline = time.monotonic() + 5.0
         for w in self.procs:
-            w.process.join(timeout=5)
+            if w.state == "starting":  # still loading the model: it would not read STOP yet
+                w.process.kill()
+            w.process.join(timeout=max(0.0, deadline - time.monotonic()))
             if w.process.is_alive():
                 w.process.kill()
                 w.process.join(timeout=5)

@@ -16,6 +16,11 @@ one SSE ``data:`` line per engine event, then ``data: [DONE]``. A client that di
 thread per in-flight request notices the closed socket, and a failed write does too.
 
 No authentication: it binds 127.0.0.1 by default; put a proxy in front before exposing it.
+Against other web sites a browser visits (cross-site requests, DNS rebinding): a POST needs
+``Content-Type: application/json`` (415 otherwise: no HTML form or "simple" fetch can send
+it), a request with an ``Origin`` header other than this server's own localhost origin gets
+403, and while bound to a loopback address so does one whose ``Host`` is not localhost,
+127.0.0.1 or [::1].
 
     with ApiServer(engine) as server:      # binds on construction, serves on start()/enter
         print(server.url)                  # e.g. http://127.0.0.1:41235
@@ -24,6 +29,7 @@ No authentication: it binds 127.0.0.1 by default; put a proxy in front before ex
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import logging
 import queue
@@ -66,6 +72,26 @@ _ROUTES: dict[str, dict[str, str]] = {
     "/admin/reschedule": {"POST": "_reschedule"},
 }
 _MODEL_PREFIX = "/v1/models/"
+_LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` only accepts connections from this machine."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _hostname(value: str) -> str | None:
+    """The host of a Host header or an origin's netloc ("[::1]:8000" -> "::1"), lower case."""
+    try:
+        name = urlsplit("//" + value.strip()).hostname
+    except ValueError:
+        return None
+    return name.rstrip(".") if name else None
 
 
 class _ClientGone(Exception):
@@ -350,6 +376,7 @@ class _Handler(BaseHTTPRequestHandler):
         route = "unmatched"
         try:
             body = self._read_body()
+            self._check_origin_and_host()
             if path in _ROUTES:
                 route, methods = path, _ROUTES[path]
             elif path.startswith(_MODEL_PREFIX) and len(path) > len(_MODEL_PREFIX):
@@ -363,6 +390,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise RequestError(
                     f"method {self.command} not allowed on {path} (allowed: {allow})", status=405
                 )
+            if method == "POST":
+                self._require_json()
             getattr(self, methods[method])(body, path)
         except _ClientGone:
             self.close_connection = True
@@ -387,6 +416,35 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
+
+    # --- cross-site protection ------------------------------------------------------------
+
+    def _check_origin_and_host(self) -> None:
+        """403 for a browser page of another site (its Origin) and, on a loopback bind, for a
+        Host other than localhost (DNS rebinding: a foreign name resolving to 127.0.0.1)."""
+        api = self.server.api
+        origin = self.headers.get("Origin")
+        if origin is not None and not api._local_origin(origin):
+            raise RequestError(
+                f"cross-origin request refused (Origin {origin!r} is not this server)",
+                status=403, code="forbidden_origin",
+            )
+        host = self.headers.get("Host")
+        if host is not None and api._loopback and _hostname(host) not in api._local_names:
+            raise RequestError(
+                f"Host {host!r} refused: this server answers to localhost only",
+                status=403, code="forbidden_host",
+            )
+
+    def _require_json(self) -> None:
+        """POST bodies must be declared JSON: a cross-site form or "simple" fetch cannot."""
+        ctype = self.headers.get("Content-Type", "")
+        if ctype.split(";", 1)[0].strip().lower() != "application/json":
+            raise RequestError(
+                "POST requests need 'Content-Type: application/json'"
+                + (f" (got {ctype!r})" if ctype else ""),
+                status=415, code="unsupported_media_type",
+            )
 
     # --- routes ---------------------------------------------------------------------------
 
@@ -436,6 +494,10 @@ class _Handler(BaseHTTPRequestHandler):
             payload, max_prompt_chars=api.max_prompt_chars, max_tokens_limit=api.max_tokens_limit
         )
         include_usage = _include_usage(payload, request.stream)
+        if request.model is not None and request.model != api.engine.model_name:
+            raise RequestError(
+                f"the model '{request.model}' does not exist", "model", 404, "model_not_found"
+            )
         handle = api.engine.submit(request)
         inflight = _Inflight(handle, request.request_id)
         watcher = _DisconnectWatcher(self.connection, inflight.disconnected)
@@ -630,6 +692,9 @@ def _usage_dict(usage: Any) -> dict:
 class ApiServer:
     """The HTTP server: binds on construction, serves from a daemon thread after start().
 
+    ``engine`` may be None at first (bind the port before starting the engine's workers, so a
+    port in use fails at once) and set (``server.engine = engine``) before :meth:`start`.
+
     ``max_prompt_chars`` bounds a prompt's length (characters, or ids for a token list) before
     it reaches the engine; ``max_tokens_limit`` bounds ``max_tokens``; ``request_timeout`` is
     the longest wait for the engine's next event (passed to ``RequestHandle.events``; a timeout
@@ -638,7 +703,7 @@ class ApiServer:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | None,
         host: str = "127.0.0.1",
         port: int = 0,
         *,
@@ -658,6 +723,8 @@ class ApiServer:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._httpd = _Server((host, port), self)
+        self._loopback = is_loopback(self.host)
+        self._local_names = _LOCAL_NAMES | {self.host.lower()}
 
     @property
     def host(self) -> str:
@@ -681,6 +748,8 @@ class ApiServer:
     def start(self) -> ApiServer:
         if self._closed:
             raise RuntimeError("ApiServer is closed")
+        if self.engine is None:
+            raise RuntimeError("ApiServer.start() needs an engine")
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._httpd.serve_forever,
@@ -740,6 +809,19 @@ class ApiServer:
             key = (route, status)
             self._counts[key] = self._counts.get(key, 0) + 1
 
+    def _local_origin(self, origin: str) -> bool:
+        """Whether ``origin`` is this server reached as localhost (http(s)://host:port)."""
+        try:
+            parts = urlsplit(origin.strip())
+            port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+        except ValueError:
+            return False
+        return (
+            parts.scheme in ("http", "https")
+            and (parts.hostname or "").rstrip(".") in _LOCAL_NAMES
+            and port == self.port
+        )
+
     def _model_card(self) -> dict:
         return {
             "id": self.engine.model_name,
@@ -766,4 +848,4 @@ class ApiServer:
         return "\n".join(lines) + "\n"
 
 
-__all__ = ["MAX_BODY_BYTES", "ApiServer"]
+__all__ = ["MAX_BODY_BYTES", "ApiServer", "is_loopback"]

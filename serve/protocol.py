@@ -2,7 +2,8 @@
 
 Router -> worker (key "op"): PREFILL {rid, attempt, kv_id, tokens, target | None, kv_bits,
 max_tokens, sampling}; DECODE {rid, attempt, kv_id, first_token, max_tokens, sampling};
-CANCEL {rid, attempt}; SET_ROLE {role}; STOP.
+CANCEL {rid, attempt, kv_id (to the decode worker only)}: drop attempts up to ``attempt`` and
+discard the KV ``kv_id`` (arrived, arriving or yet to come); SET_ROLE {role}; STOP.
 
 Worker -> router (key "ev"): READY {worker, pid, host, port, load_s, role, layers}; FAILED
 {worker, message}; PREFILLED {rid, attempt, worker, first_token, seconds, tokens}; KV_SENT {rid,

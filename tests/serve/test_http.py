@@ -32,7 +32,8 @@ class FakeHandle:
     Finishes with "stop" on a '.' or at the end of the prompt, "length" at max_tokens. Magic
     prompts: FOREVER (endless tokens until cancelled), BOOM-FIRST / BOOM-MID (engine failure
     before the first / after two tokens), LATE-REJECT (RequestError from events), STALL
-    (TimeoutError from events), NOFINISH (ends without a finish_reason).
+    (TimeoutError from events), NOFINISH (ends without a finish_reason), UNAVAILABLE (a 503
+    RequestError from events).
     """
 
     def __init__(self, engine: FakeEngine, request: CompletionRequest, chars: list[str]):
@@ -53,6 +54,9 @@ class FakeHandle:
             raise RequestError("prompt too long after tokenization", "prompt")
         if prompt == "STALL":
             raise TimeoutError("no event")
+        if prompt == "UNAVAILABLE":  # the engine gave up on the request, and says why
+            raise RequestError("request failed 5 times; last error: PoolFull: no free slice",
+                               status=503, code="request_failed")
         if prompt == "NOFINISH":  # an engine that forgets the finish_reason
             yield TokenEvent("a", 97)
             yield TokenEvent("b", 98)
@@ -177,9 +181,12 @@ def http(server, method: str, path: str, body: bytes | None = None, headers=None
         return e.code, e.headers, e.read()
 
 
-def post_json(server, path: str, obj) -> tuple:
+JSON = {"Content-Type": "application/json"}
+
+
+def post_json(server, path: str, obj, headers=None) -> tuple:
     data = json.dumps(obj).encode()
-    return http(server, "POST", path, data, {"Content-Type": "application/json"})
+    return http(server, "POST", path, data, {**JSON, **(headers or {})})
 
 
 def assert_error_shape(body: bytes, *, type_: str, param=None) -> dict:
@@ -328,7 +335,8 @@ def test_streaming_http10_without_chunking(server):
     body = json.dumps({"prompt": "ab.", "stream": True}).encode()
     with socket.create_connection((server.host, server.port), timeout=5) as sock:
         sock.sendall(
-            b"POST /v1/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+            b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
         )
         raw = b""
         while chunk := sock.recv(65536):  # the server closes the connection at the end
@@ -348,6 +356,19 @@ def test_models(client):
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("other-model")
     assert e.value.code == "model_not_found"
+
+
+def test_completion_for_another_model_is_404(client, server, engine):
+    """Like GET /v1/models/<id>: a model this server does not serve is not silently swapped
+    for the one it does. No model field at all stays fine."""
+    for stream in (False, True):
+        with pytest.raises(openai.NotFoundError) as e:
+            client.completions.create(model="gpt-4", prompt="hi.", stream=stream)
+        assert (e.value.code, e.value.param) == ("model_not_found", "model")
+        assert "gpt-4" in e.value.message
+    assert engine.handles == []  # never reached the engine
+    status, _, body = post_json(server, "/v1/completions", {"prompt": "hi."})
+    assert status == 200 and json.loads(body)["model"] == MODEL
 
 
 # --- client errors ------------------------------------------------------------------------------
@@ -400,7 +421,7 @@ def test_missing_prompt_and_oversized_code(server):
 
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"", b'"text"', b"\xff\xfe{"])
 def test_malformed_json(server, body):
-    status, headers, raw = http(server, "POST", "/v1/completions", body)
+    status, headers, raw = http(server, "POST", "/v1/completions", body, JSON)
     assert status == 400
     assert headers["Content-Type"] == "application/json"
     assert_error_shape(raw, type_="invalid_request_error")
@@ -469,6 +490,15 @@ def test_engine_failure_mid_stream(client, engine):
     assert e.value.type == "server_error"
     assert "secret-detail" not in e.value.message
     assert engine.handles[0].cancel_calls == 1
+
+
+def test_engine_giving_up_is_503_with_its_reason(client, server):
+    """The engine's reason (e.g. the last worker error) reaches the client, not a bare 500."""
+    for stream in (False, True):
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model=MODEL, prompt="UNAVAILABLE", stream=stream)
+        assert e.value.status_code == 503 and e.value.code == "request_failed"
+        assert "PoolFull: no free slice" in e.value.message
 
 
 def test_engine_timeout_is_504(client, engine):
@@ -554,7 +584,7 @@ def test_disconnect_while_waiting_cancels(server, engine):
     body = json.dumps({"model": MODEL, "prompt": "FOREVER", "max_tokens": 64}).encode()
     sock = socket.create_connection((server.host, server.port), timeout=5)
     sock.sendall(
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
     )
     handle = engine.wait_handle()
@@ -589,7 +619,8 @@ def test_keep_alive_reuses_connection(server):
         conn.request("GET", "/health")
         resp = conn.getresponse()
         assert resp.status == 200 and json.loads(resp.read())["ok"] is True
-    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "ab", "max_tokens": 2}))
+    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "ab", "max_tokens": 2}),
+                 headers=JSON)
     resp = conn.getresponse()
     assert json.loads(resp.read())["choices"][0]["text"] == "ab"
     conn.close()
@@ -701,3 +732,78 @@ def test_stop_strings_cut_the_completion_and_stop_generating(client, engine):
                                             stop=["cz"], stream=True))
     assert "".join(c.choices[0].text for c in chunks) == "abc"
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+# --- cross-site requests ------------------------------------------------------------------------
+
+
+def raw_request(server, method: str, path: str, headers: dict, body: bytes = b"") -> tuple:
+    """(status, body) of a request carrying exactly ``headers`` (no Host unless given)."""
+    import http.client as httpclient
+
+    conn = httpclient.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+RESCHEDULE = json.dumps({"roles": {"0": "decode"}}).encode()
+COMPLETION = json.dumps({"prompt": "hi.", "max_tokens": 4}).encode()
+
+
+@pytest.mark.parametrize("ctype", [None, "text/plain", "application/x-www-form-urlencoded",
+                                   "multipart/form-data; boundary=x"])
+def test_post_needs_a_json_content_type(server, engine, ctype):
+    """What a cross-site HTML form or "simple" fetch can send is refused (415)."""
+    headers = {"Host": f"127.0.0.1:{server.port}"} | ({"Content-Type": ctype} if ctype else {})
+    for path, body in (("/admin/reschedule", RESCHEDULE), ("/v1/completions", COMPLETION)):
+        status, raw = raw_request(server, "POST", path, headers, body)
+        assert status == 415, (path, status, raw)
+        err = assert_error_shape(raw, type_="invalid_request_error")
+        assert "application/json" in err["message"]
+    assert engine.reschedules == [] and engine.handles == []
+    headers["Content-Type"] = "Application/JSON; charset=utf-8"
+    assert raw_request(server, "POST", "/admin/reschedule", headers, RESCHEDULE)[0] == 200
+
+
+def test_requests_from_other_origins_are_refused(server, engine):
+    port = server.port
+    json_headers = {"Host": f"127.0.0.1:{port}", "Content-Type": "application/json"}
+    for origin in ("http://evil.example", "null", f"http://evil.example:{port}",
+                   f"http://localhost:{port % 65535 + 1}", f"file://localhost:{port}"):
+        headers = json_headers | {"Origin": origin}
+        status, raw = raw_request(server, "POST", "/admin/reschedule", headers, RESCHEDULE)
+        assert status == 403, origin
+        assert_error_shape(raw, type_="invalid_request_error")
+        assert raw_request(server, "GET", "/admin/workers", headers)[0] == 403
+    assert engine.reschedules == []
+    for origin in (f"http://localhost:{port}", f"http://127.0.0.1:{port}",
+                   f"http://[::1]:{port}"):
+        headers = json_headers | {"Origin": origin}
+        assert raw_request(server, "POST", "/v1/completions", headers, COMPLETION)[0] == 200
+
+
+def test_foreign_host_names_are_refused_on_a_loopback_bind(server):
+    """DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1."""
+    port = server.port
+    for host in (f"evil.example:{port}", "evil.example", f"10.0.0.1:{port}"):
+        status, raw = raw_request(server, "GET", "/health", {"Host": host})
+        assert status == 403, host
+        assert "Host" in json.loads(raw)["error"]["message"]
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost"):
+        assert raw_request(server, "GET", "/health", {"Host": host})[0] == 200, host
+    assert raw_request(server, "GET", "/health", {})[0] == 200  # HTTP/1.0 style: no Host
+
+
+def test_a_non_loopback_bind_accepts_other_host_names(engine):
+    with ApiServer(engine, "0.0.0.0") as server:
+        assert raw_request(server, "GET", "/health", {"Host": f"gpu-box:{server.port}"})[0] == 200
+        headers = {"Host": f"gpu-box:{server.port}", "Origin": "http://evil.example"}
+        assert raw_request(server, "GET", "/health", headers)[0] == 403

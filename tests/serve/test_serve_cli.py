@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -80,3 +81,177 @@ def test_serve_refuses_at_startup_what_could_never_serve(argv, message):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert message in " ".join(out.stdout.split())  # rich wraps long lines
+
+
+# --- ordinary mistakes, startup and shutdown ----------------------------------------------------
+
+
+def plan_file(tmp_path, routing) -> str:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"plan": {"groups": [{"phase": "prefill"}, {"phase": "decode"}],
+                                         "routing": routing}}))
+    return str(path)
+
+
+@pytest.fixture
+def no_workers(monkeypatch):
+    """Engine replaced: the test fails if `serve` gets as far as starting workers."""
+    import thunderkv.serve.engine as engine_module
+
+    def engine(*args, **kwargs):
+        pytest.fail("serve started workers")
+
+    monkeypatch.setattr(engine_module, "Engine", engine)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--port", "70000"], "--port must be in 0..65535, got 70000"),
+    (["--port", "-5"], "--port must be in 0..65535, got -5"),
+    (["--threads", "-3"], "threads must be >= 0"),
+    (["--host", "no.such.host.invalid"], "cannot listen on no.such.host.invalid:0"),
+    (["--model", "nosuch"], "unknown model 'nosuch'"),
+    (["--plan", [{"prefill": 0, "decode": 5, "req_per_s": 1.0}]], "routing names worker 5"),
+    (["--plan", [{"prefill": 0, "decode": 1, "req_per_s": 0}]], "routes no requests"),
+])
+def test_ordinary_mistakes_are_one_line_before_any_worker_starts(argv, message, tmp_path,
+                                                                 no_workers, capsys):
+    from thunderkv.cli import main
+
+    if argv[0] == "--plan":
+        argv = ["--plan", plan_file(tmp_path, argv[1])]
+    code = main(["serve", "--model", "tiny", "--port", "0", *argv])
+    out = capsys.readouterr()
+    assert code == 2
+    assert out.out.strip().splitlines() == [f"error: {out.out.strip()[7:]}"]  # one line
+    assert message in out.out and "starting" not in out.out
+    assert out.err == ""
+
+
+def test_a_port_in_use_is_refused_before_any_worker_starts(no_workers, capsys):
+    from thunderkv.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", "--model", "tiny", "--port", str(port)])
+    out = capsys.readouterr().out
+    assert code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in out and "in use" in out
+    assert "starting" not in out
+
+
+def test_the_port_is_bound_before_the_workers_start_and_their_failure_is_one_line(
+        monkeypatch, capsys):
+    """The HTTP port is taken first (so a clash ends at once, not after minutes of loading);
+    a non-loopback bind warns that nothing authenticates; a worker that fails to start ends
+    the command with its reason, no traceback."""
+    import thunderkv.serve.engine as engine_module
+
+    from thunderkv.cli import main
+
+    port, bound = free_port(), []
+
+    def engine(config, progress=None):
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            bound.append(True)
+        raise RuntimeError("a worker failed to start: OSError: no space left on device")
+
+    monkeypatch.setattr(engine_module, "Engine", engine)
+    code = main(["serve", "--model", "tiny", "--host", "0.0.0.0", "--port", str(port)])
+    out = capsys.readouterr().out
+    assert code == 1 and bound == [True]
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("warning: listening on 0.0.0.0, not loopback: there is no "
+                               "authentication")
+    assert lines[1].startswith("starting prefill, decode workers for tiny")
+    assert lines[2:] == ["error: a worker failed to start: OSError: no space left on device"]
+    with socket.socket() as s:  # and the port was given back
+        s.bind(("127.0.0.1", port))
+
+
+def processes_in_group(pgid: int) -> list[str]:
+    """Processes (not zombies) of process group ``pgid``: 'pid command' each."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        comm_end = stat.rindex(")")
+        fields = stat[comm_end + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(f"{d.name} {stat[stat.index('(') + 1:comm_end]}")
+    return found
+
+
+def wait_group_empty(pgid: int, timeout: float = 15.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (left := processes_in_group(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def start_serve(port: int) -> subprocess.Popen:
+    """`thunderkv serve` in a process group of its own, as a terminal runs it."""
+    return subprocess.Popen([sys.executable, "-m", "thunderkv.cli", "serve", "--model", "tiny",
+                             "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+@pytest.mark.skipif(unavailable_reason() is not None, reason="UCX transfer unavailable")
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_ctrl_c_stops_quietly_and_leaves_no_process():
+    port = free_port()
+    proc = start_serve(port)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert json.load(r)["ok"]
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    lines = out.strip().splitlines()
+    assert lines[0] == "starting prefill, decode workers for tiny ..."
+    assert sorted(line.split(":")[0].strip() for line in lines[1:3]) == [
+        "worker 0 (prefill) ready", "worker 1 (decode) ready"]  # progress while loading
+    assert lines[-1] == "stopping ..."
+    assert wait_group_empty(proc.pid) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_ctrl_c_while_the_workers_load_stops_them_quietly():
+    proc = start_serve(free_port())
+    try:
+        assert proc.stdout.readline().startswith("starting prefill, decode workers")
+        deadline = time.monotonic() + 30
+        while len(processes_in_group(proc.pid)) < 3:  # the router and its two workers
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert out.strip().splitlines()[-1] == "interrupted while starting; stopped"
+    assert wait_group_empty(proc.pid) == []

@@ -25,9 +25,11 @@ def register(subparsers) -> None:
     p.add_argument("--kv-sink-tokens", type=int, default=0, choices=range(0, 256),
                    metavar="N",
                    help="first tokens of a 4-bit KV message sent exact (attention sink)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per worker (0: torch's default)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="HTTP bind address (no authentication: keep it on loopback)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port)")
     p.set_defaults(func=run)
 
 
@@ -54,22 +56,33 @@ def plan_for_serving(path: str) -> tuple[list[str], list[dict]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Validate everything that can be checked cheaply, bind the HTTP port, then start the
+    workers (the slow part: each loads the model). Ordinary mistakes end with one line and exit
+    code 2 before any model loads; Ctrl-C or SIGTERM stops quietly, workers included."""
     import signal
     import threading
 
     from rich.console import Console
+    from rich.markup import escape
 
     from ..serve.engine import Engine, ServeConfig
-    from ..serve.http import ApiServer
+    from ..serve.http import ApiServer, is_loopback
+    from ..serve.tokenizer import check_model
 
-    console = Console()
+    console = Console(soft_wrap=True)  # one line per message, however long
+
+    def error(message: str, code: int = 2) -> int:
+        console.print(f"[red]error:[/red] {escape(str(message))}")
+        return code
+
+    if not 0 <= args.port <= 65535:
+        return error(f"--port must be in 0..65535, got {args.port}")
     roles = routing = None
     if args.plan:
         try:
             roles, routing = plan_for_serving(args.plan)
         except (OSError, ValueError) as exc:
-            console.print(f"[red]cannot use the plan: {exc}")
-            return 2
+            return error(f"cannot use the plan: {exc}")
     try:
         config = ServeConfig(model=args.model, prefill=args.prefill, decode=args.decode,
                              colocated=args.colocated, kv_bits=args.kv_bits,
@@ -77,22 +90,60 @@ def run(args: argparse.Namespace) -> int:
                              kv_sink_tokens=args.kv_sink_tokens,
                              threads=args.threads,
                              role_list=roles, routing=routing)
-    except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        return 2
-    console.print(f"starting {', '.join(config.roles())} workers for {args.model} ...")
+        check_model(args.model)
+    except (ValueError, FileNotFoundError) as exc:
+        return error(exc)
+    try:  # bound before the workers start: a port in use or a bad host fails at once
+        server = ApiServer(None, args.host, args.port)
+    except OSError as exc:
+        return error(f"cannot listen on {args.host}:{args.port}: "
+                     f"{exc.strerror or exc}")
+    if not is_loopback(server.host):
+        console.print(f"[yellow]warning:[/yellow] listening on {escape(server.host)}, not "
+                      "loopback: there is no authentication, anyone who can reach port "
+                      f"{server.port} can run completions and reconfigure the workers "
+                      "(/admin/reschedule); put an authenticating proxy in front")
+
+    serving = False
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def on_sigterm(*_) -> None:
+        stop.set()
+        if not serving:
+            raise KeyboardInterrupt  # still starting: stop the workers now, not after loading
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous_int = signal.getsignal(signal.SIGINT)
+    engine = None
     try:
-        engine = Engine(config)
-    except FileNotFoundError as exc:  # an unknown model name or path, a missing GGUF
-        console.print(f"[red]error:[/red] {exc}")
-        return 2
-    with engine, ApiServer(engine, args.host, args.port) as server:
-        console.print(f"serving {args.model} at {server.url}/v1 (KV {args.kv_bits}-bit); "
-                      "GET /health /metrics /admin/workers, POST /admin/reschedule; Ctrl-C stops")
+        console.print(f"starting {', '.join(config.roles())} workers for "
+                      f"{escape(args.model)} ...")
         try:
-            stop.wait()
-        except KeyboardInterrupt:
-            pass
+            engine = Engine(config, progress=lambda line: console.print(f"  {escape(line)}"))
+        except FileNotFoundError as exc:  # a missing GGUF or model file found late
+            return error(exc)
+        except (RuntimeError, TimeoutError, OSError) as exc:  # a worker failed to start
+            return error(exc, code=1)
+        server.engine = engine
+        server.start()
+        console.print(f"serving {escape(args.model)} at {server.url}/v1 (KV {args.kv_bits}-bit); "
+                      "GET /health /metrics /admin/workers, POST /admin/reschedule; Ctrl-C stops")
+        serving = True
+        stop.wait()
+    except KeyboardInterrupt:
+        if not serving:  # Engine() stopped the workers it had started
+            console.print("interrupted while starting; stopped")
+            return 130
+    finally:
+        # A second Ctrl-C must not cut the shutdown short (and print a traceback).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, previous)
+        try:
+            if serving:
+                console.print("stopping ...")
+            server.close()
+            if engine is not None:
+                engine.close()
+        finally:
+            signal.signal(signal.SIGINT, previous_int)
     return 0
