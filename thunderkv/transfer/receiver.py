@@ -303,11 +303,13 @@ class KVReceiver:
                 del self._requests[incoming.request_id]
         self.pool.release(incoming.slice)
 
-    def _fail(self, incoming: IncomingKV, error: BaseException) -> None:
+    def _fail(self, incoming: IncomingKV, error: BaseException,
+              level: int = logging.WARNING) -> None:
         """Mark ``incoming`` failed (waiters get ``error``; its id becomes reusable). Its slice
         stays allocated: the caller releases it (:meth:`_forget`) once the sender can no longer
         write into it."""
-        log.warning("request %d from %s failed: %s", incoming.request_id, incoming.peer, error)
+        log.log(level, "request %d from %s failed: %s", incoming.request_id, incoming.peer,
+                error)
         incoming._update(error=error)
         with self._lock:
             if self._requests.get(incoming.request_id) is incoming:
@@ -446,7 +448,7 @@ class KVReceiver:
                 if msg.kind == Kind.ABORT:
                     self._fail(incoming, TransferError(
                         f"sender aborted request {header.request_id}: "
-                        f"{msg.meta.get('reason', '')}"))
+                        f"{msg.meta.get('reason', '')}"), logging.INFO)  # its own choice
                     self._forget(incoming)  # the sender stopped writing before its ABORT
                     return
                 committing = msg.kind == Kind.COMMIT or bool(msg.meta.get("commit"))
