@@ -185,28 +185,36 @@ def run_plan(req: PlanRequest, log: Log = lambda s: None) -> tuple[dict[str, Any
 
 
 def ratios(raw: dict[str, dict], req: PlanRequest) -> dict[str, Any]:
-    """Goodput, goodput-per-dollar and latency-deadline ratios of ours over each other system."""
+    """Goodput, goodput-per-dollar and latency-deadline ratios of ours over each other system.
+
+    Latency deadline, pairwise: at the lower of the two goodputs (the highest rate the other
+    system sustains, usually), the SLO scale the other system needs for 90 % attainment over
+    the one ours needs at that rate (``slo_scale_needed[n]``). Each ratio depends only on the
+    two systems compared, not on which others ran (until 2026-11-29h one common rate -- the
+    lowest goodput of every system, ablations included -- served them all)."""
     ours = raw["thunderkv"]
+    run_ours = sim_runner(ours["plan"], ours["ev"], req.workload, req.arrivals, req.seed)
     out: dict[str, Any] = {}
-    others = [n for n in raw if n != "thunderkv"]
-    common = min([r["goodput_req_per_s"] for r in raw.values() if r["goodput_req_per_s"] > 0],
-                 default=0.0)
-    scales = {}
-    if common > 0:
-        for n, r in raw.items():
-            res = sim_runner(r["plan"], r["ev"], req.workload, req.arrivals, req.seed)(common)
-            scales[n] = required_scale(res, req.slo)
-    for n in others:
+    needed: dict[str, dict[str, float | None]] = {}
+    for n in (n for n in raw if n != "thunderkv"):
         g = raw[n]["goodput_req_per_s"]
         ent = {"goodput": round(ours["goodput_req_per_s"] / g, 3) if g > 0 else None}
         c = raw[n]["cost_per_hour"]
         if g > 0 and c > 0:
             ent["goodput_per_dollar"] = round(ours["goodput_req_per_s"] / ours["cost_per_hour"] / (g / c), 3)
-        if n in scales and scales["thunderkv"] > 0 and np.isfinite(scales[n]):
-            ent["latency_deadline"] = round(scales[n] / scales["thunderkv"], 3)
+        rate = min(g, ours["goodput_req_per_s"])
+        if rate > 0:
+            theirs = required_scale(
+                sim_runner(raw[n]["plan"], raw[n]["ev"], req.workload, req.arrivals, req.seed)(rate),
+                req.slo)
+            mine = required_scale(run_ours(rate), req.slo)
+            needed[n] = {"rate_req_per_s": round(rate, 4),
+                         "thunderkv": round(mine, 3) if np.isfinite(mine) else None,
+                         n: round(theirs, 3) if np.isfinite(theirs) else None}
+            if np.isfinite(theirs) and np.isfinite(mine) and mine > 0:
+                ent["latency_deadline"] = round(theirs / mine, 3)
         out[n] = ent
-    out["deadline_rate_req_per_s"] = round(common, 4)
-    out["slo_scale_needed"] = {n: (round(v, 3) if np.isfinite(v) else None) for n, v in scales.items()}
+    out["slo_scale_needed"] = needed
     return out
 
 

@@ -44,6 +44,30 @@ def test_plan_json_has_required_keys(planned):
     assert doc["solve_seconds"] > 0 and doc["predicted"]["goodput_req_per_s"] > 0
 
 
+def test_latency_deadline_ratios_are_pairwise(planned):
+    """Each baseline's latency-deadline ratio is its SLO scale over ours, both at the lower of
+    the two goodputs: it depends on the two systems only."""
+    _, doc = planned
+    ours = doc["predicted"]["goodput_req_per_s"]
+    compared = 0
+    for b in ("vllm", "distserve", "hexgen"):
+        if doc["baselines"][b]["goodput_req_per_s"] <= 0:  # nothing to compare at
+            assert b not in doc["ratios"]["slo_scale_needed"]
+            assert "latency_deadline" not in doc["ratios"][b]
+            continue
+        compared += 1
+        need = doc["ratios"]["slo_scale_needed"][b]
+        assert need["rate_req_per_s"] == pytest.approx(
+            min(ours, doc["baselines"][b]["goodput_req_per_s"]), rel=1e-3)
+        if "latency_deadline" in doc["ratios"][b]:
+            assert doc["ratios"][b]["latency_deadline"] == pytest.approx(
+                need[b] / need["thunderkv"], rel=2e-3)
+        # at its own goodput a system meets the SLO as set, or needs it only a little looser
+        if doc["baselines"][b]["goodput_req_per_s"] <= ours and need[b] is not None:
+            assert need[b] <= 1.0 + 1e-9
+    assert compared
+
+
 def test_reschedule_full_replan_gets_the_plan_search_effort(planned):
     d, _ = planned
     out = d / "re-effort.json"
