@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The planner after 611e4e8: pipeline activations charged to links and NICs (routing LP and
+# simulator), a hop at the slower of its link and NICs, prefill replicas holding each prompt's
+# KV in memory until it is sent. Same commands as planner-2026-11-29f-cpu/run.sh.
+# 2026-11-29, 2-core AMD EPYC VM, one job at a time. From the repository root, venv on PATH.
+set -x
+R=benchmarks/results/planner-2026-11-29h-cpu
+C="--cluster examples/planner/cloud-32.yaml --baseline-cluster examples/planner/inhouse-a100x8.yaml --model llama-30b --ablations"
+T=examples/traces/AzureLLMInferenceTrace_conv.csv
+thunderkv plan $C --trace $T --json $R/conv.json --plot $R/conv.png > $R/conv.out 2>&1
+thunderkv plan $C --workload coding --json $R/coding.json --plot $R/coding.png > $R/coding.out 2>&1
+thunderkv plan --reschedule $R/conv.json --fail each --json $R/sweep-conv.json --plot $R/sweep-conv.png > $R/sweep-conv.out 2>&1
+thunderkv plan --cluster examples/planner/cloud-32.yaml --model llama-30b --baseline-cluster examples/planner/inhouse-a100x8.yaml \
+  --trace $T --slo-scale 5 --json $R/conv-scale5.json > $R/conv-scale5.out 2>&1
+for s in 1 2; do
+  thunderkv plan --cluster examples/planner/cloud-32.yaml --model llama-30b --trace $T --baselines hexgen \
+    --seed $s --json $R/conv-seed$s.json > $R/conv-seed$s.out 2>&1
+done
