@@ -74,7 +74,8 @@ def test_discard_in_every_state(receiver):
         assert not tx.broken
         tx.send(header, peers.payload_for(11, header.payload_length))  # the id is free again
         receiver.wait(11, timeout=5).release()
-        # still arriving: never delivered, released once complete
+        # still arriving: never delivered; the sender is told at its next notice and stops,
+        # then the slice is released (a clean refusal: the connection stays usable)
         header = peers.raw_header(12, 64)
         stream = tx.stream(header, peers.payload_for(12, header.payload_length))
         stream.send_layer(0)
@@ -83,7 +84,9 @@ def test_discard_in_every_state(receiver):
         with pytest.raises(TransferError, match="discarded"):
             receiver.wait(12, timeout=5)
         stream.send_layer(1)
-        stream.finish()  # the bytes arrived intact: the sender is not told otherwise
+        with pytest.raises(RequestRejected, match="discarded"):
+            stream.finish()
+        assert not tx.broken
     deadline = time.monotonic() + 5
     while receiver.pool.free_bytes() != receiver.pool.nbytes and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -226,3 +229,28 @@ def test_an_unreadable_token_file_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv(auth.TOKEN_FILE_ENV, str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="cannot be read"):
         auth.load_token()
+
+
+def test_a_bad_commit_notice_frees_the_slice_at_once(receiver):
+    """A malformed committing notice fails the request; the sender has stopped writing (it
+    committed), so the slice comes back without waiting for the sender to close."""
+    from thunderkv.transfer import channel
+    from thunderkv.transfer.channel import Kind
+
+    header = peers.raw_header(40, 64)
+    tx = KVSender(receiver.host, receiver.port, token=peers.TOKEN)
+    try:
+        stream = tx.stream(header, peers.payload_for(40, header.payload_length))
+        for i in range(header.layers - 1):
+            stream.send_layer(i)
+        channel.send(tx._sock, Kind.LAYER, {"index": header.layers - 1, "crcs": "x",
+                                            "commit": True}, timeout=2)
+        stream._commit_sent, stream._next_layer = True, header.layers
+        with pytest.raises(TransferError, match="bad LAYER notice"):
+            stream.finish()
+        deadline = time.monotonic() + 2
+        while receiver.pool.free_bytes() != receiver.pool.nbytes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert receiver.pool.free_bytes() == receiver.pool.nbytes  # the sender is still open
+    finally:
+        tx.close()

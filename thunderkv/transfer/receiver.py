@@ -239,14 +239,17 @@ class KVReceiver:
 
     def discard(self, request_id: int) -> None:
         """Drop request ``request_id``'s KV, whatever its state: complete and not yet handed
-        out -> its slice is released now; still arriving -> released when it completes or
-        fails, never delivered (:meth:`wait` raises); not started -> a later BEGIN with this
-        id is refused (the sender gets a TransferError). Idempotent; a request already handed
-        out is left to its holder's :meth:`ReceivedKV.release`."""
+        out -> its slice is released now; still arriving -> the sender is told to stop at its
+        next notice (``RequestRejected`` there) and the slice released once it has, never
+        delivered (:meth:`wait` raises); not started (or already released) -> a later BEGIN
+        with this id is refused (``RequestRejected``). Idempotent; a request already handed
+        out is left to its holder's :meth:`ReceivedKV.release`, a failed one needs nothing."""
         release = None
         with self._lock:
             incoming = self._requests.get(request_id)
             if incoming is None:
+                if request_id in self._failed:
+                    return  # failed already: nothing held, and its id stays reusable
                 self._discarded[request_id] = None
                 while len(self._discarded) > DISCARD_MEMORY:
                     self._discarded.popitem(last=False)
@@ -430,7 +433,13 @@ class KVReceiver:
         except (KVMessageError, PoolFull) as exc:
             channel.send(conn, Kind.GRANT, {"ok": False, "reason": str(exc)}, timeout=self.timeout)
             return None
-        channel.send(conn, Kind.GRANT, {"ok": True, "offset": piece.offset}, timeout=self.timeout)
+        try:
+            channel.send(conn, Kind.GRANT, {"ok": True, "offset": piece.offset},
+                         timeout=self.timeout)
+        except TransferError as exc:  # the sender never learnt the offset: nothing was written
+            self._fail(incoming, exc)
+            self._forget(incoming)
+            raise
         return incoming
 
     def _receive_request(self, conn: socket.socket, peer: str, begin: channel.Message) -> None:
@@ -443,6 +452,10 @@ class KVReceiver:
             while True:
                 msg = channel.receive(conn, timeout=self.timeout,
                                       what=f"progress on request {header.request_id}")
+                committing = msg.kind == Kind.COMMIT or bool(msg.meta.get("commit"))
+                if incoming.discard and msg.kind != Kind.ABORT:  # stop its PUTs early
+                    raise KVMessageError(f"request {header.request_id} was discarded by the "
+                                         "receiver")
                 if msg.kind == Kind.PROGRESS:
                     continue
                 if msg.kind == Kind.ABORT:
@@ -451,7 +464,6 @@ class KVReceiver:
                         f"{msg.meta.get('reason', '')}"), logging.INFO)  # its own choice
                     self._forget(incoming)  # the sender stopped writing before its ABORT
                     return
-                committing = msg.kind == Kind.COMMIT or bool(msg.meta.get("commit"))
                 if msg.kind == Kind.LAYER:
                     running = self._verify_layers(incoming, msg, running)
                     if not msg.meta.get("commit"):
@@ -498,7 +510,15 @@ class KVReceiver:
                 raise
             err = exc if isinstance(exc, TransferError) else TransferError(str(exc))
             self._fail(incoming, err)
-            self._hold_until_sender_stops(conn, incoming, Kind.ERROR, str(err))
+            if committing:  # the sender is done writing and waits for its ACK
+                self._forget(incoming)
+                try:
+                    channel.send(conn, Kind.ERROR, {"reason": str(err)},
+                                 timeout=min(self.timeout, 1.0))
+                except TransferError:
+                    pass
+            else:
+                self._hold_until_sender_stops(conn, incoming, Kind.ERROR, str(err))
             raise err from None
 
     @staticmethod

@@ -344,10 +344,12 @@ class KVStream:
     def _close(self) -> None:
         if self._open:
             self._open = False
-            if self._temporary is not None:
-                self._temporary.release()
-            self.sender._owner, self.sender._stream = None, None
-            self.sender._lock.release()
+            try:
+                if self._temporary is not None:
+                    self._temporary.release()
+            finally:  # the sender's lock goes back whatever happened
+                self.sender._owner, self.sender._stream = None, None
+                self.sender._lock.release()
 
     def _receiver_said_stop(self) -> None:
         """Before each PUT: the receiver speaks mid-request only to fail it (an ERROR after
@@ -355,7 +357,9 @@ class KVStream:
         s = self.sender
         if s._closed:
             raise TransferError("sender closed")
-        if select.select([s._sock], [], [], 0)[0]:
+        poller = select.poll()  # not select(): it fails on descriptors >= 1024
+        poller.register(s._sock, select.POLLIN)
+        if poller.poll(0):
             msg = channel.receive(s._sock, timeout=s.timeout, what="the receiver's message")
             channel.expect(msg, Kind.ACK)  # an ERROR (the receiver gave up) raises its reason
             if not msg.meta.get("ok"):
