@@ -34,7 +34,7 @@ gpu-wheels: $(PY)
 	rm -f wheels/libucx*.whl
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d wheels 'libucx-cu13==1.22.0'
 	git rev-parse --short=12 HEAD | tr -d '\n' > wheels/GIT_SHA
-	git diff --quiet HEAD || printf -- '-dirty' >> wheels/GIT_SHA
+	[ -z "$$(git status --porcelain)" ] || printf -- '-dirty' >> wheels/GIT_SHA
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

@@ -7,8 +7,8 @@ cluster sets them; bytes compressed or raw per the cost model). Every resource i
 that is busy for ``bytes / its bandwidth`` per transfer, so concurrent transfers share a NIC's
 capacity; a transfer is done when its last leg is. Pipeline activations between a group's
 stages (each prefill batch's tokens, each decode iteration's batch) occupy the same resources
-for their bytes, ahead of queued KV (small messages; their latency is in the cost model), so
-they take their share of a NIC from KV transfers. A prefill group holds each prompt's KV
+for their bytes, queued behind the KV already booked there, so they take their share of a NIC
+from KV transfers; their own latency stays the cost model's and does not wait for that KV. A prefill group holds each prompt's KV
 in its memory until the transfer is done and starts no batch that would overfill it.
 Decode groups run continuous batching: a
 request joins at the next iteration boundary once its KV has arrived and its KV (prompt + output
@@ -138,7 +138,6 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
     prefill_start = np.full(n, np.nan) if stream_kv else None
     link_free: dict[tuple[str, ...], float] = {}  # per network resource: busy until
     dest = np.zeros(n, dtype=np.int64)
-    origin = np.zeros(n, dtype=np.int64)  # the prefill group holding a request's KV
 
     def activations(g: _Group, rows: int, now: float) -> None:
         for key, sec in g.act:
@@ -283,15 +282,14 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
                     end = max(s + dt, now - span + span * (leg.last + 1) / nl + dt / leg.n_layers)
                 link_free[leg.key] = s + dt  # busy while it carries these bytes
                 done = max(done, end)
-            origin[a] = b
-            push(done, TRANSFER_DONE, a, di)
+            push(done, TRANSFER_DONE, a, b)  # b: the prefill group holding the KV
         elif kind == TRANSFER_DONE:
             res.transfer_done[a] = now
-            pi = int(origin[a])
-            groups[pi].kv_used -= int(P[a])
-            start_prefill(pi, now)
-            groups[b].queue.append(a)
-            step(b, now)
+            groups[b].kv_used -= int(P[a])  # the prefill group frees the prompt's KV
+            start_prefill(b, now)
+            di = int(dest[a])
+            groups[di].queue.append(a)
+            step(di, now)
         else:
             step_done(a, now, b)
     return res

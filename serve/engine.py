@@ -235,10 +235,7 @@ class Engine:
         # (monotonic time, completed?) of the latest requests to end, for health()
         self._outcomes: collections.deque[tuple[float, bool]] = collections.deque(maxlen=256)
         self._last_error: str | None = None
-        roles = config.roles()
-        bad = sorted(set(roles) - set(P.ROLES))
-        if bad or not roles:
-            raise ValueError(f"worker roles must be among {P.ROLES}, got {roles}")
+        roles = config.roles()  # validated by ServeConfig
         if config.routing is not None:
             self._plan = routing_table(config.routing, roles)
         try:

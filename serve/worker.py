@@ -372,16 +372,14 @@ class Worker:
         """A KV stream for ``send`` to its peer. A connection found dead before anything of
         this request went out (it broke on an earlier request, the peer dropped it while idle,
         a stall outlived the peer's timeout) is replaced and the request tried once more."""
-        from thunderkv.transfer import RequestRejected, TransferError
+        from thunderkv.transfer import ConnectionClosed
 
         for attempt in (1, 2):
             with self._senders_lock:
                 sender = self._sender_locked(send.peer)
             try:
                 return sender, sender.stream(send.header, send.payload)
-            except RequestRejected:  # refused (no space, discarded): the connection is fine
-                raise
-            except TransferError as exc:
+            except ConnectionClosed as exc:  # the peer had closed it: nothing was granted
                 with self._senders_lock:
                     self._drop_sender_locked(send.peer, sender)
                 if attempt == 2:

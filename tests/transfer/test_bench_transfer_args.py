@@ -237,3 +237,21 @@ def test_perftest_footer_only_when_perftest_ran(capsys, perftest):
     out = capsys.readouterr().out
     assert ("perftest: median (range) of its runs" in out) == perftest
     assert ("5.00 (4.0-6.0)" in out) == perftest
+
+
+def test_a_drop_or_stall_mid_run_is_a_failure_not_a_usage_error():
+    """Exit 2 is for a peer that cannot be reached; a connection that drops or stalls during
+    the run (their causes are OSErrors too: TimeoutError, a reset) exits 1."""
+    from thunderkv.cli.bench import _transfer_failed
+    from thunderkv.transfer import ConnectionClosed, TransferError, TransferTimeout
+
+    def raised(exc, cause):
+        try:
+            raise exc from cause
+        except TransferError as e:
+            return e
+
+    assert _transfer_failed(raised(TransferError("cannot connect"),
+                                   ConnectionRefusedError()))[1] == 2
+    assert _transfer_failed(raised(TransferTimeout("no ACK"), TimeoutError()))[1] == 1
+    assert _transfer_failed(raised(ConnectionClosed("reset"), ConnectionResetError()))[1] == 1

@@ -407,7 +407,7 @@ def _transfer_problem(args: argparse.Namespace, transfer) -> str | None:
 def _transfer_failed(exc: BaseException) -> tuple[str, int]:
     """(one-line message, exit code) for what a side of `bench transfer` raised: a peer that
     cannot be reached or refuses us is a usage error (2), a failure while sending is not (1)."""
-    from ..transfer import AuthenticationError, TransferError
+    from ..transfer import AuthenticationError, ConnectionClosed, TransferError, TransferTimeout
 
     if isinstance(exc, AuthenticationError):
         return (f"{exc} (both sides need the same $THUNDERKV_TRANSFER_TOKEN)", EXIT_USAGE)
@@ -415,7 +415,9 @@ def _transfer_failed(exc: BaseException) -> tuple[str, int]:
         hint = ""
         if isinstance(exc.__cause__, ConnectionRefusedError):
             hint = " (is `thunderkv bench transfer --role server` running there?)"
-        unreachable = isinstance(exc.__cause__, OSError)
+        # connecting failed (refused, no such host), not a drop or a stall mid-transfer
+        unreachable = (isinstance(exc.__cause__, OSError)
+                       and not isinstance(exc, (ConnectionClosed, TransferTimeout)))
         return f"transfer failed: {exc}{hint}", EXIT_USAGE if unreachable else 1
     return f"{exc}", EXIT_USAGE
 
