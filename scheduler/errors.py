@@ -18,3 +18,7 @@ class InputError(ValueError):
         where = source if line is None else f"{source}:{line}"
         what = f"{field}: " if field else ""
         super().__init__(f"{where}: {what}{message}")
+
+
+class UnknownModel(InputError):
+    """A model name that is neither a preset nor a model YAML file."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from .errors import UnknownModel
 from .yamlio import load_yaml
 
 
@@ -83,7 +83,7 @@ def load_model(name_or_path: str | Path) -> ModelSpec:
     if key in PRESETS:
         return PRESETS[key]
     if Path(key).suffix.lower() not in (".yaml", ".yml") and not Path(key).exists():
-        raise InputError(f"unknown model preset {key!r}; presets: {sorted(PRESETS)} "
+        raise UnknownModel(f"unknown model preset {key!r}; presets: {sorted(PRESETS)} "
                          "(or pass a model .yaml)", source="--model")
     doc = load_yaml(key)
     doc.check_keys((*_FIELDS, "dtype_bytes", "name"))

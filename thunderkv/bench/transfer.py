@@ -60,14 +60,14 @@ def geometry(name: str) -> KVGeometry:
     or of a model .yaml. ValueError (naming the known models) for anything else."""
     if name in ("smollm2", "smollm2-135m"):
         return KVGeometry("smollm2-135m", 30, 3, 64)
-    from ..scheduler.model import PRESETS as MODEL_PRESETS
+    from ..scheduler.errors import UnknownModel
     from ..scheduler.model import load_model
 
-    if (name not in MODEL_PRESETS and Path(name).suffix.lower() not in (".yaml", ".yml")
-            and not Path(name).exists()):
+    try:
+        m = load_model(name)
+    except UnknownModel:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(known_models())} "
-                         "(or a model .yaml)")
-    m = load_model(name)
+                         "(or a model .yaml)") from None
     return KVGeometry(m.name, m.layers, m.kv_heads, m.hidden // m.heads)
 
 
