@@ -271,39 +271,50 @@ class Worker:
                                 job["kv_id"], group_size=job.get("kv_group", 64),
                                 sink=job.get("kv_sink_tokens", DEFAULT_SINK))
         with self._senders_lock:
-            if self._send_pool is None:
-                # One registered pool for every peer, registered with the UCX worker of the
-                # connection that first needs it (the others register each payload as they
-                # send it). A new one replaces it if that connection breaks.
-                sender = self._sender_locked(peer)
-                self._send_pool = sender.register(SEND_POOL_BYTES)
-                self._pool_owner = sender
             pool = self._send_pool
+        if pool is None:
+            # One registered pool for every peer, registered with the UCX worker of the
+            # connection that first needs it (the others register each payload as they send
+            # it). A new one replaces it if that connection breaks.
+            sender = self._sender(peer)
+            with self._senders_lock:
+                if self._send_pool is None:
+                    self._send_pool = sender.register(SEND_POOL_BYTES)
+                    self._pool_owner = sender
+                pool = self._send_pool
         piece = self._allocate(pool, header.payload_length)
         return SendJob(job, header, piece.view, piece, pool, peer)
 
-    def _sender_locked(self, peer: tuple[str, int]):
-        """The connection to ``peer`` (under ``_senders_lock``): the cached one unless it
-        broke, else a new one."""
+    def _sender(self, peer: tuple[str, int]):
+        """The connection to ``peer``: the cached one unless it broke, else a new one. The
+        lock guards only the table: connecting (up to its timeout) happens outside it, so one
+        slow peer holds up no prefill bound elsewhere."""
         from thunderkv.transfer import KVSender
 
-        sender = self._senders.get(peer)
+        with self._senders_lock:
+            sender = self._senders.get(peer)
         if sender is not None and sender.broken:
-            self._drop_sender_locked(peer, sender)
+            self._drop_sender(peer, sender)
             sender = None
-        if sender is None:
-            sender = KVSender(peer[0], peer[1], token=self.token, timeout=10.0)
-            self._senders[peer] = sender
+        if sender is not None:
+            return sender
+        new = KVSender(peer[0], peer[1], token=self.token, timeout=10.0)
+        with self._senders_lock:
+            sender = self._senders.setdefault(peer, new)
+        if sender is not new:  # another thread connected first: keep one connection
+            new.close()
         return sender
 
-    def _drop_sender_locked(self, peer: tuple[str, int], sender) -> None:
-        """Forget and close a failed connection (under ``_senders_lock``). If the send pool
-        was registered with it, the pool is retired: payloads still in it stay valid (they
-        are sent with a per-request registration) and the next prefill registers a new one."""
-        if self._senders.get(peer) is sender:
-            del self._senders[peer]
-        if sender is self._pool_owner:
-            self._send_pool = self._pool_owner = None
+    def _drop_sender(self, peer: tuple[str, int], sender) -> None:
+        """Forget and close a failed connection (closing, which may wait for a PUT in flight,
+        happens outside the lock). If the send pool was registered with it, the pool is
+        retired: payloads still in it stay valid (they are sent with a per-request
+        registration) and the next prefill registers a new one."""
+        with self._senders_lock:
+            if self._senders.get(peer) is sender:
+                del self._senders[peer]
+            if sender is self._pool_owner:
+                self._send_pool = self._pool_owner = None
         try:
             sender.close()
         except Exception as exc:
@@ -375,13 +386,11 @@ class Worker:
         from thunderkv.transfer import ConnectionClosed
 
         for attempt in (1, 2):
-            with self._senders_lock:
-                sender = self._sender_locked(send.peer)
+            sender = self._sender(send.peer)
             try:
                 return sender, sender.stream(send.header, send.payload)
             except ConnectionClosed as exc:  # the peer had closed it: nothing was granted
-                with self._senders_lock:
-                    self._drop_sender_locked(send.peer, sender)
+                self._drop_sender(send.peer, sender)
                 if attempt == 2:
                     raise
                 log.info("connection to %s:%d failed (%s: %s); reconnecting", *send.peer,
@@ -408,8 +417,7 @@ class Worker:
                 return stream.finish()
         finally:
             if sender.broken:  # failed mid-request: later requests get a new connection
-                with self._senders_lock:
-                    self._drop_sender_locked(send.peer, sender)
+                self._drop_sender(send.peer, sender)
 
     # ------------------------------------------------------------------ decode
     def import_arrived_kv(self) -> None:
@@ -463,8 +471,9 @@ class Worker:
         self._send_jobs.put(None)
         self._sender_thread.join(timeout=5)
         with self._senders_lock:
-            for peer, sender in list(self._senders.items()):
-                self._drop_sender_locked(peer, sender)
+            senders = list(self._senders.items())
+        for peer, sender in senders:
+            self._drop_sender(peer, sender)
         try:
             self.rx.close()
         except Exception as exc:
