@@ -3,16 +3,18 @@
 Prefill groups serve a FIFO queue in small token-budgeted batches (pipelined: the next batch enters
 when the bottleneck stage frees). Each request's KV then crosses the network resources between the
 prefill and decode stages holding each layer (``costmodel.KVLeg``: node links, and NICs where the
-cluster sets them; bytes compressed or raw per the cost model). Every resource is a FIFO server
-that is busy for ``bytes / its bandwidth`` per transfer, so concurrent transfers share a NIC's
-capacity; a transfer is done when its last leg is. Pipeline activations between a group's
-stages (each prefill batch's tokens, each decode iteration's batch) occupy the same resources
-for their bytes, queued behind the KV already booked there, so they take their share of a NIC
-from KV transfers; their own latency stays the cost model's and does not wait for that KV. A prefill group holds each prompt's KV
-in its memory until the transfer is done and starts no batch that would overfill it.
-Decode groups run continuous batching: a
-request joins at the next iteration boundary once its KV has arrived and its KV (prompt + output
-tokens) fits in memory, and leaves after its last token. Colocated groups (baselines) interleave
+cluster sets them; bytes compressed or raw per the cost model). Each resource is busy for
+``bytes / its bandwidth`` per transfer, and each transfer takes the earliest gap of that length
+from when it is ready (``_Calendar``), so concurrent transfers share a NIC's capacity; a
+transfer is done when its last leg is. A streamed transfer is booked when its prefill batch
+starts, for the times its layers come out. Pipeline activations between a group's stages (each
+prefill batch's tokens, each decode iteration's batch) occupy the same resources for their
+bytes, in the earliest gap from when they are sent, so they take their share of a NIC from KV
+transfers; their own latency stays the cost model's and does not wait for that KV. A prefill
+group holds each prompt's KV in its memory until the transfer is done and starts no batch that
+would overfill it. Decode groups run continuous batching: a request joins at the next
+iteration boundary once its KV has arrived and its KV (prompt + output tokens) fits in memory,
+and leaves after its last token. Colocated groups (baselines) interleave
 prefill batches and decode iterations, prefill first; a prompt whose prefill ends during an
 iteration joins at the next boundary.
 """
@@ -81,6 +83,50 @@ class _Group:
         self.joining: list[int] = []  # colocated: prefilled mid-iteration, join at the next boundary
 
 
+class _Calendar:
+    """Busy intervals of each network resource: a transfer takes the earliest gap of its
+    length that starts no sooner than it is ready (non-preemptive, first come first booked).
+    A single busy-until time per resource would lose the gaps: a streamed transfer booked
+    when its prefill starts, for layers ready later, would block transfers that are ready
+    sooner, and anything booked at a later event could not use the time before it."""
+
+    __slots__ = ("busy",)
+
+    def __init__(self) -> None:
+        self.busy: dict[tuple[str, ...], list[list[float]]] = {}
+
+    def book(self, key: tuple[str, ...], ready: float, dt: float, now: float) -> float:
+        """Reserve ``dt`` s of ``key`` from the earliest free moment >= ``ready`` (>= ``now``,
+        the current event time: intervals that ended by then are forgotten); returns the
+        start (``ready`` when ``dt`` <= 0)."""
+        if dt <= 0:
+            return ready  # nothing to carry
+        iv = self.busy.setdefault(key, [])
+        k = 0
+        while k < len(iv) and iv[k][1] <= now:
+            k += 1
+        if k:
+            del iv[:k]
+        s, k = ready, 0
+        while k < len(iv):
+            a, b = iv[k]
+            if b <= s:
+                k += 1
+            elif s + dt <= a:
+                break
+            else:
+                s, k = b, k + 1
+        e = s + dt
+        if k > 0 and iv[k - 1][1] >= s:  # touches the interval before: extend it
+            iv[k - 1][1] = e
+            k -= 1
+        else:
+            iv.insert(k, [s, e])
+        if k + 1 < len(iv) and iv[k + 1][0] <= iv[k][1]:  # touches the next: merge
+            iv[k][1] = iv.pop(k + 1)[1]
+        return s
+
+
 def _wrr(weights: list[float]):
     """Smooth weighted round-robin (deterministic, low-variance)."""
     cur = [0.0] * len(weights)
@@ -135,13 +181,32 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
                       for k, legs in pair_legs.items()}
     if stream_kv is None:
         stream_kv = params.kv_streaming
-    prefill_start = np.full(n, np.nan) if stream_kv else None
-    link_free: dict[tuple[str, ...], float] = {}  # per network resource: busy until
+    links = _Calendar()  # per network resource: its busy intervals
     dest = np.zeros(n, dtype=np.int64)
+    nl = model.layers
+
+    def send_kv(a: int, pi: int, start: float, lat: float) -> None:
+        """Book request ``a``'s KV from prefill group ``pi`` to its decode group on every
+        resource it crosses and schedule its TRANSFER_DONE. Streamed (``lat`` > 0, booked when
+        the prefill batch starts at ``start``): layer l is ready ``start + lat * (l + 1) / nl``,
+        so the layers leave while the prefill runs, ahead of anything booked on the resource
+        after the batch started (a decode iteration's activations, a later prefill's KV).
+        Otherwise (``lat`` = 0, booked at the prefill's end ``start``): all of it after."""
+        di = int(dest[a])
+        if di == pi:
+            return
+        done = start + lat
+        for leg in pair_legs[(pi, di)]:
+            dt = (P[a] * leg.bytes_per_token if kv_bytes is None
+                  else kv_bytes[a] * leg.bytes_per_token / pair_total[(pi, di)]) / leg.bps
+            s = links.book(leg.key, start + lat * (leg.first + 1) / nl, dt, start)
+            end = max(s + dt, start + lat * (leg.last + 1) / nl + dt / leg.n_layers)
+            done = max(done, end)
+        push(done, TRANSFER_DONE, a, pi)  # pi: the prefill group holding the KV
 
     def activations(g: _Group, rows: int, now: float) -> None:
         for key, sec in g.act:
-            link_free[key] = max(link_free.get(key, 0.0), now) + rows * sec
+            links.book(key, now, rows * sec, now)
     heap: list = []
     seq = 0
 
@@ -173,8 +238,8 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
         push(now + busy, PREFILL_FREE, gi)
         for r in batch:
             push(now + lat, PREFILL_DONE, r, gi)
-            if prefill_start is not None:
-                prefill_start[r] = now
+            if stream_kv and O[r] > 1:  # its layers leave as the prefill produces them
+                send_kv(r, gi, now, lat)
 
     def admit(g: _Group, r: int, now: float) -> None:
         need = int(P[r] + O[r])
@@ -267,22 +332,8 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParams,
                 groups[di].joining.append(a)
                 step(di, now)  # the group may have gone idle when its pipeline freed up
                 continue
-            done = now
-            nl = model.layers
-            span = 0.0 if prefill_start is None else now - prefill_start[a]
-            for leg in pair_legs[(b, di)]:
-                dt = (P[a] * leg.bytes_per_token if kv_bytes is None
-                      else kv_bytes[a] * leg.bytes_per_token / pair_total[(b, di)]) / leg.bps
-                if prefill_start is None:  # after the prefill
-                    s = max(now, link_free.get(leg.key, 0.0))
-                    end = s + dt
-                else:  # streamed: layer l is ready (l + 1) / nl into the prefill
-                    ready = now - span + span * (leg.first + 1) / nl
-                    s = max(ready, link_free.get(leg.key, 0.0))
-                    end = max(s + dt, now - span + span * (leg.last + 1) / nl + dt / leg.n_layers)
-                link_free[leg.key] = s + dt  # busy while it carries these bytes
-                done = max(done, end)
-            push(done, TRANSFER_DONE, a, b)  # b: the prefill group holding the KV
+            if not stream_kv:
+                send_kv(a, b, now, 0.0)
         elif kind == TRANSFER_DONE:
             res.transfer_done[a] = now
             groups[b].kv_used -= int(P[a])  # the prefill group frees the prompt's KV
