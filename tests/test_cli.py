@@ -115,6 +115,27 @@ def test_bench_e2e_rate_points_link_rates_to_link_rate(capsys):
     assert "must be > 0" in capsys.readouterr().err
 
 
+def test_bench_e2e_link_rate_without_shaping_fails_with_exit_3_unless_skips_are_allowed(
+        capsys, monkeypatch, tmp_path):
+    """Like ``bench transfer --rate``: a shaped-link run that cannot shape is not a success
+    (a CI step would read the missing numbers as measured) unless a skip was asked for."""
+    from thunderkv.cli.bench import EXIT_SKIPPED
+    from thunderkv.transfer import netshape
+
+    monkeypatch.setattr(netshape, "shaping_unavailable_reason", lambda: "no netns here")
+    monkeypatch.delenv("THUNDERKV_PLACEMENT", raising=False)  # not inside a shaped link
+    rows = tmp_path / "e2e.jsonl"
+    argv = ["bench", "e2e", "--model", "tiny", "--quick", "--link-rate", "50mbit"]
+    assert main([*argv, "--json", str(rows)]) == EXIT_SKIPPED == 3
+    out = " ".join(capsys.readouterr().out.split())
+    assert out == ("--link-rate 50mbit: link shaping unavailable here: no netns here "
+                   "(--allow-skip skips instead of failing)")
+    assert not rows.exists()
+    assert main([*argv, "--allow-skip", "--json", str(rows)]) == 0
+    assert " ".join(capsys.readouterr().out.split()).startswith(
+        "skipping --link-rate 50mbit (--allow-skip): no netns here")
+    assert not rows.exists()
+
 def test_child_processes_ignore_a_source_tree_in_the_working_directory(tmp_path):
     """Benches that spawn roles run ``thunderkv.cli`` in a child; started from a directory
     holding another ``thunderkv/`` (a source checkout after ``pip install .``), ``python -m``

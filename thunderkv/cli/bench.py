@@ -172,7 +172,11 @@ def register(subparsers) -> None:
                      metavar="N",
                      help="first tokens of a 4-bit KV message sent exact (attention sink)")
     e2e.add_argument("--link-rate", help="put decode workers across a veth link shaped to this "
-                     "rate (e.g. 30mbit; needs netns + tc); default: loopback")
+                     "rate (e.g. 30mbit; needs netns + tc; where shaping is unavailable the run "
+                     "fails with exit code 3); default: loopback")
+    e2e.add_argument("--allow-skip", action="store_true",
+                     help="with --link-rate: where shaping is unavailable, skip (exit 0, no "
+                     "--json) instead of failing with exit code 3")
     e2e.add_argument("--json", metavar="PATH", help="append one JSON line per mode")
     e2e.add_argument("--plot", metavar="PNG", help="write a TTFT/TPOT/KV bytes plot")
     e2e.set_defaults(func=run_e2e)
@@ -312,7 +316,7 @@ def run_attention(args: argparse.Namespace) -> int:
 
 # Exit codes of `bench transfer` besides 0 (done) and 1 (a side failed while running):
 EXIT_USAGE = 2  # bad arguments, or a peer that cannot be reached / refuses us
-EXIT_SKIPPED = 3  # --rate where link shaping is unavailable (without --allow-skip)
+EXIT_SKIPPED = 3  # --rate / --link-rate where link shaping is unavailable (no --allow-skip)
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 
@@ -321,6 +325,21 @@ def _error(console, message: str) -> None:
     from rich.text import Text
 
     console.print(Text(message, style="red"), soft_wrap=True)
+
+
+def _shaping_unavailable(console, flag: str, value: str, why: str, allow_skip: bool) -> int:
+    """A shaped-link run where namespaces or ``tc`` are missing: one red line and
+    :data:`EXIT_SKIPPED`, or with ``--allow-skip`` (asked for) a yellow line and success,
+    writing no ``--json``."""
+    if allow_skip:
+        from rich.markup import escape
+
+        console.print(f"[yellow]skipping {flag} {value} (--allow-skip): {escape(why)}",
+                      soft_wrap=True)
+        return 0
+    _error(console, f"{flag} {value}: link shaping unavailable here: {why} "
+           "(--allow-skip skips instead of failing)")
+    return EXIT_SKIPPED
 
 
 def run_transfer(args: argparse.Namespace) -> int:
@@ -423,7 +442,6 @@ def _transfer_failed(exc: BaseException) -> tuple[str, int]:
 
 
 def _run_transfer(console, args: argparse.Namespace) -> int:
-    from rich.markup import escape
 
     from ..bench import transfer
     from ..transfer import TransferError, auth, unavailable_reason
@@ -486,13 +504,7 @@ def _run_transfer(console, args: argparse.Namespace) -> int:
 
         why = shaping_unavailable_reason()
         if why is not None:
-            if args.allow_skip:  # asked for: a skip is a success, and writes no --json
-                console.print(f"[yellow]skipping --rate {args.rate} (--allow-skip): "
-                              f"{escape(why)}", soft_wrap=True)
-                return 0
-            _error(console, f"--rate {args.rate}: link shaping unavailable here: {why} "
-                   "(--allow-skip skips instead of failing)")
-            return EXIT_SKIPPED
+            return _shaping_unavailable(console, "--rate", args.rate, why, args.allow_skip)
     client_args = ["--preset", args.preset, "--group-size", str(args.group_size), "--reps",
                    str(args.reps), "--timeout", str(args.timeout), "--inflight", str(args.inflight)]
     client_args += sum((["--case", f"{m}:{t}"] for m, t in cases), [])
@@ -663,8 +675,7 @@ def _e2e_across_link(console, args: argparse.Namespace) -> int:
     rate = parse_rate(args.link_rate)
     why = shaping_unavailable_reason()
     if why is not None:
-        console.print(f"[yellow]skipping --link-rate {args.link_rate}: {why}")
-        return 0
+        return _shaping_unavailable(console, "--link-rate", args.link_rate, why, args.allow_skip)
     argv = module_argv("thunderkv.cli") + ["bench", "e2e", "--model", args.model,
             "--preset", "quick" if args.quick else args.preset, "--threads", str(args.threads),
             "--seed", str(args.seed), "--link-rate", args.link_rate,
