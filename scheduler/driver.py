@@ -142,6 +142,7 @@ def public(r: dict[str, Any]) -> dict[str, Any]:
 
 def run_plan(req: PlanRequest, log: Log = lambda s: None) -> tuple[dict[str, Any], dict]:
     """Plan ours + requested systems; returns (JSON document, raw results by system name)."""
+    req.workload.check_arrivals(req.arrivals)
     stats = WorkloadStats.of(req.workload)
     log(f"workload {req.workload.name}: {len(req.workload)} requests, prompt mean "
         f"{stats.prompt_mean:.0f}, output mean {stats.output_mean:.0f}; SLO TTFT {req.slo.ttft:.3g} s, "

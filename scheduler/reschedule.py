@@ -12,6 +12,7 @@ or a workload shift (for one as large as conversation -> coding, a full re-plan 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -89,6 +90,25 @@ def lost_gpus(cluster: Cluster, fail_nodes: set[str] | None, fail_gpus: set[str]
     """Every GPU ("node:index") lost with ``fail_nodes`` plus the single ``fail_gpus``."""
     nodes = set(fail_nodes or ())
     return set(fail_gpus or ()) | {g for g in cluster.gpus if g.rsplit(":", 1)[0] in nodes}
+
+
+def surviving_cluster(cluster: Cluster, fail_nodes: set[str] | None,
+                      fail_gpus: set[str] | None) -> Cluster:
+    """``cluster`` without the lost nodes and with one GPU fewer on a node per lost single GPU
+    (GPUs of a node are interchangeable: the survivors are renumbered from 0). What a full
+    re-plan may use and what is still paid for; the lightweight plan keeps the original GPU
+    ids, in :func:`reschedule`'s cluster minus ``fail_nodes``."""
+    c = cluster.without_nodes(set(fail_nodes)) if fail_nodes else cluster
+    lost: dict[str, int] = {}
+    for g in set(fail_gpus or ()) - lost_gpus(cluster, fail_nodes, None):
+        node = g.rsplit(":", 1)[0]
+        lost[node] = lost.get(node, 0) + 1
+    if not lost:
+        return c
+    gone = {n.name for n in c.nodes if lost.get(n.name, 0) >= n.count}
+    c = c.without_nodes(gone) if gone else c
+    return dataclasses.replace(c, nodes=[dataclasses.replace(n, count=n.count - lost.get(n.name, 0))
+                                         for n in c.nodes])
 
 
 def plan_nodes(plan: Plan, cluster: Cluster) -> list[str]:
@@ -199,14 +219,19 @@ def reschedule_with_reload(plan: Plan, cluster: Cluster, model: ModelSpec, param
 
 def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bool = True,
                         log=lambda s: None, regroup: bool = True, reload_groups: int = 0,
-                        replan: TabuConfig | None = None) -> dict:
+                        replan: TabuConfig | None = None, arrivals: str | None = None,
+                        seed: int | None = None) -> dict:
     """``thunderkv plan --reschedule``: adjust ``plan`` (from ``doc``) for failed nodes/GPUs and
     workload ``wl``, dissolving up to ``reload_groups`` intact groups (partial reload);
-    optionally compare with a full re-plan (its search effort: ``replan``, default
-    :class:`TabuConfig`'s). The lightweight tier decides by the cost model alone (with
-    replays that span a steady state the model ranks its candidates as the simulator does, and
-    one replay of a 32-GPU plan takes longer than the 2 s the decision may); its plan is then
-    replayed for the report, outside ``reschedule_seconds``. Returns the new plan document."""
+    optionally compare with a full re-plan of the surviving GPUs (its search effort:
+    ``replan``, default :class:`TabuConfig`'s; colocated groups allowed where no phase-split
+    plan serves, as in planning, and only colocated ones for a colocated plan). The
+    lightweight tier decides by the cost model alone (with replays that span a steady state
+    the model ranks its candidates as the simulator does, and one replay of a 32-GPU plan
+    takes longer than the 2 s the decision may); its plan is then replayed for the report,
+    outside ``reschedule_seconds``, with ``arrivals`` and ``seed`` (default: the plan's, as
+    recorded in ``doc["workload"]``). ``cost_per_hour``: the GPUs still there, idle or not.
+    Returns the new plan document."""
     from .metrics import summarize
     from .plan import inputs_from_dict, inputs_to_dict
     from .systems import search_budget, select_by_simulation, sim_runner
@@ -219,11 +244,15 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
     if bad:
         raise ValueError(f"--fail: unknown GPU(s) {bad}")
     stats = WorkloadStats.of(wl)
+    recorded = doc.get("workload", {})
+    arrivals = arrivals or recorded.get("arrivals") or "poisson"
+    seed = seed if seed is not None else int(recorded.get("seed") or 0)
+    wl.check_arrivals(arrivals)
     log(f"rescheduling after losing {sorted(fails) or 'nothing'} (kept groups: phases + routing;"
         " orphaned GPUs re-grouped)")
 
     def simulated(r: RescheduleResult) -> float:
-        return replayed_goodput(r, wl, slo)
+        return replayed_goodput(r, wl, slo, arrivals, seed)
 
     if reload_groups:
         if not regroup:
@@ -233,8 +262,10 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
     else:
         res = reschedule(plan, cluster, model, params, stats, slo, nodes, gpus, regroup=regroup)
     new_cluster = res.evaluator.cluster
+    remaining = surviving_cluster(cluster, nodes, gpus)
     good = simulated(res)  # the reload greedy already replayed its pick
-    m = summarize(sim_runner(res.plan, res.evaluator, wl)(good), slo) if good > 0 else {}
+    m = (summarize(sim_runner(res.plan, res.evaluator, wl, arrivals, seed)(good), slo)
+         if good > 0 else {})
     out = {"plan": res.plan.to_dict(), "reschedule_seconds": round(res.seconds, 4),
            "failed": sorted(fails), "dropped_groups": res.dropped_groups,
            "kept_gpus": res.kept_gpus, "regrouped_gpus": res.regrouped_gpus,
@@ -242,18 +273,25 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
            "dissolved_groups": list(res.dissolved),
            "predicted": {"goodput_req_per_s": round(good, 4),
                          **{k: round(v, 4) for k, v in m.items() if isinstance(v, float)}},
-           "cost_per_hour": round(new_cluster.price_per_hour(res.plan.gpus()), 4),
-           "workload": dict(doc.get("workload", {})),
+           "cost_per_hour": round(remaining.price_per_hour(), 4),
+           "workload": {**recorded, "arrivals": arrivals, "seed": seed},
            "slo": doc.get("slo", {}), "inputs": inputs_to_dict(new_cluster, model, params, slo)}
     out["inputs"]["workload_stats"] = {k: getattr(stats, k) for k in stats.__slots__}
     log(f"  {'lightweight' if not res.dissolved else 'partial reload'}: {res.seconds:.2f} s, "
         f"{res.regrouped_gpus} GPUs reload, simulated goodput {good:.2f} req/s")
     if compare:
         t0 = time.perf_counter()
-        ev = Evaluator(new_cluster, model, params, stats, slo)
         cfg = replan or TabuConfig()  # the same budget split as planning (driver)
-        found = tabu_search(ev, search_budget(cfg))
-        full, fg, _, _ = select_by_simulation(found, ev, wl, slo, deadline=t0 + cfg.time_limit_s)
+        colocated = bool(plan.groups) and all(g.phase == "colocated" for g in plan.groups)
+        spaces = [SearchSpace(("colocated",))] if colocated else [SearchSpace(), SearchSpace(HYBRID)]
+        for space in spaces:  # the second only where no phase-split plan serves (driver's rule)
+            ts = time.perf_counter()
+            ev = Evaluator(remaining, model, params, stats, slo, space)
+            found = tabu_search(ev, search_budget(cfg))
+            full, fg, _, _ = select_by_simulation(found, ev, wl, slo, arrivals, seed,
+                                                  deadline=ts + cfg.time_limit_s)
+            if full.objective > 0:
+                break
         secs = time.perf_counter() - t0
         out["full_replan"] = {"goodput_req_per_s": round(fg, 4), "solve_seconds": round(secs, 3),
                               "model_req_per_s": round(full.objective, 4),
@@ -265,7 +303,8 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
 
 def failure_sweep(doc: dict, plan: Plan, wl, compare: bool = True, log=lambda s: None,
                   regroup: bool = True, reload_groups: int = 0,
-                  replan: TabuConfig | None = None) -> dict:
+                  replan: TabuConfig | None = None, arrivals: str | None = None,
+                  seed: int | None = None) -> dict:
     """``thunderkv plan --reschedule PLAN.json --fail each``: reschedule after losing each node
     the plan uses, one at a time, each compared with a full re-plan of the surviving cluster.
     Returns {"sweep": [one row per node], "summary": {...}, "original_goodput_req_per_s"}."""
@@ -274,13 +313,16 @@ def failure_sweep(doc: dict, plan: Plan, wl, compare: bool = True, log=lambda s:
     cluster = inputs_from_dict(doc["inputs"])[0]
     nodes = plan_nodes(plan, cluster)
     rows = []
+    workload = dict(doc.get("workload", {}))  # with the arrivals and seed replayed, once known
     if len(cluster.nodes) == 1:
         raise ValueError("--fail each needs a cluster of two or more nodes: losing the only one "
                          "leaves nothing to reschedule")
     for i, node in enumerate(nodes, 1):
         log(f"[{i}/{len(nodes)}] losing {node}")
         r = reschedule_document(doc, plan, [node], wl, compare=compare, log=log, regroup=regroup,
-                                reload_groups=reload_groups, replan=replan)
+                                reload_groups=reload_groups, replan=replan, arrivals=arrivals,
+                                seed=seed)
+        workload = r["workload"]
         rows.append({"failed": node,
                      "lightweight_goodput_req_per_s": r["predicted"]["goodput_req_per_s"],
                      "full_replan_goodput_req_per_s": r.get("full_replan", {}).get(
@@ -298,4 +340,4 @@ def failure_sweep(doc: dict, plan: Plan, wl, compare: bool = True, log=lambda s:
                         "within_10_percent": sum(x >= 0.9 for x in ratios)})
     return {"sweep": rows, "summary": summary,
             "original_goodput_req_per_s": doc.get("predicted", {}).get("goodput_req_per_s"),
-            "workload": dict(doc.get("workload", {})), "plan": doc["plan"]}
+            "workload": workload, "plan": doc["plan"]}

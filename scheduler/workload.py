@@ -49,6 +49,8 @@ class Workload:
             raise ValueError("workload has no requests")
         if (self.prompts < 1).any() or (self.outputs < 1).any():
             raise ValueError("prompt and output lengths must be >= 1")
+        if not np.isfinite(self.arrivals).all():
+            raise ValueError("arrival times must be finite")
         if (np.diff(self.arrivals) < 0).any():
             raise ValueError("arrivals must be sorted")
         if not self.min_replay_s >= 0:
@@ -96,16 +98,26 @@ class Workload:
         if rate <= 0:
             raise ValueError("rate must be > 0")
         base = self.arrivals - self.arrivals[0]
+        self.check_arrivals("trace")
         own = self.rate
         return self._like(base * (own / rate))
+
+    def check_arrivals(self, mode: str) -> None:
+        """Raise ValueError unless replays with arrival ``mode`` are possible: ``"trace"``
+        scales the trace's own pattern, which needs arrivals spread over some time."""
+        if mode not in ("poisson", "trace"):
+            raise ValueError(f"arrival mode must be 'poisson' or 'trace', got {mode!r}")
+        if mode == "trace" and not np.isfinite(self.rate):
+            raise ValueError(f"workload {self.name!r}: all {len(self)} arrival time(s) are the "
+                             "same instant, so its own arrival pattern has no rate to scale; "
+                             "use Poisson arrivals (--arrivals poisson)")
 
     def arrivals_at(self, rate: float, mode: str = "poisson", seed: int = 0) -> Workload:
         """The workload replayed at ``rate`` req/s: Poisson arrivals (seeded) or the trace's own
         pattern time-scaled; cycled (:meth:`cycled`) to span at least ``min_replay_s``, but to
         no more than :data:`MAX_REPLAY_REQUESTS` requests (a goodput search brackets upward by
         1.5x steps, and a replay's memory and time grow with its length)."""
-        if mode not in ("poisson", "trace"):
-            raise ValueError(f"arrival mode must be 'poisson' or 'trace', got {mode!r}")
+        self.check_arrivals(mode)
         if rate <= 0:
             raise ValueError("rate must be > 0")
         want = min(rate * self.min_replay_s, MAX_REPLAY_REQUESTS - 1)
