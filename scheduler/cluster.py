@@ -12,10 +12,28 @@ sends or receives over all its links. Without ``nic_gbps`` a node may use every 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .yamlio import Doc, load_yaml
+
+# A node name: GPUs are "node:index" and --fail takes a comma list of them (or "each"), and the
+# names appear in rich tables, so only letters, digits, '.', '_' and '-'.
+NODE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+RESERVED_NODE_NAMES = ("each",)  # --fail each
+
+
+def node_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a node (None: it can)."""
+    if not NODE_NAME.fullmatch(name):
+        return (f"node name {name!r} may hold only letters, digits, '.', '_' and '-' (GPUs are "
+                "named 'node:index')")
+    if name in RESERVED_NODE_NAMES:
+        return f"node name {name!r} is reserved (--fail {name})"
+    return None
 
 
 @dataclass(slots=True, frozen=True)
@@ -42,8 +60,8 @@ class GpuType:
         for f in ("fp16_tflops", "mem_gb", "mem_bw_gbs"):
             if not getattr(self, f) > 0:
                 raise ValueError(f"GpuType {self.name}: {f} must be > 0")
-        if self.price_per_hour < 0:
-            raise ValueError(f"GpuType {self.name}: price_per_hour must be >= 0")
+        if not 0 <= self.price_per_hour < math.inf:
+            raise ValueError(f"GpuType {self.name}: price_per_hour must be finite and >= 0")
         for f in ("compute_eff", "mem_eff"):
             if not 0 < getattr(self, f) <= 1:
                 raise ValueError(f"GpuType {self.name}: {f} must be in (0, 1]")
@@ -75,6 +93,9 @@ class NodeSpec:
     nic_gbps: float | None = None
 
     def __post_init__(self) -> None:
+        problem = node_name_problem(self.name)
+        if problem:
+            raise ValueError(problem)
         if self.count <= 0:
             raise ValueError(f"node {self.name}: count must be > 0")
         if self.intra_node_gbps <= 0:
@@ -158,7 +179,18 @@ class Cluster:
 
 def load_cluster(path: str | Path, text: str | None = None) -> Cluster:
     """Load a cluster YAML (see ``examples/planner/README.md``); errors name field and line."""
-    doc: Doc = load_yaml(path, text)
+    return cluster_from_doc(load_yaml(path, text))
+
+
+def cluster_from_data(data: Any, source: str, prefix: str = "") -> Cluster:
+    """A cluster from parsed data (a plan JSON's ``inputs.cluster``) through the same checks
+    as the YAML, errors naming ``prefix.field``."""
+    return cluster_from_doc(Doc.from_data(data, source, prefix))
+
+
+def cluster_from_doc(doc: Doc) -> Cluster:
+    """The cluster of a YAML/JSON document: every field checked, errors naming field and line."""
+    doc.mapping(doc.root, "", "a mapping with catalog, nodes and network")
     doc.check_keys(("name", "price_source", "catalog", "nodes", "network"))
     cat_node = doc.node("catalog")
     if not isinstance(cat_node.value, dict) or not cat_node.value:
@@ -166,6 +198,7 @@ def load_cluster(path: str | Path, text: str | None = None) -> Cluster:
     catalog: dict[str, GpuType] = {}
     for name, spec in cat_node.value.items():
         p = f"catalog.{name}"
+        doc.mapping(spec, p, "a mapping of GPU specs (fp16_tflops, mem_gb, ...)")
         doc.check_keys(_GPU_FIELDS, spec, p)
         catalog[name] = GpuType(
             name=name,
@@ -173,7 +206,7 @@ def load_cluster(path: str | Path, text: str | None = None) -> Cluster:
             mem_gb=doc.number("mem_gb", spec, label=f"{p}.mem_gb"),
             mem_bw_gbs=doc.number("mem_bw_gbs", spec, label=f"{p}.mem_bw_gbs"),
             price_per_hour=doc.number("price_per_hour", spec, label=f"{p}.price_per_hour",
-                                      positive=False),
+                                      positive=False, minimum=0),
             compute_eff=_eff(doc, spec, f"{p}.compute_eff", "compute_eff", 0.55),
             mem_eff=_eff(doc, spec, f"{p}.mem_eff", "mem_eff", 0.80),
             layer_overhead_s=_overhead(doc, spec, f"{p}.layer_overhead_s", "layer_overhead_s"),
@@ -186,8 +219,12 @@ def load_cluster(path: str | Path, text: str | None = None) -> Cluster:
     seen: set[str] = set()
     for i, item in enumerate(nodes_node.value):
         p = f"nodes[{i}]"
+        doc.mapping(item, p, "a mapping {name, gpu, count, intra_node_gbps}")
         doc.check_keys(_NODE_FIELDS, item, p)
         name = doc.string("name", item, label=f"{p}.name")
+        problem = node_name_problem(name)
+        if problem:
+            raise doc.error(f"{p}.name", problem, doc.node("name", item).line)
         if name in seen:
             raise doc.error(f"{p}.name", f"duplicate node name {name!r}", item.line)
         seen.add(name)
@@ -199,17 +236,20 @@ def load_cluster(path: str | Path, text: str | None = None) -> Cluster:
         intra = doc.number("intra_node_gbps", item, label=f"{p}.intra_node_gbps")
         nic = doc.number("nic_gbps", item, label=f"{p}.nic_gbps", optional=True)
         nodes.append(NodeSpec(name, gpu, count, intra, nic))
-    doc.check_keys(("inter_node_gbps", "nic_gbps", "links"), doc.node("network"), "network")
+    net = doc.node("network")
+    doc.mapping(net, "network", "a mapping with inter_node_gbps")
+    doc.check_keys(("inter_node_gbps", "nic_gbps", "links"), net, "network")
     inter = doc.number("network.inter_node_gbps")
     nic_default = doc.number("network.nic_gbps", optional=True)
     links: dict[tuple[str, str], float] = {}
-    link_lines: dict[tuple[str, str], int] = {}
+    link_where: dict[tuple[str, str], str] = {}  # pair -> where it was first given
     links_node = doc.node("network.links", default=None)
     if links_node is not None and links_node.value is not None:
         if not isinstance(links_node.value, list):
             raise doc.error("network.links", "expected a list", links_node.line)
         for i, item in enumerate(links_node.value):
             p = f"network.links[{i}]"
+            doc.mapping(item, p, "a mapping {a, b, gbps}")
             doc.check_keys(("a", "b", "gbps"), item, p)
             a, b = doc.string("a", item, label=f"{p}.a"), doc.string("b", item, label=f"{p}.b")
             for end, v in (("a", a), ("b", b)):
@@ -218,15 +258,17 @@ def load_cluster(path: str | Path, text: str | None = None) -> Cluster:
             if a == b:
                 raise doc.error(p, "a link must join two different nodes", item.line)
             if (a, b) in links or (b, a) in links:  # links are undirected: one entry per pair
-                first = link_lines[(a, b) if (a, b) in links else (b, a)]
-                raise doc.error(p, f"the link {a} - {b} is already given on line {first}",
-                                item.line)
+                first = link_where[(a, b) if (a, b) in links else (b, a)]
+                raise doc.error(p, f"the link {a} - {b} is already given {first}", item.line)
             links[(a, b)] = doc.number("gbps", item, label=f"{p}.gbps")
-            link_lines[(a, b)] = item.line
+            link_where[(a, b)] = f"on line {item.line}" if item.line is not None else f"as {p}"
     name = doc.string("name", default="cluster")
     src = doc.node("price_source", default=None)
-    return Cluster(catalog, nodes, inter, links, name, "" if src is None else str(src.value),
-                   nic_default)
+    cluster = Cluster(catalog, nodes, inter, links, name,
+                      "" if src is None or src.value is None else str(src.value), nic_default)
+    if not math.isfinite(cluster.price_per_hour()):  # each price finite, the sum too big
+        raise doc.error("catalog", "the prices add up to a non-finite $/hour", cat_node.line)
+    return cluster
 
 
 # the YAML fields of a catalog entry and of a node: the dataclasses' own (a GPU type's name is
@@ -243,7 +285,4 @@ def _eff(doc: Doc, spec, label: str, key: str, default: float) -> float:
 
 
 def _overhead(doc: Doc, spec, label: str, key: str) -> float:
-    v = doc.number(key, spec, label=label, default=0.0, positive=False)
-    if not v >= 0:
-        raise doc.error(label, f"must be >= 0, got {v}", doc.node(key, spec).line)
-    return v
+    return doc.number(key, spec, label=label, default=0.0, positive=False, minimum=0)

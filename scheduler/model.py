@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UnknownModel
-from .yamlio import load_yaml
+from .yamlio import Doc, load_yaml
 
 
 @dataclass(slots=True, frozen=True)
@@ -85,7 +85,12 @@ def load_model(name_or_path: str | Path) -> ModelSpec:
     if Path(key).suffix.lower() not in (".yaml", ".yml") and not Path(key).exists():
         raise UnknownModel(f"unknown model preset {key!r}; presets: {sorted(PRESETS)} "
                          "(or pass a model .yaml)", source="--model")
-    doc = load_yaml(key)
+    return model_from_doc(load_yaml(key), Path(key).stem)
+
+
+def model_from_doc(doc: Doc, default_name: str) -> ModelSpec:
+    """The model of a YAML document or of a plan JSON's ``inputs.model`` (one set of checks)."""
+    doc.mapping(doc.root, "", f"a mapping with {', '.join(_FIELDS)}")
     doc.check_keys((*_FIELDS, "dtype_bytes", "name"))
     vals = {f: int(doc.number(f, integer=True)) for f in _FIELDS}
     dtype_bytes = int(doc.number("dtype_bytes", integer=True, default=2))
@@ -96,5 +101,5 @@ def load_model(name_or_path: str | Path) -> ModelSpec:
         raise doc.error("heads", "hidden must be divisible by heads", doc.node("heads").line)
     if vals["heads"] % vals["kv_heads"]:
         raise doc.error("kv_heads", "heads must be divisible by kv_heads", doc.node("kv_heads").line)
-    name = doc.string("name", default=Path(key).stem)
+    name = doc.string("name", default=default_name)
     return ModelSpec(name=name, dtype_bytes=dtype_bytes, **vals)

@@ -6,6 +6,8 @@ path (``nodes[2].count``) and raises :class:`InputError` naming the field and it
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,14 +17,15 @@ import yaml
 from .errors import InputError
 
 _MISSING = object()
+_FLOATISH = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e6: YAML 1.1 text, not a number
 
 
 @dataclass(slots=True)
 class Node:
-    """A YAML value with the 1-based line it started on."""
+    """A YAML value with the 1-based line it started on (None: from JSON, no line known)."""
 
     value: Any
-    line: int
+    line: int | None
 
 
 def _convert(node: yaml.Node, source: str) -> Node:
@@ -38,8 +41,18 @@ def _convert(node: yaml.Node, source: str) -> Node:
         return Node(out, line)
     if isinstance(node, yaml.SequenceNode):
         return Node([_convert(v, source) for v in node.value], line)
-    # Scalars: let the safe loader resolve the tag (int, float, bool, null, str).
-    return Node(yaml.SafeLoader(yaml.serialize(node)).get_single_data(), line)
+    # Scalars: the safe loader's constructor for the tag the composer resolved (int, float,
+    # bool, null, str). Re-serialising the node instead fails on an empty one (``key:``).
+    return Node(yaml.SafeLoader("").construct_object(node, deep=True), line)
+
+
+def wrap(value: Any) -> Node:
+    """A :class:`Node` tree of plain (JSON) data, without line numbers."""
+    if isinstance(value, dict):
+        return Node({str(k): wrap(v) for k, v in value.items()}, None)
+    if isinstance(value, list):
+        return Node([wrap(v) for v in value], None)
+    return Node(value, None)
 
 
 def strip(node: Node) -> Any:
@@ -52,38 +65,69 @@ def strip(node: Node) -> Any:
 
 
 class Doc:
-    """A parsed YAML document with line-aware, typed field access."""
+    """A parsed YAML document with line-aware, typed field access.
 
-    def __init__(self, root: Node, source: str) -> None:
+    ``prefix`` names where the document sits inside a bigger one (``inputs.cluster`` of a plan
+    JSON): every field named in an error starts with it."""
+
+    def __init__(self, root: Node, source: str, prefix: str = "") -> None:
         self.root = root
         self.source = source
+        self.prefix = prefix
+
+    @classmethod
+    def from_data(cls, data: Any, source: str, prefix: str = "") -> Doc:
+        """A :class:`Doc` over already parsed data (a plan JSON's section): the same checks,
+        fields named from ``prefix``, no line numbers."""
+        return cls(wrap(data), source, prefix)
 
     def error(self, field: str, message: str, line: int | None = None) -> InputError:
-        return InputError(message, source=self.source, line=line, field=field)
+        if self.prefix:
+            field = f"{self.prefix}.{field}" if field else self.prefix
+        return InputError(message, source=self.source, line=line, field=field or None)
+
+    def mapping(self, node: Node, label: str, what: str = "a mapping") -> dict[str, Node]:
+        """``node``'s mapping, or an error naming ``label`` (``nodes[0]``, ``catalog.L40S``)."""
+        if not isinstance(node.value, dict):
+            got = ("nothing" if node.value is None else type(node.value).__name__
+                   if isinstance(node.value, list) else f"{type(node.value).__name__} {node.value!r}")
+            raise self.error(label, f"expected {what}, got {shorten(got)}", node.line)
+        return node.value
 
     def node(self, field: str, base: Node | None = None, default: Any = _MISSING,
              label: str | None = None) -> Node | None:
         """Return the node at ``field`` (``a.b[2].c``) relative to ``base`` (default: root);
         ``label`` is the full field name used in messages when ``base`` is not the root."""
         cur = self.root if base is None else base
+        # the full name of ``base`` (``nodes[0]``) when ``label`` extends ``field`` from it
+        base_label = label[:-len(field) - 1] if label and label.endswith("." + field) else ""
+
+        def full(rel: str) -> str:
+            return f"{base_label}.{rel}" if base_label and rel and not rel.startswith("[") \
+                else base_label + rel
+
         path = ""
         for part in field.replace("]", "").replace("[", ".[").split("."):
             if not part:
                 continue
             if part.startswith("["):
                 idx = int(part[1:])
+                if not isinstance(cur.value, list):
+                    raise self.error(full(path), f"expected a list, got {type(cur.value).__name__}",
+                                     cur.line)
                 path += f"[{idx}]"
-                if not isinstance(cur.value, list) or idx >= len(cur.value):
-                    raise self.error(path, "missing list item", cur.line)
+                if idx >= len(cur.value):
+                    raise self.error(full(path), "missing list item", cur.line)
                 cur = cur.value[idx]
                 continue
+            if not isinstance(cur.value, dict):  # the parent is not a mapping: name the parent
+                got = "nothing" if cur.value is None else type(cur.value).__name__
+                raise self.error(full(path), f"expected a mapping, got {got}", cur.line)
             path = f"{path}.{part}" if path else part
-            if not isinstance(cur.value, dict):
-                raise self.error(path, f"expected a mapping, got {type(cur.value).__name__}", cur.line)
             if part not in cur.value:
                 if default is not _MISSING:
                     return None
-                raise self.error(label or path, "required field is missing", cur.line)
+                raise self.error(label or full(path), "required field is missing", cur.line)
             cur = cur.value[part]
         return cur
 
@@ -102,20 +146,29 @@ class Doc:
 
     def number(self, field: str, base: Node | None = None, *, label: str | None = None,
                default: float | None = None, positive: bool = True, integer: bool = False,
-               optional: bool = False) -> float:
-        """A numeric field; ``label`` is the full field name used in messages. Absent: an error,
-        unless a ``default`` is given or ``optional`` (then None)."""
+               optional: bool = False, minimum: float | None = None) -> float:
+        """A finite numeric field, > 0 (``positive``) or else >= ``minimum`` where given;
+        ``label`` is the full field name used in messages. Absent (or null): an error, unless a
+        ``default`` is given or ``optional`` (then None)."""
         label = label or field
-        node = self.node(field, base, None if default is not None or optional else _MISSING, label)
-        if node is None:
+        absent_ok = default is not None or optional
+        node = self.node(field, base, None if absent_ok else _MISSING, label)
+        if node is None or (absent_ok and node.value is None):  # `key: null` = not given
             return default  # type: ignore[return-value]
         v = node.value
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise self.error(label, f"expected a number, got {v!r}", node.line)
+            hint = ""
+            if isinstance(v, str) and _FLOATISH.fullmatch(v.strip()):
+                hint = " (YAML reads 1e6 as text: write 1.0e+6)"
+            raise self.error(label, f"expected a number, got {shorten(repr(v))}{hint}", node.line)
+        if not math.isfinite(v):
+            raise self.error(label, f"must be a finite number, got {v!r}", node.line)
         if integer and (not isinstance(v, int)):
             raise self.error(label, f"expected an integer, got {v!r}", node.line)
         if positive and not v > 0:
             raise self.error(label, f"must be > 0, got {v!r}", node.line)
+        if not positive and minimum is not None and not v >= minimum:
+            raise self.error(label, f"must be >= {minimum:g}, got {v!r}", node.line)
         return v
 
     def string(self, field: str, base: Node | None = None, *, label: str | None = None,
@@ -125,8 +178,14 @@ class Doc:
         if node is None:
             return default  # type: ignore[return-value]
         if not isinstance(node.value, str) or not node.value:
-            raise self.error(label, f"expected a non-empty string, got {node.value!r}", node.line)
+            raise self.error(label, f"expected a non-empty string, got {shorten(repr(node.value))}",
+                             node.line)
         return node.value
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters: an error stays one readable line."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def load_yaml(path: str | Path, text: str | None = None) -> Doc:

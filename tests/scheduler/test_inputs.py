@@ -75,6 +75,17 @@ def test_invalid_yaml_syntax_reports_line():
     assert ei.value.line in (3, 4)  # the unclosed brace opens on 3; the parser notices on 4
 
 
+def test_an_empty_value_is_a_missing_field_not_a_parser_crash():
+    """``network:`` with nothing after it is null: the field checks report it (the scalar
+    was re-serialised to text and re-parsed, which raised yaml.ParserError)."""
+    with pytest.raises(InputError, match="catalog: required field is missing"):
+        load_cluster("c.yaml", "\nnetwork:\n")
+    text = TINY.replace("  inter_node_gbps: 10\n", "  inter_node_gbps:\n")
+    assert text != TINY
+    with pytest.raises(InputError) as err:
+        load_cluster("c.yaml", text)
+    assert "network.inter_node_gbps" in str(err.value) and "c.yaml:" in str(err.value)
+
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(InputError, match="cannot read file"):
         load_cluster(tmp_path / "nope.yaml")
@@ -184,3 +195,209 @@ def test_model_yaml_refuses_unknown_fields(tmp_path):
     with pytest.raises(InputError, match="unknown field") as ei:
         load_model(str(bad))
     assert ei.value.field == "num_layers"
+
+
+# --- review fixes: non-finite numbers, shapes named by their field, node names ---------------
+@pytest.mark.parametrize("old,new,field,line,words", [
+    ("  inter_node_gbps: 10\n", "  inter_node_gbps: .inf\n", "network.inter_node_gbps", 12,
+     "must be a finite number, got inf"),
+    ("price_per_hour: 0.44", "price_per_hour: .inf", "catalog.L40S.price_per_hour", 6,
+     "must be a finite number"),
+    ("price_per_hour: 0.44", "price_per_hour: .nan", "catalog.L40S.price_per_hour", 6,
+     "must be a finite number, got nan"),
+    ("price_per_hour: 0.44", "price_per_hour: -1", "catalog.L40S.price_per_hour", 6,
+     "must be >= 0, got -1"),
+    ("{a: n0, b: n1, gbps: 25}", "{a: n0, b: n1, gbps: .nan}", "network.links[0].gbps", 14,
+     "finite"),
+    ("  L40S: {fp16_tflops: 362, mem_gb: 48, mem_bw_gbs: 864, price_per_hour: 0.44}",
+     "  L40S: [362, 48]", "catalog.L40S", 6, "expected a mapping of GPU specs"),
+    ("  - {name: n0, gpu: A6000, count: 2, intra_node_gbps: 200}", "  - n0", "nodes[0]", 8,
+     "expected a mapping"),
+    ("{name: n0,", '{name: "n0:x",', "nodes[0].name", 8, "only letters, digits"),
+    ("{name: n0,", '{name: "n 0",', "nodes[0].name", 8, "only letters, digits"),
+    ("{name: n0,", '{name: "[b]n0",', "nodes[0].name", 8, "only letters, digits"),
+    ("{name: n0,", "{name: each,", "nodes[0].name", 8, "reserved (--fail each)"),
+    ("  links:\n    - {a: n0, b: n1, gbps: 25}\n", "  links: {a: n0}\n", "network.links", 13,
+     "expected a list"),
+])
+def test_bad_cluster_values_name_field_and_line(old, new, field, line, words):
+    """Non-finite numbers (YAML .inf/.nan) used to be accepted (an inf price crashed the
+    baseline sizing), a negative price had no file/line/field, a catalog entry or node of the
+    wrong shape named a field inside it, and a ':' in a node name broke 'node:index' GPU ids."""
+    assert old in TINY
+    with pytest.raises(InputError, match=re.escape(words)) as ei:
+        load_cluster("c.yaml", TINY.replace(old, new))
+    assert (ei.value.field, ei.value.line) == (field, line)
+    assert str(ei.value).startswith(f"c.yaml:{line}: {field}: ")
+
+
+def test_prices_adding_up_to_infinity_are_refused():
+    huge = TINY.replace("price_per_hour: 0.44", "price_per_hour: 1.0e+308")
+    with pytest.raises(InputError, match="non-finite") as ei:
+        load_cluster("c.yaml", huge)
+    assert ei.value.field == "catalog"
+
+
+def test_yaml_exponent_without_sign_gets_a_hint():
+    """YAML 1.1 (PyYAML) reads 1e6 as a string: say how to write it."""
+    with pytest.raises(InputError, match=re.escape("write 1.0e+6")) as ei:
+        load_cluster("c.yaml", TINY.replace("mem_gb: 24,", "mem_gb: 24e0,"))
+    assert ei.value.field == "catalog.RTX3090.mem_gb"
+
+
+def test_model_yaml_refuses_non_finite(tmp_path):
+    bad = tmp_path / "m.yaml"
+    bad.write_text((EXAMPLES / "llama-30b.yaml").read_text().replace("layers: 60", "layers: .inf"))
+    with pytest.raises(InputError, match="finite") as ei:
+        load_model(str(bad))
+    assert ei.value.field == "layers"
+
+
+def test_readme_cluster_example_loads():
+    """examples/planner/README.md's cluster YAML is the documented format: it must load (it
+    once named an L40S its catalog did not define)."""
+    text = (EXAMPLES / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    assert blocks, "the README lost its cluster YAML example"
+    c = load_cluster("README.md", blocks[0])
+    assert {n.gpu for n in c.nodes} <= set(c.catalog) and len(c.gpus) == 8
+    assert c.nic_bytes_per_s("l40s-0") == 100e9 / 8 and c.link_gbps("a6000-0", "l40s-0") == 25
+
+
+# --- plan JSON: the same checks as the YAML, fields named inside the JSON ------------------
+def _plan_doc() -> dict:
+    """A hand-made, valid plan JSON document (llama-7b on TINY: A6000 prefill -> L40S
+    decode), without running the planner."""
+    from thunderkv.scheduler.costmodel import CostParams
+    from thunderkv.scheduler.plan import Plan, PlanGroup, inputs_to_dict
+    from thunderkv.scheduler.workload import SLO
+
+    plan = Plan([PlanGroup("prefill", [("n0:0", "n0:1")], [32], 5.0),
+                 PlanGroup("decode", [("n2:0", "n2:1")], [32], 5.0)],
+                np.array([[2.0]]), [], 2.0)
+    inputs = inputs_to_dict(load_cluster("tiny.yaml", TINY), PRESETS["llama-7b"], CostParams(),
+                            SLO(1.5, 0.1))
+    return {"plan": plan.to_dict(), "inputs": inputs,
+            "workload": {"name": "coding", "requests": 200, "arrivals": "poisson",
+                         "replay_seconds": 0.0, "seed": 0, "source": "synthetic:coding"}}
+
+
+def _write(tmp_path, doc, text: str | None = None):
+    import json
+
+    path = tmp_path / "PLAN.json"
+    path.write_text(json.dumps(doc) if text is None else text)
+    return path
+
+
+def test_hand_made_plan_json_loads(tmp_path):
+    from thunderkv.scheduler.plan import load_plan_json
+
+    doc, plan = load_plan_json(_write(tmp_path, _plan_doc()))
+    assert plan.flow.tolist() == [[2.0]] and plan.objective == 2.0
+
+
+def _set(path: str, value):
+    """A mutation of the plan document: set ``a.b[0].c`` to ``value`` (``...``: delete it)."""
+    def mutate(doc):
+        keys = [int(k) if k.isdigit() else k for k in re.split(r"\.|\[|\]\.?", path) if k]
+        cur = doc
+        for k in keys[:-1]:
+            cur = cur[k]
+        if value is ...:
+            del cur[keys[-1]]
+        else:
+            cur[keys[-1]] = value
+    return mutate
+
+
+@pytest.mark.parametrize("mutate,field,words", [
+    (_set("inputs.cluster.network.links[0].gbps", -4), "inputs.cluster.network.links[0].gbps",
+     "must be > 0"),
+    (_set("inputs.cluster.network.links[0].b", "zz"), "inputs.cluster.network.links[0].b",
+     "unknown node 'zz'"),
+    (_set("inputs.cluster.nodes[1].count", -4), "inputs.cluster.nodes[1].count", "must be > 0"),
+    (_set("inputs.cluster.catalog.A6000.price_per_hour", float("nan")),
+     "inputs.cluster.catalog.A6000.price_per_hour", "finite"),
+    (_set("inputs.cluster.nodes[0].name", "n0:x"), "inputs.cluster.nodes[0].name", "letters"),
+    (_set("inputs.model.ffn", ...), "inputs.model.ffn", "required field is missing"),
+    (_set("inputs.slo.ttft", -1), "inputs.slo.ttft", "must be > 0"),
+    (_set("inputs.cost_params.kv_bits", 3), "inputs.cost_params", "bits must be one of"),
+    (_set("inputs.cost_params.mem_util", "lots"), "inputs.cost_params.mem_util",
+     "expected a number"),
+    (_set("plan.routing[0].req_per_s", -24.0), "plan.routing[0].req_per_s", "must be >= 0"),
+    (_set("plan.routing[0].req_per_s", float("inf")), "plan.routing[0].req_per_s", "finite"),
+    (_set("plan.routing[0].req_per_s", ...), "plan.routing[0].req_per_s",
+     "required field is missing"),
+    (_set("plan.routing[0].prefill", "0"), "plan.routing[0].prefill", "expected a number"),
+    (_set("plan.routing", {"a": 1}), "plan.routing", "expected a list"),
+    (_set("plan.routing[0]", [0, 1]), "plan.routing[0]", "expected an object"),
+    (lambda d: d["plan"]["routing"].append(dict(d["plan"]["routing"][0])), "plan.routing[1]",
+     "already routed by plan.routing[0]"),
+    (_set("plan.groups", {}), "plan.groups", "non-empty list"),
+    (_set("plan.groups[0].stages", ["n0:0"]), "plan.groups[0].stages[0]", "list of GPU ids"),
+    (_set("plan.groups[0].layers", ["32"]), "plan.groups[0].layers", "layer counts"),
+    (_set("plan.groups[0].phase", "decoding"), "plan.groups[0].phase", "must be one of"),
+    (_set("plan", []), "plan", "expected an object"),
+    (_set("workload", "abc"), "workload", "expected an object"),
+    (_set("workload.requests", "many"), "workload.requests", "expected a number"),
+    (_set("workload.arrivals", "bursty"), "workload.arrivals", "poisson or trace"),
+    # memory feasibility: every GPU 1 GB -- the plan's groups no longer hold the model
+    (lambda d: [c.__setitem__("mem_gb", 1) for c in d["inputs"]["cluster"]["catalog"].values()],
+     "plan.groups[0]", "does not fit: stage 0 (2 x A6000 on n0, 32 layers)"),
+])
+def test_bad_plan_json_is_checked_like_the_yaml(tmp_path, mutate, field, words):
+    """Plan JSON inputs used to skip the YAML loader's checks (negative/unknown links, any
+    routing rate, memory that no longer holds the groups), and some hand edits raised
+    KeyError/TypeError/AttributeError instead of naming the field."""
+    from thunderkv.scheduler.plan import load_plan_json
+
+    doc = _plan_doc()
+    mutate(doc)
+    with pytest.raises(InputError, match=re.escape(words)) as ei:
+        load_plan_json(_write(tmp_path, doc))
+    assert ei.value.field == field
+    assert str(ei.value).startswith(f"{tmp_path / 'PLAN.json'}: {field}: ")
+
+
+def test_plan_json_routing_weight_may_be_huge_but_finite(tmp_path):
+    from thunderkv.scheduler.plan import load_plan_json
+
+    doc = _plan_doc()
+    doc["plan"]["routing"][0]["req_per_s"] = 1e6  # a weight: normalised to the replay rate
+    assert load_plan_json(_write(tmp_path, doc))[1].flow[0, 0] == 1e6
+
+
+def test_plan_json_top_level_must_be_an_object(tmp_path):
+    from thunderkv.scheduler.plan import load_plan_json
+
+    with pytest.raises(InputError, match="expected a JSON object"):
+        load_plan_json(_write(tmp_path, None, "[1, 2]"))
+
+
+def test_cluster_from_dict_runs_the_yaml_checks():
+    from thunderkv.scheduler.plan import cluster_from_dict, cluster_to_dict
+
+    d = cluster_to_dict(load_cluster("tiny.yaml", TINY))
+    assert cluster_from_dict(d).gpus == load_cluster("tiny.yaml", TINY).gpus
+    d["network"]["inter_node_gbps"] = float("inf")
+    with pytest.raises(InputError, match="finite") as ei:
+        cluster_from_dict(d, "P.json")
+    assert ei.value.field == "inputs.cluster.network.inter_node_gbps"
+
+
+@pytest.mark.parametrize("mutate,words", [
+    (_set("plan.routing[0].req_per_s", ...), "plan.routing[0].req_per_s: required field"),
+    (_set("workload", "abc"), "workload: expected an object"),
+    (_set("inputs.cluster.network.links[0].gbps", -4), "inputs.cluster.network.links[0].gbps"),
+])
+def test_cli_reports_a_bad_plan_json_in_one_line(tmp_path, capsys, mutate, words):
+    from thunderkv.cli import main
+
+    doc = _plan_doc()
+    mutate(doc)
+    path = str(_write(tmp_path, doc))
+    assert main(["simulate", "--plan", path, "--rate", "1"]) == 2
+    assert main(["plan", "--reschedule", path, "--fail", "n1", "--quiet"]) == 2
+    err = "".join(capsys.readouterr().err.split())  # rich may wrap a long path anywhere
+    assert err.count("".join(f"error: {path}: {words}".split())) == 2

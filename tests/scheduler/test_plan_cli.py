@@ -523,3 +523,120 @@ def test_plan_refuses_settings_it_cannot_use(tmp_path, capsys, flags, words):
     (tmp_path / "c.yaml").write_text(TINY)
     assert main(["plan", "--cluster", str(tmp_path / "c.yaml"), *COMMON, *flags]) == 2
     assert words in " ".join(capsys.readouterr().err.split())
+
+
+# --- flags checked up front (review): each refused before anything is loaded, naming the flag
+QUICK = ["--model", "llama-7b", "--workload", "coding", "--requests", "200", "--time-limit", "2",
+         "--baselines", "none", "--quiet"]
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--kv-group", "0"], "--kv-group must be a format v1 group size"),      # was ZeroDivisionError
+    (["--kv-group", "3"], "--kv-group must be a format v1 group size"),
+    (["--a100-price", "0"], "--a100-price must be a finite number > 0"),     # was ZeroDivisionError
+    (["--a100-price", "inf"], "--a100-price must be a finite number > 0"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--slo-ttft", "0"], "--slo-ttft must be a finite number > 0"),         # was: the default
+    (["--slo-tpot", "-1"], "--slo-tpot must be a finite number > 0"),
+    (["--slo-scale", "0"], "--slo-scale must be a finite number > 0"),
+    (["--rate", "0"], "--rate must be a finite number > 0"),
+    (["--replay-seconds", "inf"], "--replay-seconds must be a finite number >= 0"),
+    (["--resilience", "-0.1"], "--resilience must be in [0, 1)"),
+    (["--baselines", "vlm"], "--baselines: unknown system 'vlm'"),
+    (["--baselines", "vllm,no-compresion"], "unknown system 'no-compresion'"),
+    (["--baselines", ","], "--baselines: give a comma list"),
+    (["--fail", "n1"], "--fail applies to --reschedule"),
+    (["--no-regroup"], "--no-regroup applies to --reschedule"),
+    (["--no-compare"], "--no-compare applies to --reschedule"),
+    (["--trace", "t.csv"], "give --trace or --workload, not both"),
+])
+def test_plan_checks_flags_before_loading_anything(flags, words, capsys):
+    """The cluster path does not exist: each flag is refused before it is read (a --baselines
+    typo used to surface only after ours had been planned; --fail/--no-regroup/--no-compare
+    without --reschedule and --trace with --workload were ignored; 0 fell back to defaults)."""
+    assert main(["plan", "--cluster", "missing.yaml", *QUICK, *flags]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert words in err and "missing.yaml" not in err
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--cluster", "c.yaml", "--fail", "n1"], "--cluster does not apply to --reschedule"),
+    (["--model", "llama-7b", "--slo-ttft", "3", "--kv-bits", "8", "--fail", "n1"],
+     "--model, --slo-ttft, --kv-bits do not apply to --reschedule: it uses the cluster, model, "
+     "SLOs and KV settings recorded in P.json"),
+    (["--slo-tpot", "0.2", "--fail", "n1"], "--slo-tpot does not apply"),
+    (["--baselines", "none", "--fail", "n1"], "--baselines does not apply"),
+    (["--rate", "2", "--fail", "n1"], "--rate does not apply"),
+    ([], "--reschedule needs a change"),
+    (["--fail", " , "], "--reschedule needs a change"),
+    (["--fail", "n1", "--plot", "x.png"], "--plot with --reschedule draws the --fail each sweep"),
+    (["--fail", "n1", "--trace", "t.csv", "--workload", "coding"], "not both"),
+])
+def test_reschedule_refuses_flags_it_would_ignore(flags, words, capsys):
+    assert main(["plan", "--reschedule", "P.json", "--quiet", *flags]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert words in err and "cannot read file" not in err
+
+
+@pytest.mark.parametrize("flags", [["--workload", "conversation"], ["--fail", "each", "--plot", "x.png"]])
+def test_reschedule_accepts_a_workload_shift_and_the_sweep_plot(flags, capsys):
+    """No failed node but a new workload is a workload shift: the flags pass (P.json is then
+    missing)."""
+    assert main(["plan", "--reschedule", "P.json", "--quiet", *flags]) == 2
+    assert "P.json: cannot read file" in capsys.readouterr().err
+
+
+def test_plan_refuses_an_infinite_price_even_without_baselines(tmp_path, capsys):
+    """.inf prices crashed the same-price A100 baseline sizing with OverflowError, even with
+    --baselines none."""
+    (tmp_path / "c.yaml").write_text(TINY.replace("price_per_hour: 0.44", "price_per_hour: .inf"))
+    assert main(["plan", "--cluster", str(tmp_path / "c.yaml"), *QUICK]) == 2
+    assert "catalog.L40S.price_per_hour: must be a finite number" in \
+        " ".join(capsys.readouterr().err.split())
+
+
+def test_plan_refuses_a_colon_in_a_node_name(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text(TINY.replace("{name: n1,", '{name: "n1:x",'))
+    assert main(["plan", "--cluster", str(tmp_path / "c.yaml"), *QUICK]) == 2
+    assert "c.yaml:9: nodes[1].name: node name 'n1:x'" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--rate", "0"], "--rate must be a finite number > 0"),
+    (["--slo-ttft", "0"], "--slo-ttft must be a finite number > 0"),
+    (["--slo-tpot", "-0.1"], "--slo-tpot must be a finite number > 0"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--trace", "t.csv", "--workload", "coding"], "give --trace or --workload, not both"),
+])
+def test_simulate_checks_flags_before_loading(flags, words, capsys):
+    """0 used to fall back silently to the plan's rate / SLO (negatives were refused)."""
+    assert main(["simulate", "--plan", "missing.json", *flags]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert words in err and "missing.json" not in err
+
+
+def test_simulate_json_writes_null_not_nan(planned, tmp_path, monkeypatch):
+    """No finished request gives NaN latencies: `simulate --json` wrote NaN (invalid JSON)
+    where `plan` writes null."""
+    import thunderkv.scheduler.metrics as metrics
+
+    real = metrics.summarize
+    monkeypatch.setattr(metrics, "summarize",
+                        lambda res, slo: {**real(res, slo), "ttft_p90": float("nan"),
+                                          "tpot_p90": float("inf")})
+    d, _ = planned
+    out = tmp_path / "sim.json"
+    assert main(["simulate", "--plan", str(d / "plan.json"), "--rate", "1.0", "--replay-seconds",
+                 "0", "--json", str(out)]) == 0
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    m = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert m["ttft_p90"] is None and m["tpot_p90"] is None and m["finished"] > 0
+
+
+def test_errors_print_verbatim_on_one_line(tmp_path, capsys):
+    """Rich markup in a name (``[b]``) used to be swallowed, and long errors wrapped."""
+    (tmp_path / "c.yaml").write_text(TINY.replace("{name: n1,", '{name: "[b]n1",'))
+    assert main(["plan", "--cluster", str(tmp_path / "c.yaml"), *QUICK]) == 2
+    err = capsys.readouterr().err
+    assert "node name '[b]n1' may hold only" in err and err.strip().count("\n") == 0

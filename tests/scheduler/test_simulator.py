@@ -365,3 +365,20 @@ def test_streamed_kv_is_not_held_back_by_later_activations(model7b, params, stat
     after = kv_transfer_time(p, legs)  # had it waited for the iteration before it to start
     assert after > 5 * idle  # the artifact would have shown
     assert wait <= idle + 0.1 * after
+
+
+def test_a_plan_read_back_from_json_replays_identically(model7b, params, stats, slo, small_wl):
+    """The simulator splits requests by the routing's weights (smooth weighted round-robin),
+    so the JSON keeps them unrounded: replaying a plan read back from its JSON gives the same
+    result as replaying it before it was written (4-decimal flows did not)."""
+    import json
+
+    from thunderkv.scheduler.plan import Plan
+    ev, plan = _setup(model7b, params, stats, slo, SPLIT)
+    assert len(plan.routing_dicts()) >= 2
+    back = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert np.array_equal(back.flow, plan.flow) and back.objective == plan.objective
+    wl = small_wl.cycled(20000).with_poisson(float(np.random.default_rng().uniform(2, 20)), 5)
+    a = simulate(plan, ev.cluster, model7b, params, wl)
+    b = simulate(back, ev.cluster, model7b, params, wl)
+    assert np.array_equal(a.finish, b.finish, equal_nan=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -36,6 +37,30 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
 
 WORKLOAD_DEFAULTS = {"requests": 2000, "replay_seconds": REPLAY_SECONDS, "arrivals": "poisson",
                      "seed": 0}
+
+
+def check_workload_flags(args: argparse.Namespace) -> None:
+    """Refuse workload flags (shared by ``plan`` and ``simulate``) that cannot be used, naming
+    the flag, before anything is loaded."""
+    if args.trace and args.workload:
+        raise ValueError("give --trace or --workload, not both (the trace's lengths would "
+                         "replace the synthetic ones)")
+    if args.seed is not None and args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.requests is not None and args.requests < 10:
+        raise ValueError(f"--requests must be >= 10, got {args.requests}")
+    if args.replay_seconds is not None and not 0 <= args.replay_seconds < math.inf:
+        raise ValueError(f"--replay-seconds must be a finite number >= 0, got {args.replay_seconds:g}")
+    positive_flag(args, "rate", "req/s")
+
+
+def positive_flag(args: argparse.Namespace, key: str, unit: str = "") -> None:
+    """``--key``, when given, must be a finite number > 0 (0 is not "not given")."""
+    v = getattr(args, key)
+    if v is not None and not 0 < v < math.inf:
+        flag = "--" + key.replace("_", "-")
+        raise ValueError(f"{flag} must be a finite number > 0{f' ({unit})' if unit else ''}, "
+                         f"got {v:g}")
 
 
 def workload_from_plan(args: argparse.Namespace, doc: dict) -> None:
@@ -83,7 +108,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="plan a phase-split deployment on a GPU cluster",
                               description=__doc__)
     p.add_argument("--cluster", help="cluster YAML (catalog, nodes, network)")
-    p.add_argument("--model", default="llama-30b", help="preset (llama-7b/13b/30b/70b) or model YAML")
+    p.add_argument("--model", help="preset (llama-7b/13b/30b/70b) or model YAML (default "
+                   f"{PLAN_DEFAULTS['model']})")
     add_workload_args(p)
     s = p.add_argument_group("SLOs")
     s.add_argument("--slo-ttft", type=float, help="TTFT deadline, s")
@@ -91,19 +117,26 @@ def register(subparsers) -> None:
     s.add_argument("--slo-scale", type=float,
                    help="DistServe-style: K x single-request latency on A100-80GB (default 2.5/0.15 s)")
     k = p.add_argument_group("KV transfer and baselines")
-    k.add_argument("--kv-bits", type=int, choices=(2, 4, 8, 16), default=4, help="16 = uncompressed")
-    k.add_argument("--kv-group", type=int, default=64)
+    k.add_argument("--kv-bits", type=int, choices=(2, 4, 8, 16),
+                   help=f"16 = uncompressed (default {PLAN_DEFAULTS['kv_bits']})")
+    k.add_argument("--kv-group", type=int, help="format v1 group size: > 0, a multiple of "
+                   f"8/--kv-bits, dividing the model's head_dim (default {PLAN_DEFAULTS['kv_group']})")
     k.add_argument("--no-kv-streaming", action="store_true",
                    help="KV leaves after the whole prefill (default: layer by layer, overlapping it)")
     k.add_argument("--baseline-cluster", help="same-price homogeneous cluster for vllm/distserve "
                    "(default: A100-80GB NVLink nodes at --a100-price matching this cluster's $/h)")
-    k.add_argument("--a100-price", type=float, default=1.69, help="$/A100-hour for the default baseline cluster")
-    k.add_argument("--baselines", default="vllm,distserve,hexgen", help="comma list or 'none'")
+    k.add_argument("--a100-price", type=float, help="$/A100-hour for the default baseline "
+                   f"cluster (default {PLAN_DEFAULTS['a100_price']:g})")
+    k.add_argument("--baselines", help="comma list of vllm, distserve, hexgen (and ablations "
+                   f"no-compression, no-netaware, no-split), or 'none' (default "
+                   f"{PLAN_DEFAULTS['baselines']})")
     k.add_argument("--ablations", action="store_true", help="also run no-compression, no-netaware, no-split")
     t = p.add_argument_group("search")
     t.add_argument("--iters", type=int, default=5000,
                    help="tabu iterations per system (the time limit usually binds first)")
-    t.add_argument("--time-limit", type=float, default=30.0, help="seconds of planning per system (search + replaying its best candidates)")
+    t.add_argument("--time-limit", type=float, default=30.0, help="seconds of planning per system: the search, then replays of its best "
+                   "candidates while time is left (the best one is always replayed, so a very "
+                   "small limit runs over by one goodput search)")
     t.add_argument("--resilience", type=float, metavar="TOL",
                    help="failure-aware choice for ours: of the search's candidates within TOL "
                         "(e.g. 0.02) of the best simulated goodput, keep the one with the most "
@@ -136,25 +169,93 @@ def _slo(args, model, stats, params):
 
     if args.slo_scale is not None:
         base = reference_slo(model, stats.prompt_mean, args.slo_scale, params)
-        return SLO(args.slo_ttft or base.ttft, args.slo_tpot or base.tpot)
-    return SLO(args.slo_ttft or 2.5, args.slo_tpot or 0.15)
+        return SLO(base.ttft if args.slo_ttft is None else args.slo_ttft,
+                   base.tpot if args.slo_tpot is None else args.slo_tpot)
+    return SLO(2.5 if args.slo_ttft is None else args.slo_ttft,
+               0.15 if args.slo_tpot is None else args.slo_tpot)
+
+
+# planning flags whose default is filled in by _check_flags, so that `--reschedule` can tell
+# them given (and refuse them: a reschedule replays the plan's recorded inputs)
+PLAN_DEFAULTS = {"model": "llama-30b", "kv_bits": 4, "kv_group": 64, "a100_price": 1.69,
+                 "baselines": "vllm,distserve,hexgen"}
+# flags that only planning uses (value None/False: not given)
+PLAN_ONLY = ("cluster", "model", "slo_ttft", "slo_tpot", "slo_scale", "kv_bits", "kv_group",
+             "no_kv_streaming", "baseline_cluster", "a100_price", "baselines", "ablations",
+             "resilience", "no_sim_select", "rate")
+# flags that only --reschedule uses (value falsy: not given)
+RESCHEDULE_ONLY = ("fail", "no_compare", "no_regroup", "reload_groups")
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    """Refuse flag combinations that would otherwise be silently ignored."""
+    """Refuse flag combinations that would otherwise be silently ignored, and values that
+    cannot be used, naming the flag, before anything is loaded or planned."""
     if args.reload_groups < 0:
         raise ValueError("--reload-groups must be >= 0")
     if not args.time_limit > 0:
         raise ValueError(f"--time-limit must be > 0 seconds, got {args.time_limit:g}")
     if args.iters < 0:
         raise ValueError(f"--iters must be >= 0, got {args.iters}")
-    if args.reload_groups and not args.reschedule:
-        raise ValueError("--reload-groups applies to --reschedule PLAN.json")
+    check_workload_flags(args)
+    if args.reschedule:
+        _check_reschedule_flags(args)
+        return
+    for key in RESCHEDULE_ONLY:
+        if getattr(args, key):
+            raise ValueError(f"{_flag(key)} applies to --reschedule PLAN.json")
     if args.resilience is not None:
-        if args.reschedule:
-            raise ValueError("--resilience applies to planning, not to --reschedule")
         if args.no_sim_select:
             raise ValueError("--resilience replays the candidates itself: drop --no-sim-select")
+        if not 0 <= args.resilience < 1:
+            raise ValueError(f"--resilience must be in [0, 1), got {args.resilience:g}")
+    for key, value in PLAN_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("slo_ttft", "slo_tpot", "slo_scale"):
+        positive_flag(args, key, "s" if key != "slo_scale" else "")
+    positive_flag(args, "a100_price", "$/hour")
+    if args.kv_group <= 0 or (args.kv_bits < 16 and args.kv_group * args.kv_bits % 8):
+        raise ValueError(f"--kv-group must be a format v1 group size: > 0 and a multiple of "
+                         f"{8 // math.gcd(8, args.kv_bits)} at --kv-bits {args.kv_bits}, got "
+                         f"{args.kv_group}")
+    args.baselines = _check_baselines(args.baselines)
+
+
+def _check_reschedule_flags(args: argparse.Namespace) -> None:
+    given = [_flag(k) for k in PLAN_ONLY if getattr(args, k) not in (None, False)]
+    if given:
+        raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to "
+                         f"--reschedule: it uses the cluster, model, SLOs and KV settings recorded "
+                         f"in {args.reschedule} (plan afresh to change them)")
+    fails = [x.strip() for x in args.fail.split(",") if x.strip()]
+    if not fails and not (args.trace or args.workload):
+        raise ValueError("--reschedule needs a change: --fail NODES (or 'each'), or a new "
+                         "--trace/--workload (a workload shift)")
+    if args.plot and fails != ["each"]:
+        raise ValueError("--plot with --reschedule draws the --fail each sweep; a single "
+                         "reschedule has no plot")
+
+
+def _check_baselines(text: str) -> str:
+    """``--baselines``, checked (a typo is caught before ours is planned) and normalised."""
+    from thunderkv.scheduler.systems import ABLATIONS, BASELINES
+
+    if text.strip() == "none":
+        return "none"
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise ValueError("--baselines: give a comma list of systems, or 'none'")
+    for name in names:
+        if name == "thunderkv":
+            raise ValueError("--baselines: ours (thunderkv) is always planned; list the others")
+        if name not in BASELINES + ABLATIONS:
+            raise ValueError(f"--baselines: unknown system {name!r}; choose from "
+                             f"{', '.join(BASELINES + ABLATIONS)}, or 'none'")
+    return ",".join(dict.fromkeys(names))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -174,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             doc = _run_plan(args, log)
     except (InputError, ValueError, RuntimeError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # one line, verbatim
         return 2
     from thunderkv.scheduler.report import plan_table, sweep_table, systems_table
 
@@ -217,8 +318,9 @@ def _run_plan(args, log) -> dict:
     names = () if args.baselines == "none" else tuple(x for x in args.baselines.split(",") if x)
     if args.ablations:
         names += ("no-compression", "no-netaware", "no-split")
+    homogeneous = {"vllm", "distserve"} & set(names)  # the others plan on --cluster
     base = (load_cluster(args.baseline_cluster) if args.baseline_cluster
-            else same_price_a100(cluster, args.a100_price))
+            else same_price_a100(cluster, args.a100_price) if homogeneous else None)
     req = PlanRequest(cluster, model, wl, slo, params,
                       TabuConfig(max_iters=args.iters, time_limit_s=args.time_limit, seed=args.seed),
                       base, names, args.rate, args.arrivals, args.seed,
@@ -249,7 +351,7 @@ def _run_reschedule(args, log) -> dict:
 
         sweep = failure_sweep(doc, plan, wl, compare=not args.no_compare, log=log,
                               regroup=not args.no_regroup, reload_groups=args.reload_groups,
-                              replan=replan)
+                              replan=replan, arrivals=args.arrivals, seed=args.seed)
         sweep["workload"]["source"] = source
         if args.plot:
             try:
@@ -261,7 +363,7 @@ def _run_reschedule(args, log) -> dict:
         return sweep
     new = reschedule_document(doc, plan, fails, wl, compare=not args.no_compare, log=log,
                               regroup=not args.no_regroup, reload_groups=args.reload_groups,
-                              replan=replan)
+                              replan=replan, arrivals=args.arrivals, seed=args.seed)
     new["workload"]["source"] = source
     return new
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import numbers
+from typing import Any
 
 
 def register(subparsers) -> None:
@@ -25,6 +28,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from thunderkv.scheduler.errors import InputError
@@ -33,16 +37,20 @@ def run(args: argparse.Namespace) -> int:
     from thunderkv.scheduler.simulator import simulate
     from thunderkv.scheduler.workload import SLO
 
-    from .plan import load_workload, workload_from_plan
+    from .plan import check_workload_flags, load_workload, positive_flag, workload_from_plan
 
     out, err = Console(), Console(stderr=True)
     try:
+        check_workload_flags(args)
+        positive_flag(args, "slo_ttft", "s")
+        positive_flag(args, "slo_tpot", "s")
         doc, plan = load_plan_json(args.plan)
-        cluster, model, params, slo = inputs_from_dict(doc["inputs"])
-        slo = SLO(args.slo_ttft or slo.ttft, args.slo_tpot or slo.tpot)
+        cluster, model, params, slo = inputs_from_dict(doc["inputs"], args.plan)
+        slo = SLO(slo.ttft if args.slo_ttft is None else args.slo_ttft,
+                  slo.tpot if args.slo_tpot is None else args.slo_tpot)
         workload_from_plan(args, doc)
         wl, source = load_workload(args)
-        rate = args.rate or doc.get("predicted", {}).get("rate_req_per_s") or wl.rate
+        rate = args.rate if args.rate is not None else _recorded_rate(doc) or wl.rate
         replay = wl.arrivals_at(rate, args.arrivals, args.seed)
         res = simulate(plan, cluster, model, params, replay)
         metrics = {"rate_req_per_s": rate, "source": source, **summarize(res, slo),
@@ -55,16 +63,36 @@ def run(args: argparse.Namespace) -> int:
             ev = Evaluator(cluster, model, params, WorkloadStats.of(wl), slo)
             metrics["goodput_req_per_s"] = system_goodput(plan, ev, wl, slo, args.arrivals, args.seed)[0]
     except (InputError, ValueError, RuntimeError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # one line, verbatim
         return 2
     t = Table(title=f"simulated {len(replay)} requests at {rate:.3g} req/s (SLO TTFT {slo.ttft:.3g} s, "
                     f"TPOT {slo.tpot:.3g} s)")
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in metrics.items():
-        t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+        t.add_row(k, f"{v:.4g}" if isinstance(v, float) else escape(str(v)))
     out.print(t)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(metrics, fh, indent=1)
+        with open(args.json, "w") as fh:  # strict JSON, as `plan` writes: null, never NaN
+            json.dump(json_safe(metrics), fh, indent=1, allow_nan=False)
     return 0
+
+
+def _recorded_rate(doc: dict[str, Any]) -> float | None:
+    """The rate the plan was evaluated at, when it recorded a usable one."""
+    pred = doc.get("predicted")
+    rate = pred.get("rate_req_per_s") if isinstance(pred, dict) else None
+    ok = isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 < rate < math.inf
+    return float(rate) if ok else None
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN: no request finished) made None (JSON null)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
+        f = float(value)  # numpy floats too
+        return f if math.isfinite(f) else None
+    return value
