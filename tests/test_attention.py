@@ -133,3 +133,44 @@ def test_bench_attention_rows():
     assert all(r["us_p50"] > 0 for r in rows)
     with pytest.raises(ValueError, match="unknown geometry"):
         run("gpt-5", [64])
+
+
+def _relabel(q, *, shape=None, dtype=None, **parts):
+    """``q`` with other metadata or stored tensors: a QuantizedTensor that lies about itself."""
+    from thunderkv.api import QuantizedTensor
+
+    return QuantizedTensor(parts.get("packed", q.packed), parts.get("scale", q.scale),
+                           parts.get("minimum", q.minimum), q.spec,
+                           torch.Size(q.shape if shape is None else shape),
+                           q.dtype if dtype is None else dtype)
+
+
+@pytest.mark.parametrize("fn", [kivi_decode_attention, kivi_decode_attention_reference])
+def test_stored_tensors_are_checked_against_the_metadata(gen, fn):
+    """The kernel indexes packed/scale/minimum by ``shape``/``dtype``: a QuantizedTensor
+    claiming more tokens than it stores read out of bounds (segfault), a wrong dtype read
+    garbage (NaN). Both must raise before anything runs."""
+    q, qk, qv, kr, vr = make_case(gen, B=1, H=2, R=2, D=32, S=64, Tr=2, G=32, bits=4,
+                                  dtype=torch.float32)
+    S = 1 << 22
+    with pytest.raises(ValueError, match=r"qkeys.shape is .* hold a \(1, 2, 64, 32\)"):
+        fn(q, _relabel(qk, shape=(1, 2, S, 32)), _relabel(qv, shape=(1, 2, S, 32)), kr, vr)
+    with pytest.raises(ValueError, match="qvalues.shape"):
+        fn(q, qk, _relabel(qv, shape=(1, 2, 64, 64)), kr, vr)
+    with pytest.raises(ValueError, match="qkeys.dtype is torch.float16"):
+        fn(q, _relabel(qk, dtype=torch.float16), _relabel(qv, dtype=torch.float16), kr, vr)
+    with pytest.raises(ValueError, match="qvalues: scale must have shape"):
+        fn(q, qk, _relabel(qv, scale=qv.scale[..., :1, :]), kr, vr)
+    with pytest.raises(TypeError, match="qkeys: packed must be uint8"):
+        fn(q, _relabel(qk, packed=qk.packed.to(torch.int16)), qv, kr, vr)
+    with pytest.raises(TypeError, match="qkeys must be a QuantizedTensor"):
+        fn(q, qk.packed, qv, kr, vr)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
+@pytest.mark.parametrize("history", [False, True])
+def test_query_dtype_outside_the_format_raises_typeerror(gen, dtype, history):
+    q, qk, qv, kr, vr = make_case(gen, B=1, H=2, R=2, D=32, S=64 if history else 0, Tr=3,
+                                  G=32, bits=4, dtype=torch.float32)
+    with pytest.raises(TypeError, match="query must be float16, bfloat16 or float32"):
+        kivi_decode_attention(q.to(dtype), qk, qv, kr, vr)

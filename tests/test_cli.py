@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from thunderkv.cli import main
 
@@ -205,3 +206,48 @@ def test_git_sha_falls_back_to_the_environment(monkeypatch):
     assert timing.git_sha() is None
     monkeypatch.setenv("THUNDERKV_GIT_SHA", "0123456789ab-dirty")
     assert timing.git_sha() == "0123456789ab-dirty"
+
+
+@pytest.mark.parametrize("what", ["quant", "paged"])
+def test_bench_rejects_backends_and_outputs_before_running(what, tmp_path, capsys):
+    """An unknown or unavailable --backend used to end in a traceback (ModuleNotFoundError,
+    RuntimeError) and a directory as --json failed only after the whole run: now one line
+    and exit 2, before anything is timed."""
+    from thunderkv import backends
+
+    base = ["bench", what, "--quick", "--reps", "1"]
+    assert main([*base, "--backend", "nope"]) == 2
+    assert "unknown backend 'nope'" in " ".join(capsys.readouterr().out.split())
+    for name in ("cuda", "triton"):
+        why = backends.unavailable_reason(name, torch.device("cpu"))
+        if why is not None:  # cuda never runs on CPU tensors; triton only interpreted
+            assert main([*base, "--device", "cpu", "--backend", "cpu", "--backend", name]) == 2
+            out = " ".join(capsys.readouterr().out.split())
+            assert f"backend '{name}' unavailable on cpu" in out and "Traceback" not in out
+    assert main([*base, "--backend", "cpu", "--json", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().out
+    assert main([*base, "--backend", "cpu", "--json", str(tmp_path / "no" / "x.jsonl")]) == 2
+    assert "no directory" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_attention_rejects_a_zero_group_size_and_a_directory(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:  # was ZeroDivisionError
+        main(["bench", "attention", "--context", "256", "--group-size", "0"])
+    assert exc.value.code == 2
+    assert "--group-size: must be >= 1" in capsys.readouterr().err
+    from thunderkv.attention import fused_attention_available
+
+    if fused_attention_available()[0]:
+        assert main(["bench", "attention", "--context", "256", "--json", str(tmp_path)]) == 2
+        assert "is a directory" in capsys.readouterr().out
+
+
+def test_usable_backends_names_what_is_wrong():
+    from thunderkv.bench.common import usable_backends
+
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        usable_backends(torch.device("cpu"), ["nope"])
+    with pytest.raises(RuntimeError, match="backend 'cuda' unavailable on cpu"):
+        usable_backends(torch.device("cpu"), ["cpu", "cuda"])
+    assert usable_backends(torch.device("cpu"), ["cpu"]) == ["cpu"]

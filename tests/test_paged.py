@@ -559,3 +559,87 @@ def test_gpu_row_kernels_refuse_a_slotted_side_that_is_not_a_row_view(gen):
         triton_rows.quantize_rows(x, cache.key_packed, cache.key_scale, cache.key_min, slots,
                                   cache.spec)
     assert _unchanged(cache, snap)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_reads_only_the_blocks_seq_lens_covers(backend, gen):
+    """Block-table entries past a sequence's blocks (and past max_len) are never read, so they
+    may hold anything (-1 padding, ids outside the cache); covered ones are still checked."""
+    cache = _cache()
+    lens = [37, 16, 5, 0]
+    table, _, _ = _fill_sequences(cache, lens[:3], gen)
+    table = torch.cat([table, torch.zeros(1, table.shape[1], dtype=table.dtype)])
+    table = torch.cat([table, torch.zeros(4, 5, dtype=table.dtype)], dim=1)  # 8 columns
+    want = gather_dequantize(cache, table, torch.tensor(lens), backend="reference")
+    padded = table.clone()
+    junk = torch.randint(-5, 10**6, padded.shape, generator=gen, dtype=padded.dtype)
+    need = torch.tensor([-(-n // BS) for n in lens])
+    unread = torch.arange(padded.shape[1])[None, :] >= need[:, None]
+    padded[unread] = junk[unread]
+    padded[3, 0] = -1  # an empty sequence reads nothing
+    for got in (gather_dequantize(cache, padded, torch.tensor(lens), backend=backend),
+                gather_dequantize(cache, padded, torch.tensor(lens), backend=backend,
+                                  max_len=8 * BS)):
+        for g, w in zip(got, want):
+            assert bits_equal(g[:, :37], w)
+            assert (g[:, 37:] == 0).all()
+    # max_len=16 reads one block per sequence: the 37-token row's later blocks are unread
+    cut = padded.clone()
+    cut[0, 1:] = -1
+    got = gather_dequantize(cache, cut, torch.tensor(lens), backend=backend, max_len=16)
+    assert bits_equal(got[0], want[0][:, :16])
+    bad = padded.clone()
+    bad[0, 2] = -1  # the 37-token sequence's third block
+    with pytest.raises(ValueError, match="outside"):
+        gather_dequantize(cache, bad, torch.tensor(lens), backend=backend)
+    bad[0, 2] = cache.num_blocks
+    with pytest.raises(ValueError, match="outside"):
+        gather_dequantize(cache, bad, torch.tensor(lens), backend=backend, max_len=40)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_into_overlapping_workspaces_raises_and_writes_nothing(backend, gen):
+    """out=(w, w) used to return the values as the keys (the value pass overwrote them)."""
+    cache = _cache()
+    lens = [37, 5]
+    table, _, _ = _fill_sequences(cache, lens, gen)
+    shape = (2, table.shape[1] * BS, H, D)
+    w = random_kv(shape, torch.float16, gen, specials=False)
+    buf = torch.zeros(2 * w.numel(), dtype=torch.float16)
+    half = w.numel() // 2
+    overlapping = (buf[:w.numel()].view(shape), buf[half:half + w.numel()].view(shape))
+    for out in ((w, w), overlapping):
+        before = [o.clone() for o in out]
+        with pytest.raises(ValueError, match="share memory"):
+            gather_dequantize(cache, table, torch.tensor(lens), out=out, backend=backend)
+        assert all(bits_equal(o, b) for o, b in zip(out, before))
+
+
+def test_transfer_ops_reject_non_tensor_arguments_clearly():
+    """Non-tensors used to reach the torch op and dump its schema (RuntimeError)."""
+    cache = _cache()
+    buf = pack_for_transfer(cache, torch.tensor([0, 1]))
+    snap = _snapshot(cache)
+    with pytest.raises(TypeError, match="block_ids must be an int32/int64 tensor"):
+        unpack_from_transfer(buf, cache, [2, 3])
+    with pytest.raises(TypeError, match="buffer must be a 1-D uint8 tensor"):
+        unpack_from_transfer(bytes(buf.numpy()), cache, torch.tensor([2, 3]))
+    with pytest.raises(TypeError, match="out must be a contiguous 1-D uint8 tensor"):
+        pack_for_transfer(cache, torch.tensor([0]), out=bytearray(transfer_nbytes(cache, 1)))
+    assert _unchanged(cache, snap)
+
+
+def test_readme_paged_example_runs_as_written():
+    """The README's paged-cache snippet, executed verbatim."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("Paged cache for serving engines:", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    k, workspaces = scope["k"], scope["workspaces"]
+    assert k.shape == (1, 40, 8, 128) and k.data_ptr() == workspaces[0].data_ptr()
+    assert (k[0] - scope["key"]).abs().max() < 0.5  # 4-bit codes of N(0, 1) data
+    assert scope["payload"].numel() == 3 * scope["cache"].block_nbytes

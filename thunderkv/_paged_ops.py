@@ -79,8 +79,9 @@ def gather_dequantize_into_impl(kp, ks, km, vp, vs, vm, block_table, seq_lens, k
 def _(kp, ks, km, vp, vs, vm, block_table, seq_lens, key_out, value_out, max_len, bits,
       group_size, backend) -> None:
     cache = _cache(kp, ks, km, vp, vs, vm, bits, group_size)
-    paged._check_gather_out((key_out, value_out), cache,
-                            (block_table.shape[0], None, cache.kv_heads, cache.head_dim))
+    paged._check_gather_out((key_out, value_out), cache,  # fake tensors have no addresses
+                            (block_table.shape[0], None, cache.kv_heads, cache.head_dim),
+                            disjoint=False)
     backends.check_backend_name(backend)
 
 

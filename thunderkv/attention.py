@@ -19,8 +19,9 @@ import math
 import torch
 
 from ._extension import extension_error, load_extension
+from ._ops import _dequantize_shape
 from .api import QuantizedTensor
-from .format import DTYPE_CODES
+from .format import DTYPE_CODES, SUPPORTED_DTYPES
 
 __all__ = ["kivi_decode_attention", "kivi_decode_attention_reference", "fused_attention_available"]
 
@@ -35,8 +36,29 @@ def fused_attention_available() -> tuple[bool, str]:
     return True, ""
 
 
+def _check_stored(name: str, q) -> None:
+    """Raise unless ``q`` is a QuantizedTensor whose packed/scale/minimum tensors hold what its
+    ``shape``/``dtype`` say: the kernel indexes them by the metadata alone."""
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"{name} must be a QuantizedTensor or None, got {type(q).__name__}")
+    try:
+        stored = _dequantize_shape(q.packed, q.scale, q.minimum, q.spec)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name}: {e}") from None
+    if stored != tuple(q.shape):
+        raise ValueError(f"{name}.shape is {tuple(q.shape)} but its packed/scale/minimum hold a "
+                         f"{stored} tensor (bits={q.spec.bits}, group_size={q.spec.group_size}, "
+                         f"axis={q.spec.axis})")
+    if q.scale.dtype != q.dtype:
+        raise ValueError(f"{name}.dtype is {q.dtype} but its scale/minimum are {q.scale.dtype}")
+
+
 def _check(query, qkeys, qvalues, key_residual, value_residual, key_mask, tq_attend):
     """Validate shapes/layouts; return (B, H, R, D, Tq, Tr, S, dtype of scales)."""
+    for name, x in (("query", query), ("key_residual", key_residual),
+                    ("value_residual", value_residual)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if query.dim() != 3:
         raise ValueError(f"query must be [batch, query_heads, head_dim], got {tuple(query.shape)}")
     B, HQ, D = query.shape
@@ -53,6 +75,8 @@ def _check(query, qkeys, qvalues, key_residual, value_residual, key_mask, tq_att
         raise ValueError("qkeys and qvalues must both be given or both be None")
     S, dtype = 0, query.dtype
     if qkeys is not None:
+        _check_stored("qkeys", qkeys)
+        _check_stored("qvalues", qvalues)
         if qkeys.axis != -2 or qvalues.axis != -1:
             raise ValueError(f"the KIVI layout needs keys per channel (axis -2) and values per "
                              f"token (axis -1), got {qkeys.axis} and {qvalues.axis}")
@@ -106,10 +130,15 @@ def kivi_decode_attention(
     Returns
     -------
     ``[B, H*R, D]`` in ``query.dtype``.
+
+    Raises TypeError/ValueError before the kernel runs when an argument breaks these rules,
+    including a QuantizedTensor whose packed/scale/minimum disagree with its ``shape``/``dtype``.
     """
     ok, why = fused_attention_available()
     if not ok:
         raise RuntimeError(why)
+    if isinstance(query, torch.Tensor) and query.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"query must be float16, bfloat16 or float32, got {query.dtype}")
     B, H, R, D, Tq, Tr, S, dtype = _check(query, qkeys, qvalues, key_residual, value_residual,
                                           key_mask, tq_attend)
     tensors = [query, key_residual, value_residual] + ([] if key_mask is None else [key_mask])

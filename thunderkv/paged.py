@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from .api import QuantizedTensor, dequantize, quantize
-from .format import SUPPORTED_DTYPES, FormatSpec
+from .format import SUPPORTED_DTYPES, FormatSpec, check_disjoint
 
 _PARTS = ("key_packed", "key_scale", "key_min", "value_packed", "value_scale", "value_min")
 
@@ -64,7 +64,21 @@ class PagedKVCache:
         group_size: int = 64,
         device: torch.device | str = "cpu",
     ) -> PagedKVCache:
-        """Allocate an empty (zeroed) cache."""
+        """Allocate an empty (zeroed) cache.
+
+        Parameters
+        ----------
+        num_blocks, block_size : blocks in the pool and tokens per block (positive ints); slot
+            ``s`` is token ``s % block_size`` of block ``s // block_size``.
+        kv_heads, head_dim : per-token K/V geometry (positive ints).
+        dtype : the model dtype, of scales and minima and of what goes in and comes out
+            (float16, bfloat16 or float32; default float16).
+        bits : 2, 4 or 8 bits per code (default 4).
+        group_size : G along head_dim (default 64); must divide head_dim.
+        device : where the six tensors live (default "cpu").
+
+        Raises ValueError/TypeError for anything else; see the module docstring for shapes.
+        """
         spec = FormatSpec(bits, group_size, -1)
         for name, v in (("num_blocks", num_blocks), ("block_size", block_size),
                         ("kv_heads", kv_heads), ("head_dim", head_dim)):
@@ -105,6 +119,9 @@ class PagedKVCache:
         return self.key_packed.device
 
     def parts(self) -> list[torch.Tensor]:
+        """The six tensors, in wire order: key_packed, key_scale, key_min, value_packed,
+        value_scale, value_min (the cache's own tensors, not copies; the argument order of the
+        ``torch.ops.thunderkv`` paged ops and of :func:`cache_from_parts`)."""
         return [getattr(self, n) for n in _PARTS]
 
     @property
@@ -302,6 +319,10 @@ def gather_dequantize(
     Parameters
     ----------
     block_table : int32/int64 ``[batch, max_blocks]``: block ids of each sequence, in order.
+        Only a sequence's first ``ceil(min(seq_len, max_len) / block_size)`` entries are read
+        (and range-checked); the rest may hold anything, e.g. -1 padding. ``max_blocks`` bounds
+        ``max_len``: size it for the longest sequence the engine serves (vLLM: max_model_len /
+        block_size columns).
     seq_lens : int ``[batch]``: tokens of each sequence (<= max_blocks * block_size).
     max_len : length of the returned tensors, in [0, max_blocks * block_size]; sequences longer
         than it are cut there. Default ``max(seq_lens)``, which needs seq_lens on the host: pass
@@ -332,7 +353,7 @@ def gather_dequantize(
     else:
         _check_gather_out(out, cache, (batch, table.shape[1] * cache.block_size, H, D))
     if _eager(block_table, seq_lens, *out, *cache.parts()):  # already validated above
-        _gather_checked(cache, table, lens, max_len, out, backend)
+        _gather_checked(cache, table, lens, max_len, out, backend, disjoint=False)
     else:
         torch.ops.thunderkv.gather_dequantize_into(*cache.parts(), block_table, seq_lens, out[0],
                                                    out[1], max_len, cache.spec.bits,
@@ -347,8 +368,9 @@ def _gather_lengths(cache: PagedKVCache, block_table, seq_lens, max_len: int | N
     if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
         raise ValueError("block_table must be a 2-D [batch, max_blocks] tensor")
     capturing = _capturing(block_table)
+    # only the blocks seq_lens covers are read, and range-checked below (eagerly)
     table = _check_index("block_table", block_table, cache.num_blocks, cache.device,
-                         check_range=not capturing)
+                         check_range=False)
     if not isinstance(seq_lens, torch.Tensor) or tuple(seq_lens.shape) != (table.shape[0],):
         raise ValueError(f"seq_lens must be [batch={table.shape[0]}]")
     if seq_lens.dtype not in (torch.int32, torch.int64):
@@ -372,15 +394,35 @@ def _gather_lengths(cache: PagedKVCache, block_table, seq_lens, max_len: int | N
             raise ValueError(f"under CUDA-graph capture seq_lens must be on {cache.device}, "
                              f"got {seq_lens.device}")
         return table, seq_lens.to(torch.int64), max_len
-    host = seq_lens.long().cpu()
-    if host.numel() and (int(host.min()) < 0 or int(host.max()) > capacity):
+    host = seq_lens.tolist()  # one sync; Python ints from here on
+    lo, hi = (min(host), max(host)) if host else (0, 0)
+    if lo < 0 or hi > capacity:
         raise ValueError(
-            f"seq_lens must lie in [0, {capacity}] (max_blocks * block_size), "
-            f"got [{int(host.min())}, {int(host.max())}]"
+            f"seq_lens must lie in [0, {capacity}] (max_blocks * block_size), got [{lo}, {hi}]"
         )
     if max_len is None:
-        max_len = int(host.max()) if host.numel() else 0
+        max_len = hi
+    _check_read_blocks(cache, table, host, max_len)
     return table, seq_lens.to(device=cache.device, dtype=torch.int64), max_len
+
+
+def _check_read_blocks(cache: PagedKVCache, table: torch.Tensor, lens: list[int],
+                       max_len: int) -> None:
+    """Range-check the block ids the gather reads: row b's first ceil(min(seq_lens[b], max_len)
+    / block_size). Entries past them are never read (any value, e.g. -1 padding). One sync."""
+    bs = cache.block_size
+    need = [-(-min(n, max_len) // bs) for n in lens]
+    n = max(need, default=0)
+    if n == 0:
+        return
+    read = table[:, :n]
+    if min(need) < n:
+        cols = torch.arange(n, device=table.device)
+        read = read[cols[None, :] < torch.tensor(need, device=table.device)[:, None]]
+    lo, hi = torch.stack(torch.aminmax(read)).tolist()
+    if lo < 0 or hi >= cache.num_blocks:
+        raise ValueError(f"block_table holds values in [{lo}, {hi}] among the blocks seq_lens "
+                         f"covers, outside [0, {cache.num_blocks - 1}]")
 
 
 def _gather(cache: PagedKVCache, block_table, seq_lens, out, max_len: int, backend: str) -> None:
@@ -414,12 +456,14 @@ def _token_rows(cache: PagedKVCache, table, lens, width: int, max_len: int,
     return slot.reshape(-1)
 
 
-def _gather_checked(cache: PagedKVCache, table, lens, max_len: int, out, backend: str) -> None:
-    """:func:`_gather` after :func:`_gather_lengths`."""
+def _gather_checked(cache: PagedKVCache, table, lens, max_len: int, out, backend: str,
+                    disjoint: bool = True) -> None:
+    """:func:`_gather` after :func:`_gather_lengths` (``disjoint=False``: ``out`` is known not to
+    overlap, fresh or checked by the caller)."""
     batch, H, D = table.shape[0], cache.kv_heads, cache.head_dim
     n_blk = -(-max_len // cache.block_size)
     padded = n_blk * cache.block_size
-    _check_gather_out(out, cache, (batch, None, H, D))
+    _check_gather_out(out, cache, (batch, None, H, D), disjoint=disjoint)
     width = out[0].shape[1] // cache.block_size  # blocks per output row
     if out[0].shape[1] % cache.block_size or not n_blk <= width <= table.shape[1]:
         raise ValueError(f"out must hold between {n_blk} and {table.shape[1]} whole blocks of "
@@ -437,7 +481,10 @@ def _gather_checked(cache: PagedKVCache, table, lens, max_len: int, out, backend
         raise RuntimeError(f"gather_dequantize with backend {backend!r} cannot be captured in a "
                            "CUDA graph: only the cuda and triton backends gather without a "
                            "host sync")
-    blocks = table[:, :n_blk].reshape(-1)
+    # entries past a sequence's blocks are never read: any valid id stands in (zeroed below)
+    need = (lens.clamp(max=max_len) + cache.block_size - 1) // cache.block_size
+    cols = torch.arange(n_blk, device=table.device)
+    blocks = torch.where(cols[None, :] < need[:, None], table[:, :n_blk], 0).reshape(-1)
     for dense_out, prefix in zip(out, ("key", "value")):
         parts = [getattr(cache, f"{prefix}_{p}").index_select(0, blocks).reshape(batch, padded, H, -1)
                  for p in ("packed", "scale", "min")]
@@ -449,9 +496,11 @@ def _gather_checked(cache: PagedKVCache, table, lens, max_len: int, out, backend
         dense_out[:, :max_len].copy_(dense[:, :max_len])
 
 
-def _check_gather_out(out, cache: PagedKVCache, shape: tuple[int | None, ...]) -> None:
+def _check_gather_out(out, cache: PagedKVCache, shape: tuple[int | None, ...],
+                      disjoint: bool = True) -> None:
     """``out`` is a (key, value) pair of contiguous cache-dtype tensors of ``shape`` (None:
-    any length on that axis)."""
+    any length on that axis) that share no memory with each other or the cache (``disjoint``;
+    the check costs ~20 us, so it runs once per call)."""
     if (not isinstance(out, (tuple, list)) or len(out) != 2
             or not all(isinstance(t, torch.Tensor) for t in out)):
         raise ValueError("out must be a (key, value) pair of tensors")
@@ -462,6 +511,9 @@ def _check_gather_out(out, cache: PagedKVCache, shape: tuple[int | None, ...]) -
             raise ValueError(f"out {name} must be a contiguous {cache.dtype} tensor of shape "
                              f"{list(shape)} on {cache.device}, got {t.dtype} {list(t.shape)} "
                              f"on {t.device}")
+    if disjoint:  # a key written over the value (out=(w, w)) or over the cache is silently wrong
+        check_disjoint(**{"out key": out[0], "out value": out[1]},
+                       **dict(zip(_PARTS, cache.parts())))
 
 
 def transfer_nbytes(cache: PagedKVCache, num_blocks: int) -> int:
@@ -476,12 +528,24 @@ def pack_for_transfer(
 
     Wire layout: six sections one after the other, each the selected blocks of one cache part
     in order: key codes, key scales, key minima, value codes, value scales, value minima.
-    ``out`` (uint8, contiguous, exactly :func:`transfer_nbytes` bytes) may be a registered
-    transfer buffer; it is validated before anything is written.
+
+    Parameters
+    ----------
+    block_ids : 1-D int32/int64 tensor on the cache's device (not a list): ids in
+        ``[0, num_blocks)``, in sequence order (repeats allowed; 0 ids give 0 bytes).
+    out : optional 1-D contiguous uint8 tensor of exactly :func:`transfer_nbytes` bytes on the
+        cache's device, e.g. a registered transfer buffer; validated before anything is
+        written.
+
+    Returns
+    -------
+    ``out``, or a new uint8 tensor ``[transfer_nbytes(cache, len(block_ids))]``.
     """
     _check_cache(cache)
     if not isinstance(block_ids, torch.Tensor):
         raise TypeError("block_ids must be an int32/int64 tensor")
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a contiguous 1-D uint8 tensor, got {type(out).__name__}")
     if out is None:
         out = torch.empty(transfer_nbytes(cache, block_ids.numel()), dtype=torch.uint8,
                           device=cache.device)
@@ -519,10 +583,21 @@ def _pack(cache: PagedKVCache, block_ids, out) -> None:
 
 def unpack_from_transfer(buffer: torch.Tensor, cache: PagedKVCache, block_ids: torch.Tensor) -> None:
     """Inverse of :func:`pack_for_transfer`: write the buffer's blocks into ``block_ids`` of
-    ``cache`` (which may differ from the sender's ids). Validated before anything is written."""
+    ``cache`` (which may differ from the sender's ids). Validated before anything is written.
+
+    Parameters
+    ----------
+    buffer : 1-D uint8 tensor of exactly ``transfer_nbytes(cache, len(block_ids))`` bytes, on
+        any device: one on another device than the cache (e.g. a host receive buffer for a
+        CUDA cache) is copied to the cache's device first, whole.
+    block_ids : 1-D int32/int64 tensor on the cache's device (not a list): distinct ids in
+        ``[0, num_blocks)``, one per packed block, in the buffer's order.
+    """
     _check_cache(cache)
     if not isinstance(buffer, torch.Tensor):
-        raise ValueError(f"buffer must be a 1-D uint8 tensor, got {type(buffer).__name__}")
+        raise TypeError(f"buffer must be a 1-D uint8 tensor, got {type(buffer).__name__}")
+    if not isinstance(block_ids, torch.Tensor):
+        raise TypeError("block_ids must be an int32/int64 tensor")
     if _eager(buffer, block_ids, *cache.parts()):
         _unpack(buffer, cache, block_ids)
     else:

@@ -287,3 +287,19 @@ def test_unsupported_configurations_raise_clearly():
     with pytest.raises(TypeError, match="PreTrainedConfig"):
         ThunderKVCache({"num_hidden_layers": 2})
     assert VOCAB == config.vocab_size
+
+
+def test_a_backend_that_cannot_run_fails_before_anything_is_stored(gen, monkeypatch):
+    """backend="cuda" with no usable GPU used to fail only mid-generate, at the first quantize:
+    now at construction; and one that cannot run on the model's device at its first update."""
+    import thunderkv.hf.cache as cache_mod
+
+    k = torch.randn(1, 2, 40, 32, generator=gen)
+    if cache_mod.backend_problem("cuda") is not None:  # no usable GPU here
+        with pytest.raises(ValueError, match="backend='cuda' cannot run here"):
+            ThunderKVCache(None, group_size=16, residual_length=8, backend="cuda", num_layers=1)
+    monkeypatch.setattr(cache_mod, "backend_problem", lambda backend: None)  # as with a GPU
+    cache = ThunderKVCache(None, group_size=16, residual_length=8, backend="cuda", num_layers=1)
+    with pytest.raises(ValueError, match="backend='cuda' cannot run on cpu"):
+        cache.update(k, k.clone(), 0)
+    assert not cache.layers[0].is_initialized and cache.get_seq_length() == 0

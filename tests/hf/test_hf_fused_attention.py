@@ -151,3 +151,56 @@ def test_sink_joins_the_exact_tokens_with_the_mask_permuted(masked):
     assert full_k.shape[-2] == 2 + 32 + 5 and torch.equal(full_k[..., :2, :], state.sink_keys)
     want = kivi_decode_attention_reference(q, None, None, full_k, full_v, key_mask=mask)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def make_tiny_mla(gen: torch.Generator):
+    """A tiny, randomly initialised DeepSeek-V3 (MLA): its cache holds the latents
+    ([B, 1, T, 32] and the rotary key [B, 1, T, 16]) and ``expand_kv`` rebuilds K/V from what
+    ``cache.update`` returns, so the attention never receives the cache's own tensors."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(
+        vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+        num_hidden_layers=2, first_k_dense_replace=2, num_attention_heads=2,
+        num_key_value_heads=2, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+        n_group=1, topk_group=1, max_position_embeddings=256)
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    return DeepseekV3ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("sink_length", [0, 1])
+def test_latent_kv_model_fused_matches_materialized(count_fused, gen, sink_length):
+    """MLA models transform K/V after cache.update: the layers' probe steps are not taken, so
+    they keep returning the whole history, and fused attention equals materializing exactly
+    (before the fix, decode steps silently attended to the residual only)."""
+    model = make_tiny_mla(gen)
+    ids = torch.randint(0, 64, (2, 48), generator=gen)
+    kw = dict(bits=4, group_size=16, residual_length=8, sink_length=sink_length)
+    want, ref_cache = run(model, False, ids, prefix=12, **kw)
+    got, cache = run(model, True, ids, prefix=12, **kw)
+    assert not count_fused
+    assert cache.layers[0].quantized_length > 0
+    assert torch.equal(got, want)
+    for a, b in zip(cache.tensors(), ref_cache.tensors(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_fused_handoff_that_is_not_taken_raises(model, gen):
+    """Once a layer has shown that the attention receives its tensors, a later hand-off that is
+    not taken (that step attended without the history) fails loudly at the next update."""
+    use_fused_attention(model)
+    cache = ThunderKVCache(model.config, bits=4, group_size=16, residual_length=8)
+    ids = torch.randint(1, 32, (1, 24), generator=gen)
+    teacher_forced(model, ids, cache, 20)  # prefill, then probe and fused steps
+    layer = cache.layers[0]
+    assert layer._attention_takes_handoff is True
+    k = torch.randn(1, 2, 1, 32, generator=gen)
+    out_k, _ = layer.update(k, k.clone())  # a fused step whose attention never runs
+    assert out_k.shape[-2] < layer.get_seq_length()
+    before = [t.clone() for t in layer.tensors()]
+    with pytest.raises(RuntimeError, match="did not receive the keys"):
+        layer.update(k, k.clone())
+    assert all(torch.equal(a, b) for a, b in zip(layer.tensors(), before, strict=True))
+    with pytest.raises(RuntimeError, match="did not receive the keys"):  # not only once
+        layer.update(k, k.clone())

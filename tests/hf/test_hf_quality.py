@@ -83,3 +83,42 @@ def test_cli_on_smollm2(tmp_path):
     per_token = 30 * 3 * 64 * 2  # SmolLM2: layers * KV heads * head_dim * (K and V)
     assert rows[0]["cache_bytes"] == 95 * per_token * 4
     assert rows[1]["cache_bytes"] == per_token * (64 * 0.625 + 31 * 4)
+
+
+def _save_tiny(folder, model) -> str:
+    """``model`` plus a character-level tokenizer in ``folder``: a local model directory."""
+    import string
+
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(["<unk>", *string.printable[:31]])}
+    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    model.save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(folder)
+    return str(folder)
+
+
+def test_cli_rejects_what_a_thunderkv_cache_cannot_hold_in_one_line(tmp_path, capsys):
+    """A sliding-window model, or cache settings ThunderKVCache rejects, used to end in a
+    ValueError traceback mid-run; now one red line and exit 2, before any evaluation."""
+    config = transformers.MistralConfig(
+        vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=16)
+    folder = _save_tiny(tmp_path / "mistral", transformers.MistralForCausalLM(config))
+    common = ["--model", folder, "--cache", "fp", "--cache", "thunderkv4", "--group-size", "16"]
+    assert main(["eval", "quality", *common, "--tokens", "40", "--prefix", "8"]) == 2
+    assert main(["eval", "speed", *common, "--context", "32", "--steps", "1"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("--cache thunderkv4: ThunderKVCache supports models whose layers are all "
+                     "full attention") == 2 and "Traceback" not in err
+    for flag, value in (("--residual-length", "-5"), ("--sink-length", "999"),
+                        ("--sink-length", "-1")):
+        for what in ("quality", "speed"):
+            with pytest.raises(SystemExit) as exc:
+                main(["eval", what, "--model", folder, flag, value])
+            assert exc.value.code == 2
+    assert main(["eval", "quality", "--model", folder, "--json", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err

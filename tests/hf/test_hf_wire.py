@@ -404,3 +404,15 @@ def test_size_cap_and_model_mismatch(filled):
         export_kv(object())
     with pytest.raises(TypeError):
         kv_header(object())
+
+
+def test_keys_and_values_of_different_head_dims_are_named(gen):
+    """MLA / latent-KV models cache a latent and a rotary key of different widths; the
+    message used to blame 'layer 0 differs in shape or dtype from layer 0'."""
+    cache = ThunderKVCache(None, bits=4, group_size=16, residual_length=8, num_layers=1)
+    cache.update(torch.randn(1, 1, 40, 32, generator=gen), torch.randn(1, 1, 40, 16, generator=gen),
+                 0)
+    with pytest.raises(ValueError, match=r"head dims 32 vs 16.*one heads x head_dim"):
+        kv_header(cache)
+    with pytest.raises(ValueError, match="head dims 32 vs 16"):
+        export_kv(cache)

@@ -34,17 +34,25 @@ def device_sync(device: torch.device) -> Callable[[], object] | None:
     return None
 
 
+def backend_problem(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot be timed on ``device`` (None when it can): an unknown name,
+    or the backend's own reason it is unavailable there."""
+    if name not in backends.BACKENDS:
+        return f"unknown backend {name!r}; choose from {', '.join(backends.BACKENDS)}"
+    why = backends.unavailable_reason(name, device)
+    return None if why is None else f"backend {name!r} unavailable on {device}: {why}"
+
+
 def usable_backends(device: torch.device, wanted: Iterable[str] | None) -> list[str]:
-    """Backends to time on ``device`` (the requested ones, or every one usable there)."""
-    names = list(wanted) if wanted else list(backends.BACKENDS)
-    out = []
-    for name in names:
-        why = backends.unavailable_reason(name, device)
-        if why is None:
-            out.append(name)
-        elif wanted:
-            raise RuntimeError(f"backend {name!r} unavailable on {device}: {why}")
-    return out
+    """Backends to time on ``device`` (the requested ones, or every one usable there).
+    A requested one that is unknown raises ValueError, one unavailable there RuntimeError."""
+    if wanted:
+        for name in wanted:
+            why = backend_problem(name, device)
+            if why is not None:
+                raise (ValueError if name not in backends.BACKENDS else RuntimeError)(why)
+        return list(wanted)
+    return [n for n in backends.BACKENDS if backends.unavailable_reason(n, device) is None]
 
 
 def measurement_row(base: dict, op: str, backend: str, t: Timing, nbytes: int, copy_gbps: float) -> dict:

@@ -21,6 +21,22 @@ def _count(minimum: int):
     return parse
 
 
+def output_path_problem(path: str | None) -> str | None:
+    """Why JSON lines cannot be appended to ``path`` (None when they can, or no path): checked
+    before a run, so that a long run does not fail only at its end."""
+    if not path:
+        return None
+    if os.path.isdir(path):
+        return "is a directory"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"no directory {parent}"
+    target = path if os.path.exists(path) else parent
+    if not os.access(target, os.W_OK):
+        return f"{target} is not writable"
+    return None
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default", help="shape preset: default, quick, large")
     p.add_argument("--quick", action="store_true", help="same as --preset quick (seconds)")
@@ -82,7 +98,7 @@ def register(subparsers) -> None:
                     help="cached tokens (repeatable; default 1024, 4096, 16384)")
     at.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     at.add_argument("--bits", type=int, default=4, choices=[2, 4, 8])
-    at.add_argument("--group-size", type=int, default=64)
+    at.add_argument("--group-size", type=_count(1), default=64)
     at.add_argument("--residual", type=_count(0), default=128,
                     help="full-precision newest tokens")
     at.add_argument("--batch", type=_count(1), default=1)
@@ -199,6 +215,17 @@ def _setup(args: argparse.Namespace, presets: dict):
             console.print(f"[red]--device {args.device}: {why}")
             return console, None, None
         device = torch.device(args.device)
+    why = output_path_problem(args.json)
+    if why is not None:
+        _error(console, f"--json {args.json}: {why}")
+        return console, None, None
+    from ..bench.common import backend_problem
+
+    for name in args.backends or []:  # before any timing, not after the first backend's
+        why = backend_problem(name, device)
+        if why is not None:
+            _error(console, f"--backend {name}: {why}")
+            return console, None, None
     if args.threads:
         torch.set_num_threads(args.threads)
     return console, presets[preset], device
@@ -293,6 +320,10 @@ def run_attention(args: argparse.Namespace) -> int:
     if not ok:
         console.print(f"[red]{why}")
         return 2
+    why = output_path_problem(args.json)
+    if why is not None:
+        _error(console, f"--json {args.json}: {why}")
+        return 2
     try:
         rows = _measure(console, lambda progress: attention.run(
             args.geometry, args.contexts or [1024, 4096, 16384], dtype=getattr(torch, args.dtype),
@@ -364,9 +395,9 @@ def _transfer_problem(args: argparse.Namespace, transfer) -> str | None:
     if not 0 <= args.port <= 65535:
         return f"--port must be in 0..65535, got {args.port}"
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        parent = os.path.dirname(os.path.abspath(path)) if path else None
-        if parent and not os.path.isdir(parent):
-            return f"{flag} {path}: no directory {parent}"
+        why = output_path_problem(path)
+        if why is not None:
+            return f"{flag} {path}: {why}"
     if args.rate is not None:
         if args.role:
             return ("--rate shapes the link between the two sides this command starts; it "
@@ -618,6 +649,11 @@ def run_e2e(args: argparse.Namespace) -> int:
     from ..serve import bench_e2e
 
     console = Console()
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        why = output_path_problem(path)
+        if why is not None:
+            _error(console, f"{flag} {path}: {why}")
+            return EXIT_USAGE
     if args.link_rate and bench_e2e.link_from_env() is None:
         return _e2e_across_link(console, args)
     preset_name = "quick" if args.quick else args.preset

@@ -8,6 +8,18 @@ import platform
 import sys
 import time
 
+from .bench import _count, _error, output_path_problem
+
+MAX_SINK_LENGTH = 255  # thunderkv.hf.layer.MAX_SINK_LENGTH (not imported: that loads transformers)
+
+
+def _sink_length(text: str) -> int:
+    """argparse type of ``--sink-length``: an integer in 0..255."""
+    value = _count(0)(text)
+    if value > MAX_SINK_LENGTH:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_SINK_LENGTH}, got {value}")
+    return value
+
 
 def _model_and_cache_args(p: argparse.ArgumentParser, default_caches: str) -> None:
     """Arguments shared by ``eval quality`` and ``eval speed``."""
@@ -17,8 +29,8 @@ def _model_and_cache_args(p: argparse.ArgumentParser, default_caches: str) -> No
                    help="fp, thunderkv8, thunderkv4, thunderkv2, hf-quanto4, hf-hqq4, hf-fp8 "
                    f"(repeatable; default: {default_caches})")
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--residual-length", type=int, default=128)
-    p.add_argument("--sink-length", type=int, default=1,
+    p.add_argument("--residual-length", type=_count(0), default=128)
+    p.add_argument("--sink-length", type=_sink_length, default=1,
                    help="ThunderKV caches: first tokens kept exact (attention sinks; 0 = plain "
                    "KIVI)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -58,7 +70,8 @@ def register(subparsers) -> None:
     q.add_argument("--text", metavar="FILE",
                    help="UTF-8 text (default: a fixed slice of CPython's pydoc_data.topics)")
     q.add_argument("--tokens", type=int, default=512, help="tokens evaluated, prefix included")
-    q.add_argument("--prefix", type=int, default=64, help="tokens fed at once before scoring")
+    q.add_argument("--prefix", type=_count(1), default=64,
+                   help="tokens fed at once before scoring")
     q.add_argument("--json", metavar="PATH", help="append one JSON line per cache")
     q.set_defaults(func=run)
 
@@ -70,9 +83,9 @@ def register(subparsers) -> None:
         "baseline.",
     )
     _model_and_cache_args(sp, "fp thunderkv4 hf-quanto4")
-    sp.add_argument("--context", action="append", type=int, dest="contexts",
+    sp.add_argument("--context", action="append", type=_count(1), dest="contexts",
                     help="context length in tokens (repeatable; default 1024 and 4096)")
-    sp.add_argument("--steps", type=int, default=32, help="timed decode steps")
+    sp.add_argument("--steps", type=_count(1), default=32, help="timed decode steps")
     sp.add_argument("--json", metavar="PATH", help="append one JSON line per (context, cache)")
     sp.set_defaults(func=run_speed)
 
@@ -108,6 +121,10 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         console.print(f"[red]unknown cache {unknown}; choose from {', '.join(quality.CACHES)}")
         return 2
+    why = output_path_problem(args.json)
+    if why is not None:  # before the slow model load and run
+        _error(console, f"--json {args.json}: {why}")
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.text:  # read it before the slow model load: a bad path fails at once
@@ -129,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
     if not _select_attention(model, args.attention, console):
         return 1
     console.print(f"loaded {desc} in {time.perf_counter() - t0:.1f} s")
-    if not _group_size_fits(model, args.group_size, console):
+    if not _group_size_fits(model, args.group_size, console) \
+            or not _caches_fit(model, names, args, console):
         return 2
     if text is None:
         text, source = models.default_text(), f"pydoc_data.topics (Python {platform.python_version()})"
@@ -192,6 +210,24 @@ def _group_size_fits(model, group_size: int, console) -> bool:
     return True
 
 
+def _caches_fit(model, names: list[str], args: argparse.Namespace, console) -> bool:
+    """Build each requested ThunderKV cache once before evaluating, so that what it rejects
+    (sliding-window or hybrid layers, a group size, residual or sink length) is one red line
+    now, not a traceback mid-run."""
+    from ..hf.quality import make_cache
+
+    for name in names:
+        if not name.startswith("thunderkv"):
+            continue
+        try:
+            make_cache(name, model.config, group_size=args.group_size,
+                       residual_length=args.residual_length, sink_length=args.sink_length)
+        except (TypeError, ValueError) as exc:
+            _error(console, f"--cache {name}: {exc}")
+            return False
+    return True
+
+
 def run_speed(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
@@ -206,6 +242,10 @@ def run_speed(args: argparse.Namespace) -> int:
     if unknown:
         console.print(f"[red]unknown cache {unknown}; choose from {', '.join(quality.CACHES)}")
         return 2
+    why = output_path_problem(args.json)
+    if why is not None:  # before the slow model load and run
+        _error(console, f"--json {args.json}: {why}")
+        return 2
     contexts = args.contexts or [1024, 4096]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -217,7 +257,8 @@ def run_speed(args: argparse.Namespace) -> int:
             return 1
     if not _select_attention(model, args.attention, console):
         return 1
-    if not _group_size_fits(model, args.group_size, console):
+    if not _group_size_fits(model, args.group_size, console) \
+            or not _caches_fit(model, names, args, console):
         return 2
     text = models.default_text()
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids

@@ -11,7 +11,15 @@ would have had, so switching is always safe.
 
 The layer and the attention call meet through a thread-local handoff checked by identity (the
 key tensor the attention receives must be the one the layer just returned), so no model code
-changes and no other cache can be mistaken for ours.
+changes and no other cache can be mistaken for ours. Some models transform what the cache
+returns before attending (MLA / latent-KV models such as DeepSeek-V2/V3, GLM-4-MoE-lite, Kimi,
+MiniCPM3: ``expand_kv`` after ``cache.update``); there the identity check can never match, and a
+layer that returned only its residual would have lost the history. So each layer's first
+single-token step is a *probe*: it returns the full keys and values, as without fusion, and
+hands off a state keyed by them; only if the attention received exactly those tensors does the
+layer return just its residual on later steps. A layer whose probe was not taken keeps
+materializing. A hand-off that is not taken after the probe succeeded raises RuntimeError at the
+layer's next update rather than going unnoticed.
 """
 
 from __future__ import annotations
@@ -43,6 +51,10 @@ class DecodeState:
     backend: str = "auto"  # the cache's thunderkv backend, for materialize()
     sink_keys: torch.Tensor | None = None
     sink_values: torch.Tensor | None = None
+    # The key tensor the layer returned, when it is not ``keys`` (a probe step returns the
+    # materialized keys); the attention must receive exactly this tensor to take the state.
+    handle: torch.Tensor | None = None
+    taken: bool = False  # set when the attention took the state
 
     @property
     def ts(self) -> int:
@@ -82,10 +94,16 @@ def hand_off(state: DecodeState) -> None:
 
 
 def _take(key: torch.Tensor) -> DecodeState | None:
+    """The pending state if ``key`` is the tensor its layer returned, else None. Either way the
+    hand-off is cleared: an attention call follows its own layer's update, so a state that this
+    call does not take can never be taken."""
     state = getattr(_handoff, "state", None)
-    if state is None or state.keys is not key:
+    if state is None:
         return None
     _handoff.state = None
+    if (state.keys if state.handle is None else state.handle) is not key:
+        return None
+    state.taken = True
     return state
 
 
@@ -127,7 +145,8 @@ def thunderkv_attention_forward(
                                         values, scaling=scaling, key_mask=mask,
                                         tq_attend=state.tq)
             return out.unsqueeze(1), None
-        key, value = state.materialize()
+        if state.handle is None:  # a probe step already passed the materialized key/value
+            key, value = state.materialize()
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, **kwargs)
 

@@ -59,7 +59,9 @@ class ThunderKVCache(Cache):
     group_size : G, elements per (scale, minimum); must divide head_dim.
     residual_length : full-precision capacity in tokens (at most ``max(residual_length, G - 1)``
         newest tokens are unquantized; 0 quantizes each group as soon as it fills).
-    backend : thunderkv backend: "auto", "cpu", "cuda", "triton" or "reference".
+    backend : thunderkv backend: "auto", "cpu", "cuda", "triton" or "reference"; one that cannot
+        run on any device here raises ValueError now, one that cannot run on the model's
+        device at the first update (before anything is stored).
     key_axis, value_axis : -2 (per-channel) or -1 (per-token); KIVI defaults.
     sink_length : first tokens kept in full precision (0..255, default 1; 0 is plain KIVI).
     num_layers : only when ``config`` is None (e.g. :func:`~thunderkv.hf.import_kv`).
@@ -90,6 +92,9 @@ class ThunderKVCache(Cache):
         from ..format import FormatSpec
 
         check_backend_name(backend)
+        why = backend_problem(backend)
+        if why is not None:  # now, not at the first forward pass
+            raise ValueError(f"backend={backend!r} cannot run here: {why}")
         FormatSpec(bits, group_size)  # bits 2/4/8 and a positive group size, or ValueError
         head_dim = head_dim_of(config)
         if head_dim and -1 in (key_axis, value_axis) and head_dim % group_size:
@@ -129,6 +134,21 @@ class ThunderKVCache(Cache):
             f"axes=(key {self.key_axis}, value {self.value_axis}), tokens={self.get_seq_length()}, "
             f"nbytes={self.nbytes})"
         )
+
+
+def backend_problem(backend: str) -> str | None:
+    """Why thunderkv backend ``backend`` can run on no device here (None when it can on the
+    CPU or, where torch sees one, a CUDA device; always None for "auto")."""
+    from .. import backends
+
+    if backend == "auto":
+        return None
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available()
+                                       else [])
+    reasons = [backends.unavailable_reason(backend, d) for d in devices]
+    if any(why is None for why in reasons):
+        return None
+    return "; ".join(f"{d}: {why}" for d, why in zip(devices, reasons))
 
 
 def head_dim_of(config) -> int | None:

@@ -35,6 +35,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from ..api import QuantizedTensor, quantize
+from ..backends import unavailable_reason
 from ..format import SUPPORTED_DTYPES, FormatSpec
 from .attention import DecodeState, fused_attention_enabled, hand_off
 
@@ -99,7 +100,10 @@ class ThunderKVLayer(CacheLayerMixin):
     key_axis, value_axis : -2 per-channel or -1 per-token (defaults: KIVI, -2 keys, -1 values).
     attention_config : the model config; when it selects the ``"thunderkv"`` attention
         (:func:`~thunderkv.hf.use_fused_attention`), single-token CPU updates of a KIVI layer
-        return only the full-precision tokens and hand the packed history to that attention.
+        return only the full-precision tokens and hand the packed history to that attention --
+        once the layer's first such update (a probe returning everything) has shown that the
+        attention receives the tensors the layer returns (not so in MLA / latent-KV models,
+        which transform them first; those layers keep materializing).
     """
 
     is_sliding = False
@@ -137,6 +141,9 @@ class ThunderKVLayer(CacheLayerMixin):
         self.backend = backend
         self.qkeys: QuantizedTensor | None = None
         self.qvalues: QuantizedTensor | None = None
+        # Whether the attention takes this layer's hand-offs: None until the probe step shows it.
+        self._attention_takes_handoff: bool | None = None
+        self._handed: DecodeState | None = None  # the last hand-off
 
     @property
     def group_size(self) -> int:
@@ -163,6 +170,11 @@ class ThunderKVLayer(CacheLayerMixin):
                     f"head_dim {x.shape[-1]} is not divisible by group_size {spec.group_size}: "
                     "per-token groups run along head_dim (choose a group_size dividing it)"
                 )
+        if self.backend != "auto":
+            why = unavailable_reason(self.backend, key_states.device)
+            if why is not None:
+                raise ValueError(f"ThunderKVCache backend={self.backend!r} cannot run on "
+                                 f"{key_states.device}, where the model is: {why}")
         self.device = key_states.device
         self.dtype = key_states.dtype
         self.keys = key_states[..., :0, :].clone()
@@ -192,8 +204,10 @@ class ThunderKVLayer(CacheLayerMixin):
         # What this step attends to: the sink, the history as it was, every still-exact token.
         state = DecodeState(self.qkeys, self.qvalues, self.quantized_length, keys, values,
                             self.backend, self.sink_keys, self.sink_values)
-        fused = self._fused_step(key_states)
-        out_k, out_v = (keys, values) if fused else state.materialize()
+        mode = self._handoff_mode(key_states)
+        out_k, out_v = (keys, values) if mode == "fused" else state.materialize()
+        if mode == "probe":
+            state.handle = out_k
         G, r = self.group_size, keys.shape[-2]
         # fewest whole groups that bring the residual back to <= residual_length (or below G)
         n = min(-(-max(r - self.residual_length, 0) // G) * G, r // G * G)
@@ -207,7 +221,8 @@ class ThunderKVLayer(CacheLayerMixin):
             self.keys, self.values = keys[..., n:, :].clone(), values[..., n:, :].clone()
         else:
             self.keys, self.values = keys, values
-        if fused:
+        if mode is not None:
+            self._handed = state
             hand_off(state)  # the "thunderkv" attention reads it instead of out_k/out_v
         return out_k, out_v
 
@@ -216,6 +231,31 @@ class ThunderKVLayer(CacheLayerMixin):
         return (self.attention_config is not None and key_states.shape[-2] == 1
                 and key_states.device.type == "cpu" and self.key_spec.axis == -2
                 and self.value_spec.axis == -1 and fused_attention_enabled(self.attention_config))
+
+    def _handoff_mode(self, key_states: torch.Tensor) -> str | None:
+        """How this update meets the fused attention: None (return everything, no hand-off),
+        "probe" (return everything and hand off, to learn whether the attention receives the
+        returned tensors) or "fused" (return only the exact tokens; the attention reads the
+        packed history from the hand-off). Raises RuntimeError, before the cache changes, if the
+        last fused hand-off was not taken: that step attended without the history."""
+        if not self._fused_step(key_states):
+            return None
+        last = self._handed
+        if last is not None:
+            if last.taken:
+                self._attention_takes_handoff = True
+            elif self._attention_takes_handoff:
+                raise RuntimeError(
+                    "the fused ThunderKV attention did not receive the keys this cache layer "
+                    "returned on its previous decode step, so that step attended without the "
+                    "quantized history and sink; the model must pass the cache's keys to "
+                    "attention unchanged (else use the 'sdpa' attention with ThunderKVCache)")
+            else:
+                self._attention_takes_handoff = False  # e.g. MLA: K/V are rebuilt after update
+        self._handed = None
+        if self._attention_takes_handoff is None:
+            return "probe"
+        return "fused" if self._attention_takes_handoff else None
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -252,6 +292,7 @@ class ThunderKVLayer(CacheLayerMixin):
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
 
     def reset(self) -> None:
+        self._handed = None
         self.keys = self.values = None
         self.sink_keys = self.sink_values = None
         self.qkeys = self.qvalues = None

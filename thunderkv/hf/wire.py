@@ -75,8 +75,9 @@ def kv_header(cache: ThunderKVCache, *, request_id: int = 0, streamed: bool = Fa
 
     Raises
     ------
-    TypeError if ``cache`` is not a ThunderKVCache; ValueError if a layer holds no KV yet or
-    the layers differ in shape or dtype.
+    TypeError if ``cache`` is not a ThunderKVCache; ValueError if a layer holds no KV yet,
+    its keys and values differ in shape (MLA / latent-KV models: the header has one head_dim),
+    or the layers differ in shape or dtype.
     """
     if not isinstance(cache, ThunderKVCache):
         raise TypeError(f"expected a ThunderKVCache, got {type(cache).__name__}")
@@ -87,8 +88,14 @@ def kv_header(cache: ThunderKVCache, *, request_id: int = 0, streamed: bool = Fa
     B, H, Tr, D = first.keys.shape
     Ts, Tq = first.sink_tokens, first.quantized_length
     for i, layer in enumerate(layers):
+        if layer.values.shape != layer.keys.shape:
+            # e.g. MLA / latent-KV models, which cache a latent and a rotary key
+            raise ValueError(
+                f"export_kv: layer {i} holds keys {tuple(layer.keys.shape)} and values "
+                f"{tuple(layer.values.shape)} (head dims {layer.keys.shape[-1]} vs "
+                f"{layer.values.shape[-1]}): the wire header has one heads x head_dim for both")
         if ((layer.sink_tokens, layer.quantized_length, *layer.keys.shape) != (Ts, Tq, B, H, Tr, D)
-                or layer.values.shape != layer.keys.shape or layer.dtype != first.dtype):
+                or layer.dtype != first.dtype):
             raise ValueError(f"export_kv: layer {i} differs in shape or dtype from layer 0")
     # The sender states what it holds; the receiver applies its own Limits when decoding.
     return build_header(
