@@ -69,3 +69,16 @@ def slo():
 @pytest.fixture
 def params():
     return CostParams()
+
+
+def plan_tiny(d: Path, args: list[str]) -> dict:
+    """``thunderkv plan`` on :data:`TINY` (written to ``d/c.yaml``) with ``args``; the plan JSON
+    is ``d/plan.json``; returns it parsed."""
+    import json
+
+    from thunderkv.cli import main
+
+    (d / "c.yaml").write_text(TINY)
+    out = d / "plan.json"
+    assert main(["plan", "--cluster", str(d / "c.yaml"), "--json", str(out), *args]) == 0
+    return json.loads(out.read_text())

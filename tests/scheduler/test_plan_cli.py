@@ -7,7 +7,7 @@ import json
 import time
 
 import pytest
-from conftest import TINY, tiny_cluster
+from conftest import TINY, plan_tiny, tiny_cluster
 from thunderkv.scheduler.evaluate import HYBRID, Evaluator, SearchSpace, canonical
 from thunderkv.scheduler.reschedule import reschedule
 
@@ -23,10 +23,7 @@ COMMON = ["--model", "llama-7b", "--workload", "conversation", "--requests", "20
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
     d = tmp_path_factory.mktemp("plan")
-    (d / "c.yaml").write_text(TINY)
-    out = d / "plan.json"
-    assert main(["plan", "--cluster", str(d / "c.yaml"), "--json", str(out), *COMMON]) == 0
-    return d, json.loads(out.read_text())
+    return d, plan_tiny(d, COMMON)
 
 
 def test_plan_json_has_required_keys(planned):
