@@ -272,6 +272,8 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
            "idle_gpus": res.idle_gpus, "reload_groups": reload_groups,
            "dissolved_groups": list(res.dissolved),
            "predicted": {"goodput_req_per_s": round(good, 4),
+                         # the metrics below are at this rate (simulate --plan replays it)
+                         **({"rate_req_per_s": round(good, 4)} if good > 0 else {}),
                          **{k: round(v, 4) for k, v in m.items() if isinstance(v, float)}},
            "cost_per_hour": round(remaining.price_per_hour(), 4),
            "workload": {**recorded, "arrivals": arrivals, "seed": seed},

@@ -130,3 +130,19 @@ def test_trace_arrivals_at_one_instant_are_refused_before_planning(tmp_path, cap
     assert "all 12 arrival time(s) are the same instant" in err and "--arrivals poisson" in err
     with pytest.raises(ValueError, match="finite"):
         Workload(np.array([0.0, np.nan]), np.array([5, 5]), np.array([2, 2]))
+
+
+def test_simulate_replays_a_rescheduled_plan_at_its_goodput(planned, tmp_path):
+    """A rescheduled plan records the rate its metrics are at, so ``simulate --plan`` replays
+    it there (it fell back to the trace's own rate) and reproduces its attainment."""
+    d, _ = planned
+    re_json, sim = tmp_path / "re.json", tmp_path / "sim.json"
+    assert main(["plan", "--reschedule", str(d / "plan.json"), "--fail", "n1", "--no-compare",
+                 "--json", str(re_json), "--quiet"]) == 0
+    pred = json.loads(re_json.read_text())["predicted"]
+    assert pred["goodput_req_per_s"] > 0
+    assert pred["rate_req_per_s"] == pred["goodput_req_per_s"]
+    assert main(["simulate", "--plan", str(re_json), "--json", str(sim)]) == 0
+    got = json.loads(sim.read_text())
+    assert got["rate_req_per_s"] == pytest.approx(pred["rate_req_per_s"])
+    assert got["slo_attainment"] == pytest.approx(pred["slo_attainment"], abs=1e-4)
