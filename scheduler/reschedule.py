@@ -135,8 +135,8 @@ def reschedule(plan: Plan, cluster: Cluster, model: ModelSpec, params: CostParam
     if unknown:
         raise ValueError(f"unknown node(s) {sorted(unknown)}")
     lost = lost_gpus(cluster, fail_nodes, fail_gpus)
-    if {n.name for n in cluster.nodes} <= fail_nodes:
-        raise ValueError("every node of the cluster is lost: nothing to reschedule")
+    if {n.name for n in cluster.nodes} <= fail_nodes or lost >= set(cluster.gpus):
+        raise ValueError("every GPU of the cluster is lost: nothing to reschedule")
     dissolve = tuple(sorted(set(dissolve)))
     bad = [i for i in dissolve if not 0 <= i < len(plan.groups)]
     if bad:

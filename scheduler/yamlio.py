@@ -161,8 +161,12 @@ class Doc:
             if isinstance(v, str) and _FLOATISH.fullmatch(v.strip()):
                 hint = " (YAML reads 1e6 as text: write 1.0e+6)"
             raise self.error(label, f"expected a number, got {shorten(repr(v))}{hint}", node.line)
-        if not math.isfinite(v):
-            raise self.error(label, f"must be a finite number, got {v!r}", node.line)
+        try:
+            finite = math.isfinite(v)
+        except OverflowError:  # an int beyond any float (10**400)
+            finite = False
+        if not finite:
+            raise self.error(label, f"must be a finite number, got {shorten(repr(v))}", node.line)
         if integer and (not isinstance(v, int)):
             raise self.error(label, f"expected an integer, got {v!r}", node.line)
         if positive and not v > 0:

@@ -29,6 +29,14 @@ def gen(request) -> torch.Generator:
     return g
 
 
+@pytest.fixture
+def np_rng(request):
+    """A numpy generator per test, seeded like :func:`gen` (reproducible with the run's seed)."""
+    import numpy as np
+
+    return np.random.default_rng(BASE_SEED ^ zlib.crc32(request.node.nodeid.encode()))
+
+
 def _cpu_variants() -> list[str]:
     from thunderkv._extension import load_extension
 

@@ -136,6 +136,9 @@ def test_bench_e2e_link_rate_without_shaping_fails_with_exit_3_unless_skips_are_
     assert " ".join(capsys.readouterr().out.split()).startswith(
         "skipping --link-rate 50mbit (--allow-skip): no netns here")
     assert not rows.exists()
+    assert main(["bench", "e2e", "--model", "tiny", "--quick", "--allow-skip"]) == 2  # no link
+    assert " ".join(capsys.readouterr().out.split()) == (
+        "--allow-skip applies to --link-rate (a shaped link that may be unavailable)")
 
 def test_child_processes_ignore_a_source_tree_in_the_working_directory(tmp_path):
     """Benches that spawn roles run ``thunderkv.cli`` in a child; started from a directory

@@ -402,23 +402,26 @@ def _gather_lengths(cache: PagedKVCache, block_table, seq_lens, max_len: int | N
         )
     if max_len is None:
         max_len = hi
-    _check_read_blocks(cache, table, host, max_len)
-    return table, seq_lens.to(device=cache.device, dtype=torch.int64), max_len
+    lens = seq_lens.to(device=cache.device, dtype=torch.int64)
+    _check_read_blocks(cache, table, host, lens, max_len)
+    return table, lens, max_len
 
 
-def _check_read_blocks(cache: PagedKVCache, table: torch.Tensor, lens: list[int],
-                       max_len: int) -> None:
+def _check_read_blocks(cache: PagedKVCache, table: torch.Tensor, host: list[int],
+                       lens: torch.Tensor, max_len: int) -> None:
     """Range-check the block ids the gather reads: row b's first ceil(min(seq_lens[b], max_len)
-    / block_size). Entries past them are never read (any value, e.g. -1 padding). One sync."""
+    / block_size). Entries past them are never read (any value, e.g. -1 padding): they are
+    checked as block 0, which always exists. ``host``: seq_lens already on the host, ``lens``
+    the same on the table's device. One sync."""
     bs = cache.block_size
-    need = [-(-min(n, max_len) // bs) for n in lens]
-    n = max(need, default=0)
+    n = -(-min(max(host, default=0), max_len) // bs)
     if n == 0:
         return
     read = table[:, :n]
-    if min(need) < n:
+    if any(-(-min(x, max_len) // bs) < n for x in host):
+        need = (lens.clamp(max=max_len) + bs - 1) // bs  # on the device: no copy, no sync
         cols = torch.arange(n, device=table.device)
-        read = read[cols[None, :] < torch.tensor(need, device=table.device)[:, None]]
+        read = torch.where(cols[None, :] < need[:, None], read, 0)
     lo, hi = torch.stack(torch.aminmax(read)).tolist()
     if lo < 0 or hi >= cache.num_blocks:
         raise ValueError(f"block_table holds values in [{lo}, {hi}] among the blocks seq_lens "

@@ -186,6 +186,26 @@ def test_latent_kv_model_fused_matches_materialized(count_fused, gen, sink_lengt
         assert torch.equal(a, b)
 
 
+def test_fused_handoff_met_with_other_keys_raises_in_that_step(model, gen):
+    """After a layer's probe succeeded, an attention call that meets its fused hand-off with
+    keys other than the ones the layer returned raises there and then: that very step would
+    attend without the quantized history (the update-time check comes one step late)."""
+    from thunderkv.hf.attention import _take
+
+    use_fused_attention(model)
+    cache = ThunderKVCache(model.config, bits=4, group_size=16, residual_length=8)
+    ids = torch.randint(1, 32, (1, 24), generator=gen)
+    teacher_forced(model, ids, cache, 20)
+    layer = cache.layers[0]
+    assert layer._attention_takes_handoff is True
+    k = torch.randn(1, 2, 1, 32, generator=gen)
+    out_k, _ = layer.update(k, k.clone())  # fused: only the residual comes back
+    assert out_k.shape[-2] < layer.get_seq_length()
+    with pytest.raises(RuntimeError, match="received keys other than"):
+        _take(out_k.clone())  # e.g. a model that rebuilt its keys
+    assert _take(out_k) is None  # the hand-off was cleared either way
+
+
 def test_fused_handoff_that_is_not_taken_raises(model, gen):
     """Once a layer has shown that the attention receives its tensors, a later hand-off that is
     not taken (that step attended without the history) fails loudly at the next update."""

@@ -401,3 +401,12 @@ def test_cli_reports_a_bad_plan_json_in_one_line(tmp_path, capsys, mutate, words
     assert main(["plan", "--reschedule", path, "--fail", "n1", "--quiet"]) == 2
     err = "".join(capsys.readouterr().err.split())  # rich may wrap a long path anywhere
     assert err.count("".join(f"error: {path}: {words}".split())) == 2
+
+
+def test_an_integer_too_large_for_a_float_is_refused_in_one_line():
+    """``math.isfinite`` raises OverflowError for an int beyond any float: the loader says the
+    field must be finite instead of crashing."""
+    text = TINY.replace("inter_node_gbps: 10\n", "inter_node_gbps: 1" + "0" * 400 + "\n")
+    assert text != TINY
+    with pytest.raises(InputError, match="network.inter_node_gbps: must be a finite number"):
+        load_cluster("c.yaml", text)

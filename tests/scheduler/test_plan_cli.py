@@ -369,8 +369,11 @@ def test_reschedule_refuses_what_it_cannot_do(model7b, params, stats, slo):
     c = tiny_cluster()
     ev = Evaluator(c, model7b, params, stats, slo)
     plan = ev.plan(canonical([(("n0:0", "n0:1"), "prefill"), (("n2:0", "n2:1"), "decode")]))
-    with pytest.raises(ValueError, match="every node"):
+    with pytest.raises(ValueError, match="every GPU of the cluster is lost"):
         reschedule(plan, c, model7b, params, stats, slo, fail_nodes={"n0", "n1", "n2"})
+    with pytest.raises(ValueError, match="every GPU of the cluster is lost"):  # one by one
+        reschedule(plan, c, model7b, params, stats, slo, fail_nodes={"n0"},
+                   fail_gpus={"n1:0", "n1:1", "n2:0", "n2:1"})
     with pytest.raises(ValueError, match="lost a GPU already"):
         reschedule(plan, c, model7b, params, stats, slo, fail_nodes={"n0"}, dissolve=(0,))
     twice = reschedule(plan, c, model7b, params, stats, slo, dissolve=(1, 1))

@@ -34,7 +34,7 @@ def test_surviving_cluster_drops_lost_gpus_and_nodes():
     assert surviving_cluster(c, None, None).gpus == c.gpus
 
 
-def test_reschedule_replays_with_the_arrivals_and_seed_asked_for(planned):
+def test_reschedule_replays_with_the_arrivals_and_seed_asked_for(planned, np_rng):
     """Trace-shaped arrivals and another seed change the replay; the document says which ran.
     Default: what the plan recorded."""
     d, doc = planned
@@ -42,7 +42,7 @@ def test_reschedule_replays_with_the_arrivals_and_seed_asked_for(planned):
     _, plan = load_plan_json(d / "plan.json")
     wl = synthetic("conversation", 200, 1.0, seed=0)
     wl.min_replay_s = 100
-    seed = int(np.random.default_rng().integers(1, 1000))
+    seed = int(np_rng.integers(1, 1000))
     runs = {}
     for arrivals, s in (("poisson", None), ("poisson", seed), ("trace", None)):
         out = reschedule_document(doc, plan, ["n1"], wl, compare=False, arrivals=arrivals, seed=s)
@@ -55,8 +55,10 @@ def test_reschedule_replays_with_the_arrivals_and_seed_asked_for(planned):
 
 
 def test_full_replan_after_losing_single_gpus_uses_only_the_survivors(planned):
-    """Losing every GPU of n1 one by one is losing n1: the same full re-plan, the same cost
-    (only GPUs still there), and no lost GPU in it."""
+    """Losing every GPU of n1 one by one is losing n1: the same full re-plan (its search is
+    deterministic; which candidates get replayed depends on the clock, so the model value is
+    compared) and the same cost (only GPUs still there). Before, the lost GPUs stayed in the
+    cluster the re-plan searched and it found the original plan's value."""
     d, doc = planned
     from thunderkv.scheduler.plan import load_plan_json
     _, plan = load_plan_json(d / "plan.json")
@@ -67,7 +69,6 @@ def test_full_replan_after_losing_single_gpus_uses_only_the_survivors(planned):
     by_node = reschedule_document(doc, plan, ["n1"], wl, replan=cfg)
     by_gpu = reschedule_document(doc, plan, ["n1:0", "n1:1"], wl, replan=cfg)
     assert by_gpu["full_replan"]["model_req_per_s"] == by_node["full_replan"]["model_req_per_s"]
-    assert by_gpu["full_replan"]["goodput_req_per_s"] == by_node["full_replan"]["goodput_req_per_s"]
     want = tiny_cluster().price_per_hour([g for g in tiny_cluster().gpus if not g.startswith("n1:")])
     assert by_node["cost_per_hour"] == by_gpu["cost_per_hour"] == pytest.approx(want)
     assert doc["cost_per_hour"] == pytest.approx(tiny_cluster().price_per_hour())

@@ -304,13 +304,13 @@ def test_pipeline_activations_delay_kv_on_a_shared_nic(model7b, params, stats, t
     assert res.transfer_done[0] >= expect * (1 - 1e-9)
 
 
-def test_calendar_books_the_earliest_gap_without_overlap():
+def test_calendar_books_the_earliest_gap_without_overlap(np_rng):
     """Random bookings (events in time order, each ready at or after its event): every
     interval starts no sooner than it is ready, no two overlap, and none could have started
     earlier (brute force over the intervals live at booking time); total busy time is the sum
     of the lengths."""
     from thunderkv.scheduler.simulator import _Calendar
-    rng = np.random.default_rng()
+    rng = np_rng
     cal, now, booked = _Calendar(), 0.0, []
     for _ in range(400):
         now += float(rng.exponential(0.05))
@@ -367,7 +367,8 @@ def test_streamed_kv_is_not_held_back_by_later_activations(model7b, params, stat
     assert wait <= idle + 0.1 * after
 
 
-def test_a_plan_read_back_from_json_replays_identically(model7b, params, stats, slo, small_wl):
+def test_a_plan_read_back_from_json_replays_identically(model7b, params, stats, slo, small_wl,
+                                                        np_rng):
     """The simulator splits requests by the routing's weights (smooth weighted round-robin),
     so the JSON keeps them unrounded: replaying a plan read back from its JSON gives the same
     result as replaying it before it was written (4-decimal flows did not)."""
@@ -378,7 +379,7 @@ def test_a_plan_read_back_from_json_replays_identically(model7b, params, stats, 
     assert len(plan.routing_dicts()) >= 2
     back = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
     assert np.array_equal(back.flow, plan.flow) and back.objective == plan.objective
-    wl = small_wl.cycled(20000).with_poisson(float(np.random.default_rng().uniform(2, 20)), 5)
+    wl = small_wl.cycled(20000).with_poisson(float(np_rng.uniform(2, 20)), 5)
     a = simulate(plan, ev.cluster, model7b, params, wl)
     b = simulate(back, ev.cluster, model7b, params, wl)
     assert np.array_equal(a.finish, b.finish, equal_nan=True)

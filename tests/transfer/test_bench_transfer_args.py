@@ -146,6 +146,9 @@ def test_rate_without_shaping_fails_with_exit_3_unless_skips_are_allowed(
     assert not rows.exists()
     code, out = bench(capsys, "--rate", "100mbit", "--quick", "--allow-skip")
     assert code == 0 and one_line(out).startswith("skipping --rate 100mbit (--allow-skip)")
+    code, out = bench(capsys, "--quick", "--allow-skip")  # nothing to skip: not silently ignored
+    assert code == 2 and one_line(out) == ("--allow-skip applies to --rate (a shaped link that "
+                                           "may be unavailable)")
 
 
 # ---------------------------------------------------------------- 5: one side, real sockets

@@ -394,6 +394,8 @@ def _transfer_problem(args: argparse.Namespace, transfer) -> str | None:
         return f"--timeout must be > 0 seconds, got {args.timeout:g}"
     if not 0 <= args.port <= 65535:
         return f"--port must be in 0..65535, got {args.port}"
+    if args.allow_skip and args.rate is None:
+        return "--allow-skip applies to --rate (a shaped link that may be unavailable)"
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         why = output_path_problem(path)
         if why is not None:
@@ -649,6 +651,10 @@ def run_e2e(args: argparse.Namespace) -> int:
     from ..serve import bench_e2e
 
     console = Console()
+    if args.allow_skip and not args.link_rate:
+        _error(console, "--allow-skip applies to --link-rate (a shaped link that may be "
+               "unavailable)")
+        return EXIT_USAGE
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         why = output_path_problem(path)
         if why is not None:

@@ -18,8 +18,9 @@ layer that returned only its residual would have lost the history. So each layer
 single-token step is a *probe*: it returns the full keys and values, as without fusion, and
 hands off a state keyed by them; only if the attention received exactly those tensors does the
 layer return just its residual on later steps. A layer whose probe was not taken keeps
-materializing. A hand-off that is not taken after the probe succeeded raises RuntimeError at the
-layer's next update rather than going unnoticed.
+materializing. After a layer's probe succeeded, an attention call that meets its hand-off with
+other keys raises RuntimeError (that step would attend without the history), and a hand-off
+that no attention call met at all raises at the layer's next update.
 """
 
 from __future__ import annotations
@@ -94,15 +95,24 @@ def hand_off(state: DecodeState) -> None:
 
 
 def _take(key: torch.Tensor) -> DecodeState | None:
-    """The pending state if ``key`` is the tensor its layer returned, else None. Either way the
-    hand-off is cleared: an attention call follows its own layer's update, so a state that this
-    call does not take can never be taken."""
+    """The pending state if ``key`` is the tensor its layer returned, else None (a probe that
+    did not match). Either way the hand-off is cleared: an attention call follows its own
+    layer's update, so a state that this call does not take can never be taken. A fused state
+    (its layer returned only the residual) met with other keys raises RuntimeError: attending
+    without the history would be silently wrong."""
     state = getattr(_handoff, "state", None)
     if state is None:
         return None
     _handoff.state = None
-    if (state.keys if state.handle is None else state.handle) is not key:
-        return None
+    if state.handle is not None:  # a probe: the keys returned were complete either way
+        if state.handle is not key:
+            return None
+    elif state.keys is not key:  # fused: the layer returned only its residual
+        raise RuntimeError(
+            "the fused ThunderKV attention received keys other than the ones its cache layer "
+            "just returned, so the quantized history and sink would be left out of this step; "
+            "the model must pass the cache's keys to attention unchanged (else use the 'sdpa' "
+            "attention with ThunderKVCache)")
     state.taken = True
     return state
 
