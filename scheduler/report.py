@@ -94,14 +94,17 @@ def plot_sweep(doc: dict[str, Any], path: str, title: str) -> None:
     for i, r in enumerate(rows):
         if r["ratio_to_full_replan"] is not None:
             ax.text(i, max(light[i], full[i]) * 1.01, f"{r['ratio_to_full_replan']:.3f}",
-                    ha="center", va="bottom", fontsize=8)
+                    ha="center", va="bottom", fontsize=8,
+                    bbox={"fc": "white", "ec": "none", "pad": 0.5})  # legible over the line
     if doc.get("original_goodput_req_per_s"):
         ax.axhline(doc["original_goodput_req_per_s"], color="black", ls="--", lw=0.8,
                    label="before the failure")
     ax.set_xticks(x, [r["failed"] for r in rows], rotation=30, ha="right")
     ax.set_ylabel("simulated goodput (req/s)")
     ax.set_title(title)
-    ax.legend(fontsize=7, loc="lower left")
+    top = max(light + full + [doc.get("original_goodput_req_per_s") or 0.0])
+    ax.set_ylim(0, 1.3 * top if top > 0 else 1.0)  # the ratios and the legend above the bars
+    ax.legend(fontsize=7, loc="upper center", ncol=3, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
