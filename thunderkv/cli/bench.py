@@ -660,6 +660,13 @@ def run_e2e(args: argparse.Namespace) -> int:
         if why is not None:
             _error(console, f"{flag} {path}: {why}")
             return EXIT_USAGE
+    from ..serve.tokenizer import check_model
+
+    try:  # cheap: nothing loads; a missing model is one line, not a traceback from a worker
+        check_model(args.model)
+    except FileNotFoundError as exc:
+        _error(console, f"--model {args.model}: {exc}")
+        return EXIT_USAGE
     if args.link_rate and bench_e2e.link_from_env() is None:
         return _e2e_across_link(console, args)
     preset_name = "quick" if args.quick else args.preset
