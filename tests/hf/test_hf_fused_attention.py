@@ -206,6 +206,20 @@ def test_fused_handoff_met_with_other_keys_raises_in_that_step(model, gen):
     assert _take(out_k) is None  # the hand-off was cleared either way
 
 
+def test_a_stale_handoff_does_not_reach_the_next_run(model, gen):
+    """A fused step whose attention never ran (an interrupted forward) leaves its hand-off
+    pending; the next update anywhere drops it, so a fresh run with another cache is not
+    mistaken for a model that rebuilt its keys."""
+    use_fused_attention(model)
+    cache = ThunderKVCache(model.config, bits=4, group_size=16, residual_length=8)
+    ids = torch.randint(1, 32, (1, 24), generator=gen)
+    teacher_forced(model, ids, cache, 20)
+    k = torch.randn(1, 2, 1, 32, generator=gen)
+    cache.layers[0].update(k, k.clone())  # fused, and its attention never runs
+    fresh = ThunderKVCache(model.config, bits=4, group_size=16, residual_length=8)
+    teacher_forced(model, ids, fresh, 20)  # raised "received keys other than" before
+
+
 def test_fused_handoff_that_is_not_taken_raises(model, gen):
     """Once a layer has shown that the attention receives its tensors, a later hand-off that is
     not taken (that step attended without the history) fails loudly at the next update."""

@@ -89,8 +89,10 @@ class DecodeState:
         return keys, values, mask
 
 
-def hand_off(state: DecodeState) -> None:
-    """Called by the cache layer: the next attention call on ``state.keys`` may use ``state``."""
+def hand_off(state: DecodeState | None) -> None:
+    """Called by the cache layer: the next attention call on ``state.keys`` may use ``state``.
+    ``None`` (at every update) drops a state left by an update whose attention never ran (an
+    interrupted step): the attention call after this update is not its own."""
     _handoff.state = state
 
 

@@ -36,11 +36,8 @@ from transformers.cache_utils import CacheLayerMixin
 
 from ..api import QuantizedTensor, quantize
 from ..backends import unavailable_reason
-from ..format import SUPPORTED_DTYPES, FormatSpec
+from ..format import MAX_SINK_TOKENS, SUPPORTED_DTYPES, FormatSpec
 from .attention import DecodeState, fused_attention_enabled, hand_off
-
-# The wire header's sink_tokens field is one byte (thunderkv.transfer.wire).
-MAX_SINK_LENGTH = 255
 
 
 def cat_quantized(a: QuantizedTensor | None, b: QuantizedTensor) -> QuantizedTensor:
@@ -133,8 +130,8 @@ class ThunderKVLayer(CacheLayerMixin):
         self.residual_length = residual_length
         if isinstance(sink_length, bool) or not isinstance(sink_length, int):
             raise TypeError(f"sink_length must be an int, got {sink_length!r}")
-        if not 0 <= sink_length <= MAX_SINK_LENGTH:
-            raise ValueError(f"sink_length must be in 0..{MAX_SINK_LENGTH}, got {sink_length}")
+        if not 0 <= sink_length <= MAX_SINK_TOKENS:  # the wire header's field is one byte
+            raise ValueError(f"sink_length must be in 0..{MAX_SINK_TOKENS}, got {sink_length}")
         self.sink_length = sink_length
         self.sink_keys: torch.Tensor | None = None
         self.sink_values: torch.Tensor | None = None
@@ -189,6 +186,7 @@ class ThunderKVLayer(CacheLayerMixin):
 
         The history comes back dequantized, the sink, the residual and the new tokens exactly.
         """
+        hand_off(None)  # a pending hand-off is stale now (its attention call never came)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if key_states.dtype != self.dtype or value_states.dtype != self.dtype:
