@@ -12,6 +12,9 @@ import torch
 
 FORMAT_VERSION = 1
 SUPPORTED_BITS = (2, 4, 8)
+# Exact first tokens (attention sinks) a KV message or cache may hold: one byte in the wire
+# header (thunderkv.transfer.wire).
+MAX_SINK_TOKENS = 255
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_AXES = (-1, -2)
 # Codes handed to the compiled kernels (csrc/format_v1.h DType).

@@ -10,14 +10,14 @@ import time
 
 from .bench import _count, _error, output_path_problem
 
-MAX_SINK_LENGTH = 255  # thunderkv.hf.layer.MAX_SINK_LENGTH (not imported: that loads transformers)
-
 
 def _sink_length(text: str) -> int:
-    """argparse type of ``--sink-length``: an integer in 0..255."""
+    """argparse type of ``--sink-length``: an integer in 0..MAX_SINK_TOKENS (255)."""
+    from ..format import MAX_SINK_TOKENS  # imports torch: only when the flag is given
+
     value = _count(0)(text)
-    if value > MAX_SINK_LENGTH:
-        raise argparse.ArgumentTypeError(f"must be <= {MAX_SINK_LENGTH}, got {value}")
+    if value > MAX_SINK_TOKENS:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_SINK_TOKENS}, got {value}")
     return value
 
 

@@ -40,7 +40,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..format import DTYPE_CODES, FORMAT_VERSION, SUPPORTED_BITS, FormatSpec
+from ..format import DTYPE_CODES, FORMAT_VERSION, MAX_SINK_TOKENS, SUPPORTED_BITS, FormatSpec
 from .checksum import crc32c
 
 MAGIC = b"TKVX"
@@ -64,7 +64,7 @@ _RANGES = {
     "value_axis": (-128, 127), "layers": (0, _U32), "batch": (0, _U32), "heads": (0, _U32),
     "head_dim": (0, _U32), "quant_tokens": (0, _U32), "residual_tokens": (0, _U32),
     "seq_len": (0, _U32), "request_id": (0, _U64), "payload_length": (0, _U64),
-    "payload_crc": (0, _U32), "sink_tokens": (0, 255),
+    "payload_crc": (0, _U32), "sink_tokens": (0, MAX_SINK_TOKENS),
 }
 
 
