@@ -152,6 +152,21 @@ def test_bench_e2e_without_its_model_says_what_to_install_in_one_line(capsys, mo
     assert main(["bench", "e2e", "--quick", "--model", "/nonexistent/dir"]) == 2
     assert "unknown model '/nonexistent/dir'" in capsys.readouterr().out
 
+@pytest.mark.parametrize("argv", [["bench", "e2e", "--kv-sink-tokens"],
+                                  ["serve", "--kv-sink-tokens"],
+                                  ["eval", "quality", "--sink-length"]])
+def test_sink_token_flags_say_the_range_in_one_short_line(capsys, argv):
+    """One bound, thunderkv.format.MAX_SINK_TOKENS, in one short message (choices=range(256)
+    listed all 256 values)."""
+    from thunderkv.format import MAX_SINK_TOKENS
+
+    for bad, why in ((str(MAX_SINK_TOKENS + 1), f"must be <= {MAX_SINK_TOKENS}"),
+                     ("-1", "must be >= 0"), ("x", "not an integer")):
+        with pytest.raises(SystemExit):
+            main([*argv, bad])
+        err = capsys.readouterr().err
+        assert why in err and len(err.splitlines()[-1]) < 120
+
 def test_child_processes_ignore_a_source_tree_in_the_working_directory(tmp_path):
     """Benches that spawn roles run ``thunderkv.cli`` in a child; started from a directory
     holding another ``thunderkv/`` (a source checkout after ``pip install .``), ``python -m``

@@ -21,6 +21,17 @@ def _count(minimum: int):
     return parse
 
 
+def sink_tokens(text: str) -> int:
+    """argparse type of the sink-token flags: an integer in 0..MAX_SINK_TOKENS (255, one byte
+    in the wire header); one short message when out of range, not 256 listed choices."""
+    from ..format import MAX_SINK_TOKENS  # imports torch: only when such a flag is given
+
+    value = _count(0)(text)
+    if value > MAX_SINK_TOKENS:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_SINK_TOKENS}, got {value}")
+    return value
+
+
 def output_path_problem(path: str | None) -> str | None:
     """Why JSON lines cannot be appended to ``path`` (None when they can, or no path): checked
     before a run, so that a long run does not fail only at its end."""
@@ -184,8 +195,7 @@ def register(subparsers) -> None:
     e2e.add_argument("--seed", type=int, default=0)
     e2e.add_argument("--kv-group-size", type=int, default=32, choices=[16, 32, 64],
                      help="format v1 group size of 4-bit KV messages")
-    e2e.add_argument("--kv-sink-tokens", type=int, default=0, choices=range(0, 256),
-                     metavar="N",
+    e2e.add_argument("--kv-sink-tokens", type=sink_tokens, default=0, metavar="N",
                      help="first tokens of a 4-bit KV message sent exact (attention sink)")
     e2e.add_argument("--link-rate", help="put decode workers across a veth link shaped to this "
                      "rate (e.g. 30mbit; needs netns + tc; where shaping is unavailable the run "

@@ -8,17 +8,7 @@ import platform
 import sys
 import time
 
-from .bench import _count, _error, output_path_problem
-
-
-def _sink_length(text: str) -> int:
-    """argparse type of ``--sink-length``: an integer in 0..MAX_SINK_TOKENS (255)."""
-    from ..format import MAX_SINK_TOKENS  # imports torch: only when the flag is given
-
-    value = _count(0)(text)
-    if value > MAX_SINK_TOKENS:
-        raise argparse.ArgumentTypeError(f"must be <= {MAX_SINK_TOKENS}, got {value}")
-    return value
+from .bench import _count, _error, output_path_problem, sink_tokens
 
 
 def _model_and_cache_args(p: argparse.ArgumentParser, default_caches: str) -> None:
@@ -30,7 +20,7 @@ def _model_and_cache_args(p: argparse.ArgumentParser, default_caches: str) -> No
                    f"(repeatable; default: {default_caches})")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--residual-length", type=_count(0), default=128)
-    p.add_argument("--sink-length", type=_sink_length, default=1,
+    p.add_argument("--sink-length", type=sink_tokens, default=1,
                    help="ThunderKV caches: first tokens kept exact (attention sinks; 0 = plain "
                    "KIVI)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .bench import sink_tokens
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -22,8 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--kv-bits", type=int, default=4, choices=[4, 16])
     p.add_argument("--kv-group-size", type=int, default=32, choices=[16, 32, 64],
                    help="format v1 group size of 4-bit KV (16: closer to 16-bit, fewer savings)")
-    p.add_argument("--kv-sink-tokens", type=int, default=0, choices=range(0, 256),
-                   metavar="N",
+    p.add_argument("--kv-sink-tokens", type=sink_tokens, default=0, metavar="N",
                    help="first tokens of a 4-bit KV message sent exact (attention sink)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per worker (0: torch's default)")
