@@ -17,3 +17,6 @@ for s in 1 2; do
   thunderkv plan --cluster examples/planner/cloud-32.yaml --model llama-30b --trace $T --baselines hexgen \
     --seed $s --json $R/conv-seed$s.json > $R/conv-seed$s.out 2>&1
 done
+# 320 GPUs, site by site (as planner-2026-11-29f-cpu/c320-sites.*), run last on its own:
+thunderkv plan --cluster examples/planner/cloud-320.yaml --model llama-30b --trace $T --baselines none \
+  --time-limit 500 --json $R/c320-sites.json > $R/c320-sites.out 2>&1
