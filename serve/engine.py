@@ -90,7 +90,13 @@ class _sigint_blocked:
     mask (across exec, so before the worker can set up anything), and a Ctrl-C in the terminal,
     which reaches the whole process group, interrupts the router only -- which then stops the
     workers -- instead of printing a KeyboardInterrupt traceback from every worker. One that
-    arrives meanwhile stays pending and reaches the router when the mask is restored."""
+    arrives meanwhile stays pending and reaches the router when the mask is restored.
+
+    The router's listener threads are started under it too and keep it: a SIGINT the kernel
+    hands to an unblocked listener still raises KeyboardInterrupt in the main thread at once,
+    which could land inside ``Process.start()`` while the new worker reads its start-up data
+    (it then died printing an EOFError traceback). With every other thread blocking SIGINT,
+    only the main thread takes it, and not while it is starting a worker."""
 
     def __enter__(self) -> None:
         from multiprocessing import resource_tracker
@@ -264,8 +270,9 @@ class Engine:
             conn = parent
         w = WorkerState(worker_id, role, proc, conn)
         self.procs.append(w)
-        threading.Thread(target=self._listen, args=(w,), name=f"tkv-router-{worker_id}",
-                         daemon=True).start()
+        with _sigint_blocked():  # the listener keeps the mask: see _sigint_blocked
+            threading.Thread(target=self._listen, args=(w,), name=f"tkv-router-{worker_id}",
+                             daemon=True).start()
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.start_timeout
