@@ -86,17 +86,20 @@ class ServeConfig:
 
 
 class _sigint_blocked:
-    """SIGINT blocked in this thread while it starts a worker process: the child inherits the
-    mask (across exec, so before the worker can set up anything), and a Ctrl-C in the terminal,
-    which reaches the whole process group, interrupts the router only -- which then stops the
-    workers -- instead of printing a KeyboardInterrupt traceback from every worker. One that
-    arrives meanwhile stays pending and reaches the router when the mask is restored.
+    """SIGINT held off while this thread starts a worker process.
 
-    The router's listener threads are started under it too and keep it: a SIGINT the kernel
-    hands to an unblocked listener still raises KeyboardInterrupt in the main thread at once,
-    which could land inside ``Process.start()`` while the new worker reads its start-up data
-    (it then died printing an EOFError traceback). With every other thread blocking SIGINT,
-    only the main thread takes it, and not while it is starting a worker."""
+    The signal is blocked in this thread, and the child inherits the mask (across exec, so
+    before the worker can set up anything): a Ctrl-C in the terminal, which reaches the whole
+    process group, interrupts the router only -- which then stops the workers -- instead of
+    printing a KeyboardInterrupt traceback from every worker.
+
+    Blocking is not enough in the router itself: the kernel hands a process-wide SIGINT to any
+    thread that does not block it (a listener, a native torch/OpenMP thread), and CPython then
+    raises KeyboardInterrupt in the main thread anyway -- possibly inside ``Process.start()``
+    while the new worker reads its start-up data, which then dies printing an EOFError
+    traceback. So in the main thread the Python-level handler only records the signal while the
+    worker starts, and KeyboardInterrupt is raised once ``start()`` has returned. A signal still
+    pending at the OS level reaches the router when the mask is restored."""
 
     def __enter__(self) -> None:
         from multiprocessing import resource_tracker
@@ -104,10 +107,21 @@ class _sigint_blocked:
         # Process.start() starts the tracker on first use, and unblocks SIGINT after that:
         # start it first, so that the mask holds while the worker itself is started.
         resource_tracker.ensure_running()
+        self._got = False
+        self._handler = None
+        if threading.current_thread() is threading.main_thread():
+            self._handler = signal.signal(signal.SIGINT, self._record)
         self._old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
-    def __exit__(self, *exc) -> None:
+    def _record(self, *_) -> None:
+        self._got = True
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if self._handler is not None:
+            signal.signal(signal.SIGINT, self._handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
+        if self._got and exc_type is None:
+            raise KeyboardInterrupt
 
 
 def routing_table(entries, roles: list[str]):
@@ -270,9 +284,8 @@ class Engine:
             conn = parent
         w = WorkerState(worker_id, role, proc, conn)
         self.procs.append(w)
-        with _sigint_blocked():  # the listener keeps the mask: see _sigint_blocked
-            threading.Thread(target=self._listen, args=(w,), name=f"tkv-router-{worker_id}",
-                             daemon=True).start()
+        threading.Thread(target=self._listen, args=(w,), name=f"tkv-router-{worker_id}",
+                         daemon=True).start()
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.start_timeout
