@@ -48,6 +48,17 @@ def output_path_problem(path: str | None) -> str | None:
     return None
 
 
+def outputs_problem(args: argparse.Namespace) -> str | None:
+    """One line naming the first of ``--json`` / ``--plot`` (those this command has) that
+    cannot be written (:func:`output_path_problem`), or None."""
+    for key in ("json", "plot"):
+        path = getattr(args, key, None)
+        why = output_path_problem(path)
+        if why is not None:
+            return f"--{key} {path}: {why}"
+    return None
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default", help="shape preset: default, quick, large")
     p.add_argument("--quick", action="store_true", help="same as --preset quick (seconds)")
@@ -225,9 +236,9 @@ def _setup(args: argparse.Namespace, presets: dict):
             console.print(f"[red]--device {args.device}: {why}")
             return console, None, None
         device = torch.device(args.device)
-    why = output_path_problem(args.json)
+    why = outputs_problem(args)
     if why is not None:
-        _error(console, f"--json {args.json}: {why}")
+        _error(console, why)
         return console, None, None
     from ..bench.common import backend_problem
 
@@ -330,9 +341,9 @@ def run_attention(args: argparse.Namespace) -> int:
     if not ok:
         console.print(f"[red]{why}")
         return 2
-    why = output_path_problem(args.json)
+    why = outputs_problem(args)
     if why is not None:
-        _error(console, f"--json {args.json}: {why}")
+        _error(console, why)
         return 2
     try:
         rows = _measure(console, lambda progress: attention.run(
@@ -406,10 +417,9 @@ def _transfer_problem(args: argparse.Namespace, transfer) -> str | None:
         return f"--port must be in 0..65535, got {args.port}"
     if args.allow_skip and args.rate is None:
         return "--allow-skip applies to --rate (a shaped link that may be unavailable)"
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        why = output_path_problem(path)
-        if why is not None:
-            return f"{flag} {path}: {why}"
+    why = outputs_problem(args)
+    if why is not None:
+        return why
     if args.rate is not None:
         if args.role:
             return ("--rate shapes the link between the two sides this command starts; it "
@@ -665,11 +675,10 @@ def run_e2e(args: argparse.Namespace) -> int:
         _error(console, "--allow-skip applies to --link-rate (a shaped link that may be "
                "unavailable)")
         return EXIT_USAGE
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        why = output_path_problem(path)
-        if why is not None:
-            _error(console, f"{flag} {path}: {why}")
-            return EXIT_USAGE
+    why = outputs_problem(args)
+    if why is not None:
+        _error(console, why)
+        return EXIT_USAGE
     from ..serve.tokenizer import check_model
 
     try:  # cheap: nothing loads; a missing model is one line, not a traceback from a worker

@@ -8,7 +8,7 @@ import platform
 import sys
 import time
 
-from .bench import _count, _error, output_path_problem, sink_tokens
+from .bench import _count, _error, outputs_problem, sink_tokens
 
 
 def _model_and_cache_args(p: argparse.ArgumentParser, default_caches: str) -> None:
@@ -111,9 +111,9 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         console.print(f"[red]unknown cache {unknown}; choose from {', '.join(quality.CACHES)}")
         return 2
-    why = output_path_problem(args.json)
+    why = outputs_problem(args)
     if why is not None:  # before the slow model load and run
-        _error(console, f"--json {args.json}: {why}")
+        _error(console, why)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -232,9 +232,9 @@ def run_speed(args: argparse.Namespace) -> int:
     if unknown:
         console.print(f"[red]unknown cache {unknown}; choose from {', '.join(quality.CACHES)}")
         return 2
-    why = output_path_problem(args.json)
+    why = outputs_problem(args)
     if why is not None:  # before the slow model load and run
-        _error(console, f"--json {args.json}: {why}")
+        _error(console, why)
         return 2
     contexts = args.contexts or [1024, 4096]
     if args.threads:
