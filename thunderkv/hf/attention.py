@@ -177,13 +177,21 @@ def use_fused_attention(model) -> None:
     """Switch ``model`` (a transformers PreTrainedModel) to the ``"thunderkv"`` attention.
 
     Caches other than ThunderKVCache keep working (SDPA). Raises RuntimeError where the compiled
-    kernel is unavailable.
+    kernel is unavailable, or where the model does not take transformers' attention interface
+    (e.g. Falcon, whose attention is its own code: transformers only logs a warning and keeps
+    the old implementation); ThunderKVCache still works there with that attention.
     """
     ok, why = fused_attention_available()
     if not ok:
         raise RuntimeError(f"fused ThunderKV attention is unavailable: {why}")
     register_fused_attention()
     model.set_attn_implementation(ATTENTION_NAME)
+    if not fused_attention_enabled(model.config):
+        now = getattr(model.config, "_attn_implementation", None)
+        raise RuntimeError(
+            f"{type(model).__name__} did not switch to the fused ThunderKV attention (it still "
+            f"uses {now!r}): its attention does not go through transformers' AttentionInterface. "
+            "ThunderKVCache works with it unfused; drop use_fused_attention() for this model")
 
 
 def fused_attention_enabled(config) -> bool:
