@@ -196,10 +196,151 @@ def test_models_with_their_own_attention_refuse_the_fused_switch():
     assert error(got, full_logits(model, ids)) < TOL
 
 
-@pytest.mark.parametrize("cfg_name", ["Gemma2Config", "Exaone4Config"])
-def test_sliding_window_architectures_are_refused(cfg_name):
+_HYBRID = dict(_GQA, num_hidden_layers=4)
+WINDOW = 64  # < PROMPT: the sliding layers really drop tokens
+
+# Hybrid models: full-attention layers quantized, the others kept in transformers' own layers.
+# name -> (config class, model class, config kwargs, exact layer type, fused attention):
+# "kernel" (the fused kernel runs on every full layer's decode steps) or "refused" (no SDPA
+# form of the attention: softcapped logits, attention sinks).
+HYBRIDS = {
+    "gemma2 (softcap)": ("Gemma2Config", "Gemma2ForCausalLM",
+                         dict(_HYBRID, head_dim=32, sliding_window=WINDOW), "sliding_attention",
+                         "refused"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(_HYBRID, head_dim=32, sliding_window=WINDOW,
+                    layer_types=["sliding_attention", "full_attention"] * 2),
+               "sliding_attention", "kernel"),
+    "gpt-oss (sinks)": ("GptOssConfig", "GptOssForCausalLM",
+                        dict(_HYBRID, head_dim=32, sliding_window=WINDOW, num_local_experts=4,
+                             num_experts_per_tok=2), "sliding_attention", "refused"),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(_HYBRID, sliding_window=WINDOW),
+                "sliding_attention", "kernel"),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", dict(_HYBRID, sliding_window=WINDOW),
+              "sliding_attention", "kernel"),
+    "qwen2 (sliding layers)": ("Qwen2Config", "Qwen2ForCausalLM",
+                               dict(_HYBRID, use_sliding_window=True, sliding_window=WINDOW,
+                                    max_window_layers=2), "sliding_attention", "kernel"),
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM",
+                dict(_HYBRID, sliding_window=WINDOW, sliding_window_pattern=2),
+                "sliding_attention", "kernel"),
+    "llama4 (chunked)": ("Llama4TextConfig", "Llama4ForCausalLM",
+                         dict(_HYBRID, head_dim=32, attention_chunk_size=WINDOW,
+                              intermediate_size_mlp=256, num_local_experts=2),
+                         "chunked_attention", "kernel"),
+    "qwen3-next (linear attention)": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
+                                      dict(_HYBRID, head_dim=32, linear_num_value_heads=4,
+                                           linear_num_key_heads=2, linear_key_head_dim=32,
+                                           linear_value_head_dim=32, moe_intermediate_size=64,
+                                           num_experts=4, num_experts_per_tok=2,
+                                           full_attention_interval=2),
+                                      "linear_attention", "kernel"),
+    "lfm2 (convolutions)": ("Lfm2Config", "Lfm2ForCausalLM",
+                            dict(_HYBRID, block_ff_dim=256,
+                                 layer_types=["conv", "full_attention"] * 2), "conv", "kernel"),
+}
+
+
+def build_hybrid(name: str):
+    cfg_name, model_name, kwargs, _, _ = HYBRIDS[name]
+    if not hasattr(transformers, cfg_name) or not hasattr(transformers, model_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_name}")
+    config = getattr(transformers, cfg_name)(**kwargs)
+    torch.manual_seed(0)
+    return config, getattr(transformers, model_name)(config).eval()
+
+
+@pytest.mark.parametrize("name", list(HYBRIDS))
+def test_hybrid_models_quantize_their_full_attention_layers(name, np_rng):
+    config, model = build_hybrid(name)
+    exact_type = HYBRIDS[name][3]
+    ids = ids_for(int(np_rng.integers(2**31)))
+    full = full_logits(model, ids)
+    with torch.no_grad():
+        short = model(ids[:, 100:]).logits[:, PROMPT - 101:TOKENS - 101]
+    assert error(short, full) > 20 * TOL
+    cache = ThunderKVCache(config, bits=8, group_size=16, residual_length=32)
+    kinds = cache.layer_types
+    assert set(kinds) == {"full_attention", exact_type}
+    assert cache.quantized_layers == [i for i, k in enumerate(kinds) if k == "full_attention"]
+    fine = error(cached_logits(model, ids, cache), full)
+    assert fine < TOL
+    coarse = error(cached_logits(model, ids, ThunderKVCache(config, bits=2, group_size=16,
+                                                            residual_length=32)), full)
+    assert coarse > 10 * fine
+    # the exact layers count in nbytes, and the whole is below a full-precision cache's
+    dynamic = transformers.DynamicCache(config=config)
+    with torch.no_grad():
+        model(ids[:, :TOKENS - 1], cache=dynamic)
+    quantized = sum(cache.layers[i].nbytes for i in cache.quantized_layers)
+    dynamic_bytes = sum(t.numel() * t.element_size() for t in layer_tensors_of(dynamic))
+    assert quantized < cache.nbytes < dynamic_bytes
+    with pytest.raises(ValueError, match="hybrid model"):
+        export_kv(cache)
+
+
+def layer_tensors_of(cache):
+    from thunderkv.hf.cache import layer_tensors
+    for layer in cache.layers:
+        yield from layer_tensors(layer)
+
+
+@pytest.mark.skipif(not fused_attention_available()[0], reason=fused_attention_available()[1])
+@pytest.mark.parametrize("name", list(HYBRIDS))
+def test_hybrid_models_with_the_fused_attention(name, np_rng, count_fused):
+    config, model = build_hybrid(name)
+    mode = HYBRIDS[name][4]
+    if mode == "refused":
+        with pytest.raises(RuntimeError, match="has no SDPA form of its attention"):
+            use_fused_attention(model)
+        assert model.config._attn_implementation != "thunderkv"
+        return
+    ids = ids_for(int(np_rng.integers(2**31)))
+    full = full_logits(model, ids)
+    use_fused_attention(model)
+    cache = ThunderKVCache(config, bits=8, group_size=16, residual_length=32)
+    assert error(cached_logits(model, ids, cache), full) < TOL
+    steps = TOKENS - 1 - PROMPT
+    assert len(count_fused) == len(cache.quantized_layers) * steps
+
+
+@pytest.mark.parametrize("name", ["gemma3", "qwen3-next (linear attention)"])
+def test_generate_past_the_window_with_a_hybrid_model(name):
+    config, model = build_hybrid(name)
+    ids = ids_for(11)[:, :WINDOW + 16]
+    cache = ThunderKVCache(config, bits=4, group_size=16, residual_length=8)
+    with torch.no_grad():
+        out = model.generate(ids, cache=cache, max_new_tokens=24, do_sample=False,
+                             pad_token_id=0)
+        want = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert out.shape == want.shape == (2, WINDOW + 40)
+    assert cache.get_seq_length() == WINDOW + 39
+    assert all(cache.layers[i].quantized_length > 0 for i in cache.quantized_layers)
+    # the prompt's forward attends to exact keys, so the first new token is full precision's;
+    # later ones read the 4-bit history and may part from it
+    assert torch.equal(out[:, :WINDOW + 17], want[:, :WINDOW + 17])
+
+
+def test_a_hybrid_model_cannot_import_a_kv_message():
+    config, model = build("llama")
+    cache = ThunderKVCache(config, bits=4, group_size=16, residual_length=8)
+    with torch.no_grad():
+        model(ids_for(5)[:, :40], cache=cache)
+    hybrid_config = build_hybrid("gemma3")[0]
+    with pytest.raises(ValueError, match="every layer is full attention; Gemma3TextConfig"):
+        import_kv(export_kv(cache), hybrid_config)
+
+
+@pytest.mark.parametrize("cfg_name, kwargs, match", [
+    ("MistralConfig", dict(_GQA, sliding_window=16), "no full-attention layer"),
+    ("Gemma3nTextConfig", dict(_GQA, num_hidden_layers=4, num_kv_shared_layers=2,
+                               layer_types=["sliding_attention", "full_attention"] * 2),
+     "reuse earlier layers' KV"),
+    ("Qwen3NextConfig", dict(_GQA, layer_types=["linear_attention"] * 2),
+     "no full-attention layer"),
+])
+def test_models_without_quantizable_layers_are_refused(cfg_name, kwargs, match):
     if not hasattr(transformers, cfg_name):
         pytest.skip(f"transformers {transformers.__version__} has no {cfg_name}")
-    config = getattr(transformers, cfg_name)(**_GQA)
-    with pytest.raises(ValueError, match="sliding"):
-        ThunderKVCache(config)
+    with pytest.raises(ValueError, match=match):
+        ThunderKVCache(getattr(transformers, cfg_name)(**kwargs))

@@ -264,7 +264,7 @@ def test_reset_and_reuse(tiny):
 
 
 def test_unsupported_configurations_raise_clearly():
-    with pytest.raises(ValueError, match="sliding_attention"):
+    with pytest.raises(ValueError, match=r"no full-attention layer \(layer types \['sliding_attention'\]\)"):
         ThunderKVCache(MistralConfig(num_hidden_layers=2, sliding_window=16))
     config, model = make_tiny(head_dim=48, hidden_size=192)
     # caught when the cache is made, not at the first forward inside generate

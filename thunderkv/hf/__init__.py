@@ -6,7 +6,7 @@ Needs ``transformers>=5`` (imported by the submodules, not by ``thunderkv`` itse
 from __future__ import annotations
 
 from .attention import register_fused_attention, thunderkv_attention_forward, use_fused_attention
-from .cache import ThunderKVCache, full_attention_layers
+from .cache import ThunderKVCache, cache_layer_types, full_attention_layers
 from .layer import ThunderKVLayer
 from .wire import (
     KVMessageError,
@@ -22,6 +22,7 @@ __all__ = [
     "KVMessageError",
     "ThunderKVCache",
     "ThunderKVLayer",
+    "cache_layer_types",
     "export_kv",
     "full_attention_layers",
     "export_kv_into",

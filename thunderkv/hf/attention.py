@@ -177,13 +177,20 @@ def use_fused_attention(model) -> None:
     """Switch ``model`` (a transformers PreTrainedModel) to the ``"thunderkv"`` attention.
 
     Caches other than ThunderKVCache keep working (SDPA). Raises RuntimeError where the compiled
-    kernel is unavailable, or where the model does not take transformers' attention interface
-    (e.g. Falcon, whose attention is its own code: transformers only logs a warning and keeps
-    the old implementation); ThunderKVCache still works there with that attention.
+    kernel is unavailable, where the model's attention has no SDPA form (gpt-oss, Gemma 2), or
+    where the model does not take transformers' attention interface (e.g. Falcon, whose
+    attention is its own code: transformers only logs a warning and keeps the old
+    implementation); ThunderKVCache still works with those models' own attention.
     """
     ok, why = fused_attention_available()
     if not ok:
         raise RuntimeError(f"fused ThunderKV attention is unavailable: {why}")
+    if not getattr(model, "_supports_sdpa", True):
+        raise RuntimeError(
+            f"{type(model).__name__} has no SDPA form of its attention (e.g. gpt-oss's attention "
+            "sinks, Gemma 2's capped logits), and the fused ThunderKV attention falls back to "
+            f"SDPA on every step it does not fuse. Keep the model's "
+            f"{model.config._attn_implementation!r} attention: ThunderKVCache works with it")
     register_fused_attention()
     model.set_attn_implementation(ATTENTION_NAME)
     if not fused_attention_enabled(model.config):

@@ -5,32 +5,80 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from transformers.cache_utils import Cache, get_layer_types_and_kwargs
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
 from transformers.configuration_utils import PreTrainedConfig
 
 from .layer import ThunderKVLayer
 
-SUPPORTED_LAYER_TYPES = frozenset({"full_attention"})
+SUPPORTED_LAYER_TYPES = frozenset({"full_attention"})  # quantized, in format v1
+# Kept as transformers' own full-precision layers in hybrid models: attention windows (bounded
+# by their size: a quantized history could not be trimmed to them), recurrent and convolution
+# states (no per-token KV) and layers that store nothing (MLP-only layers).
+EXACT_LAYER_TYPES = frozenset({"sliding_attention", "chunked_attention", "conv",
+                               "linear_attention", "dummy"})
 
 
-def full_attention_layers(config: PreTrainedConfig) -> int:
-    """Number of decoder layers of ``config``; raise ValueError unless all are full attention.
-
-    Sliding-window, chunked, hybrid/linear-attention and KV-sharing layers are rejected: a
-    quantized history cannot be trimmed to a window, and they hold no plain per-token KV.
-    """
+def _decoder_layer_types(config: PreTrainedConfig) -> tuple[list[str], list[dict], str]:
+    """(layer types, per-layer kwargs, config class name) of ``config``'s decoder."""
     if not isinstance(config, PreTrainedConfig):
         raise TypeError(f"config must be a transformers PreTrainedConfig, got {type(config).__name__}")
     text = config.get_text_config(decoder=True)
-    layer_types, _ = get_layer_types_and_kwargs(text)
+    layer_types, kwargs = get_layer_types_and_kwargs(text)
+    return list(layer_types), kwargs, type(text).__name__
+
+
+def full_attention_layers(config: PreTrainedConfig) -> int:
+    """Number of decoder layers of ``config``; raise ValueError unless all are full attention
+    (what a KV message, :func:`~thunderkv.hf.import_kv`, can rebuild)."""
+    layer_types, _, name = _decoder_layer_types(config)
     bad = sorted(set(layer_types) - SUPPORTED_LAYER_TYPES)
     if bad:
-        raise ValueError(
-            f"ThunderKVCache supports models whose layers are all full attention; "
-            f"{type(text).__name__} has layer types {bad} (sliding-window, chunked, hybrid and "
-            "KV-sharing layers are not supported: use DynamicCache for this model)"
-        )
+        raise ValueError(f"{name} has layer types {bad}, not only full attention")
     return len(layer_types)
+
+
+def cache_layer_types(config: PreTrainedConfig) -> tuple[list[str], list[dict]]:
+    """Decoder layer types of ``config`` and the kwargs transformers builds each with.
+
+    ThunderKVCache quantizes the ``"full_attention"`` layers and keeps the types in
+    :data:`EXACT_LAYER_TYPES` (sliding windows, chunked attention, linear-attention and
+    convolution states, layers without attention) in transformers' own full-precision layers.
+    Raises ValueError for other types (e.g. a layer mixing linear and full attention, or indexed
+    sparse attention), for KV sharing across layers (Gemma 3n/4) and for a model without any
+    full-attention layer (nothing to quantize).
+    """
+    layer_types, kwargs, name = _decoder_layer_types(config)
+    sharing = getattr(config.get_text_config(decoder=True), "kv_sharing_modes", None) or ()
+    if "reuse" in sharing:
+        raise ValueError(
+            f"ThunderKVCache does not support {name}: its last layers reuse earlier layers' "
+            "KV (KV sharing), which they take from the attention of the layer that stores it, "
+            "not from the cache; use DynamicCache for this model")
+    bad = sorted(set(layer_types) - SUPPORTED_LAYER_TYPES - EXACT_LAYER_TYPES)
+    if bad:
+        raise ValueError(
+            f"ThunderKVCache does not support {name}'s layer types {bad}: it quantizes "
+            f"full-attention layers and keeps {sorted(EXACT_LAYER_TYPES)} layers exact; use "
+            "DynamicCache for this model")
+    if "full_attention" not in layer_types:
+        raise ValueError(
+            f"{name} has no full-attention layer (layer types {sorted(set(layer_types))}): "
+            "ThunderKVCache quantizes full-attention KV and would store nothing in format v1 "
+            "(every sliding window is bounded anyway); use DynamicCache for this model")
+    return layer_types, kwargs
+
+
+def layer_tensors(layer) -> Iterator[torch.Tensor]:
+    """Every tensor a cache layer stores: a ThunderKVLayer's own list, else the tensors among
+    the layer's attributes, lists and dicts (keys/values, recurrent and convolution states)."""
+    if isinstance(layer, ThunderKVLayer):
+        yield from layer.tensors()
+        return
+    for value in vars(layer).values():
+        if isinstance(value, dict):
+            value = list(value.values())
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        yield from (t for t in items if isinstance(t, torch.Tensor))
 
 
 class ThunderKVCache(Cache):
@@ -54,7 +102,12 @@ class ThunderKVCache(Cache):
 
     Parameters
     ----------
-    config : the model's config; every decoder layer must be full attention (else ValueError).
+    config : the model's config. Its full-attention layers are quantized; in hybrid models
+        (Gemma 2/3, gpt-oss, Cohere 2, OLMo 3, Qwen2 with sliding layers, Llama 4's chunked
+        layers, linear-attention hybrids) the sliding-window, chunked, linear-attention and
+        convolution layers keep transformers' own full-precision layers (bounded by their window
+        or state size). Other layer types, and a model with no full-attention layer, raise
+        ValueError.
     bits : 2, 4 or 8 bits per stored code.
     group_size : G, elements per (scale, minimum); must divide head_dim.
     residual_length : full-precision capacity in tokens (at most ``max(residual_length, G - 1)``
@@ -81,13 +134,14 @@ class ThunderKVCache(Cache):
         num_layers: int | None = None,
     ) -> None:
         if config is not None:
-            n = full_attention_layers(config)
-            if num_layers is not None and num_layers != n:
-                raise ValueError(f"num_layers={num_layers} but the config has {n} layers")
+            layer_types, layer_kwargs = cache_layer_types(config)
+            if num_layers is not None and num_layers != len(layer_types):
+                raise ValueError(f"num_layers={num_layers} but the config has "
+                                 f"{len(layer_types)} layers")
         elif num_layers is None or num_layers <= 0:
             raise ValueError("ThunderKVCache needs the model config (or a positive num_layers)")
         else:
-            n = num_layers
+            layer_types, layer_kwargs = ["full_attention"] * num_layers, [{}] * num_layers
         from ..backends import check_backend_name
         from ..format import FormatSpec
 
@@ -105,30 +159,40 @@ class ThunderKVCache(Cache):
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
         self.backend, self.key_axis, self.value_axis = backend, key_axis, value_axis
         self.sink_length = sink_length
+        self.layer_types = layer_types
         layers = [
             ThunderKVLayer(bits, group_size, residual_length, backend, key_axis, value_axis,
                            attention_config=config, sink_length=sink_length)
-            for _ in range(n)
+            if kind == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
+            for kind, kwargs in zip(layer_types, layer_kwargs)
         ]
         super().__init__(layers=layers)
+
+    @property
+    def quantized_layers(self) -> list[int]:
+        """Indices of the layers held in format v1 (the full-attention ones)."""
+        return [i for i, layer in enumerate(self.layers) if isinstance(layer, ThunderKVLayer)]
 
     def tensors(self) -> Iterator[torch.Tensor]:
         """Every tensor the cache stores, layer by layer."""
         for layer in self.layers:
-            yield from layer.tensors()
+            yield from layer_tensors(layer)
 
     @property
     def nbytes(self) -> int:
-        """Bytes the cache stores: packed codes, scales, minima and the full-precision residual."""
-        return sum(layer.nbytes for layer in self.layers)
+        """Bytes the cache stores: packed codes, scales, minima and the full-precision residual
+        (and, in hybrid models, the exact layers' windows and states)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def get_memory_bytes(self) -> int:
         """Same as :attr:`nbytes`."""
         return self.nbytes
 
     def __repr__(self) -> str:
+        exact = len(self.layers) - len(self.quantized_layers)
+        layers = f"{len(self.layers)}" + (f" ({exact} kept exact)" if exact else "")
         return (
-            f"ThunderKVCache(layers={len(self.layers)}, bits={self.bits}, "
+            f"ThunderKVCache(layers={layers}, bits={self.bits}, "
             f"group_size={self.group_size}, residual_length={self.residual_length}, "
             f"sink_length={self.sink_length}, "
             f"axes=(key {self.key_axis}, value {self.value_axis}), tokens={self.get_seq_length()}, "

@@ -48,7 +48,7 @@ from ..transfer.wire import (
     decode_header,
     decode_message,
 )
-from .cache import ThunderKVCache, head_dim_of
+from .cache import ThunderKVCache, full_attention_layers, head_dim_of
 
 __all__ = [
     "DEFAULT_MAX_BYTES", "DEFAULT_RESIDUAL_LENGTH", "DEFAULT_SINK_LENGTH", "HEADER", "MAGIC",
@@ -81,6 +81,11 @@ def kv_header(cache: ThunderKVCache, *, request_id: int = 0, streamed: bool = Fa
     """
     if not isinstance(cache, ThunderKVCache):
         raise TypeError(f"expected a ThunderKVCache, got {type(cache).__name__}")
+    exact = sorted({kind for kind in cache.layer_types if kind != "full_attention"})
+    if exact:
+        raise ValueError(
+            f"export_kv: this cache keeps {exact} layers exact (a hybrid model); a KV message "
+            "carries caches whose every layer is full attention")
     layers = cache.layers
     if not layers or not all(layer.is_initialized for layer in layers):
         raise ValueError("export_kv: every layer must hold KV (run a forward pass first)")
@@ -213,6 +218,11 @@ def _check_importable(h: KVHeader, config) -> None:
         raise KVMessageError(f"KV message: seq_len: {h.seq_len} of {h.tokens} stored tokens are "
                              f"valid; a ThunderKVCache holds no padding tokens")
     if config is not None:
+        try:
+            full_attention_layers(config)
+        except ValueError as e:
+            raise KVMessageError(f"KV message: import_kv rebuilds caches whose every layer is "
+                                 f"full attention; {e}") from None
         text = config.get_text_config(decoder=True)
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         head_dim = head_dim_of(config)
