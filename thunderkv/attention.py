@@ -26,14 +26,37 @@ from .format import DTYPE_CODES, SUPPORTED_DTYPES
 __all__ = ["kivi_decode_attention", "kivi_decode_attention_reference", "fused_attention_available"]
 
 
-def fused_attention_available() -> tuple[bool, str]:
-    """(True, "") when the compiled CPU kernel can run; else (False, why)."""
-    ext = load_extension()
-    if ext is None:
-        return False, f"the compiled extension is unavailable: {extension_error()}"
-    if not hasattr(ext, "cpu_kivi_attention"):
-        return False, "the compiled extension predates kivi attention: rebuild thunderkv"
-    return True, ""
+ATTENTION_BACKENDS = ("auto", "cpu", "triton")
+
+
+def fused_attention_available(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """(True, "") when the fused kernel for tensors on ``device`` can run; else (False, why).
+
+    CPU (the default): the compiled C++ kernel. CUDA: the Triton kernel
+    (``thunderkv.triton_kernels``), which also runs on CPU tensors under ``TRITON_INTERPRET=1``
+    when asked for by ``backend="triton"``.
+    """
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cpu":
+        ext = load_extension()
+        if ext is None:
+            return False, f"the compiled extension is unavailable: {extension_error()}"
+        if not hasattr(ext, "cpu_kivi_attention"):
+            return False, "the compiled extension predates kivi attention: rebuild thunderkv"
+        return True, ""
+    return _triton_available(device)
+
+
+def _triton_available(device: torch.device) -> tuple[bool, str]:
+    from . import backends
+
+    why = backends.unavailable_reason("triton", device)
+    if why is None:
+        import thunderkv.triton_kernels as kernels
+
+        if not hasattr(kernels, "kivi_decode_attention"):
+            why = "thunderkv.triton_kernels predates the fused decode attention"
+    return (why is None), (why or "")
 
 
 def _check_stored(name: str, q) -> None:
@@ -111,8 +134,9 @@ def kivi_decode_attention(
     key_mask: torch.Tensor | None = None,
     tq_attend: int | None = None,
     threads: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """Softmax attention of one query token per sequence over a KIVI cache (CPU kernel).
+    """Softmax attention of one query token per sequence over a KIVI cache (fused kernel).
 
     Parameters
     ----------
@@ -125,7 +149,10 @@ def kivi_decode_attention(
     key_mask : bool ``[B, Tq + Tr]``, True where a token may be attended (e.g. left padding);
         a sequence with no attendable token gets zeros.
     tq_attend : attend to the first ``Tq`` quantized tokens only (a multiple of G, default S).
-    threads : CPU threads (default ``torch.get_num_threads()``).
+    threads : CPU threads of the C++ kernel (default ``torch.get_num_threads()``).
+    backend : "cpu" (the C++ kernel, CPU tensors), "triton" (CUDA tensors, or CPU tensors under
+        ``TRITON_INTERPRET=1``) or "auto" (by the tensors' device: CPU -> "cpu", CUDA ->
+        "triton"). Every tensor must be on one device.
 
     Returns
     -------
@@ -134,9 +161,8 @@ def kivi_decode_attention(
     Raises TypeError/ValueError before the kernel runs when an argument breaks these rules,
     including a QuantizedTensor whose packed/scale/minimum disagree with its ``shape``/``dtype``.
     """
-    ok, why = fused_attention_available()
-    if not ok:
-        raise RuntimeError(why)
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
     if isinstance(query, torch.Tensor) and query.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"query must be float16, bfloat16 or float32, got {query.dtype}")
     B, H, R, D, Tq, Tr, S, dtype = _check(query, qkeys, qvalues, key_residual, value_residual,
@@ -145,16 +171,40 @@ def kivi_decode_attention(
     if qkeys is not None:
         tensors += [qkeys.packed, qkeys.scale, qkeys.minimum, qvalues.packed, qvalues.scale,
                     qvalues.minimum]
-    if any(t.device.type != "cpu" for t in tensors):
-        raise ValueError("kivi_decode_attention runs on CPU tensors only")
+    device = query.device
+    if any(t.device != device for t in tensors):
+        raise ValueError(f"every tensor must be on {device} (the query's device), got "
+                         f"{sorted({str(t.device) for t in tensors})}")
+    if backend == "auto":
+        backend = "cpu" if device.type == "cpu" else "triton"
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend 'cpu' runs on CPU tensors, got {device}")
+    ok, why = (fused_attention_available() if backend == "cpu" else _triton_available(device))
+    if not ok:
+        raise RuntimeError(f"fused attention backend {backend!r} cannot run on {device}: {why}")
     q = query.to(torch.float32).contiguous()
     kr = key_residual.to(torch.float32).contiguous()
     vr = value_residual.to(torch.float32).contiguous()
-    out = torch.empty((B, H * R, D), dtype=torch.float32)
-    mask = None if key_mask is None else key_mask.contiguous()
+    parts = None
     if qkeys is not None:
         parts = [t.contiguous() for t in (qkeys.packed, qkeys.scale, qkeys.minimum,
                                           qvalues.packed, qvalues.scale, qvalues.minimum)]
+    scale = 1.0 / math.sqrt(D) if scaling is None else float(scaling)
+    if backend == "triton":
+        import thunderkv.triton_kernels as kernels
+
+        from .backends import on_device_of
+
+        mask = None if key_mask is None else key_mask.contiguous().view(torch.uint8)
+        with on_device_of(q):
+            out = kernels.kivi_decode_attention(
+                q, parts, kr, vr, mask, heads=H, tq=Tq if parts is not None else 0,
+                group_size=qkeys.group_size if parts is not None else 1,
+                bits=qkeys.spec.bits if parts is not None else 8, dtype=dtype, scaling=scale)
+        return out.to(query.dtype)
+    out = torch.empty((B, H * R, D), dtype=torch.float32)
+    mask = None if key_mask is None else key_mask.contiguous()
+    if parts is not None:
         bits, G = qkeys.spec.bits, qkeys.group_size
     else:
         parts, bits, G = [q] * 6, 8, 1  # never read: Tq = 0
@@ -162,7 +212,7 @@ def kivi_decode_attention(
     load_extension().cpu_kivi_attention(
         q.data_ptr(), out.data_ptr(), *ptrs, kr.data_ptr(), vr.data_ptr(),
         0 if mask is None else mask.data_ptr(), B, H, R, D, Tq, Tr, S, G, bits,
-        DTYPE_CODES[dtype], 1.0 / math.sqrt(D) if scaling is None else float(scaling),
+        DTYPE_CODES[dtype], scale,
         torch.get_num_threads() if threads is None else threads,
     )
     return out.to(query.dtype)

@@ -135,3 +135,62 @@ def dequantize_rows(packed, scale, minimum, out: torch.Tensor, rows: torch.Tenso
     view = _TYPES[out.dtype][2]
     _launch_dequantize_rows(packed, scale.view(view), minimum.view(view), out.view(view), rows,
                             spec, out.dtype)
+
+
+ATTENTION_BLOCK_T = 32  # tokens per chunk program of the fused decode attention
+
+
+def kivi_decode_attention(q: torch.Tensor, parts, kr: torch.Tensor, vr: torch.Tensor,
+                          mask: torch.Tensor | None, *, heads: int, tq: int, group_size: int,
+                          bits: int, dtype: torch.dtype, scaling: float) -> torch.Tensor:
+    """Fused decode attention (see :mod:`.kivi_attention`) on validated, contiguous tensors.
+
+    ``q`` float32 ``[B, H*R, D]``; ``parts`` = (key packed ``[B, H, D, S*bits/8]``, key scale,
+    key minimum ``[B, H, D, S/G]``, value packed ``[B, H, S, D*bits/8]``, value scale, value
+    minimum ``[B, H, S, D/G]``), scales in ``dtype``, or None (no history); ``kr``/``vr``
+    float32 ``[B, H, Tr, D]``; ``mask`` uint8 ``[B, tq + Tr]`` or None; attends to the first
+    ``tq`` quantized tokens. Returns float32 ``[B, H*R, D]`` (zeros where nothing is attended).
+    """
+    from .kivi_attention import _chunk_kernel
+
+    B, HR, D = q.shape
+    R, Tr = HR // heads, kr.shape[2]
+    BH = B * heads
+    dev = q.device
+    ncq = triton.cdiv(tq, ATTENTION_BLOCK_T) if parts is not None else 0
+    nc = ncq + triton.cdiv(Tr, ATTENTION_BLOCK_T)
+    if nc == 0:
+        return torch.zeros_like(q)
+    dt, _, int_view, _ = _TYPES[dtype]
+    if parts is not None:
+        kp, ks, km, vp, vs, vm = parts
+        S = kp.shape[-1] * 8 // bits
+        ks, km, vs, vm = (t.view(int_view) for t in (ks, km, vs, vm))
+    else:  # never read (no history chunk), but typed as if it were
+        kp = vp = torch.empty(1, dtype=torch.uint8, device=dev)
+        ks = km = vs = vm = torch.empty(1, dtype=int_view, device=dev)
+        S, group_size = 0, max(group_size, 1)
+    m = torch.empty((BH, nc, R), dtype=torch.float32, device=dev)
+    lsum = torch.empty_like(m)
+    acc = torch.empty((BH, nc, R, D), dtype=torch.float32, device=dev)
+    _chunk_kernel[(BH, nc)](
+        q, kp, ks, km, vp, vs, vm, kr, vr, q if mask is None else mask, m, lsum, acc,
+        heads, R, D, tq, Tr, S, ncq, nc, scaling,
+        G=group_size, BITS=bits, DT=dt, HAS_MASK=mask is not None,
+        BLOCK_T=ATTENTION_BLOCK_T, BLOCK_R=max(16, triton.next_power_of_2(R)),
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+    )
+    return merge_chunks(m, lsum, acc).view(B, HR, D)
+
+
+def merge_chunks(m: torch.Tensor, lsum: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """Combine per-chunk softmax partials: ``m``/``lsum`` ``[N, C, R]`` (chunk max, sum of
+    ``exp(s - m)``), ``acc`` ``[N, C, R, D]``; returns ``[N, R, D]``, zeros where no chunk
+    attended anything (every ``m`` is -inf)."""
+    top = m.amax(dim=1, keepdim=True)
+    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
+    w = torch.exp(m - top)  # an empty chunk (m = -inf) weighs 0
+    total = (w * lsum).sum(dim=1)
+    out = (w.unsqueeze(-1) * acc).sum(dim=1)
+    return torch.where(total.unsqueeze(-1) > 0, out / total.clamp_min(1e-30).unsqueeze(-1),
+                       torch.zeros_like(out))

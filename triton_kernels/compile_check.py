@@ -53,6 +53,23 @@ def _variants():
                {"G": 128, "BITS": 8, "BLOCK_D": 32, "DT": dt, "IT": it}, {})
 
 
+def _attention_variants():
+    """The fused decode attention (:mod:`.kivi_attention`): every scale dtype at 4 bits, and
+    2 / 8 bits at float16; head_dim 128 with 8 query heads per KV head (as launched)."""
+    from .kivi_attention import _chunk_kernel
+
+    for name, bits in (("fp16", 4), ("bf16", 4), ("fp32", 4), ("fp16", 2), ("fp16", 8)):
+        dt, it, ity, _ = _DT[name]
+        sig = {"q_ptr": "*fp32", "kp_ptr": "*u8", "ks_ptr": "*" + ity, "km_ptr": "*" + ity,
+               "vp_ptr": "*u8", "vs_ptr": "*" + ity, "vm_ptr": "*" + ity, "kr_ptr": "*fp32",
+               "vr_ptr": "*fp32", "mask_ptr": "*u8", "m_ptr": "*fp32", "l_ptr": "*fp32",
+               "acc_ptr": "*fp32", "H": "i32", "R": "i32", "D": "i32", "Tq": "i32", "Tr": "i32",
+               "S": "i32", "NCQ": "i32", "NC": "i32", "scaling": "fp32"}
+        yield (f"attention_{name}_{bits}bit", _chunk_kernel, sig,
+               {"G": 64, "BITS": bits, "DT": dt, "HAS_MASK": True, "BLOCK_T": 32,
+                "BLOCK_R": 16, "BLOCK_D": 128}, {})
+
+
 def _launch_attrs(fn, sig: dict[str, str]) -> dict:
     """The specialization a real launch gets from torch tensors: pointers 16-byte aligned and
     the per-channel dims T, D multiples of 16 (head_dim, token blocks), as Triton's JIT infers
@@ -65,7 +82,7 @@ def compile_all(capability: int) -> dict[str, dict]:
     """Compile every kernel variant for ``sm_<capability>``, specialized as launched on aligned
     tensors; return PTX facts per kernel."""
     out = {}
-    for name, fn, sig, consts, options in _variants():
+    for name, fn, sig, consts, options in [*_variants(), *_attention_variants()]:
         signature = {**sig, **{k: "constexpr" for k in consts}}
         k = triton.compile(ASTSource(fn, signature, consts, _launch_attrs(fn, sig)),
                            target=GPUTarget("cuda", capability, 32), options=options)
@@ -81,6 +98,7 @@ def compile_all(capability: int) -> dict[str, dict]:
             "approx_div": "div.full.f32" in ptx or "div.approx.f32" in ptx,
             "rcp_approx": "rcp.approx" in ptx,
             "ftz": ".ftz" in ptx,  # flushing subnormals would zero tiny scales' codes
+            "mma": "mma.sync" in ptx or "wgmma" in ptx,  # tensor-core products (attention)
         }
     return out
 

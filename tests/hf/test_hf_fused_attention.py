@@ -120,7 +120,7 @@ def test_other_caches_and_axes_are_unaffected(model, count_fused):
 
 
 def test_use_fused_attention_says_why_when_unavailable(model, monkeypatch):
-    monkeypatch.setattr(fused_mod, "fused_attention_available", lambda: (False, "no kernel"))
+    monkeypatch.setattr(fused_mod, "fused_attention_available", lambda device=None: (False, "no kernel"))
     with pytest.raises(RuntimeError, match="no kernel"):
         use_fused_attention(model)
 
@@ -238,3 +238,30 @@ def test_fused_handoff_that_is_not_taken_raises(model, gen):
     assert all(torch.equal(a, b) for a, b in zip(layer.tensors(), before, strict=True))
     with pytest.raises(RuntimeError, match="did not receive the keys"):  # not only once
         layer.update(k, k.clone())
+
+
+def test_the_cuda_path_kernel_decodes_the_same(model, monkeypatch):
+    """The Triton kernel CUDA tensors take, run on CPU tensors (TRITON_INTERPRET=1 without a
+    GPU) through the same hand-off: same logits as materializing, every decode step fused."""
+    from thunderkv.attention import _triton_available
+
+    ok, why = _triton_available(torch.device("cpu"))
+    if not ok:
+        pytest.skip(why)
+    import thunderkv.triton_kernels as kernels
+
+    calls = []
+    real = kernels.kivi_decode_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "kivi_decode_attention", counting)
+    monkeypatch.setattr(fused_mod, "KERNEL_BACKEND", "triton")
+    ids = prompt(2, 60)
+    kw = dict(bits=4, group_size=16, residual_length=8)
+    want, _ = run(model, False, ids, prefix=10, **kw)
+    got, _ = run(model, True, ids, prefix=10, **kw)
+    assert len(calls) == (ids.shape[1] - 1 - 10) * model.config.num_hidden_layers
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -3,7 +3,8 @@
 Three ways to attend one new query token to ``context`` cached tokens (the newest
 ``residual`` in full precision, the rest in format v1, KIVI layout), timed in the same run:
 
-- ``fused``: :func:`thunderkv.attention.kivi_decode_attention`, straight over the packed codes;
+- ``fused``: :func:`thunderkv.attention.kivi_decode_attention`, straight over the packed codes
+  (the C++ kernel on CPU, the Triton kernel on a GPU);
 - ``sdpa-fp``: torch SDPA over the same K/V held in full precision (what DynamicCache does);
 - ``dequant+sdpa``: dequantize the history, concatenate the residual, then SDPA (what a
   quantized cache without a fused kernel does every step).
@@ -52,21 +53,25 @@ def run(
     batch: int = 1,
     reps: int = 50,
     progress: Callable[[str], object] = lambda msg: None,
+    device: str = "cpu",
 ) -> list[dict]:
-    """One row per (context, method) with p20/p50/p80 microseconds and the ratio to sdpa-fp."""
+    """One row per (context, method) with p20/p50/p80 microseconds and the ratio to sdpa-fp.
+    ``device``: "cpu" or a CUDA device (inputs made on the CPU from one seed, then moved)."""
     if geometry not in GEOMETRIES:
         raise ValueError(f"unknown geometry {geometry!r}; choose from {sorted(GEOMETRIES)}")
     H, R, D = GEOMETRIES[geometry]
     gen = torch.Generator().manual_seed(0)
-    base = provenance("cpu")
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    base = provenance(str(dev))
     rows = []
     for ctx in contexts:
         tr = min(residual, ctx)
         tq = (ctx - tr) // group_size * group_size
         tr = ctx - tq
-        k = torch.randn(batch, H, ctx, D, generator=gen).to(dtype)
-        v = torch.randn(batch, H, ctx, D, generator=gen).to(dtype)
-        q = torch.randn(batch, H * R, 1, D, generator=gen).to(dtype)
+        k = torch.randn(batch, H, ctx, D, generator=gen).to(dev, dtype)
+        v = torch.randn(batch, H, ctx, D, generator=gen).to(dev, dtype)
+        q = torch.randn(batch, H * R, 1, D, generator=gen).to(dev, dtype)
         qk = qv = None  # a context shorter than one group past the residual: nothing quantized
         if tq:
             qk = quantize(k[:, :, :tq].contiguous(), bits=bits, group_size=group_size, axis=-2)
@@ -77,7 +82,7 @@ def run(
         times = {}
         for name, fn in methods.items():
             progress(f"{geometry} {ctx} tokens: {name}")
-            times[name] = time_calls(fn, reps=reps, warmup=3)
+            times[name] = time_calls(fn, reps=reps, warmup=3, sync=sync)
         for name, t in times.items():
             rows.append({**base, "bench": "attention", "geometry": geometry, "context": ctx,
                          "quantized_tokens": tq, "residual_tokens": tr, "batch": batch,

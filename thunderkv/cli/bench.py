@@ -112,7 +112,8 @@ def register(subparsers) -> None:
         "attention",
         help="decode attention over a 4-bit KIVI cache: fused vs SDPA (fp) vs dequantize+SDPA",
         description="Times one decode step's attention for one layer at each context length: "
-        "the fused CPU kernel over the packed cache, torch SDPA over full-precision K/V, and "
+        "the fused kernel over the packed cache (C++ on CPU, Triton on a GPU), torch SDPA over "
+        "full-precision K/V, and "
         "dequantize-then-SDPA, in the same run.")
     at.add_argument("--geometry", default="smollm2-135m",
                     help="smollm2-135m (3 KV heads x 3, D=64), llama-7b, llama3-8b")
@@ -125,6 +126,8 @@ def register(subparsers) -> None:
                     help="full-precision newest tokens")
     at.add_argument("--batch", type=_count(1), default=1)
     at.add_argument("--reps", type=_count(1), default=50)
+    at.add_argument("--device", default="cpu",
+                    help="cpu (the C++ kernel) or cuda[:N] (the Triton kernel); default cpu")
     at.add_argument("--json", metavar="PATH", help="append one JSON line per measurement")
     at.set_defaults(func=run_attention)
 
@@ -337,7 +340,15 @@ def run_attention(args: argparse.Namespace) -> int:
     from ..bench import attention
 
     console = Console()
-    ok, why = fused_attention_available()
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        _error(console, f"--device {args.device!r}: {exc}")
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        _error(console, f"--device {args.device}: torch sees no CUDA device here")
+        return 2
+    ok, why = fused_attention_available(device)
     if not ok:
         console.print(f"[red]{why}")
         return 2
@@ -349,7 +360,7 @@ def run_attention(args: argparse.Namespace) -> int:
         rows = _measure(console, lambda progress: attention.run(
             args.geometry, args.contexts or [1024, 4096, 16384], dtype=getattr(torch, args.dtype),
             bits=args.bits, group_size=args.group_size, residual=args.residual,
-            batch=args.batch, reps=args.reps, progress=progress))
+            batch=args.batch, reps=args.reps, progress=progress, device=str(device)))
     except ValueError as exc:
         console.print(f"[red]{exc}")
         return 2

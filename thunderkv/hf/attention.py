@@ -5,8 +5,9 @@ model to it. From then on, a :class:`~thunderkv.hf.ThunderKVCache` built from ``
 stops materializing its quantized history for single-token decode steps: the layer hands its
 full-precision residual to :func:`thunderkv_attention_forward`, which runs
 :func:`thunderkv.attention.kivi_decode_attention` over the packed history plus that residual.
-Everything else -- prefill, other caches, CUDA tensors, non-KIVI axes, masks other than a
-boolean padding mask -- goes through transformers' own SDPA path with exactly the tensors it
+The kernel is the compiled C++ one for CPU tensors and the Triton one for CUDA tensors.
+Everything else -- prefill, other caches, non-KIVI axes, masks other than a boolean padding
+mask, CUDA tensors where Triton is missing -- goes through transformers' own SDPA path with exactly the tensors it
 would have had, so switching is always safe.
 
 The layer and the attention call meet through a thread-local handoff checked by identity (the
@@ -31,9 +32,20 @@ from dataclasses import dataclass
 import torch
 
 from ..api import QuantizedTensor
-from ..attention import fused_attention_available, kivi_decode_attention
+from ..attention import _triton_available, fused_attention_available, kivi_decode_attention
 
 ATTENTION_NAME = "thunderkv"
+# thunderkv.attention's backend for the fused steps: "auto" = the C++ kernel on CPU tensors,
+# the Triton kernel on CUDA ones. Tests set "triton" to run the CUDA path's kernel on CPU
+# tensors under TRITON_INTERPRET=1.
+KERNEL_BACKEND = "auto"
+
+
+def kernel_available(device: torch.device) -> bool:
+    """Whether the fused kernel runs on tensors on ``device`` (with :data:`KERNEL_BACKEND`)."""
+    if KERNEL_BACKEND == "triton":
+        return _triton_available(device)[0]
+    return fused_attention_available(device)[0]
 
 _handoff = threading.local()
 
@@ -151,11 +163,11 @@ def thunderkv_attention_forward(
         length = state.ts + state.tq + state.keys.shape[-2]
         ok, mask = _padding_mask(attention_mask, query.shape[0], length)
         if (query.shape[2] == 1 and plain and ok and dropout == 0.0
-                and query.device.type == "cpu" and fused_attention_available()[0]):
+                and kernel_available(query.device)):
             keys, values, mask = state.exact(mask)
             out = kivi_decode_attention(query[:, :, 0], state.qkeys, state.qvalues, keys,
                                         values, scaling=scaling, key_mask=mask,
-                                        tq_attend=state.tq)
+                                        tq_attend=state.tq, backend=KERNEL_BACKEND)
             return out.unsqueeze(1), None
         if state.handle is None:  # a probe step already passed the materialized key/value
             key, value = state.materialize()
@@ -182,9 +194,10 @@ def use_fused_attention(model) -> None:
     attention is its own code: transformers only logs a warning and keeps the old
     implementation); ThunderKVCache still works with those models' own attention.
     """
-    ok, why = fused_attention_available()
+    device = getattr(model, "device", torch.device("cpu"))
+    ok, why = fused_attention_available(device)
     if not ok:
-        raise RuntimeError(f"fused ThunderKV attention is unavailable: {why}")
+        raise RuntimeError(f"fused ThunderKV attention is unavailable on {device}: {why}")
     if not getattr(model, "_supports_sdpa", True):
         raise RuntimeError(
             f"{type(model).__name__} has no SDPA form of its attention (e.g. gpt-oss's attention "

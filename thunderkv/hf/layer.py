@@ -37,7 +37,7 @@ from transformers.cache_utils import CacheLayerMixin
 from ..api import QuantizedTensor, quantize
 from ..backends import unavailable_reason
 from ..format import MAX_SINK_TOKENS, SUPPORTED_DTYPES, FormatSpec
-from .attention import DecodeState, fused_attention_enabled, hand_off
+from .attention import DecodeState, fused_attention_enabled, hand_off, kernel_available
 
 
 def cat_quantized(a: QuantizedTensor | None, b: QuantizedTensor) -> QuantizedTensor:
@@ -96,8 +96,9 @@ class ThunderKVLayer(CacheLayerMixin):
     backend : thunderkv backend for quantize/dequantize ("auto" picks by device).
     key_axis, value_axis : -2 per-channel or -1 per-token (defaults: KIVI, -2 keys, -1 values).
     attention_config : the model config; when it selects the ``"thunderkv"`` attention
-        (:func:`~thunderkv.hf.use_fused_attention`), single-token CPU updates of a KIVI layer
-        return only the full-precision tokens and hand the packed history to that attention --
+        (:func:`~thunderkv.hf.use_fused_attention`), single-token updates of a KIVI layer (CPU,
+        or CUDA with Triton) return only the full-precision tokens and hand the packed history
+        to that attention --
         once the layer's first such update (a probe returning everything) has shown that the
         attention receives the tensors the layer returns (not so in MLA / latent-KV models,
         which transform them first; those layers keep materializing).
@@ -227,8 +228,9 @@ class ThunderKVLayer(CacheLayerMixin):
     def _fused_step(self, key_states: torch.Tensor) -> bool:
         """Whether this update hands off to the fused attention (see ``attention_config``)."""
         return (self.attention_config is not None and key_states.shape[-2] == 1
-                and key_states.device.type == "cpu" and self.key_spec.axis == -2
-                and self.value_spec.axis == -1 and fused_attention_enabled(self.attention_config))
+                and self.key_spec.axis == -2 and self.value_spec.axis == -1
+                and fused_attention_enabled(self.attention_config)
+                and kernel_available(key_states.device))
 
     def _handoff_mode(self, key_states: torch.Tensor) -> str | None:
         """How this update meets the fused attention: None (return everything, no hand-off),

@@ -1,0 +1,91 @@
+"""Decode attention over a KIVI-layout format v1 cache in Triton (the GPU counterpart of
+``csrc/cpu/kivi_attention.cpp``; see :mod:`thunderkv.attention` for the layout).
+
+Flash-decoding in two steps. :func:`_chunk_kernel` runs one program per (sequence x KV head,
+chunk of tokens): a chunk of the quantized history (keys unpacked per channel from
+``[D, Tq*bits/8]`` codes, values per token from ``[Tq, D*bits/8]``, each code turned into
+``code * scale + minimum`` in float32 in registers, never written out) or of the full-precision
+residual. It computes the chunk's scores for all R query heads of that KV head at once, their
+max ``m``, ``l = sum exp(s - m)`` and ``acc = sum exp(s - m) v``. :func:`merge_chunks` then
+combines the chunks with the running-max rule in a few torch ops.
+
+Products use ``input_precision="ieee"`` (full float32, no TF32), so the result differs from the
+float64 definition by float32 rounding only, as the CPU kernel does.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .quant import _bits_to_f32
+
+
+@triton.jit
+def _chunk_kernel(
+    q_ptr,  # float32 [BH, R, D]
+    kp_ptr, ks_ptr, km_ptr,  # keys: uint8 [BH, D, S*BITS/8]; scale/min bits [BH, D, S/G]
+    vp_ptr, vs_ptr, vm_ptr,  # values: uint8 [BH, S, D*BITS/8]; scale/min bits [BH, S, D/G]
+    kr_ptr, vr_ptr,  # residual: float32 [BH, Tr, D]
+    mask_ptr,  # uint8 [B, Tq + Tr] (1 = attend), or any pointer when not HAS_MASK
+    m_ptr, l_ptr, acc_ptr,  # out, float32: [BH, NC, R], [BH, NC, R], [BH, NC, R, D]
+    H, R, D, Tq, Tr, S, NCQ, NC, scaling,
+    G: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: caches past 2 GiB
+    c = tl.program_id(1)
+    b = bh // H
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_t = tl.arange(0, BLOCK_T)
+    r_ok = offs_r < R
+    d_ok = offs_d < D
+    q = tl.load(q_ptr + (bh * R + offs_r[:, None]) * D + offs_d[None, :],
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    if c < NCQ:  # a chunk of the quantized history
+        t = c * BLOCK_T + offs_t
+        t_ok = t < Tq
+        QMASK: tl.constexpr = (1 << BITS) - 1
+        kd_ok = d_ok[:, None] & t_ok[None, :]  # [D, T]
+        row_bytes = S * BITS // 8
+        kbyte = tl.load(kp_ptr + (bh * D + offs_d[:, None]) * row_bytes + (t[None, :] * BITS) // 8,
+                        mask=kd_ok, other=0)
+        kcode = (kbyte.to(tl.int32) >> ((t[None, :] * BITS) % 8)) & QMASK
+        kidx = (bh * D + offs_d[:, None]) * (S // G) + t[None, :] // G
+        ksc = _bits_to_f32(tl.load(ks_ptr + kidx, mask=kd_ok, other=0), DT)
+        kmn = _bits_to_f32(tl.load(km_ptr + kidx, mask=kd_ok, other=0), DT)
+        k = tl.where(kd_ok, kcode.to(tl.float32) * ksc + kmn, 0.0)  # [D, T]
+        vt_ok = t_ok[:, None] & d_ok[None, :]  # [T, D]
+        vrow = D * BITS // 8
+        vbyte = tl.load(vp_ptr + (bh * S + t[:, None]) * vrow + (offs_d[None, :] * BITS) // 8,
+                        mask=vt_ok, other=0)
+        vcode = (vbyte.to(tl.int32) >> ((offs_d[None, :] * BITS) % 8)) & QMASK
+        vidx = (bh * S + t[:, None]) * (D // G) + offs_d[None, :] // G
+        vsc = _bits_to_f32(tl.load(vs_ptr + vidx, mask=vt_ok, other=0), DT)
+        vmn = _bits_to_f32(tl.load(vm_ptr + vidx, mask=vt_ok, other=0), DT)
+        v = tl.where(vt_ok, vcode.to(tl.float32) * vsc + vmn, 0.0)  # [T, D]
+        col = t
+    else:  # a chunk of the full-precision residual
+        t = (c - NCQ) * BLOCK_T + offs_t
+        t_ok = t < Tr
+        k = tl.load(kr_ptr + (bh * Tr + t[None, :]) * D + offs_d[:, None],
+                    mask=d_ok[:, None] & t_ok[None, :], other=0.0)  # [D, T]
+        v = tl.load(vr_ptr + (bh * Tr + t[:, None]) * D + offs_d[None, :],
+                    mask=t_ok[:, None] & d_ok[None, :], other=0.0)  # [T, D]
+        col = Tq + t
+    ok = t_ok
+    if HAS_MASK:
+        ok = ok & (tl.load(mask_ptr + b * (Tq + Tr) + col, mask=t_ok, other=0) != 0)
+    s = tl.dot(q, k, input_precision="ieee") * scaling  # [R, T]
+    s = tl.where(ok[None, :], s, float("-inf"))
+    m = tl.max(s, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp(s - m_safe[:, None])  # exp(-inf) = 0 for masked tokens
+    l_sum = tl.sum(p, axis=1)
+    acc = tl.dot(p, v, input_precision="ieee")  # [R, D]
+    out = bh * NC + c
+    tl.store(m_ptr + out * R + offs_r, m, mask=r_ok)
+    tl.store(l_ptr + out * R + offs_r, l_sum, mask=r_ok)
+    tl.store(acc_ptr + (out * R + offs_r[:, None]) * D + offs_d[None, :], acc,
+             mask=r_ok[:, None] & d_ok[None, :])
