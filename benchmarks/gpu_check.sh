@@ -151,6 +151,7 @@ run_tests() {  # run_tests NAME FILE [pytest args...]
 }
 run_tests cuda tests/test_cuda_backend.py
 run_tests triton tests/test_triton_backend.py -k "not compile_for_gpu"
+run_tests attention_triton tests/test_attention_triton.py  # the HF hook's fused decode on GPU
 run_tests paged tests/test_paged.py -m gpu
 run_tests checksum tests/transfer/test_checksum.py -m gpu
 
@@ -196,6 +197,11 @@ else
     --reps 20 "${backend_args[@]}" --json "$W/bench.jsonl"
   bench bench_crc $PY benchmarks/crc_bench.py --device "$DEVICE" --json "$W/bench.jsonl"
 fi
+# fused decode attention over a 4-bit KIVI cache (Triton on a GPU) vs SDPA over fp16 K/V and
+# dequantize+SDPA, one Llama-3-8B layer, same run
+if [ "$PRESET" = quick ]; then ATT_CTX=(--context 1024); else ATT_CTX=(--context 4096 --context 32768); fi
+bench bench_attention $PY -m thunderkv.cli bench attention --device "$DEVICE" --geometry llama3-8b \
+  --dtype float16 "${ATT_CTX[@]}" --reps 20 --json "$W/bench_attention.jsonl"
 
 step "compute-sanitizer memcheck: CUDA kernels on awkward shapes and paged rows"
 # float16 only (dtype0) for the per-channel shapes, with and without THUNDERKV_CUDA_COLS=regs:
@@ -274,12 +280,20 @@ for r in map(json.loads, open(sys.argv[1])):
           f"{r['wire_bytes_per_s'] / 1e9:9.2f} {r.get('speedup_vs_raw', 1):6.2f} "
           f"{'-' if ratio is None else f'{ratio:.2f}':>12s}")
 PYEOF
+[ -f "$W/bench_attention.jsonl" ] && $PY - "$W/bench_attention.jsonl" >>"$W/summary.txt" <<'PYEOF'
+import json, sys
+print(f"{'attention':9s} {'geometry':12s} {'context':>7s} {'method':13s} {'p50 us':>9s} {'x sdpa-fp':>9s}")
+for r in map(json.loads, open(sys.argv[1])):
+    print(f"{'':9s} {r['geometry']:12s} {r['context']:7d} {r['method']:13s} {r['us_p50']:9.1f} "
+          f"{r['speedup_vs_sdpa_fp']:9.2f}")
+PYEOF
 # The tool returns only the output's last 12,000 characters: print the verdicts, not the table
 # (summary.txt has everything).
 if [ -f "$W/summary.txt" ]; then
   echo "$(grep -c '' "$W/summary.txt") lines in summary.txt; the target verdicts:"
   grep -E "^targets:|MISS" "$W/summary.txt" | head -40
-  grep -A12 "^transfer" "$W/summary.txt" || true
+  awk '/^transfer/ {p = 1} /^attention/ {p = 0} p' "$W/summary.txt"
+  awk '/^attention/ {p = 1} p' "$W/summary.txt"
 fi
 [ ${#skipped[@]} -gt 0 ] && echo "skipped: ${skipped[*]}"
 if [ ${#failed[@]} -gt 0 ]; then
