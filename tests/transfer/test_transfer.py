@@ -12,9 +12,11 @@ import transfer_peers as peers
 
 from thunderkv.transfer import (
     AuthenticationError,
-    KVMessageError,
+    ConnectionClosed,
     KVReceiver,
     KVSender,
+    PoolFull,
+    RequestRejected,
     TransferError,
     TransferTimeout,
     auth,
@@ -191,7 +193,7 @@ def test_receiver_killed_mid_transfer_raises_on_sender():
     t0 = time.monotonic()
     with KVSender(host, port, token=peers.TOKEN, timeout=2.0) as tx:
         payload = peers.payload_for(1, header.payload_length)
-        with pytest.raises(TransferError):
+        with pytest.raises(ConnectionClosed):
             with tx.stream(header, payload) as stream:
                 for i in range(header.layers):
                     stream.send_layer(i)
@@ -199,6 +201,22 @@ def test_receiver_killed_mid_transfer_raises_on_sender():
                 stream.finish()
     assert time.monotonic() - t0 < 5.0
     p.join(10)
+
+
+def test_receiver_killed_during_a_put_is_connection_closed_without_ucx_noise(capfd):
+    """The receiver dies while the sender PUTs (1 MiB chunks of 256 MiB): the sender gets
+    ConnectionClosed naming the receiver as gone, and UCX prints nothing of its own."""
+    ready = CTX.Queue()
+    p = start(peers.receiver_that_dies_once_a_request_starts, ready, 1 << 29)
+    host, port = ready.get(timeout=60)
+    header = peers.raw_header(1, 1 << 18)  # 256 MiB
+    payload = torch.ones(header.payload_length, dtype=torch.uint8)
+    with KVSender(host, port, token=peers.TOKEN, timeout=2.0, chunk_bytes=1 << 20) as tx:
+        with pytest.raises(ConnectionClosed, match="gone|closed|lost"):
+            tx.send(header, payload)
+        assert tx.broken
+    p.join(10)
+    assert "UCX  ERROR" not in capfd.readouterr().err
 
 
 def test_wrong_token_is_refused_and_receiver_keeps_serving(receiver):
@@ -239,6 +257,43 @@ def test_malformed_headers_are_refused_before_allocation(receiver, mutate, why):
     assert receiver.pool.free_bytes() == receiver.pool.nbytes
 
 
+def test_a_refused_grant_carries_a_reason_code(receiver):
+    """PoolFull (retry later) is told apart from other refusals by a code, not the text."""
+    held = receiver.pool.allocate(receiver.pool.nbytes)
+    try:
+        with authenticated_socket(receiver) as sock:
+            channel.send(sock, Kind.BEGIN, {}, peers.raw_header(1, 64).pack())
+            grant = channel.receive(sock, timeout=5)
+            assert not grant.meta["ok"] and grant.meta["code"] == "pool_full"
+            channel.send(sock, Kind.BEGIN, {}, b"XXXX" + peers.raw_header(2, 64).pack()[4:])
+            grant = channel.receive(sock, timeout=5)
+            assert not grant.meta["ok"] and grant.meta["code"] == "rejected"
+        with KVSender(receiver.host, receiver.port, token=peers.TOKEN) as tx:
+            header = peers.raw_header(3, 64)
+            with pytest.raises(PoolFull):
+                tx.send(header, peers.payload_for(3, header.payload_length))
+            assert not tx.broken
+    finally:
+        receiver.pool.release(held)
+
+
+def test_a_begin_cut_short_times_out_but_an_idle_connection_does_not():
+    """Once a request's first bytes arrived the peer must keep up (timeout); a connection with
+    nothing in progress is never timed out."""
+    rx = KVReceiver(1 << 20, token=peers.TOKEN, timeout=0.5)
+    try:
+        with authenticated_socket(rx) as idle, authenticated_socket(rx) as stalled:
+            stalled.sendall(channel.FRAME.pack(200, int(Kind.BEGIN), 0)[:5])  # then nothing
+            time.sleep(1.5)
+            stalled.settimeout(5)
+            assert stalled.recv(1) == b""  # the receiver hung up on the stalled request
+            channel.send(idle, Kind.BEGIN, {}, peers.raw_header(1, 1).pack())
+            grant = channel.receive(idle, timeout=5)  # the idle one is still served
+            assert grant.kind == Kind.GRANT and grant.meta["ok"]
+    finally:
+        rx.close()
+
+
 def test_oversized_message_is_refused(receiver):
     big = peers.raw_header(8, 1 << 18, layers=16)  # 2 GiB > the 512 MiB pool
     with authenticated_socket(receiver) as sock:
@@ -277,8 +332,8 @@ def test_checksum_mismatch_is_rejected_and_never_delivered(receiver, monkeypatch
                             lambda data, block, count, seed=0, threads=0: [12345] * count)
         with pytest.raises(TransferError, match="checksum mismatch"):
             send(tx, header, peers.payload_for(12, header.payload_length))
-        with pytest.raises(KVMessageError, match="checksum mismatch"):
-            receiver.wait(12, timeout=5)
+        with pytest.raises(RequestRejected, match="checksum mismatch"):
+            receiver.wait(12, timeout=5)  # a TransferError, like every receiver error
         monkeypatch.undo()
         # the connection and the request id are usable again
         send(tx, header, peers.payload_for(12, header.payload_length))

@@ -37,6 +37,11 @@ def _send(rx: KVReceiver, request_id: int, tokens: int = 64) -> None:
         tx.send(header, peers.payload_for(request_id, header.payload_length))
 
 
+def _send_on(tx: KVSender, request_id: int, tokens: int = 64) -> None:
+    header = peers.raw_header(request_id, tokens)
+    tx.send(header, peers.payload_for(request_id, header.payload_length))
+
+
 def test_a_request_is_handed_out_once_and_released_once(receiver):
     _send(receiver, 1)
     _send(receiver, 2)
@@ -254,3 +259,119 @@ def test_a_bad_commit_notice_frees_the_slice_at_once(receiver):
         assert receiver.pool.free_bytes() == receiver.pool.nbytes  # the sender is still open
     finally:
         tx.close()
+
+
+def test_an_idle_connection_is_kept_however_long_it_idles(monkeypatch):
+    """Between requests a connection may idle for ever (here many times IDLE_POLL_S, the
+    period at which an idle connection re-checks for close, and the timeout): only a request
+    in progress has to keep up with the timeout."""
+    import thunderkv.transfer.receiver as receiver_module
+
+    monkeypatch.setattr(receiver_module, "IDLE_POLL_S", 0.1)
+    rx = KVReceiver(1 << 22, token=peers.TOKEN, timeout=0.3)
+    try:
+        with KVSender(rx.host, rx.port, token=peers.TOKEN, timeout=0.3) as tx:
+            for request_id in (1, 2):
+                _send_on(tx, request_id)
+                rx.wait(request_id, timeout=5).release()
+                time.sleep(1.0)  # idle: nothing in flight
+            assert not tx.broken
+            assert len(rx._connections) == 1
+    finally:
+        rx.close()
+
+
+def test_an_incoming_request_is_unreadable_once_released(receiver):
+    """A kept IncomingKV must not show whatever the pool holds after its release (another
+    request's bytes): it raises, as ReceivedKV does."""
+    _send(receiver, 1)
+    incoming = receiver.incoming(1, timeout=5)
+    got = receiver.wait(1, timeout=5)
+    assert torch.equal(incoming.buffer, got.buffer)
+    assert incoming.wait_layer(0, timeout=1).keys() == got.layer(0).keys()
+    got.release()
+    _send(receiver, 2)  # may land where request 1 was
+    for read in (lambda: incoming.buffer, lambda: incoming.layer(0),
+                 lambda: incoming.wait_layer(0, timeout=1)):
+        with pytest.raises(TransferError, match="request 1 was released"):
+            read()
+    second = receiver.wait(2, timeout=5)
+    assert torch.equal(second.buffer, peers.payload_for(2, second.header.payload_length))
+    second.release()
+
+
+def test_a_thread_with_a_request_open_gets_an_error_not_a_deadlock(receiver):
+    """unregister() and a second KVStream on the thread that holds the sender's (non-reentrant)
+    lock raise TransferError; the open request still completes afterwards."""
+    from thunderkv.transfer import KVStream
+
+    header = peers.raw_header(50, 64)
+    with KVSender(receiver.host, receiver.port, token=peers.TOKEN) as tx:
+        pool, other = tx.register(header.payload_length), tx.register(4096)
+        payload = pool.allocate(header.payload_length).view
+        payload.copy_(peers.payload_for(50, header.payload_length))
+        outcome: list = []
+
+        def run():
+            try:
+                stream = tx.stream(header, payload)
+                stream.send_layer(0)
+                for attempt in (lambda: tx.unregister(other),
+                                lambda: KVStream(tx, peers.raw_header(51, 64), payload)):
+                    try:
+                        attempt()
+                        outcome.append("returned")
+                    except TransferError as exc:
+                        outcome.append(str(exc))
+                stream.send_layer(1)
+                stream.finish()
+            except BaseException as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(10)
+        assert not worker.is_alive(), "deadlocked on the sender's lock"
+        assert len(outcome) == 2, outcome
+        assert all(isinstance(o, str) and "already open on this sender in this thread" in o
+                   for o in outcome), outcome
+        tx.unregister(other)  # the request is finished: now it works
+    got = receiver.wait(50, timeout=5)
+    assert torch.equal(got.buffer, peers.payload_for(50, header.payload_length))
+    got.release()
+
+
+def test_closing_the_receiver_right_after_wait_still_acknowledges(monkeypatch):
+    """wait() returned, so the request arrived: its sender must hear so even when the receiver
+    closes at once (the ACK is held back 0.3 s here to widen that window)."""
+    from thunderkv.transfer import channel
+    from thunderkv.transfer.channel import Kind
+
+    real_send = channel.send
+
+    def slow_ack(sock, kind, *args, **kwargs):
+        if kind == Kind.ACK and threading.current_thread().name.startswith("tkv-peer"):
+            time.sleep(0.3)
+        return real_send(sock, kind, *args, **kwargs)
+
+    monkeypatch.setattr(channel, "send", slow_ack)
+    rx = KVReceiver(1 << 22, token=peers.TOKEN, timeout=2.0)
+    tx = KVSender(rx.host, rx.port, token=peers.TOKEN, timeout=2.0)
+    outcome: list = []
+
+    def send():
+        try:
+            _send_on(tx, 1)
+            outcome.append("ok")
+        except TransferError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=send)
+    try:
+        worker.start()
+        rx.wait(1, timeout=5).release()
+    finally:
+        rx.close()
+        worker.join(10)
+        tx.close()
+    assert outcome == ["ok"]

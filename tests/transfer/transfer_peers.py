@@ -65,6 +65,21 @@ def receiver_that_dies(ready, pool_bytes: int, token: str = TOKEN) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def receiver_that_dies_once_a_request_starts(ready, pool_bytes: int,
+                                              token: str = TOKEN) -> None:
+    """A receiver that SIGKILLs itself once the first byte of request 1 (a payload of
+    non-zero bytes) landed in its pool: in the middle of the sender's PUTs."""
+    from thunderkv.transfer import KVReceiver
+
+    rx = KVReceiver(pool_bytes, token=token)
+    ready.put((rx.host, rx.port))
+    first = rx.incoming(1, timeout=60).slice.view[:1]
+    deadline = time.monotonic() + 60
+    while int(first) == 0 and time.monotonic() < deadline:
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def quantized_sender(host: str, port: int, request_id: int, tokens: int, seed: int, results,
                      token: str = TOKEN, device: str = "cpu") -> None:
     """Quantize seeded KV straight into a registered send buffer on ``device`` and send it

@@ -30,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
     t.add_column("value")
     t.add_row("python / torch", f"{info['python']} / {info['torch']}")
     t.add_row("numpy / triton / ucxx",
-              " / ".join(str(info[k] or "not installed") for k in ("numpy", "triton", "ucxx")))
+              " / ".join(str(info[k] or "not installed") for k in ("numpy", "triton")) + " / "
+              + str(info["ucxx"] or "not installed (optional: the transfer data path does not "
+                                     "use it)"))
     cpu = info["cpu"]
     t.add_row("cpu", f"{cpu['model']} ({cpu['cores']} cores, torch threads {cpu['torch_threads']})")
     t.add_row("cpu features", " ".join(cpu["flags"]) or "unknown")
@@ -57,9 +59,23 @@ def run(args: argparse.Namespace) -> int:
         mark = "[green]yes[/]" if st["available"] else f"[yellow]no[/]: {escape(st['why_not'])}"
         t.add_row(f"backend {name}", f"{mark} ({st['device']})")
     tr = info["transfer"]
-    t.add_row("transfer (UCX)", (f"[green]yes[/] UCX {tr['ucx_version']}" if tr["available"]
+    t.add_row("transfer (UCX)", (f"[green]yes[/] UCX {tr['ucx_version']}{_token_note()}"
+                                 if tr["available"]
                                  else f"[yellow]no[/]: {escape(str(tr['why_not']))}"))
     t.add_row("UCX transports",
               escape(" ".join(tr["transports"]) or tr.get("devices_error") or "none"))
     console.print(t)
     return 0
+
+
+def _token_note() -> str:
+    """'' when a transfer token is configured, else why KVSender/KVReceiver would refuse."""
+    from rich.markup import escape
+
+    from ..transfer import auth
+
+    try:
+        auth.load_token()
+    except ValueError as exc:
+        return f"; [yellow]but no usable token[/]: {escape(str(exc))}"
+    return ""

@@ -17,6 +17,7 @@ and acknowledgements. :func:`unavailable_reason` says why transfer cannot run he
 from .errors import (
     AuthenticationError,
     ConnectionClosed,
+    ListenError,
     RequestRejected,
     TransferError,
     TransferTimeout,
@@ -30,7 +31,7 @@ from .wire import KVHeader, KVMessageError, Limits, build_header, decode_header,
 
 __all__ = [
     "AuthenticationError", "ConnectionClosed", "IncomingKV", "KVHeader", "KVMessageError", "KVReceiver", "KVSender",
-    "KVStream", "Limits", "PoolFull", "ReceivedKV", "RequestRejected", "SendPool", "TransferError",
+    "KVStream", "Limits", "ListenError", "PoolFull", "ReceivedKV", "RequestRejected", "SendPool", "TransferError",
     "TransferResult", "TransferTimeout", "TransferUnavailable", "build_header", "decode_header",
     "layer_views", "unavailable_reason",
 ]

@@ -1,4 +1,5 @@
-"""Exceptions of thunderkv.transfer (every failure a caller can see is one of these)."""
+"""Exceptions of thunderkv.transfer: every failure of a transfer is one of these (a wrong
+argument raises TypeError / ValueError instead, before anything changes)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,12 @@ class AuthenticationError(TransferError):
 
 class TransferUnavailable(TransferError):
     """UCX transfer cannot run here (the message says why)."""
+
+
+class ListenError(TransferError, OSError):
+    """A receiver cannot listen on the address it was given (the port is in use, the host is
+    not an address of this machine). Also an OSError whose ``errno`` is the failure's."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno  # (strerror stays None, so str() is the message)

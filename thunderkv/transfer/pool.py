@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import RequestRejected, TransferUnavailable
+from ._args import int_arg
+from .errors import RequestRejected, TransferError, TransferUnavailable
 from .ucx import load_ucx, ucx_call, ucx_unavailable_reason
 
 ALIGN = 256
@@ -38,17 +39,25 @@ class BufferPool:
     Parameters
     ----------
     worker : the ``_ucx.Worker`` that registers the memory (one per process side).
-    nbytes : pool size in bytes (> 0).
+    nbytes : pool size in bytes (an int > 0; need not be a multiple of 256).
     device : "cpu" or a CUDA device (CUDA needs a UCX built with CUDA support).
+
+    A wrong ``nbytes`` or ``device`` raises TypeError / ValueError; memory that cannot be
+    allocated or registered raises TransferError.
     """
 
     def __init__(self, worker, nbytes: int, device: torch.device | str = "cpu") -> None:
         if load_ucx() is None:
             raise TransferUnavailable(f"UCX transfer unavailable: {ucx_unavailable_reason()}")
-        if not isinstance(nbytes, int) or nbytes <= 0:
-            raise ValueError(f"pool size must be a positive number of bytes, got {nbytes!r}")
-        self.device = torch.device(device)
-        self.tensor = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        nbytes = pool_size_arg(nbytes)
+        self.device = pool_device_arg(device)
+        try:
+            self.tensor = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        except (RuntimeError, MemoryError, AssertionError) as exc:  # torch: out of memory,
+            # or no CUDA in this build (an AssertionError)
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TransferError(f"cannot allocate a {nbytes}-byte pool on {self.device} ({why}); "
+                                "use a smaller pool") from None
         if self.device.type == "cpu":
             self.tensor.zero_()  # touch the pages now, not during the first transfer
         self.region = ucx_call(worker.register_memory, self.tensor.data_ptr(), nbytes)
@@ -66,23 +75,27 @@ class BufferPool:
         return self.region.memory_type
 
     def allocate(self, nbytes: int) -> Slice:
-        """A free slice of ``nbytes`` (aligned to 256 bytes); raise PoolFull if none fits."""
-        if nbytes < 0:
-            raise ValueError("nbytes must be >= 0")
+        """A free slice of ``nbytes`` (starting at a multiple of 256 bytes); raise PoolFull if
+        none fits. Any ``nbytes`` up to the pool's size fits an empty pool: a slice ending at
+        the pool's end is not rounded up. TypeError / ValueError for a size that is not an int
+        >= 0 (the pool is left unchanged)."""
+        nbytes = int_arg(nbytes, "nbytes")
         if nbytes == 0:  # takes no space; release() of it is a no-op
             return Slice(0, 0, self.tensor[:0])
+        if nbytes > self.nbytes:
+            raise PoolFull(f"{nbytes} bytes can never fit the {self.nbytes}-byte pool")
         size = -(-nbytes // ALIGN) * ALIGN
         with self._lock:
             for i, (off, free) in enumerate(self._free):
-                if free >= size:
-                    if free == size:
+                # the free block at the pool's end may be shorter than a whole ALIGN unit
+                take = min(size, free) if off + free == self.nbytes else size
+                if nbytes <= free and take <= free:
+                    if free == take:
                         del self._free[i]
                     else:
-                        self._free[i] = (off + size, free - size)
-                    self._used[off] = size
+                        self._free[i] = (off + take, free - take)
+                    self._used[off] = take
                     return Slice(off, nbytes, self.tensor[off:off + nbytes])
-            if size > self.nbytes:
-                raise PoolFull(f"{nbytes} bytes can never fit the {self.nbytes}-byte pool")
         raise PoolFull(f"no free {nbytes}-byte slice in the {self.nbytes}-byte pool "
                        f"({self.free_bytes()} bytes free, fragmented or in use)")
 
@@ -110,3 +123,23 @@ class BufferPool:
 
     def close(self) -> None:
         self.region.release()
+
+
+def pool_size_arg(nbytes, name: str = "pool size") -> int:
+    """A pool size: an int > 0 (TypeError / ValueError otherwise)."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        raise TypeError(f"{name} must be an int number of bytes, got {type(nbytes).__name__}")
+    if nbytes <= 0:
+        raise ValueError(f"{name} must be a positive number of bytes, got {nbytes!r}")
+    return nbytes
+
+
+def pool_device_arg(device) -> torch.device:
+    """``device`` as a torch.device where a pool can live: the CPU or a CUDA GPU."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be 'cpu' or a CUDA device, got {device!r} ({exc})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or a CUDA device, got {device!r}")
+    return dev

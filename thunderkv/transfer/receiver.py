@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import select
 import socket
 import threading
 import time
@@ -26,22 +27,26 @@ from dataclasses import dataclass, field
 import torch
 
 from . import auth, channel
+from ._args import int_arg, request_id_arg, timeout_arg, wait_arg
 from .channel import Kind
 from .checksum import crc32c_running
 from .errors import (
     AuthenticationError,
     ConnectionClosed,
+    ListenError,
+    RequestRejected,
     TransferError,
     TransferTimeout,
     TransferUnavailable,
 )
-from .pool import BufferPool, PoolFull, Slice
+from .pool import BufferPool, PoolFull, Slice, pool_size_arg
 from .ucx import load_ucx, ucx_call, ucx_unavailable_reason
 from .wire import DEFAULT_LIMITS, KVHeader, KVMessageError, Limits, decode_header, layer_views
 
 log = logging.getLogger("thunderkv.transfer")
 PROTOCOL_VERSION = 1
-IDLE_POLL_S = 3600.0  # between requests a connection may stay idle this long per read
+IDLE_POLL_S = 3600.0  # an idle connection (no request in progress) re-checks for close this
+#                      often; it never times out (only a request in progress does)
 DISCARD_MEMORY = 4096  # ids discarded before their BEGIN arrived, remembered (oldest dropped)
 MAX_UNAUTHENTICATED = 32  # connections still in the handshake at once; more are turned away
 
@@ -69,25 +74,41 @@ class IncomingKV:
 
     @property
     def buffer(self) -> torch.Tensor:
-        """The payload bytes (uint8, in the receive pool; valid until released)."""
+        """The payload bytes (uint8, in the receive pool; valid until released: then
+        TransferError, as the pool may hold another request's bytes there)."""
+        self._check_not_released()
         return self.slice.view
 
     def layer(self, index: int) -> dict[str, torch.Tensor]:
         """Zero-copy typed views of layer ``index`` (see :func:`thunderkv.transfer.wire.layer_views`)."""
+        index = self._layer_index(index)
+        self._check_not_released()
         n = self.header.layer_nbytes()
         return layer_views(self.header, self.slice.view[index * n:(index + 1) * n])
 
     def wait_layer(self, index: int, timeout: float | None = None) -> dict[str, torch.Tensor]:
-        """Block until layer ``index`` arrived and verified; raise the request's error if it failed."""
-        if not 0 <= index < self.header.layers:
-            raise IndexError(f"layer {index} outside 0..{self.header.layers - 1}")
+        """Block until layer ``index`` arrived and verified; raise the request's error if it
+        failed, TransferError once the request was released."""
+        index = self._layer_index(index)
+        timeout = wait_arg(timeout)
         with self._cond:
             if not self._cond.wait_for(lambda: self.error or self.layers_ready > index, timeout):
                 raise TransferTimeout(f"request {self.request_id}: layer {index} not received "
-                                      f"within {timeout} s")
+                                      f"within {timeout:g} s")
             if self.error:
                 raise self.error
         return self.layer(index)
+
+    def _layer_index(self, index: int) -> int:
+        index = int_arg(index, "layer index", -(1 << 63))
+        if not 0 <= index < self.header.layers:
+            raise IndexError(f"layer {index} outside 0..{self.header.layers - 1}")
+        return index
+
+    def _check_not_released(self) -> None:
+        if self.released:
+            raise TransferError(f"request {self.request_id} was released: its slice of the "
+                                "receive pool may hold another request now")
 
     def _update(self, **changes) -> None:
         with self._cond:
@@ -156,18 +177,31 @@ class KVReceiver:
         ucx = load_ucx()
         if ucx is None:
             raise TransferUnavailable(f"UCX transfer unavailable: {ucx_unavailable_reason()}")
-        if not float(timeout) > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        pool_bytes = pool_size_arg(pool_bytes, "pool_bytes")
+        port = int_arg(port, "port", 0, 65535)
+        self.timeout = timeout_arg(timeout)
+        if not isinstance(limits, Limits):
+            raise TypeError(f"limits must be a thunderkv.transfer.Limits, got "
+                            f"{type(limits).__name__}")
         self._token = auth.load_token(token)
-        self.timeout = float(timeout)
         self.limits = dataclasses.replace(
             limits, max_payload_bytes=min(limits.max_payload_bytes, pool_bytes))
-        self.worker = ucx_call(ucx.Worker, error_handling)
-        self.worker.start_progress_thread()
+        try:  # first: a port in use fails before any memory is registered
+            self._sock = socket.create_server((host, port))
+        except (OSError, UnicodeError) as exc:
+            raise ListenError(f"cannot listen on {host}:{port}: {exc}; pick another port "
+                              "(or port=0 for a free one) or host",
+                              getattr(exc, "errno", None)) from exc
         try:
-            self.pool = BufferPool(self.worker, pool_bytes, device)
+            self.worker = ucx_call(ucx.Worker, error_handling)
+            self.worker.start_progress_thread()
+            try:
+                self.pool = BufferPool(self.worker, pool_bytes, device)
+            except BaseException:
+                self.worker.stop_progress_thread()
+                raise
         except BaseException:
-            self.worker.stop_progress_thread()
+            self._sock.close()
             raise
         self._rkey = self.pool.region.packed_rkey()
         self._requests: dict[int, IncomingKV] = {}
@@ -181,7 +215,7 @@ class KVReceiver:
         self._closed = False
         self._connections: set[socket.socket] = set()
         self._handshaking = 0
-        self._sock = socket.create_server((host, port))
+        self._acks_pending = 0  # requests delivered whose ACK is not sent yet (close() waits)
         self.host, self.port = self._sock.getsockname()[:2]
         self._acceptor = threading.Thread(target=self._accept_loop, name="tkv-accept", daemon=True)
         self._acceptor.start()
@@ -190,9 +224,10 @@ class KVReceiver:
     def recv(self, timeout: float | None = None) -> ReceivedKV:
         """The next completed request not yet handed out (in completion order);
         TransferTimeout if none in time, TransferError once the receiver is closed."""
+        timeout = wait_arg(timeout)
         with self._changed:
             if not self._changed.wait_for(lambda: self._completed or self._closed, timeout):
-                raise TransferTimeout(f"no KV message completed within {timeout} s")
+                raise TransferTimeout(f"no KV message completed within {timeout:g} s")
             if not self._completed:
                 raise TransferError("receiver closed")
             incoming = self._completed.popleft()
@@ -200,12 +235,15 @@ class KVReceiver:
         return ReceivedKV(incoming, self)
 
     def incoming(self, request_id: int, timeout: float | None = None) -> IncomingKV:
-        """The request ``request_id`` once its header was accepted (layers may still arrive)."""
+        """The request ``request_id`` once its header was accepted (layers may still arrive).
+        TypeError / ValueError at once for an id that is not an int in [0, 2**64)."""
+        request_id = request_id_arg(request_id)
+        timeout = wait_arg(timeout)
         with self._changed:
             if not self._changed.wait_for(
                     lambda: request_id in self._requests or request_id in self._failed
                     or self._closed, timeout):
-                raise TransferTimeout(f"request {request_id} did not start within {timeout} s")
+                raise TransferTimeout(f"request {request_id} did not start within {timeout:g} s")
             if request_id in self._requests:
                 return self._requests[request_id]
             if request_id in self._failed:
@@ -213,13 +251,17 @@ class KVReceiver:
             raise TransferError("receiver closed")
 
     def wait(self, request_id: int, timeout: float | None = None) -> ReceivedKV:
-        """Block until request ``request_id`` is complete and verified; raise its error if not."""
+        """Block until request ``request_id`` is complete and verified; raise its error if not
+        (a TransferError: RequestRejected for a bad checksum or a discarded request,
+        ConnectionClosed / TransferTimeout for a sender that died or stalled)."""
+        request_id = request_id_arg(request_id)
+        timeout = wait_arg(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         incoming = self.incoming(request_id, timeout)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         with incoming._cond:
             if not incoming._cond.wait_for(lambda: incoming.done or incoming.error, left):
-                raise TransferTimeout(f"request {request_id} not complete within {timeout} s")
+                raise TransferTimeout(f"request {request_id} not complete within {timeout:g} s")
             if incoming.error:
                 raise incoming.error
         with self._lock:
@@ -244,6 +286,7 @@ class KVReceiver:
         delivered (:meth:`wait` raises); not started (or already released) -> a later BEGIN
         with this id is refused (``RequestRejected``). Idempotent; a request already handed
         out is left to its holder's :meth:`ReceivedKV.release`, a failed one needs nothing."""
+        request_id = request_id_arg(request_id)
         release = None
         with self._lock:
             incoming = self._requests.get(request_id)
@@ -265,15 +308,18 @@ class KVReceiver:
         if release is not None:
             self._forget(release)
         else:
-            incoming._update(error=TransferError(f"request {request_id} was discarded"))
+            incoming._update(error=RequestRejected(f"request {request_id} was discarded"))
 
     def close(self) -> None:
-        """Stop listening, drop connections, unregister and free the pool."""
+        """Stop listening, drop connections, unregister and free the pool. The ACK of a
+        request already delivered (``wait()`` / ``recv()`` returned it) is sent first (waiting
+        at most ``timeout``), so its sender learns it arrived."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._changed.notify_all()
+            self._changed.wait_for(lambda: self._acks_pending == 0, self.timeout)
             conns = list(self._connections)
         try:
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept(); close() alone does not
@@ -392,6 +438,16 @@ class KVReceiver:
             "max_payload_bytes": self.limits.max_payload_bytes,
         }, address + self._rkey, timeout=self.timeout)
 
+    def _wait_while_idle(self, conn: socket.socket) -> bool:
+        """Block until the peer sends something (or hangs up): an idle connection never times
+        out. False once the receiver is closed."""
+        poller = select.poll()  # not select(): it fails on descriptors >= 1024
+        poller.register(conn, select.POLLIN | select.POLLPRI)
+        while not self._closed:
+            if poller.poll(max(1, int(IDLE_POLL_S * 1000))):
+                return True  # data, or a hang-up / error that the next read reports
+        return False
+
     def _serve(self, conn: socket.socket, peer: str) -> None:
         try:
             try:
@@ -399,8 +455,10 @@ class KVReceiver:
             finally:
                 with self._lock:
                     self._handshaking -= 1
-            while True:
-                msg = channel.receive(conn, timeout=IDLE_POLL_S, what="a request")
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a vanished host
+            while self._wait_while_idle(conn):
+                # a request has started: from here on the peer must keep up (timeout)
+                msg = channel.receive(conn, timeout=self.timeout, what="BEGIN")
                 if msg.kind != Kind.BEGIN:
                     raise TransferError(f"protocol error: expected BEGIN, got {msg.kind.name}")
                 self._receive_request(conn, peer, msg)
@@ -420,18 +478,21 @@ class KVReceiver:
             header = decode_header(msg.blob, limits=self.limits)
             with self._lock:
                 if header.request_id in self._requests:
-                    raise KVMessageError(f"request id {header.request_id} is already in use")
+                    raise RequestRejected(f"request id {header.request_id} is already in use")
                 if header.request_id in self._discarded:
                     del self._discarded[header.request_id]
-                    raise KVMessageError(f"request {header.request_id} was discarded by the "
-                                         "receiver")
+                    raise RequestRejected(f"request {header.request_id} was discarded by the "
+                                          "receiver")
                 piece = self.pool.allocate(header.payload_length)
                 incoming = IncomingKV(header, piece, peer)
                 self._failed.pop(header.request_id, None)
                 self._requests[header.request_id] = incoming
                 self._changed.notify_all()
-        except (KVMessageError, PoolFull) as exc:
-            channel.send(conn, Kind.GRANT, {"ok": False, "reason": str(exc)}, timeout=self.timeout)
+        except (KVMessageError, RequestRejected) as exc:
+            # code "pool_full": no room now, retrying later may work (PoolFull on the sender)
+            code = "pool_full" if isinstance(exc, PoolFull) else "rejected"
+            channel.send(conn, Kind.GRANT, {"ok": False, "code": code, "reason": str(exc)},
+                         timeout=self.timeout)
             return None
         try:
             channel.send(conn, Kind.GRANT, {"ok": True, "offset": piece.offset},
@@ -454,8 +515,8 @@ class KVReceiver:
                                       what=f"progress on request {header.request_id}")
                 committing = msg.kind == Kind.COMMIT or bool(msg.meta.get("commit"))
                 if incoming.discard and msg.kind != Kind.ABORT:  # stop its PUTs early
-                    raise KVMessageError(f"request {header.request_id} was discarded by the "
-                                         "receiver")
+                    raise RequestRejected(f"request {header.request_id} was discarded by the "
+                                          "receiver")
                 if msg.kind == Kind.PROGRESS:
                     continue
                 if msg.kind == Kind.ABORT:
@@ -473,24 +534,32 @@ class KVReceiver:
                     channel.expect(msg, Kind.COMMIT)
                     claimed = channel.meta_int(msg, "payload_crc", 0, 0xFFFFFFFF)
                 if incoming.layers_ready != header.layers:
-                    raise KVMessageError(f"request {header.request_id} committed with "
-                                         f"{incoming.layers_ready}/{header.layers} layers")
+                    raise RequestRejected(f"request {header.request_id} committed with "
+                                          f"{incoming.layers_ready}/{header.layers} layers")
                 if claimed != running or (not header.streamed and header.payload_crc != running):
-                    raise KVMessageError(f"request {header.request_id}: payload checksum mismatch")
+                    raise RequestRejected(f"request {header.request_id}: payload checksum "
+                                          "mismatch")
                 incoming.seconds = time.perf_counter() - incoming.started
                 with self._lock:
                     discard = incoming.discard
                     if not discard:
                         incoming.done = True
                         self._completed.append(incoming)
+                        self._acks_pending += 1  # close() lets this ACK go out first
                         self._changed.notify_all()
                 if discard:  # nobody wants it: the sender still hears it arrived intact
                     self._forget(incoming)
-                else:
+                    channel.send(conn, Kind.ACK, {"ok": True}, timeout=self.timeout)
+                    return
+                try:
                     incoming._update()  # wake wait() and wait_layer()
-                channel.send(conn, Kind.ACK, {"ok": True}, timeout=self.timeout)
+                    channel.send(conn, Kind.ACK, {"ok": True}, timeout=self.timeout)
+                finally:
+                    with self._lock:
+                        self._acks_pending -= 1
+                        self._changed.notify_all()
                 return
-        except KVMessageError as exc:
+        except RequestRejected as exc:
             self._fail(incoming, exc)
             if committing:  # the sender is done writing
                 self._forget(incoming)
@@ -540,7 +609,7 @@ class KVReceiver:
         got = crc32c_running(view, layer_n, len(crcs), running, threads=threads)
         for i, (claimed, crc) in enumerate(zip(crcs, got), start=first):
             if crc != claimed:
-                raise KVMessageError(f"request {header.request_id}: checksum mismatch in "
-                                     f"layer {i}")
+                raise RequestRejected(f"request {header.request_id}: checksum mismatch in "
+                                      f"layer {i}")
             incoming._update(layers_ready=i + 1)
         return got[-1]

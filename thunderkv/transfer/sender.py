@@ -25,9 +25,17 @@ from dataclasses import dataclass, field
 import torch
 
 from . import auth, channel
+from ._args import int_arg, timeout_arg
 from .channel import Kind
 from .checksum import crc32c_running
-from .errors import AuthenticationError, RequestRejected, TransferError, TransferUnavailable
+from .errors import (
+    AuthenticationError,
+    ConnectionClosed,
+    RequestRejected,
+    TransferError,
+    TransferTimeout,
+    TransferUnavailable,
+)
 from .pool import BufferPool, PoolFull
 from .ucx import load_ucx, ucx_unavailable_reason
 from .ucx import ucx_call as _ucx_call
@@ -35,6 +43,10 @@ from .wire import KVHeader
 
 DEFAULT_CHUNK_BYTES = 16 << 20
 _LANE = re.compile(r"lane\[\d+\]:\s+\d+:(\S+?)\.\d+\s")
+# UCX statuses (ucs_status_string) a PUT or flush fails with when the target process is gone.
+# "Operation canceled" is absent on purpose: closing our own endpoint cancels a PUT too.
+_PEER_GONE = ("Input/output error", "Connection reset", "Endpoint timeout",
+              "Destination is unreachable", "peer failure reported by UCX")
 
 
 @functools.cache
@@ -124,19 +136,18 @@ class KVSender:
         ucx = load_ucx()
         if ucx is None:
             raise TransferUnavailable(f"UCX transfer unavailable: {ucx_unavailable_reason()}")
-        if not float(timeout) > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-            raise ValueError(f"chunk_bytes must be a positive number of bytes, got {chunk_bytes!r}")
+        port = int_arg(port, "port", 1, 65535)
+        timeout = timeout_arg(timeout)
+        chunk_bytes = int_arg(chunk_bytes, "chunk_bytes", 1)
         self._token = auth.load_token(token)
-        self.timeout, self.chunk_bytes = float(timeout), int(chunk_bytes)
+        self.timeout, self.chunk_bytes = timeout, chunk_bytes
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread holding the open request
         self._broken: str | None = None  # why the connection can no longer be used
         self._closed = False
         try:
             self._sock = socket.create_connection((host, port), timeout=self.timeout)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a host name IDNA cannot encode
             raise TransferError(f"cannot connect to {host}:{port}: {exc}") from exc
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.peer = f"{host}:{port}"
@@ -182,25 +193,42 @@ class KVSender:
         if not auth.verify(self._token, "server", server_nonce, client_nonce, server_proof):
             raise AuthenticationError(f"receiver {self.peer} could not prove it holds the token")
         n_addr = channel.meta_int(msg, "address_bytes", 1, len(msg.blob))
-        channel.meta_int(msg, "pool_nbytes", 1)
+        nbytes = channel.meta_int(msg, "pool_nbytes", 1)
         channel.meta_int(msg, "pool_address", 0)
+        if "max_payload_bytes" in msg.meta:
+            channel.meta_int(msg, "max_payload_bytes", 0, nbytes)
         return msg.blob[:n_addr], msg.blob[n_addr:], msg.meta
 
     # ------------------------------------------------------------------ buffers
     def register(self, nbytes: int, device: torch.device | str = "cpu") -> SendPool:
-        """A registered send pool of ``nbytes`` on ``device`` (quantize straight into slices)."""
+        """A registered send pool of ``nbytes`` on ``device`` (quantize straight into slices).
+        TypeError / ValueError for a bad size or device; TransferError if the memory cannot be
+        allocated or registered, or the sender is closed."""
+        if self._closed:
+            raise TransferError(f"sender to {self.peer} is closed: open a new KVSender to "
+                                "register memory")
         pool = SendPool(self.worker, nbytes, device)
         self._pools.append(pool)
         return pool
 
     def unregister(self, pool: SendPool) -> None:
         """Release ``pool``'s UCX registration and forget it (waits for a request in flight on
-        this sender). Slices of it sent later are registered per request, like any tensor."""
+        another thread; raises TransferError if this thread has one open). Slices of it sent
+        later are registered per request, like any tensor."""
+        self._refuse_reentry("unregister() a pool")
         with self._lock:
             if not any(p is pool for p in self._pools):
                 raise ValueError("pool is not registered with this sender")
             self._pools = [p for p in self._pools if p is not pool]
             pool.close()
+
+    def _refuse_reentry(self, what: str) -> None:
+        """The sender's lock is held by an open request; taking it again on the same thread
+        would deadlock, so refuse instead."""
+        if self._owner == threading.get_ident():
+            raise TransferError(f"cannot {what}: a request is already open on this sender in "
+                                "this thread; finish() or abort() it first, or open another "
+                                "KVSender")
 
     def _region_of(self, payload: torch.Tensor):
         """(region, offset) of ``payload`` (validated by :meth:`stream`) in a registered pool,
@@ -229,15 +257,26 @@ class KVSender:
 
     def stream(self, header: KVHeader, payload: torch.Tensor) -> KVStream:
         """Start a request whose layers are sent one by one as they are produced
-        (:meth:`KVStream.send_layer`), so sending overlaps the prefill that computes them."""
+        (:meth:`KVStream.send_layer`), so sending overlaps the prefill that computes them.
+
+        TypeError for a header that is not a :class:`KVHeader` or a payload that is not a
+        torch tensor; ValueError for a payload that does not match the header, is not a
+        contiguous 1-D uint8 tensor in CPU or CUDA memory, or is over the receiver's limit."""
+        if not isinstance(header, KVHeader):
+            raise TypeError("header must be a KVHeader (from build_header() or decode_header()),"
+                            f" got {type(header).__name__}")
+        if not isinstance(payload, torch.Tensor):
+            raise TypeError(f"payload must be a torch.Tensor (contiguous 1-D uint8), got "
+                            f"{type(payload).__name__}")
         if header.payload_length > self.max_payload_bytes:
             raise ValueError(f"payload of {header.payload_length} bytes is over the receiver's "
                              f"limit of {self.max_payload_bytes}")
-        if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or (
-                payload.dim() != 1 or not payload.is_contiguous()):
+        if payload.dtype != torch.uint8 or payload.dim() != 1 or not payload.is_contiguous():
             raise ValueError("payload must be a contiguous 1-D uint8 tensor, got "
-                             f"{getattr(payload, 'dtype', type(payload))} "
-                             f"{tuple(getattr(payload, 'shape', ()))}")
+                             f"{payload.dtype} {tuple(payload.shape)}")
+        if payload.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"payload must be in CPU or CUDA memory, got a tensor on "
+                             f"{payload.device}")
         if payload.numel() != header.payload_length:
             raise ValueError(f"payload has {payload.numel()} bytes, header says "
                              f"{header.payload_length}")
@@ -245,9 +284,7 @@ class KVSender:
             # No checksum up front: the per-layer notices carry it (as for a streamed message).
             header = dataclasses.replace(header, streamed=True)
         self._check_usable()
-        if self._owner == threading.get_ident():
-            raise TransferError("a request is already open on this sender in this thread: "
-                                "finish() or abort() it first, or open another KVSender")
+        self._refuse_reentry("open another request")
         return KVStream(self, header, payload)
 
     @property
@@ -305,6 +342,8 @@ class KVStream:
 
     def __init__(self, sender: KVSender, header: KVHeader, payload: torch.Tensor) -> None:
         self.sender, self.header, self.payload = sender, header, payload
+        self._open = False
+        sender._refuse_reentry("open another request")  # the lock is not reentrant
         sender._lock.acquire()  # one request at a time (other threads wait their turn)
         try:
             sender._check_usable()  # it may have failed or closed while this thread waited
@@ -325,7 +364,10 @@ class KVStream:
                                    Kind.GRANT)
             if not grant.meta.get("ok"):
                 reason = str(grant.meta.get("reason", "no reason given"))
-                cls = PoolFull if "pool" in reason and "free" in reason else RequestRejected
+                code = grant.meta.get("code")
+                if code is None:  # a receiver from before refusal codes: its reason text
+                    code = "pool_full" if "pool" in reason and "free" in reason else "rejected"
+                cls = PoolFull if code == "pool_full" else RequestRejected
                 raise cls(f"receiver refused request {header.request_id}: {reason}")
             self.offset = channel.meta_int(grant, "offset", 0,
                                            sender._remote.nbytes - header.payload_length)
@@ -397,9 +439,7 @@ class KVStream:
             while done < end:
                 self._receiver_said_stop()
                 size = min(s.chunk_bytes, end - done)
-                self.put_seconds += _ucx_call(
-                    s._endpoint.put, self._region, self._base + done, size, s._remote,
-                    self.offset + done, s.timeout)
+                self.put_seconds += self._put(self._base + done, size, self.offset + done)
                 done += size
                 if done < end:
                     channel.send(s._sock, Kind.PROGRESS, {"bytes": done}, timeout=s.timeout)
@@ -416,6 +456,24 @@ class KVStream:
             self.abort("sender failed while sending layers")
             raise
         self._next_layer = stop
+
+    def _put(self, offset: int, size: int, remote_offset: int) -> float:
+        """One PUT (+ flush); a UCX failure that means the receiver is gone (its process died,
+        the connection was reset) becomes ConnectionClosed."""
+        s = self.sender
+        try:
+            return _ucx_call(s._endpoint.put, self._region, offset, size, s._remote,
+                             remote_offset, s.timeout)
+        except TransferTimeout:
+            raise
+        except TransferError as exc:
+            if s._closed:  # our own close() cancelled it
+                raise TransferError(f"sender closed during the PUT of request "
+                                    f"{self.header.request_id}") from None
+            if any(text in str(exc) for text in _PEER_GONE):
+                raise ConnectionClosed(f"receiver {s.peer} is gone: the PUT of request "
+                                       f"{self.header.request_id} failed ({exc})") from None
+            raise
 
     def _layer_crcs(self, first: int, stop: int) -> list[int]:
         """Running CRC-32C through the end of each layer ``first..stop-1`` (on the GPU for a
