@@ -122,3 +122,13 @@ def test_cli_rejects_what_a_thunderkv_cache_cannot_hold_in_one_line(tmp_path, ca
             assert exc.value.code == 2
     assert main(["eval", "quality", "--model", folder, "--json", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what", ["quality", "speed"])
+def test_eval_device_is_checked_before_the_model_loads(what, capsys):
+    bad = ["meta", "bogus"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        assert main(["eval", what, "--model", "/nonexistent", "--device", device]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"--device {device}" in err or f"--device '{device}'" in err
+        assert "cannot load model" not in err and "Traceback" not in err

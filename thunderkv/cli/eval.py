@@ -25,9 +25,30 @@ def _model_and_cache_args(p: argparse.ArgumentParser, default_caches: str) -> No
                    "KIVI)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda[:N]: where the model and caches run")
     p.add_argument("--attention", choices=["fused", "materialize"], default="fused",
                    help="ThunderKV caches: decode attention straight over the packed history "
-                   "(fused, CPU) or dequantize it every step (materialize); other caches use SDPA")
+                   "(fused: the C++ kernel on CPU, the Triton one on CUDA) or dequantize it "
+                   "every step (materialize); other caches use SDPA")
+
+
+def _device(args: argparse.Namespace, console):
+    """``--device`` as a torch.device, or None (one red line) if it cannot run here."""
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        _error(console, f"--device {args.device!r}: {exc}")
+        return None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        _error(console, f"--device {args.device}: torch sees no CUDA device here")
+        return None
+    if device.type not in ("cpu", "cuda"):
+        _error(console, f"--device {args.device}: use cpu or cuda[:N]")
+        return None
+    return device
 
 
 def _select_attention(model, how: str, console) -> bool:
@@ -115,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
     if why is not None:  # before the slow model load and run
         _error(console, why)
         return 2
+    device = _device(args, console)
+    if device is None:
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.text:  # read it before the slow model load: a bad path fails at once
@@ -130,18 +154,20 @@ def run(args: argparse.Namespace) -> int:
     with console.status(f"loading {args.model}"):
         try:
             model, tokenizer, desc = models.load_model(args.model, dtype=args.dtype)
+            model.to(device)
         except (FileNotFoundError, ImportError, OSError) as exc:
             console.print(f"[red]cannot load model: {exc}")
             return 1
     if not _select_attention(model, args.attention, console):
         return 1
-    console.print(f"loaded {desc} in {time.perf_counter() - t0:.1f} s")
+    console.print(f"loaded {desc} on {device} in {time.perf_counter() - t0:.1f} s")
     if not _group_size_fits(model, args.group_size, console) \
             or not _caches_fit(model, names, args, console):
         return 2
     if text is None:
         text, source = models.default_text(), f"pydoc_data.topics (Python {platform.python_version()})"
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, : args.tokens]
+    ids = ids.to(device)
     if ids.shape[1] <= args.prefix:
         console.print(f"[red]text has {ids.shape[1]} tokens; need more than --prefix {args.prefix}")
         return 2
@@ -170,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     title = (f"{desc}: {ids.shape[1] - args.prefix} tokens of {source} after a {args.prefix}-token "
              f"prefix, G={args.group_size}, residual {args.residual_length}, "
              f"sink {args.sink_length}, "
-             f"{torch.get_num_threads()} threads")
+             + (f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)))
     out = Console()
     if not out.is_terminal:  # piped: do not squeeze the table into 80 columns
         out = Console(width=120)
@@ -180,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
                 "group_size": args.group_size, "residual_length": args.residual_length,
                 "sink_length": args.sink_length, "dtype": args.dtype,
                 "threads": torch.get_num_threads(), "attention": args.attention,
+                "device": str(device),
                 "torch": torch.__version__, "transformers": transformers.__version__,
                 "python": sys.version.split()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         with open(args.json, "a", encoding="utf-8") as f:
@@ -237,11 +264,15 @@ def run_speed(args: argparse.Namespace) -> int:
         _error(console, why)
         return 2
     contexts = args.contexts or [1024, 4096]
+    device = _device(args, console)
+    if device is None:
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     with console.status(f"loading {args.model}"):
         try:
             model, tokenizer, desc = models.load_model(args.model, dtype=args.dtype)
+            model.to(device)
         except (FileNotFoundError, ImportError, OSError) as exc:
             console.print(f"[red]cannot load model: {exc}")
             return 1
@@ -254,14 +285,16 @@ def run_speed(args: argparse.Namespace) -> int:
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     while ids.shape[1] < max(contexts):  # the default slice is short: repeat it
         ids = torch.cat([ids, ids], dim=1)
+    ids = ids.to(device)
     with console.status("measuring") as status:
         rows = decode_speed(model, ids, names, contexts, steps=args.steps,
                             group_size=args.group_size, residual_length=args.residual_length,
                             sink_length=args.sink_length,
                             progress=lambda msg: status.update(msg))
     t = Table(title=f"{desc}: greedy decode, batch 1, {args.steps} steps, G={args.group_size}, "
-                    f"residual {args.residual_length}, {torch.get_num_threads()} threads, "
-                    f"attention {args.attention}")
+                    f"residual {args.residual_length}, "
+                    + (f"{torch.get_num_threads()} threads" if device.type == "cpu"
+                       else str(device)) + f", attention {args.attention}")
     for col in ("context", "cache", "prefill s", "decode tok/s", "x fp", "cache MB"):
         t.add_column(col, justify="left" if col == "cache" else "right")
     for r in rows:
@@ -277,7 +310,7 @@ def run_speed(args: argparse.Namespace) -> int:
         meta = {"model": desc, "threads": torch.get_num_threads(), "torch": torch.__version__,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "group_size": args.group_size,
                 "residual_length": args.residual_length, "sink_length": args.sink_length,
-                "attention": args.attention}
+                "attention": args.attention, "device": str(device)}
         with open(args.json, "a", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps({**meta, **r}) + "\n")

@@ -107,6 +107,13 @@ def cache_nbytes(cache) -> int:
     return total
 
 
+def _clock(t: torch.Tensor) -> float:
+    """``time.perf_counter()`` once the work queued on ``t``'s GPU (if any) has finished."""
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+    return time.perf_counter()
+
+
 @torch.no_grad()
 def run_cache(
     model,
@@ -140,13 +147,13 @@ def run_cache(
 
     out = model(ids[:, :prefix], cache=cache, use_cache=True)
     score(out.logits[0, -1], prefix)
-    t0 = time.perf_counter()
+    t0 = _clock(ids)
     for i in range(prefix, n - 1):
         out = model(ids[:, i : i + 1], cache=cache, use_cache=True)
         score(out.logits[0, -1], i + 1)
         if progress is not None:
             progress(i + 1 - prefix, n - 1 - prefix)
-    seconds = time.perf_counter() - t0
+    seconds = _clock(ids) - t0
     return CacheRun(
         torch.stack(nll), torch.stack(top1), torch.stack(kl) if kl else None,
         torch.stack(keep) if keep_logprobs else None, cache_nbytes(cache), seconds, n - 1 - prefix,

@@ -7,12 +7,11 @@ in the same run as the baseline.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
 
-from .quality import cache_nbytes, make_cache
+from .quality import _clock, cache_nbytes, make_cache
 
 
 def decode_speed(
@@ -30,7 +29,7 @@ def decode_speed(
     """One row per (context, cache): prefill seconds, decode tokens/s, cache bytes, and the
     ratio to ``fp`` at the same context (when ``fp`` is among ``names``).
 
-    ids : int64 ``[1, >= max(contexts)]`` token ids.
+    ids : int64 ``[1, >= max(contexts)]`` token ids, on the model's device.
     """
     rows: list[dict] = []
     for ctx in contexts:
@@ -47,14 +46,14 @@ def decode_speed(
                 rows.append({"context": ctx, "cache": name, "status": f"unavailable: {exc}"})
                 continue
             with torch.no_grad():
-                t0 = time.perf_counter()
+                t0 = _clock(x)
                 out = model(x, cache=cache, use_cache=True)
-                prefill = time.perf_counter() - t0
                 nxt = out.logits[:, -1:].argmax(-1)
-                t0 = time.perf_counter()
+                prefill = _clock(x) - t0
+                t0 = _clock(x)
                 for _ in range(steps):
                     nxt = model(nxt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-                decode = time.perf_counter() - t0
+                decode = _clock(x) - t0
             rows.append({"context": ctx, "cache": name, "status": "ok", "prefill_s": prefill,
                          "decode_tok_s": steps / decode, "cache_bytes": cache_nbytes(cache),
                          "steps": steps})
