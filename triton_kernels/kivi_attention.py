@@ -4,7 +4,8 @@
 Flash-decoding in two steps. :func:`_chunk_kernel` runs one program per (sequence x KV head,
 chunk of tokens): a chunk of the quantized history (keys unpacked per channel from
 ``[D, Tq*bits/8]`` codes, values per token from ``[Tq, D*bits/8]``, each code turned into
-``code * scale + minimum`` in float32 in registers, never written out) or of the full-precision
+``code * scale + minimum`` in float32 in registers, never written out; each packed byte is
+loaded once and split by shifts) or of the full-precision
 residual. It computes the chunk's scores for all R query heads of that KV head at once, their
 max ``m``, ``l = sum exp(s - m)`` and ``acc = sum exp(s - m) v``. :func:`merge_chunks` then
 combines the chunks with the running-max rule in a few torch ops.
@@ -44,23 +45,32 @@ def _chunk_kernel(
     q = tl.load(q_ptr + (bh * R + offs_r[:, None]) * D + offs_d[None, :],
                 mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     if c < NCQ:  # a chunk of the quantized history
+        PB: tl.constexpr = 8 // BITS  # codes per byte (element 2i in the low bits at 4 bits)
+        QMASK: tl.constexpr = (1 << BITS) - 1
+        shifts = tl.arange(0, PB) * BITS
         t = c * BLOCK_T + offs_t
         t_ok = t < Tq
-        QMASK: tl.constexpr = (1 << BITS) - 1
+        # keys, per channel: each row d holds the codes of consecutive tokens; one load per
+        # byte, unpacked into [D, T] (Tq is a multiple of G, so a byte is all in or all out)
+        jt = tl.arange(0, BLOCK_T // PB)
+        kb_ok = d_ok[:, None] & ((c * BLOCK_T + jt * PB) < Tq)[None, :]
+        kbyte = tl.load(kp_ptr + (bh * D + offs_d[:, None]) * (S // PB)
+                        + c * (BLOCK_T // PB) + jt[None, :], mask=kb_ok, other=0).to(tl.int32)
+        kcode = tl.reshape((kbyte[:, :, None] >> shifts[None, None, :]) & QMASK,
+                           (BLOCK_D, BLOCK_T))
         kd_ok = d_ok[:, None] & t_ok[None, :]  # [D, T]
-        row_bytes = S * BITS // 8
-        kbyte = tl.load(kp_ptr + (bh * D + offs_d[:, None]) * row_bytes + (t[None, :] * BITS) // 8,
-                        mask=kd_ok, other=0)
-        kcode = (kbyte.to(tl.int32) >> ((t[None, :] * BITS) % 8)) & QMASK
         kidx = (bh * D + offs_d[:, None]) * (S // G) + t[None, :] // G
         ksc = _bits_to_f32(tl.load(ks_ptr + kidx, mask=kd_ok, other=0), DT)
         kmn = _bits_to_f32(tl.load(km_ptr + kidx, mask=kd_ok, other=0), DT)
         k = tl.where(kd_ok, kcode.to(tl.float32) * ksc + kmn, 0.0)  # [D, T]
+        # values, per token: each row t holds its head_dim codes
+        jd = tl.arange(0, BLOCK_D // PB)
+        vb_ok = t_ok[:, None] & (jd * PB < D)[None, :]
+        vbyte = tl.load(vp_ptr + (bh * S + t[:, None]) * (D // PB) + jd[None, :],
+                        mask=vb_ok, other=0).to(tl.int32)
+        vcode = tl.reshape((vbyte[:, :, None] >> shifts[None, None, :]) & QMASK,
+                           (BLOCK_T, BLOCK_D))
         vt_ok = t_ok[:, None] & d_ok[None, :]  # [T, D]
-        vrow = D * BITS // 8
-        vbyte = tl.load(vp_ptr + (bh * S + t[:, None]) * vrow + (offs_d[None, :] * BITS) // 8,
-                        mask=vt_ok, other=0)
-        vcode = (vbyte.to(tl.int32) >> ((offs_d[None, :] * BITS) % 8)) & QMASK
         vidx = (bh * S + t[:, None]) * (D // G) + offs_d[None, :] // G
         vsc = _bits_to_f32(tl.load(vs_ptr + vidx, mask=vt_ok, other=0), DT)
         vmn = _bits_to_f32(tl.load(vm_ptr + vidx, mask=vt_ok, other=0), DT)
