@@ -47,6 +47,22 @@ def _is_token_list(x: Any) -> bool:
     return isinstance(x, list) and all(_is_int(t) and t >= 0 for t in x)
 
 
+# Bounds of the ``stop`` parameter: OpenAI's limit on the number of stop strings, and a length
+# far beyond any real stop sequence that keeps a request's matching work small.
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 1024
+
+
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode (a lone surrogate, which JSON's ``\\ud800`` escapes
+    can carry but no UTF-8 text can), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"lone surrogate {text[exc.start]!r} at character {exc.start}"
+    return None
+
+
 # Parameters of OpenAI's completions API that this server does not implement, with a test for
 # the values that mean "feature off": anything else is rejected rather than silently ignored.
 _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
@@ -94,7 +110,8 @@ class CompletionRequest:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # ["text"] or [[ids...]]: a batch of one
         if isinstance(prompt, str):
-            pass
+            if (why := unicode_problem(prompt)) is not None:
+                raise RequestError(f"'prompt' is not valid Unicode: {why}", "prompt")
         elif isinstance(prompt, list) and _is_token_list(prompt):
             prompt = list(prompt)
         elif isinstance(prompt, list) and all(isinstance(p, (str, list)) for p in prompt):
@@ -157,6 +174,18 @@ class CompletionRequest:
                 raise RequestError(
                     "'stop' must be a non-empty string or a list of non-empty strings", "stop"
                 )
+            if len(stop) > MAX_STOP_SEQUENCES:
+                raise RequestError(
+                    f"'stop' has {len(stop)} strings, at most {MAX_STOP_SEQUENCES} allowed", "stop"
+                )
+            for s in stop:
+                if len(s) > MAX_STOP_CHARS:
+                    raise RequestError(
+                        f"a stop string is {len(s)} characters long, at most {MAX_STOP_CHARS} "
+                        "allowed", "stop"
+                    )
+                if (why := unicode_problem(s)) is not None:
+                    raise RequestError(f"a stop string is not valid Unicode: {why}", "stop")
             stop = list(stop) or None
 
         model = body.get("model")
@@ -185,7 +214,9 @@ class TokenEvent:
 
     text: str  # new text since the previous event (may be "")
     token_id: int | None
-    finish_reason: str | None = None  # "stop" | "length" | None
+    # "stop" | "length" | None; Engine's handle ends a cancelled request with "cancelled",
+    # which the HTTP layer never passes on to a client
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -214,7 +245,12 @@ class RequestHandle(Protocol):
         ...
 
     def cancel(self) -> None:
-        """Stops the generation and frees its resources; idempotent, callable from any thread."""
+        """Stops the generation and frees its resources; idempotent, callable from any thread.
+
+        A handle may also have ``stop()``: the same, for a request whose client has its whole
+        answer (a stop string matched), so that the engine counts it as completed rather than
+        cancelled. The HTTP layer calls it when present, else ``cancel()``.
+        """
         ...
 
 
@@ -257,6 +293,8 @@ def health_ok(report: Any) -> bool:
 
 
 __all__ = [
+    "MAX_STOP_CHARS",
+    "MAX_STOP_SEQUENCES",
     "CompletionRequest",
     "Engine",
     "RequestError",

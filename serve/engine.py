@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import protocol as P
-from .api_types import CompletionRequest, RequestError, TokenEvent, Usage
+from .api_types import CompletionRequest, RequestError, TokenEvent, Usage, unicode_problem
 from .metrics import Metrics
 
 log = logging.getLogger("thunderkv.serve")
@@ -136,6 +136,18 @@ def routing_table(entries, roles: list[str]):
     return table
 
 
+def _how_it_ended(exitcode: int | None) -> str:
+    """" (exit code 1)", " (killed by signal SIGKILL)", or "" when unknown."""
+    if exitcode is None:
+        return ""
+    if exitcode < 0:
+        try:
+            return f" (killed by signal {signal.Signals(-exitcode).name})"
+        except ValueError:
+            return f" (killed by signal {-exitcode})"
+    return f" (exit code {exitcode})"
+
+
 @dataclass
 class WorkerState:
     id: int
@@ -187,6 +199,7 @@ class RequestState:
         self.finished = False
         self.submitted = time.monotonic()
         self.first_at: float | None = None
+        self.last_at: float | None = None  # when the latest token came
         self.finished_at: float | None = None
 
     def sampling(self) -> dict:
@@ -221,6 +234,11 @@ class Handle:
 
     def cancel(self) -> None:
         self._engine._cancel(self._state)
+
+    def stop(self) -> None:
+        """Ends the generation because the client has what it asked for (a stop string
+        matched): like :meth:`cancel`, but the request counts as completed."""
+        self._engine._cancel(self._state, completed=True)
 
     def text(self, timeout: float | None = None) -> str:
         """Block until done; the whole completion text."""
@@ -288,19 +306,32 @@ class Engine:
                          daemon=True).start()
 
     def _wait_ready(self) -> None:
+        """Until every worker is ready; RuntimeError at once when one reports a failure or dies
+        while loading (the others are stopped), TimeoutError after ``start_timeout``."""
         deadline = time.monotonic() + self.config.start_timeout
         while time.monotonic() < deadline:
             with self._lock:
-                states = [w.state for w in self.procs]
-            if "failed" in states:
+                lost = [w for w in self.procs if w.state in ("failed", "dead")]
+                ready = all(w.state == "ready" for w in self.procs)
+            if lost:
+                reasons = "; ".join(self._startup_failure(w) for w in lost)
                 self.close()
-                raise RuntimeError("a worker failed to start: " + "; ".join(
-                    getattr(w, "message", "") for w in self.procs if w.state == "failed"))
-            if all(s == "ready" for s in states):
+                raise RuntimeError(reasons)
+            if ready:
                 return
             time.sleep(0.05)
         self.close()
         raise TimeoutError(f"workers not ready within {self.config.start_timeout} s")
+
+    @staticmethod
+    def _startup_failure(w: WorkerState) -> str:
+        """Why worker ``w`` never became ready: the error it reported, or how it died."""
+        message = getattr(w, "message", None)
+        if message:  # it reported the failure (it may have exited since)
+            return f"worker {w.id} ({w.role}) failed to start: {' '.join(message.split())}"
+        w.process.join(timeout=2.0)  # its pipe closed: it is exiting, if not already gone
+        return f"worker {w.id} ({w.role}) died while loading the model" + _how_it_ended(
+            getattr(w.process, "exitcode", None))
 
     def _listen(self, w: WorkerState) -> None:
         while True:
@@ -316,6 +347,9 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def submit(self, request: CompletionRequest) -> Handle:
+        if not isinstance(request.prompt, list) and (
+                why := unicode_problem(request.prompt)) is not None:
+            raise RequestError(f"'prompt' is not valid Unicode: {why}", "prompt")
         ids = (list(request.prompt) if isinstance(request.prompt, list)
                else self.tokenizer.encode(request.prompt))
         if not ids:
@@ -323,7 +357,8 @@ class Engine:
         limit = self.max_positions or 1 << 30
         if len(ids) + request.max_tokens > limit:
             raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({request.max_tokens}) "
-                               f"exceeds the model's {limit} positions", "prompt")
+                               f"exceeds the model's {limit} positions", "prompt",
+                               code="context_length_exceeded")
         if any(not 0 <= t < self.tokenizer.vocab_size for t in ids):
             raise RequestError("prompt token id outside the vocabulary", "prompt")
         state = RequestState(request, ids)
@@ -466,6 +501,7 @@ class Engine:
         now = time.monotonic()
         if token is not None:
             state.generated.append(token)
+            state.last_at = now
             if state.first_at is None:
                 state.first_at = now
                 self.metrics.ttft_seconds.observe(now - state.submitted)
@@ -477,13 +513,17 @@ class Engine:
         if finish is not None:
             state.finished, state.finished_at = True, now
             self._end_attempt(state, cancel=False)
-            self._outcomes.append((now, True))
-            if len(state.generated) > 1:
-                self.metrics.tpot_seconds.observe(
-                    (now - state.first_at) / (len(state.generated) - 1))
-            self.metrics.completed.inc()
-            self._requests.pop(rid, None)
+            self._completed(state, now)
         state.events.put(TokenEvent(delta, token, finish))
+
+    def _completed(self, state: RequestState, now: float) -> None:
+        """Bookkeeping of a request that ended normally (its last token, or a stop string)."""
+        self._outcomes.append((now, True))
+        if len(state.generated) > 1:
+            self.metrics.tpot_seconds.observe(
+                (state.last_at - state.first_at) / (len(state.generated) - 1))
+        self.metrics.completed.inc()
+        self._requests.pop(state.rid, None)
 
     def _end_attempt(self, state: RequestState, cancel: bool) -> None:
         """The current attempt is over (finished, cancelled, failed or superseded): take it off
@@ -513,15 +553,22 @@ class Engine:
         log.warning("request %s failed: %s", state.rid, error)
         state.events.put(error)
 
-    def _cancel(self, state: RequestState) -> None:
+    def _cancel(self, state: RequestState, completed: bool = False) -> None:
+        """Stops ``state`` on its workers. ``completed``: its client has a complete answer (a
+        stop string matched), so it counts as completed (health, TPOT), not cancelled."""
         with self._lock:
             if state.finished:
                 return
-            state.finished = True
+            now = time.monotonic()
+            state.finished, state.finished_at = True, now
             self._requests.pop(state.rid, None)
             self._end_attempt(state, cancel=True)
-            self.metrics.cancelled.inc()
-        state.events.put(TokenEvent("", None, "cancelled"))  # wakes a waiting reader
+            if completed:
+                self._completed(state, now)
+            else:
+                self.metrics.cancelled.inc()
+        # wakes a waiting reader
+        state.events.put(TokenEvent("", None, "stop" if completed else "cancelled"))
 
     # ------------------------------------------------------------------ failures, roles
     def _on_worker_death(self, w: WorkerState) -> None:
@@ -529,8 +576,10 @@ class Engine:
             if w.state == "dead" or self._closed:
                 return
             was_ready = w.state == "ready"
-            w.state = "dead"
-            log.warning("worker %d (%s, pid %s) died", w.id, w.role, w.pid)
+            w.state = "dead"  # one that reported FAILED keeps its message (_wait_ready)
+            log.warning("worker %d (%s, pid %s) died%s", w.id, w.role,
+                        w.pid or getattr(w.process, "pid", None),
+                        "" if was_ready else " while loading the model")
             self.metrics.worker_deaths.inc()
             if not was_ready:
                 return
@@ -577,10 +626,15 @@ class Engine:
         with self._lock:
             changes = {}
             for key, role in roles.items():
-                try:
-                    w = self.procs[int(key)]
-                except (ValueError, IndexError):
-                    raise RequestError(f"no worker {key!r}", "roles") from None
+                # a worker id: digits only ("-1" would index the list from its end)
+                if isinstance(key, int) and not isinstance(key, bool):  # from Python callers
+                    wid = key
+                else:
+                    wid = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() \
+                        else -1
+                if not 0 <= wid < len(self.procs):
+                    raise RequestError(f"no worker {key!r}", "roles")
+                w = self.procs[wid]
                 if role not in P.ROLES:
                     raise RequestError(f"role must be one of {P.ROLES}, got {role!r}", "roles")
                 if not w.alive:

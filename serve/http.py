@@ -4,16 +4,20 @@ Routes (all errors are OpenAI-style ``{"error": {"message", "type", "param", "co
 
     POST /v1/completions     OpenAI completions; ``"stream": true`` → Server-Sent Events
     GET  /v1/models          the engine's model, OpenAI list shape (and /v1/models/<id>)
-    GET  /health             engine.health() as JSON; 503 when it reports not ok
+    GET  /health             engine.health() as JSON; 503 when it reports not ok, and
+                             503 {"ok": false, "status": "starting"} before there is an engine
     GET  /metrics            engine.metrics_text() + HTTP counters (Prometheus text 0.0.4)
     GET  /admin/workers      engine.workers() as a JSON list
     GET  /admin/routing      {"routing": the plan's flows and requests routed on each, or null}
     POST /admin/reschedule   JSON body → engine.reschedule(body) → JSON
 
 The server speaks HTTP/1.1 with keep-alive; a stream is sent with chunked transfer encoding,
-one SSE ``data:`` line per engine event, then ``data: [DONE]``. A client that disconnects
-(mid-stream, or while waiting for a non-streamed answer) gets its request cancelled: a watcher
-thread per in-flight request notices the closed socket, and a failed write does too.
+one SSE ``data:`` line per engine event, then ``data: [DONE]``; a failure after the status
+line went out is sent in-band as a ``data: {"error": {...}}`` event before ``[DONE]``. A client
+that disconnects (mid-stream, or while waiting for a non-streamed answer) gets its request
+cancelled: a watcher thread per in-flight request notices the closed socket, and a failed write
+does too. Shutting the server down (:meth:`ApiServer.close`) cancels in-flight requests too, and
+answers them 503 ("server shutting down"; in-band for a stream), never with a cut-off text.
 
 No authentication: it binds 127.0.0.1 by default; put a proxy in front before exposing it.
 Against other web sites a browser visits (cross-site requests, DNS rebinding): a POST needs
@@ -59,6 +63,7 @@ MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413
 _DRAIN_LIMIT = 16 << 20  # oversized bodies up to this are read and dropped: the 413 gets through
 _IO_TIMEOUT = 60.0  # socket timeout: idle keep-alive connections, stalled reads and writes
 _WATCH_INTERVAL = 0.25  # seconds between a disconnect watcher's checks of its stop flag
+_SHUTDOWN_GRACE = 3.0  # close(): how long in-flight requests get to send their 503
 _METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # path → {method: handler method name}
@@ -129,7 +134,15 @@ def _json_default(o: Any) -> Any:
 
 
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, default=_json_default, separators=(",", ":")).encode()
+    # allow_nan=False: NaN or Infinity (not JSON) raise ValueError, answered as a 500, rather
+    # than go out as a body that strict JSON parsers reject
+    return json.dumps(
+        obj, default=_json_default, separators=(",", ":"), allow_nan=False
+    ).encode()
+
+
+def _shutting_down() -> RequestError:
+    return RequestError("server shutting down", status=503, code="server_shutting_down")
 
 
 class _Inflight:
@@ -141,19 +154,25 @@ class _Inflight:
         self.finished = False
         self.cancelled = False
         self.client_gone = False
+        self.shut_down = False  # cancelled because the server is shutting down
         self._lock = threading.Lock()
 
     def finish(self) -> None:
         with self._lock:
             self.finished = True
 
-    def cancel(self) -> None:
+    def cancel(self, *, completed: bool = False, shutdown: bool = False) -> None:
+        """Stops the generation. ``completed``: a stop string matched, the client has its
+        whole answer (the handle's optional ``stop()`` counts it as completed, not cancelled);
+        ``shutdown``: the server is closing (the client then gets a 503, see ``_events``)."""
         with self._lock:
             if self.finished or self.cancelled:
                 return
             self.cancelled = True
+            self.shut_down = shutdown
         try:
-            self.handle.cancel()
+            stop = getattr(self.handle, "stop", None) if completed else None
+            (stop if callable(stop) else self.handle.cancel)()
         except Exception:
             log.exception("cancelling %s failed", self.request_id)
 
@@ -372,6 +391,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._status = 0
         self._headers_sent = False
         self._allow: str | None = None
+        self._inflight: _Inflight | None = None  # a completion's, until its answer is out
         path = urlsplit(self.path).path
         route = "unmatched"
         try:
@@ -392,6 +412,11 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             if method == "POST":
                 self._require_json()
+            if self.server.api.engine is None and route != "/health":
+                raise RequestError(
+                    "the server is starting: its workers are loading the model",
+                    status=503, code="server_starting",
+                )
             getattr(self, methods[method])(body, path)
         except _ClientGone:
             self.close_connection = True
@@ -402,6 +427,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._fail(500, "internal server error")
         finally:
             self.server.api._count(route, self._status or 499)
+            if self._inflight is not None:  # after the answer (a 503 at shutdown included)
+                self.server.api._inflight_changed(self._inflight, add=False)
 
     def _fail(
         self, status: int, message: str, param: str | None = None, code: str | None = None
@@ -461,8 +488,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, card)
 
     def _health(self, body: bytes, path: str) -> None:
+        engine = self.server.api.engine
+        if engine is None:  # still starting: answered at once, as "not ready yet"
+            self._send_json(503, {"ok": False, "status": "starting"})
+            return
         try:
-            report = self.server.api.engine.health()
+            report = engine.health()
         except Exception:
             log.exception("engine.health() failed")
             self._send_json(503, {"ok": False, "error": "health check failed"})
@@ -498,9 +529,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(
                 f"the model '{request.model}' does not exist", "model", 404, "model_not_found"
             )
+        if api._closed:
+            raise _shutting_down()
         handle = api.engine.submit(request)
         inflight = _Inflight(handle, request.request_id)
         watcher = _DisconnectWatcher(self.connection, inflight.disconnected)
+        self._inflight = inflight  # _dispatch takes it off once the answer is out
         api._inflight_changed(inflight, add=True)
         try:
             watcher.start()
@@ -516,10 +550,10 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             watcher.stop()
             inflight.cancel()  # no-op when it finished normally
-            api._inflight_changed(inflight, add=False)
 
     def _events(self, inflight: _Inflight) -> Iterator[TokenEvent]:
-        """The handle's events; engine timeouts become 504, and a departed client ends them."""
+        """The handle's events; engine timeouts become 504, a departed client ends them, and a
+        request the server's shutdown cancelled gets a 503 (never a cut-off "success")."""
         events: Iterator[TokenEvent] | None = None
         while True:
             try:
@@ -527,14 +561,24 @@ class _Handler(BaseHTTPRequestHandler):
                     events = iter(inflight.handle.events(timeout=self.server.api.request_timeout))
                 event = next(events)
             except StopIteration:
-                return
+                event = None
             except (TimeoutError, queue.Empty):
-                raise RequestError(
-                    "timed out waiting for the engine", status=504, code="timeout"
-                ) from None
+                if not inflight.shut_down:
+                    raise RequestError(
+                        "timed out waiting for the engine", status=504, code="timeout"
+                    ) from None
+                event = None
+            except Exception:
+                if not inflight.shut_down:
+                    raise
+                event = None
             finally:
                 if inflight.client_gone:
                     raise _ClientGone()
+            if inflight.shut_down:
+                raise _shutting_down()
+            if event is None:
+                return
             yield event
 
     def _complete(self, request: CompletionRequest, inflight: _Inflight) -> None:
@@ -544,7 +588,7 @@ class _Handler(BaseHTTPRequestHandler):
         for event in self._events(inflight):
             texts.append(stops.feed(event.text))
             if stops.hit:  # a stop string: end here, and stop generating
-                inflight.cancel()
+                inflight.cancel(completed=True)
                 finish_reason = "stop"
                 break
             if event.finish_reason:
@@ -625,7 +669,7 @@ class _Handler(BaseHTTPRequestHandler):
             while event is not None:
                 text, finish = stops.feed(event.text), event.finish_reason
                 if stops.hit:  # a stop string: end here, and stop generating
-                    inflight.cancel()
+                    inflight.cancel(completed=True)
                     finish = "stop"
                 elif finish:
                     text += stops.flush()
@@ -693,7 +737,14 @@ class ApiServer:
     """The HTTP server: binds on construction, serves from a daemon thread after start().
 
     ``engine`` may be None at first (bind the port before starting the engine's workers, so a
-    port in use fails at once) and set (``server.engine = engine``) before :meth:`start`.
+    port in use fails at once) and set later (``server.engine = engine``). Started without
+    one, the server answers at once while the engine starts: ``/health`` with 503
+    ``{"ok": false, "status": "starting"}``, everything else with an OpenAI-style 503
+    (code ``server_starting``).
+
+    :meth:`close` (shutdown) cancels in-flight requests: a non-streamed one gets a 503
+    ``server_error`` ("server shutting down", code ``server_shutting_down``), a stream the same
+    error in-band (as any mid-stream failure), never a cut-off answer passed off as complete.
 
     ``max_prompt_chars`` bounds a prompt's length (characters, or ids for a token list) before
     it reaches the engine; ``max_tokens_limit`` bounds ``max_tokens``; ``request_timeout`` is
@@ -717,6 +768,7 @@ class ApiServer:
         self.request_timeout = request_timeout
         self.created = int(time.time())
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified as in-flight requests end
         self._connections: set[socket.socket] = set()
         self._inflight: set[_Inflight] = set()
         self._counts: dict[tuple[str, int], int] = {}
@@ -748,8 +800,6 @@ class ApiServer:
     def start(self) -> ApiServer:
         if self._closed:
             raise RuntimeError("ApiServer is closed")
-        if self.engine is None:
-            raise RuntimeError("ApiServer.start() needs an engine")
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._httpd.serve_forever,
@@ -758,11 +808,13 @@ class ApiServer:
                 daemon=True,
             )
             self._thread.start()
-            log.info("serving %s on %s", self.engine.model_name, self.url)
+            log.info("serving %s on %s", getattr(self.engine, "model_name", "(starting)"),
+                     self.url)
         return self
 
     def close(self) -> None:
-        """Stops serving, cancels in-flight requests and drops open connections."""
+        """Stops serving, cancels in-flight requests (their clients get a 503, see the class
+        doc; up to ``_SHUTDOWN_GRACE`` seconds to send it) and drops open connections."""
         if self._closed:
             return
         self._closed = True
@@ -770,9 +822,13 @@ class ApiServer:
             self._httpd.shutdown()
         with self._lock:
             inflight = list(self._inflight)
-            connections = list(self._connections)
         for item in inflight:
-            item.cancel()
+            item.cancel(shutdown=True)
+        deadline = time.monotonic() + _SHUTDOWN_GRACE
+        with self._idle:
+            while self._inflight and (left := deadline - time.monotonic()) > 0:
+                self._idle.wait(left)
+            connections = list(self._connections)
         for conn in connections:
             try:
                 conn.shutdown(socket.SHUT_RDWR)
@@ -803,6 +859,10 @@ class ApiServer:
                 self._inflight.add(item)
             else:
                 self._inflight.discard(item)
+                self._idle.notify_all()
+            closed = self._closed
+        if add and closed:  # submitted while close() was cancelling the others
+            item.cancel(shutdown=True)
 
     def _count(self, route: str, status: int) -> None:
         with self._lock:

@@ -63,6 +63,10 @@ class _Proc:
     def is_alive(self) -> bool:
         return self.popen.poll() is None
 
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
     def kill(self) -> None:
         self.popen.kill()
 

@@ -13,6 +13,7 @@ caller falls back to least-loaded routing (what runs without a plan).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 
@@ -28,8 +29,10 @@ class PlanRouting:
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"routing entry {e!r} needs integer prefill/decode and a "
                                  f"req_per_s rate ({exc})") from None
-            if i < 0 or j < 0 or not rate >= 0:
-                raise ValueError(f"routing entry {e!r}: negative worker or rate")
+            if i < 0 or j < 0:
+                raise ValueError(f"routing entry {e!r}: negative worker")
+            if not math.isfinite(rate) or rate < 0:
+                raise ValueError(f"routing entry {e!r}: req_per_s must be a finite number >= 0")
             if rate > 0:
                 self.flow[(i, j)] = self.flow.get((i, j), 0.0) + rate
         if not self.flow:

@@ -5,9 +5,53 @@ back the longest tail that could still begin one. As in the OpenAI API, the comp
 just before the stop string and the string itself is not returned. The first piece of text that
 completes any stop string ends the completion, cut at the earliest stop string in the text so
 far (several can complete within one piece).
+
+Each stop string runs a Knuth-Morris-Pratt matcher over the text as it arrives, so a piece costs
+time in proportion to its own length (amortized), however long the stop strings are: the
+matcher's state, the length of the longest tail of the text so far that begins the stop
+string, is carried from piece to piece. (The HTTP layer also bounds the number and length of
+stop strings, see ``serve/api_types.py``.)
 """
 
 from __future__ import annotations
+
+
+def _failure(s: str) -> list[int]:
+    """KMP failure function: ``f[i]`` is the length of the longest proper border of
+    ``s[:i + 1]`` (a prefix of it that is also a suffix)."""
+    f = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = f[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        f[i] = k
+    return f
+
+
+class _Kmp:
+    """One stop string: ``state`` is the length of the longest tail of the text fed so far that
+    is a proper prefix of the string."""
+
+    def __init__(self, s: str) -> None:
+        self.s = s
+        self.f = _failure(s)
+        self.state = 0
+
+    def first_end(self, text: str) -> int:
+        """Feeds ``text``: the index in ``text`` just past the first complete occurrence of the
+        string that ends in it (the state is then stale: the matcher is done), or -1."""
+        s, f, k, n = self.s, self.f, self.state, len(self.s)
+        for i, ch in enumerate(text):
+            while k and ch != s[k]:
+                k = f[k - 1]
+            if ch == s[k]:
+                k += 1
+                if k == n:
+                    return i + 1
+        self.state = k
+        return -1
 
 
 class StopMatcher:
@@ -15,6 +59,7 @@ class StopMatcher:
 
     def __init__(self, stops: list[str] | None) -> None:
         self.stops = [s for s in stops or [] if s]
+        self._kmp = [_Kmp(s) for s in self.stops]
         self.hit = False
         self._held = ""
 
@@ -22,13 +67,16 @@ class StopMatcher:
         """The part of ``text`` (after what was held back) that can be returned now."""
         if not self.stops or self.hit:
             return "" if self.hit else text
+        held = len(self._held)
         buf = self._held + text
-        at = min((i for s in self.stops if (i := buf.find(s)) >= 0), default=-1)
-        if at >= 0:
+        # A stop string ending in this piece starts within it or within the held tail (each
+        # matcher's state is at most the held length), so its position in ``buf`` is >= 0; the
+        # first occurrence of one string to end is also its first to start.
+        starts = [held + end - len(m.s) for m in self._kmp if (end := m.first_end(text)) >= 0]
+        if starts:
             self.hit, self._held = True, ""
-            return buf[:at]
-        keep = max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])),
-                   default=0)
+            return buf[:min(starts)]
+        keep = max(m.state for m in self._kmp)
         self._held = buf[len(buf) - keep:]
         return buf[:len(buf) - keep]
 

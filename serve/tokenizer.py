@@ -32,8 +32,9 @@ class HFTokenizer:
 
 def check_model(model: str) -> None:
     """FileNotFoundError (with what to do) unless ``model`` names something that can be
-    loaded: "tiny", "smollm2" with its GGUF installed, or a local directory. Cheap: nothing is
-    loaded, so a server can refuse a bad name before it starts any worker."""
+    loaded: "tiny", "smollm2" with its GGUF installed, or a local Hugging Face model directory
+    (one with a config.json). Cheap: nothing is loaded, so a server can refuse a bad name before
+    it starts any worker (what only loading finds, :func:`load_tokenizer` reports)."""
     if model == "tiny":
         return
     if model == "smollm2":
@@ -49,10 +50,16 @@ def check_model(model: str) -> None:
     if not os.path.isdir(model):
         raise FileNotFoundError(f"unknown model {model!r}: use 'smollm2', 'tiny' or a local "
                                 "Hugging Face model directory")
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise FileNotFoundError(f"{model!r} is not a Hugging Face model directory (it has no "
+                                "config.json): use 'smollm2', 'tiny' or such a directory")
 
 
 def load_tokenizer(model: str):
-    """The tokenizer for ``model`` ("smollm2", "tiny" or a local HF directory), offline."""
+    """The tokenizer for ``model`` ("smollm2", "tiny" or a local HF directory), offline.
+
+    FileNotFoundError (one line) for a model that :func:`check_model` refuses, or whose
+    tokenizer cannot be loaded (a directory without tokenizer files, a broken config...)."""
     check_model(model)
     if model == "tiny":
         return ByteTokenizer()
@@ -60,8 +67,15 @@ def load_tokenizer(model: str):
 
     from thunderkv.hf.models import smollm2_gguf
 
-    if model == "smollm2":
-        path = smollm2_gguf()
-        return HFTokenizer(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                         local_files_only=True))
-    return HFTokenizer(AutoTokenizer.from_pretrained(model, local_files_only=True))
+    try:
+        if model == "smollm2":
+            path = smollm2_gguf()
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                local_files_only=True)
+        else:
+            tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    except Exception as exc:  # transformers' many ways of saying "not loadable"
+        why = " ".join(str(exc).split())  # its messages span lines
+        raise FileNotFoundError(f"cannot load a tokenizer from {model!r}: "
+                                f"{type(exc).__name__}: {why}") from exc
+    return HFTokenizer(tok)

@@ -27,3 +27,18 @@ def test_e2e_across_a_shaped_link(tmp_path):
     assert disagg["link_rate_bps"] == 50_000_000 and "50 Mbit/s" in disagg["link"]
     assert all(t.startswith("tcp/") for t in disagg["transports"])  # over the veth, not shm
     assert disagg["ttft_p50_s"] > 0 and disagg["tpot_p50_s"] > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--threads", "-1"], "argument --threads: must be >= 0, got -1"),
+    (["--link-rate", "garbage"], "argument --link-rate: invalid rate 'garbage'"),
+    (["--link-rate", "0mbit"], "argument --link-rate: invalid rate '0mbit'"),
+])
+def test_bad_flags_are_a_usage_error_not_a_traceback(argv, message, capsys):
+    """They used to fail with a ValueError traceback (exit 1), after starting work."""
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "e2e", "--model", "tiny", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.strip().splitlines()[-1].startswith(f"thunderkv bench e2e: error: {message}")
+    assert "Traceback" not in err

@@ -125,8 +125,12 @@ def test_live_reschedule_flips_roles_without_reloading(reference):
 def test_bad_requests_are_refused(colocated):
     from thunderkv.serve.api_types import RequestError
 
-    with pytest.raises(RequestError, match="positions"):
+    with pytest.raises(RequestError, match="positions") as e:
         colocated.submit(CompletionRequest(prompt=[1] * 4000, max_tokens=200))
+    assert e.value.code == "context_length_exceeded"  # as the HTTP layer's character limit
+    with pytest.raises(RequestError, match="surrogate") as e:  # was UnicodeEncodeError (500)
+        colocated.submit(CompletionRequest(prompt="a\ud800b", max_tokens=2))
+    assert e.value.param == "prompt"
     with pytest.raises(RequestError, match="vocabulary"):
         colocated.submit(CompletionRequest(prompt=[10**6], max_tokens=2))
 

@@ -16,6 +16,8 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from thunderkv.serve.api_types import (  # noqa: E402
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
     CompletionRequest,
     RequestError,
     TokenEvent,
@@ -30,7 +32,8 @@ class FakeHandle:
     """'Generates' the prompt's characters back, one per token.
 
     Finishes with "stop" on a '.' or at the end of the prompt, "length" at max_tokens. Magic
-    prompts: FOREVER (endless tokens until cancelled), BOOM-FIRST / BOOM-MID (engine failure
+    prompts: FOREVER (endless tokens until cancelled, then a "cancelled" event as the serving
+    engine sends), BOOM-FIRST / BOOM-MID (engine failure
     before the first / after two tokens), LATE-REJECT (RequestError from events), STALL
     (TimeoutError from events), NOFINISH (ends without a finish_reason), UNAVAILABLE (a 503
     RequestError from events).
@@ -42,6 +45,7 @@ class FakeHandle:
         self.chars = chars
         self.cancelled = threading.Event()
         self.cancel_calls = 0
+        self.stop_calls = 0
         self.completion_tokens = 0
         self.timeout_seen: float | None = None
 
@@ -67,6 +71,7 @@ class FakeHandle:
                 time.sleep(0.01)
                 self.completion_tokens += 1
                 yield TokenEvent("x", ord("x"))
+            yield TokenEvent("", None, "cancelled")  # what Engine's handle does
             return
         if self.engine.barrier is not None:
             self.engine.barrier.wait(timeout=10)
@@ -94,6 +99,10 @@ class FakeHandle:
 
     def cancel(self) -> None:
         self.cancel_calls += 1
+        self.cancelled.set()
+
+    def stop(self) -> None:  # a stop string matched: cancelled, but counted as completed
+        self.stop_calls += 1
         self.cancelled.set()
 
 
@@ -697,6 +706,12 @@ def test_from_json_defaults_and_normalisation():
         ({"prompt": "a", "stream": "yes"}, "stream"),
         ({"prompt": "a", "stop": [""]}, "stop"),
         ({"prompt": "a", "stop": 3}, "stop"),
+        ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),  # OpenAI's limit: 4
+        ({"prompt": "a", "stop": "x" * (MAX_STOP_CHARS + 1)}, "stop"),
+        ({"prompt": "a", "stop": ["ok", "y" * 1_000_000]}, "stop"),
+        ({"prompt": "a", "stop": ["\udc80"]}, "stop"),
+        ({"prompt": "a\ud800b"}, "prompt"),  # a lone surrogate: no UTF-8 text, no tokens
+        ({"prompt": ["\udfff"]}, "prompt"),
         ({"prompt": "a", "model": 3}, "model"),
         ({"prompt": "a", "best_of": 3}, "best_of"),
         ({"prompt": "a", "presence_penalty": 0.5}, "presence_penalty"),
@@ -709,6 +724,12 @@ def test_from_json_rejects(body, param):
     assert e.value.status == 400
 
 
+def test_stop_strings_up_to_the_limits_are_accepted():
+    stops = ["s" * MAX_STOP_CHARS] * MAX_STOP_SEQUENCES
+    assert parse({"prompt": "a", "stop": stops}).stop == stops
+    assert parse({"prompt": "a", "stop": "\u00e9\U0001F600"}).stop == ["\u00e9\U0001F600"]
+
+
 def test_from_json_rejects_non_object():
     with pytest.raises(RequestError):
         CompletionRequest.from_json([], max_prompt_chars=10, max_tokens_limit=10)  # type: ignore
@@ -719,10 +740,12 @@ def test_stop_strings_cut_the_completion_and_stop_generating(client, engine):
     streaming, and cancels the rest of the generation."""
     out = client.completions.create(model=MODEL, prompt="abcdefgh", max_tokens=32, stop=["de"])
     assert (out.choices[0].text, out.choices[0].finish_reason) == ("abc", "stop")
-    assert engine.handles[-1].cancel_calls == 1
+    # a normal completion for the engine (counted as completed), not a client's cancel
+    assert (engine.handles[-1].stop_calls, engine.handles[-1].cancel_calls) == (1, 0)
     chunks = list(client.completions.create(model=MODEL, prompt="xyzxyq", max_tokens=32,
                                             stop=["yq", "zz"], stream=True))
     assert "".join(c.choices[0].text for c in chunks) == "xyzx"
+    assert (engine.handles[-1].stop_calls, engine.handles[-1].cancel_calls) == (1, 0)
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert [c.choices[0].finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
     # a held-back prefix that never completes is returned at the end
@@ -807,3 +830,84 @@ def test_a_non_loopback_bind_accepts_other_host_names(engine):
         assert raw_request(server, "GET", "/health", {"Host": f"gpu-box:{server.port}"})[0] == 200
         headers = {"Host": f"gpu-box:{server.port}", "Origin": "http://evil.example"}
         assert raw_request(server, "GET", "/health", headers)[0] == 403
+
+
+# --- regressions of the serving review ----------------------------------------------------------
+
+
+def test_unencodable_prompt_and_huge_stop_strings_are_400(server, engine):
+    """A lone surrogate used to reach the tokenizer (500 and a traceback); a 1 MB stop string
+    used to cost ~11 s of CPU per generated token."""
+    body = b'{"prompt": "a\\ud800b", "max_tokens": 2}'  # valid JSON, not valid Unicode
+    status, _, raw = http(server, "POST", "/v1/completions", body, JSON)
+    err = assert_error_shape(raw, type_="invalid_request_error", param="prompt")
+    assert status == 400 and "surrogate" in err["message"]
+    status, _, raw = post_json(server, "/v1/completions",
+                               {"prompt": "hi", "max_tokens": 8, "stop": ["x" * 200_000]})
+    err = assert_error_shape(raw, type_="invalid_request_error", param="stop")
+    assert status == 400 and f"at most {MAX_STOP_CHARS}" in err["message"]
+    assert engine.handles == []
+
+
+def test_shutdown_gives_an_in_flight_request_503_not_a_cut_off_success(server, engine):
+    """Closing the server (SIGTERM, Ctrl-C) used to answer 200 with the text so far and
+    finish_reason "cancelled"."""
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(post_json, server, "/v1/completions",
+                             {"prompt": "FOREVER", "max_tokens": 64})
+        handle = engine.wait_handle()
+        time.sleep(0.05)  # some tokens out
+        server.close()
+        status, _, raw = answer.result(timeout=10)
+    err = assert_error_shape(raw, type_="server_error")
+    assert (status, err["message"], err["code"]) == (503, "server shutting down",
+                                                     "server_shutting_down")
+    assert handle.cancel_calls == 1 and handle.stop_calls == 0
+
+
+def test_shutdown_ends_a_stream_with_an_in_band_error(server, engine):
+    """As any mid-stream failure: an error event, no "cancelled" chunk passed off as a finish."""
+    body = json.dumps({"prompt": "FOREVER", "max_tokens": 64, "stream": True}).encode()
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(http, server, "POST", "/v1/completions", body, JSON)
+        engine.wait_handle()
+        time.sleep(0.05)
+        server.close()
+        status, _, raw = answer.result(timeout=10)
+    assert status == 200  # the status line went out with the first token
+    events = raw.decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    *chunks, last = payloads
+    assert chunks and all(c["choices"][0]["finish_reason"] is None for c in chunks)
+    assert last == {"error": {"message": "server shutting down", "type": "server_error",
+                              "param": None, "code": "server_shutting_down"}}
+
+
+def test_while_the_engine_starts_everything_answers_503_at_once(engine):
+    """The port is bound (and served) before the workers have loaded the model: a liveness
+    probe gets an answer instead of hanging until they are ready."""
+    with ApiServer(None, max_prompt_chars=1000, max_tokens_limit=64) as server:
+        status, _, raw = http(server, "GET", "/health")
+        assert (status, json.loads(raw)) == (503, {"ok": False, "status": "starting"})
+        status, _, raw = post_json(server, "/v1/completions", {"prompt": "hi.", "max_tokens": 2})
+        err = assert_error_shape(raw, type_="server_error")
+        assert (status, err["code"]) == (503, "server_starting")
+        assert http(server, "GET", "/v1/models")[0] == 503
+        assert http(server, "GET", "/v1/completions")[0] == 405  # routing errors as usual
+        server.engine = engine  # the workers are ready
+        assert http(server, "GET", "/health")[0] == 200
+        status, _, raw = post_json(server, "/v1/completions", {"prompt": "hi.", "max_tokens": 4})
+        assert status == 200 and json.loads(raw)["choices"][0]["text"] == "hi."
+
+
+def test_non_finite_numbers_never_go_out_as_invalid_json(server, engine):
+    """/admin/routing used to answer 200 with `Infinity` in the body."""
+    engine.routing = lambda: [{"prefill": 0, "decode": 1, "req_per_s": float("inf")}]
+
+    def strict(text):
+        raise ValueError(f"not JSON: {text}")
+
+    status, _, raw = http(server, "GET", "/admin/routing")
+    err = json.loads(raw, parse_constant=strict)["error"]
+    assert (status, err["type"], err["message"]) == (500, "server_error", "internal server error")

@@ -47,6 +47,10 @@ def test_ties_are_broken_by_the_callers_key():
     ([{"prefill": 0, "decode": 1, "req_per_s": 0}], "routes no requests"),
     ([{"prefill": 0, "decode": 1}], "req_per_s"),
     ([{"prefill": -1, "decode": 1, "req_per_s": 1}], "negative"),
+    ([{"prefill": 0, "decode": 1, "req_per_s": -1}], "finite number >= 0"),
+    ([{"prefill": 0, "decode": 1, "req_per_s": "inf"}], "finite number >= 0"),  # was accepted
+    ([{"prefill": 0, "decode": 1, "req_per_s": float("inf")}], "finite number >= 0"),
+    ([{"prefill": 0, "decode": 1, "req_per_s": float("nan")}], "finite number >= 0"),
     ([{"prefill": "x", "decode": 1, "req_per_s": 1}], "integer"),
 ])
 def test_bad_routing_is_refused(entries, match):

@@ -3,6 +3,9 @@ processes' part, feeding events and reading what the router sent them. No model,
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 from thunderkv.serve import protocol as P
 from thunderkv.serve.api_types import CompletionRequest, RequestError
@@ -138,3 +141,133 @@ def test_no_live_worker_is_a_503_with_the_reason(engine):
     with pytest.raises(RequestError, match="no live decode worker") as e:
         engine.submit(request()).text(timeout=1)
     assert e.value.status == 503
+
+
+# --- regressions of the serving review ----------------------------------------------------------
+
+
+def stream_tokens(engine: RouterOnly, handle, tokens: list[int]) -> None:
+    """Prefill done, KV arrived, and ``tokens`` decoded (no finish yet)."""
+    rid = handle.request_id
+    engine.event(0, ev=P.PREFILLED, rid=rid, attempt=1, worker=0, first_token=65,
+                 seconds=0.01, tokens=3)
+    engine.event(1, ev=P.DECODING, rid=rid, attempt=1, worker=1)
+    for t in tokens:
+        time.sleep(0.002)  # a measurable time per output token
+        engine.event(1, ev=P.TOKENS, worker=1, items=[(rid, 1, t, None)], batch=1, seconds=0.01)
+
+
+def metric(engine: Engine, name: str) -> float:
+    line = next(x for x in engine.metrics_text().splitlines() if x.startswith(name + " "))
+    return float(line.split()[1])
+
+
+def test_a_stop_string_match_counts_as_completed_not_cancelled(engine):
+    """The HTTP layer ends a request whose stop string matched with handle.stop(): completed
+    (with its TPOT and health outcome), where cancel() (a client leaving) stays cancelled."""
+    stopped, left = engine.submit(request()), engine.submit(request())
+    stream_tokens(engine, stopped, [66, 67])
+    stopped.stop()
+    assert [e.finish_reason for e in stopped.events(timeout=1)][-1] == "stop"
+    left.cancel()
+    assert metric(engine, "thunderkv_requests_completed_total") == 1
+    assert metric(engine, "thunderkv_requests_cancelled_total") == 1
+    assert metric(engine, "thunderkv_tpot_seconds_count") == 1
+    assert metric(engine, "thunderkv_tpot_seconds_sum") > 0
+    health = engine.health()
+    assert (health["recent_requests"], health["recent_failures"], health["in_flight"]) == (1, 0, 0)
+    assert queues(engine) == [(0, 0), (0, 0)]
+    assert engine.conn(1).ops(P.CANCEL, stopped.request_id)  # and the workers dropped it
+
+
+@pytest.mark.parametrize("key", ["-1", "-2", "2", "x", "1.0", " 1", "+1", "\u0661"])
+def test_reschedule_refuses_worker_ids_that_do_not_exist(engine, key):
+    """"-1" used to index the worker list from its end and change worker 1."""
+    with pytest.raises(RequestError) as e:
+        engine.reschedule({"roles": {key: "colocated"}})
+    assert (e.value.status, e.value.param, e.value.message) == (400, "roles", f"no worker {key!r}")
+    assert [w["role"] for w in engine.workers()] == ["prefill", "decode"]
+    assert engine.conn(0).ops(P.SET_ROLE) == engine.conn(1).ops(P.SET_ROLE) == []
+
+
+@pytest.mark.parametrize("rate", ["inf", float("inf"), float("nan"), -1.0, "-inf"])
+def test_reschedule_refuses_non_finite_or_negative_rates(engine, rate):
+    """An infinite rate used to be accepted and make GET /admin/routing emit `Infinity`."""
+    with pytest.raises(RequestError, match="finite number >= 0|negative") as e:
+        engine.reschedule({"roles": {"0": "prefill"}, "routing": [
+            {"prefill": 0, "decode": 1, "req_per_s": rate}]})
+    assert (e.value.status, e.value.param) == (400, "routing")
+    assert engine.routing() is None
+
+
+def test_prompt_problems_found_by_the_engine_are_client_errors(engine):
+    with pytest.raises(RequestError) as e:  # over the model's positions: OpenAI's code for it
+        engine.submit(CompletionRequest(prompt=[1] * 4000, max_tokens=200))
+    assert (e.value.status, e.value.param, e.value.code) == (400, "prompt",
+                                                             "context_length_exceeded")
+    with pytest.raises(RequestError) as e:  # used to be a UnicodeEncodeError (500)
+        engine.submit(CompletionRequest(prompt="a\ud800b", max_tokens=2))
+    assert (e.value.status, e.value.param) == (400, "prompt") and "surrogate" in e.value.message
+
+
+class PipeStub:
+    """A worker's pipe as the router's listener reads it: the messages given, then EOF once the
+    worker is gone (``closed``); until then it blocks, as a loading worker's pipe does."""
+
+    def __init__(self, messages=()) -> None:
+        self.messages = list(messages)
+        self.closed = threading.Event()
+
+    def recv(self) -> dict:
+        if self.messages:
+            return self.messages.pop(0)
+        self.closed.wait(30)
+        raise EOFError
+
+    def send(self, msg: dict) -> None:
+        pass
+
+
+class LoadingProcess(FakeProcess):
+    def __init__(self, conn: PipeStub, exitcode: int | None) -> None:
+        self.conn, self.exitcode = conn, exitcode
+
+    def kill(self) -> None:
+        self.conn.closed.set()
+
+
+class LoadingRouter(Engine):
+    """The router with real listener threads over stub pipes: ``fates[i]`` is what worker i
+    does while loading: "loads" (never finishes), ("dies", exitcode) or ("fails", message)."""
+
+    fates: list = []
+
+    def _spawn(self, worker_id: int, role: str) -> None:
+        fate = self.fates[worker_id]
+        conn = PipeStub()
+        if fate != "loads":
+            conn.closed.set()  # the pipe closes: the process is gone
+        if fate[0] == "fails":  # it reports why, then exits
+            conn.messages.append({"ev": P.FAILED, "worker": worker_id, "message": fate[1]})
+        w = WorkerState(worker_id, role, LoadingProcess(conn, fate[1] if fate[0] == "dies"
+                                                        else None), conn)
+        self.procs.append(w)
+        threading.Thread(target=self._listen, args=(w,), daemon=True).start()
+
+
+@pytest.mark.parametrize("fates,message", [
+    (["loads", ("dies", -9)],
+     "worker 1 (decode) died while loading the model (killed by signal SIGKILL)"),
+    ([("dies", 1), "loads"], "worker 0 (prefill) died while loading the model (exit code 1)"),
+    (["loads", ("fails", "OSError: no space\nleft on device")],
+     "worker 1 (decode) failed to start: OSError: no space left on device"),
+])
+def test_a_worker_lost_while_loading_ends_startup_at_once(monkeypatch, fates, message):
+    """It used to wait out the whole start timeout (300 s), then say "workers not ready" (and a
+    worker that reported its failure and exited at once was taken for dead the same way)."""
+    monkeypatch.setattr(LoadingRouter, "fates", fates)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as e:
+        LoadingRouter(ServeConfig(model="tiny", prefill=1, decode=1, start_timeout=20))
+    assert str(e.value) == message
+    assert time.monotonic() - t0 < 5

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -118,6 +120,8 @@ def free_port() -> int:
     (["--model", "nosuch"], "unknown model 'nosuch'"),
     (["--plan", [{"prefill": 0, "decode": 5, "req_per_s": 1.0}]], "routing names worker 5"),
     (["--plan", [{"prefill": 0, "decode": 1, "req_per_s": 0}]], "routes no requests"),
+    (["--plan", [{"prefill": 0, "decode": 1, "req_per_s": "inf"}]], "finite number >= 0"),
+    (["--model", "EMPTY-DIR"], "is not a Hugging Face model directory (it has no config.json)"),
 ])
 def test_ordinary_mistakes_are_one_line_before_any_worker_starts(argv, message, tmp_path,
                                                                  no_workers, capsys):
@@ -125,6 +129,9 @@ def test_ordinary_mistakes_are_one_line_before_any_worker_starts(argv, message, 
 
     if argv[0] == "--plan":
         argv = ["--plan", plan_file(tmp_path, argv[1])]
+    if argv[1] == "EMPTY-DIR":  # a directory, but no model in it (was a 33-line traceback)
+        (tmp_path / "empty").mkdir()
+        argv = ["--model", str(tmp_path / "empty")]
     code = main(["serve", "--model", "tiny", "--port", "0", *argv])
     out = capsys.readouterr()
     assert code == 2
@@ -254,4 +261,143 @@ def test_ctrl_c_while_the_workers_load_stops_them_quietly():
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert out.strip().splitlines()[-1] == "interrupted while starting; stopped"
+    assert wait_group_empty(proc.pid) == []
+
+
+# --- regressions of the serving review ----------------------------------------------------------
+
+
+def test_a_model_directory_whose_tokenizer_cannot_load_is_one_line(tmp_path, monkeypatch,
+                                                                  capsys):
+    """A config.json but no tokenizer: found when the router loads the tokenizer, before any
+    worker starts; one `error:` line and exit code 2 (it was a traceback and exit code 1)."""
+    import thunderkv.serve.engine as engine_module
+
+    from thunderkv.cli import main
+
+    def spawn(*args, **kwargs):
+        pytest.fail("serve started workers")
+
+    monkeypatch.setattr(engine_module.Engine, "_spawn", spawn)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    code = main(["serve", "--model", str(tmp_path), "--port", "0"])
+    out = capsys.readouterr()
+    assert code == 2
+    lines = out.out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("starting prefill, decode workers for")
+    assert lines[1].startswith(f"error: cannot load a tokenizer from '{tmp_path}': ")
+    assert "Traceback" not in out.err
+
+
+class ServingEngine:
+    """What `serve` needs of a started Engine, without workers."""
+
+    model_name = "tiny"
+
+    def health(self) -> dict:
+        return {"ok": True, "status": "ok"}
+
+    def close(self) -> None:
+        pass
+
+
+def serve_in_process(monkeypatch, argv: list[str], while_loading=None) -> int:
+    """`thunderkv serve --model tiny ARGV` with a stand-in Engine: ``while_loading(url)`` runs
+    as the workers would load, then the server serves until a SIGTERM 0.3 s later."""
+    import os
+    import threading
+
+    import thunderkv.serve.engine as engine_module
+
+    from thunderkv.cli import main
+
+    port = free_port()
+
+    def engine(config, progress=None):
+        if while_loading is not None:
+            while_loading(f"http://127.0.0.1:{port}")
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        return ServingEngine()
+
+    monkeypatch.setattr(engine_module, "Engine", engine)
+    return main(["serve", "--model", "tiny", "--port", str(port), *argv])
+
+
+def get(url: str) -> tuple[int, dict]:
+    req = urllib.request.Request(url)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def test_while_the_workers_load_the_server_answers_503_at_once(monkeypatch, capsys):
+    """The port is bound before the workers load; requests used to hang until they were ready
+    (34 s for SmolLM2), now /health and completions get a 503 at once."""
+    seen = []
+
+    def probe(url: str) -> None:
+        seen.append(get(url + "/health"))
+        req = urllib.request.Request(url + "/v1/completions", b'{"prompt": "hi"}',
+                                     {"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(req, timeout=5)
+        except urllib.error.HTTPError as e:
+            seen.append((e.code, json.load(e)["error"]["code"]))
+
+    code = serve_in_process(monkeypatch, [], probe)
+    assert code == 0
+    assert seen == [(503, {"ok": False, "status": "starting"}), (503, "server_starting")]
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "stopping ..."
+
+
+@pytest.mark.parametrize("argv,kv", [([], " (KV 4-bit)"), (["--kv-bits", "16"], " (KV 16-bit)"),
+                                     (["--colocated", "2"], "")])
+def test_the_serving_line_names_a_kv_format_only_when_kv_moves(monkeypatch, capsys, argv, kv):
+    """Colocated workers move no KV: no "(KV 4-bit)" for them."""
+    code = serve_in_process(monkeypatch, argv)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0
+    serving = next(line for line in lines if line.startswith("serving "))
+    assert serving.startswith("serving tiny at http://127.0.0.1:")
+    assert serving.split("/v1", 1)[1].startswith(f"{kv}; GET /health")
+
+
+def worker_pids(pgid: int) -> list[int]:
+    """Worker processes (multiprocessing spawn children) of process group ``pgid``."""
+    pids = []
+    for line in processes_in_group(pgid):
+        pid = int(line.split()[0])
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            pids.append(pid)
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_a_worker_killed_while_loading_ends_startup_at_once():
+    """`serve` used to wait out its 300 s start timeout, then say "workers not ready"."""
+    proc = start_serve(free_port())
+    try:
+        assert proc.stdout.readline().startswith("starting prefill, decode workers")
+        deadline = time.monotonic() + 30
+        while not (pids := worker_pids(proc.pid)):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        os.kill(pids[0], signal.SIGKILL)  # still importing torch: far from ready
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 1, err
+    assert time.monotonic() - t0 < 30
+    assert "Traceback" not in err, err
+    assert re.fullmatch(r"error: worker [01] \((prefill|decode)\) died while loading the model "
+                        r"\(killed by signal SIGKILL\)", out.strip().splitlines()[-1]), out
     assert wait_group_empty(proc.pid) == []

@@ -90,6 +90,17 @@ def _request_rate(text: str) -> float:
     return value
 
 
+def _link_rate(text: str) -> str:
+    """``--link-rate`` of ``bench e2e``: a tc-style rate (checked here, passed on as given)."""
+    from ..transfer.netshape import parse_rate
+
+    try:
+        parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench",
                               help="benchmarks (quant, paged, attention, transfer, e2e)")
@@ -205,13 +216,15 @@ def register(subparsers) -> None:
     e2e.add_argument("--rate", type=_request_rate,
                      help="request rate (req/s; default: the preset's); a link rate such as "
                      "100mbit goes to --link-rate")
-    e2e.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    e2e.add_argument("--threads", type=_count(0), default=1,
+                     help="torch threads per worker (0: torch's default)")
     e2e.add_argument("--seed", type=int, default=0)
     e2e.add_argument("--kv-group-size", type=int, default=32, choices=[16, 32, 64],
                      help="format v1 group size of 4-bit KV messages")
     e2e.add_argument("--kv-sink-tokens", type=sink_tokens, default=0, metavar="N",
                      help="first tokens of a 4-bit KV message sent exact (attention sink)")
-    e2e.add_argument("--link-rate", help="put decode workers across a veth link shaped to this "
+    e2e.add_argument("--link-rate", type=_link_rate,
+                     help="put decode workers across a veth link shaped to this "
                      "rate (e.g. 30mbit; needs netns + tc; where shaping is unavailable the run "
                      "fails with exit code 3); default: loopback")
     e2e.add_argument("--allow-skip", action="store_true",

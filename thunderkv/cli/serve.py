@@ -59,7 +59,8 @@ def plan_for_serving(path: str) -> tuple[list[str], list[dict]]:
 def run(args: argparse.Namespace) -> int:
     """Validate everything that can be checked cheaply, bind the HTTP port, then start the
     workers (the slow part: each loads the model). Ordinary mistakes end with one line and exit
-    code 2 before any model loads; Ctrl-C or SIGTERM stops quietly, workers included."""
+    code 2 before any model loads; Ctrl-C or SIGTERM stops quietly, workers included. While the
+    workers load, the HTTP server already answers: 503, "starting"."""
     import signal
     import threading
 
@@ -119,15 +120,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         console.print(f"starting {', '.join(config.roles())} workers for "
                       f"{escape(args.model)} ...")
+        server.start()  # no engine yet: /health and the rest answer 503 "starting" meanwhile
         try:
             engine = Engine(config, progress=lambda line: console.print(f"  {escape(line)}"))
-        except FileNotFoundError as exc:  # a missing GGUF or model file found late
+        except FileNotFoundError as exc:  # a missing GGUF, or a model whose tokenizer won't load
             return error(exc)
         except (RuntimeError, TimeoutError, OSError) as exc:  # a worker failed to start
             return error(exc, code=1)
         server.engine = engine
-        server.start()
-        console.print(f"serving {escape(args.model)} at {server.url}/v1 (KV {args.kv_bits}-bit); "
+        # colocated workers only: no KV crosses between workers, so there is no KV format
+        kv = ("" if all(r == "colocated" for r in config.roles())
+              else f" (KV {args.kv_bits}-bit)")
+        console.print(f"serving {escape(args.model)} at {server.url}/v1{kv}; "
                       "GET /health /metrics /admin/workers, POST /admin/reschedule; Ctrl-C stops")
         serving = True
         stop.wait()
