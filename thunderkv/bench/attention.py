@@ -93,3 +93,32 @@ def run(
                          "us_p20": t.p20 * 1e6, "us_p50": t.p50 * 1e6, "us_p80": t.p80 * 1e6,
                          "speedup_vs_sdpa_fp": times["sdpa-fp"].p50 / t.p50})
     return rows
+
+
+def plot(rows: list[dict], path) -> None:
+    """PNG: one decode step's attention time against context length for each method (log-log),
+    with the fused kernel's speed-up over SDPA on full-precision K/V marked. Needs
+    matplotlib."""
+    from thunderkv.plotting import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["context"], r["us_p50"], r["speedup_vs_sdpa_fp"]) for r in rows
+                     if r["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        if method == "fused":
+            for ctx, us, x in pts:
+                ax.annotate(f"{x:.2f}x", (ctx, us), textcoords="offset points", xytext=(0, -12),
+                            ha="center", fontsize=8)
+    r = rows[0]
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("p50 microseconds per layer step")
+    ax.set_title(f"decode attention, {r['geometry']}, {r['dtype']}, {r['bits']}-bit "
+                 f"G={r['group_size']}, batch {r['batch']}, {r['device']}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -133,3 +133,37 @@ def render_table(rows: list[dict], title: str):
                       "-" if ratio is None else f"{ratio:.2f}"]
         table.add_row(*cells)
     return table
+
+
+def plot_vs_copy(rows: list[dict], path, title: str, target: float | None = None) -> None:
+    """PNG: per shape, each (op, backend)'s bytes/s as a fraction of the same run's copy
+    (CUDA-graph timings where the run has them), with the copy at 1.0 and ``target`` (e.g.
+    the issue's 0.85) drawn as lines. Needs matplotlib."""
+    from thunderkv.plotting import pyplot
+
+    plt = pyplot()
+    graph = any("graph_ratio_to_copy" in r for r in rows)
+    key = "graph_ratio_to_copy" if graph else "ratio_to_copy"
+    shapes = list(dict.fromkeys(r["label"] for r in rows))
+    series = list(dict.fromkeys((r["op"], r["backend"]) for r in rows if r["op"] != "copy"))
+    by = {(r["label"], r["op"], r["backend"]): r for r in rows}
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 * len(shapes) + 3), 4.2))
+    width = 0.8 / max(len(series), 1)
+    for i, (op, backend) in enumerate(series):
+        xs = [k + (i - (len(series) - 1) / 2) * width for k in range(len(shapes))]
+        vals = [(by.get((s, op, backend)) or {}).get(key) or 0.0 for s in shapes]
+        bars = ax.bar(xs, vals, width, label=f"{op} ({backend})")
+        for bar, v in zip(bars, vals):
+            if v:
+                ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, v), ha="center",
+                            va="bottom", fontsize=6)
+    ax.axhline(1.0, color="black", lw=1, label="copy (same run)")
+    if target is not None:
+        ax.axhline(target, color="tab:red", lw=1, ls="--", label=f"target {target:.2f}")
+    ax.set_xticks(range(len(shapes)), shapes, fontsize=8)
+    ax.set_ylabel("bytes/s as a fraction of the copy's" + (" (CUDA graphs)" if graph else ""))
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
