@@ -17,6 +17,8 @@ import torch
 import thunderkv.hf.attention as fused_mod
 from thunderkv.attention import fused_attention_available
 from thunderkv.hf import ThunderKVCache, export_kv, import_kv, use_fused_attention
+from thunderkv.hf.cache import layer_tensors
+from thunderkv.hf.quality import cache_nbytes
 
 transformers = pytest.importorskip("transformers", minversion="5.0")
 
@@ -273,16 +275,15 @@ def test_hybrid_models_quantize_their_full_attention_layers(name, np_rng):
     with torch.no_grad():
         model(ids[:, :TOKENS - 1], cache=dynamic)
     quantized = sum(cache.layers[i].nbytes for i in cache.quantized_layers)
-    dynamic_bytes = sum(t.numel() * t.element_size() for t in layer_tensors_of(dynamic))
-    assert quantized < cache.nbytes < dynamic_bytes
+    # what eval quality/speed report: both caches counted the same way, exact layers included
+    assert quantized < cache.nbytes == cache_nbytes(cache) < cache_nbytes(dynamic)
+    held = [sum(t.numel() * t.element_size() for t in layer_tensors(layer))
+            for layer in dynamic.layers]
+    assert cache_nbytes(dynamic) == sum(held)  # recurrent / convolution states included
+    exact = sum(b for i, b in enumerate(held) if i not in cache.quantized_layers)
+    assert cache.nbytes - quantized == exact  # the exact layers hold what DynamicCache's do
     with pytest.raises(ValueError, match="hybrid model"):
         export_kv(cache)
-
-
-def layer_tensors_of(cache):
-    from thunderkv.hf.cache import layer_tensors
-    for layer in cache.layers:
-        yield from layer_tensors(layer)
 
 
 @pytest.mark.skipif(not fused_attention_available()[0], reason=fused_attention_available()[1])

@@ -93,15 +93,15 @@ def _tensors(obj, seen: set[int]) -> Iterator[torch.Tensor]:
 
 
 def cache_nbytes(cache) -> int:
-    """Bytes of the tensors a cache stores (its layers' keys/values and quantized states)."""
+    """Bytes of the tensors a cache stores: every tensor among its layers' attributes (keys,
+    values, quantized states, and the convolution / recurrent states of a hybrid model's
+    linear-attention layers), so caches of one model compare like for like."""
     if isinstance(cache, ThunderKVCache):
         return cache.nbytes
     total = 0
     for layer in cache.layers:
         seen: set[int] = set()
-        parts = [getattr(layer, a, None) for a in ("keys", "values", "_quantized_keys",
-                                                      "_quantized_values")]
-        for t in _tensors(parts, seen):
+        for t in _tensors(list(vars(layer).values()), seen):
             if type(t) is torch.Tensor:  # plain storage; subclasses are counted by their parts
                 total += t.numel() * t.element_size()
     return total
