@@ -360,14 +360,11 @@ def run_attention(args: argparse.Namespace) -> int:
     from ..bench import attention
 
     console = Console()
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        _error(console, f"--device {args.device!r}: {exc}")
+    why = _device_problem(args.device, "the kernels run")
+    if why is not None:
+        _error(console, f"--device {args.device}: {why}")
         return 2
-    if device.type == "cuda" and not torch.cuda.is_available():
-        _error(console, f"--device {args.device}: torch sees no CUDA device here")
-        return 2
+    device = torch.device(args.device)
     ok, why = fused_attention_available(device)
     if not ok:
         console.print(f"[red]{why}")

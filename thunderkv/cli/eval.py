@@ -8,7 +8,7 @@ import platform
 import sys
 import time
 
-from .bench import _count, _error, outputs_problem, sink_tokens
+from .bench import _count, _device_problem, _error, outputs_problem, sink_tokens
 
 
 def _model_and_cache_args(p: argparse.ArgumentParser, default_caches: str) -> None:
@@ -37,18 +37,11 @@ def _device(args: argparse.Namespace, console):
     """``--device`` as a torch.device, or None (one red line) if it cannot run here."""
     import torch
 
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        _error(console, f"--device {args.device!r}: {exc}")
+    why = _device_problem(args.device, "the model runs")
+    if why is not None:
+        _error(console, f"--device {args.device}: {why}")
         return None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        _error(console, f"--device {args.device}: torch sees no CUDA device here")
-        return None
-    if device.type not in ("cpu", "cuda"):
-        _error(console, f"--device {args.device}: use cpu or cuda[:N]")
-        return None
-    return device
+    return torch.device(args.device)
 
 
 def _select_attention(model, how: str, console) -> bool:
@@ -155,8 +148,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             model, tokenizer, desc = models.load_model(args.model, dtype=args.dtype)
             model.to(device)
-        except (FileNotFoundError, ImportError, OSError) as exc:
-            console.print(f"[red]cannot load model: {exc}")
+        except (FileNotFoundError, ImportError, OSError, RuntimeError) as exc:
+            # RuntimeError: e.g. the model does not fit the device's memory
+            console.print(f"[red]cannot load model: {' '.join(str(exc).split())[:300]}")
             return 1
     if not _select_attention(model, args.attention, console):
         return 1
@@ -273,8 +267,8 @@ def run_speed(args: argparse.Namespace) -> int:
         try:
             model, tokenizer, desc = models.load_model(args.model, dtype=args.dtype)
             model.to(device)
-        except (FileNotFoundError, ImportError, OSError) as exc:
-            console.print(f"[red]cannot load model: {exc}")
+        except (FileNotFoundError, ImportError, OSError, RuntimeError) as exc:
+            console.print(f"[red]cannot load model: {' '.join(str(exc).split())[:300]}")
             return 1
     if not _select_attention(model, args.attention, console):
         return 1

@@ -165,6 +165,7 @@ class KVSender:
         self.lanes = tuple(f"{t}/{d}" for t, d in self._endpoint.transports())
         self.transports = tuple(rma_transports(self._endpoint.describe())) or self.lanes
         self._pools: list[BufferPool] = []
+        self._pools_lock = threading.Lock()  # register() vs close(): no pool may slip past
         self._stream: KVStream | None = None
 
     def _handshake(self) -> tuple[bytes, bytes, dict]:
@@ -204,11 +205,12 @@ class KVSender:
         """A registered send pool of ``nbytes`` on ``device`` (quantize straight into slices).
         TypeError / ValueError for a bad size or device; TransferError if the memory cannot be
         allocated or registered, or the sender is closed."""
-        if self._closed:
-            raise TransferError(f"sender to {self.peer} is closed: open a new KVSender to "
-                                "register memory")
-        pool = SendPool(self.worker, nbytes, device)
-        self._pools.append(pool)
+        with self._pools_lock:  # close() sets _closed before it takes the pools
+            if self._closed:
+                raise TransferError(f"sender to {self.peer} is closed: open a new KVSender to "
+                                    "register memory")
+            pool = SendPool(self.worker, nbytes, device)
+            self._pools.append(pool)
         return pool
 
     def unregister(self, pool: SendPool) -> None:
@@ -217,9 +219,10 @@ class KVSender:
         later are registered per request, like any tensor."""
         self._refuse_reentry("unregister() a pool")
         with self._lock:
-            if not any(p is pool for p in self._pools):
-                raise ValueError("pool is not registered with this sender")
-            self._pools = [p for p in self._pools if p is not pool]
+            with self._pools_lock:
+                if not any(p is pool for p in self._pools):
+                    raise ValueError("pool is not registered with this sender")
+                self._pools = [p for p in self._pools if p is not pool]
             pool.close()
 
     def _refuse_reentry(self, what: str) -> None:
@@ -324,9 +327,10 @@ class KVSender:
             if getattr(self, "_endpoint", None) is not None:
                 self._endpoint.close(force=False, timeout_s=min(self.timeout, 1.0))
                 self._endpoint = None
-            for pool in self._pools:
+            with self._pools_lock:  # a register() racing with us saw _closed, or is in here
+                pools, self._pools = self._pools, []
+            for pool in pools:
                 pool.close()
-            self._pools.clear()
         finally:
             self._lock.release()
 
