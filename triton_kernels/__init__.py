@@ -137,7 +137,8 @@ def dequantize_rows(packed, scale, minimum, out: torch.Tensor, rows: torch.Tenso
                             spec, out.dtype)
 
 
-ATTENTION_BLOCK_T = 32  # tokens per chunk program of the fused decode attention
+ATTENTION_BLOCK_T = 32  # tokens per tile of the fused decode attention
+ATTENTION_PROGRAMS = 512  # about this many programs per launch (a few per SM on an H100)
 
 
 def kivi_decode_attention(q: torch.Tensor, parts, kr: torch.Tensor, vr: torch.Tensor,
@@ -157,7 +158,11 @@ def kivi_decode_attention(q: torch.Tensor, parts, kr: torch.Tensor, vr: torch.Te
     R, Tr = HR // heads, kr.shape[2]
     BH = B * heads
     dev = q.device
-    ncq = triton.cdiv(tq, ATTENTION_BLOCK_T) if parts is not None else 0
+    tiles = triton.cdiv(tq, ATTENTION_BLOCK_T) if parts is not None else 0
+    # history chunks per sequence x KV head: enough programs to fill the GPU, and no more, so
+    # the partials written to global memory stay small (one tile per chunk at most 512 / BH)
+    tpp = triton.cdiv(tiles, max(1, ATTENTION_PROGRAMS // BH)) if tiles else 1
+    ncq = triton.cdiv(tiles, tpp) if tiles else 0
     nc = ncq + triton.cdiv(Tr, ATTENTION_BLOCK_T)
     if nc == 0:
         return torch.zeros_like(q)
@@ -175,7 +180,7 @@ def kivi_decode_attention(q: torch.Tensor, parts, kr: torch.Tensor, vr: torch.Te
     acc = torch.empty((BH, nc, R, D), dtype=torch.float32, device=dev)
     _chunk_kernel[(BH, nc)](
         q, kp, ks, km, vp, vs, vm, kr, vr, q if mask is None else mask, m, lsum, acc,
-        heads, R, D, tq, Tr, S, ncq, nc, scaling,
+        heads, R, D, tq, Tr, S, ncq, nc, tpp, scaling,
         G=group_size, BITS=bits, DT=dt, HAS_MASK=mask is not None,
         BLOCK_T=ATTENTION_BLOCK_T, BLOCK_R=max(16, triton.next_power_of_2(R)),
         BLOCK_D=max(16, triton.next_power_of_2(D)),

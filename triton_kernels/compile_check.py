@@ -64,7 +64,7 @@ def _attention_variants():
                "vp_ptr": "*u8", "vs_ptr": "*" + ity, "vm_ptr": "*" + ity, "kr_ptr": "*fp32",
                "vr_ptr": "*fp32", "mask_ptr": "*u8", "m_ptr": "*fp32", "l_ptr": "*fp32",
                "acc_ptr": "*fp32", "H": "i32", "R": "i32", "D": "i32", "Tq": "i32", "Tr": "i32",
-               "S": "i32", "NCQ": "i32", "NC": "i32", "scaling": "fp32"}
+               "S": "i32", "NCQ": "i32", "NC": "i32", "TPP": "i32", "scaling": "fp32"}
         yield (f"attention_{name}_{bits}bit", _chunk_kernel, sig,
                {"G": 64, "BITS": bits, "DT": dt, "HAS_MASK": True, "BLOCK_T": 32,
                 "BLOCK_R": 16, "BLOCK_D": 128}, {})
