@@ -40,3 +40,24 @@ def teacher_forced(model, ids: torch.Tensor, cache, prefix: int) -> torch.Tensor
     for t in range(prefix, ids.shape[1] - 1):
         out.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1])
     return torch.stack(out, 1)
+
+
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` (for this test) so that each call is recorded; returns the list."""
+    calls = []
+    real = getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+@pytest.fixture
+def count_fused(monkeypatch):
+    """Calls of the fused kernel by the "thunderkv" attention."""
+    import thunderkv.hf.attention as fused_mod
+
+    return count_calls(monkeypatch, fused_mod, "kivi_decode_attention")

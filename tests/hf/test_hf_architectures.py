@@ -15,7 +15,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import thunderkv.hf.attention as fused_mod
 from thunderkv.attention import fused_attention_available
 from thunderkv.hf import ThunderKVCache, export_kv, import_kv, use_fused_attention
 from thunderkv.hf.cache import layer_tensors
@@ -88,19 +87,6 @@ def cached_logits(model, ids: torch.Tensor, cache) -> torch.Tensor:
     for t in range(PROMPT, TOKENS - 1):
         out.append(model(ids[:, t:t + 1], cache=cache, use_cache=True).logits[:, -1])
     return torch.stack(out, 1)
-
-
-@pytest.fixture
-def count_fused(monkeypatch):
-    calls = []
-    real = fused_mod.kivi_decode_attention
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fused_mod, "kivi_decode_attention", counting)
-    return calls
 
 
 def error(got: torch.Tensor, full: torch.Tensor) -> float:

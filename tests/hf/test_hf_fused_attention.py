@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny, prompt, teacher_forced
+from conftest import count_calls, make_tiny, prompt, teacher_forced
 
 import thunderkv.hf.attention as fused_mod
 from thunderkv import quantize
@@ -19,19 +19,6 @@ pytestmark = pytest.mark.skipif(not fused_attention_available()[0],
 def model():
     """A tiny GQA Llama of this test's own (the session-wide one must keep SDPA)."""
     return make_tiny()[1]
-
-
-@pytest.fixture
-def count_fused(monkeypatch):
-    calls = []
-    real = fused_mod.kivi_decode_attention
-
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fused_mod, "kivi_decode_attention", counting)
-    return calls
 
 
 def set_attention(model, fused: bool) -> None:
@@ -250,14 +237,7 @@ def test_the_cuda_path_kernel_decodes_the_same(model, monkeypatch):
         pytest.skip(why)
     import thunderkv.triton_kernels as kernels
 
-    calls = []
-    real = kernels.kivi_decode_attention
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "kivi_decode_attention", counting)
+    calls = count_calls(monkeypatch, kernels, "kivi_decode_attention")
     monkeypatch.setattr(fused_mod, "KERNEL_BACKEND", "triton")
     ids = prompt(2, 60)
     kw = dict(bits=4, group_size=16, residual_length=8)
