@@ -68,17 +68,35 @@ def cache_layer_types(config: PreTrainedConfig) -> tuple[list[str], list[dict]]:
     return layer_types, kwargs
 
 
+def _tensors(obj, seen: set[int]) -> Iterator[torch.Tensor]:
+    """Tensors in ``obj`` (a tensor, or lists, tuples and dicts of them), each once (``seen``
+    holds ids), followed into the inner tensors of quanto's QTensor subclasses."""
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in seen:
+            seen.add(id(obj))
+            yield obj
+            for attr in ("_data", "_scale", "_shift"):
+                inner = getattr(obj, attr, None)
+                if isinstance(inner, torch.Tensor) and inner is not obj:
+                    yield from _tensors(inner, seen)
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from _tensors(x, seen)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _tensors(x, seen)
+
+
 def layer_tensors(layer) -> Iterator[torch.Tensor]:
-    """Every tensor a cache layer stores: a ThunderKVLayer's own list, else the tensors among
-    the layer's attributes, lists and dicts (keys/values, recurrent and convolution states)."""
+    """Every tensor a cache layer stores, as plain storage: a ThunderKVLayer's own list, else
+    the plain tensors among the layer's attributes, lists and dicts (keys/values, quantized,
+    recurrent and convolution states; tensor subclasses are counted by their inner tensors)."""
     if isinstance(layer, ThunderKVLayer):
         yield from layer.tensors()
         return
-    for value in vars(layer).values():
-        if isinstance(value, dict):
-            value = list(value.values())
-        items = value if isinstance(value, (list, tuple)) else (value,)
-        yield from (t for t in items if isinstance(t, torch.Tensor))
+    for t in _tensors(list(vars(layer).values()), set()):
+        if type(t) is torch.Tensor:
+            yield t
 
 
 class ThunderKVCache(Cache):

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .cache import ThunderKVCache
+from .cache import ThunderKVCache, layer_tensors
 
 CACHES = ("fp", "thunderkv8", "thunderkv4", "thunderkv2", "hf-quanto4", "hf-hqq4", "hf-fp8")
 DEFAULT_CACHES = ("fp", "thunderkv4", "thunderkv2", "hf-quanto4", "hf-hqq4")
@@ -74,37 +74,13 @@ def make_cache(name: str, config, *, group_size: int = 64, residual_length: int 
     raise ValueError(f"unknown cache {name!r}; choose from {', '.join(CACHES)}")
 
 
-def _tensors(obj, seen: set[int]) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        if id(obj) not in seen:
-            seen.add(id(obj))
-            yield obj
-            # quanto's QTensor subclasses keep their data in inner tensors
-            for attr in ("_data", "_scale", "_shift"):
-                inner = getattr(obj, attr, None)
-                if isinstance(inner, torch.Tensor) and inner is not obj:
-                    yield from _tensors(inner, seen)
-    elif isinstance(obj, (list, tuple)):
-        for x in obj:
-            yield from _tensors(x, seen)
-    elif isinstance(obj, dict):
-        for x in obj.values():
-            yield from _tensors(x, seen)
-
-
 def cache_nbytes(cache) -> int:
     """Bytes of the tensors a cache stores: every tensor among its layers' attributes (keys,
     values, quantized states, and the convolution / recurrent states of a hybrid model's
-    linear-attention layers), so caches of one model compare like for like."""
-    if isinstance(cache, ThunderKVCache):
-        return cache.nbytes
-    total = 0
-    for layer in cache.layers:
-        seen: set[int] = set()
-        for t in _tensors(list(vars(layer).values()), seen):
-            if type(t) is torch.Tensor:  # plain storage; subclasses are counted by their parts
-                total += t.numel() * t.element_size()
-    return total
+    linear-attention layers; :func:`~thunderkv.hf.cache.layer_tensors`), so caches of one
+    model compare like for like."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers
+               for t in layer_tensors(layer))
 
 
 def _clock(t: torch.Tensor) -> float:
