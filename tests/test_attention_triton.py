@@ -10,18 +10,14 @@ import torch
 from test_attention import CASES, TOL, make_case
 
 from thunderkv.attention import (
-    fused_attention_available,
+    backend_ready,
     kivi_decode_attention,
     kivi_decode_attention_reference,
 )
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-OK, WHY = fused_attention_available("cuda") if DEVICE.type == "cuda" else (False, "")
-if DEVICE.type == "cpu" and HAVE_TRITON:
-    from thunderkv.attention import _triton_available
-
-    OK, WHY = _triton_available(DEVICE)
+OK, WHY = backend_ready("triton", DEVICE) if HAVE_TRITON else (False, "")
 pytestmark = pytest.mark.skipif(not (HAVE_TRITON and OK), reason=WHY or "triton is not installed")
 
 

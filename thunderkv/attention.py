@@ -36,15 +36,28 @@ def fused_attention_available(device: torch.device | str | None = None) -> tuple
     (``thunderkv.triton_kernels``), which also runs on CPU tensors under ``TRITON_INTERPRET=1``
     when asked for by ``backend="triton"``.
     """
-    device = torch.device("cpu" if device is None else device)
-    if device.type == "cpu":
-        ext = load_extension()
-        if ext is None:
-            return False, f"the compiled extension is unavailable: {extension_error()}"
-        if not hasattr(ext, "cpu_kivi_attention"):
-            return False, "the compiled extension predates kivi attention: rebuild thunderkv"
-        return True, ""
+    return backend_ready("auto", torch.device("cpu" if device is None else device))
+
+
+def backend_ready(backend: str, device: torch.device) -> tuple[bool, str]:
+    """(True, "") when :func:`kivi_decode_attention` with ``backend`` ("auto", "cpu" or
+    "triton") runs on tensors on ``device``; else (False, why)."""
+    if backend == "auto":
+        backend = "cpu" if device.type == "cpu" else "triton"
+    if backend == "cpu":
+        if device.type != "cpu":
+            return False, f"backend 'cpu' runs on CPU tensors, got {device}"
+        return _cpu_available()
     return _triton_available(device)
+
+
+def _cpu_available() -> tuple[bool, str]:
+    ext = load_extension()
+    if ext is None:
+        return False, f"the compiled extension is unavailable: {extension_error()}"
+    if not hasattr(ext, "cpu_kivi_attention"):
+        return False, "the compiled extension predates kivi attention: rebuild thunderkv"
+    return True, ""
 
 
 def _triton_available(device: torch.device) -> tuple[bool, str]:
@@ -179,7 +192,7 @@ def kivi_decode_attention(
         backend = "cpu" if device.type == "cpu" else "triton"
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend 'cpu' runs on CPU tensors, got {device}")
-    ok, why = (fused_attention_available() if backend == "cpu" else _triton_available(device))
+    ok, why = backend_ready(backend, device)
     if not ok:
         raise RuntimeError(f"fused attention backend {backend!r} cannot run on {device}: {why}")
     q = query.to(torch.float32).contiguous()

@@ -230,9 +230,9 @@ def test_fused_handoff_that_is_not_taken_raises(model, gen):
 def test_the_cuda_path_kernel_decodes_the_same(model, monkeypatch):
     """The Triton kernel CUDA tensors take, run on CPU tensors (TRITON_INTERPRET=1 without a
     GPU) through the same hand-off: same logits as materializing, every decode step fused."""
-    from thunderkv.attention import _triton_available
+    from thunderkv.attention import backend_ready
 
-    ok, why = _triton_available(torch.device("cpu"))
+    ok, why = backend_ready("triton", torch.device("cpu"))
     if not ok:
         pytest.skip(why)
     import thunderkv.triton_kernels as kernels

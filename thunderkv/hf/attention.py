@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..api import QuantizedTensor
-from ..attention import _triton_available, fused_attention_available, kivi_decode_attention
+from ..attention import backend_ready, fused_attention_available, kivi_decode_attention
 
 ATTENTION_NAME = "thunderkv"
 # thunderkv.attention's backend for the fused steps: "auto" = the C++ kernel on CPU tensors,
@@ -43,9 +43,7 @@ KERNEL_BACKEND = "auto"
 
 def kernel_available(device: torch.device) -> bool:
     """Whether the fused kernel runs on tensors on ``device`` (with :data:`KERNEL_BACKEND`)."""
-    if KERNEL_BACKEND == "triton":
-        return _triton_available(device)[0]
-    return fused_attention_available(device)[0]
+    return backend_ready(KERNEL_BACKEND, device)[0]
 
 _handoff = threading.local()
 
