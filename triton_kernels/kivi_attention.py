@@ -39,39 +39,45 @@ def _online(m_i, l_i, acc, s, v):
 
 
 @triton.jit
+def _dequant(byte_ptrs, byte_ok, scale_ptrs, min_ptrs, ok, BITS: tl.constexpr,
+             DT: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``code * scale + minimum`` [ROWS, COLS] in float32 (0 where not ``ok``), the codes loaded
+    once per byte from ``byte_ptrs`` [ROWS, COLS * BITS / 8] and split by shifts along the
+    last axis (element 2i in the low bits at 4 bits)."""
+    PB: tl.constexpr = 8 // BITS
+    shifts = tl.arange(0, PB) * BITS
+    byte = tl.load(byte_ptrs, mask=byte_ok, other=0).to(tl.int32)
+    code = tl.reshape((byte[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1),
+                      (ROWS, COLS))
+    scale = _bits_to_f32(tl.load(scale_ptrs, mask=ok, other=0), DT)
+    minimum = _bits_to_f32(tl.load(min_ptrs, mask=ok, other=0), DT)
+    return tl.where(ok, code.to(tl.float32) * scale + minimum, 0.0)
+
+
+@triton.jit
 def _quant_tile(q, tile, bh, b, kp_ptr, ks_ptr, km_ptr, vp_ptr, vs_ptr, vm_ptr, mask_ptr,
                 D, Tq, Tr, S, scaling, offs_d, d_ok, offs_t,
                 G: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Scores [R, T] (-inf where not attended) and values [T, D] of quantized tile ``tile``."""
-    PB: tl.constexpr = 8 // BITS  # codes per byte (element 2i in the low bits at 4 bits)
-    QMASK: tl.constexpr = (1 << BITS) - 1
-    shifts = tl.arange(0, PB) * BITS
+    PB: tl.constexpr = 8 // BITS  # codes per byte
     t = tile * BLOCK_T + offs_t
     t_ok = t < Tq
-    # keys, per channel: each row d holds the codes of consecutive tokens; one load per byte,
-    # unpacked into [D, T] (Tq is a multiple of G, so a byte is all in or all out)
+    # keys, per channel: each row d holds the codes of consecutive tokens (Tq is a multiple of
+    # G, so a byte is all in or all out)
     jt = tl.arange(0, BLOCK_T // PB)
-    kb_ok = d_ok[:, None] & ((tile * BLOCK_T + jt * PB) < Tq)[None, :]
-    kbyte = tl.load(kp_ptr + (bh * D + offs_d[:, None]) * (S // PB)
-                    + tile * (BLOCK_T // PB) + jt[None, :], mask=kb_ok, other=0).to(tl.int32)
-    kcode = tl.reshape((kbyte[:, :, None] >> shifts[None, None, :]) & QMASK, (BLOCK_D, BLOCK_T))
     kd_ok = d_ok[:, None] & t_ok[None, :]  # [D, T]
     kidx = (bh * D + offs_d[:, None]) * (S // G) + t[None, :] // G
-    ksc = _bits_to_f32(tl.load(ks_ptr + kidx, mask=kd_ok, other=0), DT)
-    kmn = _bits_to_f32(tl.load(km_ptr + kidx, mask=kd_ok, other=0), DT)
-    k = tl.where(kd_ok, kcode.to(tl.float32) * ksc + kmn, 0.0)  # [D, T]
+    k = _dequant(kp_ptr + (bh * D + offs_d[:, None]) * (S // PB) + tile * (BLOCK_T // PB)
+                 + jt[None, :], d_ok[:, None] & ((tile * BLOCK_T + jt * PB) < Tq)[None, :],
+                 ks_ptr + kidx, km_ptr + kidx, kd_ok, BITS, DT, BLOCK_D, BLOCK_T)
     # values, per token: each row t holds its head_dim codes
     jd = tl.arange(0, BLOCK_D // PB)
-    vb_ok = t_ok[:, None] & (jd * PB < D)[None, :]
-    vbyte = tl.load(vp_ptr + (bh * S + t[:, None]) * (D // PB) + jd[None, :],
-                    mask=vb_ok, other=0).to(tl.int32)
-    vcode = tl.reshape((vbyte[:, :, None] >> shifts[None, None, :]) & QMASK, (BLOCK_T, BLOCK_D))
     vt_ok = t_ok[:, None] & d_ok[None, :]  # [T, D]
     vidx = (bh * S + t[:, None]) * (D // G) + offs_d[None, :] // G
-    vsc = _bits_to_f32(tl.load(vs_ptr + vidx, mask=vt_ok, other=0), DT)
-    vmn = _bits_to_f32(tl.load(vm_ptr + vidx, mask=vt_ok, other=0), DT)
-    v = tl.where(vt_ok, vcode.to(tl.float32) * vsc + vmn, 0.0)  # [T, D]
+    v = _dequant(vp_ptr + (bh * S + t[:, None]) * (D // PB) + jd[None, :],
+                 t_ok[:, None] & (jd * PB < D)[None, :],
+                 vs_ptr + vidx, vm_ptr + vidx, vt_ok, BITS, DT, BLOCK_T, BLOCK_D)
     ok = t_ok
     if HAS_MASK:
         ok = ok & (tl.load(mask_ptr + b * (Tq + Tr) + t, mask=t_ok, other=0) != 0)
