@@ -44,6 +44,35 @@ def _device(args: argparse.Namespace, console):
     return torch.device(args.device)
 
 
+def _load(args: argparse.Namespace, names: list[str], device, console):
+    """(model on ``device`` with the chosen attention, tokenizer, description), or the exit
+    code after one red line: 1 if the model cannot load or switch, 2 if the caches cannot hold
+    it."""
+    from ..hf import models
+
+    with console.status(f"loading {args.model}"):
+        try:
+            model, tokenizer, desc = models.load_model(args.model, dtype=args.dtype)
+            model.to(device)
+        except (FileNotFoundError, ImportError, OSError, RuntimeError) as exc:
+            # RuntimeError: e.g. the model does not fit the device's memory
+            console.print(f"[red]cannot load model: {' '.join(str(exc).split())[:300]}")
+            return 1
+    if not _select_attention(model, args.attention, console):
+        return 1
+    if not _group_size_fits(model, args.group_size, console) \
+            or not _caches_fit(model, names, args, console):
+        return 2
+    return model, tokenizer, desc
+
+
+def _where(device) -> str:
+    """Where a run ran, for table titles: the CPU's thread count, or the GPU."""
+    import torch
+
+    return f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+
+
 def _select_attention(model, how: str, console) -> bool:
     """Switch ``model`` to the fused ThunderKV attention when asked; False (printed) if it can't."""
     if how != "fused":
@@ -144,20 +173,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         text = source = None
     t0 = time.perf_counter()
-    with console.status(f"loading {args.model}"):
-        try:
-            model, tokenizer, desc = models.load_model(args.model, dtype=args.dtype)
-            model.to(device)
-        except (FileNotFoundError, ImportError, OSError, RuntimeError) as exc:
-            # RuntimeError: e.g. the model does not fit the device's memory
-            console.print(f"[red]cannot load model: {' '.join(str(exc).split())[:300]}")
-            return 1
-    if not _select_attention(model, args.attention, console):
-        return 1
+    loaded = _load(args, names, device, console)
+    if isinstance(loaded, int):
+        return loaded
+    model, tokenizer, desc = loaded
     console.print(f"loaded {desc} on {device} in {time.perf_counter() - t0:.1f} s")
-    if not _group_size_fits(model, args.group_size, console) \
-            or not _caches_fit(model, names, args, console):
-        return 2
     if text is None:
         text, source = models.default_text(), f"pydoc_data.topics (Python {platform.python_version()})"
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, : args.tokens]
@@ -189,8 +209,7 @@ def run(args: argparse.Namespace) -> int:
                                 on_row=done)
     title = (f"{desc}: {ids.shape[1] - args.prefix} tokens of {source} after a {args.prefix}-token "
              f"prefix, G={args.group_size}, residual {args.residual_length}, "
-             f"sink {args.sink_length}, "
-             + (f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)))
+             f"sink {args.sink_length}, {_where(device)}")
     out = Console()
     if not out.is_terminal:  # piped: do not squeeze the table into 80 columns
         out = Console(width=120)
@@ -263,18 +282,10 @@ def run_speed(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    with console.status(f"loading {args.model}"):
-        try:
-            model, tokenizer, desc = models.load_model(args.model, dtype=args.dtype)
-            model.to(device)
-        except (FileNotFoundError, ImportError, OSError, RuntimeError) as exc:
-            console.print(f"[red]cannot load model: {' '.join(str(exc).split())[:300]}")
-            return 1
-    if not _select_attention(model, args.attention, console):
-        return 1
-    if not _group_size_fits(model, args.group_size, console) \
-            or not _caches_fit(model, names, args, console):
-        return 2
+    loaded = _load(args, names, device, console)
+    if isinstance(loaded, int):
+        return loaded
+    model, tokenizer, desc = loaded
     text = models.default_text()
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     while ids.shape[1] < max(contexts):  # the default slice is short: repeat it
@@ -286,9 +297,8 @@ def run_speed(args: argparse.Namespace) -> int:
                             sink_length=args.sink_length,
                             progress=lambda msg: status.update(msg))
     t = Table(title=f"{desc}: greedy decode, batch 1, {args.steps} steps, G={args.group_size}, "
-                    f"residual {args.residual_length}, "
-                    + (f"{torch.get_num_threads()} threads" if device.type == "cpu"
-                       else str(device)) + f", attention {args.attention}")
+                    f"residual {args.residual_length}, {_where(device)}, "
+                    f"attention {args.attention}")
     for col in ("context", "cache", "prefill s", "decode tok/s", "x fp", "cache MB"):
         t.add_column(col, justify="left" if col == "cache" else "right")
     for r in rows:
