@@ -375,3 +375,114 @@ def test_closing_the_receiver_right_after_wait_still_acknowledges(monkeypatch):
         worker.join(10)
         tx.close()
     assert outcome == ["ok"]
+
+
+def _slow_puts(monkeypatch, seconds: float, check) -> list:
+    """Make every PUT take ``seconds`` longer (the sender is inside the PUT meanwhile) and call
+    ``check()`` at the end of that wait, just before the bytes move: it returns a complaint
+    (str) when the receiver has already let go of the memory being written, else None."""
+    import thunderkv.transfer.sender as sender_module
+
+    real_call, complaints = sender_module._ucx_call, []
+
+    def slow_call(fn, *args):
+        if getattr(fn, "__name__", "") == "put":  # the endpoint's PUT (+ flush)
+            time.sleep(seconds)
+            complaint = check()
+            if complaint:
+                complaints.append(complaint)
+        return real_call(fn, *args)
+
+    monkeypatch.setattr(sender_module, "_ucx_call", slow_call)
+    return complaints
+
+
+def test_closing_the_sender_mid_put_keeps_the_receivers_slice_until_the_put_ends(monkeypatch):
+    """KVSender.close() from another thread while a PUT is in flight: the receiver must not
+    see the connection end (and give the slice back for another request) before that PUT
+    has finished writing."""
+    rx = KVReceiver(1 << 22, token=peers.TOKEN, timeout=5.0)
+    complaints = _slow_puts(monkeypatch, 0.3, lambda: (
+        "slice given back during a PUT" if rx.pool.free_bytes() == rx.pool.nbytes else None))
+    tx = KVSender(rx.host, rx.port, token=peers.TOKEN)
+    header = peers.raw_header(1, 512)
+    errors: list = []
+
+    def send():
+        try:
+            tx.send(header, peers.payload_for(1, header.payload_length))
+        except TransferError as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=send)
+    try:
+        worker.start()
+        rx.incoming(1, timeout=5)  # granted: the first PUT is under way
+        time.sleep(0.05)
+        tx.close()
+        worker.join(10)
+        assert errors, "the send should have failed: its sender was closed"
+        assert complaints == []
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_closing_the_receiver_mid_request_stops_the_sender_before_the_pool_goes(monkeypatch):
+    """KVReceiver.close() while a request arrives: the sender is told the receiver is closing,
+    stops before its next PUT, and only then is the pool unregistered and freed; the sender
+    sees why."""
+    from thunderkv.transfer.pool import BufferPool
+
+    closed_pools: list = []
+    real_close = BufferPool.close
+    monkeypatch.setattr(BufferPool, "close",
+                        lambda self: (closed_pools.append(self), real_close(self))[1])
+    rx = KVReceiver(1 << 24, token=peers.TOKEN, timeout=5.0)
+    complaints = _slow_puts(monkeypatch, 0.1, lambda: (
+        "PUT into a closed pool" if rx.pool in closed_pools else None))
+    header = peers.raw_header(1, 4096)  # 2 layers of 2 MiB, 1 MiB chunks: 4 PUTs
+    errors: list = []
+    with KVSender(rx.host, rx.port, token=peers.TOKEN, chunk_bytes=1 << 20) as tx:
+        def send():
+            try:
+                tx.send(header, peers.payload_for(1, header.payload_length))
+            except TransferError as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=send)
+        worker.start()
+        rx.incoming(1, timeout=5)
+        time.sleep(0.05)  # inside the first PUT
+        t0 = time.monotonic()
+        rx.close()
+        took = time.monotonic() - t0
+        worker.join(10)
+    assert complaints == []
+    assert rx.pool in closed_pools
+    assert took < 2.0  # the sender stopped after its current PUT, not at the timeout
+    assert len(errors) == 1 and "closing" in str(errors[0]), errors
+
+
+def test_a_sender_that_does_not_answer_keeps_the_closed_receivers_pool_allocated(caplog):
+    """A stream paused mid-request cannot confirm it stopped writing: close() waits the timeout,
+    then keeps the pool's memory allocated for the life of the process (with a warning) rather
+    than free memory a late PUT could land in. The paused stream, resumed, PUTs nothing."""
+    import thunderkv.transfer.receiver as receiver_module
+
+    rx = KVReceiver(1 << 22, token=peers.TOKEN, timeout=0.5)
+    header = peers.raw_header(1, 512)
+    with KVSender(rx.host, rx.port, token=peers.TOKEN) as tx:
+        stream = tx.stream(header, peers.payload_for(1, header.payload_length))
+        stream.send_layer(0)
+        rx.incoming(1, timeout=5)
+        pool_memory = rx.pool.tensor
+        with caplog.at_level("WARNING", logger="thunderkv.transfer"):
+            t0 = time.monotonic()
+            rx.close()
+            took = time.monotonic() - t0
+        assert 0.4 < took < 3.0
+        assert any(t is pool_memory for t in receiver_module.quarantined_pools())
+        assert "kept allocated" in caplog.text
+        with pytest.raises(TransferError):
+            stream.send_layer(1)

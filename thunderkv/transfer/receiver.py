@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import select
 import socket
 import threading
@@ -50,6 +51,18 @@ IDLE_POLL_S = 3600.0  # an idle connection (no request in progress) re-checks fo
 DISCARD_MEMORY = 4096  # ids discarded before their BEGIN arrived, remembered (oldest dropped)
 MAX_UNAUTHENTICATED = 32  # connections still in the handshake at once; more are turned away
 
+# Pools of closed receivers whose memory a sender might still have PUT into (it never confirmed
+# it stopped): kept allocated for the life of the process rather than handed back to the
+# allocator, where a late PUT would land in whatever is given that memory next.
+_QUARANTINED: list[torch.Tensor] = []
+_QUARANTINE_LOCK = threading.Lock()
+
+
+def quarantined_pools() -> list[torch.Tensor]:
+    """The pool tensors (uint8) closed receivers had to keep allocated (see KVReceiver.close)."""
+    with _QUARANTINE_LOCK:
+        return list(_QUARANTINED)
+
 
 @dataclass
 class IncomingKV:
@@ -66,6 +79,8 @@ class IncomingKV:
     claimed: bool = False  # handed out by recv() or wait()
     released: bool = False  # its slice went back to the pool
     discard: bool = False  # KVReceiver.discard() while it was still arriving
+    writing: bool = False  # the sender knows where its slice is and has not confirmed it
+    #                        stopped writing there (COMMIT, ABORT, or the connection's end)
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     @property
@@ -216,6 +231,9 @@ class KVReceiver:
         self._connections: set[socket.socket] = set()
         self._handshaking = 0
         self._acks_pending = 0  # requests delivered whose ACK is not sent yet (close() waits)
+        self._writers = 0  # requests whose sender may still PUT into the pool (close() waits)
+        self._threads: set[threading.Thread] = set()  # connection threads still running
+        self._wakeup_r, self._wakeup_w = os.pipe()  # close() makes it readable
         self.host, self.port = self._sock.getsockname()[:2]
         self._acceptor = threading.Thread(target=self._accept_loop, name="tkv-accept", daemon=True)
         self._acceptor.start()
@@ -311,16 +329,28 @@ class KVReceiver:
             incoming._update(error=RequestRejected(f"request {request_id} was discarded"))
 
     def close(self) -> None:
-        """Stop listening, drop connections, unregister and free the pool. The ACK of a
-        request already delivered (``wait()`` / ``recv()`` returned it) is sent first (waiting
-        at most ``timeout``), so its sender learns it arrived."""
+        """Stop listening, drop connections, unregister and free the pool.
+
+        The ACK of a request already delivered (``wait()`` / ``recv()`` returned it) is sent
+        first, so its sender learns it arrived. A sender with a request still arriving is told
+        the receiver is closing and stops before its next PUT; the pool is freed once every
+        such sender confirmed it stopped (an ABORT, or its connection ending). Each wait lasts
+        at most ``timeout``. A sender that does not answer in time (a stream paused between
+        layers, a stalled peer) might still write into the pool, so its memory is then kept
+        allocated for the life of the process (:func:`quarantined_pools`, with a warning)
+        rather than freed: finish or abort streams before closing their receiver."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._changed.notify_all()
+        os.write(self._wakeup_w, b"x")  # wakes every connection's poll (it stays readable)
+        with self._lock:
             self._changed.wait_for(lambda: self._acks_pending == 0, self.timeout)
+            self._changed.wait_for(lambda: self._writers == 0, self.timeout + 0.5)
+            writers = self._writers
             conns = list(self._connections)
+            threads = list(self._threads)
         try:
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept(); close() alone does not
         except OSError:
@@ -334,6 +364,18 @@ class KVReceiver:
         self._acceptor.join(timeout=2)
         self.worker.stop_progress_thread()
         self.pool.close()
+        if writers:
+            with _QUARANTINE_LOCK:
+                _QUARANTINED.append(self.pool.tensor)
+            log.warning("receiver %s:%d closed while %d sender(s) had not confirmed they stopped "
+                        "writing: its %d-byte pool is kept allocated for the life of the "
+                        "process", self.host, self.port, writers, self.pool.nbytes)
+        deadline = time.monotonic() + 2.0
+        for thread in threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if not any(thread.is_alive() for thread in threads):  # else they may still poll them
+            os.close(self._wakeup_r)
+            os.close(self._wakeup_w)
 
     def __enter__(self) -> KVReceiver:
         return self
@@ -343,14 +385,38 @@ class KVReceiver:
 
     # ------------------------------------------------------------------ internals
     def _forget(self, incoming: IncomingKV) -> None:
-        """Forget ``incoming`` and give its slice back, once (later calls do nothing)."""
+        """Forget ``incoming`` and give its slice back, once (later calls do nothing). A slice
+        its sender may still write into (``incoming.writing``) stays out of the pool."""
         with self._lock:
             if incoming.released:
                 return
             incoming.released = True
             if self._requests.get(incoming.request_id) is incoming:
                 del self._requests[incoming.request_id]
+            if incoming.writing:
+                log.warning("request %d: its %d-byte slice stays out of the pool (the sender "
+                            "did not confirm it stopped writing there)", incoming.request_id,
+                            incoming.slice.nbytes)
+                return
         self.pool.release(incoming.slice)
+
+    def _sender_stopped(self, incoming: IncomingKV) -> None:
+        """The sender of ``incoming`` writes no more into its slice (it committed or aborted,
+        or its connection ended: a sender shuts it only between PUTs, or died)."""
+        with self._lock:
+            if incoming.writing:
+                incoming.writing = False
+                self._writers -= 1
+                self._changed.notify_all()
+
+    def _readable(self, conn: socket.socket, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for ``conn`` to have data (or hang up): True; False on
+        timeout, or at once once the receiver is closing (callers check ``_closed``)."""
+        poller = select.poll()  # not select(): it fails on descriptors >= 1024
+        poller.register(conn, select.POLLIN | select.POLLPRI)
+        poller.register(self._wakeup_r, select.POLLIN)
+        events = poller.poll(max(0, int(timeout * 1000)))
+        return any(fd == conn.fileno() for fd, _ in events)
 
     def _fail(self, incoming: IncomingKV, error: BaseException,
               level: int = logging.WARNING) -> None:
@@ -373,22 +439,35 @@ class KVReceiver:
         """After a failure the sender may not know about yet: tell it (``kind``: ACK ok=false
         for a rejection, the connection stays usable; ERROR when giving up on it), then keep
         the request's slice until it stops writing -- its COMMIT or ABORT, or the connection
-        closing -- so a late PUT never lands in memory another request has been given.
-        True when the sender stopped cleanly (the connection may carry the next request)."""
+        closing -- so a late PUT never lands in memory another request has been given. Once
+        the receiver is closing, wait at most ``timeout`` more (then the slice, and the pool,
+        stay allocated: see :meth:`close`). True when the sender stopped cleanly (the
+        connection may carry the next request)."""
         meta = {"ok": False} if kind == Kind.ACK else {"request_id": incoming.request_id}
         try:
             channel.send(conn, kind, {**meta, "reason": reason}, timeout=min(self.timeout, 1.0))
-            while not self._closed:
+            give_up = None
+            while True:
+                if self._closed and give_up is None:
+                    give_up = time.monotonic() + self.timeout
+                wait = IDLE_POLL_S if give_up is None else give_up - time.monotonic()
+                if wait <= 0:
+                    return False  # closing, and the sender never answered
+                if not self._readable(conn, wait):
+                    continue
                 try:
-                    msg = channel.receive(conn, timeout=IDLE_POLL_S,
+                    msg = channel.receive(conn, timeout=self.timeout,
                                           what=f"the end of failed request {incoming.request_id}")
                 except TransferTimeout:
                     continue  # still stalled: keep holding
                 if msg.kind in (Kind.COMMIT, Kind.ABORT) or msg.meta.get("commit"):
+                    self._sender_stopped(incoming)
                     return True
+        except ConnectionClosed:
+            self._sender_stopped(incoming)  # connection gone: nothing can write any more
             return False
         except TransferError:
-            return False  # connection gone: nothing can write any more
+            return False
         finally:
             self._forget(incoming)
 
@@ -411,8 +490,11 @@ class KVReceiver:
                 self._handshaking += 1
                 self._connections.add(conn)
             peer = f"{addr[0]}:{addr[1]}"
-            threading.Thread(target=self._serve, args=(conn, peer), name=f"tkv-peer-{peer}",
-                             daemon=True).start()
+            thread = threading.Thread(target=self._serve, args=(conn, peer),
+                                      name=f"tkv-peer-{peer}", daemon=True)
+            with self._lock:
+                self._threads.add(thread)
+            thread.start()
 
     def _handshake(self, conn: socket.socket) -> None:
         server_nonce = auth.new_nonce()
@@ -441,10 +523,8 @@ class KVReceiver:
     def _wait_while_idle(self, conn: socket.socket) -> bool:
         """Block until the peer sends something (or hangs up): an idle connection never times
         out. False once the receiver is closed."""
-        poller = select.poll()  # not select(): it fails on descriptors >= 1024
-        poller.register(conn, select.POLLIN | select.POLLPRI)
         while not self._closed:
-            if poller.poll(max(1, int(IDLE_POLL_S * 1000))):
+            if self._readable(conn, IDLE_POLL_S):
                 return True  # data, or a hang-up / error that the next read reports
         return False
 
@@ -470,6 +550,7 @@ class KVReceiver:
         finally:
             with self._lock:
                 self._connections.discard(conn)
+                self._threads.discard(threading.current_thread())
             conn.close()
 
     def _begin(self, conn: socket.socket, peer: str, msg: channel.Message) -> IncomingKV | None:
@@ -477,6 +558,8 @@ class KVReceiver:
         try:
             header = decode_header(msg.blob, limits=self.limits)
             with self._lock:
+                if self._closed:
+                    raise RequestRejected("the receiver is closing")
                 if header.request_id in self._requests:
                     raise RequestRejected(f"request id {header.request_id} is already in use")
                 if header.request_id in self._discarded:
@@ -484,7 +567,8 @@ class KVReceiver:
                     raise RequestRejected(f"request {header.request_id} was discarded by the "
                                           "receiver")
                 piece = self.pool.allocate(header.payload_length)
-                incoming = IncomingKV(header, piece, peer)
+                incoming = IncomingKV(header, piece, peer, writing=True)  # once it has the
+                self._writers += 1  # GRANT (below), the sender may write
                 self._failed.pop(header.request_id, None)
                 self._requests[header.request_id] = incoming
                 self._changed.notify_all()
@@ -498,6 +582,7 @@ class KVReceiver:
             channel.send(conn, Kind.GRANT, {"ok": True, "offset": piece.offset},
                          timeout=self.timeout)
         except TransferError as exc:  # the sender never learnt the offset: nothing was written
+            self._sender_stopped(incoming)
             self._fail(incoming, exc)
             self._forget(incoming)
             raise
@@ -511,9 +596,19 @@ class KVReceiver:
         running, committing = 0, False
         try:
             while True:
+                if self._closed:  # tell the sender to stop before its next PUT
+                    raise TransferError(f"the receiver is closing: request "
+                                        f"{header.request_id} was not complete")
+                if not self._readable(conn, self.timeout):
+                    if self._closed:
+                        continue
+                    raise TransferTimeout(f"no progress on request {header.request_id} from "
+                                          "the peer within the timeout")
                 msg = channel.receive(conn, timeout=self.timeout,
                                       what=f"progress on request {header.request_id}")
                 committing = msg.kind == Kind.COMMIT or bool(msg.meta.get("commit"))
+                if committing or msg.kind == Kind.ABORT:  # it wrote its last byte before this
+                    self._sender_stopped(incoming)
                 if incoming.discard and msg.kind != Kind.ABORT:  # stop its PUTs early
                     raise RequestRejected(f"request {header.request_id} was discarded by the "
                                           "receiver")
@@ -571,8 +666,9 @@ class KVReceiver:
         except ConnectionClosed as exc:
             if incoming.done:  # delivered (maybe handed out already); only the ACK was lost
                 raise
+            self._sender_stopped(incoming)  # the sender is gone: nothing writes any more
             self._fail(incoming, exc)
-            self._forget(incoming)  # the sender is gone: nothing writes any more
+            self._forget(incoming)
             raise
         except (TransferError, OSError) as exc:  # stalled past the timeout, protocol error
             if incoming.done:

@@ -145,6 +145,10 @@ class KVSender:
         self._owner: int | None = None  # thread holding the open request
         self._broken: str | None = None  # why the connection can no longer be used
         self._closed = False
+        # close() waits for a PUT in flight before it shuts the connection: the receiver takes
+        # the connection's end as "this sender writes no more" and reuses the memory
+        self._put_state = threading.Condition()
+        self._putting = False
         try:
             self._sock = socket.create_connection((host, port), timeout=self.timeout)
         except (OSError, UnicodeError) as exc:  # UnicodeError: a host name IDNA cannot encode
@@ -305,11 +309,16 @@ class KVSender:
 
     def close(self) -> None:
         """Close the connection. A request in flight on another thread fails (its next step
-        finds the connection shut) and is waited for before UCX resources are freed; one left
-        open on this thread is aborted."""
-        if self._closed:
-            return
-        self._closed = True
+        finds the sender closed) and is waited for before UCX resources are freed; a PUT it
+        has under way ends before the connection is shut, since the receiver reuses the
+        request's memory once the connection ends. One left open on this thread is aborted."""
+        with self._put_state:
+            if self._closed:
+                return
+            self._closed = True  # no PUT starts from here on (KVStream._put checks)
+            # The receiver takes the connection's end as "it writes no more" and reuses the
+            # slice: a PUT still writing must end first (it ends within its timeout).
+            self._put_state.wait_for(lambda: not self._putting, self.timeout + 5.0)
         if self._owner == threading.get_ident() and self._stream is not None:
             self._stream.abort("sender closed")
         try:
@@ -465,6 +474,11 @@ class KVStream:
         """One PUT (+ flush); a UCX failure that means the receiver is gone (its process died,
         the connection was reset) becomes ConnectionClosed."""
         s = self.sender
+        with s._put_state:
+            if s._closed:
+                raise TransferError(f"sender closed before a PUT of request "
+                                    f"{self.header.request_id}")
+            s._putting = True
         try:
             return _ucx_call(s._endpoint.put, self._region, offset, size, s._remote,
                              remote_offset, s.timeout)
@@ -478,6 +492,10 @@ class KVStream:
                 raise ConnectionClosed(f"receiver {s.peer} is gone: the PUT of request "
                                        f"{self.header.request_id} failed ({exc})") from None
             raise
+        finally:
+            with s._put_state:
+                s._putting = False
+                s._put_state.notify_all()
 
     def _layer_crcs(self, first: int, stop: int) -> list[int]:
         """Running CRC-32C through the end of each layer ``first..stop-1`` (on the GPU for a
