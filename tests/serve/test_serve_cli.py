@@ -179,7 +179,9 @@ def test_the_port_is_bound_before_the_workers_start_and_their_failure_is_one_lin
                                "authentication")
     assert lines[1].startswith("starting prefill, decode workers for tiny")
     assert lines[2:] == ["error: a worker failed to start: OSError: no space left on device"]
-    with socket.socket() as s:  # and the port was given back
+    with socket.socket() as s:  # and the port was given back (SO_REUSEADDR: a connection
+        # the server side closed first may sit in TIME_WAIT on it; a listener still fails)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
 
 
