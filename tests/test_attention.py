@@ -174,3 +174,30 @@ def test_query_dtype_outside_the_format_raises_typeerror(gen, dtype, history):
                                   G=32, bits=4, dtype=torch.float32)
     with pytest.raises(TypeError, match="query must be float16, bfloat16 or float32"):
         kivi_decode_attention(q.to(dtype), qk, qv, kr, vr)
+
+
+def test_empty_batch_returns_an_empty_output():
+    """A batch of 0 sequences used to kill the process (SIGFPE: the C++ kernel divides by
+    batch * kv_heads when it splits the work), so this runs in a child process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from thunderkv.attention import kivi_decode_attention as f\n"
+        "kr = torch.randn(0, 2, 3, 32)\n"
+        "out = f(torch.randn(0, 4, 32), None, None, kr, kr.clone(), backend='cpu')\n"
+        "assert out.shape == (0, 4, 32) and out.dtype == torch.float32, out.shape\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
+
+
+def test_empty_head_dim_raises_valueerror(gen):
+    """head_dim 0 used to raise ZeroDivisionError (1 / sqrt(0)) instead of naming the rule."""
+    q, _, _, kr, vr = make_case(gen, B=1, H=2, R=2, D=32, S=0, Tr=2, G=32, bits=4,
+                                dtype=torch.float32)
+    for fn in (kivi_decode_attention, kivi_decode_attention_reference):
+        with pytest.raises(ValueError, match="head_dim"):
+            fn(q[..., :0], None, None, kr[..., :0], vr[..., :0])

@@ -643,3 +643,44 @@ def test_readme_paged_example_runs_as_written():
     assert k.shape == (1, 40, 8, 128) and k.data_ptr() == workspaces[0].data_ptr()
     assert (k[0] - scope["key"]).abs().max() < 0.5  # 4-bit codes of N(0, 1) data
     assert scope["payload"].numel() == 3 * scope["cache"].block_nbytes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transfer_buffers_over_the_cache_raise_and_write_nothing(backend, gen):
+    """pack's out= (or unpack's buffer) inside the cache's own tensors used to be accepted: the
+    pack wrote the payload over the cache's key codes, silently corrupting other blocks."""
+    cache = PagedKVCache.allocate(64, BS, H, D, dtype=torch.float32, group_size=32)
+    n = 40
+    k, v = (random_kv((n, H, D), torch.float32, gen) for _ in range(2))
+    quantize_to_paged(k, v, cache, torch.arange(n), backend=backend)
+    ids = torch.tensor([2, 0])
+    nbytes = transfer_nbytes(cache, 2)
+    assert nbytes <= cache.key_packed.numel()
+    inside = cache.key_packed.view(-1)[:nbytes]
+    snap = _snapshot(cache)
+    with pytest.raises(ValueError, match="share memory"):
+        pack_for_transfer(cache, ids, out=inside)
+    assert _unchanged(cache, snap)
+    with pytest.raises(ValueError, match="share memory"):
+        unpack_from_transfer(inside, cache, torch.tensor([5, 6]))
+    assert _unchanged(cache, snap)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "cuda"])
+def test_bad_backend_raises_even_when_there_is_nothing_to_do(backend):
+    """A 0-token write and an empty gather used to return before the backend was looked at,
+    so a misspelt or unusable backend passed silently until the first real call."""
+    cache = _cache()
+    snap = _snapshot(cache)
+    empty = torch.zeros(0, H, D, dtype=torch.float16)
+    exc = ValueError if backend == "gpu" else RuntimeError
+    with pytest.raises(exc, match="backend"):
+        quantize_to_paged(empty, empty, cache, torch.zeros(0, dtype=torch.int64),
+                          backend=backend)
+    with pytest.raises(exc, match="backend"):
+        gather_dequantize(cache, torch.zeros(2, 3, dtype=torch.int32), torch.tensor([0, 0]),
+                          backend=backend)
+    with pytest.raises(exc, match="backend"):
+        gather_dequantize(cache, torch.zeros(0, 3, dtype=torch.int32),
+                          torch.zeros(0, dtype=torch.int64), backend=backend)
+    assert _unchanged(cache, snap)

@@ -98,6 +98,8 @@ def _check(query, qkeys, qvalues, key_residual, value_residual, key_mask, tq_att
     if query.dim() != 3:
         raise ValueError(f"query must be [batch, query_heads, head_dim], got {tuple(query.shape)}")
     B, HQ, D = query.shape
+    if D == 0:
+        raise ValueError("query has head_dim 0: there is nothing to attend with")
     for name, x in (("key_residual", key_residual), ("value_residual", value_residual)):
         if x.dim() != 4 or x.shape[0] != B or x.shape[-1] != D:
             raise ValueError(f"{name} must be [{B}, kv_heads, tokens, {D}], got {tuple(x.shape)}")
@@ -195,6 +197,8 @@ def kivi_decode_attention(
     ok, why = backend_ready(backend, device)
     if not ok:
         raise RuntimeError(f"fused attention backend {backend!r} cannot run on {device}: {why}")
+    if B == 0:  # no sequences: the kernels split work per sequence x head (C++: / (B * H))
+        return query.new_empty((0, H * R, D))
     q = query.to(torch.float32).contiguous()
     kr = key_residual.to(torch.float32).contiguous()
     vr = value_residual.to(torch.float32).contiguous()

@@ -280,10 +280,10 @@ def _write(key, value, cache: PagedKVCache, slot_mapping, backend: str) -> None:
         raise ValueError(
             f"slot_mapping must be [num_tokens={key.shape[0]}], got {tuple(slot_mapping.shape)}"
         )
+    fused = _row_kernels(backend, cache.device)  # resolved first: a bad backend always raises
     if slots.numel() == 0:
         return
     spec = cache.spec
-    fused = _row_kernels(backend, cache.device)
     if capturing and fused is None:
         raise RuntimeError(f"quantize_to_paged with backend {backend!r} cannot be captured in a "
                            "CUDA graph: only the cuda and triton backends write slots without a "
@@ -471,9 +471,9 @@ def _gather_checked(cache: PagedKVCache, table, lens, max_len: int, out, backend
     if out[0].shape[1] % cache.block_size or not n_blk <= width <= table.shape[1]:
         raise ValueError(f"out must hold between {n_blk} and {table.shape[1]} whole blocks of "
                          f"{cache.block_size} tokens per sequence, got {out[0].shape[1]} tokens")
+    fused = _row_kernels(backend, cache.device)  # resolved first: a bad backend always raises
     if batch == 0 or n_blk == 0:  # nothing to write: max_len is 0
         return
-    fused = _row_kernels(backend, cache.device)
     if fused is not None:  # one pass from the slots into the dense output, zeros included
         rows = _token_rows(cache, table, lens, width, max_len, checked=not _capturing(table))
         for dense, prefix in zip(out, ("key", "value")):
@@ -537,8 +537,8 @@ def pack_for_transfer(
     block_ids : 1-D int32/int64 tensor on the cache's device (not a list): ids in
         ``[0, num_blocks)``, in sequence order (repeats allowed; 0 ids give 0 bytes).
     out : optional 1-D contiguous uint8 tensor of exactly :func:`transfer_nbytes` bytes on the
-        cache's device, e.g. a registered transfer buffer; validated before anything is
-        written.
+        cache's device, e.g. a registered transfer buffer, sharing no memory with the cache;
+        validated before anything is written.
 
     Returns
     -------
@@ -573,6 +573,7 @@ def _pack(cache: PagedKVCache, block_ids, out) -> None:
             f"got {getattr(out, 'dtype', type(out).__name__)} "
             f"{tuple(getattr(out, 'shape', ()))} on {getattr(out, 'device', '-')}"
         )
+    check_disjoint(out=out, **dict(zip(_PARTS, cache.parts())))  # out over the cache: corrupt
     offset = 0
     for t in cache.parts():
         size = ids.numel() * t[0].numel() * t.element_size()
@@ -592,7 +593,8 @@ def unpack_from_transfer(buffer: torch.Tensor, cache: PagedKVCache, block_ids: t
     ----------
     buffer : 1-D uint8 tensor of exactly ``transfer_nbytes(cache, len(block_ids))`` bytes, on
         any device: one on another device than the cache (e.g. a host receive buffer for a
-        CUDA cache) is copied to the cache's device first, whole.
+        CUDA cache) is copied to the cache's device first, whole. It must not share memory
+        with the cache.
     block_ids : 1-D int32/int64 tensor on the cache's device (not a list): distinct ids in
         ``[0, num_blocks)``, one per packed block, in the buffer's order.
     """
@@ -623,6 +625,7 @@ def _unpack(buffer, cache: PagedKVCache, block_ids) -> None:
         )
     if ids.unique().numel() != ids.numel():
         raise ValueError("block_ids must not repeat a block")
+    check_disjoint(buffer=buffer, **dict(zip(_PARTS, cache.parts())))
     buffer = buffer.to(cache.device)
     offset = 0
     for t in cache.parts():
