@@ -202,9 +202,9 @@ def cluster_from_doc(doc: Doc) -> Cluster:
         doc.check_keys(_GPU_FIELDS, spec, p)
         catalog[name] = GpuType(
             name=name,
-            fp16_tflops=doc.number("fp16_tflops", spec, label=f"{p}.fp16_tflops"),
-            mem_gb=doc.number("mem_gb", spec, label=f"{p}.mem_gb"),
-            mem_bw_gbs=doc.number("mem_bw_gbs", spec, label=f"{p}.mem_bw_gbs"),
+            fp16_tflops=_spec(doc, spec, p, "fp16_tflops", 1e12),
+            mem_gb=_spec(doc, spec, p, "mem_gb", 1e9),
+            mem_bw_gbs=_spec(doc, spec, p, "mem_bw_gbs", 1e9),
             price_per_hour=doc.number("price_per_hour", spec, label=f"{p}.price_per_hour",
                                       positive=False, minimum=0),
             compute_eff=_eff(doc, spec, f"{p}.compute_eff", "compute_eff", 0.55),
@@ -264,6 +264,9 @@ def cluster_from_doc(doc: Doc) -> Cluster:
             link_where[(a, b)] = f"on line {item.line}" if item.line is not None else f"as {p}"
     name = doc.string("name", default="cluster")
     src = doc.node("price_source", default=None)
+    if src is not None and isinstance(src.value, (list, dict)):
+        raise doc.error("price_source", f"expected text, got a {type(src.value).__name__}",
+                        src.line)
     cluster = Cluster(catalog, nodes, inter, links, name,
                       "" if src is None or src.value is None else str(src.value), nic_default)
     if not math.isfinite(cluster.price_per_hour()):  # each price finite, the sum too big
@@ -275,6 +278,15 @@ def cluster_from_doc(doc: Doc) -> Cluster:
 # its catalog key)
 _GPU_FIELDS = tuple(f.name for f in dataclasses.fields(GpuType) if f.name != "name")
 _NODE_FIELDS = tuple(f.name for f in dataclasses.fields(NodeSpec))
+
+
+def _spec(doc: Doc, spec, prefix: str, key: str, unit: float) -> float:
+    """A datasheet figure (> 0) that stays finite in the cost model's units (``unit``: 1e9 for
+    GB, 1e12 for TFLOP/s): ``mem_gb: 1.0e+300`` is a finite number but infinite bytes."""
+    v = doc.number(key, spec, label=f"{prefix}.{key}")
+    if not math.isfinite(v * unit):
+        raise doc.error(f"{prefix}.{key}", f"too large, got {v!r}", doc.node(key, spec).line)
+    return v
 
 
 def _eff(doc: Doc, spec, label: str, key: str, default: float) -> float:

@@ -217,6 +217,17 @@ def reschedule_with_reload(plan: Plan, cluster: Cluster, model: ModelSpec, param
     return best
 
 
+def check_fail_nodes(cluster: Cluster, nodes: set[str]) -> None:
+    """Raise ValueError, naming ``--fail`` and the cluster's nodes, unless every one of
+    ``nodes`` is a node of ``cluster`` ('each' sweeps them all, so it stands alone)."""
+    if "each" in nodes:
+        raise ValueError("--fail each loses every node in turn: give it alone, not in a list")
+    unknown = sorted(n for n in nodes if not cluster.has_node(n))
+    if unknown:
+        raise ValueError(f"--fail: unknown node(s) {unknown}; the plan's cluster has "
+                         f"{', '.join(n.name for n in cluster.nodes)}")
+
+
 def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bool = True,
                         log=lambda s: None, regroup: bool = True, reload_groups: int = 0,
                         replan: TabuConfig | None = None, arrivals: str | None = None,
@@ -240,6 +251,7 @@ def reschedule_document(doc: dict, plan: Plan, fails: list[str], wl, compare: bo
     cluster, model, params, slo = inputs_from_dict(doc["inputs"])
     nodes = {f for f in fails if ":" not in f}
     gpus = {f for f in fails if ":" in f}
+    check_fail_nodes(cluster, nodes)
     bad = [g for g in gpus if g not in cluster.gpus]
     if bad:
         raise ValueError(f"--fail: unknown GPU(s) {bad}")

@@ -8,13 +8,16 @@ arrival times (optionally rescaled to a rate) or with Poisson arrivals; or synth
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from .errors import InputError
+from .yamlio import decode_utf8
 
 REQUIRED_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 MAX_REPLAY_REQUESTS = 2_000_000  # ~10x a 320-GPU plan's 800 s replay
@@ -154,16 +157,24 @@ def _parse_ts(text: str) -> float:
     return datetime.fromisoformat(text).timestamp() + frac
 
 
+def _text_lines(fh: BinaryIO, source: str) -> Iterator[str]:
+    """The lines of a binary file as UTF-8 text (a spreadsheet's byte order mark dropped); an
+    :class:`InputError` names the line of a byte that is not UTF-8. Lines may end in \\n, \\r\\n
+    or a lone \\r (old Mac files), which binary reads do not split on."""
+    for i, raw in enumerate(fh, 1):
+        yield from decode_utf8(raw, source, i).splitlines(keepends=True)
+
+
 def load_azure_trace(path: str | Path, limit: int | None = None) -> Workload:
     """Read an Azure LLM inference trace CSV as published (header line + one request per line)."""
     src = str(path)
     try:
-        fh = open(path, newline="")
+        fh = open(path, "rb")
     except OSError as exc:
         raise InputError(f"cannot read file ({exc.strerror})", source=src) from exc
     ts, pr, out = [], [], []
     with fh:
-        reader = csv.reader(fh)
+        reader = csv.reader(_text_lines(fh, src))
         header = next(reader, None)
         if header is None:
             raise InputError("file is empty", source=src, line=1)

@@ -182,7 +182,7 @@ class Doc:
         if node is None:
             return default  # type: ignore[return-value]
         if not isinstance(node.value, str) or not node.value:
-            raise self.error(label, f"expected a non-empty string, got {shorten(repr(node.value))}",
+            raise self.error(label, f"expected a non-empty string, got {shorten(repr(strip(node)))}",
                              node.line)
         return node.value
 
@@ -192,14 +192,27 @@ def shorten(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def decode_utf8(data: bytes, source: str, first_line: int = 1) -> str:
+    """``data`` (from line ``first_line`` of ``source`` on) as UTF-8 text, a leading byte
+    order mark dropped; or an :class:`InputError` naming the line of the first byte that is not
+    UTF-8 (a file saved as latin-1, say)."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:  # exc.object: ``data`` without its byte order mark
+        raw = exc.object
+        raise InputError(f"byte 0x{raw[exc.start]:02x} is not UTF-8 text (save the file as "
+                         "UTF-8)", source=source, line=first_line + raw.count(b"\n", 0, exc.start)) from None
+
+
 def load_yaml(path: str | Path, text: str | None = None) -> Doc:
     """Parse a YAML file (or ``text``) into a line-aware :class:`Doc`."""
     source = str(path)
     if text is None:
         try:
-            text = Path(path).read_text()
+            data = Path(path).read_bytes()
         except OSError as exc:
             raise InputError(f"cannot read file ({exc.strerror})", source=source) from exc
+        text = decode_utf8(data, source)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:

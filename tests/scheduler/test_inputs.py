@@ -410,3 +410,67 @@ def test_an_integer_too_large_for_a_float_is_refused_in_one_line():
     assert text != TINY
     with pytest.raises(InputError, match="network.inter_node_gbps: must be a finite number"):
         load_cluster("c.yaml", text)
+
+
+@pytest.mark.parametrize("loader,name,body", [
+    (load_cluster, "c.yaml", TINY.encode().replace(b"name: n1", b"name: n\xe91")),  # latin-1
+    (load_model, "m.yaml", b"layers: 60\nhidden: 6656\nheads: \xff52\n"),
+    (load_azure_trace, "t.csv", b"TIMESTAMP,ContextTokens,GeneratedTokens\n"
+     b"2023-11-16 18:15:46.68,374,44\n2023-11-16 18:15:47.1,3\xff4,3\n"),
+])
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path, loader, name, body):
+    """A file saved in latin-1 (or binary junk) raised a bare UnicodeDecodeError message:
+    no file, no line."""
+    path = tmp_path / name
+    path.write_bytes(body)
+    want = body[:body.index(next(b for b in body if b > 0x7F).to_bytes(1, "big"))].count(b"\n") + 1
+    with pytest.raises(InputError) as ei:
+        loader(path)
+    assert ei.value.line == want
+    assert str(ei.value).startswith(f"{path}:{want}: ") and "UTF-8" in str(ei.value)
+
+
+def test_trace_saved_with_a_byte_order_mark_loads(tmp_path):
+    """Spreadsheet programs save CSV as UTF-8 with a BOM: the header's first column read as
+    '\\ufeffTIMESTAMP' and the trace was refused for a missing TIMESTAMP column."""
+    f = tmp_path / "t.csv"
+    f.write_bytes(b"\xef\xbb\xbfTIMESTAMP,ContextTokens,GeneratedTokens\r\n"
+                  b"2023-11-16 18:15:46.68,374,44\r\n2023-11-16 18:15:47.1,12,3\r\n")
+    wl = load_azure_trace(f)
+    assert list(wl.prompts) == [374, 12] and list(wl.outputs) == [44, 3]
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"])
+def test_trace_lines_may_end_in_any_newline(tmp_path, eol):
+    """A trace is read as bytes (to name the line of a byte that is not UTF-8); lines ending in
+    a lone \\r (old Mac files), which binary reads do not split, still load."""
+    f = tmp_path / "t.csv"
+    f.write_bytes(eol.join([b"TIMESTAMP,ContextTokens,GeneratedTokens",
+                            b"2023-11-16 18:15:46.68,374,44", b"2023-11-16 18:15:47.1,12,3", b""]))
+    wl = load_azure_trace(f)
+    assert list(wl.prompts) == [374, 12] and list(wl.outputs) == [44, 3]
+
+
+@pytest.mark.parametrize("field,text", [("name", "name: [a, b]"), ("price_source", "price_source: {a: 1}")])
+def test_a_text_field_given_a_list_or_mapping_is_refused_plainly(field, text):
+    """``name: [a, b]`` was reported as ``got [Node(value='a', line=2), ...]`` (an internal
+    repr), and ``price_source: [...]`` was accepted and written into the plan JSON as that
+    repr."""
+    with pytest.raises(InputError) as ei:
+        load_cluster("c.yaml", TINY.replace("name: tiny", f"name: tiny\n{text}" if field != "name"
+                                            else text))
+    assert ei.value.field == field and ei.value.line == (2 if field == "name" else 3)
+    assert "Node(" not in str(ei.value)
+
+
+@pytest.mark.parametrize("old,new,field", [
+    ("mem_gb: 24", "mem_gb: 1.0e+300", "catalog.RTX3090.mem_gb"),
+    ("mem_bw_gbs: 936", "mem_bw_gbs: 1.0e+300", "catalog.RTX3090.mem_bw_gbs"),
+    ("fp16_tflops: 71", "fp16_tflops: 1.0e+300", "catalog.RTX3090.fp16_tflops"),
+])
+def test_a_spec_too_large_to_convert_to_bytes_is_refused(old, new, field):
+    """``mem_gb: 1.0e+300`` is finite, but x 1e9 bytes it is not: planning crashed with
+    OverflowError (cannot convert float infinity to integer) in the layer split."""
+    with pytest.raises(InputError) as ei:
+        load_cluster("c.yaml", TINY.replace(old, new))
+    assert ei.value.field == field and ei.value.line == 5

@@ -640,3 +640,36 @@ def test_errors_print_verbatim_on_one_line(tmp_path, capsys):
     assert main(["plan", "--cluster", str(tmp_path / "c.yaml"), *QUICK]) == 2
     err = capsys.readouterr().err
     assert "node name '[b]n1' may hold only" in err and err.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("cmd,flag", [(["plan", "--cluster", "c.yaml", *QUICK], "--json"),
+                                      (["plan", "--cluster", "c.yaml", *QUICK], "--plot"),
+                                      (["simulate", "--plan", "missing.json"], "--json")])
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys,
+                                                                          cmd, flag):
+    """``--json /no/such/dir/p.json`` crashed with FileNotFoundError after the whole plan
+    (minutes on a big cluster) had been computed."""
+    assert main([*cmd, flag, str(tmp_path / "no-such-dir" / "p.out")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{flag}: cannot write" in err
+    assert "c.yaml" not in err and "missing.json" not in err  # nothing was loaded
+
+
+@pytest.mark.parametrize("fail,words", [
+    ("node3", "--fail: unknown node(s) ['node3']; the plan's cluster has n0, n1, n2"),
+    ("each,n1", "--fail each loses every node in turn: give it alone"),
+])
+def test_fail_naming_no_node_of_the_plan_says_which_exist(planned, capsys, fail, words):
+    """``--fail node3`` (the issue's own example) said only "unknown node(s) ['node3']": no
+    flag, no hint of the names; 'each' among other names was an unknown node 'each'."""
+    d, _ = planned
+    assert main(["plan", "--reschedule", str(d / "plan.json"), "--fail", fail, "--quiet",
+                 "--no-compare"]) == 2
+    assert words in " ".join(capsys.readouterr().err.split())
+
+
+def test_requests_beyond_any_replay_are_refused(capsys):
+    """``--requests 1000000000000`` with a synthetic workload tried to allocate terabytes
+    (numpy _ArrayMemoryError traceback)."""
+    assert main(["plan", "--cluster", "c.yaml", *QUICK, "--requests", "1000000000000"]) == 2
+    assert "--requests must be <= 2000000" in " ".join(capsys.readouterr().err.split())

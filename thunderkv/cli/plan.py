@@ -42,6 +42,8 @@ WORKLOAD_DEFAULTS = {"requests": 2000, "replay_seconds": REPLAY_SECONDS, "arriva
 def check_workload_flags(args: argparse.Namespace) -> None:
     """Refuse workload flags (shared by ``plan`` and ``simulate``) that cannot be used, naming
     the flag, before anything is loaded."""
+    from thunderkv.scheduler.workload import MAX_REPLAY_REQUESTS
+
     if args.trace and args.workload:
         raise ValueError("give --trace or --workload, not both (the trace's lengths would "
                          "replace the synthetic ones)")
@@ -49,9 +51,25 @@ def check_workload_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if args.requests is not None and args.requests < 10:
         raise ValueError(f"--requests must be >= 10, got {args.requests}")
+    if args.requests is not None and args.requests > MAX_REPLAY_REQUESTS:
+        raise ValueError(f"--requests must be <= {MAX_REPLAY_REQUESTS} (the most one replay "
+                         f"runs), got {args.requests}")
     if args.replay_seconds is not None and not 0 <= args.replay_seconds < math.inf:
         raise ValueError(f"--replay-seconds must be a finite number >= 0, got {args.replay_seconds:g}")
     positive_flag(args, "rate", "req/s")
+
+
+def writable_flag(args: argparse.Namespace, key: str) -> None:
+    """``--key PATH``, when given, must name a file that can be written (an existing folder,
+    and not a folder itself), checked before anything is planned: the output is written last."""
+    path = getattr(args, key, None)
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        why = ("is a folder" if os.path.isdir(path) else "no such folder" if not
+               os.path.isdir(folder) else "folder not writable")
+        raise ValueError(f"{_flag(key)}: cannot write {path} ({why})")
 
 
 def positive_flag(args: argparse.Namespace, key: str, unit: str = "") -> None:
@@ -194,6 +212,8 @@ def _flag(key: str) -> str:
 def _check_flags(args: argparse.Namespace) -> None:
     """Refuse flag combinations that would otherwise be silently ignored, and values that
     cannot be used, naming the flag, before anything is loaded or planned."""
+    writable_flag(args, "json")
+    writable_flag(args, "plot")
     if args.reload_groups < 0:
         raise ValueError("--reload-groups must be >= 0")
     if not args.time_limit > 0:

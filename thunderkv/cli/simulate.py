@@ -37,11 +37,18 @@ def run(args: argparse.Namespace) -> int:
     from thunderkv.scheduler.simulator import simulate
     from thunderkv.scheduler.workload import SLO
 
-    from .plan import check_workload_flags, load_workload, positive_flag, workload_from_plan
+    from .plan import (
+        check_workload_flags,
+        load_workload,
+        positive_flag,
+        workload_from_plan,
+        writable_flag,
+    )
 
     out, err = Console(), Console(stderr=True)
     try:
         check_workload_flags(args)
+        writable_flag(args, "json")
         positive_flag(args, "slo_ttft", "s")
         positive_flag(args, "slo_tpot", "s")
         doc, plan = load_plan_json(args.plan)
