@@ -8,9 +8,10 @@ arrival times (optionally rescaled to a rate) or with Poisson arrivals; or synth
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import BinaryIO
 
@@ -147,14 +148,26 @@ class SLO:
         return SLO(self.ttft * k, self.tpot * k)
 
 
+_TIMESTAMP = re.compile(r"(?P<base>[^.]+?)(?:\.(?P<frac>\d+))?"
+                        r"(?:(?P<utc>Z)|(?P<sign>[+-])(?P<hh>\d\d):?(?P<mm>\d\d))?")
+
+
 def _parse_ts(text: str) -> float:
-    """Seconds since epoch of ``2023-11-16 18:15:46.6805900`` (7 fractional digits allowed)."""
-    text = text.strip()
-    frac = 0.0
-    if "." in text:
-        text, f = text.split(".", 1)
-        frac = float("0." + f) if f.isdigit() else float("nan")
-    return datetime.fromisoformat(text).timestamp() + frac
+    """Seconds since epoch of ``2023-11-16 18:15:46.6805900`` (any number of fractional
+    digits; Python's datetime takes at most 6), optionally with a UTC offset (``Z``,
+    ``+05:00``). A time without an offset is read as UTC, not local time, so a trace never
+    jumps at a daylight-saving change of the machine replaying it. ValueError if malformed."""
+    m = _TIMESTAMP.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(f"bad timestamp {text!r}")
+    when = datetime.fromisoformat(m["base"])  # Python 3.10 parses neither Z nor +0500
+    if when.tzinfo is None:
+        offset = 0 if m["sign"] is None else int(m["hh"]) * 60 + int(m["mm"])
+        when = when.replace(tzinfo=timezone(timedelta(
+            minutes=-offset if m["sign"] == "-" else offset)))
+    elif m["utc"] or m["sign"]:
+        raise ValueError(f"two UTC offsets in {text!r}")
+    return when.timestamp() + (float("0." + m["frac"]) if m["frac"] else 0.0)
 
 
 def _text_lines(fh: BinaryIO, source: str) -> Iterator[str]:

@@ -474,3 +474,26 @@ def test_a_spec_too_large_to_convert_to_bytes_is_refused(old, new, field):
     with pytest.raises(InputError) as ei:
         load_cluster("c.yaml", TINY.replace(old, new))
     assert ei.value.field == field and ei.value.line == 5
+
+
+def test_trace_timestamps_with_utc_offsets_and_without(tmp_path, monkeypatch):
+    """An offset (+05:00, +0500, Z) used to be refused as a bad timestamp (the fraction split
+    swallowed it); a time without one is UTC, whatever the replaying machine's time zone (so
+    a trace crossing a daylight-saving change does not jump by an hour)."""
+    import time as time_module
+
+    f = tmp_path / "t.csv"
+    f.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                 "2023-11-16 18:15:46.5,10,1\n"            # naive: UTC
+                 "2023-11-16 23:15:47.5+05:00,11,2\n"      # 18:15:47.5 UTC
+                 "2023-11-16 13:15:48.5-0500,12,3\n"       # 18:15:48.5 UTC
+                 "2023-11-16T18:15:49.5Z,13,4\n")
+    monkeypatch.setenv("TZ", "America/New_York")
+    time_module.tzset()
+    try:
+        wl = load_azure_trace(f)
+    finally:
+        monkeypatch.undo()
+        time_module.tzset()
+    assert list(wl.prompts) == [10, 11, 12, 13]
+    assert np.allclose(np.diff(wl.arrivals), 1.0)
