@@ -80,6 +80,11 @@ class GpuType:
         return self.mem_bw_gbs * 1e9 * self.mem_eff
 
 
+MAX_NODE_GPUS = 1024  # GPUs per node (one NVLink/PCIe domain): real machines hold 8-72
+MAX_CLUSTER_GPUS = 8192  # the planner is measured up to 320 GPUs (docs/planner.md); a typo such
+#                          as `count: 100000000` would otherwise take tens of GB before failing
+
+
 @dataclass(slots=True, frozen=True)
 class NodeSpec:
     """A machine: ``count`` GPUs of one type joined by ``intra_node_gbps`` (NVLink or PCIe,
@@ -96,8 +101,9 @@ class NodeSpec:
         problem = node_name_problem(self.name)
         if problem:
             raise ValueError(problem)
-        if self.count <= 0:
-            raise ValueError(f"node {self.name}: count must be > 0")
+        if not 0 < self.count <= MAX_NODE_GPUS:
+            raise ValueError(f"node {self.name}: count must be in 1..{MAX_NODE_GPUS}, got "
+                             f"{self.count}")
         if self.intra_node_gbps <= 0:
             raise ValueError(f"node {self.name}: intra_node_gbps must be > 0")
         if self.nic_gbps is not None and not self.nic_gbps > 0:
@@ -133,6 +139,9 @@ class Cluster:
             raise ValueError("inter_node_gbps must be > 0")
         if self.nic_gbps is not None and not self.nic_gbps > 0:
             raise ValueError("nic_gbps must be > 0")
+        total = sum(n.count for n in self.nodes)
+        if total > MAX_CLUSTER_GPUS:
+            raise ValueError(f"{total} GPUs in all: the planner takes at most {MAX_CLUSTER_GPUS}")
         self.gpus = [f"{n.name}:{i}" for n in self.nodes for i in range(n.count)]
 
     # --- lookups -------------------------------------------------------------------------
@@ -233,9 +242,17 @@ def cluster_from_doc(doc: Doc) -> Cluster:
             raise doc.error(f"{p}.gpu", f"unknown GPU type {gpu!r} (catalog has {sorted(catalog)})",
                             doc.node("gpu", item).line)
         count = int(doc.number("count", item, label=f"{p}.count", integer=True))
+        if count > MAX_NODE_GPUS:
+            raise doc.error(f"{p}.count", f"at most {MAX_NODE_GPUS} GPUs per node (one "
+                            f"NVLink/PCIe domain; list a larger site as several nodes), got "
+                            f"{count}", doc.node("count", item).line)
         intra = doc.number("intra_node_gbps", item, label=f"{p}.intra_node_gbps")
         nic = doc.number("nic_gbps", item, label=f"{p}.nic_gbps", optional=True)
         nodes.append(NodeSpec(name, gpu, count, intra, nic))
+    total = sum(n.count for n in nodes)
+    if total > MAX_CLUSTER_GPUS:
+        raise doc.error("nodes", f"{total} GPUs in all: the planner takes at most "
+                        f"{MAX_CLUSTER_GPUS}", nodes_node.line)
     net = doc.node("network")
     doc.mapping(net, "network", "a mapping with inter_node_gbps")
     doc.check_keys(("inter_node_gbps", "nic_gbps", "links"), net, "network")

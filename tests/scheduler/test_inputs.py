@@ -59,6 +59,9 @@ def test_nic_gbps_node_overrides_network_default():
     ("count: 2, intra_node_gbps: 100}", "count: 2, intra_node_gbps: 100, nic_gbps: -1}",
      "nodes[1].nic_gbps", 9),
     ("  inter_node_gbps: 10\n", "  inter_node_gbps: 10\n  nic_gbps: fast\n", "network.nic_gbps", 13),
+    # `count: 100000000` (a typo) used to build 1e8 GPU names, tens of GB, before failing
+    ("count: 2, intra_node_gbps: 200}\n  - {name: n1",
+     "count: 100000000, intra_node_gbps: 200}\n  - {name: n1", "nodes[0].count", 8),
 ])
 def test_bad_cluster_yaml_names_field_and_line(old, new, field, line):
     assert old in TINY
@@ -497,3 +500,16 @@ def test_trace_timestamps_with_utc_offsets_and_without(tmp_path, monkeypatch):
         time_module.tzset()
     assert list(wl.prompts) == [10, 11, 12, 13]
     assert np.allclose(np.diff(wl.arrivals), 1.0)
+
+
+def test_a_cluster_beyond_the_planners_size_is_refused_naming_the_total():
+    """Every node within the per-node cap, but far more GPUs in all than the planner takes."""
+    from thunderkv.scheduler.cluster import MAX_CLUSTER_GPUS, MAX_NODE_GPUS
+
+    nodes = "".join(f"  - {{name: s{i}, gpu: A6000, count: {MAX_NODE_GPUS}, "
+                    "intra_node_gbps: 200}\n" for i in range(MAX_CLUSTER_GPUS // MAX_NODE_GPUS + 1))
+    text = TINY[:TINY.index("nodes:\n") + len("nodes:\n")] + nodes + TINY[TINY.index("network:"):]
+    text = text.replace("    - {a: n0, b: n1, gbps: 25}\n", "")
+    with pytest.raises(InputError, match=f"GPUs in all: the planner takes at most {MAX_CLUSTER_GPUS}") as ei:
+        load_cluster("c.yaml", text)
+    assert ei.value.field == "nodes"
