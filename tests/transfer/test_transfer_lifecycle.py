@@ -478,11 +478,73 @@ def test_a_sender_that_does_not_answer_keeps_the_closed_receivers_pool_allocated
         rx.incoming(1, timeout=5)
         pool_memory = rx.pool.tensor
         with caplog.at_level("WARNING", logger="thunderkv.transfer"):
-            t0 = time.monotonic()
+            t0, cpu0 = time.monotonic(), time.process_time()
             rx.close()
-            took = time.monotonic() - t0
+            took, cpu = time.monotonic() - t0, time.process_time() - cpu0
         assert 0.4 < took < 3.0
+        assert cpu < 0.5 * took, "close() spun while it waited for the sender"
         assert any(t is pool_memory for t in receiver_module.quarantined_pools())
         assert "kept allocated" in caplog.text
         with pytest.raises(TransferError):
             stream.send_layer(1)
+
+
+def _orphaned_slice(rx: KVReceiver) -> None:
+    """Wait until ``rx`` counts one slice whose sender never confirmed it stopped writing."""
+    deadline = time.monotonic() + 5
+    while (rx._writers, rx._orphaned) != (0, 1) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (rx._writers, rx._orphaned) == (0, 1)
+
+
+def test_a_put_that_timed_out_keeps_its_slice_out_of_the_pool(monkeypatch):
+    """UCX does not cancel a PUT that timed out (over tcp it may still land): the sender's
+    ABORT says so, and the receiver keeps that slice out of the pool for good instead of
+    giving it to the next request; close() then keeps the pool allocated."""
+    import thunderkv.transfer.receiver as receiver_module
+    import thunderkv.transfer.sender as sender_module
+    from thunderkv.transfer import TransferTimeout
+
+    real_call = sender_module._ucx_call
+
+    def stalled_put(fn, *args):
+        if getattr(fn, "__name__", "") == "put":
+            raise TransferTimeout("put: no completion within the timeout")
+        return real_call(fn, *args)
+
+    monkeypatch.setattr(sender_module, "_ucx_call", stalled_put)
+    rx = KVReceiver(1 << 22, token=peers.TOKEN, timeout=5.0)
+    header = peers.raw_header(1, 512)
+    with KVSender(rx.host, rx.port, token=peers.TOKEN) as tx:
+        with pytest.raises(TransferTimeout):
+            tx.send(header, peers.payload_for(1, header.payload_length))
+        with pytest.raises(TransferError):
+            rx.wait(1, timeout=5)
+        _orphaned_slice(rx)
+        assert rx.pool.free_bytes() <= rx.pool.nbytes - header.payload_length
+    pool_memory = rx.pool.tensor
+    t0 = time.monotonic()
+    rx.close()
+    assert time.monotonic() - t0 < 2.5  # nothing left to wait for
+    assert any(t is pool_memory for t in receiver_module.quarantined_pools())
+
+
+def test_a_sender_that_loses_its_framing_does_not_hold_up_close():
+    """A peer that sends garbage mid-request is dropped before it confirmed it stopped
+    writing: its slice stays out, but close() does not wait for an answer that cannot come."""
+    import struct
+
+    rx = KVReceiver(1 << 22, token=peers.TOKEN, timeout=1.0)
+    header = peers.raw_header(1, 512)
+    with KVSender(rx.host, rx.port, token=peers.TOKEN) as tx:
+        stream = tx.stream(header, peers.payload_for(1, header.payload_length))
+        stream.send_layer(0)
+        rx.incoming(1, timeout=5)
+        unknown_kind = struct.pack("<IBI", 5, 99, 0)
+        tx._sock.sendall(unknown_kind)  # the request fails; the receiver waits for the stop
+        time.sleep(0.2)
+        tx._sock.sendall(unknown_kind)  # ... and gives up on the connection
+        _orphaned_slice(rx)
+        t0 = time.monotonic()
+        rx.close()
+        assert time.monotonic() - t0 < 1.0

@@ -58,6 +58,11 @@ _QUARANTINED: list[torch.Tensor] = []
 _QUARANTINE_LOCK = threading.Lock()
 
 
+def _may_still_write(msg: channel.Message) -> bool:
+    """An ABORT after a PUT that timed out: UCX does not cancel a PUT, so it may still land."""
+    return msg.kind == Kind.ABORT and bool(msg.meta.get("may_still_write"))
+
+
 def quarantined_pools() -> list[torch.Tensor]:
     """The pool tensors (uint8) closed receivers had to keep allocated (see KVReceiver.close)."""
     with _QUARANTINE_LOCK:
@@ -81,6 +86,7 @@ class IncomingKV:
     discard: bool = False  # KVReceiver.discard() while it was still arriving
     writing: bool = False  # the sender knows where its slice is and has not confirmed it
     #                        stopped writing there (COMMIT, ABORT, or the connection's end)
+    orphaned: bool = False  # ... and never will: the request ended first (slice kept out)
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     @property
@@ -232,6 +238,8 @@ class KVReceiver:
         self._handshaking = 0
         self._acks_pending = 0  # requests delivered whose ACK is not sent yet (close() waits)
         self._writers = 0  # requests whose sender may still PUT into the pool (close() waits)
+        self._orphaned = 0  # slices kept out of the pool for good: their request ended without
+        #                     the sender confirming it stopped writing (close() quarantines)
         self._threads: set[threading.Thread] = set()  # connection threads still running
         self._wakeup_r, self._wakeup_w = os.pipe()  # close() makes it readable
         self.host, self.port = self._sock.getsockname()[:2]
@@ -334,11 +342,13 @@ class KVReceiver:
         The ACK of a request already delivered (``wait()`` / ``recv()`` returned it) is sent
         first, so its sender learns it arrived. A sender with a request still arriving is told
         the receiver is closing and stops before its next PUT; the pool is freed once every
-        such sender confirmed it stopped (an ABORT, or its connection ending). Each wait lasts
-        at most ``timeout``. A sender that does not answer in time (a stream paused between
-        layers, a stalled peer) might still write into the pool, so its memory is then kept
-        allocated for the life of the process (:func:`quarantined_pools`, with a warning)
-        rather than freed: finish or abort streams before closing their receiver."""
+        such sender confirmed it stopped (an ABORT, or its connection ending), waiting at most
+        about ``timeout`` for them (all in all close() takes at most about 2 x ``timeout`` + 4
+        s). A sender that does not answer in time (a stream paused between layers, a stalled
+        peer), or one whose PUT timed out (UCX does not cancel it), might still write into the
+        pool, so its memory is then kept allocated for the life of the process
+        (:func:`quarantined_pools`, with a warning) rather than freed: finish or abort streams
+        before closing their receiver."""
         with self._lock:
             if self._closed:
                 return
@@ -347,8 +357,9 @@ class KVReceiver:
         os.write(self._wakeup_w, b"x")  # wakes every connection's poll (it stays readable)
         with self._lock:
             self._changed.wait_for(lambda: self._acks_pending == 0, self.timeout)
+            # each sender's connection thread gives up on it ``timeout`` after the wake-up
             self._changed.wait_for(lambda: self._writers == 0, self.timeout + 0.5)
-            writers = self._writers
+            writers = self._writers + self._orphaned
             conns = list(self._connections)
             threads = list(self._threads)
         try:
@@ -409,12 +420,26 @@ class KVReceiver:
                 self._writers -= 1
                 self._changed.notify_all()
 
-    def _readable(self, conn: socket.socket, timeout: float) -> bool:
+    def _orphan_if_writing(self, incoming: IncomingKV) -> None:
+        """``incoming``'s request is over on this side but its sender never confirmed it stopped
+        writing: its slice stays out of the pool for good (``_forget``), and close() keeps the
+        pool allocated instead of waiting for a confirmation that cannot come any more."""
+        with self._lock:
+            if incoming.writing and not incoming.orphaned:
+                incoming.orphaned = True
+                self._writers -= 1
+                self._orphaned += 1
+                self._changed.notify_all()
+
+    def _readable(self, conn: socket.socket, timeout: float, wake: bool = True) -> bool:
         """Wait up to ``timeout`` s for ``conn`` to have data (or hang up): True; False on
-        timeout, or at once once the receiver is closing (callers check ``_closed``)."""
+        timeout, or (``wake``) at once once the receiver is closing (callers check
+        ``_closed``; a caller that loops after that passes ``wake=False``: the wake-up pipe
+        stays readable, polling it would spin)."""
         poller = select.poll()  # not select(): it fails on descriptors >= 1024
         poller.register(conn, select.POLLIN | select.POLLPRI)
-        poller.register(self._wakeup_r, select.POLLIN)
+        if wake:
+            poller.register(self._wakeup_r, select.POLLIN)
         events = poller.poll(max(0, int(timeout * 1000)))
         return any(fd == conn.fileno() for fd, _ in events)
 
@@ -453,7 +478,7 @@ class KVReceiver:
                 wait = IDLE_POLL_S if give_up is None else give_up - time.monotonic()
                 if wait <= 0:
                     return False  # closing, and the sender never answered
-                if not self._readable(conn, wait):
+                if not self._readable(conn, wait, wake=give_up is None):
                     continue
                 try:
                     msg = channel.receive(conn, timeout=self.timeout,
@@ -461,6 +486,8 @@ class KVReceiver:
                 except TransferTimeout:
                     continue  # still stalled: keep holding
                 if msg.kind in (Kind.COMMIT, Kind.ABORT) or msg.meta.get("commit"):
+                    if _may_still_write(msg):
+                        return False
                     self._sender_stopped(incoming)
                     return True
         except ConnectionClosed:
@@ -592,6 +619,13 @@ class KVReceiver:
         incoming = self._begin(conn, peer, begin)
         if incoming is None:
             return
+        try:
+            self._receive_granted(conn, incoming)
+        finally:
+            self._orphan_if_writing(incoming)
+
+    def _receive_granted(self, conn: socket.socket, incoming: IncomingKV) -> None:
+        """The rest of a request after its GRANT: notices, checks, delivery or failure."""
         header = incoming.header
         running, committing = 0, False
         try:
@@ -607,8 +641,8 @@ class KVReceiver:
                 msg = channel.receive(conn, timeout=self.timeout,
                                       what=f"progress on request {header.request_id}")
                 committing = msg.kind == Kind.COMMIT or bool(msg.meta.get("commit"))
-                if committing or msg.kind == Kind.ABORT:  # it wrote its last byte before this
-                    self._sender_stopped(incoming)
+                if committing or (msg.kind == Kind.ABORT and not _may_still_write(msg)):
+                    self._sender_stopped(incoming)  # it wrote its last byte before this
                 if incoming.discard and msg.kind != Kind.ABORT:  # stop its PUTs early
                     raise RequestRejected(f"request {header.request_id} was discarded by the "
                                           "receiver")

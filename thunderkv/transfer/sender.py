@@ -149,6 +149,8 @@ class KVSender:
         # the connection's end as "this sender writes no more" and reuses the memory
         self._put_state = threading.Condition()
         self._putting = False
+        self._put_may_land = False  # a PUT timed out: UCX does not cancel it, so it may land
+        #                             later (every ABORT says so from then on)
         try:
             self._sock = socket.create_connection((host, port), timeout=self.timeout)
         except (OSError, UnicodeError) as exc:  # UnicodeError: a host name IDNA cannot encode
@@ -317,7 +319,8 @@ class KVSender:
                 return
             self._closed = True  # no PUT starts from here on (KVStream._put checks)
             # The receiver takes the connection's end as "it writes no more" and reuses the
-            # slice: a PUT still writing must end first (it ends within its timeout).
+            # slice: a PUT still writing must end first (its call returns within its timeout;
+            # one that timed out may still land later, which its ABORT told the receiver).
             self._put_state.wait_for(lambda: not self._putting, self.timeout + 5.0)
         if self._owner == threading.get_ident() and self._stream is not None:
             self._stream.abort("sender closed")
@@ -483,6 +486,7 @@ class KVStream:
             return _ucx_call(s._endpoint.put, self._region, offset, size, s._remote,
                              remote_offset, s.timeout)
         except TransferTimeout:
+            s._put_may_land = True  # the receiver must keep this request's slice out for good
             raise
         except TransferError as exc:
             if s._closed:  # our own close() cancelled it
@@ -541,8 +545,11 @@ class KVStream:
         """Give up the request; the receiver frees its slice and reports the reason."""
         if not self._open:
             return
+        meta = {"reason": reason}
+        if self.sender._put_may_land:
+            meta["may_still_write"] = True
         try:
-            channel.send(self.sender._sock, Kind.ABORT, {"reason": reason},
+            channel.send(self.sender._sock, Kind.ABORT, meta,
                          timeout=min(self.sender.timeout, 1.0))
         except TransferError:
             pass
