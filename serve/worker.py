@@ -42,6 +42,8 @@ log = logging.getLogger("thunderkv.serve.worker")
 SEND_POOL_BYTES = 256 << 20
 RECV_POOL_BYTES = 512 << 20
 KV_WAIT_S = 60.0
+KEEP_ALIVE_S = 1.0  # a KV stream waiting for its next layer tells the receiver this often
+#                     (its timeout is 5 s: a slow prefill layer must not fail the request)
 CANCEL_MEMORY = 4096  # cancelled requests remembered (the oldest are forgotten)
 
 
@@ -397,6 +399,16 @@ class Worker:
                          type(exc).__name__, exc)
         raise AssertionError("unreachable")
 
+    @staticmethod
+    def _next_layer(send: SendJob, stream) -> int | None:
+        """The next layer the prefill produced (None: no more), keeping the stream alive
+        while the prefill computes: the receiver fails a request silent for its timeout."""
+        while True:
+            try:
+                return send.layers.get(timeout=KEEP_ALIVE_S)
+            except queue.Empty:
+                stream.keep_alive()
+
     def _transfer(self, send: SendJob):
         if self._is_cancelled(send.job):
             raise _Cancelled()  # the BEGIN never goes out
@@ -404,7 +416,7 @@ class Worker:
         try:
             with stream:
                 sent = 0
-                while (layer := send.layers.get()) is not None:
+                while (layer := self._next_layer(send, stream)) is not None:
                     if self._is_cancelled(send.job):
                         break
                     stream.send_layer(layer)

@@ -186,9 +186,11 @@ def test_cancel_during_prefill_stops_computing_and_sending(make_worker, receiver
     assert pre._send_pool.free_bytes() == POOL  # the send slices came back too
 
 
-def test_a_stall_past_the_receivers_timeout_breaks_one_request_only(make_worker, receiver):
+def test_a_stall_past_the_receivers_timeout_breaks_one_request_only(make_worker, receiver,
+                                                                    monkeypatch):
     """kill -STOP / -CONT of a prefill worker for longer than the decode side's timeout: that
     request fails, the next ones go over a new connection."""
+    monkeypatch.setattr(W, "KEEP_ALIVE_S", 10.0)  # a stopped process keeps nothing alive
     pre, rx = make_worker("prefill"), receiver(timeout=0.5)
     job = prefill_job("stalled", 51, rx)
     on_layer(pre, job, 0, lambda: time.sleep(1.5))  # the stall itself, not a synchronisation
@@ -198,6 +200,19 @@ def test_a_stall_past_the_receivers_timeout_breaks_one_request_only(make_worker,
         pre.prefill(prefill_job(rid, 52 + i, rx))
         assert outcome(pre, rid)["ev"] == P.KV_SENT, pre.conn.sent
         rx.wait(52 + i, timeout=5).release()
+    assert rx.pool.free_bytes() == POOL
+
+
+def test_a_slow_prefill_layer_keeps_its_kv_stream_alive(make_worker, receiver, monkeypatch):
+    """A layer that takes longer than the decode side's timeout to compute (a long prompt on
+    a busy GPU) does not fail the request: the sender thread sends keep-alives meanwhile."""
+    monkeypatch.setattr(W, "KEEP_ALIVE_S", 0.1)
+    pre, rx = make_worker("prefill"), receiver(timeout=0.5)
+    job = prefill_job("slow", 71, rx)
+    on_layer(pre, job, 0, lambda: time.sleep(1.5))
+    pre.prefill(job)
+    assert outcome(pre, "slow")["ev"] == P.KV_SENT, pre.conn.sent
+    rx.wait(71, timeout=5).release()
     assert rx.pool.free_bytes() == POOL
 
 

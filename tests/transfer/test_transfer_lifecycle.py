@@ -548,3 +548,34 @@ def test_a_sender_that_loses_its_framing_does_not_hold_up_close():
         t0 = time.monotonic()
         rx.close()
         assert time.monotonic() - t0 < 1.0
+
+
+def test_keep_alive_carries_a_stream_past_the_receivers_timeout():
+    """A producer slower than the receiver's timeout between two layers keeps the request
+    alive with keep_alive(); without it the receiver gives up, and a later keep_alive() (or
+    layer) hears so."""
+    rx = KVReceiver(1 << 22, token=peers.TOKEN, timeout=0.5)
+    try:
+        header = peers.raw_header(1, 512)
+        payload = peers.payload_for(1, header.payload_length)
+        with KVSender(rx.host, rx.port, token=peers.TOKEN) as tx:
+            with tx.stream(header, payload) as stream:
+                stream.send_layer(0)
+                for _ in range(8):  # 1.2 s in all: well past the 0.5 s timeout
+                    time.sleep(0.15)
+                    stream.keep_alive()
+                stream.send_layer(1)
+                stream.finish()
+            got = rx.wait(1, timeout=5)
+            assert torch.equal(got.buffer, payload)
+            got.release()
+            header = peers.raw_header(2, 512)
+            stream = tx.stream(header, peers.payload_for(2, header.payload_length))
+            stream.send_layer(0)
+            time.sleep(1.0)  # silent past the timeout
+            with pytest.raises(TransferError):
+                stream.keep_alive()
+            with pytest.raises(TransferError, match="closed"):
+                stream.keep_alive()  # the failed request's stream is closed
+    finally:
+        rx.close()

@@ -426,6 +426,27 @@ class KVStream:
             raise TransferError(f"protocol error: ACK for request {self.header.request_id} "
                                 "before its commit")
 
+    def keep_alive(self) -> None:
+        """Tell the receiver this request is still alive while the next layer is being
+        produced (a PROGRESS notice; the receiver fails a request that sends nothing for its
+        ``timeout``). Call it from the thread that sends the layers, more often than the
+        receiver's timeout. Raises the receiver's refusal if it gave up on the request."""
+        if not self._open:
+            raise TransferError("stream is closed")
+        s = self.sender
+        try:
+            self._receiver_said_stop()
+            channel.send(s._sock, Kind.PROGRESS, {"bytes": self._next_layer
+                                                  * self.header.layer_nbytes()},
+                         timeout=s.timeout)
+        except RequestRejected:
+            self.abort("rejected by the receiver")
+            raise
+        except BaseException as exc:
+            s._broken = s._broken or f"{type(exc).__name__}: {exc}"
+            self.abort("sender failed while keeping the request alive")
+            raise
+
     def send_layer(self, index: int) -> None:
         """PUT layer ``index`` (layers go in order) and tell the receiver it is in place."""
         self.send_layers(index, index + 1)
