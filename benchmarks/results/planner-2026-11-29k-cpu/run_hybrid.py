@@ -3,7 +3,7 @@ import sys
 
 import thunderkv.scheduler.driver as driver
 from thunderkv.scheduler.evaluate import HYBRID, SearchSpace
-from thunderkv.scheduler.systems import System, make_system
+from thunderkv.scheduler.systems import System
 
 real = driver.make_system
 
