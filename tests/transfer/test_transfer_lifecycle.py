@@ -150,19 +150,9 @@ def test_misuse_of_a_sender_fails_clearly(receiver):
 
 def test_close_while_another_thread_sends_fails_that_send_cleanly(receiver):
     header = peers.raw_header(30, 32768)  # 32 MiB
-    payload = peers.payload_for(30, header.payload_length)
     for _ in range(3):
         tx = KVSender(receiver.host, receiver.port, token=peers.TOKEN, chunk_bytes=1 << 20)
-        errors: list[BaseException] = []
-
-        def send(tx=tx, errors=errors):
-            try:
-                tx.send(header, payload)
-            except TransferError as exc:
-                errors.append(exc)
-
-        worker = threading.Thread(target=send)
-        worker.start()
+        worker, errors = _send_in_thread(tx, header)
         time.sleep(0.005)
         tx.close()
         worker.join(30)
@@ -397,6 +387,22 @@ def _slow_puts(monkeypatch, seconds: float, check) -> list:
     return complaints
 
 
+def _send_in_thread(tx: KVSender, header) -> tuple[threading.Thread, list]:
+    """``tx.send(header, payload_for(its request id))`` on a started thread; the
+    TransferError it raises, if any, lands in the returned list."""
+    errors: list = []
+
+    def send():
+        try:
+            tx.send(header, peers.payload_for(header.request_id, header.payload_length))
+        except TransferError as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=send)
+    worker.start()
+    return worker, errors
+
+
 def test_closing_the_sender_mid_put_keeps_the_receivers_slice_until_the_put_ends(monkeypatch):
     """KVSender.close() from another thread while a PUT is in flight: the receiver must not
     see the connection end (and give the slice back for another request) before that PUT
@@ -405,18 +411,8 @@ def test_closing_the_sender_mid_put_keeps_the_receivers_slice_until_the_put_ends
     complaints = _slow_puts(monkeypatch, 0.3, lambda: (
         "slice given back during a PUT" if rx.pool.free_bytes() == rx.pool.nbytes else None))
     tx = KVSender(rx.host, rx.port, token=peers.TOKEN)
-    header = peers.raw_header(1, 512)
-    errors: list = []
-
-    def send():
-        try:
-            tx.send(header, peers.payload_for(1, header.payload_length))
-        except TransferError as exc:
-            errors.append(exc)
-
-    worker = threading.Thread(target=send)
     try:
-        worker.start()
+        worker, errors = _send_in_thread(tx, peers.raw_header(1, 512))
         rx.incoming(1, timeout=5)  # granted: the first PUT is under way
         time.sleep(0.05)
         tx.close()
@@ -441,17 +437,9 @@ def test_closing_the_receiver_mid_request_stops_the_sender_before_the_pool_goes(
     rx = KVReceiver(1 << 24, token=peers.TOKEN, timeout=5.0)
     complaints = _slow_puts(monkeypatch, 0.1, lambda: (
         "PUT into a closed pool" if rx.pool in closed_pools else None))
-    header = peers.raw_header(1, 4096)  # 2 layers of 2 MiB, 1 MiB chunks: 4 PUTs
-    errors: list = []
     with KVSender(rx.host, rx.port, token=peers.TOKEN, chunk_bytes=1 << 20) as tx:
-        def send():
-            try:
-                tx.send(header, peers.payload_for(1, header.payload_length))
-            except TransferError as exc:
-                errors.append(exc)
-
-        worker = threading.Thread(target=send)
-        worker.start()
+        # 2 layers of 2 MiB in 1 MiB chunks: 4 PUTs
+        worker, errors = _send_in_thread(tx, peers.raw_header(1, 4096))
         rx.incoming(1, timeout=5)
         time.sleep(0.05)  # inside the first PUT
         t0 = time.monotonic()
