@@ -201,3 +201,15 @@ def test_empty_head_dim_raises_valueerror(gen):
     for fn in (kivi_decode_attention, kivi_decode_attention_reference):
         with pytest.raises(ValueError, match="head_dim"):
             fn(q[..., :0], None, None, kr[..., :0], vr[..., :0])
+
+
+@pytest.mark.parametrize("which", ["key_residual", "value_residual"])
+def test_integer_residual_raises_typeerror(gen, which):
+    """Integer K/V residuals used to be cast to float32 silently."""
+    q, qk, qv, kr, vr = make_case(gen, B=1, H=2, R=2, D=32, S=64, Tr=3, G=32, bits=4,
+                                  dtype=torch.float32)
+    kr, vr = (x.round().to(torch.int32) if name == which else x
+              for name, x in (("key_residual", kr), ("value_residual", vr)))
+    for fn in (kivi_decode_attention, kivi_decode_attention_reference):
+        with pytest.raises(TypeError, match=f"{which} must be a floating-point tensor"):
+            fn(q, qk, qv, kr, vr)

@@ -684,3 +684,12 @@ def test_bad_backend_raises_even_when_there_is_nothing_to_do(backend):
         gather_dequantize(cache, torch.zeros(0, 3, dtype=torch.int32),
                           torch.zeros(0, dtype=torch.int64), backend=backend)
     assert _unchanged(cache, snap)
+
+
+@pytest.mark.parametrize("field", ["num_blocks", "block_size", "kv_heads", "head_dim"])
+def test_allocate_refuses_a_bool_size(field):
+    """True is an int to isinstance; a cache of True blocks is a mistake, not one block."""
+    sizes = dict(num_blocks=4, block_size=2, kv_heads=1, head_dim=32)
+    sizes[field] = True
+    with pytest.raises(ValueError, match=f"{field} must be a positive int, got True"):
+        PagedKVCache.allocate(**sizes, bits=8, group_size=32 if field != "head_dim" else 1)

@@ -82,7 +82,7 @@ class PagedKVCache:
         spec = FormatSpec(bits, group_size, -1)
         for name, v in (("num_blocks", num_blocks), ("block_size", block_size),
                         ("kv_heads", kv_heads), ("head_dim", head_dim)):
-            if not isinstance(v, int) or v <= 0:
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:  # True is an int
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
