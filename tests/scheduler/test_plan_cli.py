@@ -673,3 +673,16 @@ def test_requests_beyond_any_replay_are_refused(capsys):
     (numpy _ArrayMemoryError traceback)."""
     assert main(["plan", "--cluster", "c.yaml", *QUICK, "--requests", "1000000000000"]) == 2
     assert "--requests must be <= 2000000" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_plan_naming_an_unknown_synthetic_workload_names_its_field(planned, tmp_path, capsys):
+    """A plan JSON whose workload.source is ``synthetic:chat`` was reported as ``--workload:
+    unknown synthetic workload 'chat'``, naming a flag nobody gave."""
+    d, _ = planned
+    doc = json.loads((d / "plan.json").read_text())
+    doc["workload"]["source"] = "synthetic:chat"
+    bad = tmp_path / "p.json"
+    bad.write_text(json.dumps(doc))
+    assert main(["simulate", "--plan", str(bad), "--rate", "1"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the plan's workload.source 'synthetic:chat' names no synthetic workload" in err

@@ -91,6 +91,12 @@ def workload_from_plan(args: argparse.Namespace, doc: dict) -> None:
     if not (args.trace or args.workload):
         source = w.get("source") or ""
         if source.startswith("synthetic:"):
+            from thunderkv.scheduler.workload import SYNTHETIC
+
+            if source.split(":", 1)[1] not in SYNTHETIC:
+                raise ValueError(f"the plan's workload.source {source!r} names no synthetic "
+                                 f"workload (choose from {sorted(SYNTHETIC)}): give --trace or "
+                                 "--workload")
             args.workload = source
         elif source and os.path.exists(source):
             args.trace = source
