@@ -149,33 +149,50 @@ class SLO:
 
 
 _TIMESTAMP = re.compile(r"(?P<base>[^.]+?)(?:\.(?P<frac>\d+))?"
-                        r"(?:(?P<utc>Z)|(?P<sign>[+-])(?P<hh>\d\d):?(?P<mm>\d\d))?")
+                        r"(?:(?P<utc>Z)|(?P<sign>[+-])(?P<hh>\d\d)(?::?(?P<mm>\d\d))?)?")
 
 
 def _parse_ts(text: str) -> float:
     """Seconds since epoch of ``2023-11-16 18:15:46.6805900`` (any number of fractional
     digits; Python's datetime takes at most 6), optionally with a UTC offset (``Z``,
-    ``+05:00``). A time without an offset is read as UTC, not local time, so a trace never
-    jumps at a daylight-saving change of the machine replaying it. ValueError if malformed."""
-    m = _TIMESTAMP.fullmatch(text.strip())
+    ``+05:00``, ``+0500``, ``+05``). A time without an offset is read as UTC, not local time,
+    so a trace never jumps at a daylight-saving change of the machine replaying it.
+    ValueError if malformed."""
+    text = text.strip()
+    base, dot, frac = text.partition(".")
+    if dot and frac.isdigit():  # the published form (no offset): the fast path
+        when = datetime.fromisoformat(base)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        return when.timestamp() + float("0." + frac)
+    m = _TIMESTAMP.fullmatch(text)
     if m is None:
         raise ValueError(f"bad timestamp {text!r}")
     when = datetime.fromisoformat(m["base"])  # Python 3.10 parses neither Z nor +0500
     if when.tzinfo is None:
-        offset = 0 if m["sign"] is None else int(m["hh"]) * 60 + int(m["mm"])
-        when = when.replace(tzinfo=timezone(timedelta(
-            minutes=-offset if m["sign"] == "-" else offset)))
+        hours, minutes = int(m["hh"] or 0), int(m["mm"] or 0)
+        if hours > 23 or minutes > 59:
+            raise ValueError(f"bad UTC offset in {text!r}")
+        offset = timedelta(hours=hours, minutes=minutes)
+        when = when.replace(tzinfo=timezone(-offset if m["sign"] == "-" else offset))
     elif m["utc"] or m["sign"]:
         raise ValueError(f"two UTC offsets in {text!r}")
     return when.timestamp() + (float("0." + m["frac"]) if m["frac"] else 0.0)
 
 
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")  # what open(newline="") splits on
+
+
 def _text_lines(fh: BinaryIO, source: str) -> Iterator[str]:
     """The lines of a binary file as UTF-8 text (a spreadsheet's byte order mark dropped); an
-    :class:`InputError` names the line of a byte that is not UTF-8. Lines may end in \\n, \\r\\n
-    or a lone \\r (old Mac files), which binary reads do not split on."""
-    for i, raw in enumerate(fh, 1):
-        yield from decode_utf8(raw, source, i).splitlines(keepends=True)
+    :class:`InputError` names the line of a byte that is not UTF-8. Lines end in \\n, \\r\\n
+    or a lone \\r (old Mac files; binary reads split on \\n alone), nothing else (a form feed
+    or U+2028 inside a field stays there, as csv reads it)."""
+    line = 1
+    for raw in fh:
+        lines = _LINE.findall(decode_utf8(raw, source, line, bom=line == 1))
+        yield from lines
+        line += len(lines)
 
 
 def load_azure_trace(path: str | Path, limit: int | None = None) -> Workload:

@@ -192,16 +192,20 @@ def shorten(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def decode_utf8(data: bytes, source: str, first_line: int = 1) -> str:
+def decode_utf8(data: bytes, source: str, first_line: int = 1, *, bom: bool = True) -> str:
     """``data`` (from line ``first_line`` of ``source`` on) as UTF-8 text, a leading byte
-    order mark dropped; or an :class:`InputError` naming the line of the first byte that is not
-    UTF-8 (a file saved as latin-1, say)."""
+    order mark dropped (``bom``: the data starts the file); or an :class:`InputError` naming
+    the line of the first byte that is not UTF-8 (a file saved as latin-1, say)."""
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8-sig" if bom else "utf-8")
     except UnicodeDecodeError as exc:  # exc.object: ``data`` without its byte order mark
         raw = exc.object
+        line = first_line + len(_LINE_BREAK.findall(raw, 0, exc.start))
         raise InputError(f"byte 0x{raw[exc.start]:02x} is not UTF-8 text (save the file as "
-                         "UTF-8)", source=source, line=first_line + raw.count(b"\n", 0, exc.start)) from None
+                         "UTF-8)", source=source, line=line) from None
+
+
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
 
 def load_yaml(path: str | Path, text: str | None = None) -> Doc:

@@ -103,7 +103,6 @@ def _check(query, qkeys, qvalues, key_residual, value_residual, key_mask, tq_att
     for name, x in (("key_residual", key_residual), ("value_residual", value_residual)):
         if x.dim() != 4 or x.shape[0] != B or x.shape[-1] != D:
             raise ValueError(f"{name} must be [{B}, kv_heads, tokens, {D}], got {tuple(x.shape)}")
-    for name, x in (("key_residual", key_residual), ("value_residual", value_residual)):
         if not x.is_floating_point():  # integer K/V would be cast to float silently
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if key_residual.shape != value_residual.shape:

@@ -420,13 +420,16 @@ def test_an_integer_too_large_for_a_float_is_refused_in_one_line():
     (load_model, "m.yaml", b"layers: 60\nhidden: 6656\nheads: \xff52\n"),
     (load_azure_trace, "t.csv", b"TIMESTAMP,ContextTokens,GeneratedTokens\n"
      b"2023-11-16 18:15:46.68,374,44\n2023-11-16 18:15:47.1,3\xff4,3\n"),
+    (load_azure_trace, "t.csv", b"TIMESTAMP,ContextTokens,GeneratedTokens\r"  # old Mac
+     b"2023-11-16 18:15:46.68,374,44\r2023-11-16 18:15:47.1,3\xff4,3\r"),
 ])
 def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path, loader, name, body):
     """A file saved in latin-1 (or binary junk) raised a bare UnicodeDecodeError message:
     no file, no line."""
     path = tmp_path / name
     path.write_bytes(body)
-    want = body[:body.index(next(b for b in body if b > 0x7F).to_bytes(1, "big"))].count(b"\n") + 1
+    head = body[:body.index(next(b for b in body if b > 0x7F).to_bytes(1, "big"))]
+    want = head.replace(b"\r\n", b"\n").replace(b"\r", b"\n").count(b"\n") + 1
     with pytest.raises(InputError) as ei:
         loader(path)
     assert ei.value.line == want
@@ -513,3 +516,40 @@ def test_a_cluster_beyond_the_planners_size_is_refused_naming_the_total():
     with pytest.raises(InputError, match=f"GPUs in all: the planner takes at most {MAX_CLUSTER_GPUS}") as ei:
         load_cluster("c.yaml", text)
     assert ei.value.field == "nodes"
+
+
+def test_only_newlines_end_trace_lines_and_only_the_first_byte_order_mark_goes(tmp_path):
+    """Reading bytes and splitting them with str.splitlines() broke rows at form feeds and
+    U+2028 inside a field, which csv (and open(newline="")) never did, and dropped a U+FEFF
+    at the start of every line, not just the file's."""
+    f = tmp_path / "t.csv"
+    f.write_text("TIMESTAMP,ContextTokens,GeneratedTokens,Note\n"
+                 "2023-11-16 18:15:46.68,374,44,a\u2028b\x0cc\n"
+                 "2023-11-16 18:15:47.1,12,3,x\n", encoding="utf-8")
+    wl = load_azure_trace(f)
+    assert list(wl.prompts) == [374, 12]
+    f.write_bytes(b"TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,374,44\n"
+                  b"\xef\xbb\xbf2023-11-16 18:15:47.1,12,3\n")
+    with pytest.raises(InputError, match="bad timestamp") as ei:
+        load_azure_trace(f)
+    assert ei.value.line == 3
+
+
+@pytest.mark.parametrize("stamp,utc", [
+    ("2023-11-16 23:15:46.5+05", "2023-11-16 18:15:46.5"),
+    ("2023-11-16 23:15:46+05", "2023-11-16 18:15:46"),
+    ("2023-11-16 13:15:46.25-0500", "2023-11-16 18:15:46.25"),
+])
+def test_hour_only_and_compact_utc_offsets(stamp, utc):
+    from thunderkv.scheduler.workload import _parse_ts
+
+    assert _parse_ts(stamp) == _parse_ts(utc)
+
+
+@pytest.mark.parametrize("stamp", ["2023-11-16 18:15:46+05:99", "2023-11-16 18:15:46.5+24:00"])
+def test_an_impossible_utc_offset_is_refused(stamp):
+    """+05:99 used to be read as +06:39."""
+    from thunderkv.scheduler.workload import _parse_ts
+
+    with pytest.raises(ValueError, match="bad UTC offset"):
+        _parse_ts(stamp)

@@ -419,6 +419,8 @@ def test_closing_the_sender_mid_put_keeps_the_receivers_slice_until_the_put_ends
         worker.join(10)
         assert errors, "the send should have failed: its sender was closed"
         assert complaints == []
+        with pytest.raises(TransferError):  # ... and not been delivered
+            rx.wait(1, timeout=2)
     finally:
         tx.close()
         rx.close()

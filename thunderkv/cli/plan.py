@@ -60,16 +60,13 @@ def check_workload_flags(args: argparse.Namespace) -> None:
 
 
 def writable_flag(args: argparse.Namespace, key: str) -> None:
-    """``--key PATH``, when given, must name a file that can be written (an existing folder,
-    and not a folder itself), checked before anything is planned: the output is written last."""
-    path = getattr(args, key, None)
-    if not path:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        why = ("is a folder" if os.path.isdir(path) else "no such folder" if not
-               os.path.isdir(folder) else "folder not writable")
-        raise ValueError(f"{_flag(key)}: cannot write {path} ({why})")
+    """``--key PATH``, when given, must name a file that can be written (checked as the bench
+    commands check theirs), before anything is planned: the output is written last."""
+    from .bench import output_path_problem
+
+    why = output_path_problem(getattr(args, key, None))
+    if why is not None:
+        raise ValueError(f"{_flag(key)}: cannot write {getattr(args, key)} ({why})")
 
 
 def positive_flag(args: argparse.Namespace, key: str, unit: str = "") -> None:

@@ -426,6 +426,12 @@ class KVStream:
             raise TransferError(f"protocol error: ACK for request {self.header.request_id} "
                                 "before its commit")
 
+    def _check_sender_open(self) -> None:
+        """TransferError once the sender was closed (from another thread): a request in
+        flight fails at its next step instead of committing."""
+        if self.sender._closed:
+            raise TransferError(f"sender closed during request {self.header.request_id}")
+
     def keep_alive(self) -> None:
         """Tell the receiver this request is still alive while the next layer is being
         produced (a PROGRESS notice; the receiver fails a request that sends nothing for its
@@ -481,6 +487,7 @@ class KVStream:
                 if done < end:
                     channel.send(s._sock, Kind.PROGRESS, {"bytes": done}, timeout=s.timeout)
             crcs = crc_future.result()
+            self._check_sender_open()  # closed during the last PUT: no notice, no delivery
             self._crc = crcs[-1]
             self._commit_sent = stop == self.header.layers and self.commit_with_last_layer
             channel.send(s._sock, Kind.LAYER, {"index": first, "crcs": crcs,
@@ -540,6 +547,7 @@ class KVStream:
             raise TransferError(f"request {self.header.request_id}: stream is closed")
         try:
             if not self._commit_sent:
+                self._check_sender_open()
                 channel.send(s._sock, Kind.COMMIT, {"payload_crc": self._crc},
                              timeout=s.timeout)
             ack = channel.expect(channel.receive(s._sock, timeout=s.timeout, what="ACK"), Kind.ACK)
