@@ -243,3 +243,21 @@ def test_shapes_the_format_cannot_group_raise():
     with pytest.raises(ValueError, match="at least 2 dimension"):
         FormatSpec(4, 64, axis=-2).param_shape((128,))
     assert FormatSpec(4, 64, axis=-2).param_shape((2, 128, 64)) == (2, 64, 2)
+
+
+@pytest.mark.parametrize("change", ["shape", "dtype"])
+def test_dequantize_refuses_a_quantized_tensor_whose_metadata_disagrees(gen, change):
+    """A hand-built QuantizedTensor (e.g. from a wire import) whose shape says one thing and
+    whose tensors hold another used to dequantize to the tensors' shape, silently."""
+    import dataclasses
+
+    x = torch.randn(3, 8, 64, generator=gen)
+    q = tk.quantize(x, bits=4, group_size=32)
+    bad = dataclasses.replace(q, shape=torch.Size((3, 8, 32))) if change == "shape" else \
+        dataclasses.replace(q, dtype=torch.float16)
+    with pytest.raises(ValueError, match=f"q.{change} is"):
+        tk.dequantize(bad)
+    out = torch.full((3, 8, 64), 7.0)
+    with pytest.raises(ValueError, match=f"q.{change} is"):
+        tk.dequantize(bad, out=out)
+    assert bool((out == 7.0).all())

@@ -118,6 +118,23 @@ def quantize_into(
     op(x, packed, scale, minimum, bits, group_size, axis, backend)
 
 
+def check_stored(name: str, q) -> None:
+    """Raise unless ``q`` is a QuantizedTensor whose packed/scale/minimum tensors hold what its
+    ``shape``/``dtype`` say: the kernel indexes them by the metadata alone."""
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"{name} must be a QuantizedTensor, got {type(q).__name__}")
+    try:
+        stored = _ops._dequantize_shape(q.packed, q.scale, q.minimum, q.spec)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name}: {e}") from None
+    if stored != tuple(q.shape):
+        raise ValueError(f"{name}.shape is {tuple(q.shape)} but its packed/scale/minimum hold a "
+                         f"{stored} tensor (bits={q.spec.bits}, group_size={q.spec.group_size}, "
+                         f"axis={q.spec.axis})")
+    if q.scale.dtype != q.dtype:
+        raise ValueError(f"{name}.dtype is {q.dtype} but its scale/minimum are {q.scale.dtype}")
+
+
 def dequantize(
     q: QuantizedTensor, *, out: torch.Tensor | None = None, backend: str = "auto"
 ) -> torch.Tensor:
@@ -134,8 +151,7 @@ def dequantize(
     -------
     Tensor ``q.shape`` of ``q.dtype`` (``out`` when given).
     """
-    if not isinstance(q, QuantizedTensor):
-        raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
+    check_stored("q", q)  # a hand-built one whose metadata disagrees with its tensors
     backends.check_backend_name(backend)
     spec = q.spec
     eager = _ops.eager_ok(q.packed, q.scale, q.minimum, *(() if out is None else (out,)))

@@ -19,8 +19,7 @@ import math
 import torch
 
 from ._extension import extension_error, load_extension
-from ._ops import _dequantize_shape
-from .api import QuantizedTensor
+from .api import QuantizedTensor, check_stored
 from .format import DTYPE_CODES, SUPPORTED_DTYPES
 
 __all__ = ["kivi_decode_attention", "kivi_decode_attention_reference", "fused_attention_available"]
@@ -72,23 +71,6 @@ def _triton_available(device: torch.device) -> tuple[bool, str]:
     return (why is None), (why or "")
 
 
-def _check_stored(name: str, q) -> None:
-    """Raise unless ``q`` is a QuantizedTensor whose packed/scale/minimum tensors hold what its
-    ``shape``/``dtype`` say: the kernel indexes them by the metadata alone."""
-    if not isinstance(q, QuantizedTensor):
-        raise TypeError(f"{name} must be a QuantizedTensor or None, got {type(q).__name__}")
-    try:
-        stored = _dequantize_shape(q.packed, q.scale, q.minimum, q.spec)
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"{name}: {e}") from None
-    if stored != tuple(q.shape):
-        raise ValueError(f"{name}.shape is {tuple(q.shape)} but its packed/scale/minimum hold a "
-                         f"{stored} tensor (bits={q.spec.bits}, group_size={q.spec.group_size}, "
-                         f"axis={q.spec.axis})")
-    if q.scale.dtype != q.dtype:
-        raise ValueError(f"{name}.dtype is {q.dtype} but its scale/minimum are {q.scale.dtype}")
-
-
 def _check(query, qkeys, qvalues, key_residual, value_residual, key_mask, tq_attend):
     """Validate shapes/layouts; return (B, H, R, D, Tq, Tr, S, dtype of scales)."""
     for name, x in (("query", query), ("key_residual", key_residual),
@@ -115,8 +97,8 @@ def _check(query, qkeys, qvalues, key_residual, value_residual, key_mask, tq_att
         raise ValueError("qkeys and qvalues must both be given or both be None")
     S, dtype = 0, query.dtype
     if qkeys is not None:
-        _check_stored("qkeys", qkeys)
-        _check_stored("qvalues", qvalues)
+        check_stored("qkeys", qkeys)
+        check_stored("qvalues", qvalues)
         if qkeys.axis != -2 or qvalues.axis != -1:
             raise ValueError(f"the KIVI layout needs keys per channel (axis -2) and values per "
                              f"token (axis -1), got {qkeys.axis} and {qvalues.axis}")
