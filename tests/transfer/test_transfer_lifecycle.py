@@ -454,6 +454,16 @@ def test_closing_the_receiver_mid_request_stops_the_sender_before_the_pool_goes(
     assert len(errors) == 1 and "closing" in str(errors[0]), errors
 
 
+def _paused_after_layer_0(tx: KVSender, rx: KVReceiver):
+    """A 2-layer request (id 1) streamed from ``tx`` up to its layer 0, which ``rx`` has
+    accepted; the stream, left open (its producer 'paused')."""
+    header = peers.raw_header(1, 512)
+    stream = tx.stream(header, peers.payload_for(1, header.payload_length))
+    stream.send_layer(0)
+    rx.incoming(1, timeout=5)
+    return stream
+
+
 def test_a_sender_that_does_not_answer_keeps_the_closed_receivers_pool_allocated(caplog):
     """A stream paused mid-request cannot confirm it stopped writing: close() waits the timeout,
     then keeps the pool's memory allocated for the life of the process (with a warning) rather
@@ -461,11 +471,8 @@ def test_a_sender_that_does_not_answer_keeps_the_closed_receivers_pool_allocated
     import thunderkv.transfer.receiver as receiver_module
 
     rx = KVReceiver(1 << 22, token=peers.TOKEN, timeout=0.5)
-    header = peers.raw_header(1, 512)
     with KVSender(rx.host, rx.port, token=peers.TOKEN) as tx:
-        stream = tx.stream(header, peers.payload_for(1, header.payload_length))
-        stream.send_layer(0)
-        rx.incoming(1, timeout=5)
+        stream = _paused_after_layer_0(tx, rx)
         pool_memory = rx.pool.tensor
         with caplog.at_level("WARNING", logger="thunderkv.transfer"):
             t0, cpu0 = time.monotonic(), time.process_time()
@@ -525,11 +532,8 @@ def test_a_sender_that_loses_its_framing_does_not_hold_up_close():
     import struct
 
     rx = KVReceiver(1 << 22, token=peers.TOKEN, timeout=1.0)
-    header = peers.raw_header(1, 512)
     with KVSender(rx.host, rx.port, token=peers.TOKEN) as tx:
-        stream = tx.stream(header, peers.payload_for(1, header.payload_length))
-        stream.send_layer(0)
-        rx.incoming(1, timeout=5)
+        _paused_after_layer_0(tx, rx)
         unknown_kind = struct.pack("<IBI", 5, 99, 0)
         tx._sock.sendall(unknown_kind)  # the request fails; the receiver waits for the stop
         time.sleep(0.2)
