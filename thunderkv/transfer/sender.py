@@ -13,6 +13,7 @@ chunks, with a PROGRESS notice after each so the receiver can tell slow from dea
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import re
@@ -440,17 +441,26 @@ class KVStream:
         if not self._open:
             raise TransferError("stream is closed")
         s = self.sender
-        try:
+        with self._failing("keeping the request alive"):
             self._receiver_said_stop()
             channel.send(s._sock, Kind.PROGRESS, {"bytes": self._next_layer
                                                   * self.header.layer_nbytes()},
                          timeout=s.timeout)
+
+    @contextlib.contextmanager
+    def _failing(self, doing: str):
+        """Around a step of the request: a refusal aborts it (the ABORT tells the receiver
+        this sender stopped writing; the connection stays usable); any other failure also
+        marks the sender broken."""
+        try:
+            yield
         except RequestRejected:
             self.abort("rejected by the receiver")
             raise
         except BaseException as exc:
+            s = self.sender
             s._broken = s._broken or f"{type(exc).__name__}: {exc}"
-            self.abort("sender failed while keeping the request alive")
+            self.abort(f"sender failed while {doing}")
             raise
 
     def send_layer(self, index: int) -> None:
@@ -470,7 +480,7 @@ class KVStream:
         s = self.sender
         n = self.header.layer_nbytes()
         start, end = first * n, stop * n
-        try:
+        with self._failing("sending layers"):
             if self.payload.is_cuda:
                 # UCX copies GPU memory on its own streams: the kernels that wrote these layers
                 # (queued on torch's current stream) must be done before the PUT reads them.
@@ -492,13 +502,6 @@ class KVStream:
             self._commit_sent = stop == self.header.layers and self.commit_with_last_layer
             channel.send(s._sock, Kind.LAYER, {"index": first, "crcs": crcs,
                                                "commit": self._commit_sent}, timeout=s.timeout)
-        except RequestRejected:
-            self.abort("rejected by the receiver")  # tells it this sender stopped writing
-            raise
-        except BaseException as exc:
-            s._broken = s._broken or f"{type(exc).__name__}: {exc}"
-            self.abort("sender failed while sending layers")
-            raise
         self._next_layer = stop
 
     def _put(self, offset: int, size: int, remote_offset: int) -> float:
