@@ -42,22 +42,12 @@ def test_roles_and_routing_from_a_planner_json(tmp_path):
 
 @pytest.mark.skipif(unavailable_reason() is not None, reason="UCX transfer unavailable")
 def test_serve_command_end_to_end():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "thunderkv.cli", "serve", "--model", "tiny",
                              "--port", str(port)], stdout=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    assert json.load(r)["ok"]
-                    break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.5)
+        poll_while_running(proc, lambda: healthy(port), 120, every=0.5)
         body = json.dumps({"prompt": "hi there", "max_tokens": 5, "temperature": 0}).encode()
         req = urllib.request.Request(url + "/v1/completions", body,
                                      {"Content-Type": "application/json"})
@@ -207,6 +197,27 @@ def wait_group_empty(pgid: int, timeout: float = 15.0) -> list[str]:
     return left
 
 
+def poll_while_running(proc: subprocess.Popen, ready, timeout: float, every: float = 0.02):
+    """``ready()``'s first truthy value, polled every ``every`` s while ``proc`` runs; the test
+    fails if ``proc`` ends or ``timeout`` s pass first."""
+    deadline = time.monotonic() + timeout
+    while not (got := ready()):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(every)
+    return got
+
+
+def healthy(port: int) -> bool:
+    """True once `thunderkv serve` on ``port`` answers /health ok (fails the test if it answers
+    not ok); False while nothing answers yet."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            assert json.load(r)["ok"]
+            return True
+    except OSError:
+        return False
+
+
 def start_serve(port: int) -> subprocess.Popen:
     """`thunderkv serve` in a process group of its own, as a terminal runs it."""
     return subprocess.Popen([sys.executable, "-m", "thunderkv.cli", "serve", "--model", "tiny",
@@ -220,15 +231,7 @@ def test_ctrl_c_stops_quietly_and_leaves_no_process():
     port = free_port()
     proc = start_serve(port)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    assert json.load(r)["ok"]
-                    break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.2)
+        poll_while_running(proc, lambda: healthy(port), 120, every=0.2)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         out, err = proc.communicate(timeout=60)
     finally:
@@ -250,10 +253,8 @@ def test_ctrl_c_while_the_workers_load_stops_them_quietly():
     proc = start_serve(free_port())
     try:
         assert proc.stdout.readline().startswith("starting prefill, decode workers")
-        deadline = time.monotonic() + 30
-        while len(processes_in_group(proc.pid)) < 3:  # the router and its two workers
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        # the router and its two workers
+        poll_while_running(proc, lambda: len(processes_in_group(proc.pid)) >= 3, 30)
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -386,10 +387,7 @@ def test_a_worker_killed_while_loading_ends_startup_at_once():
     proc = start_serve(free_port())
     try:
         assert proc.stdout.readline().startswith("starting prefill, decode workers")
-        deadline = time.monotonic() + 30
-        while not (pids := worker_pids(proc.pid)):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        pids = poll_while_running(proc, lambda: worker_pids(proc.pid), 30)
         t0 = time.monotonic()
         os.kill(pids[0], signal.SIGKILL)  # still importing torch: far from ready
         out, err = proc.communicate(timeout=60)

@@ -31,24 +31,15 @@ def test_cases(pieces, stops, want):
     assert _run(pieces, stops) == want
 
 
-def test_random_splits_match_a_whole_string_search():
-    """After each piece, the text so far is searched whole: the first piece that completes a
-    stop string ends the completion at the earliest stop string in the text so far."""
-    rng = random.Random(7)
-    for _ in range(500):
-        text = "".join(rng.choice("abc") for _ in range(rng.randrange(0, 30)))
-        stops = ["".join(rng.choice("abc") for _ in range(rng.randrange(1, 4)))
-                 for _ in range(rng.randrange(1, 3))]
-        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randrange(1, 6))))
-        pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
-        want, seen = (text, False), ""
-        for p in pieces:
-            seen += p
-            at = min((i for s in stops if (i := seen.find(s)) >= 0), default=-1)
-            if at >= 0:
-                want = (seen[:at], True)
-                break
-        assert _run(pieces, stops) == want, (pieces, stops)
+def _random_case(rng: random.Random, alphabet: str, max_text: int, max_stop: int,
+                 max_stops: int, max_pieces: int) -> tuple[list[str], list[str]]:
+    """A random text cut into 1..``max_pieces`` pieces, and 1..``max_stops`` - 1 stop strings
+    of 1..``max_stop`` - 1 characters, all over ``alphabet``."""
+    text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, max_text)))
+    stops = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, max_stop)))
+             for _ in range(rng.randrange(1, max_stops))]
+    cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randrange(1, max_pieces))))
+    return [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])], stops
 
 
 def _whole_string_search(pieces, stops):
@@ -61,16 +52,21 @@ def _whole_string_search(pieces, stops):
     return seen, False
 
 
+def test_random_splits_match_a_whole_string_search():
+    """After each piece, the text so far is searched whole: the first piece that completes a
+    stop string ends the completion at the earliest stop string in the text so far."""
+    rng = random.Random(7)
+    for _ in range(500):
+        pieces, stops = _random_case(rng, "abc", 30, 4, 3, 6)
+        assert _run(pieces, stops) == _whole_string_search(pieces, stops), (pieces, stops)
+
+
 def test_periodic_stop_strings_across_random_splits():
     """Stop strings that overlap themselves ("abab", "aabaa"): a partial match that fails must
     fall back to the longest border, across piece boundaries too."""
     rng = random.Random(11)
     for _ in range(500):
-        text = "".join(rng.choice("ab") for _ in range(rng.randrange(0, 40)))
-        stops = ["".join(rng.choice("ab") for _ in range(rng.randrange(1, 9)))
-                 for _ in range(rng.randrange(1, 5))]
-        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randrange(1, 12))))
-        pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+        pieces, stops = _random_case(rng, "ab", 40, 9, 5, 12)
         assert _run(pieces, stops) == _whole_string_search(pieces, stops), (pieces, stops)
 
 
