@@ -12,6 +12,7 @@ from helpers import bits_equal, random_kv, same_values
 import thunderkv as tk
 from thunderkv.paged import (
     PagedKVCache,
+    cache_from_parts,
     gather_dequantize,
     pack_for_transfer,
     quantize_to_paged,
@@ -693,3 +694,27 @@ def test_allocate_refuses_a_bool_size(field):
     sizes[field] = True
     with pytest.raises(ValueError, match=f"{field} must be a positive int, got True"):
         PagedKVCache.allocate(**sizes, bits=8, group_size=32 if field != "head_dim" else 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_from_cache_memory_or_into_aliased_parts_raises_and_writes_nothing(backend, gen):
+    """Keys that were a view of the cache's own codes, or a cache whose scale and minimum were
+    one tensor, used to be accepted: the write overwrote the keys while reading them, or left
+    one token's minimum in place of its scale."""
+    cache = PagedKVCache.allocate(64, BS, H, D, dtype=torch.float32, group_size=32)
+    n = 8
+    k, v = (random_kv((n, H, D), torch.float32, gen) for _ in range(2))
+    quantize_to_paged(k, v, cache, torch.arange(n), backend=backend)
+    snap = _snapshot(cache)
+    inside = cache.key_packed.view(-1).view(torch.float32)[:n * H * D].view(n, H, D)
+    with pytest.raises(ValueError, match="key and key_packed share memory"):
+        quantize_to_paged(inside, v, cache, torch.arange(n, 2 * n), backend=backend)
+    assert _unchanged(cache, snap)
+    parts = list(cache.parts())
+    parts[2] = parts[1]  # key_min is key_scale
+    aliased = cache_from_parts(parts, bits=4, group_size=32)
+    with pytest.raises(ValueError, match="key_scale and key_min share memory"):
+        quantize_to_paged(k, v, aliased, torch.arange(n, 2 * n), backend=backend)
+    assert _unchanged(cache, snap)
+    quantize_to_paged(k, k, cache, torch.arange(n, 2 * n), backend=backend)  # one tensor as
+    # both key and value is only read twice: fine

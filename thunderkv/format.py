@@ -129,21 +129,36 @@ def check_destination(
         raise ValueError(f"{name} must be contiguous (kernels write it as one flat buffer)")
 
 
-def check_disjoint(**named: torch.Tensor) -> None:
-    """Raise ValueError if two of the named tensors share memory: a kernel writing one output
-    over another, or over the input it still reads, gives wrong results. Tensors without real
-    storage (meta or fake tensors while tracing) and empty ones are skipped."""
-    spans = []
-    for name, t in named.items():
-        if t.device.type == "meta" or t.numel() == 0:
-            continue
-        try:
-            lo = t.data_ptr()
-        except (RuntimeError, NotImplementedError):  # a FakeTensor
-            continue
-        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))  # torch strides are >= 0
-        spans.append((name, t.device, lo, lo + (last + 1) * t.element_size()))
-    for i, (a, dev_a, lo_a, hi_a) in enumerate(spans):
-        for b, dev_b, lo_b, hi_b in spans[i + 1:]:
-            if dev_a == dev_b and lo_a < hi_b and lo_b < hi_a:
-                raise ValueError(f"{a} and {b} share memory: pass separate buffers")
+def _span(t: torch.Tensor) -> tuple[str, int, int] | None:
+    """(device, first byte, one past the last byte) of ``t``'s memory; None for tensors without
+    real storage (meta or fake tensors while tracing) and empty ones."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    try:
+        lo = t.data_ptr()
+    except (RuntimeError, NotImplementedError):  # a FakeTensor
+        return None
+    if t.is_contiguous():
+        return str(t.device), lo, lo + t.numel() * t.element_size()
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))  # torch strides are >= 0
+    return str(t.device), lo, lo + (last + 1) * t.element_size()
+
+
+def check_disjoint(reads: dict[str, torch.Tensor] | None = None, **named: torch.Tensor) -> None:
+    """Raise ValueError if two of the ``named`` tensors (what an op writes) share memory, or if
+    one of ``reads`` (what it only reads; these may share memory with each other, e.g. one
+    tensor passed as both key and value) shares memory with one of them: a kernel writing one
+    output over another, or over an input it still reads, gives wrong results. Tensors without
+    real storage (meta or fake tensors while tracing) and empty ones are skipped."""
+    spans = sorted((*s, i, name) for i, (name, t) in enumerate(named.items())
+                   if (s := _span(t)) is not None)
+    for (dev_a, _, hi_a, i, a), (dev_b, lo_b, _, j, b) in zip(spans, spans[1:]):
+        if dev_a == dev_b and lo_b < hi_a:  # any overlap shows between neighbours by start
+            first, second = (a, b) if i < j else (b, a)  # named in argument order
+            raise ValueError(f"{first} and {second} share memory: pass separate buffers")
+    for name, t in (reads or {}).items():
+        s = _span(t)
+        for dev, lo, hi, _, other in spans if s is not None else ():
+            if dev == s[0] and lo < s[2] and s[1] < hi:
+                raise ValueError(f"{name} and {other} share memory: the op would overwrite "
+                                 f"{name} while reading it")

@@ -244,7 +244,8 @@ def quantize_to_paged(
 
     Parameters
     ----------
-    key, value : ``[num_tokens, kv_heads, head_dim]`` in the cache's dtype and device.
+    key, value : ``[num_tokens, kv_heads, head_dim]`` in the cache's dtype and device, sharing
+        no memory with the cache (one tensor may be both).
     cache : the layer's :class:`PagedKVCache`.
     slot_mapping : int32/int64 ``[num_tokens]``: slot of each token (-1: padding, skipped).
         Non-negative slots must be distinct, as a serving engine's are (vLLM's
@@ -283,6 +284,9 @@ def _write(key, value, cache: PagedKVCache, slot_mapping, backend: str) -> None:
     fused = _row_kernels(backend, cache.device)  # resolved first: a bad backend always raises
     if slots.numel() == 0:
         return
+    # K/V (or the slots) viewing cache memory would be overwritten while still being read
+    check_disjoint(reads={"key": key, "value": value, "slot_mapping": slot_mapping},
+                   **dict(zip(_PARTS, cache.parts())))
     spec = cache.spec
     if capturing and fused is None:
         raise RuntimeError(f"quantize_to_paged with backend {backend!r} cannot be captured in a "
