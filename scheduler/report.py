@@ -20,8 +20,10 @@ def plan_table(doc: dict[str, Any], title: str = "plan"):
         t.add_column(col, justify="right" if col in ("#", "TP", "PP", "model req/s") else "left")
     for i, g in enumerate(doc["plan"]["groups"]):
         gpus = _compact(g["gpus"])
-        t.add_row(str(i), g["phase"], gpus, str(g["tp"]), str(g["pp"]),
-                  "/".join(map(str, g["layers"])), f"{g['capacity_req_per_s']:.2f}")
+        idle = not any(g["layers"])  # the planner found no layout that fits: GPUs left unused
+        t.add_row(str(i), "idle" if idle else g["phase"], gpus, str(g["tp"]), str(g["pp"]),
+                  "-" if idle else "/".join(map(str, g["layers"])),
+                  f"{g['capacity_req_per_s']:.2f}")
     return t
 
 

@@ -312,6 +312,23 @@ def test_sweep_table_names_what_was_adjusted():
         assert header in console.export_text()
 
 
+def test_plan_table_shows_a_group_that_holds_no_layers_as_idle():
+    """An infeasible group (a GPU too small for any layer) used to read as a working
+    'colocated' group with 0 layers."""
+    from rich.console import Console
+    from thunderkv.scheduler.report import plan_table
+
+    groups = [{"phase": "prefill", "gpus": ["a:0", "a:1"], "tp": 2, "pp": 1, "layers": [32],
+               "capacity_req_per_s": 3.0},
+              {"phase": "colocated", "gpus": ["b:0"], "tp": 1, "pp": 1, "layers": [0],
+               "capacity_req_per_s": 0.0}]
+    console = Console(width=200, record=True)
+    console.print(plan_table({"plan": {"groups": groups}}))
+    rows = [line for line in console.export_text().splitlines() if "a:0,1" in line or "b:0" in line]
+    assert "prefill" in rows[0] and "32" in rows[0]
+    assert "idle" in rows[1] and "colocated" not in rows[1]
+
+
 def test_plan_resilience_picks_the_candidate_that_best_survives_a_lost_node(tmp_path):
     (tmp_path / "c.yaml").write_text(TINY)
     out = tmp_path / "plan.json"
