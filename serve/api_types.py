@@ -63,17 +63,217 @@ def unicode_problem(text: str) -> str | None:
     return None
 
 
+def _is_off_or_false(v: Any) -> bool:
+    return v is None or v is False
+
+
+def _is_zero(v: Any) -> bool:
+    return v is None or (_is_number(v) and v == 0)
+
+
+def _is_empty(v: Any) -> bool:
+    return v is None or v == [] or v == {}
+
+
 # Parameters of OpenAI's completions API that this server does not implement, with a test for
 # the values that mean "feature off": anything else is rejected rather than silently ignored.
 _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "best_of": lambda v: v is None or (_is_int(v) and v == 1),
-    "echo": lambda v: v is None or v is False,
+    "echo": _is_off_or_false,
     "logprobs": lambda v: v is None,
     "suffix": lambda v: v is None or v == "",
-    "frequency_penalty": lambda v: v is None or (_is_number(v) and v == 0),
-    "presence_penalty": lambda v: v is None or (_is_number(v) and v == 0),
-    "logit_bias": lambda v: v is None or v == {},
+    "frequency_penalty": _is_zero,
+    "presence_penalty": _is_zero,
+    "logit_bias": _is_empty,
 }
+
+# The same for the chat completions API (tools, structured output, other modalities...).
+_UNSUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
+    "logprobs": _is_off_or_false,
+    "top_logprobs": lambda v: v is None,
+    "frequency_penalty": _is_zero,
+    "presence_penalty": _is_zero,
+    "logit_bias": _is_empty,
+    "tools": _is_empty,
+    "functions": _is_empty,
+    "tool_choice": lambda v: v is None or v == "none",
+    "function_call": lambda v: v is None or v == "none",
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "modalities": lambda v: v is None or v == ["text"],
+    "audio": lambda v: v is None,
+    "prediction": lambda v: v is None,
+}
+
+# Chat roles this server accepts, and the role the chat template sees ("developer" is OpenAI's
+# newer name for "system").
+_CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _parse_prompt(prompt: Any) -> str | list[int]:
+    """A completions ``prompt``: a string, token ids, or a batch of exactly one of those."""
+    if prompt is None:
+        raise RequestError("'prompt' is required", "prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # ["text"] or [[ids...]]: a batch of one
+    if isinstance(prompt, str):
+        if (why := unicode_problem(prompt)) is not None:
+            raise RequestError(f"'prompt' is not valid Unicode: {why}", "prompt")
+    elif isinstance(prompt, list) and _is_token_list(prompt):
+        prompt = list(prompt)
+    elif isinstance(prompt, list) and all(isinstance(p, (str, list)) for p in prompt):
+        raise RequestError("only one prompt per request is supported", "prompt")
+    else:
+        raise RequestError(
+            "'prompt' must be a string or a list of non-negative integer token ids", "prompt"
+        )
+    if len(prompt) == 0:
+        raise RequestError("'prompt' must not be empty", "prompt")
+    return prompt
+
+
+def _check_prompt_length(prompt: str | list[int], max_prompt_chars: int, param: str) -> None:
+    """400 ``context_length_exceeded`` for a prompt over ``max_prompt_chars`` (chars or ids)."""
+    if len(prompt) > max_prompt_chars:
+        unit = "characters" if isinstance(prompt, str) else "tokens"
+        raise RequestError(
+            f"prompt is too long: {len(prompt)} {unit}, at most {max_prompt_chars} allowed",
+            param,
+            code="context_length_exceeded",
+        )
+
+
+def _parse_max_tokens(body: dict, name: str, default: int, limit: int) -> int:
+    """``body[name]`` (``null`` or absent: ``default``), an integer in 1..``limit``."""
+    max_tokens = body.get(name)
+    if max_tokens is None:
+        max_tokens = default
+    if not _is_int(max_tokens) or max_tokens < 1:
+        raise RequestError(f"'{name}' must be an integer >= 1", name)
+    if max_tokens > limit:
+        raise RequestError(f"'{name}' is {max_tokens}, at most {limit} allowed", name)
+    return max_tokens
+
+
+def _parse_stop(stop: Any) -> list[str] | None:
+    """``stop``: a non-empty string or a list of up to MAX_STOP_SEQUENCES of them."""
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is None:
+        return None
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError(
+            "'stop' must be a non-empty string or a list of non-empty strings", "stop"
+        )
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise RequestError(
+            f"'stop' has {len(stop)} strings, at most {MAX_STOP_SEQUENCES} allowed", "stop"
+        )
+    for s in stop:
+        if len(s) > MAX_STOP_CHARS:
+            raise RequestError(
+                f"a stop string is {len(s)} characters long, at most {MAX_STOP_CHARS} "
+                "allowed", "stop"
+            )
+        if (why := unicode_problem(s)) is not None:
+            raise RequestError(f"a stop string is not valid Unicode: {why}", "stop")
+    return list(stop) or None
+
+
+def _parse_options(body: dict) -> dict[str, Any]:
+    """The sampling and output fields both APIs share (``null`` means "default")."""
+    temperature = body.get("temperature")
+    if temperature is None:
+        temperature = CompletionRequest.temperature
+    if not _is_number(temperature) or not 0 <= temperature <= 2:
+        raise RequestError("'temperature' must be a number between 0 and 2", "temperature")
+
+    top_p = body.get("top_p")
+    if top_p is None:
+        top_p = CompletionRequest.top_p
+    if not _is_number(top_p) or not 0 < top_p <= 1:
+        raise RequestError("'top_p' must be a number in (0, 1]", "top_p")
+
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise RequestError("'seed' must be an integer", "seed")
+
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or n != 1):
+        raise RequestError("only n=1 is supported", "n")
+
+    stream = body.get("stream")
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be a boolean", "stream")
+
+    stop = _parse_stop(body.get("stop"))
+
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError("'model' must be a string", "model")
+    return {
+        "temperature": float(temperature),
+        "top_p": float(top_p),
+        "seed": seed,
+        "stream": stream,
+        "stop": stop,
+        "model": model,
+    }
+
+
+def _reject_unsupported(body: dict, unsupported: dict[str, Callable[[Any], bool]]) -> None:
+    for name, is_off in unsupported.items():
+        if not is_off(body.get(name)):
+            raise RequestError(f"'{name}' is not supported by this server", name)
+
+
+def _message_text(content: Any, role: str, param: str) -> str:
+    """A message's ``content``: a string, or a list of text parts (joined with newlines)."""
+    if isinstance(content, str):
+        text = content
+    elif content is None and role == "assistant":
+        text = ""
+    elif isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
+            raise RequestError(f"'{param}': only text content parts are supported", param)
+        text = "\n".join(p["text"] for p in content)
+    else:
+        raise RequestError(f"'{param}' must be a string or a list of text parts", param)
+    if (why := unicode_problem(text)) is not None:
+        raise RequestError(f"'{param}' is not valid Unicode: {why}", param)
+    return text
+
+
+def _chat_message(message: Any, i: int) -> dict[str, str]:
+    """One validated message as ``{"role", "content"}`` (the chat template's input)."""
+    param = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise RequestError(f"'{param}' must be an object", param)
+    role = message.get("role")
+    if role not in _CHAT_ROLES:
+        raise RequestError(
+            f"'{param}.role' must be one of {', '.join(_CHAT_ROLES)} (got {role!r}); "
+            "tool messages are not supported", f"{param}.role"
+        )
+    for name in ("tool_calls", "function_call"):
+        if message.get(name):
+            raise RequestError(f"'{param}.{name}' is not supported by this server",
+                               f"{param}.{name}")
+    content = _message_text(message.get("content"), role, f"{param}.content")
+    return {"role": _CHAT_ROLES[role], "content": content}
+
+
+def chat_messages(body: dict) -> list[dict[str, str]]:
+    """The ``messages`` of a ``/v1/chat/completions`` body, validated: a non-empty list of
+    system/developer/user/assistant messages with text content (``developer`` becomes
+    ``system``); raises :class:`RequestError` (param ``messages`` or ``messages[i]...``)."""
+    messages = body.get("messages")
+    if messages is None:
+        raise RequestError("'messages' is required", "messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list of messages", "messages")
+    return [_chat_message(m, i) for i, m in enumerate(messages)]
 
 
 @dataclass
@@ -103,109 +303,32 @@ class CompletionRequest:
         """
         if not isinstance(body, dict):
             raise RequestError("request body must be a JSON object")
+        prompt = _parse_prompt(body.get("prompt"))
+        _check_prompt_length(prompt, max_prompt_chars, "prompt")
+        max_tokens = _parse_max_tokens(body, "max_tokens", cls.max_tokens, max_tokens_limit)
+        options = _parse_options(body)
+        _reject_unsupported(body, _UNSUPPORTED)
+        return cls(prompt=prompt, max_tokens=max_tokens, **options)
 
-        prompt = body.get("prompt")
-        if prompt is None:
-            raise RequestError("'prompt' is required", "prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # ["text"] or [[ids...]]: a batch of one
-        if isinstance(prompt, str):
-            if (why := unicode_problem(prompt)) is not None:
-                raise RequestError(f"'prompt' is not valid Unicode: {why}", "prompt")
-        elif isinstance(prompt, list) and _is_token_list(prompt):
-            prompt = list(prompt)
-        elif isinstance(prompt, list) and all(isinstance(p, (str, list)) for p in prompt):
-            raise RequestError("only one prompt per request is supported", "prompt")
-        else:
-            raise RequestError(
-                "'prompt' must be a string or a list of non-negative integer token ids", "prompt"
-            )
-        if len(prompt) == 0:
-            raise RequestError("'prompt' must not be empty", "prompt")
-        if len(prompt) > max_prompt_chars:
-            unit = "characters" if isinstance(prompt, str) else "tokens"
-            raise RequestError(
-                f"prompt is too long: {len(prompt)} {unit}, at most {max_prompt_chars} allowed",
-                "prompt",
-                code="context_length_exceeded",
-            )
-
-        max_tokens = body.get("max_tokens")
-        if max_tokens is None:
-            max_tokens = cls.max_tokens
-        if not _is_int(max_tokens) or max_tokens < 1:
-            raise RequestError("'max_tokens' must be an integer >= 1", "max_tokens")
-        if max_tokens > max_tokens_limit:
-            raise RequestError(
-                f"'max_tokens' is {max_tokens}, at most {max_tokens_limit} allowed", "max_tokens"
-            )
-
-        temperature = body.get("temperature")
-        if temperature is None:
-            temperature = cls.temperature
-        if not _is_number(temperature) or not 0 <= temperature <= 2:
-            raise RequestError("'temperature' must be a number between 0 and 2", "temperature")
-
-        top_p = body.get("top_p")
-        if top_p is None:
-            top_p = cls.top_p
-        if not _is_number(top_p) or not 0 < top_p <= 1:
-            raise RequestError("'top_p' must be a number in (0, 1]", "top_p")
-
-        seed = body.get("seed")
-        if seed is not None and not _is_int(seed):
-            raise RequestError("'seed' must be an integer", "seed")
-
-        n = body.get("n")
-        if n is not None and (not _is_int(n) or n != 1):
-            raise RequestError("only n=1 is supported", "n")
-
-        stream = body.get("stream")
-        if stream is None:
-            stream = False
-        if not isinstance(stream, bool):
-            raise RequestError("'stream' must be a boolean", "stream")
-
-        stop = body.get("stop")
-        if isinstance(stop, str):
-            stop = [stop]
-        if stop is not None:
-            if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-                raise RequestError(
-                    "'stop' must be a non-empty string or a list of non-empty strings", "stop"
-                )
-            if len(stop) > MAX_STOP_SEQUENCES:
-                raise RequestError(
-                    f"'stop' has {len(stop)} strings, at most {MAX_STOP_SEQUENCES} allowed", "stop"
-                )
-            for s in stop:
-                if len(s) > MAX_STOP_CHARS:
-                    raise RequestError(
-                        f"a stop string is {len(s)} characters long, at most {MAX_STOP_CHARS} "
-                        "allowed", "stop"
-                    )
-                if (why := unicode_problem(s)) is not None:
-                    raise RequestError(f"a stop string is not valid Unicode: {why}", "stop")
-            stop = list(stop) or None
-
-        model = body.get("model")
-        if model is not None and not isinstance(model, str):
-            raise RequestError("'model' must be a string", "model")
-
-        for name, is_off in _UNSUPPORTED.items():
-            if not is_off(body.get(name)):
-                raise RequestError(f"'{name}' is not supported by this server", name)
-
-        return cls(
-            prompt=prompt,
-            max_tokens=max_tokens,
-            temperature=float(temperature),
-            top_p=float(top_p),
-            seed=seed,
-            stream=stream,
-            stop=stop,
-            model=model,
-        )
+    @classmethod
+    def from_chat_json(
+        cls, body: dict, prompt: str, *, max_prompt_chars: int, max_tokens_limit: int,
+        default_max_tokens: Callable[[], int],
+    ) -> CompletionRequest:
+        """Validates the fields of an OpenAI ``/v1/chat/completions`` body other than
+        ``messages`` (see :func:`chat_messages`), whose rendering through the model's chat
+        template is ``prompt``. ``max_completion_tokens`` (or the older ``max_tokens``)
+        defaults to ``default_max_tokens()`` (called only then, once the prompt's length is
+        known to be within ``max_prompt_chars``); the request id is ``"chatcmpl-<hex>"``."""
+        _check_prompt_length(prompt, max_prompt_chars, "messages")
+        name = "max_tokens" if body.get("max_completion_tokens") is None else \
+            "max_completion_tokens"
+        default = default_max_tokens() if body.get(name) is None else max_tokens_limit
+        max_tokens = _parse_max_tokens(body, name, default, max_tokens_limit)
+        options = _parse_options(body)
+        _reject_unsupported(body, _UNSUPPORTED_CHAT)
+        return cls(prompt=prompt, max_tokens=max_tokens,
+                   request_id="chat" + _new_request_id(), **options)
 
 
 @dataclass
@@ -256,6 +379,14 @@ class RequestHandle(Protocol):
 
 @runtime_checkable
 class Engine(Protocol):
+    """What the HTTP layer needs of the serving engine.
+
+    Chat completions also use two optional attributes when present: ``tokenizer`` (with
+    ``encode(text)`` and ``render_chat(messages)``, as in serve/tokenizer.py; without it the
+    messages are rendered as ChatML) and ``max_positions`` (the default ``max_tokens`` of a
+    chat request is what the prompt leaves of them).
+    """
+
     model_name: str
 
     def submit(self, request: CompletionRequest) -> RequestHandle:
@@ -301,5 +432,6 @@ __all__ = [
     "RequestHandle",
     "TokenEvent",
     "Usage",
+    "chat_messages",
     "health_ok",
 ]

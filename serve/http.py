@@ -3,6 +3,8 @@
 Routes (all errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}``)::
 
     POST /v1/completions     OpenAI completions; ``"stream": true`` → Server-Sent Events
+    POST /v1/chat/completions  OpenAI chat completions (text messages, the model's chat
+                             template), JSON or Server-Sent Events likewise
     GET  /v1/models          the engine's model, OpenAI list shape (and /v1/models/<id>)
     GET  /health             engine.health() as JSON; 503 when it reports not ok, and
                              503 {"ok": false, "status": "starting"} before there is an engine
@@ -53,9 +55,11 @@ from .api_types import (
     RequestError,
     RequestHandle,
     TokenEvent,
+    chat_messages,
     health_ok,
 )
 from .stops import StopMatcher
+from .tokenizer import chatml
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,7 @@ _METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # path → {method: handler method name}
 _ROUTES: dict[str, dict[str, str]] = {
     "/v1/completions": {"POST": "_completions"},
+    "/v1/chat/completions": {"POST": "_chat_completions"},
     "/v1/models": {"GET": "_models"},
     "/health": {"GET": "_health"},
     "/metrics": {"GET": "_metrics"},
@@ -143,6 +148,68 @@ def _dumps(obj: Any) -> bytes:
 
 def _shutting_down() -> RequestError:
     return RequestError("server shutting down", status=503, code="server_shutting_down")
+
+
+def _text_choice(text: str, finish_reason: str | None) -> dict:
+    return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+
+
+def _chat_choice(text: str, finish_reason: str | None) -> dict:
+    return {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": None,
+        "finish_reason": finish_reason,
+    }
+
+
+def _chat_delta(text: str, finish_reason: str | None) -> dict:
+    delta = {"content": text} if text else {}
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+    """How one API's answers look: ``object`` of a whole answer and of a stream chunk, the
+    choice of each (text, finish_reason), and the choice a stream opens with (or None)."""
+
+    object: str
+    chunk_object: str
+    choice: Callable[[str, str | None], dict]
+    delta: Callable[[str, str | None], dict]
+    opening: dict | None = None
+
+
+_TEXT = _Shape("text_completion", "text_completion", _text_choice, _text_choice)
+_CHAT = _Shape(
+    "chat.completion",
+    "chat.completion.chunk",
+    _chat_choice,
+    _chat_delta,
+    opening={"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+             "finish_reason": None},
+)
+
+
+def _render_chat(engine: Engine, messages: list[dict[str, str]]) -> str:
+    """The prompt for ``messages``: ``engine.tokenizer.render_chat`` (serve/tokenizer.py: the
+    model's chat template, else ChatML) where the engine has one, else ChatML. A template that
+    refuses the messages is the client's 400."""
+    render = getattr(getattr(engine, "tokenizer", None), "render_chat", chatml)
+    try:
+        return render(messages)
+    except ValueError as e:
+        raise RequestError(str(e), "messages") from None
+
+
+def _chat_max_tokens(engine: Engine, prompt: str, limit: int) -> int:
+    """Chat's default ``max_tokens`` (OpenAI's is "until the context is full"): the positions
+    the prompt leaves, at most ``limit``; ``limit`` where the engine does not say."""
+    positions = getattr(engine, "max_positions", None)
+    tokenizer = getattr(engine, "tokenizer", None)
+    if not isinstance(positions, int) or tokenizer is None:
+        return limit
+    return max(1, min(limit, positions - len(tokenizer.encode(prompt))))
 
 
 class _Inflight:
@@ -524,7 +591,22 @@ class _Handler(BaseHTTPRequestHandler):
         request = CompletionRequest.from_json(
             payload, max_prompt_chars=api.max_prompt_chars, max_tokens_limit=api.max_tokens_limit
         )
-        include_usage = _include_usage(payload, request.stream)
+        self._serve(request, _include_usage(payload, request.stream), _TEXT)
+
+    def _chat_completions(self, body: bytes, path: str) -> None:
+        api = self.server.api
+        payload = self._json_object(body)
+        prompt = _render_chat(api.engine, chat_messages(payload))
+        request = CompletionRequest.from_chat_json(
+            payload, prompt, max_prompt_chars=api.max_prompt_chars,
+            max_tokens_limit=api.max_tokens_limit,
+            default_max_tokens=lambda: _chat_max_tokens(api.engine, prompt, api.max_tokens_limit),
+        )
+        self._serve(request, _include_usage(payload, request.stream), _CHAT)
+
+    def _serve(self, request: CompletionRequest, include_usage: bool, shape: _Shape) -> None:
+        """Submits a validated request and answers it (JSON, or SSE for a stream)."""
+        api = self.server.api
         if request.model is not None and request.model != api.engine.model_name:
             raise RequestError(
                 f"the model '{request.model}' does not exist", "model", 404, "model_not_found"
@@ -539,9 +621,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             watcher.start()
             if request.stream:
-                self._stream(request, inflight, include_usage)
+                self._stream(request, inflight, include_usage, shape)
             else:
-                self._complete(request, inflight)
+                self._complete(request, inflight, shape)
         except Exception as e:
             if inflight.client_gone and not isinstance(e, _ClientGone):
                 log.debug("%s ended after its client left: %r", request.request_id, e)
@@ -581,7 +663,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             yield event
 
-    def _complete(self, request: CompletionRequest, inflight: _Inflight) -> None:
+    def _complete(self, request: CompletionRequest, inflight: _Inflight, shape: _Shape) -> None:
         texts: list[str] = []
         finish_reason = None
         stops = StopMatcher(request.stop)
@@ -605,23 +687,18 @@ class _Handler(BaseHTTPRequestHandler):
             200,
             {
                 "id": request.request_id,
-                "object": "text_completion",
+                "object": shape.object,
                 "created": int(time.time()),
                 "model": api.engine.model_name,
-                "choices": [
-                    {
-                        "text": "".join(texts),
-                        "index": 0,
-                        "logprobs": None,
-                        "finish_reason": finish_reason,
-                    }
-                ],
+                "choices": [shape.choice("".join(texts), finish_reason)],
                 "usage": _usage_dict(usage),
             },
             (("x-request-id", request.request_id),),
         )
 
-    def _stream(self, request: CompletionRequest, inflight: _Inflight, include_usage: bool):
+    def _stream(
+        self, request: CompletionRequest, inflight: _Inflight, include_usage: bool, shape: _Shape
+    ) -> None:
         events = self._events(inflight)
         # The first event is awaited before the 200 goes out, so that a request the engine
         # rejects late (or an engine failure) still gets a proper error status.
@@ -649,15 +726,13 @@ class _Handler(BaseHTTPRequestHandler):
         created = int(time.time())
         model = self.server.api.engine.model_name
 
-        def chunk(text: str, finish_reason: str | None) -> dict:
+        def chunk(choice: dict | None) -> dict:
             out = {
                 "id": request.request_id,
-                "object": "text_completion",
+                "object": shape.chunk_object,
                 "created": created,
                 "model": model,
-                "choices": [
-                    {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
-                ],
+                "choices": [choice] if choice is not None else [],
             }
             if include_usage:
                 out["usage"] = None
@@ -665,6 +740,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         stops = StopMatcher(request.stop)
         try:
+            if shape.opening is not None:
+                self._sse(_dumps(chunk(shape.opening)))
             event = first
             while event is not None:
                 text, finish = stops.feed(event.text), event.finish_reason
@@ -676,17 +753,16 @@ class _Handler(BaseHTTPRequestHandler):
                 if finish:
                     inflight.finish()  # from here on a disconnect no longer cancels
                 if text or finish:
-                    self._sse(_dumps(chunk(text, finish)))
+                    self._sse(_dumps(chunk(shape.delta(text, finish))))
                 if finish:
                     break
                 event = next(events, None)
             else:
                 inflight.finish()
                 log.warning("%s: engine ended without a finish_reason", request.request_id)
-                self._sse(_dumps(chunk(stops.flush(), "stop")))
+                self._sse(_dumps(chunk(shape.delta(stops.flush(), "stop"))))
             if include_usage:
-                final = chunk("", None)
-                final["choices"] = []
+                final = chunk(None)
                 final["usage"] = _usage_dict(inflight.handle.usage())
                 self._sse(_dumps(final))
         except _ClientGone:

@@ -9,6 +9,18 @@ import torch
 __all__ = ["sample"]
 
 
+def _probabilities(row: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``softmax(row / temperature)`` that stays finite for any ``temperature > 0``.
+
+    Dividing the raw logits by a tiny temperature (1e-40, which the API allows: it is in
+    [0, 2]) overflows to ``inf`` and the softmax to NaN, which ``torch.multinomial`` refuses.
+    Shifted by their maximum the scaled logits are <= 0 (the largest exactly 0), so they can
+    only underflow to ``-inf`` (probability 0), and float64 keeps the division exact where a
+    float32 temperature would round to 0."""
+    shifted = row.double() - row.max().double()
+    return torch.softmax(shifted / temperature, dim=-1)
+
+
 def sample(logits: torch.Tensor, temperature: Sequence[float], top_p: Sequence[float],
            generators: Sequence[torch.Generator | None]) -> list[int]:
     """Pick the next token of every row of a decode batch.
@@ -19,7 +31,8 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_p: Sequence[f
         ``[B, vocab]`` (float32; other float dtypes are upcast).
     temperature:
         ``B`` values; ``<= 0`` means greedy (argmax, first index on ties), otherwise the logits
-        are divided by it before the softmax.
+        are divided by it before the softmax (any positive value, however small: see
+        :func:`_probabilities`).
     top_p:
         ``B`` values in ``(0, 1]``: nucleus sampling keeps the smallest set of most probable
         tokens whose probability mass reaches ``top_p`` (the most probable token is always
@@ -46,7 +59,7 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_p: Sequence[f
             continue
         if not p > 0.0:
             raise ValueError(f"top_p must be in (0, 1], got {p}")
-        probs = torch.softmax(logits[i] / temp, dim=-1)
+        probs = _probabilities(logits[i], temp)
         if p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
             # Keep a token while the mass *before* it is below top_p (the first always stays).

@@ -6,6 +6,13 @@ import importlib.util
 import os
 
 
+def chatml(messages: list[dict[str, str]]) -> str:
+    """``messages`` (``{"role", "content"}``) in ChatML, SmolLM2's chat format, with the
+    assistant's turn opened: the prompt for a tokenizer without a chat template of its own."""
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return turns + "<|im_start|>assistant\n"
+
+
 class ByteTokenizer:
     """UTF-8 bytes as token ids (for the tiny random test model, which has no tokenizer)."""
 
@@ -16,6 +23,10 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The prompt for chat ``messages``: ChatML (the test model has no template)."""
+        return chatml(messages)
 
 
 class HFTokenizer:
@@ -28,6 +39,18 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The prompt for chat ``messages``: the model's chat template with the assistant's
+        turn opened, else ChatML. Raises ValueError when the template refuses the messages
+        (some insist on alternating roles)."""
+        if not getattr(self._tok, "chat_template", None):
+            return chatml(messages)
+        try:
+            return self._tok.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as e:  # jinja2's TemplateError, raise_exception() in the template...
+            raise ValueError(f"the model's chat template refused the messages: {e}") from None
 
 
 def check_model(model: str) -> None:

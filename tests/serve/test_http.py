@@ -911,3 +911,100 @@ def test_non_finite_numbers_never_go_out_as_invalid_json(server, engine):
     status, _, raw = http(server, "GET", "/admin/routing")
     err = json.loads(raw, parse_constant=strict)["error"]
     assert (status, err["type"], err["message"]) == (500, "server_error", "internal server error")
+
+
+# --- chat completions ---------------------------------------------------------------------------
+
+
+def chatml(*turns: tuple[str, str]) -> str:
+    """The ChatML prompt the server renders for a model without a chat template."""
+    body = "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns)
+    return body + "<|im_start|>assistant\n"
+
+
+def test_chat_completion(client, engine):
+    """/v1/chat/completions used to be a 404: the served SmolLM2 is an instruct model, and
+    most OpenAI clients only speak chat. The fake engine echoes the rendered prompt."""
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "developer", "content": "Be brief"},
+                               {"role": "user", "content": "hi. there"}])
+    prompt = chatml(("system", "Be brief"), ("user", "hi. there"))
+    req = engine.handles[0].request
+    assert (req.prompt, req.max_tokens, req.stream) == (prompt, 64, False)  # 64: the limit
+    assert out.object == "chat.completion" and out.model == MODEL
+    assert out.id.startswith("chatcmpl-") and out.id == req.request_id
+    (choice,) = out.choices
+    assert (choice.index, choice.message.role, choice.finish_reason) == (0, "assistant", "stop")
+    assert choice.message.content == prompt[: prompt.index(".") + 1]
+    assert out.usage.prompt_tokens == len(prompt)
+    assert out.usage.total_tokens == len(prompt) + out.usage.completion_tokens
+
+
+def test_chat_streaming_with_usage_and_limits(client, engine):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                            {"type": "text", "text": "b"}]}],
+        max_completion_tokens=20, stream=True, stream_options={"include_usage": True})
+    first, *chunks, last = list(stream)
+    assert engine.handles[0].request.prompt == chatml(("user", "a\nb"))
+    assert first.object == "chat.completion.chunk" and first.id.startswith("chatcmpl-")
+    assert (first.choices[0].delta.role, first.choices[0].delta.content) == ("assistant", "")
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chatml(
+        ("user", "a\nb"))[:20]
+    assert [c.choices[0].finish_reason for c in chunks][-2:] == [None, "length"]
+    assert all(c.usage is None for c in [first, *chunks])
+    assert last.choices == [] and last.usage.completion_tokens == 20
+    out = client.chat.completions.create(model=MODEL, max_tokens=3, stop=["|i"], messages=[
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": None}])
+    assert (out.choices[0].message.content, out.choices[0].finish_reason) == ("<", "stop")
+    assert engine.handles[1].request.prompt == chatml(("user", "x"), ("assistant", ""))
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": ["hi"]}, "messages[0]"),
+        ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "1"}]},
+         "messages[0].role"),
+        ({"messages": [{"content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
+         "messages[0].content"),
+        ({"messages": [{"role": "user", "content": "a\udc80"}]}, "messages[0].content"),
+        ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
+         "messages[0].tool_calls"),
+        ({"messages": [{"role": "user", "content": "x" * 1001}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
+         "max_completion_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+         "tools"),
+        ({"messages": [{"role": "user", "content": "hi"}],
+          "response_format": {"type": "json_object"}}, "response_format"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {}},
+         "stream_options"),
+    ],
+)
+def test_chat_bad_requests_are_400(server, engine, body, param):
+    status, _, raw = post_json(server, "/v1/chat/completions", body)
+    assert status == 400, raw
+    assert_error_shape(raw, type_="invalid_request_error", param=param)
+    assert engine.handles == []
+
+
+def test_chat_feature_off_values_and_other_models(client, server, engine):
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "ok."}], n=1, logprobs=False,
+        tool_choice="none", response_format={"type": "text"}, presence_penalty=0, user="me")
+    assert out.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert e.value.code == "model_not_found"
+    assert http(server, "GET", "/v1/chat/completions")[0] == 405
+    assert len(engine.handles) == 1
