@@ -90,6 +90,9 @@ def evaluate_system(sys_: System, req: PlanRequest, stats: WorkloadStats, log: L
             last[0] = el
             log(f"  {sys_.name}: iteration {it}, best {best:.2f} req/s (model), {el:.1f} s")
 
+    def named(line: str) -> None:
+        log(f"  {sys_.name}: {line}")
+
     cfg = req.tabu
     if req.select_by_simulation:  # the search leaves part of the time budget to the replays
         cfg = search_budget(cfg)
@@ -105,12 +108,14 @@ def evaluate_system(sys_: System, req: PlanRequest, stats: WorkloadStats, log: L
     elif res is not None and req.select_by_simulation:
         plan, good, seen, info = select_by_simulation(res, ev, req.workload, req.slo,
                                                       req.arrivals, req.seed,
-                                                      deadline=t0 + req.tabu.time_limit_s)
+                                                      deadline=t0 + req.tabu.time_limit_s,
+                                                      log=named)
         search.update(info)
         solve = time.perf_counter() - t0
     else:
         solve = time.perf_counter() - t0
-        good, seen = system_goodput(plan, ev, req.workload, req.slo, req.arrivals, req.seed)
+        good, seen = system_goodput(plan, ev, req.workload, req.slo, req.arrivals, req.seed,
+                                    named, "goodput search")
     m = _metrics(plan, ev, req.workload, req.slo, good, req.arrivals, req.seed)
     cost = sys_.cluster.price_per_hour()
     log(f"  {sys_.name}: model {plan.objective:.2f} req/s, simulated goodput {good:.2f} req/s, "

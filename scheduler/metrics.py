@@ -49,17 +49,21 @@ def required_scale(res: SimResult, slo: SLO, target: float = TARGET_ATTAINMENT) 
 
 def goodput_search(run: Callable[[float], SimResult], slo: SLO, hint: float,
                    target: float = TARGET_ATTAINMENT, rel_tol: float = 0.01,
-                   max_sims: int = 18) -> tuple[float, dict[float, float]]:
+                   max_sims: int = 18, on_sim: Callable[[float, float], None] | None = None
+                   ) -> tuple[float, dict[float, float]]:
     """Highest rate (req/s) whose simulated attainment is >= ``target``.
 
     ``run(rate)`` simulates at ``rate``. Brackets from ``hint`` by factors of 1.5, then bisects to
-    ``rel_tol``. Returns (goodput, {rate: attainment} of every simulation run).
+    ``rel_tol``. ``on_sim(rate, attainment)`` is called after each simulation (progress).
+    Returns (goodput, {rate: attainment} of every simulation run).
     """
     seen: dict[float, float] = {}
 
     def ok(rate: float) -> bool:
         if rate not in seen:
             seen[rate] = attainment(run(rate), slo)
+            if on_sim is not None:
+                on_sim(rate, seen[rate])
         return seen[rate] >= target
 
     r = hint if hint > 0 else 0.1

@@ -128,14 +128,17 @@ class _Calendar:
 
 
 def _wrr(weights: list[float]):
-    """Smooth weighted round-robin (deterministic, low-variance)."""
-    cur = [0.0] * len(weights)
+    """Smooth weighted round-robin (deterministic, low-variance): each pick adds every weight to
+    its route's credit and takes the route with the most credit (the first on ties), which then
+    pays the sum of the weights. In numpy: a pick is O(routes), and a 2048-GPU plan has hundreds
+    (a Python loop over them took 40 % of such a replay; numpy is faster from 4 routes)."""
+    w = np.asarray(weights, dtype=np.float64)
     total = sum(weights)
+    credit = np.zeros_like(w)
     while True:
-        for i, w in enumerate(weights):
-            cur[i] += w
-        i = max(range(len(cur)), key=lambda j: cur[j])
-        cur[i] -= total
+        credit += w
+        i = int(credit.argmax())
+        credit[i] -= total
         yield i
 
 

@@ -120,26 +120,51 @@ def sim_runner(plan: Plan, ev: Evaluator, wl: Workload, arrivals: str = "poisson
 
 
 def system_goodput(plan: Plan, ev: Evaluator, wl: Workload, slo: SLO, arrivals: str = "poisson",
-                   seed: int = 0) -> tuple[float, dict[float, float]]:
-    """Simulated goodput (req/s at >= 90 % SLO attainment) of ``plan``."""
-    return goodput_search(sim_runner(plan, ev, wl, arrivals, seed), slo, hint=max(plan.objective, 0.05))
+                   seed: int = 0, log: Callable[[str], None] | None = None,
+                   what: str = "replay") -> tuple[float, dict[float, float]]:
+    """Simulated goodput (req/s at >= 90 % SLO attainment) of ``plan``. ``log`` gets a progress
+    line (naming ``what``) at most every 2 s of simulations: on clusters of thousands of GPUs one
+    simulation of the steady-state span takes minutes."""
+    return goodput_search(sim_runner(plan, ev, wl, arrivals, seed), slo,
+                          hint=max(plan.objective, 0.05), on_sim=_sim_progress(log, what))
+
+
+def _sim_progress(log: Callable[[str], None] | None, what: str,
+                  every_s: float = 2.0) -> Callable[[float, float], None] | None:
+    """A goodput search's ``on_sim`` that logs at most once per ``every_s`` seconds."""
+    if log is None:
+        return None
+    t0 = time.perf_counter()
+    last, count = [t0], [0]
+
+    def on_sim(rate: float, attained: float) -> None:
+        count[0] += 1
+        now = time.perf_counter()
+        if now - last[0] >= every_s:
+            last[0] = now
+            log(f"{what}: {rate:.2f} req/s -> {attained:.1%} within the SLOs "
+                f"(simulation {count[0]}, {now - t0:.1f} s)")
+    return on_sim
 
 
 def replay_candidates(res: SearchResult, ev: Evaluator, wl: Workload, slo: SLO,
-                      arrivals: str = "poisson", seed: int = 0, deadline: float | None = None
+                      arrivals: str = "poisson", seed: int = 0, deadline: float | None = None,
+                      log: Callable[[str], None] | None = None
                       ) -> list[tuple[int, Plan, float, dict[float, float]]]:
     """Simulated goodput of the search's best distinct candidates (``res.top``, best model
     value first): ``[(rank, plan, goodput, attainment curve)]``. After the first candidate,
     replays one more only while the slowest replay so far still fits before ``deadline`` (a
-    ``time.perf_counter()`` value)."""
+    ``time.perf_counter()`` value). ``log``: progress lines, as for :func:`system_goodput`."""
     out = []
     slowest = 0.0
-    for rank, (_, state) in enumerate(res.top or [(res.value, res.state)]):
+    cands = res.top or [(res.value, res.state)]
+    for rank, (_, state) in enumerate(cands):
         t = time.perf_counter()
         if rank and deadline is not None and t + slowest > deadline:
             break
         plan = ev.plan(state)
-        good, seen = system_goodput(plan, ev, wl, slo, arrivals, seed)
+        good, seen = system_goodput(plan, ev, wl, slo, arrivals, seed, log,
+                                    f"replaying candidate {rank + 1} of {len(cands)}")
         out.append((rank, plan, good, seen))
         slowest = max(slowest, time.perf_counter() - t)
     return out
@@ -147,7 +172,7 @@ def replay_candidates(res: SearchResult, ev: Evaluator, wl: Workload, slo: SLO,
 
 def select_by_simulation(res: SearchResult, ev: Evaluator, wl: Workload, slo: SLO,
                          arrivals: str = "poisson", seed: int = 0,
-                         deadline: float | None = None
+                         deadline: float | None = None, log: Callable[[str], None] | None = None
                          ) -> tuple[Plan, float, dict[float, float], dict]:
     """Replay the search's best distinct candidates (:func:`replay_candidates`) and keep the
     one with the highest simulated goodput: the roofline + queueing model ranks plans well but
@@ -155,7 +180,7 @@ def select_by_simulation(res: SearchResult, ev: Evaluator, wl: Workload, slo: SL
     (plan, goodput, its attainment curve, {"candidates", "simulated", "picked_rank",
     "candidate_model_req_per_s"})."""
     cands = res.top or [(res.value, res.state)]
-    replayed = replay_candidates(res, ev, wl, slo, arrivals, seed, deadline)
+    replayed = replay_candidates(res, ev, wl, slo, arrivals, seed, deadline, log)
     best = replayed[0]
     for r in replayed[1:]:
         if r[2] > best[2] * (1 + 1e-9):

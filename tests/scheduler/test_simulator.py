@@ -122,6 +122,27 @@ def test_goodput_search_brackets_threshold():
     for hint in (7.0 / 4, 7.0 * 4):
         g, seen = goodput_search(R, slo, hint=hint)
         assert 7.0 / 1.01 <= g <= 7.0, (hint, g)
+    # progress: one report per simulation, in the order they ran
+    reports: list[tuple[float, float]] = []
+    g, seen = goodput_search(R, slo, hint=2.0, on_sim=lambda r, a: reports.append((r, a)))
+    assert reports == list(seen.items())
+
+
+def test_replay_progress_lines_name_the_rate_attainment_and_count():
+    from thunderkv.scheduler.systems import _sim_progress
+
+    assert _sim_progress(None, "replay") is None
+    lines: list[str] = []
+    every = _sim_progress(lines.append, "replaying candidate 1 of 8", every_s=0.0)
+    every(12.5, 0.93)
+    every(18.75, 0.41)
+    assert lines[0].startswith("replaying candidate 1 of 8: 12.50 req/s -> 93.0% within the SLOs "
+                               "(simulation 1, ")
+    assert "18.75 req/s -> 41.0%" in lines[1] and "(simulation 2, " in lines[1]
+    quiet: list[str] = []
+    throttled = _sim_progress(quiet.append, "replay", every_s=3600.0)
+    throttled(1.0, 1.0)
+    assert quiet == []  # nothing before every_s has passed
 
 
 def test_required_scale_quantile():
@@ -383,3 +404,33 @@ def test_a_plan_read_back_from_json_replays_identically(model7b, params, stats, 
     a = simulate(plan, ev.cluster, model7b, params, wl)
     b = simulate(back, ev.cluster, model7b, params, wl)
     assert np.array_equal(a.finish, b.finish, equal_nan=True)
+
+
+def _wrr_oracle(weights: list[float], n: int) -> list[int]:
+    """Smooth weighted round-robin as nginx writes it, in plain Python."""
+    cur, total, out = [0.0] * len(weights), sum(weights), []
+    for _ in range(n):
+        for i, w in enumerate(weights):
+            cur[i] += w
+        i = max(range(len(cur)), key=lambda j: cur[j])  # the first of equal maxima
+        cur[i] -= total
+        out.append(i)
+    return out
+
+
+def test_weighted_round_robin_matches_the_plain_algorithm_and_the_weights(np_rng):
+    """The numpy _wrr must pick exactly what the loop it replaced picked (same replays)."""
+    import itertools
+
+    from thunderkv.scheduler.simulator import _wrr
+
+    for _ in range(30):
+        n = int(np_rng.integers(1, 70))
+        w = [float(x) for x in np_rng.choice([0.0, 0.5, 1.0, 3.0], n)]
+        w = [x * float(np_rng.random()) if np_rng.random() < 0.5 else x for x in w]
+        if sum(w) == 0:
+            continue
+        picks = list(itertools.islice(_wrr(w), 2000))
+        assert picks == _wrr_oracle(w, 2000)
+        share = np.bincount(picks, minlength=n) / len(picks)
+        assert np.allclose(share, np.array(w) / sum(w), atol=n / 2000)
