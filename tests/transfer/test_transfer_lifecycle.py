@@ -573,3 +573,41 @@ def test_keep_alive_carries_a_stream_past_the_receivers_timeout():
                 stream.keep_alive()  # the failed request's stream is closed
     finally:
         rx.close()
+
+
+def _is_pipe(fd: int, inode: int) -> bool:
+    """Whether ``fd`` is still open on the pipe whose inode is ``inode``."""
+    import os
+    import stat
+
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return stat.S_ISFIFO(st.st_mode) and st.st_ino == inode
+
+
+def test_a_connection_thread_that_outlives_close_closes_the_wakeup_pipe(monkeypatch):
+    """close() joins connection threads for 2 s; the wake-up pipe of a receiver whose thread
+    took longer used to stay open for the life of the process (two fds per such receiver)."""
+    import os
+
+    original = KVReceiver._handshake
+    entered = threading.Event()
+
+    def slow_handshake(self, conn):  # a thread busy past close()'s 2 s join
+        entered.set()
+        time.sleep(3.0)
+        return original(self, conn)
+
+    monkeypatch.setattr(KVReceiver, "_handshake", slow_handshake)
+    rx = KVReceiver(1 << 20, token=peers.TOKEN, timeout=5.0)
+    inode = os.fstat(rx._wakeup_r).st_ino
+    with socket.create_connection((rx.host, rx.port)):
+        assert entered.wait(5)
+        rx.close()
+        assert _is_pipe(rx._wakeup_r, inode)  # the thread may still poll it: kept open
+    deadline = time.monotonic() + 10
+    while _is_pipe(rx._wakeup_r, inode) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _is_pipe(rx._wakeup_r, inode)

@@ -242,6 +242,7 @@ class KVReceiver:
         #                     the sender confirming it stopped writing (close() quarantines)
         self._threads: set[threading.Thread] = set()  # connection threads still running
         self._wakeup_r, self._wakeup_w = os.pipe()  # close() makes it readable
+        self._wakeup_to_last_thread = False  # close() left the pipe to the last thread to end
         self.host, self.port = self._sock.getsockname()[:2]
         self._acceptor = threading.Thread(target=self._accept_loop, name="tkv-accept", daemon=True)
         self._acceptor.start()
@@ -384,9 +385,11 @@ class KVReceiver:
         deadline = time.monotonic() + 2.0
         for thread in threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        if not any(thread.is_alive() for thread in threads):  # else they may still poll them
-            os.close(self._wakeup_r)
-            os.close(self._wakeup_w)
+        with self._lock:  # a thread still running may still poll the pipe: the last one closes it
+            self._wakeup_to_last_thread = bool(self._threads)
+            if self._wakeup_to_last_thread:
+                return
+        self._close_wakeup()
 
     def __enter__(self) -> KVReceiver:
         return self
@@ -395,6 +398,11 @@ class KVReceiver:
         self.close()
 
     # ------------------------------------------------------------------ internals
+    def _close_wakeup(self) -> None:
+        """Close the wake-up pipe: once no connection thread can poll it any more."""
+        os.close(self._wakeup_r)
+        os.close(self._wakeup_w)
+
     def _forget(self, incoming: IncomingKV) -> None:
         """Forget ``incoming`` and give its slice back, once (later calls do nothing). A slice
         its sender may still write into (``incoming.writing``) stays out of the pool."""
@@ -505,7 +513,10 @@ class KVReceiver:
             except OSError:
                 return  # closed
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
+            peer = f"{addr[0]}:{addr[1]}"
+            thread = threading.Thread(target=self._serve, args=(conn, peer),
+                                      name=f"tkv-peer-{peer}", daemon=True)
+            with self._lock:  # registered with the check: close() then sees every thread
                 if self._closed:
                     conn.close()
                     return
@@ -516,10 +527,6 @@ class KVReceiver:
                     continue
                 self._handshaking += 1
                 self._connections.add(conn)
-            peer = f"{addr[0]}:{addr[1]}"
-            thread = threading.Thread(target=self._serve, args=(conn, peer),
-                                      name=f"tkv-peer-{peer}", daemon=True)
-            with self._lock:
                 self._threads.add(thread)
             thread.start()
 
@@ -578,7 +585,10 @@ class KVReceiver:
             with self._lock:
                 self._connections.discard(conn)
                 self._threads.discard(threading.current_thread())
+                last = self._wakeup_to_last_thread and not self._threads
             conn.close()
+            if last:  # close() returned before this thread ended
+                self._close_wakeup()
 
     def _begin(self, conn: socket.socket, peer: str, msg: channel.Message) -> IncomingKV | None:
         """Validate the header and grant a slice; None (after telling the sender) if refused."""
