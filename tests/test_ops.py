@@ -74,3 +74,22 @@ def test_ops_and_api_agree():
     q = tk.quantize(x, backend="cpu")
     packed, scale, minimum = OPS.quantize(x, 4, 64, -1, "cpu")
     assert torch.equal(q.packed, packed) and bits_equal(q.scale, scale)
+
+
+def test_backward_through_the_ops_says_why_there_is_no_gradient(gen):
+    """Inputs that require grad pass forward (an HF model run outside no_grad hands such K/V to
+    the cache), and opcheck's autograd-registration test passes on them; backward used to end
+    in torch's generic "no autograd formula was registered"."""
+    x = torch.randn(2, 8, 64, generator=gen, requires_grad=True)
+    torch.library.opcheck(OPS.quantize.default, (x, 4, 32, -1, "cpu"),
+                          test_utils=("test_schema", "test_autograd_registration"))
+    q = tk.quantize(x, bits=4, group_size=32)
+    assert q.scale.requires_grad and not q.packed.requires_grad
+    want = tk.quantize(x.detach(), bits=4, group_size=32)
+    assert bits_equal(q.scale.detach(), want.scale) and bits_equal(q.packed, want.packed)
+    with pytest.raises(RuntimeError, match="thunderkv.quantize has no gradient.*detach"):
+        q.minimum.sum().backward()
+    y = q.dequantize()
+    assert y.requires_grad and bits_equal(y.detach(), want.dequantize())
+    with pytest.raises(RuntimeError, match="thunderkv.dequantize has no gradient"):
+        y.sum().backward()

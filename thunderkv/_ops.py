@@ -211,3 +211,27 @@ def eager_ok(*tensors: torch.Tensor) -> bool:
         return False
     grad = torch.is_grad_enabled()
     return all(type(t) is torch.Tensor and not (grad and t.requires_grad) for t in tensors)
+
+
+# ---------------------------------------------------------------- autograd
+
+
+def _no_gradient(op: str):
+    """A backward for ``op`` that says why there is none. Forward passes with inputs that require
+    grad stay allowed (an HF model run without ``torch.no_grad()`` hands such K/V to the cache);
+    only backpropagating through the op fails, with this message instead of torch's generic
+    "no autograd formula was registered"."""
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"thunderkv.{op} has no gradient: format v1 quantization rounds to integer codes, "
+            "which is not differentiable. Quantize and dequantize detached tensors "
+            "(x.detach(), or inside torch.no_grad() as inference does)")
+    return backward
+
+
+def _no_context(ctx, inputs, output) -> None:
+    return None
+
+
+quantize.register_autograd(_no_gradient("quantize"), setup_context=_no_context)
+dequantize.register_autograd(_no_gradient("dequantize"), setup_context=_no_context)
