@@ -157,7 +157,8 @@ def register(subparsers) -> None:
                    help="tabu iterations per system (the time limit usually binds first)")
     t.add_argument("--time-limit", type=float, default=30.0, help="seconds of planning per system: the search, then replays of its best "
                    "candidates while time is left (the best one is always replayed, so a very "
-                   "small limit runs over by one goodput search)")
+                   "small limit runs over by one goodput search: minutes on thousands of GPUs, "
+                   "see --replay-seconds)")
     t.add_argument("--resilience", type=float, metavar="TOL",
                    help="failure-aware choice for ours: of the search's candidates within TOL "
                         "(e.g. 0.02) of the best simulated goodput, keep the one with the most "
