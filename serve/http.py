@@ -58,8 +58,16 @@ from .api_types import (
     chat_messages,
     health_ok,
 )
+from .openai_shapes import (
+    CHAT,
+    TEXT,
+    AnswerShape,
+    chat_max_tokens,
+    include_usage,
+    render_chat,
+    usage_dict,
+)
 from .stops import StopMatcher
-from .tokenizer import chatml
 
 log = logging.getLogger(__name__)
 
@@ -148,68 +156,6 @@ def _dumps(obj: Any) -> bytes:
 
 def _shutting_down() -> RequestError:
     return RequestError("server shutting down", status=503, code="server_shutting_down")
-
-
-def _text_choice(text: str, finish_reason: str | None) -> dict:
-    return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
-
-
-def _chat_choice(text: str, finish_reason: str | None) -> dict:
-    return {
-        "index": 0,
-        "message": {"role": "assistant", "content": text},
-        "logprobs": None,
-        "finish_reason": finish_reason,
-    }
-
-
-def _chat_delta(text: str, finish_reason: str | None) -> dict:
-    delta = {"content": text} if text else {}
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Shape:
-    """How one API's answers look: ``object`` of a whole answer and of a stream chunk, the
-    choice of each (text, finish_reason), and the choice a stream opens with (or None)."""
-
-    object: str
-    chunk_object: str
-    choice: Callable[[str, str | None], dict]
-    delta: Callable[[str, str | None], dict]
-    opening: dict | None = None
-
-
-_TEXT = _Shape("text_completion", "text_completion", _text_choice, _text_choice)
-_CHAT = _Shape(
-    "chat.completion",
-    "chat.completion.chunk",
-    _chat_choice,
-    _chat_delta,
-    opening={"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-             "finish_reason": None},
-)
-
-
-def _render_chat(engine: Engine, messages: list[dict[str, str]]) -> str:
-    """The prompt for ``messages``: ``engine.tokenizer.render_chat`` (serve/tokenizer.py: the
-    model's chat template, else ChatML) where the engine has one, else ChatML. A template that
-    refuses the messages is the client's 400."""
-    render = getattr(getattr(engine, "tokenizer", None), "render_chat", chatml)
-    try:
-        return render(messages)
-    except ValueError as e:
-        raise RequestError(str(e), "messages") from None
-
-
-def _chat_max_tokens(engine: Engine, prompt: str, limit: int) -> int:
-    """Chat's default ``max_tokens`` (OpenAI's is "until the context is full"): the positions
-    the prompt leaves, at most ``limit``; ``limit`` where the engine does not say."""
-    positions = getattr(engine, "max_positions", None)
-    tokenizer = getattr(engine, "tokenizer", None)
-    if not isinstance(positions, int) or tokenizer is None:
-        return limit
-    return max(1, min(limit, positions - len(tokenizer.encode(prompt))))
 
 
 class _Inflight:
@@ -591,20 +537,20 @@ class _Handler(BaseHTTPRequestHandler):
         request = CompletionRequest.from_json(
             payload, max_prompt_chars=api.max_prompt_chars, max_tokens_limit=api.max_tokens_limit
         )
-        self._serve(request, _include_usage(payload, request.stream), _TEXT)
+        self._serve(request, include_usage(payload, request.stream), TEXT)
 
     def _chat_completions(self, body: bytes, path: str) -> None:
         api = self.server.api
         payload = self._json_object(body)
-        prompt = _render_chat(api.engine, chat_messages(payload))
+        prompt = render_chat(api.engine, chat_messages(payload))
         request = CompletionRequest.from_chat_json(
             payload, prompt, max_prompt_chars=api.max_prompt_chars,
             max_tokens_limit=api.max_tokens_limit,
-            default_max_tokens=lambda: _chat_max_tokens(api.engine, prompt, api.max_tokens_limit),
+            default_max_tokens=lambda: chat_max_tokens(api.engine, prompt, api.max_tokens_limit),
         )
-        self._serve(request, _include_usage(payload, request.stream), _CHAT)
+        self._serve(request, include_usage(payload, request.stream), CHAT)
 
-    def _serve(self, request: CompletionRequest, include_usage: bool, shape: _Shape) -> None:
+    def _serve(self, request: CompletionRequest, include_usage: bool, shape: AnswerShape) -> None:
         """Submits a validated request and answers it (JSON, or SSE for a stream)."""
         api = self.server.api
         if request.model is not None and request.model != api.engine.model_name:
@@ -663,7 +609,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             yield event
 
-    def _complete(self, request: CompletionRequest, inflight: _Inflight, shape: _Shape) -> None:
+    def _complete(self, request: CompletionRequest, inflight: _Inflight, shape: AnswerShape) -> None:
         texts: list[str] = []
         finish_reason = None
         stops = StopMatcher(request.stop)
@@ -691,13 +637,13 @@ class _Handler(BaseHTTPRequestHandler):
                 "created": int(time.time()),
                 "model": api.engine.model_name,
                 "choices": [shape.choice("".join(texts), finish_reason)],
-                "usage": _usage_dict(usage),
+                "usage": usage_dict(usage),
             },
             (("x-request-id", request.request_id),),
         )
 
     def _stream(
-        self, request: CompletionRequest, inflight: _Inflight, include_usage: bool, shape: _Shape
+        self, request: CompletionRequest, inflight: _Inflight, include_usage: bool, shape: AnswerShape
     ) -> None:
         events = self._events(inflight)
         # The first event is awaited before the 200 goes out, so that a request the engine
@@ -763,7 +709,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._sse(_dumps(chunk(shape.delta(stops.flush(), "stop"))))
             if include_usage:
                 final = chunk(None)
-                final["usage"] = _usage_dict(inflight.handle.usage())
+                final["usage"] = usage_dict(inflight.handle.usage())
                 self._sse(_dumps(final))
         except _ClientGone:
             raise
@@ -784,29 +730,6 @@ class _Handler(BaseHTTPRequestHandler):
         if self._chunked:
             payload = b"%x\r\n%b\r\n" % (len(payload), payload)
         self._write(payload)
-
-
-def _include_usage(payload: dict, stream: bool) -> bool:
-    options = payload.get("stream_options")
-    if options is None:
-        return False
-    if not isinstance(options, dict):
-        raise RequestError("'stream_options' must be an object", "stream_options")
-    if not stream:
-        raise RequestError("'stream_options' is only allowed with stream=true", "stream_options")
-    include = options.get("include_usage", False)
-    if not isinstance(include, bool):
-        raise RequestError("'stream_options.include_usage' must be a boolean", "stream_options")
-    return include
-
-
-def _usage_dict(usage: Any) -> dict:
-    prompt, completion = int(usage.prompt_tokens), int(usage.completion_tokens)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
 
 
 class ApiServer:
