@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import transformers.utils
 from conftest import prompt
 
 from thunderkv.hf.speed import decode_speed
@@ -26,3 +27,14 @@ def test_decode_speed_rejects_short_text(tiny):
     _, model = tiny
     with pytest.raises(ValueError, match="fewer than context"):
         decode_speed(model, prompt(1, 10), ["fp"], [64])
+
+
+def test_a_cache_whose_package_is_missing_is_a_row(tiny, monkeypatch):
+    """`thunderkv eval speed` lists hf-quanto4 by default: without optimum-quanto it must say
+    so in its row, as `eval quality` does, not end the run with a traceback."""
+    _, model = tiny
+    monkeypatch.setattr(transformers.utils, "is_hqq_available", lambda: False)
+    rows = decode_speed(model, prompt(1, 40), ["fp", "hf-hqq4"], [16], steps=2, group_size=32)
+    assert [r["cache"] for r in rows] == ["fp", "hf-hqq4"] and rows[0]["status"] == "ok"
+    assert rows[1] == {"context": 16, "cache": "hf-hqq4",
+                       "status": "unavailable: hf-hqq4 needs `pip install hqq`"}

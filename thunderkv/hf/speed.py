@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from .quality import _clock, cache_nbytes, make_cache
+from .quality import CacheUnavailable, _clock, cache_nbytes, make_cache
 
 
 def decode_speed(
@@ -42,7 +42,7 @@ def decode_speed(
             try:
                 cache = make_cache(name, model.config, group_size=group_size,
                                    residual_length=residual_length, sink_length=sink_length)
-            except ImportError as exc:
+            except (CacheUnavailable, ImportError) as exc:  # a missing package: a row, not a crash
                 rows.append({"context": ctx, "cache": name, "status": f"unavailable: {exc}"})
                 continue
             with torch.no_grad():
