@@ -156,6 +156,16 @@ def test_sink_length_is_checked(tiny, sink, error):
         ThunderKVCache(tiny[0], group_size=G, sink_length=sink)
 
 
+@pytest.mark.parametrize("arg,axis", [("key_axis", 0), ("key_axis", 1), ("value_axis", 3),
+                                      ("value_axis", -3), ("key_axis", True)])
+def test_an_invalid_axis_is_named(tiny, arg, axis):
+    """The error names the argument: format v1's "axis must be ..." did not say which one."""
+    with pytest.raises(ValueError, match=f"^{arg} must be -1 .* or -2 .*, got {axis!r}$"):
+        ThunderKVCache(tiny[0], group_size=G, **{arg: axis})
+    with pytest.raises(ValueError, match=f"^{arg} must be"):
+        ThunderKVLayer(4, G, R, **{arg: axis})
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_reported_memory_equals_tensor_bytes(tiny, bits):
     config, model = tiny

@@ -84,6 +84,13 @@ def token_slice(q: QuantizedTensor, start: int, end: int) -> QuantizedTensor:
     return QuantizedTensor(packed, scale, minimum, q.spec, shape, q.dtype)
 
 
+def check_axis(name: str, axis: object) -> None:
+    """Raise ValueError, naming the argument ``name``, unless ``axis`` is -1 or -2."""
+    if isinstance(axis, bool) or not isinstance(axis, int) or axis not in (-1, -2):
+        raise ValueError(f"{name} must be -1 (per-token: groups run along head_dim) or -2 "
+                         f"(per-channel: groups run along tokens), got {axis!r}")
+
+
 class ThunderKVLayer(CacheLayerMixin):
     """A format v1 quantized KV cache for one full-attention layer (see the module docstring).
 
@@ -122,6 +129,8 @@ class ThunderKVLayer(CacheLayerMixin):
     ) -> None:
         super().__init__()
         self.attention_config = attention_config
+        check_axis("key_axis", key_axis)
+        check_axis("value_axis", value_axis)
         self.key_spec = FormatSpec(bits, group_size, key_axis)
         self.value_spec = FormatSpec(bits, group_size, value_axis)
         if isinstance(residual_length, bool) or not isinstance(residual_length, int):
