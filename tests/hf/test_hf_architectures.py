@@ -319,6 +319,84 @@ def test_a_hybrid_model_cannot_import_a_kv_message():
         import_kv(export_kv(cache), hybrid_config)
 
 
+def build_mllama():
+    """A tiny Mllama (Llama 3.2 Vision): 4 text layers, 1 and 3 cross-attending to one image of
+    two 28x28 tiles (34 vision tokens)."""
+    if not hasattr(transformers, "MllamaForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has no Mllama")
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                  intermediate_size=64, vision_output_dim=64, image_size=28, patch_size=7,
+                  max_num_tiles=2, intermediate_layers_indices=[0],
+                  supported_aspect_ratios=[[1, 1], [1, 2]])
+    text = dict(_GQA, num_hidden_layers=4, cross_attention_layers=[1, 3], pad_token_id=0,
+                bos_token_id=1, eos_token_id=2)
+    config = transformers.MllamaConfig(vision_config=vision, text_config=text,
+                                       image_token_index=VOCAB - 1)
+    torch.manual_seed(0)
+    return config, transformers.MllamaForConditionalGeneration(config).eval()
+
+
+def test_mllama_keeps_its_cross_attention_layers_exact(np_rng):
+    """Mllama's cross-attention layers cache the image's KV at the first step and on later
+    steps read it back from ``cache.layers[i].keys``: a ThunderKVLayer there handed back only
+    its residual (SDPA failed on the second step, the image's 34 tokens cut to 1). They are
+    kept exact, as transformers' DynamicLayer; the self-attention layers are quantized."""
+    config, model = build_mllama()
+    prompt, tokens = 48, 72
+    g = torch.Generator().manual_seed(int(np_rng.integers(2**31)))
+    ids = torch.randint(3, VOCAB - 1, (2, tokens), generator=g)
+    ids[:, 0] = VOCAB - 1  # the image token
+    image = dict(pixel_values=torch.randn(2, 1, 2, 3, 28, 28, generator=g),
+                 aspect_ratio_ids=torch.tensor([[2], [2]]),
+                 aspect_ratio_mask=torch.ones(2, 1, 2, dtype=torch.long))
+    xmask = torch.ones(2, tokens, 1, 2, dtype=torch.long)  # every token sees both tiles
+    cache = ThunderKVCache(config, bits=8, group_size=16, residual_length=8)
+    assert cache.layer_types == ["full_attention", "cross_attention"] * 2
+    assert cache.quantized_layers == [0, 2]
+    with torch.no_grad():
+        full = model(ids, cross_attention_mask=xmask, **image).logits[:, prompt - 1:tokens - 1]
+        short = model(ids[:, 30:], cross_attention_mask=xmask[:, 30:], **image).logits
+        dynamic = transformers.DynamicCache(config=config)
+        model(ids[:, :prompt], cache=dynamic, cross_attention_mask=xmask[:, :prompt], **image)
+        got = [model(ids[:, :prompt], cache=cache, cross_attention_mask=xmask[:, :prompt],
+                     **image).logits[:, -1]]
+        for t in range(prompt, tokens - 1):
+            got.append(model(ids[:, t:t + 1], cache=cache,
+                             cross_attention_mask=xmask[:, t:t + 1]).logits[:, -1])
+    assert error(short[:, prompt - 31:tokens - 31], full) > 10 * TOL
+    assert error(torch.stack(got, 1), full) < TOL
+    assert all(cache.layers[i].quantized_length > 0 for i in (0, 2))
+    for i in (1, 3):  # the image's KV, exactly as DynamicCache holds it
+        assert torch.equal(cache.layers[i].keys, dynamic.layers[i].keys)
+        assert torch.equal(cache.layers[i].values, dynamic.layers[i].values)
+    with pytest.raises(ValueError, match="hybrid model"):
+        export_kv(cache)
+
+
+def test_encoder_decoder_models_take_it_as_their_self_attention_cache():
+    """docs/hf.md's recipe for encoder-decoder models: generate() hands a plain cache to both
+    self- and cross-attention (DynamicCache too), so ThunderKVCache goes inside an
+    EncoderDecoderCache, which keeps the encoder's KV in a DynamicCache of its own."""
+    config = transformers.BartConfig(vocab_size=VOCAB, d_model=64, encoder_layers=2,
+                                     decoder_layers=2, encoder_attention_heads=4,
+                                     decoder_attention_heads=4, encoder_ffn_dim=128,
+                                     decoder_ffn_dim=128, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = transformers.BartForConditionalGeneration(config).eval()
+    ids = ids_for(13)[:, :40]
+    kw = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    cache = transformers.EncoderDecoderCache(
+        ThunderKVCache(config, bits=8, group_size=16, residual_length=8),
+        transformers.DynamicCache(config=config))
+    with torch.no_grad():
+        want = model.generate(ids, **kw)
+        got = model.generate(ids, cache=cache, **kw)
+    assert torch.equal(got, want)
+    decoder = cache.self_attention_cache
+    assert decoder.get_seq_length() == 40 and decoder.layers[0].quantized_length > 0
+    assert cache.cross_attention_cache.get_seq_length() == 40  # the encoder's 40 tokens, once
+
+
 @pytest.mark.parametrize("cfg_name, kwargs, match", [
     ("MistralConfig", dict(_GQA, sliding_window=16), "no full-attention layer"),
     ("Gemma3nTextConfig", dict(_GQA, num_hidden_layers=4, num_kv_shared_layers=2,

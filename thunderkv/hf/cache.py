@@ -5,26 +5,47 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    Cache,
+    CacheLayerMixin,
+    DynamicLayer,
+    get_layer_types_and_kwargs,
+)
 from transformers.configuration_utils import PreTrainedConfig
 
-from .layer import ThunderKVLayer
+from .layer import ThunderKVLayer, check_axis
 
 SUPPORTED_LAYER_TYPES = frozenset({"full_attention"})  # quantized, in format v1
 # Kept as transformers' own full-precision layers in hybrid models: attention windows (bounded
 # by their size: a quantized history could not be trimmed to them), recurrent and convolution
-# states (no per-token KV) and layers that store nothing (MLP-only layers).
+# states (no per-token KV), layers that store nothing (MLP-only layers) and cross-attention
+# layers (the image's KV, which the model reads back from ``cache.layers[i].keys``).
+# transformers has no layer type for Mllama's cross-attention layers: they are plain DynamicLayers.
+CROSS_ATTENTION = "cross_attention"
 EXACT_LAYER_TYPES = frozenset({"sliding_attention", "chunked_attention", "conv",
-                               "linear_attention", "dummy"})
+                               "linear_attention", "dummy", CROSS_ATTENTION})
 
 
 def _decoder_layer_types(config: PreTrainedConfig) -> tuple[list[str], list[dict], str]:
-    """(layer types, per-layer kwargs, config class name) of ``config``'s decoder."""
+    """(layer types, per-layer kwargs, config class name) of ``config``'s decoder.
+
+    The layers a decoder config lists in ``cross_attention_layers`` (Mllama) are typed
+    ``"cross_attention"``: transformers calls them full attention, but they cache the image's
+    KV once and read it back on every later step from the layer's ``keys``/``values``.
+    """
     if not isinstance(config, PreTrainedConfig):
         raise TypeError(f"config must be a transformers PreTrainedConfig, got {type(config).__name__}")
     text = config.get_text_config(decoder=True)
     layer_types, kwargs = get_layer_types_and_kwargs(text)
-    return list(layer_types), kwargs, type(text).__name__
+    cross = set(getattr(text, "cross_attention_layers", None) or ())
+    layer_types = [CROSS_ATTENTION if i in cross else kind for i, kind in enumerate(layer_types)]
+    return layer_types, kwargs, type(text).__name__
+
+
+def _exact_layer(kind: str, kwargs: dict) -> CacheLayerMixin:
+    """transformers' own full-precision cache layer for a layer of type ``kind``."""
+    return DynamicLayer() if kind == CROSS_ATTENTION else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
 
 
 def full_attention_layers(config: PreTrainedConfig) -> int:
@@ -42,7 +63,8 @@ def cache_layer_types(config: PreTrainedConfig) -> tuple[list[str], list[dict]]:
 
     ThunderKVCache quantizes the ``"full_attention"`` layers and keeps the types in
     :data:`EXACT_LAYER_TYPES` (sliding windows, chunked attention, linear-attention and
-    convolution states, layers without attention) in transformers' own full-precision layers.
+    convolution states, layers without attention, Mllama's cross-attention layers) in
+    transformers' own full-precision layers.
     Raises ValueError for other types (e.g. a layer mixing linear and full attention, or indexed
     sparse attention), for KV sharing across layers (Gemma 3n/4) and for a model without any
     full-attention layer (nothing to quantize).
@@ -124,8 +146,8 @@ class ThunderKVCache(Cache):
         (Gemma 2/3, gpt-oss, Cohere 2, OLMo 3, Qwen2 with sliding layers, Llama 4's chunked
         layers, linear-attention hybrids) the sliding-window, chunked, linear-attention and
         convolution layers keep transformers' own full-precision layers (bounded by their window
-        or state size). Other layer types, and a model with no full-attention layer, raise
-        ValueError.
+        or state size), and so do Mllama's cross-attention layers (the image's KV). Other layer
+        types, and a model with no full-attention layer, raise ValueError.
     bits : 2, 4 or 8 bits per stored code.
     group_size : G, elements per (scale, minimum); must divide head_dim.
     residual_length : full-precision capacity in tokens (at most ``max(residual_length, G - 1)``
@@ -168,6 +190,8 @@ class ThunderKVCache(Cache):
         if why is not None:  # now, not at the first forward pass
             raise ValueError(f"backend={backend!r} cannot run here: {why}")
         FormatSpec(bits, group_size)  # bits 2/4/8 and a positive group size, or ValueError
+        check_axis("key_axis", key_axis)
+        check_axis("value_axis", value_axis)
         head_dim = head_dim_of(config)
         if head_dim and -1 in (key_axis, value_axis) and head_dim % group_size:
             raise ValueError(
@@ -181,7 +205,7 @@ class ThunderKVCache(Cache):
         layers = [
             ThunderKVLayer(bits, group_size, residual_length, backend, key_axis, value_axis,
                            attention_config=config, sink_length=sink_length)
-            if kind == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
+            if kind == "full_attention" else _exact_layer(kind, kwargs)
             for kind, kwargs in zip(layer_types, layer_kwargs)
         ]
         super().__init__(layers=layers)
