@@ -61,6 +61,22 @@ def test_cli_reports_bad_arguments(capsys):
     assert "cannot read --text" in " ".join(capsys.readouterr().err.split())
 
 
+@pytest.mark.parametrize("what,flag,value", [
+    ("quality", "--tokens", "-5"), ("quality", "--tokens", "1"),
+    *((what, flag, value) for what in ("quality", "speed")
+      for flag, value in (("--threads", "0"), ("--threads", "-2"), ("--group-size", "0"),
+                          ("--group-size", "-64"))),
+])
+def test_cli_rejects_counts_below_their_minimum(what, flag, value, capsys):
+    """`--tokens -5` sliced the text from its end (all but 5 of its tokens), `--threads 0`
+    kept the default silently and `--threads -2` or `--group-size -64` failed only after the
+    model loaded: each is an argparse error now, before anything runs."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", what, "--model", "/no/such/model/dir", flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: must be >=" in capsys.readouterr().err
+
+
 def test_default_text_is_fixed_and_offline():
     text = models.default_text()
     assert len(text) == models.DEFAULT_TEXT_CHARS and text == models.default_text()

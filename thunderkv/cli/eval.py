@@ -18,13 +18,13 @@ def _model_and_cache_args(p: argparse.ArgumentParser, default_caches: str) -> No
     p.add_argument("--cache", action="append", dest="caches", metavar="NAME",
                    help="fp, thunderkv8, thunderkv4, thunderkv2, hf-quanto4, hf-hqq4, hf-fp8 "
                    f"(repeatable; default: {default_caches})")
-    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--group-size", type=_count(1), default=64)
     p.add_argument("--residual-length", type=_count(0), default=128)
     p.add_argument("--sink-length", type=sink_tokens, default=1,
                    help="ThunderKV caches: first tokens kept exact (attention sinks; 0 = plain "
                    "KIVI)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_count(1), default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu",
                    help="cpu (default) or cuda[:N]: where the model and caches run")
     p.add_argument("--attention", choices=["fused", "materialize"], default="fused",
@@ -102,7 +102,8 @@ def register(subparsers) -> None:
     _model_and_cache_args(q, "fp thunderkv4 thunderkv2 hf-quanto4 hf-hqq4")
     q.add_argument("--text", metavar="FILE",
                    help="UTF-8 text (default: a fixed slice of CPython's pydoc_data.topics)")
-    q.add_argument("--tokens", type=int, default=512, help="tokens evaluated, prefix included")
+    q.add_argument("--tokens", type=_count(2), default=512,
+                   help="tokens evaluated, prefix included")
     q.add_argument("--prefix", type=_count(1), default=64,
                    help="tokens fed at once before scoring")
     q.add_argument("--json", metavar="PATH", help="append one JSON line per cache")
