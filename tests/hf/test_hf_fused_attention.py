@@ -245,3 +245,29 @@ def test_the_cuda_path_kernel_decodes_the_same(model, monkeypatch):
     got, _ = run(model, True, ids, prefix=10, **kw)
     assert len(calls) == (ids.shape[1] - 1 - 10) * model.config.num_hidden_layers
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _decode_step_grads(model, fused: bool, ids) -> dict[str, torch.Tensor]:
+    """Parameter gradients of one decode step run with autograd on (history prefilled under
+    no_grad), through an 8-bit ThunderKVCache."""
+    set_attention(model, fused)
+    model.zero_grad(set_to_none=True)
+    cache = ThunderKVCache(model.config, bits=8, group_size=16, residual_length=8)
+    with torch.no_grad():
+        model(ids[:, :-1], cache=cache, use_cache=True)
+    model(ids[:, -1:], cache=cache, use_cache=True).logits.sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_a_step_that_autograd_records_gets_the_gradient_through_attention(model, count_fused):
+    """The fused kernel has no backward: a decode step run outside no_grad used to take it and
+    silently cut the graph there (no gradient reached any q/k/v projection). Such a step now
+    takes the materialized path and gets its gradient."""
+    ids = prompt(1, 60)
+    want = _decode_step_grads(model, False, ids)
+    got = _decode_step_grads(model, True, ids)
+    assert not count_fused  # the recorded step did not use the kernel
+    assert got.keys() == want.keys()
+    assert any(".q_proj." in n for n in got)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)

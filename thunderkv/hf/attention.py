@@ -129,6 +129,14 @@ def _take(key: torch.Tensor) -> DecodeState | None:
     return state
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records this step (grad mode on and an input requires grad, as in a
+    forward outside ``torch.no_grad()``): the fused kernel has no backward, so such a step
+    takes the materialized SDPA path, whose gradient is right, instead of silently cutting
+    the graph at the attention."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _padding_mask(attention_mask: torch.Tensor | None, batch: int, length: int):
     """(ok, bool [B, length] or None) from transformers' SDPA mask for one query token."""
     if attention_mask is None:
@@ -161,7 +169,7 @@ def thunderkv_attention_forward(
         length = state.ts + state.tq + state.keys.shape[-2]
         ok, mask = _padding_mask(attention_mask, query.shape[0], length)
         if (query.shape[2] == 1 and plain and ok and dropout == 0.0
-                and kernel_available(query.device)):
+                and not _needs_grad(query, key, value) and kernel_available(query.device)):
             keys, values, mask = state.exact(mask)
             out = kivi_decode_attention(query[:, :, 0], state.qkeys, state.qvalues, keys,
                                         values, scaling=scaling, key_mask=mask,
