@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-REPLAY_SECONDS = 800.0  # goodput of cloud-32 plans stops moving beyond ~800 s (docs/planner.md)
+REPLAY_SECONDS = 800.0  # goodput of cloud-32 plans stops moving beyond ~800 s (docs/history/planner.md)
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
