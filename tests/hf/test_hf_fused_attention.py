@@ -271,3 +271,33 @@ def test_a_step_that_autograd_records_gets_the_gradient_through_attention(model,
     assert any(".q_proj." in n for n in got)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_layer_keeps_no_tensors_of_a_step_once_its_attention_ran(model, monkeypatch):
+    """Each layer used to keep its last hand-off state until its next update: the history as it
+    was before the step (a second copy after every flush) and, after the first decode step,
+    that step's materialized full-precision keys."""
+    import gc
+    import weakref
+
+    import thunderkv.hf.layer as layer_mod
+
+    handed: list[weakref.ref] = []
+    real = layer_mod.hand_off
+
+    def recording(state):
+        if state is not None:
+            handed.append(weakref.ref(state))
+        real(state)
+
+    monkeypatch.setattr(layer_mod, "hand_off", recording)
+    set_attention(model, True)
+    ids = prompt(1, 40)
+    cache = ThunderKVCache(model.config, bits=4, group_size=16, residual_length=8)
+    with torch.no_grad():
+        model(ids[:, :30], cache=cache, use_cache=True)
+        for t in range(30, 34):
+            model(ids[:, t:t + 1], cache=cache, use_cache=True)
+    gc.collect()
+    assert len(handed) == 4 * model.config.num_hidden_layers
+    assert all(ref() is None for ref in handed)

@@ -27,7 +27,7 @@ that no attention call met at all raises at the layer's next update.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,6 +49,15 @@ _handoff = threading.local()
 
 
 @dataclass
+class HandOff:
+    """Whether the attention took a layer's hand-off: all the layer keeps of it, so the state's
+    tensors (the previous history, a probe's materialized keys) are freed once the attention
+    call that used them returns."""
+
+    taken: bool = False
+
+
+@dataclass
 class DecodeState:
     """What one layer's step attends to, in sequence order: the exact sink tokens
     (``[B, H, Ts, D]``, or None), the first ``tq`` quantized tokens, then ``keys``/``values``
@@ -65,7 +74,7 @@ class DecodeState:
     # The key tensor the layer returned, when it is not ``keys`` (a probe step returns the
     # materialized keys); the attention must receive exactly this tensor to take the state.
     handle: torch.Tensor | None = None
-    taken: bool = False  # set when the attention took the state
+    ticket: HandOff = field(default_factory=HandOff)  # taken: the attention took the state
 
     @property
     def ts(self) -> int:
@@ -125,7 +134,7 @@ def _take(key: torch.Tensor) -> DecodeState | None:
             "just returned, so the quantized history and sink would be left out of this step; "
             "the model must pass the cache's keys to attention unchanged (else use the 'sdpa' "
             "attention with ThunderKVCache)")
-    state.taken = True
+    state.ticket.taken = True
     return state
 
 

@@ -37,7 +37,7 @@ from transformers.cache_utils import CacheLayerMixin
 from ..api import QuantizedTensor, quantize
 from ..backends import unavailable_reason
 from ..format import MAX_SINK_TOKENS, SUPPORTED_DTYPES, FormatSpec
-from .attention import DecodeState, fused_attention_enabled, hand_off, kernel_available
+from .attention import DecodeState, HandOff, fused_attention_enabled, hand_off, kernel_available
 
 
 def cat_quantized(a: QuantizedTensor | None, b: QuantizedTensor) -> QuantizedTensor:
@@ -150,7 +150,7 @@ class ThunderKVLayer(CacheLayerMixin):
         self.qvalues: QuantizedTensor | None = None
         # Whether the attention takes this layer's hand-offs: None until the probe step shows it.
         self._attention_takes_handoff: bool | None = None
-        self._handed: DecodeState | None = None  # the last hand-off
+        self._handed: HandOff | None = None  # whether the last hand-off was taken
 
     @property
     def group_size(self) -> int:
@@ -230,7 +230,7 @@ class ThunderKVLayer(CacheLayerMixin):
         else:
             self.keys, self.values = keys, values
         if mode is not None:
-            self._handed = state
+            self._handed = state.ticket  # not the state: its tensors go once attention used them
             hand_off(state)  # the "thunderkv" attention reads it instead of out_k/out_v
         return out_k, out_v
 
