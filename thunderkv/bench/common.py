@@ -111,28 +111,77 @@ def copy_baseline(base: dict, x: torch.Tensor, *, reps: int, sync, graph: bool
     return row, gbps, graph_gbps
 
 
+def number(value: float, decimals: int) -> str:
+    """``value`` to ``decimals`` places, or to two significant digits where those places would
+    show fewer: a slow backend's 0.0017 GB/s or 0.4x is not "0.00" or "0", nor 0.6x "1"."""
+    if value and abs(value) < 10.0 ** (1 - decimals):
+        return f"{value:.2g}"
+    return f"{value:.{decimals}f}"
+
+
 def render_table(rows: list[dict], title: str):
     """A rich Table of the rows (one line per shape/op/backend); with CUDA-graph timings, two
-    more columns: their GB/s and ratio to the graph-timed copy ("-" where capture failed)."""
+    more columns: their GB/s and ratio to the graph-timed copy ("-" where capture failed).
+    Only the shape label wraps; every other column is at least as wide as its widest cell,
+    so a narrow console never cuts a number (print it with :func:`print_table`)."""
     from rich.table import Table
 
     graph = any("graph_gbps" in r or "graph_error" in r for r in rows)
-    table = Table(title=title)
     cols = ["heads x tokens", "op", "backend", "p50 ms", "GB/s", "x copy", "x ref"]
     cols += ["graph GB/s", "graph x copy"] if graph else []
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("heads x tokens", "op", "backend") else "right",
-                         no_wrap=True)
+    body = []
     for r in rows:
         ref = r.get("speedup_vs_reference")
-        cells = [r["label"], r["op"], r["backend"], f"{r['p50_s'] * 1e3:.3f}", f"{r['gbps']:.2f}",
-                 f"{r['ratio_to_copy']:.2f}", "" if ref is None else f"{ref:.0f}"]
+        cells = [r["label"], r["op"], r["backend"], number(r["p50_s"] * 1e3, 3),
+                 number(r["gbps"], 2), number(r["ratio_to_copy"], 2),
+                 "" if ref is None else number(ref, 0)]
         if graph:
             gbps, ratio = r.get("graph_gbps"), r.get("graph_ratio_to_copy")
-            cells += ["-" if gbps is None else f"{gbps:.2f}",
-                      "-" if ratio is None else f"{ratio:.2f}"]
+            cells += ["-" if gbps is None else number(gbps, 2),
+                      "-" if ratio is None else number(ratio, 2)]
+        body.append(cells)
+    table = Table(title=title, caption=reference_caption(rows))
+    for i, col in enumerate(cols):
+        wraps = col == "heads x tokens"
+        table.add_column(col, justify="left" if col in ("heads x tokens", "op", "backend") else "right",
+                         no_wrap=not wraps,
+                         min_width=None if wraps else max(len(c[i]) for c in [cols, *body]))
+    for cells in body:
         table.add_row(*cells)
     return table
+
+
+def reference_mismatches(rows: list[dict]) -> list[str]:
+    """"op [backend] on shape" for each row whose output did not match the reference."""
+    return [f"{r['op']} [{r['backend']}] on {r['label']}" for r in rows
+            if r.get("matches_reference") is False]
+
+
+def reference_caption(rows: list[dict]) -> str | None:
+    """What the check against the reference found, for rows that carry one (None if none)."""
+    checked = [r for r in rows if "matches_reference" in r]
+    if not checked:
+        return None
+    bad = reference_mismatches(rows)
+    found = (f"{len(bad)} of {len(checked)} DIFFER" if bad else f"all {len(checked)} match")
+    return f"checked against the reference before timing: {found}"
+
+
+def print_table(console, table) -> None:
+    """Print ``table`` whole: where ``console`` (80 columns when piped) is narrower than the
+    table's narrowest rendering (wrapping columns wrapped, the others whole), it is widened
+    to the table's unwrapped width for this table rather than letting rich cut cells to
+    "1234.…"."""
+    from rich.measure import Measurement
+
+    need = Measurement.get(console, console.options.update_width(1 << 16), table)
+    width = console.width
+    if need.minimum > width:  # too narrow even wrapped: as wide as the table is unwrapped
+        console.width = need.maximum
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 def plot_vs_copy(rows: list[dict], path, title: str, target: float | None = None) -> None:

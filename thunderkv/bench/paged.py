@@ -61,11 +61,15 @@ def run(
     progress: Callable[[str], None] | None = None,
     graph: bool = True,
 ) -> list[dict]:
-    """One row per (case, op, backend) plus the copy baseline; on CUDA with ``graph`` each row
+    """One row per (case, op, backend) plus the copy baseline (every backend in
+    ``backend_names``; by default every usable one but the slow reference, where another
+    runs); on CUDA with ``graph`` each row
     also gets its CUDA-graph replay timing (:func:`.common.add_graph_timing`; the write and,
     given max_len, the gather record into graphs as a serving engine's decode step does)."""
     graph = graph and device.type == "cuda"
-    names = [n for n in usable_backends(device, backend_names) if n != "reference"] or ["reference"]
+    names = usable_backends(device, backend_names)
+    if not backend_names:  # by default the reference only where nothing faster runs
+        names = [n for n in names if n != "reference"] or ["reference"]
     prov = provenance(device_label(device))
     sync = device_sync(device)
     rows: list[dict] = []

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..api import dequantize, quantize, quantize_into
+from ..api import QuantizedTensor, dequantize, quantize, quantize_into
 from .common import (
     add_graph_timing,
     copy_baseline,
@@ -41,6 +41,31 @@ class KVShape:
     @property
     def label(self) -> str:
         return f"{self.model} {self.heads}x{self.tokens}"
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same bits (NaN payloads and signed zeros included)."""
+    if a.dtype.is_floating_point:
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    return a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def codes_match(q: QuantizedTensor, want: QuantizedTensor) -> bool:
+    """Whether ``q`` stores exactly what the reference's ``want`` does (format v1 is
+    bit-exact across backends: codes, scales and minima)."""
+    return all(_same_bits(getattr(q, k), getattr(want, k)) for k in ("packed", "scale", "minimum"))
+
+
+def within_one_ulp(y: torch.Tensor, want: torch.Tensor) -> bool:
+    """Whether ``y`` is within one ulp (of ``want``'s dtype) of the reference's dequantized
+    ``want`` everywhere, with NaN exactly where ``want`` has NaN."""
+    nan = torch.isnan(want)
+    if y.shape != want.shape or not torch.equal(torch.isnan(y), nan):
+        return False
+    mag = want.abs()
+    ulp = (torch.nextafter(mag, torch.full_like(mag, float("inf"))) - mag).float()
+    close = ((y.float() - want.float()).abs() <= ulp) | (y == want)  # == for infinities
+    return bool((close | nan).all())
 
 
 PRESETS: dict[str, list[KVShape]] = {
@@ -75,7 +100,9 @@ def run(
     """Time quantize and dequantize for each shape and backend; return one row per
     (shape, op, backend) plus the copy baseline, each with provenance. On CUDA with ``graph``,
     each row also gets its CUDA-graph replay timing (:func:`.common.add_graph_timing`): the
-    kernels' own speed, next to the eager per-call time."""
+    kernels' own speed, next to the eager per-call time. Every other backend's rows say
+    whether its output matched the reference's (``matches_reference``, checked before
+    timing it: :func:`codes_match`, :func:`within_one_ulp`)."""
     graph = graph and device.type == "cuda"
     names = usable_backends(device, backend_names)
     prov = provenance(device_label(device))
@@ -100,9 +127,20 @@ def run(
         copy_row, copy_gbps, copy_graph = copy_baseline(base, x, reps=reps, sync=sync, graph=graph)
         rows.append(copy_row)
         ref_p50: dict[str, float] = {}
+        want = want_y = None  # the reference's output, made once per shape for the checks
         for name in names:
             n = reference_reps if name == "reference" else reps
             q = quantize(x, bits=bits, group_size=group_size, axis=axis, backend=name)
+            checked: dict[str, bool] = {}
+            if name != "reference":  # checked before it is timed
+                if progress:
+                    progress(f"{kv.label}: checking [{name}] against the reference")
+                if want is None:
+                    want = quantize(x, bits=bits, group_size=group_size, axis=axis,
+                                    backend="reference")
+                    want_y = dequantize(want, backend="reference")
+                checked = {"quantize": codes_match(q, want),
+                           "dequantize": within_one_ulp(dequantize(want, backend=name), want_y)}
             moved = x.nbytes + q.nbytes
             out = torch.empty_like(x)
             ops = {
@@ -117,6 +155,8 @@ def run(
                     progress(f"{kv.label}: {op} [{name}]")
                 t = time_calls(fn, reps=n, sync=sync)
                 row = measurement_row(base, op, name, t, moved, copy_gbps)
+                if op in checked:
+                    row["matches_reference"] = checked[op]
                 if graph and name != "reference":
                     add_graph_timing(row, fn, device, copy_graph, reps)
                 if name == "reference":

@@ -299,16 +299,33 @@ def _save(console, args, rows: list[dict], plot=None) -> None:
             console.print("[yellow]no plot: pip install matplotlib")
 
 
+def _reps_note(rows: list[dict]) -> str:
+    """How each row's p50 was taken: "p50 of 10 calls after a warm-up call", with the
+    reference's own count where it differs (``--reference-reps``)."""
+    reps = {r["reps"] for r in rows if r["backend"] != "reference"}
+    ref = {r["reps"] for r in rows if r["backend"] == "reference"} - reps
+    counts = "/".join(str(n) for n in sorted(reps))
+    if ref:
+        counts += f" ({'/'.join(str(n) for n in sorted(ref))} for the reference)"
+    return f"p50 of {counts} timed calls after a warm-up call"
+
+
 def _report(console, args, rows, what: str, target: float) -> int:
-    from ..bench.common import plot_vs_copy, render_table
+    """Print the table and write --json / --plot; 1 when a backend's output did not match the
+    reference (its timing is of a wrong result), else 0."""
+    from ..bench.common import plot_vs_copy, print_table, reference_mismatches, render_table
 
     title = (f"{what}: format v1 {args.bits}-bit G={args.group_size} {args.dtype} on "
-             f"{rows[0]['device']} ({rows[0]['threads']} threads); GB/s = bytes read + written")
-    console.print(render_table(rows, title))
+             f"{rows[0]['device']} ({rows[0]['threads']} threads); GB/s = bytes read + written; "
+             f"{_reps_note(rows)}")
+    print_table(console, render_table(rows, title))
     _save(console, args, rows, lambda rows, path: plot_vs_copy(
         rows, path, f"{what}, {args.bits}-bit G={args.group_size} {args.dtype}, "
         f"{rows[0]['device']}", target))
-    return 0
+    bad = reference_mismatches(rows)
+    for where in bad:
+        _error(console, f"{where}: output differs from the reference (timed anyway)")
+    return 1 if bad else 0
 
 
 def run_quant(args: argparse.Namespace) -> int:
