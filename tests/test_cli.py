@@ -281,3 +281,28 @@ def test_usable_backends_names_what_is_wrong():
     with pytest.raises(RuntimeError, match="backend 'cuda' unavailable on cpu"):
         usable_backends(torch.device("cpu"), ["cpu", "cuda"])
     assert usable_backends(torch.device("cpu"), ["cpu"]) == ["cpu"]
+
+
+def test_env_table_says_versions_and_builds_in_words():
+    """'runtime 13000' read as a build number, and a CPU-only torch as 'built with None'."""
+    from thunderkv.cli.env import _cuda_version
+
+    assert _cuda_version(13000) == "13.0" and _cuda_version(12040) == "12.4"
+    assert _cuda_version(None) == "None"
+
+
+def test_env_table_names_a_cpu_only_torch(capsys, monkeypatch):
+    import thunderkv.envinfo as envinfo
+
+    real = envinfo.collect
+
+    def collect():
+        info = real()
+        info["torch_cuda"] = {"available": False, "built_with": None, "devices": []}
+        return info
+
+    monkeypatch.setattr(envinfo, "collect", collect)
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "a CPU-only build of torch" in out and "built with None" not in out

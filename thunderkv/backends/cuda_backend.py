@@ -7,6 +7,7 @@ Both axes run natively: per-channel (axis=-2) kernels read ``[..., T, D]`` with 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -26,6 +27,9 @@ def available(device: torch.device) -> str | None:
         return "thunderkv._C was built without CUDA: " + _C.build_info()["cuda_why_not"]
     count, why = _C.cuda_device_count()
     if count <= 0:
+        if not os.path.exists("/proc/driver/nvidia/version"):  # cudart then blames the driver
+            return ("no NVIDIA driver or GPU on this machine (the CUDA runtime says: "
+                    f"{why or 'no device'})")
         return f"the CUDA runtime in thunderkv._C sees no device ({why or 'count 0'})"
     return None
 

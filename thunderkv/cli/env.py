@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         t.add_row("cpu kernels", f"active {active}; usable "
                   f"{', '.join(ext['cpu_variants_usable'])}; compiled "
                   f"{', '.join(ext['cpu_variants_compiled'])}; crc32c {ext['crc32c']}")
-        cuda_txt = (f"compiled for sm {ext['cuda_architectures']}, runtime {ext['cuda_runtime_version']}"
+        cuda_txt = (f"compiled for sm {ext['cuda_architectures']}, CUDA runtime "
+                    f"{_cuda_version(ext['cuda_runtime_version'])}"
                     if ext["cuda"] else f"not compiled: {escape(str(ext['cuda_why_not']))}")
         t.add_row("cuda kernels", cuda_txt)
     else:
@@ -53,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
     t.add_row("kernel settings", " ".join(f"{k}={v}" for k, v in info["kernel_env"].items())
               or "defaults (no THUNDERKV_CPU_ISA, THUNDERKV_CUDA_SCALAR, THUNDERKV_CUDA_COLS)")
     tc = info["torch_cuda"]
+    built = ("a CPU-only build of torch" if tc["built_with"] is None
+             else f"built with CUDA {tc['built_with']}")
     t.add_row("torch cuda", f"{'available' if tc['available'] else 'unavailable'} "
-              f"(built with {tc['built_with']}) {', '.join(tc['devices'])}")
+              f"({built}) {', '.join(tc['devices'])}".rstrip())
     for name, st in info["backends"].items():
         mark = "[green]yes[/]" if st["available"] else f"[yellow]no[/]: {escape(st['why_not'])}"
         t.add_row(f"backend {name}", f"{mark} ({st['device']})")
@@ -79,3 +82,10 @@ def _token_note() -> str:
     except ValueError as exc:
         return f"; [yellow]but no usable token[/]: {escape(str(exc))}"
     return ""
+
+
+def _cuda_version(code: object) -> str:
+    """CUDA's integer version (1000 x major + 10 x minor, e.g. 13000) as "13.0"."""
+    if isinstance(code, int) and code > 0:
+        return f"{code // 1000}.{code % 1000 // 10}"
+    return str(code)
