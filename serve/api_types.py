@@ -104,6 +104,17 @@ _UNSUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
     "prediction": lambda v: v is None,
 }
 
+# Fields each API reads, and those it accepts and ignores (they change nothing about the
+# answer: end-user ids, metadata, storage and routing hints). Any other field -- a typo such
+# as "max_token", or another server's extension such as "top_k" -- is a 400 naming it, as
+# OpenAI answers, rather than silently falling back to a default.
+_SHARED_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "seed", "n", "stream",
+                            "stream_options", "stop", "user"})
+_COMPLETION_FIELDS = _SHARED_FIELDS | {"prompt"} | set(_UNSUPPORTED)
+_CHAT_FIELDS = (_SHARED_FIELDS | {"messages", "max_completion_tokens", "metadata", "store",
+                                  "service_tier", "parallel_tool_calls", "prompt_cache_key",
+                                  "safety_identifier"} | set(_UNSUPPORTED_CHAT))
+
 # Chat roles this server accepts, and the role the chat template sees ("developer" is OpenAI's
 # newer name for "system").
 _CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -222,7 +233,13 @@ def _parse_options(body: dict) -> dict[str, Any]:
     }
 
 
-def _reject_unsupported(body: dict, unsupported: dict[str, Callable[[Any], bool]]) -> None:
+def _reject_unsupported(body: dict, unsupported: dict[str, Callable[[Any], bool]],
+                        known: frozenset[str] | set[str]) -> None:
+    """400 for a field this API does not have (``known``: every field it reads or ignores) and
+    for a feature this server does not implement set to anything but "off"."""
+    unknown = sorted(k for k in body if k not in known)
+    if unknown:
+        raise RequestError(f"unrecognized request argument supplied: {unknown[0]}", unknown[0])
     for name, is_off in unsupported.items():
         if not is_off(body.get(name)):
             raise RequestError(f"'{name}' is not supported by this server", name)
@@ -307,7 +324,7 @@ class CompletionRequest:
         _check_prompt_length(prompt, max_prompt_chars, "prompt")
         max_tokens = _parse_max_tokens(body, "max_tokens", cls.max_tokens, max_tokens_limit)
         options = _parse_options(body)
-        _reject_unsupported(body, _UNSUPPORTED)
+        _reject_unsupported(body, _UNSUPPORTED, _COMPLETION_FIELDS)
         return cls(prompt=prompt, max_tokens=max_tokens, **options)
 
     @classmethod
@@ -326,7 +343,7 @@ class CompletionRequest:
         default = default_max_tokens() if body.get(name) is None else max_tokens_limit
         max_tokens = _parse_max_tokens(body, name, default, max_tokens_limit)
         options = _parse_options(body)
-        _reject_unsupported(body, _UNSUPPORTED_CHAT)
+        _reject_unsupported(body, _UNSUPPORTED_CHAT, _CHAT_FIELDS)
         return cls(prompt=prompt, max_tokens=max_tokens,
                    request_id="chat" + _new_request_id(), **options)
 

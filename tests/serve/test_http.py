@@ -1008,3 +1008,31 @@ def test_chat_feature_off_values_and_other_models(client, server, engine):
     assert e.value.code == "model_not_found"
     assert http(server, "GET", "/v1/chat/completions")[0] == 405
     assert len(engine.handles) == 1
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/completions", {"prompt": "hi", "max_token": 5}, "max_token"),
+    ("/v1/completions", {"prompt": "hi", "top_k": 1}, "top_k"),
+    ("/v1/completions", {"prompt": "hi", "messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "temprature": 0}, "temprature"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "prompt": "x"},
+     "prompt"),
+])
+def test_an_unknown_field_is_a_400_naming_it(server, engine, path, body, field):
+    """A misspelt 'max_token' used to be ignored and the default 16 tokens served, and another
+    server's 'top_k' silently did nothing; OpenAI answers such requests with 400."""
+    status, _, raw = post_json(server, path, body)
+    assert status == 400, raw
+    assert_error_shape(raw, type_="invalid_request_error", param=field)
+    assert f"unrecognized request argument supplied: {field}" in json.loads(raw)["error"]["message"]
+    assert engine.handles == []
+
+
+def test_fields_that_change_nothing_are_accepted(client, engine):
+    """End-user ids, metadata and storage hints (sent by many clients) are not errors."""
+    client.completions.create(model=MODEL, prompt="ok.", user="me")
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ok."}],
+                                   user="me", metadata={"k": "v"}, store=False,
+                                   parallel_tool_calls=False)
+    assert len(engine.handles) == 2
