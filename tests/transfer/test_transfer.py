@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import socket
+import threading
 import time
 
 import pytest
@@ -312,6 +313,30 @@ def test_oversized_control_frame_closes_only_that_connection(receiver):
     with KVSender(receiver.host, receiver.port, token=peers.TOKEN) as tx:
         header = peers.raw_header(11, 3)
         tx.send(header, peers.payload_for(11, header.payload_length))
+
+
+def test_deeply_nested_control_json_is_a_malformed_frame(receiver, monkeypatch):
+    """A peer (here one that never authenticated) sending JSON nested thousands deep gets its
+    connection closed like any malformed frame, not an exception escaping the thread."""
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: escaped.append(args.exc_type))
+    meta = b"[" * (channel.PRE_AUTH_MAX_FRAME - 16)
+    with socket.create_connection((receiver.host, receiver.port), timeout=5) as sock:
+        channel.expect(channel.receive(sock, timeout=5), Kind.HELLO)
+        name = "tkv-peer-{}:{}".format(*sock.getsockname()[:2])
+        sock.sendall(channel.FRAME.pack(channel.FRAME.size - 4 + len(meta), int(Kind.AUTH),
+                                        len(meta)) + meta)
+        assert sock.recv(1) == b""  # the receiver hung up
+    for thread in threading.enumerate():
+        if thread.name == name:
+            thread.join(5)
+    assert escaped == []
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(channel.FRAME.pack(channel.FRAME.size - 4 + len(meta), int(Kind.AUTH),
+                                     len(meta)) + meta)
+        with pytest.raises(TransferError, match="malformed control message AUTH"):
+            channel.receive(b, timeout=5)
 
 
 def send_layer_by_layer(tx, header, payload):

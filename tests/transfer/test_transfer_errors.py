@@ -3,6 +3,7 @@ a wrong argument is a TypeError / ValueError raised before anything changes."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import subprocess
@@ -116,6 +117,17 @@ def test_a_pool_that_cannot_be_allocated_is_a_transfer_error_naming_its_size(sen
         sender.register(4096, "meta")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_cuda_pool_without_a_gpu_says_why_without_suggesting_a_smaller_pool(sender):
+    for make in (lambda: sender.register(4096, "cuda"),
+                 lambda: KVReceiver(4096, token=peers.TOKEN, device="cuda")):
+        with pytest.raises(TransferError, match="cannot allocate a 4096-byte pool on cuda") as e:
+            make()
+        assert "smaller" not in str(e.value)
+    with pytest.raises(TransferError, match="use a smaller pool"):  # out of memory: it may help
+        sender.register(1 << 62)
+
+
 def test_bad_send_arguments_are_type_or_value_errors_and_leave_the_sender_usable(receiver,
                                                                                  sender):
     header = peers.raw_header(1, 64)
@@ -131,6 +143,53 @@ def test_bad_send_arguments_are_type_or_value_errors_and_leave_the_sender_usable
     assert not sender.broken
     sender.send(header, payload)
     receiver.wait(1, timeout=5).release()
+
+
+@pytest.mark.parametrize("change", [
+    {"bits": 3}, {"seq_len": 10**6}, {"request_id": -1}, {"layers": 0, "payload_length": 0},
+    {"streamed": False, "payload_crc": 1 << 40}])
+def test_a_header_the_wire_cannot_carry_is_a_value_error_that_leaves_the_sender_usable(
+        receiver, sender, change):
+    """A KVHeader changed with dataclasses.replace (e.g. to reuse it) may be inconsistent:
+    refused at once as a bad argument, not as a failed request that breaks the sender."""
+    header = peers.raw_header(1, 64)
+    payload = peers.payload_for(1, header.payload_length)
+    bad = dataclasses.replace(header, **change)
+    with pytest.raises(ValueError, match="header cannot be sent"):
+        sender.send(bad, payload[:bad.payload_length])
+    assert not sender.broken
+    sender.send(header, payload)
+    receiver.wait(1, timeout=5).release()
+
+
+@pytest.mark.parametrize("token", [32, [0] * 16, 1 << 70])
+def test_a_token_that_is_not_str_or_bytes_is_a_type_error(receiver, token):
+    """bytes(32) would be 32 NUL bytes: a token anyone can guess, never a token to accept."""
+    with pytest.raises(TypeError, match="token must be str or bytes"):
+        KVReceiver(1 << 20, token=token)
+    with pytest.raises(TypeError, match="token must be str or bytes"):
+        KVSender(receiver.host, receiver.port, token=token)
+
+
+def test_bad_layer_indices_are_refused_and_leave_the_stream_usable(receiver, sender):
+    header = peers.raw_header(1, 64)  # 2 layers
+    payload = peers.payload_for(1, header.payload_length)
+    with sender.stream(header, payload) as stream:
+        for index, error in ((1.0, TypeError), ("0", TypeError), (None, TypeError),
+                             (2, IndexError), (-1, IndexError), (1, ValueError)):
+            with pytest.raises(error, match="layer"):
+                stream.send_layer(index)
+        with pytest.raises(IndexError, match="outside 0..1"):
+            stream.send_layers(0, 3)
+        with pytest.raises(ValueError, match="in order"):
+            stream.send_layers(0, 0)
+        stream.send_layer(0)
+        stream.send_layer(1)
+        stream.finish()
+    assert not sender.broken
+    got = receiver.wait(1, timeout=5)
+    assert torch.equal(got.buffer, payload)
+    got.release()
 
 
 @pytest.mark.parametrize("request_id, error", [
@@ -152,6 +211,14 @@ def test_register_after_close_says_the_sender_is_closed(sender):
     with pytest.raises(TransferError, match="is closed"):
         sender.register(4096)
     assert sender._pools == []
+
+
+def test_unregister_after_close_says_the_sender_is_closed(sender):
+    """Not a ValueError claiming the pool was never registered with this sender."""
+    pool = sender.register(4096)
+    sender.close()
+    with pytest.raises(TransferError, match="is closed"):
+        sender.unregister(pool)
 
 
 def test_a_pool_not_a_multiple_of_256_bytes_accepts_what_it_advertises():

@@ -24,8 +24,12 @@ MIN_TOKEN_BYTES = 16
 
 def load_token(token: str | bytes | None = None) -> bytes:
     """The shared token: ``token`` if given, else ``$THUNDERKV_TRANSFER_TOKEN``, else the
-    contents of ``$THUNDERKV_TRANSFER_TOKEN_FILE``. Raises ValueError when there is none or it
-    is shorter than 16 bytes (a guessable token is no authentication)."""
+    contents of ``$THUNDERKV_TRANSFER_TOKEN_FILE``. Raises TypeError for a token that is not
+    str or bytes (``bytes(32)`` would be 32 NUL bytes, a token anyone can guess), ValueError
+    when there is none or it is shorter than 16 bytes (a guessable token is no
+    authentication)."""
+    if token is not None and not isinstance(token, (str, bytes, bytearray)):
+        raise TypeError(f"token must be str or bytes, got {type(token).__name__}")
     source = "the token argument"
     if token is None and os.environ.get(TOKEN_ENV):
         token, source = os.environ[TOKEN_ENV], f"${TOKEN_ENV}"

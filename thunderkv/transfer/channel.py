@@ -97,7 +97,9 @@ def receive(sock: socket.socket, *, timeout: float, max_frame: int = MAX_FRAME,
     rest = _read_exact(sock, length - (FRAME.size - 4), deadline, what)
     try:
         meta = json.loads(rest[:meta_len]) if meta_len else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # RecursionError: JSON nested too deep (e.g. "[[[[..."), from any peer, even one
+        # that has not authenticated yet
         raise TransferError(f"malformed control message {kind.name}: {exc}") from None
     if not isinstance(meta, dict):
         raise TransferError(f"malformed control message {kind.name}: meta is not an object")

@@ -54,10 +54,11 @@ class BufferPool:
         try:
             self.tensor = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         except (RuntimeError, MemoryError, AssertionError) as exc:  # torch: out of memory,
-            # or no CUDA in this build (an AssertionError)
+            # or no CUDA in this build (an AssertionError), or no such GPU
             why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TransferError(f"cannot allocate a {nbytes}-byte pool on {self.device} ({why}); "
-                                "use a smaller pool") from None
+            hint = "; use a smaller pool" if _out_of_memory(exc) else ""
+            raise TransferError(f"cannot allocate a {nbytes}-byte pool on {self.device} ({why})"
+                                f"{hint}") from None
         if self.device.type == "cpu":
             self.tensor.zero_()  # touch the pages now, not during the first transfer
         self.region = ucx_call(worker.register_memory, self.tensor.data_ptr(), nbytes)
@@ -123,6 +124,15 @@ class BufferPool:
 
     def close(self) -> None:
         self.region.release()
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether torch failed to allocate for want of memory (a smaller pool may fit), rather
+    than for want of the device (no CUDA in this build, no such GPU)."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc).lower()
+    return "allocate" in text or "out of memory" in text
 
 
 def pool_size_arg(nbytes, name: str = "pool size") -> int:

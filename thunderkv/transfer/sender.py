@@ -40,7 +40,7 @@ from .errors import (
 from .pool import BufferPool, PoolFull
 from .ucx import load_ucx, ucx_unavailable_reason
 from .ucx import ucx_call as _ucx_call
-from .wire import KVHeader
+from .wire import WIRE_LIMITS, KVHeader, KVMessageError
 
 DEFAULT_CHUNK_BYTES = 16 << 20
 _LANE = re.compile(r"lane\[\d+\]:\s+\d+:(\S+?)\.\d+\s")
@@ -112,6 +112,19 @@ def layer_groups(layers: int, per_group: int) -> list[int]:
         left -= sizes[-1]
         size = min(per_group, 2 * size)
     return sizes[::-1]
+
+
+def _check_header(header: KVHeader) -> None:
+    """TypeError unless ``header`` is a :class:`KVHeader`; ValueError unless the wire can
+    carry it (a header built by hand or changed with ``dataclasses.replace`` may be
+    inconsistent). Checked before a request starts, so a bad header leaves the sender usable."""
+    if not isinstance(header, KVHeader):
+        raise TypeError("header must be a KVHeader (from build_header() or decode_header()),"
+                        f" got {type(header).__name__}")
+    try:
+        header.validate(WIRE_LIMITS)
+    except KVMessageError as exc:
+        raise ValueError(f"header cannot be sent: {exc}") from None
 
 
 class SendPool(BufferPool):
@@ -222,9 +235,13 @@ class KVSender:
 
     def unregister(self, pool: SendPool) -> None:
         """Release ``pool``'s UCX registration and forget it (waits for a request in flight on
-        another thread; raises TransferError if this thread has one open). Slices of it sent
-        later are registered per request, like any tensor."""
+        another thread; raises TransferError if this thread has one open, or once the sender
+        is closed: close() unregistered every pool). Slices of it sent later are registered
+        per request, like any tensor."""
         self._refuse_reentry("unregister() a pool")
+        if self._closed:
+            raise TransferError(f"sender to {self.peer} is closed: close() already unregistered "
+                                "its pools")
         with self._lock:
             with self._pools_lock:
                 if not any(p is pool for p in self._pools):
@@ -270,11 +287,11 @@ class KVSender:
         (:meth:`KVStream.send_layer`), so sending overlaps the prefill that computes them.
 
         TypeError for a header that is not a :class:`KVHeader` or a payload that is not a
-        torch tensor; ValueError for a payload that does not match the header, is not a
-        contiguous 1-D uint8 tensor in CPU or CUDA memory, or is over the receiver's limit."""
-        if not isinstance(header, KVHeader):
-            raise TypeError("header must be a KVHeader (from build_header() or decode_header()),"
-                            f" got {type(header).__name__}")
+        torch tensor; ValueError for a header the wire cannot carry (e.g. made inconsistent
+        by ``dataclasses.replace``), a payload that does not match the header, is not a
+        contiguous 1-D uint8 tensor in CPU or CUDA memory, or is over the receiver's limit.
+        None of these touches the connection."""
+        _check_header(header)
         if not isinstance(payload, torch.Tensor):
             raise TypeError(f"payload must be a torch.Tensor (contiguous 1-D uint8), got "
                             f"{type(payload).__name__}")
@@ -464,19 +481,21 @@ class KVStream:
             raise
 
     def send_layer(self, index: int) -> None:
-        """PUT layer ``index`` (layers go in order) and tell the receiver it is in place."""
+        """PUT layer ``index`` (layers go in order) and tell the receiver it is in place.
+        TypeError for an index that is not an int, IndexError for one outside the message,
+        ValueError for one out of order (none of them touches the request)."""
+        index = int_arg(index, "layer index", -(1 << 63))
         self.send_layers(index, index + 1)
 
     def send_layers(self, first: int, stop: int) -> None:
         """PUT layers ``first..stop-1`` (contiguous in the payload) and send one notice with
         their running CRC-32Cs; the notice commits when ``stop`` is the last layer and the
         stream came from :meth:`KVSender.send`. A GPU payload is read once the work queued
-        on torch's current stream of its device is done (sync other streams yourself)."""
+        on torch's current stream of its device is done (sync other streams yourself).
+        Bad arguments raise as for :meth:`send_layer`, and so does an empty range."""
         if not self._open:
             raise TransferError("stream is closed")
-        if first != self._next_layer or not first < stop <= self.header.layers:
-            raise ValueError(f"layers must be sent in order: expected {self._next_layer}, "
-                             f"got {first}..{stop - 1}")
+        first, stop = self._layer_range(first, stop)
         s = self.sender
         n = self.header.layer_nbytes()
         start, end = first * n, stop * n
@@ -503,6 +522,19 @@ class KVStream:
             channel.send(s._sock, Kind.LAYER, {"index": first, "crcs": crcs,
                                                "commit": self._commit_sent}, timeout=s.timeout)
         self._next_layer = stop
+
+    def _layer_range(self, first: int, stop: int) -> tuple[int, int]:
+        """``first, stop`` checked: ints (TypeError), inside the message (IndexError), a
+        non-empty range starting at the next layer to send (ValueError)."""
+        first = int_arg(first, "first layer", -(1 << 63))
+        stop = int_arg(stop, "stop layer", -(1 << 63))
+        layers = self.header.layers
+        if not 0 <= first < layers or not 0 <= stop <= layers:
+            raise IndexError(f"layers {first}..{stop - 1} outside 0..{layers - 1}")
+        if first != self._next_layer or stop <= first:
+            raise ValueError(f"layers must be sent in order: expected {self._next_layer}, "
+                             f"got {first}..{stop - 1}")
+        return first, stop
 
     def _put(self, offset: int, size: int, remote_offset: int) -> float:
         """One PUT (+ flush); a UCX failure that means the receiver is gone (its process died,
