@@ -63,6 +63,54 @@ def test_a_request_is_handed_out_once_and_released_once(receiver):
     assert receiver.pool.free_bytes() == receiver.pool.nbytes
 
 
+@pytest.mark.parametrize("end", ["recv", "wait", "discard"])
+def test_waiting_for_a_request_that_is_over_raises_at_once(receiver, end):
+    """A request handed out (or discarded) and released is not waited for until the timeout
+    (without one: for ever) as if it had not started: wait() and incoming() say it is over."""
+    _send(receiver, 1)
+    if end == "discard":
+        receiver.discard(1)  # complete, not handed out: released now
+    else:
+        (receiver.recv(timeout=5) if end == "recv" else receiver.wait(1, timeout=5)).release()
+    for call in (receiver.wait, receiver.incoming):
+        with pytest.raises(TransferError, match="already handed out") as caught:
+            call(1, timeout=5)
+        assert not isinstance(caught.value, TransferTimeout)
+    _send(receiver, 1)  # the id may be used again
+    receiver.wait(1, timeout=5).release()
+
+
+def test_waiting_for_a_request_discarded_before_it_started_raises_at_once(receiver):
+    receiver.discard(5)
+    for call in (receiver.wait, receiver.incoming):
+        with pytest.raises(RequestRejected, match="request 5 was discarded"):
+            call(5, timeout=5)
+    with pytest.raises(RequestRejected, match="discarded"):
+        _send(receiver, 5)  # its BEGIN is refused ...
+    with pytest.raises(RequestRejected, match="discarded"):
+        receiver.wait(5, timeout=5)  # ... and wait() still says why
+
+
+def test_a_layer_is_not_readable_before_it_arrived_and_verified(receiver):
+    """IncomingKV.layer() must not hand out views of bytes not yet checked (not yet PUT)."""
+    header = peers.raw_header(1, 64)
+    payload = peers.payload_for(1, header.payload_length)
+    with KVSender(receiver.host, receiver.port, token=peers.TOKEN) as tx:
+        with tx.stream(header, payload) as stream:
+            stream.send_layer(0)
+            incoming = receiver.incoming(1, timeout=5)
+            incoming.wait_layer(0, timeout=5)
+            with pytest.raises(TransferError, match="layer 1 has not arrived"):
+                incoming.layer(1)
+            assert incoming.layer(0).keys() == {"key_residual", "value_residual"}
+            stream.send_layer(1)
+            views = incoming.wait_layer(1, timeout=5)
+            assert views["key_residual"].data_ptr() == incoming.layer(1)["key_residual"].data_ptr()
+            assert torch.equal(incoming.buffer, payload)
+            stream.finish()
+    receiver.wait(1, timeout=5).release()
+
+
 def test_discard_in_every_state(receiver):
     # complete, not handed out: released now, never delivered
     _send(receiver, 10)
@@ -183,6 +231,21 @@ def test_closing_a_receiver_stops_its_listener():
 def test_bad_sender_arguments_are_refused(receiver, kwargs, match):
     with pytest.raises(ValueError, match=match):
         KVSender(receiver.host, receiver.port, token=peers.TOKEN, **kwargs)
+
+
+def test_the_longest_accepted_timeout_still_carries_requests():
+    """Timeouts up to 1e9 s are accepted; one past what poll() takes (~24.8 days) must not
+    kill the connection thread with an OverflowError and fail every request."""
+    with KVReceiver(1 << 20, token=peers.TOKEN, timeout=1e9) as rx:
+        with KVSender(rx.host, rx.port, token=peers.TOKEN, timeout=1e9) as tx:
+            _send_on(tx, 1)
+            rx.wait(1, timeout=10).release()
+            header = peers.raw_header(2, 64)
+            with tx.stream(header, peers.payload_for(2, header.payload_length)) as stream:
+                stream.send_layer(0)
+                stream.send_layer(1)
+                stream.finish()
+        rx.wait(2, timeout=10).release()
 
 
 @pytest.mark.parametrize("timeout", [0, -1])

@@ -50,6 +50,7 @@ IDLE_POLL_S = 3600.0  # an idle connection (no request in progress) re-checks fo
 #                      often; it never times out (only a request in progress does)
 DISCARD_MEMORY = 4096  # ids discarded before their BEGIN arrived, remembered (oldest dropped)
 MAX_UNAUTHENTICATED = 32  # connections still in the handshake at once; more are turned away
+MAX_POLL_MS = (1 << 31) - 1  # the longest wait select.poll() takes (a C int of milliseconds)
 
 # Pools of closed receivers whose memory a sender might still have PUT into (it never confirmed
 # it stopped): kept allocated for the life of the process rather than handed back to the
@@ -101,9 +102,14 @@ class IncomingKV:
         return self.slice.view
 
     def layer(self, index: int) -> dict[str, torch.Tensor]:
-        """Zero-copy typed views of layer ``index`` (see :func:`thunderkv.transfer.wire.layer_views`)."""
+        """Zero-copy typed views of layer ``index`` (see :func:`thunderkv.transfer.wire.layer_views`)
+        once it arrived and verified; TransferError before that (:meth:`wait_layer` waits for
+        it) and once the request was released, IndexError for a layer outside the message."""
         index = self._layer_index(index)
         self._check_not_released()
+        if index >= self.layers_ready:
+            raise TransferError(f"request {self.request_id}: layer {index} has not arrived and "
+                                "verified yet (wait_layer() waits for it)")
         n = self.header.layer_nbytes()
         return layer_views(self.header, self.slice.view[index * n:(index + 1) * n])
 
@@ -228,6 +234,9 @@ class KVReceiver:
         self._requests: dict[int, IncomingKV] = {}
         self._failed: collections.OrderedDict[int, BaseException] = collections.OrderedDict()
         self._discarded: collections.OrderedDict[int, None] = collections.OrderedDict()
+        # ids whose request was handed out (or discarded when complete) and released: wait()
+        # and incoming() say so at once instead of waiting for a request that is over
+        self._ended: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._lock = threading.Lock()
         # complete, not yet handed out, in completion order (wait() and discard() take theirs
         # out, so nothing piles up when only wait() is used)
@@ -263,19 +272,30 @@ class KVReceiver:
 
     def incoming(self, request_id: int, timeout: float | None = None) -> IncomingKV:
         """The request ``request_id`` once its header was accepted (layers may still arrive).
+        Raises the request's error if it failed, TransferError at once if it was already
+        handed out and released, RequestRejected if it was discarded before it started.
         TypeError / ValueError at once for an id that is not an int in [0, 2**64)."""
         request_id = request_id_arg(request_id)
         timeout = wait_arg(timeout)
         with self._changed:
             if not self._changed.wait_for(
-                    lambda: request_id in self._requests or request_id in self._failed
-                    or self._closed, timeout):
+                    lambda: self._closed or self._known(request_id), timeout):
                 raise TransferTimeout(f"request {request_id} did not start within {timeout:g} s")
             if request_id in self._requests:
                 return self._requests[request_id]
             if request_id in self._failed:
                 raise self._failed[request_id]
+            if request_id in self._ended:
+                raise TransferError(f"request {request_id} was already handed out (by recv() "
+                                    "or wait()) or discarded, and released")
+            if request_id in self._discarded:
+                raise RequestRejected(f"request {request_id} was discarded")
             raise TransferError("receiver closed")
+
+    def _known(self, request_id: int) -> bool:
+        """Whether the receiver knows something of ``request_id`` (under the lock)."""
+        return any(request_id in table for table in (
+            self._requests, self._failed, self._ended, self._discarded))
 
     def wait(self, request_id: int, timeout: float | None = None) -> ReceivedKV:
         """Block until request ``request_id`` is complete and verified; raise its error if not
@@ -323,6 +343,7 @@ class KVReceiver:
                 self._discarded[request_id] = None
                 while len(self._discarded) > DISCARD_MEMORY:
                     self._discarded.popitem(last=False)
+                self._changed.notify_all()  # a wait() for it raises now
                 return
             if incoming.claimed:
                 return
@@ -412,6 +433,10 @@ class KVReceiver:
             incoming.released = True
             if self._requests.get(incoming.request_id) is incoming:
                 del self._requests[incoming.request_id]
+                if incoming.claimed:  # handed out (or discarded complete): wait() says so
+                    self._ended[incoming.request_id] = None
+                    while len(self._ended) > DISCARD_MEMORY:
+                        self._ended.popitem(last=False)
             if incoming.writing:
                 log.warning("request %d: its %d-byte slice stays out of the pool (the sender "
                             "did not confirm it stopped writing there)", incoming.request_id,
@@ -448,8 +473,12 @@ class KVReceiver:
         poller.register(conn, select.POLLIN | select.POLLPRI)
         if wake:
             poller.register(self._wakeup_r, select.POLLIN)
-        events = poller.poll(max(0, int(timeout * 1000)))
-        return any(fd == conn.fileno() for fd, _ in events)
+        deadline = time.monotonic() + timeout
+        while True:  # poll() takes at most MAX_POLL_MS (~24.8 days); timeouts go to 1e9 s
+            ms = min(MAX_POLL_MS, max(0, int((deadline - time.monotonic()) * 1000)))
+            events = poller.poll(ms)
+            if events or ms < MAX_POLL_MS:
+                return any(fd == conn.fileno() for fd, _ in events)
 
     def _fail(self, incoming: IncomingKV, error: BaseException,
               level: int = logging.WARNING) -> None:
@@ -462,10 +491,15 @@ class KVReceiver:
         with self._lock:
             if self._requests.get(incoming.request_id) is incoming:
                 del self._requests[incoming.request_id]
-            self._failed[incoming.request_id] = error  # wait() reports it (the latest 1024)
-            while len(self._failed) > 1024:
-                self._failed.popitem(last=False)
-            self._changed.notify_all()
+            self._record_failure(incoming.request_id, error)
+
+    def _record_failure(self, request_id: int, error: BaseException) -> None:
+        """Remember ``error`` for wait() / incoming() of ``request_id`` (the latest 1024;
+        under the lock)."""
+        self._failed[request_id] = error
+        while len(self._failed) > 1024:
+            self._failed.popitem(last=False)
+        self._changed.notify_all()
 
     def _hold_until_sender_stops(self, conn: socket.socket, incoming: IncomingKV,
                                  kind: Kind, reason: str) -> bool:
@@ -601,12 +635,14 @@ class KVReceiver:
                     raise RequestRejected(f"request id {header.request_id} is already in use")
                 if header.request_id in self._discarded:
                     del self._discarded[header.request_id]
-                    raise RequestRejected(f"request {header.request_id} was discarded by the "
-                                          "receiver")
+                    self._record_failure(header.request_id, RequestRejected(
+                        f"request {header.request_id} was discarded by the receiver"))
+                    raise self._failed[header.request_id]
                 piece = self.pool.allocate(header.payload_length)
                 incoming = IncomingKV(header, piece, peer, writing=True)  # once it has the
                 self._writers += 1  # GRANT (below), the sender may write
                 self._failed.pop(header.request_id, None)
+                self._ended.pop(header.request_id, None)
                 self._requests[header.request_id] = incoming
                 self._changed.notify_all()
         except (KVMessageError, RequestRejected) as exc:
