@@ -201,8 +201,8 @@ def _parse_options(body: dict) -> dict[str, Any]:
     top_p = body.get("top_p")
     if top_p is None:
         top_p = CompletionRequest.top_p
-    if not _is_number(top_p) or not 0 < top_p <= 1:
-        raise RequestError("'top_p' must be a number in (0, 1]", "top_p")
+    if not _is_number(top_p) or not 0 <= top_p <= 1:  # 0 (OpenAI allows it): the top token
+        raise RequestError("'top_p' must be a number in [0, 1]", "top_p")
 
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):

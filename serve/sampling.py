@@ -34,9 +34,10 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_p: Sequence[f
         are divided by it before the softmax (any positive value, however small: see
         :func:`_probabilities`).
     top_p:
-        ``B`` values in ``(0, 1]``: nucleus sampling keeps the smallest set of most probable
+        ``B`` values in ``[0, 1]``: nucleus sampling keeps the smallest set of most probable
         tokens whose probability mass reaches ``top_p`` (the most probable token is always
-        kept, so a tiny ``top_p`` is argmax); ``>= 1`` keeps the whole vocabulary.
+        kept, so ``top_p`` 0, as OpenAI allows, or a tiny one is argmax); ``>= 1`` keeps the
+        whole vocabulary.
     generators:
         ``B`` per-request ``torch.Generator`` (on the logits' device) for reproducible seeds, or
         None to use torch's global generator.
@@ -57,8 +58,8 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_p: Sequence[f
         temp, p = float(temperature[i]), float(top_p[i])
         if temp <= 0.0:
             continue
-        if not p > 0.0:
-            raise ValueError(f"top_p must be in (0, 1], got {p}")
+        if not p >= 0.0:
+            raise ValueError(f"top_p must be in [0, 1], got {p}")
         probs = _probabilities(logits[i], temp)
         if p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)

@@ -393,7 +393,7 @@ def test_completion_for_another_model_is_404(client, server, engine):
         ({"prompt": "x" * 1001}, "prompt"),  # over max_prompt_chars
         ({"prompt": "hi", "n": 2}, "n"),
         ({"prompt": "hi", "temperature": 2.5}, "temperature"),
-        ({"prompt": "hi", "top_p": 0}, "top_p"),
+        ({"prompt": "hi", "top_p": -0.1}, "top_p"),
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": "hi", "echo": True}, "echo"),
         ({"prompt": "hi", "logprobs": 2}, "logprobs"),
@@ -1036,3 +1036,11 @@ def test_fields_that_change_nothing_are_accepted(client, engine):
                                    user="me", metadata={"k": "v"}, store=False,
                                    parallel_tool_calls=False)
     assert len(engine.handles) == 2
+
+
+def test_top_p_zero_is_accepted_as_openai_does(client, engine):
+    """top_p 0 is valid in OpenAI's API (clients send it for determinism); it was a 400."""
+    client.completions.create(model=MODEL, prompt="ok.", top_p=0)
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ok."}],
+                                   top_p=0)
+    assert [h.request.top_p for h in engine.handles] == [0.0, 0.0]

@@ -287,10 +287,15 @@ def test_sample_seed_reproduces(gen):
 
 
 def test_sample_small_top_p_is_argmax(gen):
+    """A tiny top_p, and 0 (which OpenAI's API allows and clients send for determinism; it
+    used to be a 400), keep only the most probable token."""
     logits = torch.randn(3, 1000, generator=gen)
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
-    for _ in range(10):
-        assert sample(logits, [1.0] * 3, [1e-6] * 3, gens) == logits.argmax(-1).tolist()
+    for p in (1e-6, 0.0):
+        for _ in range(10):
+            assert sample(logits, [1.0] * 3, [p] * 3, gens) == logits.argmax(-1).tolist()
+    with pytest.raises(ValueError, match="top_p must be in"):
+        sample(logits, [1.0] * 3, [-0.5] * 3, gens)
 
 
 def test_sample_mixed_batch_and_nucleus_support(gen):
