@@ -217,10 +217,14 @@ def test_aliased_buffers_raise_and_write_nothing(backend):
     with pytest.raises(ValueError, match="x and scale share memory"):
         tk.quantize_into(xs, packed, flat[4 * 128 - 4:4 * 128 + 4].view(scale.shape), minimum,
                          backend=backend)
-    # adjacent, not overlapping: fine
+    # adjacent, not overlapping: fine, and each gets its own values
     both = torch.empty(2 * scale.numel(), dtype=scale.dtype)
     tk.quantize_into(x, packed, both[:scale.numel()].view(scale.shape),
                      both[scale.numel():].view(scale.shape), backend=backend)
+    want = tk.quantize(x, backend="reference")
+    assert torch.equal(packed, want.packed)
+    assert bits_equal(both[:scale.numel()].view(scale.shape), want.scale)
+    assert bits_equal(both[scale.numel():].view(scale.shape), want.minimum)
 
 
 def test_dequantize_out_over_its_own_codes_is_refused():

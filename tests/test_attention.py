@@ -73,6 +73,9 @@ def test_fully_masked_rows_give_zeros_and_others_unaffected(cpu_variant, gen):
     got = kivi_decode_attention(*args, key_mask=mask)
     assert torch.equal(got[0], torch.zeros_like(got[0]))
     torch.testing.assert_close(got[1], kivi_decode_attention(*args)[1], rtol=1e-6, atol=1e-6)
+    # and the unmasked row is right, not only unchanged (against the float64 definition)
+    torch.testing.assert_close(got[1], kivi_decode_attention_reference(*args, key_mask=mask)[1],
+                               rtol=TOL[torch.float32], atol=TOL[torch.float32])
 
 
 def test_large_logits_stay_finite(cpu_variant, gen):

@@ -122,6 +122,7 @@ def test_reference_backend_is_the_reference_module(gen):
     qt = tk.quantize(x, backend="reference")
     packed, scale, minimum = reference.quantize(x, qt.spec)
     assert torch.equal(qt.packed, packed) and bits_equal(qt.scale, scale)
+    assert bits_equal(qt.minimum, minimum)
 
 
 @pytest.mark.parametrize("dtype,tiny", [(torch.float32, 2.0**-149), (torch.bfloat16, 2.0**-133)])

@@ -58,7 +58,8 @@ def test_cuda_runs_on_current_stream_and_device():
 def test_cuda_vector_and_scalar_kernels_agree(dtype, bits, group_size, axis, gen, monkeypatch):
     """The 16-byte-vector kernels (aligned buffers, whole vectors per group; per-channel: 4- or
     16-byte code words) and the one-thread-per-group kernels (THUNDERKV_CUDA_SCALAR=1, or
-    misaligned buffers) agree bitwise, NaN/Inf groups included."""
+    misaligned buffers) agree bitwise, NaN/Inf groups included -- and with the reference (two
+    kernels sharing one mistake would otherwise agree)."""
     x = random_kv((3, 2 * group_size, 2 * group_size), dtype, gen).cuda()
     kw = dict(bits=bits, group_size=group_size, axis=axis)
     vec = tk.quantize(x, backend="cuda", **kw)
@@ -70,6 +71,10 @@ def test_cuda_vector_and_scalar_kernels_agree(dtype, bits, group_size, axis, gen
     assert torch.equal(vec.packed, scalar.packed)
     assert bits_equal(vec.scale, scalar.scale) and bits_equal(vec.minimum, scalar.minimum)
     assert bits_equal(y_vec, y_scalar)
+    want = tk.quantize(x.cpu(), backend="reference", **kw)
+    assert torch.equal(vec.packed.cpu(), want.packed)
+    assert bits_equal(vec.scale.cpu(), want.scale) and bits_equal(vec.minimum.cpu(), want.minimum)
+    assert same_values(y_vec.cpu(), want.dequantize(backend="reference"))
     # a misaligned destination (packed one byte into a buffer) takes the scalar kernels
     q = scalar
     buf = torch.zeros(q.packed.numel() + 1, dtype=torch.uint8, device="cuda")
@@ -77,6 +82,7 @@ def test_cuda_vector_and_scalar_kernels_agree(dtype, bits, group_size, axis, gen
     scale, minimum = torch.empty_like(q.scale), torch.empty_like(q.minimum)
     tk.quantize_into(x, packed, scale, minimum, backend="cuda", **kw)
     assert torch.equal(packed, q.packed)
+    assert bits_equal(scale, q.scale) and bits_equal(minimum, q.minimum)
 
 
 @requires_cuda

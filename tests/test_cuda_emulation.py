@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import zlib
 from pathlib import Path
 
 import pytest
@@ -74,10 +73,6 @@ def _load(path: Path, dtype: torch.dtype, shape) -> torch.Tensor:
     return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
-def _seed(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
 def _run(emulator: Path, args: list, offsets: tuple[int, int] = (0, 0)) -> str:
     env = dict(os.environ, VALUES_OFFSET=str(offsets[0]), PACKED_OFFSET=str(offsets[1]))
     done = subprocess.run([str(emulator), *map(str, args)], capture_output=True, text=True,
@@ -131,8 +126,7 @@ def _expected_kernel(kind: str | None, dtype, D: int) -> str:
 @pytest.mark.parametrize("bits,G,D,kind", CASES)
 @pytest.mark.parametrize("variant", ["cols", "cols-scalar", "cols-regs"])
 def test_per_channel_quantize_threads_match_reference(emulator, tmp_path, dtype, bits, G, D, kind,
-                                                      variant):
-    gen = _seed(str(dtype), bits, G, D)
+                                                      variant, gen):
     R, T = 3, 2 * G
     x = _per_channel_input(R, T, D, dtype, gen)
     spec = FormatSpec(bits, G, axis=-2)
@@ -153,8 +147,7 @@ def test_per_channel_quantize_threads_match_reference(emulator, tmp_path, dtype,
 @pytest.mark.parametrize("bits,G,D,kind", CASES)
 @pytest.mark.parametrize("variant", ["cols", "cols-scalar"])
 def test_per_channel_dequantize_threads_match_reference(emulator, tmp_path, dtype, bits, G, D,
-                                                        kind, variant):
-    gen = _seed(str(dtype), bits, G, D, "dq")
+                                                        kind, variant, gen):
     R, T = 2, 3 * G
     spec = FormatSpec(bits, G, axis=-2)
     _, scale, minimum = reference.quantize(_per_channel_input(R, T, D, dtype, gen), spec)
@@ -171,10 +164,9 @@ def test_per_channel_dequantize_threads_match_reference(emulator, tmp_path, dtyp
 
 @pytest.mark.parametrize("offsets,kind", [((8, 0), "cols-scalar"), ((0, 4), "cols-vec1"),
                                           ((0, 2), "cols-scalar"), ((16, 16), "cols-vec4")])
-def test_misaligned_buffers_take_a_kernel_that_fits(emulator, tmp_path, offsets, kind):
+def test_misaligned_buffers_take_a_kernel_that_fits(emulator, tmp_path, offsets, kind, gen):
     """Values not 16-byte aligned -> scalar; packed only 4-byte aligned -> 4-byte code stores."""
     dtype, bits, G, D, R = torch.float16, 4, 64, 16, 2
-    gen = torch.Generator().manual_seed(7)
     x = _per_channel_input(R, G, D, dtype, gen)
     spec = FormatSpec(bits, G, axis=-2)
     want = reference.quantize(x, spec)
@@ -199,12 +191,11 @@ ROW_CASES = [(4, 32), (2, 64), (8, 8), (4, 512), (4, 6), (2, 4), (8, 24)]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bits,G", ROW_CASES)
 @pytest.mark.parametrize("variant", ["rows", "rows-scalar"])
-def test_per_token_threads_match_reference(emulator, tmp_path, dtype, bits, G, variant):
+def test_per_token_threads_match_reference(emulator, tmp_path, dtype, bits, G, variant, gen):
     """Dense per-token quantize/dequantize. The vector kernels' lanes exchange min/max by xor
     shuffles on the GPU; here the lanes' partial results merge in lane order (min, max and or
     are order-free, so the bits are the same) -- what it checks is each lane's share of the
     loads, the group finish and the code words."""
-    gen = _seed(str(dtype), bits, G, variant)
     N, D = 11, 3 * G
     x = random_kv((N, D), dtype, gen)
     spec = FormatSpec(bits, G)
@@ -227,11 +218,12 @@ def test_per_token_threads_match_reference(emulator, tmp_path, dtype, bits, G, v
 
 @pytest.mark.parametrize("offsets,kind", [((0, 0), "rows-vec"), ((8, 0), "rows-scalar"),
                                           ((0, 2), "rows-scalar"), ((0, 4), "rows-vec")])
-def test_per_token_misaligned_buffers_take_the_scalar_kernels(emulator, tmp_path, offsets, kind):
+def test_per_token_misaligned_buffers_take_the_scalar_kernels(emulator, tmp_path, offsets, kind,
+                                                               gen):
     """fp16 at 4 bits: a vector's codes are one 4-byte word, so packed needs 4-byte alignment
     and the values 16-byte alignment for the vector kernels."""
     dtype, bits, G, N, D = torch.float16, 4, 64, 5, 128
-    x = random_kv((N, D), dtype, _seed("misaligned-rows", offsets))
+    x = random_kv((N, D), dtype, gen)
     spec = FormatSpec(bits, G)
     want = reference.quantize(x, spec)
     files = [tmp_path / n for n in ("packed", "scale", "min")]
@@ -245,12 +237,11 @@ def test_per_token_misaligned_buffers_take_the_scalar_kernels(emulator, tmp_path
 @pytest.mark.parametrize("bits,G", [(4, 32), (2, 64), (8, 8), (4, 6)])
 @pytest.mark.parametrize("variant", ["rows", "rows-scalar"])
 def test_per_token_threads_write_and_read_paged_slots(emulator, tmp_path, dtype, bits, G,
-                                                      variant):
+                                                      variant, gen):
     """The per-token kernels with paged slots: row t's groups go to (quantize) or come from
     (dequantize) row slots[t]; -1 skips, and so does a slot past the cache (only CUDA-graph
     capture lets one through unchecked); ZERO_ROW skips a quantized row and zeroes a
     dequantized one (a gather past a sequence's end)."""
-    gen = torch.Generator().manual_seed(11 + bits)
     N, D, capacity = 9, 2 * G, 13
     x = random_kv((N, D), dtype, gen)
     slots = torch.randperm(capacity, generator=gen)[:N].to(torch.int64)
@@ -295,13 +286,12 @@ def test_per_token_threads_write_and_read_paged_slots(emulator, tmp_path, dtype,
 @pytest.mark.parametrize("nbytes", [1, 7, 8, 511, 512, 513, 4096 + 3, 128 * 1024,
                                     128 * 1024 + 1, 3 * 1024 * 1024 + 11])
 @pytest.mark.parametrize("offset", [0, 3])
-def test_device_crc_threads_and_joins_match_crc32c(emulator, tmp_path, nbytes, offset):
+def test_device_crc_threads_and_joins_match_crc32c(emulator, tmp_path, nbytes, offset, gen):
     """The transfer layer's device CRC-32C (crc32c_cuda.cu): 512-byte chunks per thread, the
     in-block tree join, the host's join of the blocks, from a seed; sizes around the chunk and
     the 128 KiB block, buffers off 8-byte alignment (the byte-wise head)."""
     from thunderkv.transfer.checksum import crc32c
 
-    gen = _seed("crc", nbytes, offset)
     data = torch.randint(0, 256, (nbytes,), generator=gen, dtype=torch.uint8)
     path = _save(data, tmp_path / "data")
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))

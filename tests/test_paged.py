@@ -262,35 +262,35 @@ def test_compressed_block_is_smaller_by_format_ratio():
 
 
 @pytest.mark.parametrize(
-    "slots,words",
+    "slots,exc,words",
     [
-        (torch.tensor([0, 1, 12 * BS]), "outside"),
-        (torch.tensor([0, -2, 3]), "outside"),
-        (torch.tensor([0, 1]), "slot_mapping must be"),
-        (torch.tensor([0.0, 1.0, 2.0]), "int32/int64"),
+        (torch.tensor([0, 1, 12 * BS]), ValueError, r"values in \[0, 192\], outside \[-1, 191\]"),
+        (torch.tensor([0, -2, 3]), ValueError, r"values in \[-2, 3\], outside \[-1, 191\]"),
+        (torch.tensor([0, 1]), ValueError, r"slot_mapping must be \[num_tokens=3\], got \(2,\)"),
+        (torch.tensor([0.0, 1.0, 2.0]), TypeError, "slot_mapping must be an int32/int64"),
     ],
 )
-def test_bad_slots_raise_and_leave_cache_untouched(slots, words, gen):
+def test_bad_slots_raise_and_leave_cache_untouched(slots, exc, words, gen):
     cache = _cache()
     snap = _snapshot(cache)
     k = random_kv((3, H, D), torch.float16, gen)
-    with pytest.raises((ValueError, TypeError), match=words):
+    with pytest.raises(exc, match=words):
         quantize_to_paged(k, k, cache, slots)
     assert _unchanged(cache, snap)
 
 
 @pytest.mark.parametrize(
-    "make,words",
+    "make,exc,words",
     [
-        (lambda k: k[:, :2], "kv_heads"),
-        (lambda k: k.float(), "dtype"),
-        (lambda k: k[0], "num_tokens"),
+        (lambda k: k[:, :2], ValueError, r"kv_heads=3, head_dim=64\], got \(3, 2, 64\)"),
+        (lambda k: k.float(), TypeError, "key has dtype torch.float32 but the cache holds"),
+        (lambda k: k[0], ValueError, r"key must be \[num_tokens, .*\], got \(3, 64\)"),
     ],
 )
-def test_bad_kv_shapes_raise(make, words, gen):
+def test_bad_kv_shapes_raise(make, exc, words, gen):
     cache = _cache()
     k = random_kv((3, H, D), torch.float16, gen)
-    with pytest.raises((ValueError, TypeError), match=words):
+    with pytest.raises(exc, match=words):
         quantize_to_paged(make(k), make(k), cache, torch.tensor([0, 1, 2]))
 
 
@@ -371,10 +371,14 @@ def test_triton_row_kernels_drop_slots_past_the_cache(gen):
     quantize_to_paged(x[1:2], x[1:2], want, torch.tensor([5]), backend="reference")
     assert bits_equal(cache.key_packed, want.key_packed) and bits_equal(cache.key_scale,
                                                                         want.key_scale)
+    assert bits_equal(cache.key_min, want.key_min)
     assert all(bits_equal(a, b) for a, b in zip(cache.parts()[3:], snap[3:]))  # values untouched
     out = torch.full((4, H * D), 7.0, dtype=torch.float16)
     triton_rows.dequantize_rows(packed, scale, mn, out, slots, cache.spec)
-    assert (out[[0, 2, 3]] == 7.0).all() and not (out[1] == 7.0).all()
+    assert (out[[0, 2, 3]] == 7.0).all()
+    row = tk.quantize(x[1], bits=4, group_size=32, backend="reference").dequantize(
+        backend="reference")
+    assert same_values(out[1], row.reshape(-1))
 
 
 def test_pack_falls_back_when_a_section_is_not_aligned_for_its_dtype(gen):
