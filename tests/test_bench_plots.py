@@ -6,7 +6,7 @@ import pytest
 
 from thunderkv.cli import main
 
-pytest.importorskip("matplotlib")
+# matplotlib is in the [test] extra (pyproject.toml): no importorskip, a missing one must fail
 
 
 def _png(path) -> bool:

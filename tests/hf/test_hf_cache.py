@@ -101,9 +101,8 @@ def feed(layer: ThunderKVLayer, k: torch.Tensor, v: torch.Tensor, start: int, en
     return out
 
 
-def test_sink_tokens_stay_exact_and_the_history_starts_after_them():
-    g = torch.Generator().manual_seed(0)
-    k, v = (torch.randn(2, 3, 50, 8, generator=g) for _ in range(2))
+def test_sink_tokens_stay_exact_and_the_history_starts_after_them(gen):
+    k, v = (torch.randn(2, 3, 50, 8, generator=gen) for _ in range(2))
     layer = ThunderKVLayer(4, 8, 4, sink_length=3)
     out_k, out_v = feed(layer, k, v, 0, 50)
     ts, tq = layer.sink_tokens, layer.quantized_length
@@ -124,9 +123,8 @@ def test_sink_tokens_stay_exact_and_the_history_starts_after_them():
 
 
 @pytest.mark.parametrize("left", [0, 2, 3, 20])
-def test_crop_through_the_sink_then_refill_is_exact(left):
-    g = torch.Generator().manual_seed(1)
-    k, v = (torch.randn(1, 2, 50, 8, generator=g) for _ in range(2))
+def test_crop_through_the_sink_then_refill_is_exact(left, gen):
+    k, v = (torch.randn(1, 2, 50, 8, generator=gen) for _ in range(2))
     a, b = ThunderKVLayer(4, 8, 4, sink_length=3), ThunderKVLayer(4, 8, 4, sink_length=3)
     feed(a, k, v, 0, 50)
     feed(b, k, v, 0, 50)

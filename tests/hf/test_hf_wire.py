@@ -400,9 +400,9 @@ def test_size_cap_and_model_mismatch(filled):
         import_kv(msg, other)
     with pytest.raises(ValueError, match="forward pass"):
         export_kv(ThunderKVCache(config, group_size=32))
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="expected a ThunderKVCache, got object"):
         export_kv(object())
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="expected a ThunderKVCache, got object"):
         kv_header(object())
 
 

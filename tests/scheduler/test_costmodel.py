@@ -41,8 +41,9 @@ def test_kv_bytes_format_v1():
     assert kv_bytes_per_element(2, 32, 2) == 0.25 + 4 / 32
     assert kv_bytes_per_element(8, 128, 4) == 1 + 8 / 128
     assert compression_ratio(4, 64) == pytest.approx(2 / 0.5625)
-    for bad in ((3, 64), (4, 0), (4, 3)):
-        with pytest.raises(ValueError):
+    for bad, words in (((3, 64), "bits must be one of"), ((4, 0), "group_size must be > 0"),
+                       ((4, 3), "group_size must be > 0")):
+        with pytest.raises(ValueError, match=words):
             kv_bytes_per_element(*bad)
 
 

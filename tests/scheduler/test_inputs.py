@@ -165,7 +165,7 @@ def test_synthetic_coding_matches_issue_shape():
     wl = synthetic("coding", 5000, 2.0, seed=0)
     assert wl.prompts.mean() == pytest.approx(2048, rel=0.05)
     assert wl.outputs.mean() == pytest.approx(28, rel=0.08)
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="unknown synthetic workload 'poetry'"):
         synthetic("poetry")
 
 

@@ -360,8 +360,8 @@ def test_resilience_score_loses_every_used_node(model7b, params, stats, slo, sma
     assert score["mean"] == pytest.approx(sum(score["per_node"].values()) / 2)
     whole = system_goodput(plan, ev, small_wl, slo)[0]
     assert 0 <= score["min"] < whole  # a 2-group plan cannot lose a node for free
-    with pytest.raises(ValueError):
-        from thunderkv.scheduler.driver import PlanRequest
+    from thunderkv.scheduler.driver import PlanRequest
+    with pytest.raises(ValueError, match=r"resilience tolerance must be in \[0, 1\)"):
         PlanRequest(c, model7b, small_wl, slo, resilience=1.5)
 
 

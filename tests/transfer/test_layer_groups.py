@@ -25,5 +25,5 @@ def test_examples():
     assert layer_groups(30, 10) == [6, 10, 8, 4, 2]  # SmolLM2 at 2048 tokens, raw, 16 MiB
     assert layer_groups(30, 37) == [3, 18, 9]  # the same at 4 bits: fits one chunk
     assert layer_groups(0, 5) == []
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="per_group >= 1 required"):
         layer_groups(4, 0)

@@ -76,9 +76,9 @@ def test_command_prefix() -> None:
     cmd = link.command("client", ["echo", "hi"])
     assert cmd[1:] == ["netns", "exec", link.client_ns, "echo", "hi"]
     assert link.server_ns != link.client_ns and link.server_ns.startswith("tkvt-")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="role must be 'server' or 'client', got 'router'"):
         link.command("router", ["true"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="rate_bps must be positive, got 0"):
         ShapedLink(0)
 
 

@@ -27,7 +27,7 @@ def test_perftest_baseline_is_the_median_of_its_runs(monkeypatch):
     assert rows[0]["perftest_put_bytes_per_s"] == 7e9
     assert rows[0]["put_vs_perftest"] == 2.0 and rows[0]["e2e_vs_perftest"] == 0.5
     assert "perftest_put_bytes_per_s" not in rows[1]  # 4-bit rows have no perftest twin
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="runs must be >= 1"):
         transfer.add_perftest(rows, lambda s: None, runs=0)
 
 

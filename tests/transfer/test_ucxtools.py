@@ -220,7 +220,7 @@ def test_parse_perftest_final_sample():
     assert r["bandwidth_mib_s_overall"] == pytest.approx(21896.10)
     assert r["bandwidth_bytes_per_s"] == pytest.approx(21896.10 * 2**20)
 
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no 'Final:' result row"):
         ucxtools.parse_perftest_final("Waiting for connection...\n")
 
 
