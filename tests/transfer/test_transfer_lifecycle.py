@@ -674,3 +674,23 @@ def test_a_connection_thread_that_outlives_close_closes_the_wakeup_pipe(monkeypa
     while _is_pipe(rx._wakeup_r, inode) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _is_pipe(rx._wakeup_r, inode)
+
+
+def test_a_closed_receiver_does_not_hold_its_pool():
+    """A closed KVReceiver that something still referenced kept its whole pool (1 GiB by
+    default) allocated; requests delivered before the close keep their own bytes."""
+    import gc
+    import weakref
+
+    rx = KVReceiver(1 << 22, token=peers.TOKEN, timeout=5.0)
+    _send(rx, 1)
+    delivered = rx.wait(1, timeout=5)
+    want = peers.payload_for(1, delivered.header.payload_length)
+    pool_memory = weakref.ref(rx.pool.tensor)
+    rx.close()
+    assert torch.equal(delivered.buffer, want)  # still readable after the close
+    delivered.release()
+    del delivered
+    gc.collect()
+    assert pool_memory() is None  # rx itself is still referenced here
+    assert rx.pool.nbytes == 1 << 22

@@ -370,7 +370,8 @@ class KVReceiver:
         peer), or one whose PUT timed out (UCX does not cancel it), might still write into the
         pool, so its memory is then kept allocated for the life of the process
         (:func:`quarantined_pools`, with a warning) rather than freed: finish or abort streams
-        before closing their receiver."""
+        before closing their receiver. Otherwise the pool's memory goes once no request
+        delivered before the close still holds a view of it, even while this object lives on."""
         with self._lock:
             if self._closed:
                 return
@@ -403,6 +404,10 @@ class KVReceiver:
             log.warning("receiver %s:%d closed while %d sender(s) had not confirmed they stopped "
                         "writing: its %d-byte pool is kept allocated for the life of the "
                         "process", self.host, self.port, writers, self.pool.nbytes)
+        # The pool's memory goes with the last view of it (requests delivered before the
+        # close keep theirs), not with this object: a closed receiver kept alive by a
+        # reference would otherwise hold the whole pool.
+        self.pool.tensor = self.pool.tensor.new_empty(0)
         deadline = time.monotonic() + 2.0
         for thread in threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
