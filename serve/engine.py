@@ -126,14 +126,31 @@ class _sigint_blocked:
 
 def routing_table(entries, roles: list[str]):
     """A :class:`~thunderkv.serve.routing.PlanRouting` over workers with ``roles``; ValueError
-    when an entry names a worker that does not exist, or when the plan routes nothing."""
+    when an entry names a worker that does not exist, when the plan routes nothing, or when a
+    flow does not fit the workers' phases (the router could never follow it)."""
     from .routing import PlanRouting
 
     table = PlanRouting(entries)
     for i, j in table.flow:
         if max(i, j) >= len(roles):
             raise ValueError(f"routing names worker {max(i, j)} but there are {len(roles)}")
+        if (problem := _flow_problem(i, j, roles)) is not None:
+            raise ValueError(f"routing sends requests from worker {i} to worker {j}, but "
+                             f"{problem}: is the plan for these workers?")
     return table
+
+
+def _flow_problem(i: int, j: int, roles: list[str]) -> str | None:
+    """Why the router cannot route along ``i -> j`` with these ``roles`` (None: it can): a
+    colocated worker decodes its own prefills only (``i == j``), a prefill worker's KV goes
+    to a decode worker."""
+    if i == j:
+        return None if roles[i] == "colocated" else f"worker {i} is {roles[i]}, not colocated"
+    if roles[i] != "prefill":
+        return f"worker {i} is {roles[i]}, not prefill"
+    if roles[j] != "decode":
+        return f"worker {j} is {roles[j]}, not decode"
+    return None
 
 
 def _how_it_ended(exitcode: int | None) -> str:
@@ -338,6 +355,8 @@ class Engine:
             try:
                 msg = w.conn.recv()
             except (EOFError, OSError):
+                if not self._closed:  # the process is exiting: wait for how it ended
+                    w.process.join(timeout=1.0)
                 self._on_worker_death(w)
                 return
             try:
@@ -572,24 +591,40 @@ class Engine:
 
     # ------------------------------------------------------------------ failures, roles
     def _on_worker_death(self, w: WorkerState) -> None:
+        """``w`` is gone: flip a survivor if a phase lost its last worker, restart the requests
+        ``w`` had on survivors, and log one line saying how it ended and what that changed."""
         with self._lock:
             if w.state == "dead" or self._closed:
                 return
             was_ready = w.state == "ready"
             w.state = "dead"  # one that reported FAILED keeps its message (_wait_ready)
-            log.warning("worker %d (%s, pid %s) died%s", w.id, w.role,
-                        w.pid or getattr(w.process, "pid", None),
-                        "" if was_ready else " while loading the model")
             self.metrics.worker_deaths.inc()
+            died = (f"worker {w.id} ({w.role}, pid {w.pid or getattr(w.process, 'pid', None)})"
+                    f" died{_how_it_ended(getattr(w.process, 'exitcode', None))}")
             if not was_ready:
+                log.warning("%s while loading the model", died)
                 return
+            roles = {x.id: x.role for x in self.procs}
             self._rebalance_roles()
-            for state in list(self._requests.values()):
-                if w.id in (state.prefill_worker, state.decode_worker) and not state.finished:
-                    self.metrics.restarts.inc()
-                    state.last_error = f"worker {w.id} ({w.role}) died"
-                    self._end_attempt(state, cancel=True)  # its surviving worker drops it
-                    self._dispatch(state)
+            hit = [state for state in self._requests.values()
+                   if w.id in (state.prefill_worker, state.decode_worker) and not state.finished]
+            log.warning("%s; %s", died, self._aftermath(roles, len(hit)))
+            for state in hit:
+                self.metrics.restarts.inc()
+                state.last_error = f"worker {w.id} ({w.role}) died"
+                self._end_attempt(state, cancel=True)  # its surviving worker drops it
+                self._dispatch(state)
+
+    def _aftermath(self, roles_before: dict[int, str], restarted: int) -> str:
+        """What a worker's death changed, for the log: the requests restarted elsewhere and
+        the live workers whose role was flipped to cover a phase left without one."""
+        flips = [f"worker {x.id} is now {x.role} (was {roles_before[x.id]})"
+                 for x in self.procs if x.alive and x.role != roles_before[x.id]]
+        live = sum(x.alive for x in self.procs)
+        if not live:
+            return f"no live worker left: {restarted} in-flight request(s) fail"
+        return "; ".join([f"{restarted} in-flight request(s) restart on the {live} live "
+                          "worker(s)", *flips])
 
     def _rebalance_roles(self) -> None:
         """After a death: if a phase has no live worker left, flip one from the other phase."""
@@ -614,14 +649,9 @@ class Engine:
         roles = body.get("roles")
         if not isinstance(roles, dict) or not roles:
             raise RequestError("body must be {\"roles\": {\"<worker id>\": role}}", "roles")
-        table = None
-        if body.get("routing") is not None:
-            if not isinstance(body["routing"], list):
-                raise RequestError("routing must be a list of plan routing entries", "routing")
-            try:
-                table = routing_table(body["routing"], [w.role for w in self.procs])
-            except ValueError as exc:
-                raise RequestError(str(exc), "routing") from None
+        routing = body.get("routing")
+        if routing is not None and not isinstance(routing, list):
+            raise RequestError("routing must be a list of plan routing entries", "routing")
         t0 = time.perf_counter()
         with self._lock:
             changes = {}
@@ -644,6 +674,13 @@ class Engine:
             if not any(r in ("prefill", "colocated") for r in after.values()) or not any(
                     r in ("decode", "colocated") for r in after.values()):
                 raise RequestError("the new roles leave a phase without workers", "roles")
+            table = None
+            if routing is not None:  # checked against the roles it comes with
+                try:
+                    table = routing_table(routing, [changes.get(w.id, w.role)
+                                                    for w in self.procs])
+                except ValueError as exc:
+                    raise RequestError(str(exc), "routing") from None
             for wid, role in changes.items():
                 self._set_role(self.procs[wid], role)
             if table is not None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import bisect
+import collections
 import threading
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Raw observations a histogram keeps for benchmark percentiles: the latest this many (a
+# benchmark run has far fewer; a server running for weeks must not grow without bound).
+MAX_SAMPLES = 100_000
 
 
 class Counter:
@@ -36,7 +40,8 @@ class Histogram:
         self.name, self.help, self.buckets = name, help_text, tuple(buckets)
         self.counts = [0] * (len(self.buckets) + 1)
         self.sum = 0.0
-        self.samples: list[float] = []  # kept for percentiles in benchmarks
+        # the latest MAX_SAMPLES observations, for percentiles in benchmarks
+        self.samples: collections.deque[float] = collections.deque(maxlen=MAX_SAMPLES)
         self._lock = threading.Lock()
 
     def observe(self, value: float) -> None:

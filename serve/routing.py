@@ -18,6 +18,16 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 
 
+def _worker_id(value: object) -> int:
+    """A routing entry's worker (group) index: an integer, also one JSON wrote as ``2.0``;
+    TypeError for anything else (``true``, ``0.7``, ``"1"``, ``1e400`` are not worker ids)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"worker {value!r} is not an integer")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise TypeError(f"worker {value!r} is not an integer")
+    return int(value)
+
+
 class PlanRouting:
     """Planned flows between worker ids and how many requests each choice has had so far."""
 
@@ -25,7 +35,8 @@ class PlanRouting:
         self.flow: dict[tuple[int, int], float] = {}
         for e in entries:
             try:
-                i, j, rate = int(e["prefill"]), int(e["decode"]), float(e["req_per_s"])
+                i, j = _worker_id(e["prefill"]), _worker_id(e["decode"])
+                rate = float(e["req_per_s"])
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"routing entry {e!r} needs integer prefill/decode and a "
                                  f"req_per_s rate ({exc})") from None

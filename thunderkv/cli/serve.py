@@ -15,12 +15,14 @@ def register(subparsers) -> None:
         "thunderkv.transfer, 4-bit by default.")
     p.add_argument("--model", default="smollm2", help="smollm2 (default), tiny, or a local "
                    "HF model directory")
-    p.add_argument("--prefill", type=int, default=1, help="prefill workers")
-    p.add_argument("--decode", type=int, default=1, help="decode workers")
-    p.add_argument("--colocated", type=int, default=0,
+    # None: not given (1, 1, 0), so that one given along with --plan can be refused
+    p.add_argument("--prefill", type=int, help="prefill workers (default 1)")
+    p.add_argument("--decode", type=int, help="decode workers (default 1)")
+    p.add_argument("--colocated", type=int,
                    help="run this many colocated workers instead (comparison mode)")
     p.add_argument("--plan", help="planner JSON (`thunderkv plan --json`): one worker per "
-                   "planned group with its phase; the router follows the plan's routing rates")
+                   "planned group with its phase; the router follows the plan's routing rates "
+                   "(not with --prefill/--decode/--colocated)")
     p.add_argument("--kv-bits", type=int, default=4, choices=[4, 16])
     p.add_argument("--kv-group-size", type=int, default=32, choices=[16, 32, 64],
                    help="format v1 group size of 4-bit KV (16: closer to 16-bit, fewer savings)")
@@ -41,7 +43,10 @@ def plan_for_serving(path: str) -> tuple[list[str], list[dict]]:
     import json
 
     with open(path) as f:
-        doc = json.load(f)
+        try:
+            doc = json.load(f)
+        except ValueError as exc:  # not JSON (UnicodeDecodeError is a ValueError too)
+            raise ValueError(f"{path}: not a planner JSON: {exc}") from None
     plan = doc.get("plan", doc) if isinstance(doc, dict) else None
     groups = plan.get("groups") if isinstance(plan, dict) else None
     if not isinstance(groups, list) or not groups:
@@ -54,6 +59,12 @@ def plan_for_serving(path: str) -> tuple[list[str], list[dict]]:
     if not isinstance(routing, list) or not routing:
         raise ValueError(f"{path}: no 'routing' list in the plan")
     return roles, routing
+
+
+def worker_counts_given(args: argparse.Namespace) -> str:
+    """The worker-count options given on the command line, e.g. "--colocated" ("" if none)."""
+    return ", ".join(f"--{name}" for name in ("prefill", "decode", "colocated")
+                     if getattr(args, name) is not None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         return error(f"--port must be in 0..65535, got {args.port}")
+    if args.plan and (given := worker_counts_given(args)):
+        return error(f"--plan starts one worker per planned group; {given} would be ignored "
+                     "(drop it, or drop --plan)")
+    counts = {"prefill": 1, "decode": 1, "colocated": 0}
+    counts.update({k: getattr(args, k) for k in counts if getattr(args, k) is not None})
     roles = routing = None
     if args.plan:
         try:
@@ -86,8 +102,7 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             return error(f"cannot use the plan: {exc}")
     try:
-        config = ServeConfig(model=args.model, prefill=args.prefill, decode=args.decode,
-                             colocated=args.colocated, kv_bits=args.kv_bits,
+        config = ServeConfig(model=args.model, **counts, kv_bits=args.kv_bits,
                              kv_group_size=args.kv_group_size,
                              kv_sink_tokens=args.kv_sink_tokens,
                              threads=args.threads,
@@ -140,9 +155,10 @@ def run(args: argparse.Namespace) -> int:
             console.print("interrupted while starting; stopped")
             return 130
     finally:
-        # A second Ctrl-C must not cut the shutdown short (and print a traceback).
+        # A second Ctrl-C or SIGTERM (an impatient operator, a supervisor that repeats it)
+        # must not cut the shutdown short: the clients' 503s, stopping the workers.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             if serving:
                 console.print("stopping ...")
@@ -151,4 +167,5 @@ def run(args: argparse.Namespace) -> int:
                 engine.close()
         finally:
             signal.signal(signal.SIGINT, previous_int)
+            signal.signal(signal.SIGTERM, previous)
     return 0
