@@ -474,7 +474,7 @@ class Engine:
                 return
             if ev == P.ROLE:
                 w.role = msg["role"]
-                self.metrics.reschedule_seconds.observe(msg["seconds"])
+                self.metrics.role_switch_seconds.observe(msg["seconds"])
                 return
             if ev == P.TOKENS:
                 for rid, attempt, token, finish in msg["items"]:

@@ -71,7 +71,10 @@ class Metrics:
         self.tpot_seconds = Histogram(p + "tpot_seconds", "time per output token after the first")
         self.prefill_seconds = Histogram(p + "prefill_seconds", "prefill compute per request")
         self.decode_step_seconds = Histogram(p + "decode_step_seconds", "one batched decode step")
-        self.reschedule_seconds = Histogram(p + "reschedule_seconds", "live role changes")
+        self.reschedule_seconds = Histogram(p + "reschedule_seconds",
+                                            "live role changes (one per /admin/reschedule)")
+        self.role_switch_seconds = Histogram(p + "role_switch_seconds",
+                                             "a worker's switch to its new role (one per worker)")
         self.requests = Counter(p + "requests_total", "requests accepted")
         self.completed = Counter(p + "requests_completed_total", "requests finished")
         self.failed = Counter(p + "requests_failed_total", "requests given up")
@@ -89,7 +92,8 @@ class Metrics:
     def render(self, queues: dict[int, tuple[int, int]]) -> str:
         lines: list[str] = []
         for m in (self.ttft_seconds, self.tpot_seconds, self.prefill_seconds,
-                  self.decode_step_seconds, self.reschedule_seconds, self.requests,
+                  self.decode_step_seconds, self.reschedule_seconds, self.role_switch_seconds,
+                  self.requests,
                   self.completed, self.failed, self.cancelled, self.restarts,
                   self.worker_deaths, self.kv_bytes, self.kv_transfer_seconds,
                   self.decode_batch, self.decode_batches):

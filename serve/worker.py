@@ -538,8 +538,8 @@ def main(conn, worker_id: int, model: str, role: str, threads: int, token: str,
     # Ctrl-C in the terminal reaches the whole process group: the router stops the workers
     # (STOP, or the pipe closing), so a worker ignores it rather than print a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=os.environ.get("THUNDERKV_LOG", "WARNING"),
-                        format=f"[worker {worker_id}] %(levelname)s %(message)s")
+    logging.basicConfig(level=os.environ.get("THUNDERKV_LOG", "WARNING").upper(),
+                        format=f"%(asctime)s [worker {worker_id}] %(levelname)s %(message)s")
     try:
         worker = Worker(conn, worker_id, model, role, threads, token, host)
     except Exception as exc:

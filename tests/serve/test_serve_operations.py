@@ -159,9 +159,11 @@ def test_a_killed_worker_is_logged_with_its_cause_and_what_it_changed():
         kill_group(proc)
     assert (status, done["usage"]["completion_tokens"]) == (200, 4)  # it keeps serving
     assert roles == ["colocated", "decode"]
-    assert (f"worker 1 (decode, pid {victim}) died (killed by signal SIGKILL); 0 in-flight "
+    line = (f"worker 1 (decode, pid {victim}) died (killed by signal SIGKILL); 0 in-flight "
             "request(s) restart on the 1 live worker(s); worker 0 is now colocated "
-            "(was prefill)") in err.splitlines()
+            "(was prefill)")
+    stamped = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[router\] WARNING "
+    assert any(re.fullmatch(stamped + re.escape(line), x) for x in err.splitlines()), err
 
 
 # --- plans and routing -------------------------------------------------------------------------
@@ -243,6 +245,7 @@ def test_reschedule_checks_the_routing_against_the_roles_it_comes_with():
             call(url, {"roles": swap, "routing": [{"prefill": 1, "decode": 0, "req_per_s": 1}]}),
         ]
         routing = call(url.replace("reschedule", "routing"))[1]
+        counts = _switch_counts(url.replace("admin/reschedule", "metrics"), want_switches=2)
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     finally:
@@ -254,6 +257,29 @@ def test_reschedule_checks_the_routing_against_the_roles_it_comes_with():
     assert "worker 1 is decode, not prefill" in e2["error"]["message"]
     assert (s3, ok["roles"]) == (200, swap)  # the new roles fit it: accepted
     assert routing == {"routing": [{"prefill": 1, "decode": 0, "req_per_s": 1.0, "routed": 0}]}
+    # one reschedule, two workers switched: reschedule_seconds counted it 1 + 2 times before
+    assert counts == {"reschedule": 1, "switches": 2}
+
+
+def _histogram_count(metrics_text: str, name: str) -> int:
+    """``thunderkv_<name>_seconds_count`` in Prometheus text (-1 when absent)."""
+    found = re.search(rf"^thunderkv_{name}_seconds_count (\d+)", metrics_text, re.M)
+    return int(found.group(1)) if found else -1
+
+
+def _switch_counts(metrics_url: str, want_switches: int, timeout: float = 30.0) -> dict:
+    """reschedule_seconds and role_switch_seconds counts from /metrics, once the workers'
+    acknowledgements (asynchronous) reached ``want_switches`` or ``timeout`` passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(metrics_url, timeout=10) as r:
+            text = r.read().decode()
+
+        counts = {key: _histogram_count(text, name) for key, name in
+                  (("reschedule", "reschedule"), ("switches", "role_switch"))}
+        if counts["switches"] >= want_switches or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.2)
 
 
 # --- metrics -----------------------------------------------------------------------------------

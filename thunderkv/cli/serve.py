@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from ..serve.tokenizer import check_model
 
     console = Console(soft_wrap=True)  # one line per message, however long
+    _configure_logging()
 
     def error(message: str, code: int = 2) -> int:
         console.print(f"[red]error:[/red] {escape(str(message))}")
@@ -169,3 +170,13 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGINT, previous_int)
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _configure_logging() -> None:
+    """The router's log lines (worker deaths, refused peers, ...) with time and level, at
+    ``$THUNDERKV_LOG`` (default WARNING; the workers read the same variable)."""
+    import logging
+    import os
+
+    logging.basicConfig(level=os.environ.get("THUNDERKV_LOG", "WARNING").upper(),
+                        format="%(asctime)s [router] %(levelname)s %(message)s")
