@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from serve_procs import processes_in_group, wait_group_empty
 
 from thunderkv.cli.serve import plan_for_serving
 from thunderkv.transfer import unavailable_reason
@@ -173,28 +174,6 @@ def test_the_port_is_bound_before_the_workers_start_and_their_failure_is_one_lin
         # the server side closed first may sit in TIME_WAIT on it; a listener still fails)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
-
-
-def processes_in_group(pgid: int) -> list[str]:
-    """Processes (not zombies) of process group ``pgid``: 'pid command' each."""
-    found = []
-    for d in Path("/proc").iterdir():
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        comm_end = stat.rindex(")")
-        fields = stat[comm_end + 2:].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(f"{d.name} {stat[stat.index('(') + 1:comm_end]}")
-    return found
-
-
-def wait_group_empty(pgid: int, timeout: float = 15.0) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while (left := processes_in_group(pgid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
 
 
 def poll_while_running(proc: subprocess.Popen, ready, timeout: float, every: float = 0.02):

@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from serve_procs import wait_group_empty
 from thunderkv.serve import metrics as M
 
 from thunderkv.transfer import unavailable_reason
@@ -59,28 +60,6 @@ def call(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, 
             return r.status, json.load(r)
     except urllib.error.HTTPError as e:
         return e.code, json.load(e)
-
-
-def group_alive(pgid: int) -> list[int]:
-    """Processes of group ``pgid`` that are not zombies."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(d.name))
-    return pids
-
-
-def group_left(pgid: int, timeout: float = 15.0) -> list[int]:
-    """What is left of group ``pgid`` once it emptied or ``timeout`` s passed."""
-    deadline = time.monotonic() + timeout
-    while (left := group_alive(pgid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
 
 
 def wait_until(check, timeout: float = 60.0, every: float = 0.1):
@@ -128,7 +107,7 @@ def test_a_second_sigterm_does_not_cut_the_shutdown_short():
         proc.send_signal(signal.SIGTERM)  # the shutdown is under way: it must go on
         code = proc.wait(60)
         client.join(30)
-        left = group_left(proc.pid)
+        left = wait_group_empty(proc.pid)
     finally:
         kill_group(proc)
     assert code == 0, proc.stderr.read()
