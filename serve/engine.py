@@ -266,15 +266,19 @@ class Engine:
     """Router + worker processes. Use as a context manager (stops the workers)."""
 
     def __init__(self, config: ServeConfig,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None,
+                 on_all_dead: Callable[[], None] | None = None) -> None:
         """Start the workers and wait until every one has loaded the model. ``progress``, if
-        given, is called (from a router thread) with a line as each worker becomes ready."""
+        given, is called (from a router thread) with a line as each worker becomes ready;
+        ``on_all_dead``, once the last live worker died (nothing can serve any more: a
+        server should exit so that its supervisor restarts it)."""
         from thunderkv.transfer import auth
 
         from .tokenizer import load_tokenizer
 
         self.config = config
         self._progress = progress
+        self._on_all_dead = on_all_dead
         self.model_name = config.model
         self.tokenizer = load_tokenizer(config.model)
         self.metrics = Metrics()
@@ -609,6 +613,8 @@ class Engine:
             hit = [state for state in self._requests.values()
                    if w.id in (state.prefill_worker, state.decode_worker) and not state.finished]
             log.warning("%s; %s", died, self._aftermath(roles, len(hit)))
+            if self._on_all_dead is not None and not any(x.alive for x in self.procs):
+                self._on_all_dead()
             for state in hit:
                 self.metrics.restarts.inc()
                 state.last_error = f"worker {w.id} ({w.role}) died"

@@ -156,7 +156,7 @@ def test_the_port_is_bound_before_the_workers_start_and_their_failure_is_one_lin
 
     port, bound = free_port(), []
 
-    def engine(config, progress=None):
+    def engine(config, progress=None, on_all_dead=None):
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             bound.append(True)
         raise RuntimeError("a worker failed to start: OSError: no space left on device")
@@ -295,7 +295,7 @@ def serve_in_process(monkeypatch, argv: list[str], while_loading=None) -> int:
 
     port = free_port()
 
-    def engine(config, progress=None):
+    def engine(config, progress=None, on_all_dead=None):
         if while_loading is not None:
             while_loading(f"http://127.0.0.1:{port}")
         threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()

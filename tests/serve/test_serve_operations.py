@@ -145,6 +145,24 @@ def test_a_killed_worker_is_logged_with_its_cause_and_what_it_changed():
     assert any(re.fullmatch(stamped + re.escape(line), x) for x in err.splitlines()), err
 
 
+@needs_ucx
+def test_a_server_whose_every_worker_died_exits_1():
+    """With every worker dead the server stayed up for good answering 503, so a supervisor
+    (systemd, Kubernetes) never restarted it."""
+    proc = serve()
+    try:
+        url = wait_serving(proc)
+        victims = [worker_pid(url, "prefill"), worker_pid(url, "decode")]
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 1, (out, err)
+    assert "error: every worker died, so nothing could serve any more" in out
+    assert "no live worker left" in err
+
+
 # --- plans and routing -------------------------------------------------------------------------
 
 

@@ -124,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
 
     serving = False
     stop = threading.Event()
+    all_dead = threading.Event()  # every worker died: stop, and exit 1 for the supervisor
+
+    def on_all_dead() -> None:
+        all_dead.set()
+        stop.set()
 
     def on_sigterm(*_) -> None:
         stop.set()
@@ -138,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
                       f"{escape(args.model)} ...")
         server.start()  # no engine yet: /health and the rest answer 503 "starting" meanwhile
         try:
-            engine = Engine(config, progress=lambda line: console.print(f"  {escape(line)}"))
+            engine = Engine(config, progress=lambda line: console.print(f"  {escape(line)}"),
+                            on_all_dead=on_all_dead)
         except FileNotFoundError as exc:  # a missing GGUF, or a model whose tokenizer won't load
             return error(exc)
         except (RuntimeError, TimeoutError, OSError) as exc:  # a worker failed to start
@@ -169,6 +175,9 @@ def run(args: argparse.Namespace) -> int:
         finally:
             signal.signal(signal.SIGINT, previous_int)
             signal.signal(signal.SIGTERM, previous)
+    if all_dead.is_set():
+        return error("every worker died, so nothing could serve any more: stopped (a "
+                     "supervisor can restart the server)", code=1)
     return 0
 
 
