@@ -251,16 +251,7 @@ def test_a_pool_not_a_multiple_of_256_bytes_accepts_what_it_advertises():
 def test_a_put_failing_because_the_receiver_is_gone_is_connection_closed(receiver, sender,
                                                                         monkeypatch):
     """What UCX reports when the target process died mid-PUT ("put: Input/output error")."""
-    import thunderkv.transfer.sender as sender_module
-
-    real = sender_module._ucx_call
-
-    def put_fails(fn, *args):
-        if getattr(fn, "__name__", "") == "put":
-            raise TransferError("put: Input/output error")
-        return real(fn, *args)
-
-    monkeypatch.setattr(sender_module, "_ucx_call", put_fails)
+    peers.fail_puts(monkeypatch, TransferError("put: Input/output error"))
     with pytest.raises(ConnectionClosed, match=f"receiver {sender.peer} is gone: the PUT of "
                                                "request 1 failed"):
         _send(sender, 1)

@@ -562,17 +562,8 @@ def test_a_put_that_timed_out_keeps_its_slice_out_of_the_pool(monkeypatch):
     ABORT says so, and the receiver keeps that slice out of the pool for good instead of
     giving it to the next request; close() then keeps the pool allocated."""
     import thunderkv.transfer.receiver as receiver_module
-    import thunderkv.transfer.sender as sender_module
-    from thunderkv.transfer import TransferTimeout
 
-    real_call = sender_module._ucx_call
-
-    def stalled_put(fn, *args):
-        if getattr(fn, "__name__", "") == "put":
-            raise TransferTimeout("put: no completion within the timeout")
-        return real_call(fn, *args)
-
-    monkeypatch.setattr(sender_module, "_ucx_call", stalled_put)
+    peers.fail_puts(monkeypatch, TransferTimeout("put: no completion within the timeout"))
     rx = KVReceiver(1 << 22, token=peers.TOKEN, timeout=5.0)
     header = peers.raw_header(1, 512)
     with KVSender(rx.host, rx.port, token=peers.TOKEN) as tx:

@@ -16,6 +16,21 @@ def payload_for(seed: int, nbytes: int) -> torch.Tensor:
     return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
 
 
+def fail_puts(monkeypatch, error: Exception) -> None:
+    """Make every UCX PUT of this process's senders raise ``error`` (fault injection for the
+    in-process tests; the other UCX calls run as usual)."""
+    import thunderkv.transfer.sender as sender_module
+
+    real = sender_module._ucx_call
+
+    def put_fails(fn, *args):
+        if getattr(fn, "__name__", "") == "put":
+            raise error
+        return real(fn, *args)
+
+    monkeypatch.setattr(sender_module, "_ucx_call", put_fails)
+
+
 def raw_header(request_id: int, tokens: int, *, layers: int = 2, heads: int = 2,
                head_dim: int = 64, streamed: bool = True, **kw):
     from thunderkv.transfer import build_header
